@@ -1,0 +1,1 @@
+"""Pieces both stages share: the one user-facing error type, paths, and the cache format."""
