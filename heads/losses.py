@@ -1,0 +1,104 @@
+"""The SPP-SCL loss terms (SPEC.md, "Losses and the two-step update").
+
+Short functions in the spirit of SupContrast's `losses.py`. The trainer calls them on
+the embeddings a head returns (`HeadOutput.text` = T_a, `HeadOutput.image` = I_a):
+step one adds `supcon(T_a, y) + supcon(I_a, y)`; step two runs `cross_supcon` only
+when `should_pull` says the two modalities are not aligned yet.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _mean_over_positives(log_prob: Tensor, positives: Tensor) -> Tensor:
+    """-mean_i ( mean_{p in P(i)} log_prob[i, p] ); log_prob, positives: (B, B).
+
+    A row without positives contributes 0 but still counts in the mean over all B rows
+    (what the official code does), so a batch with a lone class member is not
+    re-weighted towards the other rows.
+    """
+    n_pos = positives.sum(dim=1)
+    # masked_fill, not a product: non-positive entries may be -inf (the removed self)
+    per_row = log_prob.masked_fill(~positives, 0.0).sum(dim=1) / n_pos.clamp(min=1)
+    return -per_row.mean()
+
+
+def supcon(features: Tensor, labels: Tensor, temperature: float = 0.07,
+           official: bool = False) -> Tensor:
+    """Supervised contrastive loss within one modality: L_clt on T_a, L_cli on I_a.
+
+    Khosla et al. 2020 (SupCon "out" form); SPP-SCL Eq. 4-5.
+    features: (B, D) embeddings, any scale (L2-normalised here).
+    labels:   (B,) int class ids.
+    returns:  scalar. Positives of row i: same label, i itself excluded; the softmax of
+              row i runs over j != i. Rows with no positive contribute 0.
+    official: keep self in the denominator with logit 0 (the authors' code zeroes the
+              diagonal of z z^T / tau before the softmax) instead of removing it.
+    """
+    n = features.shape[0]
+    self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
+    # SupCon positives: y_i == y_j, i != j
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    if not positives.any():  # no pair shares a label (e.g. a batch of one): nothing to pull
+        return features.sum() * 0.0
+    z = F.normalize(features, dim=1)
+    # SupCon logits: z z^T / tau
+    logits = z @ z.T / temperature
+    if official:
+        logits = logits.masked_fill(self_mask, 0.0)  # official: self logit 0, stays in denominator
+    else:
+        logits = logits.masked_fill(self_mask, float("-inf"))  # mask out self-contrast
+    # for numerical stability (a per-row constant cancels in the log-softmax)
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    log_prob = logits - logits.exp().sum(dim=1, keepdim=True).log()
+    return _mean_over_positives(log_prob, positives)
+
+
+def cross_supcon(image: Tensor, text: Tensor, labels: Tensor,
+                 temperature: float = 0.07) -> Tensor:
+    """Cross-modal supervised contrastive loss L_clm (SPP-SCL Eq. 6, step two).
+
+    image, text: (B, D) paired embeddings I_a, T_a (L2-normalised here).
+    labels:      (B,) int class ids.
+    returns:     scalar. Row i is image i against every text j: logits norm(I) norm(T)^T
+                 / tau, softmax over all j, positives = texts with y_j == y_i including
+                 its own pair j == i (so every row has at least one positive).
+    """
+    # cross-modal logits: norm(I) norm(T)^T / tau, (B, B)
+    logits = F.normalize(image, dim=1) @ F.normalize(text, dim=1).T / temperature
+    # positives: y_i == y_j, diagonal (the true pair) included
+    positives = labels[:, None] == labels[None, :]
+    # for numerical stability
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    log_prob = logits - logits.exp().sum(dim=1, keepdim=True).log()
+    return _mean_over_positives(log_prob, positives)
+
+
+@torch.no_grad()
+def pull_gate(text: Tensor, image: Tensor, labels: Tensor) -> tuple[int, int]:
+    """The two counts behind the step-two gate, returned for logging.
+
+    text, image: (B, D) T_a, I_a as the head returned them (not normalised, as the
+    official code). labels: (B,).
+    returns (c, c_mask): c = #{(i, j): S_ij < d} with S = sigmoid(T_a I_a^T) and
+    d = mean(diag(S)); c_mask = #{(i, j): y_i == y_j}, diagonal included.
+    """
+    # step two similarity: S = sigmoid(T_a I_a^T), d = mean(diag(S))
+    s = torch.sigmoid(text @ image.T)
+    d = s.diagonal().mean()
+    c = int((s < d).sum())
+    c_mask = int((labels[:, None] == labels[None, :]).sum())
+    return c, c_mask
+
+
+def should_pull(text: Tensor, image: Tensor, labels: Tensor, alpha: float = 2 / 3) -> bool:
+    """True when step two must run: the pairs are not yet aligned enough.
+
+    Few entries fall below the mean diagonal similarity when the true pairs do not
+    stand out, so a small c means "pull". Shapes as in `pull_gate`.
+    """
+    c, c_mask = pull_gate(text, image, labels)
+    # step two gate: c < alpha * c_mask
+    return c < alpha * c_mask
