@@ -61,6 +61,7 @@ class Summary:
     complete: bool = True
     folders: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    work_seconds: dict[str, float] = field(default_factory=dict)  # per modality, encoder loading excluded
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -112,11 +113,12 @@ def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:
-        summary.text_items, done_t = _extract_text(cfg, ds, root, rank, world, progress)
+        summary.text_items, done_t = _extract_text(cfg, ds, root, rank, world, progress, summary.work_seconds)
         summary.folders["text"] = str(done_t[0])
         complete = done_t[1]
         if not cfg.text_only:
-            summary.image_items, done_i = _extract_image(cfg, ds, with_images, root, rank, world, progress, console)
+            summary.image_items, done_i = _extract_image(cfg, ds, with_images, root, rank, world, progress, console,
+                                                         summary.work_seconds)
             summary.folders["image"] = str(done_i[0])
             complete = complete and done_i[1]
     problems = [(p.id, p.stage, p.reason) for p in ds.problems]
@@ -154,7 +156,7 @@ def _task(progress: Progress, label: str, shards, todo, unit: str):
     return progress.add_task(label, total=max(total, 1), completed=0 if todo else 1, rate=f"0 {unit}/s")
 
 
-def _extract_text(cfg, ds, root, rank, world, progress) -> tuple[int, tuple[Path, bool]]:
+def _extract_text(cfg, ds, root, rank, world, progress, timing) -> tuple[int, tuple[Path, bool]]:
     shards = _shards(ds.items, cfg.shard_size)
     enc = create_text_encoder(cfg.text_encoder, cfg.text_layers, cfg.max_length, cfg.random_weights)
     prov = store.Provenance(
@@ -177,6 +179,7 @@ def _extract_text(cfg, ds, root, rank, world, progress) -> tuple[int, tuple[Path
         )
         n += len(items)
         progress.update(task, rate=f"{n / (time.time() - t0):.0f} texts/s")
+    timing["text"] = time.time() - t0
     return len(ds.items), (folder, store.finish(folder, prov))
 
 
@@ -217,7 +220,7 @@ class _ImageBatches(torch.utils.data.Dataset):
         return good, x, bad
 
 
-def _extract_image(cfg, ds, items, root, rank, world, progress, console) -> tuple[int, tuple[Path, bool]]:
+def _extract_image(cfg, ds, items, root, rank, world, progress, console, timing) -> tuple[int, tuple[Path, bool]]:
     shards = _shards(items, cfg.shard_size)
     enc = create_image_encoder(cfg.image_encoder, cfg.random_weights, cfg.image_weights)
     prov = store.Provenance(
@@ -254,4 +257,5 @@ def _extract_image(cfg, ds, items, root, rank, world, progress, console) -> tupl
                 [it.label for it in got], [it.split for it in got],
                 np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1)), bad_all,
             )
+    timing["image"] = time.time() - t0
     return len(items), (folder, store.finish(folder, prov))

