@@ -32,7 +32,7 @@ class HeadConfig:
     dim: int = 32  # D, the shared embedding width
     dropout: float = 0.2
     text_layers: int = 4  # use the last k of the L cached layers (k <= L), Table 6
-    hierarchical_attention: bool = True  # False: plain last cached layer, no HA
+    hierarchical_attention: bool = True  # False: plain last cached layer (text_layers unused)
     cmf: bool = True  # False: concatenate I_a, T_a (no cross-modal fusion)
     cmf_scope: str = "batch"  # "batch" (paper): BxB attention; "sample": 2 tokens each
     modalities: str = "both"  # "text" | "image" | "both"
@@ -77,9 +77,18 @@ class Batch:
     def to(self, device) -> "Batch":
         """A Batch with every tensor moved to `device` (None stays None)."""
         return replace(self, **{
-            f.name: getattr(self, f.name).to(device)
+            f.name: getattr(self, f.name).to(device=device)  # device only: labels stay int64
             for f in fields(self) if getattr(self, f.name) is not None
         })
+
+    def require(self, text: bool, image: bool) -> None:
+        """Raise UserError if a modality the head needs is missing from the cache."""
+        if text and (self.tokens is None or self.cls is None or self.lengths is None):
+            raise UserError("the batch has no text features: build the cache with a text "
+                            "encoder or train with modalities='image'")
+        if image and self.maps is None:
+            raise UserError("the batch has no image maps: build the cache with an image "
+                            "encoder or train with modalities='text'")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -36,6 +36,8 @@ class PackPlan:
     batch_sizes: list[int]  # samples still running at each step
     forward_rows: Tensor  # (T,) token row of packed row (step t, rank r): position t
     backward_rows: Tensor  # (T,) same for the reverse direction: position len-1-t
+    rank_rows: Tensor  # (T,) rank r of each packed row
+    previous_rows: Tensor  # (T - B,) packed row (t-1, r) of each row (t, r) with t >= 1
 
 
 def pack_plan(lengths: Tensor) -> PackPlan:
@@ -48,10 +50,16 @@ def pack_plan(lengths: Tensor) -> PackPlan:
     start = (torch.cumsum(lengths, 0) - lengths)[order]  # first token row of each rank
     forward_rows = (start[None, :] + steps)[running]
     backward_rows = (start[None, :] + sorted_len[None, :] - 1 - steps)[running]
+    ranks = torch.arange(len(lengths))[None, :]
+    batch_sizes = running.sum(1)
+    step_offsets = torch.cumsum(batch_sizes, 0) - batch_sizes  # first packed row of each step
+    previous_rows = (step_offsets[:-1, None] + ranks)[running[1:]]
     return PackPlan(
         order=order.to(device),
         inverse=torch.argsort(order).to(device),
-        batch_sizes=running.sum(1).tolist(),
+        batch_sizes=batch_sizes.tolist(),
         forward_rows=forward_rows.to(device),
         backward_rows=backward_rows.to(device),
+        rank_rows=ranks.expand_as(running)[running].to(device),
+        previous_rows=previous_rows.to(device),
     )

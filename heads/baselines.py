@@ -1,0 +1,73 @@
+"""Baselines on the same cache and trainer: text only, image only, late concatenation.
+
+Each pools its features (mean of the last cached layer's real tokens; global average
+of the image map), embeds them in the D-dim space and classifies with the SPP-SCL
+classifier MLP. They return those D-dim embeddings as `text` / `image`, so the trainer
+can apply the same SupCon terms (and, for late_concat, the gated step two); the
+HeadConfig fields about HA, CMF and modalities do not apply and are ignored.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Batch, Dims, HeadConfig, HeadOutput
+from .blocks import classifier, embedding
+from .ragged import segment_mean
+from .registry import register
+
+
+def pooled_text(batch: Batch):
+    """Mean of the last cached layer over each sample's real tokens: (B, H)."""
+    return segment_mean(batch.tokens[:, -1], batch.lengths)
+
+
+def pooled_image(batch: Batch):
+    """Global average pool of the feature map: (B, C)."""
+    return batch.maps.mean(dim=(2, 3))
+
+
+@register("text_only")
+class TextOnly(nn.Module):
+    """Pooled text -> D-dim embedding -> classifier."""
+
+    def __init__(self, dims: Dims, cfg: HeadConfig):
+        super().__init__()
+        self.embed = embedding(dims.text_width, cfg.dim, cfg.dropout)
+        self.classifier = classifier(cfg.dim, dims.n_classes, cfg.dropout)
+
+    def forward(self, batch: Batch) -> HeadOutput:
+        batch.require(text=True, image=False)
+        t = self.embed(pooled_text(batch))
+        return HeadOutput(logits=self.classifier(t), text=t)
+
+
+@register("image_only")
+class ImageOnly(nn.Module):
+    """Pooled image map -> D-dim embedding -> classifier."""
+
+    def __init__(self, dims: Dims, cfg: HeadConfig):
+        super().__init__()
+        self.embed = embedding(dims.image_channels, cfg.dim, cfg.dropout)
+        self.classifier = classifier(cfg.dim, dims.n_classes, cfg.dropout)
+
+    def forward(self, batch: Batch) -> HeadOutput:
+        batch.require(text=False, image=True)
+        i = self.embed(pooled_image(batch))
+        return HeadOutput(logits=self.classifier(i), image=i)
+
+
+@register("late_concat")
+class LateConcat(nn.Module):
+    """[text embedding, image embedding] -> classifier: fusion with no interaction."""
+
+    def __init__(self, dims: Dims, cfg: HeadConfig):
+        super().__init__()
+        self.embed_t = embedding(dims.text_width, cfg.dim, cfg.dropout)
+        self.embed_i = embedding(dims.image_channels, cfg.dim, cfg.dropout)
+        self.classifier = classifier(2 * cfg.dim, dims.n_classes, cfg.dropout)
+
+    def forward(self, batch: Batch) -> HeadOutput:
+        batch.require(text=True, image=True)
+        t, i = self.embed_t(pooled_text(batch)), self.embed_i(pooled_image(batch))
+        return HeadOutput(logits=self.classifier(torch.cat([i, t], dim=1)), text=t, image=i)

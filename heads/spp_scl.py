@@ -1,0 +1,151 @@
+"""The SPP-SCL head (SPEC.md, "Stage two"), reading only cached encoder features.
+
+Data flows top to bottom: image branch and text branch give I_contra and T_contra,
+the align layers give I_a and T_a (the embeddings the SupCon losses use), CMF fuses
+them and an MLP classifies M = [I_m, T_m, I_a, T_a]. Every ablation of the paper is a
+HeadConfig field. The losses live in losses.py; the trainer applies them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import Batch, Dims, HeadConfig, HeadOutput
+from .bilstm import RaggedBiLSTM
+from .blocks import align, classifier, projection, qkv
+from .registry import register
+
+LSTM_HIDDEN = 64  # per direction -> 128 after the BiLSTM (SPEC)
+IMAGE_WIDTH = 128  # channels after the 1x1 conv (SPEC)
+
+
+class ImageBranch(nn.Module):
+    """Conv2d(C, 128, 1x1) -> BN2d -> ReLU -> Dropout -> GAP -> P_I: maps -> I_contra."""
+
+    def __init__(self, channels: int, cfg: HeadConfig):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(channels, IMAGE_WIDTH, 1), nn.BatchNorm2d(IMAGE_WIDTH),
+                                  nn.ReLU(), nn.Dropout(cfg.dropout))
+        self.proj = projection(IMAGE_WIDTH, cfg.dim, cfg.dropout)
+
+    def forward(self, maps: Tensor) -> Tensor:
+        """maps (B, C, h, w) -> I_contra (B, D)."""
+        return self.proj(self.conv(maps).mean(dim=(2, 3)))
+
+
+class HierarchicalAttention(nn.Module):
+    """HA: one weight in (0, 1) per cached layer, from how strongly its CLS fires."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(layers, layers, bias=False), nn.ReLU(),
+                                nn.Linear(layers, layers, bias=False), nn.Sigmoid())
+
+    def forward(self, cls: Tensor) -> Tensor:
+        """cls (B, k, H) -> layer weights (B, k)."""
+        # HA weights: sigmoid(W2 relu(W1 mean_H(CLS_l)))
+        return self.fc(cls.mean(dim=2))
+
+
+class TextBranch(nn.Module):
+    """HA over the last k cached layers -> BiLSTM -> mean over real tokens -> P_T."""
+
+    def __init__(self, dims: Dims, cfg: HeadConfig):
+        super().__init__()
+        self.layers = cfg.text_layers if cfg.hierarchical_attention else 1
+        self.ha = HierarchicalAttention(self.layers) if cfg.hierarchical_attention else None
+        self.lstm = RaggedBiLSTM(dims.text_width, LSTM_HIDDEN)
+        self.proj = projection(2 * LSTM_HIDDEN, cfg.dim, cfg.dropout)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Ragged tokens (T, L, H) + CLS (B, L, H) -> T_contra (B, D)."""
+        if self.ha is None:
+            x = batch.tokens[:, -1]  # no HA: plain last cached layer
+        else:
+            k = self.layers
+            weights = self.ha(batch.cls[:, -k:])  # (B, k)
+            per_token = torch.repeat_interleave(weights, batch.lengths, dim=0)  # (T, k)
+            # HA weighted sum over layers: x_t = sum_l w_{b(t),l} tokens_{t,l}
+            # (a loop over the k layers, not the samples: k fused multiply-adds on (T, H))
+            tokens = batch.tokens[:, -k:]
+            x = tokens[:, 0] * per_token[:, :1]
+            for layer in range(1, k):
+                x = torch.addcmul(x, tokens[:, layer], per_token[:, layer:layer + 1])
+        return self.proj(self.lstm(x, batch.lengths))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(Q K^T / sqrt(D)) V over the second-to-last axis; (..., N, D) -> (..., N, D)."""
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+class CrossModalFusion(nn.Module):
+    """CMF: self-attention whose queries and keys are gated by the other modality.
+
+    scope "batch" (paper, official code): the attention is B x B; sample i's I_m mixes
+    the V_I(I_a) of every sample in the batch, so a prediction depends on the batch.
+    scope "sample": the same gated vectors, but each sample attends only over its own
+    two modality tokens. Token 0 = image (query T_a*Q_I(I_a), key T_a*K_I(I_a), value
+    V_I(I_a)), token 1 = text (query I_a*Q_T(T_a), key I_a*K_T(T_a), value V_T(T_a)).
+    One (B, 2, 2) attention; its image row is I_m, its text row is T_m. Each output is
+    then a mix of the sample's own image and text values, and nothing crosses samples.
+    """
+
+    def __init__(self, dim: int, dropout: float, scope: str):
+        super().__init__()
+        self.scope = scope
+        self.q_i, self.k_i, self.v_i = (qkv(dim, dropout) for _ in range(3))
+        self.q_t, self.k_t, self.v_t = (qkv(dim, dropout) for _ in range(3))
+
+    def forward(self, i_a: Tensor, t_a: Tensor) -> tuple[Tensor, Tensor]:
+        """I_a, T_a (B, D) -> I_m, T_m (B, D)."""
+        # CMF image side: Q = T_a * Q_I(I_a), K = T_a * K_I(I_a), V = V_I(I_a)
+        q_i, k_i, v_i = t_a * self.q_i(i_a), t_a * self.k_i(i_a), self.v_i(i_a)
+        # CMF text side, roles swapped: Q = I_a * Q_T(T_a), K = I_a * K_T(T_a), V = V_T(T_a)
+        q_t, k_t, v_t = i_a * self.q_t(t_a), i_a * self.k_t(t_a), self.v_t(t_a)
+        if self.scope == "batch":
+            # CMF: A = softmax(Q K^T / sqrt(D)) (B x B); I_m = A V_I(I_a), T_m likewise
+            return attend(q_i, k_i, v_i), attend(q_t, k_t, v_t)
+        # CMF per sample: A (B, 2, 2) over the sample's [image, text] tokens
+        fused = attend(torch.stack([q_i, q_t], 1), torch.stack([k_i, k_t], 1),
+                       torch.stack([v_i, v_t], 1))
+        return fused[:, 0], fused[:, 1]
+
+
+@register("spp_scl")
+class SppSclHead(nn.Module):
+    """SPP-SCL head: returns logits and T_a, I_a for the intra/cross-modal SupCon terms."""
+
+    def __init__(self, dims: Dims, cfg: HeadConfig):
+        super().__init__()
+        cfg.check(dims)
+        self.cfg = cfg
+        d, p = cfg.dim, cfg.dropout
+        if cfg.uses_image:
+            self.image = ImageBranch(dims.image_channels, cfg)
+            self.align_i = align(d, p)
+        if cfg.uses_text:
+            self.text = TextBranch(dims, cfg)
+            self.align_t = align(d, p)
+        both = cfg.uses_text and cfg.uses_image
+        self.cmf = CrossModalFusion(d, p, cfg.cmf_scope) if both and cfg.cmf else None
+        width = d * (4 if self.cmf is not None else 2 if both else 1)
+        self.classifier = classifier(width, dims.n_classes, p)
+
+    def forward(self, batch: Batch) -> HeadOutput:
+        i_a = t_a = None
+        batch.require(text=self.cfg.uses_text, image=self.cfg.uses_image)
+        if self.cfg.uses_image:
+            i_a = self.align_i(self.image(batch.maps))
+        if self.cfg.uses_text:
+            t_a = self.align_t(self.text(batch))
+        if self.cmf is not None:
+            i_m, t_m = self.cmf(i_a, t_a)
+            # CMF output: M = [I_m, T_m, I_a, T_a]
+            m = torch.cat([i_m, t_m, i_a, t_a], dim=1)
+        else:
+            # no CMF: M = [I_a, T_a]; one modality: its own embedding
+            m = torch.cat([x for x in (i_a, t_a) if x is not None], dim=1)
+        return HeadOutput(logits=self.classifier(m), text=t_a, image=i_a)
