@@ -87,7 +87,8 @@ def prepare(folder: Path, prov: Provenance, force: bool) -> set[int]:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for tmp in folder.glob("*.tmp*"):  # half-written shards of a killed run
-        tmp.unlink()
+        if not _writer_alive(tmp):  # another rank may be writing this one right now
+            tmp.unlink(missing_ok=True)
     done = set()
     for path in sorted(folder.glob("shard-*.h5")):
         found = read_provenance(path)
@@ -99,6 +100,20 @@ def prepare(folder: Path, prov: Provenance, force: bool) -> set[int]:
             )
         done.add(int(_SHARD.search(path.name).group(1)))
     return done
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that names a temp file (`<file>.tmp<pid>`) is still running here."""
+    pid = tmp.name.rpartition(".tmp")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
 
 
 def _attrs(f: h5py.File, prov: Provenance, problems: list[tuple[str, str, str]]) -> None:

@@ -124,6 +124,9 @@ class _Collector:
             self.problems.append(Problem(id_, "read", "duplicate id: kept the first row, dropped this one"))
             return
         self.seen.add(id_)
+        if not label:
+            self.problems.append(Problem(id_, "read", "no label: give every row a label"))
+            return
         if self.classes is not None and label not in self.classes:
             self.problems.append(
                 Problem(id_, "read", f"unknown label {label!r}: expected one of {', '.join(self.classes)}")
@@ -140,6 +143,12 @@ class _Collector:
             image = None
         self.items.append(Item(id_, text.strip(), image, label, split))  # label index set later
 
+    def repaired(self, id_: str, what: str) -> None:
+        """A text that was not valid UTF-8: kept, counted and listed (nothing silent)."""
+        self.fallbacks += 1
+        self.problems.append(Problem(str(id_).strip() or "?", "text", f"{what} is not valid UTF-8: decoded as "
+                                     "Windows-1252/Latin-1; re-save it as UTF-8 if characters look wrong"))
+
     def dataset(self, name: str, split_rule: str = "given") -> Dataset:
         classes = self.classes or tuple(sorted({it.label for it in self.items}))
         index = {c: i for i, c in enumerate(classes)}
@@ -147,16 +156,41 @@ class _Collector:
         return Dataset(name, tuple(classes), items, self.problems, self.fallbacks, split_rule)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[dict, bool]]:
+    """Rows, each with whether its line needed a non-UTF-8 fallback."""
     rows = []
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            text, fell_back = decode_text(line)
             try:
-                rows.append(json.loads(decode_text(line)[0]))
+                row = json.loads(text)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: expected one JSON object per line; fix or remove that line")
+            rows.append((row, fell_back))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[dict, bool]]:
+    """Rows, each with whether one of its lines needed a non-UTF-8 fallback.
+
+    Decoded line by line: a file that is mostly UTF-8 with a few Windows-1252 rows keeps
+    its UTF-8 rows intact, and a U+2028 inside a tweet does not split a row.
+    """
+    lines, fell = [], []
+    for raw in path.read_bytes().splitlines():  # bytes: splits on \n, \r\n and \r only
+        text, fell_back = decode_text(raw)
+        lines.append(text)
+        fell.append(fell_back)
+    reader = csv.DictReader(lines)
+    reader.fieldnames  # reads the header line
+    rows, start = [], reader.line_num
+    for row in reader:
+        rows.append((row, any(fell[start : reader.line_num])))
+        start = reader.line_num
     return rows
 
 
@@ -176,8 +210,10 @@ def load_builtin(name: str, data_root: Path, image_dir: Path | None = None) -> D
         path = folder / f"{split}.jsonl"
         if not path.is_file():
             raise UserError(f"split file {path} missing: the data folder is incomplete")
-        for row in _read_jsonl(path):
+        for row, fell_back in _read_jsonl(path):
             id_ = str(row.get("id", ""))
+            if fell_back:
+                col.repaired(id_, f"{path.name} line of {id_}")
             image = Path(images) / f"{id_}.jpg" if images is not None else None
             col.add(id_, row.get("text"), image, str(row.get("label")), split)
     return col.dataset(name)
@@ -187,16 +223,16 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
     """A CSV/JSONL manifest (columns id, text|text_file, image, label, [split]) or a raw MVSA folder."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"manifest {path} not found")
+        raise UserError(f"manifest {path} not found: give the path of a .csv or .jsonl manifest or a raw MVSA folder")
     if path.is_dir():
         return load_raw_mvsa(path, name or path.name, seed)
     if path.suffix.lower() == ".jsonl":
-        rows = _read_jsonl(path)
+        read = _read_jsonl(path)
     elif path.suffix.lower() == ".csv":
-        text, _ = decode_text(path.read_bytes())
-        rows = list(csv.DictReader(text.splitlines()))
+        read = _read_csv(path)
     else:
         raise UserError(f"manifest {path}: expected a .csv or .jsonl file, or a raw MVSA folder")
+    rows = [row for row, _ in read]
     if not rows:
         raise UserError(f"manifest {path} has no rows")
     missing = [c for c in ("id", "label") if c not in rows[0]]
@@ -207,28 +243,32 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
     base = path.parent
     col = _Collector(None)
     given_split = "split" in rows[0]
-    for row in rows:
+    for row, fell_back in read:
         id_ = str(row.get("id", "")).strip()
+        if fell_back:
+            col.repaired(id_, f"{path.name} row of {id_}")
         text = row.get("text")
         if not text and row.get("text_file"):
-            text = _read_text_file(base / row["text_file"], col)
+            text = _read_text_file(base / row["text_file"], col, id_)
         if row.get("image"):
             image = base / row["image"]
         elif image_dir is not None:
             image = Path(image_dir) / f"{id_}.jpg"
         else:
             image = None
-        col.add(id_, text, image, str(row.get("label", "")).strip(), str(row.get("split") or "train"))
+        label = "" if row.get("label") is None else str(row["label"]).strip()
+        col.add(id_, text, image, label, str(row.get("split") or "train"))
     if not given_split:
         _assign_splits(col, seed)
     return col.dataset(name or path.stem, "given" if given_split else f"stratified 8:1:1, seed {seed}")
 
 
-def _read_text_file(path: Path, col: _Collector) -> str | None:
+def _read_text_file(path: Path, col: _Collector, id_: str) -> str | None:
     if not path.is_file():
         return None  # reported as empty text by the collector
     text, fell_back = decode_text(path.read_bytes())
-    col.fallbacks += fell_back
+    if fell_back:
+        col.repaired(id_, path.name)
     return text
 
 
@@ -292,7 +332,7 @@ def load_raw_mvsa(folder: Path, name: str, seed: int = 0) -> Dataset:
             dropped += 1
             col.problems.append(Problem(cells[0], "read", "annotations conflict (positive vs negative): dropped"))
             continue
-        col.add(cells[0], _read_text_file(data / f"{cells[0]}.txt", col), data / f"{cells[0]}.jpg", label, "train")
+        col.add(cells[0], _read_text_file(data / f"{cells[0]}.txt", col, cells[0]), data / f"{cells[0]}.jpg", label, "train")
     _assign_splits(col, seed)
     return col.dataset(name, f"MVSA aggregation; stratified 8:1:1, seed {seed}")
 

