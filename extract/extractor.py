@@ -106,7 +106,7 @@ def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
     root = Path(cfg.cache_dir) / ds.name
     store.write_dataset_info(root, _info(ds, cfg), [])
     for p in ds.problems:
-        console.print(f"[yellow]skipped[/] {p.id}: {p.reason}", highlight=False)
+        console.print(f"[yellow]{p.stage} problem[/] {p.id}: {p.reason}", highlight=False)
 
     summary = Summary(ds.name, ds.counts(), text_fallbacks=ds.text_fallbacks)
     with Progress(
@@ -244,7 +244,7 @@ def _extract_image(cfg, ds, items, root, rank, world, progress, console, timing)
             acc[0] += good
             acc[1].append(enc.encode(x))
         for b in bad:
-            console.print(f"[yellow]skipped[/] {b[0]}: {b[2]}", highlight=False)
+            console.print(f"[yellow]image problem[/] {b[0]}: {b[2]}", highlight=False)
         acc[2] += bad
         progress.advance(task, len(good) + len(bad))
         n += len(good) + len(bad)

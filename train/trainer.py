@@ -129,7 +129,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
                     opt.zero_grad(set_to_none=True)
                     l2.backward()
                     opt.step()
-                    sums[2] += float(l2)
+                    sums[2] += l2.item()
                     fired += 1
         sched.step()
         fired_total += fired
