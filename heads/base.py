@@ -43,7 +43,7 @@ class HeadConfig:
             raise UserError(f"modalities={self.modalities!r}: use 'text', 'image' or 'both'")
         if self.cmf_scope not in ("batch", "sample"):
             raise UserError(f"cmf_scope={self.cmf_scope!r}: use 'batch' or 'sample'")
-        if not 1 <= self.text_layers <= dims.text_layers:
+        if self.uses_text and not 1 <= self.text_layers <= dims.text_layers:  # an image-only cache has 0
             raise UserError(
                 f"text_layers={self.text_layers}: the cache holds {dims.text_layers} text "
                 f"layers; choose 1..{dims.text_layers} or rebuild the cache with more layers"

@@ -46,6 +46,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     cfg = cfg.resolved()
     t0 = time.time()
     data = load_data(cfg)
+    build_head(cfg, data)  # a bad --head or --text-layers fails here, before a run folder is written
     out = Path(cfg.out or DEFAULT_RUNS / f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     sizes = {s: len(v) for s, v in data.splits.items()}

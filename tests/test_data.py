@@ -1,0 +1,231 @@
+"""train/data.py: the cache as in-memory tensors, batches cut by index, text and image
+joined by id (items without an image left out and counted), and the loader's errors.
+
+Most tests use a synthetic cache written with the store's own writers, so every feature
+row is known; one check runs on the session's tiny real cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import store
+from core.errors import UserError
+from train import data
+
+L, H, C, HW = 3, 6, 4, 2  # synthetic text layers, text width, image channels, map side
+CLASSES = ["pos", "neu", "neg"]
+DATASET = "toy"
+ENC = "enc"
+
+
+def prov(kind: str, n_shards: int) -> store.Provenance:
+    text = kind == store.TEXT
+    return store.Provenance(kind=kind, encoder=ENC, fingerprint="f0", preprocessing="{}", dataset=DATASET,
+                            data_hash="h0", n_shards=n_shards, layers=L if text else 0,
+                            max_length=16 if text else 0)
+
+
+def make_items(n_per_split: dict[str, int], seed: int = 0) -> list[dict]:
+    """Items with random features; a map is filled with the item's number, so it names its item."""
+    rng = np.random.default_rng(seed)
+    items, k = [], 0
+    for split, n in n_per_split.items():
+        for _ in range(n):
+            length = int(rng.integers(1, 7))
+            items.append({
+                "id": f"i{k:02d}", "split": split, "label": int(rng.integers(0, len(CLASSES))),
+                "cls": rng.standard_normal((L, H)).astype(np.float16),
+                "tokens": rng.standard_normal((length, L, H)).astype(np.float16),
+                "map": np.full((C, HW, HW), k, dtype=np.float16),
+            })
+            k += 1
+    return items
+
+
+def write_cache(cache_dir: Path, items: list[dict], image_items: list[dict] | None, shard: int = 5) -> None:
+    """A complete cache of `items` (text) and `image_items` (image; None: text only)."""
+    root = Path(cache_dir) / DATASET
+    counts = {s: sum(it["split"] == s for it in items) for s in ("train", "dev", "test")}
+    store.write_dataset_info(root, {"name": DATASET, "classes": CLASSES, "counts": counts}, [])
+    chunks = [items[i : i + shard] for i in range(0, len(items), shard)]
+    folder = store.cache_folder(cache_dir, DATASET, store.TEXT, ENC)
+    folder.mkdir(parents=True)
+    p = prov(store.TEXT, len(chunks))
+    for k, chunk in enumerate(chunks):
+        lengths = [len(it["tokens"]) for it in chunk]
+        store.write_text_shard(
+            folder / store.shard_name(k, p.n_shards), p, [it["id"] for it in chunk], [it["label"] for it in chunk],
+            [it["split"] for it in chunk], np.stack([it["cls"] for it in chunk]),
+            np.concatenate([it["tokens"] for it in chunk]), np.concatenate([[0], np.cumsum(lengths)]))
+    assert store.finish(folder, p)
+    if image_items is None:
+        return
+    folder = store.cache_folder(cache_dir, DATASET, store.IMAGE, ENC)
+    folder.mkdir(parents=True)
+    chunks = [image_items[i : i + shard + 1] for i in range(0, len(image_items), shard + 1)]
+    p = prov(store.IMAGE, len(chunks))
+    for k, chunk in enumerate(chunks):
+        store.write_image_shard(folder / store.shard_name(k, p.n_shards), p, [it["id"] for it in chunk],
+                                [it["label"] for it in chunk], [it["split"] for it in chunk],
+                                np.stack([it["map"] for it in chunk]))
+    assert store.finish(folder, p)
+
+
+def load(cache_dir: Path, modalities: str = "both") -> data.Data:
+    return data.load(cache_dir, DATASET, modalities, ENC, ENC)
+
+
+def assert_split_holds(split: data.Split, items: list[dict], with_maps: bool) -> None:
+    """`split` holds exactly `items`, in this order, each with its own features."""
+    assert split.ids == [it["id"] for it in items]
+    assert split.labels.tolist() == [it["label"] for it in items]
+    assert split.offsets[0] == 0 and split.offsets[-1] == len(split.tokens)
+    for i, it in enumerate(items):
+        assert torch.equal(split.cls[i], torch.from_numpy(it["cls"])), it["id"]
+        assert torch.equal(split.tokens[split.offsets[i] : split.offsets[i + 1]], torch.from_numpy(it["tokens"])), it["id"]
+        if with_maps:
+            assert torch.equal(split.maps[i], torch.from_numpy(it["map"])), it["id"]
+    assert (split.maps is not None) == with_maps
+
+
+# --- Split.batch -------------------------------------------------------------------------
+
+def expected_tokens(split: data.Split, idx: list[int]) -> torch.Tensor:
+    return torch.cat([split.tokens[split.offsets[i] : split.offsets[i + 1]] for i in idx]).float()
+
+
+@pytest.mark.parametrize("idx", [[0], [4, 1, 3], [2, 2, 0], [5, 4, 3, 2, 1, 0]])
+def test_batch_gathers_the_token_rows_of_the_chosen_items(tmp_path, idx):
+    items = make_items({"train": 6, "dev": 2, "test": 2})
+    write_cache(tmp_path, items, items)
+    split = load(tmp_path).splits["train"]
+    b = split.batch(torch.tensor(idx))
+    assert torch.equal(b.tokens, expected_tokens(split, idx))
+    assert b.lengths.tolist() == [len(items[i]["tokens"]) for i in idx]
+    assert int(b.lengths.sum()) == len(b.tokens)
+    assert torch.equal(b.cls, split.cls[idx].float())
+    assert torch.equal(b.maps, split.maps[idx].float())
+    assert b.labels.tolist() == [items[i]["label"] for i in idx]
+    # float32 per batch, float16 in RAM
+    assert b.tokens.dtype == b.cls.dtype == b.maps.dtype == torch.float32
+    assert split.tokens.dtype == split.cls.dtype == split.maps.dtype == torch.float16
+    assert b.labels.dtype == b.lengths.dtype == torch.int64
+
+
+def test_batch_on_the_tiny_real_cache(tiny_cache):
+    d = data.load(tiny_cache.cache_dir, tiny_cache.dataset, "both", tiny_cache.text_encoder, tiny_cache.image_encoder)
+    split = d.splits["train"]
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:7].tolist()
+    b = split.batch(torch.tensor(idx))
+    assert torch.equal(b.tokens, expected_tokens(split, idx))
+    assert torch.equal(b.lengths, split.offsets[torch.tensor(idx) + 1] - split.offsets[torch.tensor(idx)])
+    assert b.maps.shape == (7, d.dims.image_channels, *split.maps.shape[2:])
+
+
+# --- joining text and image by id --------------------------------------------------------
+
+def test_join_by_id_drops_items_without_image_and_counts_them(tmp_path):
+    items = make_items({"train": 8, "dev": 4, "test": 5})
+    missing = {"i01", "i06", "i14"}  # two train items, one test item have no image
+    images = [it for it in reversed(items) if it["id"] not in missing]  # other order, other shards
+    write_cache(tmp_path, items, images)
+    d = load(tmp_path)
+    assert d.dropped == 3
+    for s in ("train", "dev", "test"):
+        kept = [it for it in items if it["split"] == s and it["id"] not in missing]
+        assert_split_holds(d.splits[s], kept, with_maps=True)  # maps follow the ids, not positions
+    # the re-cut offsets still batch correctly
+    train = d.splits["train"]
+    b = train.batch(torch.tensor([5, 0]))
+    assert torch.equal(b.tokens, expected_tokens(train, [5, 0]))
+    assert torch.equal(b.maps[:, 0, 0, 0], torch.tensor([int(train.ids[5][1:]), int(train.ids[0][1:])]).float())
+
+
+def test_join_with_every_image_in_another_order(tmp_path):
+    items = make_items({"train": 5, "dev": 3, "test": 3}, seed=1)
+    write_cache(tmp_path, items, list(reversed(items)))
+    d = load(tmp_path)
+    assert d.dropped == 0
+    for s in ("train", "dev", "test"):
+        assert_split_holds(d.splits[s], [it for it in items if it["split"] == s], with_maps=True)
+
+
+def test_an_image_without_text_is_ignored(tmp_path):
+    items = make_items({"train": 4, "dev": 2, "test": 2}, seed=2)
+    write_cache(tmp_path, items[1:], items)  # i00 has an image but no text
+    d = load(tmp_path)
+    assert d.dropped == 0  # `dropped` counts texts without image only
+    assert d.splits["train"].ids == ["i01", "i02", "i03"]
+    assert_split_holds(d.splits["train"], items[1:4], with_maps=True)
+
+
+# --- one modality, dims ------------------------------------------------------------------
+
+def test_dims_and_classes_come_from_the_cache(tmp_path):
+    items = make_items({"train": 4, "dev": 2, "test": 2})
+    write_cache(tmp_path, items, items)
+    d = load(tmp_path)
+    assert (d.dims.text_layers, d.dims.text_width, d.dims.image_channels, d.dims.n_classes) == (L, H, C, 3)
+    assert d.classes == CLASSES
+    assert d.provenance["text"]["encoder"] == d.provenance["image"]["encoder"] == ENC
+    assert d.provenance["text"]["kind"] == "text" and d.provenance["image"]["kind"] == "image"
+
+
+def test_text_modality_on_a_text_only_cache(tmp_path):
+    items = make_items({"train": 4, "dev": 2, "test": 3})
+    write_cache(tmp_path, items, None)
+    d = load(tmp_path, "text")
+    assert d.dropped == 0 and set(d.provenance) == {"text"}
+    assert d.dims.image_channels == 0 and d.dims.text_layers == L
+    assert_split_holds(d.splits["test"], items[6:], with_maps=False)
+    b = d.splits["test"].batch(torch.tensor([2, 0]))
+    assert b.maps is None and torch.equal(b.tokens, expected_tokens(d.splits["test"], [2, 0]))
+
+
+def test_image_modality_reads_no_text(tmp_path):
+    items = make_items({"train": 4, "dev": 2, "test": 2})
+    write_cache(tmp_path, items, items)
+    d = load(tmp_path, "image")
+    assert set(d.provenance) == {"image"} and d.dims.text_layers == 0 and d.dims.image_channels == C
+    split = d.splits["dev"]
+    assert split.cls is None and split.tokens is None and split.offsets is None
+    b = split.batch(torch.tensor([1]))
+    assert b.cls is None and b.tokens is None and b.lengths is None
+    assert torch.equal(b.maps[0], torch.from_numpy(items[5]["map"]).float())
+
+
+# --- errors name the fix -----------------------------------------------------------------
+
+def test_no_cache_names_the_extract_command(tmp_path):
+    with pytest.raises(UserError, match=r"no cache for data set 'toy'.*python pipeline\.py extract --dataset toy"):
+        load(tmp_path)
+
+
+def test_missing_image_cache_says_extract_images_or_text_only(tmp_path):
+    items = make_items({"train": 4, "dev": 2, "test": 2})
+    write_cache(tmp_path, items, None)
+    with pytest.raises(UserError) as e:
+        load(tmp_path, "both")
+    msg = str(e.value)
+    assert "no image cache" in msg and "pipeline.py extract" in msg and "--modalities text" in msg
+
+
+def test_unfinished_text_cache_names_the_resumable_extract(tmp_path):
+    items = make_items({"train": 4, "dev": 2, "test": 2})
+    write_cache(tmp_path, items, items)
+    (store.cache_folder(tmp_path, DATASET, store.TEXT, ENC) / "index.json").unlink()
+    with pytest.raises(UserError, match=r"no complete cache .*pipeline\.py extract --dataset toy --text-encoder enc"):
+        load(tmp_path, "text")
+
+
+def test_a_missing_split_is_a_user_error(tmp_path):
+    items = make_items({"train": 4, "test": 2})
+    write_cache(tmp_path, items, items)
+    with pytest.raises(UserError, match="no dev split"):
+        load(tmp_path)
+    assert json.loads((tmp_path / DATASET / "dataset.json").read_text())["counts"]["dev"] == 0

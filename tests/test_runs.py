@@ -1,0 +1,286 @@
+"""train/runs.py and the `train` / `eval` / `heads` commands: what a run folder holds,
+that `eval` recomputes the recorded numbers from it, and that bad input through the CLI
+is one line on stderr, never a traceback.
+
+One run is trained once for the module (tiny real cache, 2 seeds x 2 epochs, batch 8)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import heads
+from core import store
+from core.errors import UserError
+from train import runs, trainer
+from train.config import METRICS, TrainConfig
+from train.metrics import scores
+
+from conftest import quiet_console
+
+SEEDS, EPOCHS = (1, 2), 2
+LOG_HEADER = ["seed", "epoch", "lr", "loss_ce", "loss_intra", "loss_step_two", "step_two_rate", "seconds",
+              "dev_accuracy", "dev_weighted_f1", "dev_macro_f1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(tiny_cache):
+    """One intra-op thread (two shared cores, a background run): see test_trainer.py."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cache, tmp_path_factory):
+    """(run folder, the config asked for, the SeedResults the trainer handed to the writer)."""
+    cfg = TrainConfig(dataset=tiny_cache.dataset, cache_dir=tiny_cache.cache_dir, text_encoder=tiny_cache.text_encoder,
+                      image_encoder=tiny_cache.image_encoder, epochs=EPOCHS, seeds=SEEDS, batch_size=8,
+                      out=tmp_path_factory.mktemp("runs") / "tiny")
+    results = []
+
+    def keep(*args, **kw):
+        results.append(trainer.train_seed(*args, **kw))
+        return results[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "train_seed", keep)
+        run = runs.train(cfg, quiet_console())
+    assert run == cfg.out
+    return run, cfg, results
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def read_log(run: Path) -> tuple[list[str], list[dict]]:
+    with open(run / "log.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
+
+
+def fresh_head(run: Path, seed: int) -> tuple[torch.nn.Module, TrainConfig]:
+    """A head built from config.json alone, with seed-<s>.pt loaded strictly and weights_only."""
+    cfg = TrainConfig.load(run / "config.json")
+    head = trainer.build_head(cfg, runs.load_data(cfg))
+    head.load_state_dict(torch.load(run / f"seed-{seed}.pt", weights_only=True))
+    return head.eval(), cfg
+
+
+# --- the run folder ----------------------------------------------------------------------
+
+def test_run_folder_holds_the_documented_files(trained):
+    run, _, _ = trained
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["config.json", "metrics.json", "log.csv", "report.txt", *(f"seed-{s}.pt" for s in SEEDS)])
+
+
+def test_config_json_records_config_provenance_and_commit(trained, tiny_cache):
+    run, cfg, _ = trained
+    saved = read_json(run / "config.json")
+    assert set(saved["train"]) == {f.name for f in fields(TrainConfig)}
+    assert saved["train"] == cfg.resolved().to_json()
+    assert saved["train"]["batch_size"] == 8 and saved["train"]["lr"] == 1e-4  # per-data-set default filled in
+    assert saved["provenance"] == {"text": asdict(store.provenance(tiny_cache.text)),
+                                   "image": asdict(store.provenance(tiny_cache.image))}
+    assert re.fullmatch(r"[0-9a-f]{40}", saved["git_commit"]), saved["git_commit"]
+    assert saved["classes"] == ["positive", "neutral", "negative"]
+    assert saved["sizes"] == {"train": 12, "dev": 12, "test": 12}
+    assert saved["dims"] == {"text_layers": 4, "text_width": 384, "image_channels": 1280, "n_classes": 3}
+
+
+def test_config_json_alone_rebuilds_the_config(trained):
+    run, cfg, _ = trained
+    loaded = TrainConfig.load(run / "config.json")
+    assert loaded == cfg.resolved()
+    assert isinstance(loaded.cache_dir, Path) and isinstance(loaded.seeds, tuple)
+    assert loaded.resolved() == loaded  # nothing left to fill in
+
+
+def test_metrics_json_structure_and_summary(trained):
+    run, _, results = trained
+    m = read_json(run / "metrics.json")
+    assert m["select"] == "weighted_f1" and m["wall_seconds"] > 0
+    assert [p["seed"] for p in m["per_seed"]] == list(SEEDS)
+    for split in ("dev", "test"):
+        assert set(m[split]) == set(METRICS)
+        for metric in METRICS:
+            values = [p[split][metric] for p in m["per_seed"]]
+            assert m[split][metric] == {"mean": pytest.approx(np.mean(values)), "std": pytest.approx(np.std(values))}
+    for p, r in zip(m["per_seed"], results):
+        assert set(p) == {"seed", "best_epoch", "test", "dev", "per_class_f1", "step_two_rate"}
+        assert p["seed"] == r.seed and p["best_epoch"] == r.best_epoch and 1 <= p["best_epoch"] <= EPOCHS
+        assert p["test"] == {k: r.test[k] for k in METRICS}
+        assert p["per_class_f1"] == r.test["per_class_f1"] and len(p["per_class_f1"]) == 3
+        assert 0.0 <= p["step_two_rate"] <= 1.0 and p["step_two_rate"] == r.step_two_rate
+        assert all(0.0 <= v <= 1.0 for v in p["test"].values())
+
+
+def test_log_csv_has_one_row_per_seed_and_epoch(trained):
+    run, _, results = trained
+    header, rows = read_log(run)
+    assert header == LOG_HEADER
+    assert [(int(r["seed"]), int(r["epoch"])) for r in rows] == [(s, e) for s in SEEDS for e in range(1, EPOCHS + 1)]
+    for r, log in zip(rows, [log for res in results for log in res.log]):
+        assert float(r["loss_ce"]) == pytest.approx(log.loss_ce, abs=1e-4)
+        assert float(r["step_two_rate"]) == pytest.approx(log.step_two_rate, abs=1e-3)
+        assert float(r["lr"]) == pytest.approx(1e-4)
+        for metric in METRICS:
+            assert float(r[f"dev_{metric}"]) == pytest.approx(log.dev[metric], abs=1e-4)
+
+
+def test_best_epoch_is_the_argmax_of_the_dev_column(trained):
+    run, _, _ = trained
+    _, rows = read_log(run)
+    for p in read_json(run / "metrics.json")["per_seed"]:
+        column = [float(r["dev_weighted_f1"]) for r in rows if int(r["seed"]) == p["seed"]]
+        assert p["best_epoch"] == int(np.argmax(column)) + 1  # the first of equals, as argmax
+        assert p["dev"]["weighted_f1"] == pytest.approx(column[p["best_epoch"] - 1], abs=1e-4)
+
+
+def test_checkpoint_round_trip_gives_the_same_predictions(trained):
+    run, _, results = trained
+    for r in results:
+        saved = torch.load(run / f"seed-{r.seed}.pt", weights_only=True)
+        assert saved.keys() == r.state.keys()
+        assert all(torch.equal(saved[k], r.state[k]) for k in saved)
+        head, cfg = fresh_head(run, r.seed)
+        test = runs.load_data(cfg).splits["test"]
+        pred = trainer.predict(head, test, cfg.batch_size, trainer.device())
+        assert pred.tolist() == r.test_pred
+        assert scores(test.labels.numpy(), pred, 3) == r.test
+
+
+def test_report_has_each_seed_and_a_line_per_class(trained):
+    run, _, _ = trained
+    text = (run / "report.txt").read_text()
+    m = read_json(run / "metrics.json")
+    blocks = re.split(r"^(?=seed \d+ \(best dev epoch)", text, flags=re.M)[1:]
+    assert len(blocks) == len(SEEDS)
+    for block, p in zip(blocks, m["per_seed"]):
+        assert block.startswith(f"seed {p['seed']} (best dev epoch {p['best_epoch']}), test")
+        assert "confusion matrix" in block
+        for name, f1 in zip(["positive", "neutral", "negative"], p["per_class_f1"]):
+            # precision, recall, F1, support (sklearn prints support as 12.0 for some predictions)
+            line = re.search(rf"^\s*{name}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", block, flags=re.M)
+            assert line, (name, block)
+            assert float(line.group(3)) == pytest.approx(f1, abs=1e-4)
+
+
+# --- eval ------------------------------------------------------------------------------
+
+def test_evaluate_recomputes_the_recorded_test_metrics(trained):
+    run, _, _ = trained
+    result = runs.evaluate(run)
+    assert result["matches_metrics_json"] is True
+    m = read_json(run / "metrics.json")
+    assert result["test"] == m["test"]
+    assert [p["seed"] for p in result["per_seed"]] == list(SEEDS)
+
+
+def test_evaluate_notices_metrics_that_do_not_match(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    m = read_json(run / "metrics.json")
+    m["per_seed"][1]["test"]["macro_f1"] += 0.01
+    (run / "metrics.json").write_text(json.dumps(m))
+    assert runs.evaluate(run)["matches_metrics_json"] is False
+
+
+def test_evaluate_a_run_missing_a_checkpoint(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    (run / "seed-2.pt").unlink()
+    with pytest.raises(UserError, match=r"seed-2\.pt missing"):
+        runs.evaluate(run)
+
+
+def test_evaluate_refuses_a_cache_built_differently(trained, tiny_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache.cache_dir, cache)
+    index = store.cache_folder(cache, tiny_cache.dataset, store.IMAGE, tiny_cache.image_encoder) / "index.json"
+    data = read_json(index)
+    data["provenance"]["preprocessing"] = '{"resize": 300}'
+    index.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"image cache .* differs .*\(preprocessing\).*pipeline\.py extract "
+                                        r".*--image-encoder efficientnet-lite0"):
+        runs.evaluate(trained[0], cache)
+
+
+# --- the command line ------------------------------------------------------------------
+
+def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The error line of a UserError exit; fails unless it is exit 1, one line, no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def test_cli(trained, tiny_cache, cli, tmp_path, monkeypatch):
+    """Every CLI case side by side (each is a Python start-up): eval and heads succeed, bad input
+    is one line (UserError, exit 1) or typer's usage error (exit 2), never a traceback."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # cli.env() copies os.environ
+    run = trained[0]
+    text_only = tmp_path / "text_only"
+    shutil.copytree(tiny_cache.cache_dir / tiny_cache.dataset, text_only / tiny_cache.dataset,
+                    ignore=lambda folder, names: ["image"] if Path(folder).name == tiny_cache.dataset else [])
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(tiny_cache.cache_dir, rebuilt)
+    index = store.cache_folder(rebuilt, tiny_cache.dataset, store.TEXT, tiny_cache.text_encoder) / "index.json"
+    data = read_json(index)
+    data["provenance"]["fingerprint"] = "0123456789abcdef"  # as if extracted again with other weights
+    index.write_text(json.dumps(data))
+    (tmp_path / "not_a_run").mkdir()
+    tiny = ("--dataset", tiny_cache.dataset, "--cache-dir", tiny_cache.cache_dir, "--epochs", "1", "--seeds", "1",
+            "--batch-size", "8")
+    cases = {
+        "eval": ("eval", "--run", run),
+        "heads": ("heads",),
+        "no cache": ("train", "--dataset", "mvsa_x", "--cache-dir", tmp_path / "empty", "--out", tmp_path / "r1"),
+        "text-only cache": ("train", *tiny, "--cache-dir", text_only, "--out", tmp_path / "r2"),
+        "rebuilt cache": ("eval", "--run", run, "--cache-dir", rebuilt),
+        "not a run": ("eval", "--run", tmp_path / "not_a_run"),
+        "unknown head": ("train", *tiny, "--head", "sppscl", "--out", tmp_path / "r3"),
+        "bad modalities": ("train", *tiny, "--modalities", "foo", "--out", tmp_path / "r4"),
+        "bad scope": ("train", *tiny, "--cmf-scope", "foo", "--out", tmp_path / "r5"),
+    }
+    procs = {k: cli.popen(*args) for k, args in cases.items()}
+    done = {}
+    for k, p in procs.items():
+        out, err = p.communicate(timeout=240)
+        done[k] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+    assert done["eval"].returncode == 0, done["eval"].stderr
+    assert "matches metrics.json" in done["eval"].stdout
+    assert done["heads"].returncode == 0 and done["heads"].stdout.split() == heads.available()
+
+    one_line_error(done["no cache"], "no cache for data set 'mvsa_x'", "`python pipeline.py extract --dataset mvsa_x`")
+    one_line_error(done["text-only cache"], "no image cache", "pipeline.py extract", "--image-dir",
+                   "or train with --modalities text")
+    one_line_error(done["rebuilt cache"], "text cache", "differs", "fingerprint",
+                   f"`python pipeline.py extract --dataset {tiny_cache.dataset} --text-encoder minilm`")
+    one_line_error(done["not a run"], "is not a run folder", "--run")
+    line = one_line_error(done["unknown head"], "unknown head 'sppscl'")
+    assert all(name in line for name in heads.available())
+    for k, option in (("bad modalities", "--modalities"), ("bad scope", "--cmf-scope")):
+        proc = done[k]
+        assert proc.returncode == 2, (k, proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert "Invalid value" in proc.stderr and option in proc.stderr and "foo" in proc.stderr, proc.stderr
+    # bad input writes no run folder
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 6))
