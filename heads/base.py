@@ -37,19 +37,24 @@ class HeadConfig:
     cmf_scope: str = "batch"  # "batch" (paper): BxB attention; "sample": 2 tokens each
     modalities: str = "both"  # "text" | "image" | "both"
 
-    def check(self, dims: Dims) -> None:
-        """Raise UserError naming the field and the fix if this config cannot run on dims."""
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a field has no meaning."""
         if self.modalities not in ("text", "image", "both"):
             raise UserError(f"modalities={self.modalities!r}: use 'text', 'image' or 'both'")
         if self.cmf_scope not in ("batch", "sample"):
             raise UserError(f"cmf_scope={self.cmf_scope!r}: use 'batch' or 'sample'")
-        if self.uses_text and not 1 <= self.text_layers <= dims.text_layers:  # an image-only cache has 0
+        if self.dim < 1 or not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dim={self.dim}, dropout={self.dropout}: need dim >= 1, 0 <= dropout < 1")
+
+    def check(self, dims: Dims) -> None:
+        """validate(), plus: the cache holds the modalities and layers this config reads."""
+        self.validate()
+        require_cached(dims, text=self.uses_text, image=self.uses_image)
+        if self.uses_text and not 1 <= self.text_layers <= dims.text_layers:
             raise UserError(
                 f"text_layers={self.text_layers}: the cache holds {dims.text_layers} text "
                 f"layers; choose 1..{dims.text_layers} or rebuild the cache with more layers"
             )
-        if self.dim < 1 or not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dim={self.dim}, dropout={self.dropout}: need dim >= 1, 0 <= dropout < 1")
 
     @property
     def uses_text(self) -> bool:
@@ -58,6 +63,16 @@ class HeadConfig:
     @property
     def uses_image(self) -> bool:
         return self.modalities in ("image", "both")
+
+
+def require_cached(dims: Dims, text: bool, image: bool) -> None:
+    """Raise UserError if the cache lacks a modality the head reads (its size in Dims is 0)."""
+    if text and dims.text_layers == 0:
+        raise UserError("this cache has no text features: train with modalities='image' "
+                        "(or an image head), or extract the data set with a text encoder")
+    if image and dims.image_channels == 0:
+        raise UserError("this cache has no image features: train with modalities='text' "
+                        "(or a text head), or extract the data set with its images")
 
 
 @dataclass

@@ -4,14 +4,15 @@ Each pools its features (mean of the last cached layer's real tokens; global ave
 of the image map), embeds them in the D-dim space and classifies with the SPP-SCL
 classifier MLP. They return those D-dim embeddings as `text` / `image`, so the trainer
 can apply the same SupCon terms (and, for late_concat, the gated step two); the
-HeadConfig fields about HA, CMF and modalities do not apply and are ignored.
+HeadConfig fields about HA, CMF and modalities do not apply and are ignored; each
+baseline reads the modalities its name says.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Batch, Dims, HeadConfig, HeadOutput
+from .base import Batch, Dims, HeadConfig, HeadOutput, require_cached
 from .blocks import classifier, embedding
 from .ragged import segment_mean
 from .registry import register
@@ -33,6 +34,7 @@ class TextOnly(nn.Module):
 
     def __init__(self, dims: Dims, cfg: HeadConfig):
         super().__init__()
+        require_cached(dims, text=True, image=False)
         self.embed = embedding(dims.text_width, cfg.dim, cfg.dropout)
         self.classifier = classifier(cfg.dim, dims.n_classes, cfg.dropout)
 
@@ -48,6 +50,7 @@ class ImageOnly(nn.Module):
 
     def __init__(self, dims: Dims, cfg: HeadConfig):
         super().__init__()
+        require_cached(dims, text=False, image=True)
         self.embed = embedding(dims.image_channels, cfg.dim, cfg.dropout)
         self.classifier = classifier(cfg.dim, dims.n_classes, cfg.dropout)
 
@@ -63,6 +66,7 @@ class LateConcat(nn.Module):
 
     def __init__(self, dims: Dims, cfg: HeadConfig):
         super().__init__()
+        require_cached(dims, text=True, image=True)
         self.embed_t = embedding(dims.text_width, cfg.dim, cfg.dropout)
         self.embed_i = embedding(dims.image_channels, cfg.dim, cfg.dropout)
         self.classifier = classifier(2 * cfg.dim, dims.n_classes, cfg.dropout)

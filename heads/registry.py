@@ -38,5 +38,5 @@ def create(name: str, dims: Dims, cfg: HeadConfig | None = None) -> nn.Module:
     if name not in _HEADS:
         raise UserError(f"unknown head {name!r}; available heads: {', '.join(available())}")
     cfg = cfg if cfg is not None else HeadConfig()
-    cfg.check(dims)
+    cfg.validate()  # the head itself checks dims against what it reads
     return _HEADS[name](dims, cfg)

@@ -280,6 +280,21 @@ def test_bad_config_is_a_user_error(cfg, word):
         create("spp_scl", SMALL, cfg)
 
 
+def test_one_modality_caches():
+    # stage two reports a missing modality as size 0 in Dims
+    image_cache = Dims(text_layers=0, text_width=0, image_channels=16, n_classes=3)
+    text_cache = Dims(text_layers=4, text_width=24, image_channels=0, n_classes=3)
+    create("spp_scl", image_cache, HeadConfig(modalities="image"))
+    create("image_only", image_cache, HeadConfig())
+    create("spp_scl", text_cache, HeadConfig(modalities="text"))
+    create("text_only", text_cache, HeadConfig())
+    for name, dims, word in [("spp_scl", image_cache, "no text"), ("late_concat", image_cache, "no text"),
+                             ("text_only", image_cache, "no text"), ("spp_scl", text_cache, "no image"),
+                             ("image_only", text_cache, "no image")]:
+        with pytest.raises(UserError, match=word):
+            create(name, dims, HeadConfig())
+
+
 def test_register_adds_a_head_without_other_edits():
     @register("test_constant")
     class Constant(nn.Module):
