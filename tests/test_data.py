@@ -202,7 +202,7 @@ def test_image_modality_reads_no_text(tmp_path):
 # --- errors name the fix -----------------------------------------------------------------
 
 def test_no_cache_names_the_extract_command(tmp_path):
-    with pytest.raises(UserError, match=r"no cache for data set 'toy'.*python pipeline\.py extract --dataset toy"):
+    with pytest.raises(UserError, match=r"no cache for data set 'toy'.*python pipeline\.py extract --manifest PATH --name toy"):
         load(tmp_path)
 
 
@@ -219,7 +219,7 @@ def test_unfinished_text_cache_names_the_resumable_extract(tmp_path):
     items = make_items({"train": 4, "dev": 2, "test": 2})
     write_cache(tmp_path, items, items)
     (store.cache_folder(tmp_path, DATASET, store.TEXT, ENC) / "index.json").unlink()
-    with pytest.raises(UserError, match=r"no complete cache .*pipeline\.py extract --dataset toy --text-encoder enc"):
+    with pytest.raises(UserError, match=r"no complete cache .*pipeline\.py extract --manifest PATH --name toy --text-encoder enc"):
         load(tmp_path, "text")
 
 
@@ -229,3 +229,8 @@ def test_a_missing_split_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no dev split"):
         load(tmp_path)
     assert json.loads((tmp_path / DATASET / "dataset.json").read_text())["counts"]["dev"] == 0
+
+
+def test_builtin_data_set_is_named_by_dataset_flag(tmp_path):
+    with pytest.raises(UserError, match=r"python pipeline\.py extract --dataset hfm`"):
+        data.load(tmp_path, "hfm", "text", "minilm", "efficientnet-lite0")

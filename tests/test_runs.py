@@ -269,11 +269,11 @@ def test_cli(trained, tiny_cache, cli, tmp_path, monkeypatch):
     assert "matches metrics.json" in done["eval"].stdout
     assert done["heads"].returncode == 0 and done["heads"].stdout.split() == heads.available()
 
-    one_line_error(done["no cache"], "no cache for data set 'mvsa_x'", "`python pipeline.py extract --dataset mvsa_x`")
+    one_line_error(done["no cache"], "no cache for data set 'mvsa_x'", "`python pipeline.py extract --manifest PATH --name mvsa_x`")
     one_line_error(done["text-only cache"], "no image cache", "pipeline.py extract", "--image-dir",
                    "or train with --modalities text")
     one_line_error(done["rebuilt cache"], "text cache", "differs", "fingerprint",
-                   f"`python pipeline.py extract --dataset {tiny_cache.dataset} --text-encoder minilm`")
+                   "`python pipeline.py extract --dataset mvsa_s --limit 12 --text-encoder minilm`")
     one_line_error(done["not a run"], "is not a run folder", "--run")
     line = one_line_error(done["unknown head"], "unknown head 'sppscl'")
     assert all(name in line for name in heads.available())

@@ -8,6 +8,7 @@ simply absent from a two-modality run (and counted).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,19 @@ class Data:
     dropped: int  # items in the text cache with no image (two-modality runs)
 
 
+def extract_source(dataset: str) -> str:
+    """The `extract` flags that name this data set: a built-in (maybe `--limit`ed) or a manifest."""
+    from extract.datasets import BUILTINS
+
+    limited = re.fullmatch(r"(.+)-first(\d+)", dataset)
+    if limited and limited.group(1) in BUILTINS:
+        return f"--dataset {limited.group(1)} --limit {limited.group(2)}"
+    return f"--dataset {dataset}" if dataset in BUILTINS else f"--manifest PATH --name {dataset}"
+
+
 def _hint(dataset: str, kind: str, encoder: str) -> str:
     flag = "--text-encoder" if kind == store.TEXT else "--image-encoder"
-    base = f"python pipeline.py extract --dataset {dataset} {flag} {encoder}"
+    base = f"python pipeline.py extract {extract_source(dataset)} {flag} {encoder}"
     return base + (" --text-only" if kind == store.TEXT else "")
 
 
@@ -61,7 +72,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
     root = Path(cache_dir) / dataset
     info_file = root / "dataset.json"
     if not info_file.is_file():
-        raise UserError(f"no cache for data set {dataset!r} in {cache_dir}: run `python pipeline.py extract --dataset {dataset}` first")
+        raise UserError(f"no cache for data set {dataset!r} in {cache_dir}: run `python pipeline.py extract {extract_source(dataset)}` first")
     classes = json.loads(info_file.read_text())["classes"]
     prov, text, image = {}, None, None
     if modalities in ("text", "both"):
@@ -74,7 +85,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
         if not (folder / "index.json").is_file():
             raise UserError(
                 f"no image cache for {dataset} with {image_encoder} at {folder}: run "
-                f"`python pipeline.py extract --dataset {dataset} --image-encoder {image_encoder} --image-dir DIR`, "
+                f"`python pipeline.py extract {extract_source(dataset)} --image-encoder {image_encoder} --image-dir DIR`, "
                 "or train with --modalities text"
             )
         prov["image"] = store.open_index(folder, "")["provenance"]

@@ -125,7 +125,7 @@ def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
         if diff:
             raise UserError(
                 f"the {kind} cache in {cfg.cache_dir} differs from the one this run was trained on "
-                f"({', '.join(diff)}): re-extract with `python pipeline.py extract --dataset {cfg.dataset} "
+                f"({', '.join(diff)}): re-extract with `python pipeline.py extract {cache.extract_source(cfg.dataset)} "
                 f"--{kind}-encoder {prov['encoder']}` or pass the right --cache-dir"
             )
     test = data.splits["test"]
