@@ -194,7 +194,9 @@ def main() -> None:
         err.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] finished shards are kept; run the same command again to resume")
+        err.print("[yellow]interrupted:[/] finished work is kept (extract: whole shards; train: whole seeds, "
+                  "in the run folder it printed); run the same command again, for train with --out <run folder>, "
+                  "to resume", highlight=False)
         sys.exit(130)
 
 

@@ -83,7 +83,8 @@ def fresh_head(run: Path, seed: int) -> tuple[torch.nn.Module, TrainConfig]:
 def test_run_folder_holds_the_documented_files(trained):
     run, _, _ = trained
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.json", "metrics.json", "log.csv", "report.txt", *(f"seed-{s}.pt" for s in SEEDS)])
+        ["config.json", "metrics.json", "log.csv", "report.txt", *(f"seed-{s}.pt" for s in SEEDS),
+         *(f"seed-{s}.json" for s in SEEDS)])
 
 
 def test_config_json_records_config_provenance_and_commit(trained, tiny_cache):
@@ -179,6 +180,37 @@ def test_report_has_each_seed_and_a_line_per_class(trained):
 
 
 # --- eval ------------------------------------------------------------------------------
+
+def test_train_resumes_an_interrupted_run_per_seed(trained, tmp_path):
+    """Seed 1 finished, seed 2 was cut off: the same command trains seed 2 only and the
+    run folder ends as an uninterrupted run's (log rows of the cut seed start over)."""
+    run, cfg, _ = trained
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    (again / "seed-2.json").unlink()  # seed 2 never finished
+    with open(again / "log.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["2", "99", "0", "0", "0", "0", "0", "0", "0", "0", "0"])  # its half-written log
+    calls = []
+
+    def count(cfg_, data, seed, *a, **kw):
+        calls.append(seed)
+        return trainer.train_seed(cfg_, data, seed, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "train_seed", count)
+        runs.train(TrainConfig.from_json({**cfg.to_json(), "out": str(again)}), quiet_console())
+    assert calls == [2]
+    before, after = read_json(run / "metrics.json"), read_json(again / "metrics.json")
+    assert after["per_seed"] == before["per_seed"] and after["test"] == before["test"]
+    assert [(r["seed"], r["epoch"]) for r in read_log(again)[1]] == [(r["seed"], r["epoch"]) for r in read_log(run)[1]]
+
+
+def test_train_refuses_a_folder_of_another_run(trained, tmp_path):
+    run, cfg, _ = trained
+    other = TrainConfig.from_json({**cfg.to_json(), "alpha": 0.5})
+    with pytest.raises(UserError, match=r"holds a run with other settings \(alpha\)"):
+        runs.train(other, quiet_console())
+
 
 def test_evaluate_recomputes_the_recorded_test_metrics(trained):
     run, _, _ = trained

@@ -13,7 +13,7 @@ import csv
 import json
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -48,23 +48,31 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     data = load_data(cfg)
     build_head(cfg, data)  # a bad --head or --text-layers fails here, before a run folder is written
     out = Path(cfg.out or DEFAULT_RUNS / f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = replace(cfg, out=out)
+    done = finished_seeds(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {s: len(v) for s, v in data.splits.items()}
     console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
-                  + (f" ({data.dropped} items without image left out)" if data.dropped else ""))
+                  + (f" ({data.dropped} items without image left out)" if data.dropped else "")
+                  + (f"; resuming {out}, seeds {sorted(done)} already done" if done else ""))
     (out / "config.json").write_text(json.dumps({
         "train": cfg.to_json(), "provenance": data.provenance, "dims": asdict(data.dims),
         "classes": data.classes, "sizes": sizes, "git_commit": git_commit(), "device": str(device()),
     }, indent=1))
+    kept = _log_rows(out / "log.csv", done)
     results: list[SeedResult] = []
     with open(out / "log.csv", "w", newline="") as f, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"), console=console,
     ) as progress:
         writer = csv.writer(f)
-        writer.writerow(["seed", "epoch", "lr", "loss_ce", "loss_intra", "loss_step_two", "step_two_rate",
-                         "seconds", *(f"dev_{m}" for m in METRICS)])
+        writer.writerow(LOG_HEADER)
+        writer.writerows(kept)
         for seed in cfg.seeds:
+            if seed in done:
+                progress.add_task(f"seed {seed}", total=cfg.epochs, completed=cfg.epochs, status="done earlier")
+                results.append(done[seed])
+                continue
             task = progress.add_task(f"seed {seed}", total=cfg.epochs, status="")
             best = {"v": -1.0, "e": 0}
 
@@ -82,6 +90,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
 
             r = train_seed(cfg, data, seed, on_epoch)
             torch.save(r.state, out / f"seed-{seed}.pt")
+            (out / f"seed-{seed}.json").write_text(json.dumps(  # written last: marks the seed as done
+                {k: getattr(r, k) for k in ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred")}))
             results.append(r)
     metrics = summarize(cfg, results)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -93,6 +103,41 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     metrics["wall_seconds"] = time.time() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return out
+
+
+LOG_HEADER = ["seed", "epoch", "lr", "loss_ce", "loss_intra", "loss_step_two", "step_two_rate", "seconds",
+              *(f"dev_{m}" for m in METRICS)]
+
+
+def finished_seeds(out: Path, cfg: TrainConfig) -> dict[int, SeedResult]:
+    """Seeds a previous, interrupted `train --out` of the same configuration completed.
+
+    Resuming is per seed: a seed is done once its checkpoint and `seed-<s>.json` exist.
+    A folder that holds another configuration is refused rather than mixed.
+    """
+    config = out / "config.json"
+    if not config.is_file():
+        return {}
+    before = json.loads(config.read_text()).get("train", {})
+    now = cfg.to_json()
+    diff = [k for k in now if k != "out" and before.get(k) != now[k]]
+    if diff:
+        raise UserError(f"{out} holds a run with other settings ({', '.join(diff)}): "
+                        "pass another --out, or the same options to resume it")
+    done = {}
+    for seed in cfg.seeds:
+        js, pt = out / f"seed-{seed}.json", out / f"seed-{seed}.pt"
+        if js.is_file() and pt.is_file():
+            done[seed] = SeedResult(state={}, log=[], **json.loads(js.read_text()))
+    return done
+
+
+def _log_rows(path: Path, done: dict) -> list[list[str]]:
+    """Rows of the finished seeds from an earlier log (an unfinished seed starts over)."""
+    if not done or not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [row for row in list(csv.reader(f))[1:] if row and int(row[0]) in done]
 
 
 def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
