@@ -264,3 +264,16 @@ def test_dataset_info_and_problems_csv(tmp_path):
     with open(tmp_path / "toy" / "problems.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows == [["id", "stage", "reason"], ["7", "image", "unreadable image 7.jpg: bad, comma"]]
+
+
+def test_image_maps_load_channels_last(tmp_path):
+    """The loader hands maps over in the layout the heads' 1x1 convolution is fastest on."""
+    st = store
+    prov = st.Provenance(st.IMAGE, "enc", "fp", "{}", "toy", "h", 1)
+    maps = np.random.default_rng(0).random((3, 5, 2, 2)).astype(np.float16)
+    st.prepare(tmp_path, prov, force=False)
+    st.write_image_shard(tmp_path / st.shard_name(0, 1), prov, ["a", "b", "c"], [0, 1, 0], ["train"] * 3, maps)
+    st.finish(tmp_path, prov)
+    got = st.load_image(tmp_path)["train"].maps
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, torch.from_numpy(maps))
