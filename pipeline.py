@@ -128,6 +128,7 @@ def train(
     no_clm: bool = typer.Option(False, "--no-clm", help="ablation: no cross-modal contrastive loss"),
     no_intra: bool = typer.Option(False, "--no-intra", help="ablation: no intra-modal SupCon (L_cli, L_clt)"),
     supcon_official: bool = typer.Option(False, "--supcon-official", help="SupCon as the official code (self logit 0)"),
+    balanced: bool = typer.Option(False, "--balanced", help="weight cross-entropy by inverse class frequency (not in the paper)"),
     text_layers: int = typer.Option(4, min=1, help="hierarchical attention over the last k cached layers"),
     no_ha: bool = typer.Option(False, "--no-ha", help="ablation: last layer only, no hierarchical attention"),
     no_cmf: bool = typer.Option(False, "--no-cmf", help="ablation: concatenate instead of cross-modal fusion"),
@@ -143,7 +144,7 @@ def train(
         dataset=dataset, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder, head=head,
         modalities=modalities.value, epochs=epochs, seeds=_seeds(seeds), batch_size=batch_size, lr=lr,
         lr_step=lr_step, weight_decay=weight_decay, lambda_ce=lambda_ce, alpha=alpha, temperature=temperature,
-        two_step=not one_step, clm=not no_clm, intra=not no_intra, supcon_official=supcon_official,
+        two_step=not one_step, clm=not no_clm, intra=not no_intra, supcon_official=supcon_official, balanced=balanced,
         text_layers=text_layers, hierarchical_attention=not no_ha, cmf=not no_cmf, cmf_scope=cmf_scope.value,
         select=select.value if select else None, out=out,
     )

@@ -94,22 +94,30 @@ def offline_encoders():
 
 
 MEMORY_CHILD = """
-import resource, sys, time, json
+import sys, time, json
 sys.path.insert(0, {root!r})
+
+
+def hwm():
+    # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+
+
 import torch
 from train.config import TrainConfig
 from train.runs import load_data
 from train.trainer import train_seed
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 cfg = TrainConfig(dataset="hfm", cache_dir={cache!r}, modalities="text", epochs=1, seeds=(1,)).resolved()
 t0 = time.perf_counter()
 data = load_data(cfg)
 load = time.perf_counter() - t0
-after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after_load = hwm()
 logs = []
 train_seed(cfg, data, 1, logs.append)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"rss_after_imports": base, "peak_rss_after_load": after_load, "peak_rss": peak,
+print(json.dumps({{"rss_after_imports": base, "peak_rss_after_load": after_load, "peak_rss": hwm(),
                    "load_seconds": load, "epoch_seconds": logs[0].seconds,
                    "items": sum(len(s) for s in data.splits.values())}}))
 """

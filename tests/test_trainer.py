@@ -305,3 +305,27 @@ def test_same_seed_same_run_other_seed_other_run(tiny_cache, tiny_data):
     strip = [(log.lr, log.loss_ce, log.loss_intra, log.loss_step_two, log.step_two_rate, log.dev) for log in a.log]
     assert strip == [(log.lr, log.loss_ce, log.loss_intra, log.loss_step_two, log.step_two_rate, log.dev) for log in b.log]
     assert not all(torch.equal(a.state[k], c.state[k]) for k in a.state)
+
+
+# --- class weighting (--balanced) ----------------------------------------------------------
+
+def test_class_weights_are_inverse_frequency():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])  # 3, 1, 2 of 3 classes, 6 items
+    torch.testing.assert_close(trainer.class_weights(labels, 3), torch.tensor([6 / 9, 6 / 3, 6 / 6]))
+    # a class absent from train gets the weight of a class seen once, not a division by zero
+    torch.testing.assert_close(trainer.class_weights(torch.tensor([0, 0]), 2), torch.tensor([1 / 2, 1.0]))
+
+
+def test_balanced_weights_the_cross_entropy(tiny_cache, tiny_data):
+    cfg = tiny_config(tiny_cache, None).resolved()
+    batch = tiny_data.splits["train"].batch(torch.arange(8))
+    head = trainer.build_head(cfg, tiny_data).eval()
+    out = head(batch)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])  # three classes (the tiny split has one)
+    weight = torch.tensor([1.0, 3.0, 0.5])
+    _, plain, _ = trainer.step_one_loss(cfg, out, y)
+    _, weighted, _ = trainer.step_one_loss(cfg, out, y, weight)
+    per_item = torch.nn.functional.cross_entropy(out.logits, y, reduction="none")
+    assert weighted == pytest.approx(float((weight[y] * per_item).sum() / weight[y].sum()))
+    assert plain == pytest.approx(float(per_item.mean())) and weighted != pytest.approx(plain)
+    trainer.train_seed(replace(cfg, balanced=True), tiny_data, seed=1)  # runs end to end

@@ -57,6 +57,7 @@ class TrainConfig:
     clm: bool = True  # cross-modal loss at all
     intra: bool = True  # SupCon within each modality (L_cli, L_clt)
     supcon_official: bool = False
+    balanced: bool = False  # cross-entropy weighted by inverse class frequency (not in the paper)
     text_layers: int = 4
     hierarchical_attention: bool = True
     cmf: bool = True

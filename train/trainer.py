@@ -80,8 +80,14 @@ def predict(head: torch.nn.Module, split: Split, batch_size: int, dev: torch.dev
     return torch.cat(out).numpy()
 
 
-def step_one_loss(cfg: TrainConfig, out, y) -> tuple[torch.Tensor, float, float]:
-    ce = F.cross_entropy(out.logits, y)
+def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so a balanced split gets weight 1 everywhere."""
+    counts = torch.bincount(labels, minlength=n_classes).clamp(min=1).float()
+    return len(labels) / (n_classes * counts)
+
+
+def step_one_loss(cfg: TrainConfig, out, y, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
+    ce = F.cross_entropy(out.logits, y, weight=weight)
     intra = sum(
         (supcon(z, y, cfg.temperature, official=cfg.supcon_official) for z in (out.text, out.image) if z is not None),
         torch.zeros((), device=y.device),
@@ -102,6 +108,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     train, dev_split = data.splits["train"], data.splits["dev"]
     g = torch.Generator().manual_seed(seed)
     n_classes = data.dims.n_classes
+    weight = class_weights(train.labels, n_classes).to(dev) if cfg.balanced else None
     best, logs, fired_total, batches_total = None, [], 0, 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
@@ -116,7 +123,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
             batch = train.batch(idx).to(dev)
             y = batch.labels
             out = head(batch)
-            loss, ce, intra = step_one_loss(cfg, out, y)
+            loss, ce, intra = step_one_loss(cfg, out, y, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
