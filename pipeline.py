@@ -68,7 +68,8 @@ def extract(
         seed=seed, limit=limit,
     )
     s = run(cfg, console)
-    table = Table(title=f"cache {s.dataset} ({s.seconds:.0f} s)")
+    console.print(f"cache {s.dataset}: done in {s.seconds:.0f} s", highlight=False)
+    table = Table()
     for col in ("split", "items"):
         table.add_column(col)
     for split, n in s.counts.items():

@@ -152,8 +152,10 @@ def _plan(folder: Path, prov: store.Provenance, force: bool, rank: int, world: i
 
 
 def _task(progress: Progress, label: str, shards, todo, unit: str):
-    total = sum(len(s) for k, s in enumerate(shards) if k in set(todo)) if todo else 0
-    return progress.add_task(label, total=max(total, 1), completed=0 if todo else 1, rate=f"0 {unit}/s")
+    if not todo:  # every shard of this process is on disk already
+        return progress.add_task(f"{label} (cached)", total=1, completed=1, rate="")
+    total = sum(len(s) for k, s in enumerate(shards) if k in set(todo))
+    return progress.add_task(label, total=total, rate=f"0 {unit}/s")
 
 
 def _extract_text(cfg, ds, root, rank, world, progress, timing) -> tuple[int, tuple[Path, bool]]:
