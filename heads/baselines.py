@@ -28,36 +28,38 @@ def pooled_image(batch: Batch):
     return batch.maps.mean(dim=(2, 3))
 
 
-@register("text_only")
-class TextOnly(nn.Module):
-    """Pooled text -> D-dim embedding -> classifier."""
+class _OneModality(nn.Module):
+    """Pooled features of one modality -> D-dim embedding -> classifier."""
+
+    modality = ""  # "text" or "image", set by the registered subclasses
 
     def __init__(self, dims: Dims, cfg: HeadConfig):
         super().__init__()
-        require_cached(dims, text=True, image=False)
-        self.embed = embedding(dims.text_width, cfg.dim, cfg.dropout)
+        text = self.modality == "text"
+        require_cached(dims, text=text, image=not text)
+        width = dims.text_width if text else dims.image_channels
+        self.embed = embedding(width, cfg.dim, cfg.dropout)
         self.classifier = classifier(cfg.dim, dims.n_classes, cfg.dropout)
 
     def forward(self, batch: Batch) -> HeadOutput:
-        batch.require(text=True, image=False)
-        t = self.embed(pooled_text(batch))
-        return HeadOutput(logits=self.classifier(t), text=t)
+        text = self.modality == "text"
+        batch.require(text=text, image=not text)
+        z = self.embed(pooled_text(batch) if text else pooled_image(batch))
+        return HeadOutput(logits=self.classifier(z), **{self.modality: z})
+
+
+@register("text_only")
+class TextOnly(_OneModality):
+    """Pooled text -> D-dim embedding -> classifier."""
+
+    modality = "text"
 
 
 @register("image_only")
-class ImageOnly(nn.Module):
+class ImageOnly(_OneModality):
     """Pooled image map -> D-dim embedding -> classifier."""
 
-    def __init__(self, dims: Dims, cfg: HeadConfig):
-        super().__init__()
-        require_cached(dims, text=False, image=True)
-        self.embed = embedding(dims.image_channels, cfg.dim, cfg.dropout)
-        self.classifier = classifier(cfg.dim, dims.n_classes, cfg.dropout)
-
-    def forward(self, batch: Batch) -> HeadOutput:
-        batch.require(text=False, image=True)
-        i = self.embed(pooled_image(batch))
-        return HeadOutput(logits=self.classifier(i), image=i)
+    modality = "image"
 
 
 @register("late_concat")
