@@ -326,6 +326,6 @@ def test_balanced_weights_the_cross_entropy(tiny_cache, tiny_data):
     _, plain, _ = trainer.step_one_loss(cfg, out, y)
     _, weighted, _ = trainer.step_one_loss(cfg, out, y, weight)
     per_item = torch.nn.functional.cross_entropy(out.logits, y, reduction="none")
-    assert weighted == pytest.approx(float((weight[y] * per_item).sum() / weight[y].sum()))
-    assert plain == pytest.approx(float(per_item.mean())) and weighted != pytest.approx(plain)
+    assert weighted == pytest.approx(((weight[y] * per_item).sum() / weight[y].sum()).item())
+    assert plain == pytest.approx(per_item.mean().item()) and weighted != pytest.approx(plain)
     trainer.train_seed(replace(cfg, balanced=True), tiny_data, seed=1)  # runs end to end
