@@ -94,7 +94,6 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
                 {k: getattr(r, k) for k in ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred")}))
             results.append(r)
     metrics = summarize(cfg, results)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "report.txt").write_text("".join(
         f"seed {r.seed} (best dev epoch {r.best_epoch}), test\n"
         + report(data.splits["test"].labels.numpy(), r.test_pred, data.classes) + "\n"
