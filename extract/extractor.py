@@ -113,11 +113,11 @@ def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:
-        summary.text_items, done_t = _extract_text(cfg, ds, root, rank, world, progress, summary.work_seconds)
+        summary.text_items, done_t = _extract_text(cfg, ds, rank, world, progress, summary.work_seconds)
         summary.folders["text"] = str(done_t[0])
         complete = done_t[1]
         if not cfg.text_only:
-            summary.image_items, done_i = _extract_image(cfg, ds, with_images, root, rank, world, progress, console,
+            summary.image_items, done_i = _extract_image(cfg, ds, with_images, rank, world, progress, console,
                                                          summary.work_seconds)
             summary.folders["image"] = str(done_i[0])
             complete = complete and done_i[1]
@@ -158,7 +158,7 @@ def _task(progress: Progress, label: str, shards, todo, unit: str):
     return progress.add_task(label, total=total, rate=f"0 {unit}/s")
 
 
-def _extract_text(cfg, ds, root, rank, world, progress, timing) -> tuple[int, tuple[Path, bool]]:
+def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Path, bool]]:
     shards = _shards(ds.items, cfg.shard_size)
     enc = create_text_encoder(cfg.text_encoder, cfg.text_layers, cfg.max_length, cfg.random_weights)
     prov = store.Provenance(
@@ -222,7 +222,7 @@ class _ImageBatches(torch.utils.data.Dataset):
         return good, x, bad
 
 
-def _extract_image(cfg, ds, items, root, rank, world, progress, console, timing) -> tuple[int, tuple[Path, bool]]:
+def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tuple[int, tuple[Path, bool]]:
     shards = _shards(items, cfg.shard_size)
     enc = create_image_encoder(cfg.image_encoder, cfg.random_weights, cfg.image_weights)
     prov = store.Provenance(
