@@ -157,24 +157,25 @@ def test_segment_mean():
 # --- CMF scope -----------------------------------------------------------------------
 
 
-def test_sample_scope_logits_do_not_depend_on_the_batch():
+def logits_alone_and_together(scope: str):
+    """(head, batch, logits of each sample run alone, logits of the whole batch), eval mode."""
     batch = make_batch(SMALL, [4, 2, 7, 3], seed=3)
-    head = trained_eval_head("spp_scl", SMALL, HeadConfig(cmf_scope="sample"), batch)
+    head = trained_eval_head("spp_scl", SMALL, HeadConfig(cmf_scope=scope), batch)
     with torch.no_grad():
-        together = head(batch).logits
         alone = torch.cat([head(sub_batch(batch, [i])).logits for i in range(4)])
+        return head, batch, alone, head(batch).logits
+
+
+def test_sample_scope_logits_do_not_depend_on_the_batch():
+    _, _, alone, together = logits_alone_and_together("sample")
     assert torch.allclose(alone, together, atol=1e-5)
 
 
 def test_batch_scope_logits_depend_on_the_batch():
-    batch = make_batch(SMALL, [4, 2, 7, 3], seed=3)
-    head = trained_eval_head("spp_scl", SMALL, HeadConfig(cmf_scope="batch"), batch)
-    with torch.no_grad():
-        together = head(batch).logits
-        alone = torch.cat([head(sub_batch(batch, [i])).logits for i in range(4)])
-        # the embeddings the losses see are per-sample in both scopes
-        assert torch.allclose(head(sub_batch(batch, [0])).text[0], head(batch).text[0], atol=1e-5)
+    head, batch, alone, together = logits_alone_and_together("batch")
     assert not torch.allclose(alone, together, atol=1e-3)
+    with torch.no_grad():  # the embeddings the losses see are per-sample in both scopes
+        assert torch.allclose(head(sub_batch(batch, [0])).text[0], head(batch).text[0], atol=1e-5)
 
 
 # --- ablations -----------------------------------------------------------------------
