@@ -27,14 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.device import device
 from core.errors import UserError
 
 DEFAULT_TEXT = "minilm"
 DEFAULT_IMAGE = "efficientnet-lite0"
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fingerprint(module: torch.nn.Module) -> str:

@@ -20,6 +20,7 @@ import torch
 
 import heads
 from core import store
+from core.device import device
 from core.errors import UserError
 from train import runs, trainer
 from train.config import METRICS, TrainConfig
@@ -158,7 +159,7 @@ def test_checkpoint_round_trip_gives_the_same_predictions(trained):
         assert all(torch.equal(saved[k], r.state[k]) for k in saved)
         head, cfg = fresh_head(run, r.seed)
         test = runs.load_data(cfg).splits["test"]
-        pred = trainer.predict(head, test, cfg.batch_size, trainer.device())
+        pred = trainer.predict(head, test, cfg.batch_size, device())
         assert pred.tolist() == r.test_pred
         assert scores(test.labels.numpy(), pred, 3) == r.test
 

@@ -20,12 +20,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from core.device import device
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, REPO
 from train import data as cache
 from train.config import METRICS, TrainConfig
 from train.metrics import mean_std, report, scores
-from train.trainer import SeedResult, build_head, device, predict, train_seed
+from train.trainer import SeedResult, build_head, predict, train_seed
 
 
 def git_commit() -> str:

@@ -19,15 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import heads
+from core.device import device
 from heads.base import HeadConfig
 from heads.losses import cross_supcon, should_pull, supcon
 from train.config import TrainConfig
 from train.data import Data, Split
 from train.metrics import scores
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def head_config(cfg: TrainConfig) -> HeadConfig:
