@@ -191,15 +191,22 @@ class ImageEncoder:
         self._std = np.array(self.std, np.float32).reshape(3, 1, 1)
 
     @property
+    def resize(self) -> int:
+        """Short side before the crop: 256 for a 224 crop, as torchvision's evaluation transform."""
+        return round(self.size * 256 / 224)
+
+    @property
     def preprocessing(self) -> str:
-        # Paper: Resize((224, 224)), no crop: the whole picture is seen, squashed.
-        return json.dumps({"resize": [self.size, self.size], "mode": "squash bilinear",
+        # Official code and torchvision eval: Resize(256) (short side), CenterCrop(224), ImageNet mean/std.
+        return json.dumps({"resize_short_side": self.resize, "center_crop": self.size, "mode": "bilinear antialias",
                            "mean": self.mean, "std": self.std}, sort_keys=True)
 
     def load(self, path: Path) -> np.ndarray:
-        """Decode, resize and normalise one image; raises on a corrupt or truncated file."""
+        """Decode, resize the short side, center-crop and normalise; raises on a corrupt or truncated file."""
+        from torchvision.transforms import functional as TF
+
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+            im = TF.center_crop(TF.resize(im.convert("RGB"), self.resize, antialias=True), self.size)
         x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return (x - self._mean) / self._std
 
