@@ -115,39 +115,54 @@ def train(
     text_encoder: str = typer.Option("minilm", help="which text cache to read"),
     image_encoder: str = typer.Option("efficientnet-lite0", help="which image cache to read"),
     head: str = typer.Option("spp_scl", help="registered head (see `pipeline.py heads`)"),
-    modalities: Modalities = typer.Option(Modalities.both),
+    set_: list[str] = typer.Option([], "--set", help="head config field, key=value (repeatable; `pipeline.py heads` lists them)"),
+    modalities: Optional[Modalities] = typer.Option(None, help="SPP-SCL: text, image or both [default: both]"),
     epochs: int = typer.Option(150, min=1),
     seeds: str = typer.Option("1,2,3,4,5", help="comma-separated; results are mean/std over them"),
     batch_size: Optional[int] = typer.Option(None, min=2, help="[default: 64 MVSA-S, 128 MVSA-M, 256 HFM]"),
     lr: Optional[float] = typer.Option(None, help="[default: 1e-4, HFM 5e-5]"),
     lr_step: Optional[int] = typer.Option(None, min=1, help="StepLR step [default: 10 MVSA-S, 15 MVSA-M, 5 HFM]"),
     weight_decay: float = typer.Option(1e-6),
-    lambda_ce: Optional[float] = typer.Option(None, help="weight of cross-entropy [default: 5, HFM 10]"),
-    alpha: float = typer.Option(2 / 3, help="step-two gate: pull when c < alpha * c_mask"),
-    temperature: float = typer.Option(0.07),
-    one_step: bool = typer.Option(False, "--one-step", help="ablation: L_clm in step one every batch, no gated step"),
-    no_clm: bool = typer.Option(False, "--no-clm", help="ablation: no cross-modal contrastive loss"),
-    no_intra: bool = typer.Option(False, "--no-intra", help="ablation: no intra-modal SupCon (L_cli, L_clt)"),
+    lambda_ce: Optional[float] = typer.Option(None, help="SPP-SCL: weight of cross-entropy [default: 5, HFM 10]"),
+    alpha: Optional[float] = typer.Option(None, help="SPP-SCL step-two gate: pull when c < alpha * c_mask [default: 2/3]"),
+    temperature: Optional[float] = typer.Option(None, help="SPP-SCL SupCon temperature [default: 0.07]"),
+    one_step: bool = typer.Option(False, "--one-step", help="SPP-SCL ablation: L_clm in step one every batch, no gated step"),
+    no_clm: bool = typer.Option(False, "--no-clm", help="SPP-SCL ablation: no cross-modal contrastive loss"),
+    no_intra: bool = typer.Option(False, "--no-intra", help="SPP-SCL ablation: no intra-modal SupCon (L_cli, L_clt)"),
     supcon_official: bool = typer.Option(False, "--supcon-official", help="SupCon as the official code (self logit 0)"),
     balanced: bool = typer.Option(False, "--balanced", help="weight cross-entropy by inverse class frequency (not in the paper)"),
-    text_layers: int = typer.Option(4, min=1, help="hierarchical attention over the last k cached layers"),
-    no_ha: bool = typer.Option(False, "--no-ha", help="ablation: last layer only, no hierarchical attention"),
-    no_cmf: bool = typer.Option(False, "--no-cmf", help="ablation: concatenate instead of cross-modal fusion"),
-    cmf_scope: Scope = typer.Option(Scope.batch, help="batch: attention across the batch (paper); sample: per item"),
+    text_layers: Optional[int] = typer.Option(None, min=1, help="SPP-SCL: hierarchical attention over the last k cached layers [default: 4]"),
+    no_ha: bool = typer.Option(False, "--no-ha", help="SPP-SCL ablation: last layer only, no hierarchical attention"),
+    no_cmf: bool = typer.Option(False, "--no-cmf", help="SPP-SCL ablation: concatenate instead of cross-modal fusion"),
+    cmf_scope: Optional[Scope] = typer.Option(None, help="SPP-SCL: batch = attention across the batch (paper); sample = per item"),
+    official: bool = typer.Option(False, "--official", help="the authors' training step exactly (SPEC.md; listed in config.json)"),
+    eval_orders: int = typer.Option(5, min=1, help="test is the mean over this many seeded random orders (label-blind)"),
     select: Optional[Metric] = typer.Option(None, help="dev metric that picks the epoch [default: weighted_f1, HFM macro_f1]"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<time>]"),
 ):
-    """Train a head from the cache: two-step SPP-SCL update, dev-selected, mean/std over seeds."""
+    """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds."""
+    import heads
     from train.config import TrainConfig
     from train.runs import train as run_train
 
+    # the documented SPP-SCL flags are shorthands for its config fields; --set reaches any field of any head
+    flags = {"modalities": modalities.value if modalities else None, "lambda_ce": lambda_ce, "alpha": alpha,
+             "temperature": temperature, "text_layers": text_layers, "cmf_scope": cmf_scope.value if cmf_scope else None,
+             "two_step": False if one_step else None, "clm": False if no_clm else None,
+             "intra": False if no_intra else None, "supcon_official": True if supcon_official else None,
+             "hierarchical_attention": False if no_ha else None, "cmf": False if no_cmf else None}
+    values = {k: v for k, v in flags.items() if v is not None}
+    fields = {f for f, *_ in heads.describe(head)}
+    wrong = sorted(set(values) - fields)
+    if wrong:
+        raise UserError(f"head {head!r} has no option {', '.join(wrong)}: those flags are SPP-SCL's; "
+                        f"its fields are {', '.join(sorted(fields))} (set them with --set key=value)")
+    values.update(heads.parse_sets(head, set_))
     cfg = TrainConfig(
         dataset=dataset, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder, head=head,
-        modalities=modalities.value, epochs=epochs, seeds=_seeds(seeds), batch_size=batch_size, lr=lr,
-        lr_step=lr_step, weight_decay=weight_decay, lambda_ce=lambda_ce, alpha=alpha, temperature=temperature,
-        two_step=not one_step, clm=not no_clm, intra=not no_intra, supcon_official=supcon_official, balanced=balanced,
-        text_layers=text_layers, hierarchical_attention=not no_ha, cmf=not no_cmf, cmf_scope=cmf_scope.value,
-        select=select.value if select else None, out=out,
+        head_config=heads.build_config(head, values), epochs=epochs, seeds=_seeds(seeds), batch_size=batch_size,
+        lr=lr, lr_step=lr_step, weight_decay=weight_decay, balanced=balanced, official=official,
+        eval_orders=eval_orders, select=select.value if select else None, out=out,
     )
     run = run_train(cfg, console)
     _show(json.loads((run / "metrics.json").read_text()), f"{run}")
@@ -158,9 +173,11 @@ def _show(metrics: dict, title: str) -> None:
     table.add_column("split")
     for m in ("accuracy", "weighted_f1", "macro_f1"):
         table.add_column(m)
-    for split in ("dev", "test"):
-        if split in metrics:
-            table.add_row(split, *(f"{metrics[split][m]['mean']:.4f} ± {metrics[split][m]['std']:.4f}"
+    rows = {"dev": "dev", "test": "test (label-blind)", "leak_check": "test in file order (leak check)",
+            "last_epoch_test": "test, last epoch (official protocol)"}
+    for key, label in rows.items():
+        if key in metrics:
+            table.add_row(label, *(f"{metrics[key][m]['mean']:.4f} ± {metrics[key][m]['std']:.4f}"
                                    for m in ("accuracy", "weighted_f1", "macro_f1")))
     console.print(table)
 
@@ -183,10 +200,16 @@ def evaluate(
 
 @app.command("heads")
 def list_heads():
-    """List the registered heads."""
+    """List the registered heads with their config fields (set any with `train --set key=value`)."""
     import heads
 
-    console.print("\n".join(heads.available()))
+    for name in heads.available():
+        table = Table(title=f"{name}  (reads {', '.join(heads.config_class(name)().reads())})", title_justify="left")
+        for col in ("field", "type", "default", "help"):
+            table.add_column(col)
+        for row in heads.describe(name):
+            table.add_row(*row)
+        console.print(table)
 
 
 def main() -> None:

@@ -122,3 +122,64 @@ def tiny_cache(tmp_path_factory, data_root) -> TinyCache:
         image=store.cache_folder(cfg.cache_dir, name, store.IMAGE, cfg.image_encoder),
         text_encoder=cfg.text_encoder, image_encoder=cfg.image_encoder, config=cfg, summary=summary,
     )
+
+
+# --- a synthetic multi-class cache --------------------------------------------------------
+
+@dataclass(frozen=True)
+class SynthCache:
+    """A tiny cache of 3 classes, written with core/store.py: every split holds every class,
+    stored sorted by label as the shipped split files are, with features that carry the label
+    (so a head can learn it and a label mix-up shows)."""
+
+    cache_dir: Path
+    dataset: str
+    text_encoder: str
+    image_encoder: str
+    sizes: dict
+
+
+SYNTH_SIZES = {"train": 36, "dev": 18, "test": 18}
+SYNTH_CLASSES = ["positive", "neutral", "negative"]
+
+
+def write_synth_cache(cache_dir: Path, dataset: str = "synth", sizes: dict | None = None, seed: int = 0,
+                      layers: int = 4, width: int = 16, channels: int = 8) -> SynthCache:
+    import numpy as np
+
+    sizes = sizes or SYNTH_SIZES
+    rng = np.random.default_rng(seed)
+    root = Path(cache_dir) / dataset
+    text_dir = store.cache_folder(cache_dir, dataset, store.TEXT, "synth-text")
+    image_dir = store.cache_folder(cache_dir, dataset, store.IMAGE, "synth-image")
+    ids, labels, splits = [], [], []
+    for split, n in sizes.items():
+        y = np.sort(np.arange(n) % len(SYNTH_CLASSES))  # sorted by label, like the shipped files
+        ids += [f"{split}-{i}" for i in range(n)]
+        labels += y.tolist()
+        splits += [split] * n
+    labels = np.array(labels)
+    n = len(ids)
+    lengths = rng.integers(2, 7, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    signal = np.eye(len(SYNTH_CLASSES), width)[labels] * 1.5  # the label, visible in the features
+    cls = rng.normal(size=(n, layers, width)) + signal[:, None, :]
+    tokens = rng.normal(size=(offsets[-1], layers, width)) + np.repeat(signal, lengths, axis=0)[:, None, :]
+    maps = np.abs(rng.normal(size=(n, channels, 2, 2)) + np.eye(len(SYNTH_CLASSES), channels)[labels][:, :, None, None])
+    for kind, folder, name in ((store.TEXT, text_dir, "synth-text"), (store.IMAGE, image_dir, "synth-image")):
+        folder.mkdir(parents=True, exist_ok=True)
+        prov = store.Provenance(kind, name, "synthetic", "{}", dataset, f"seed{seed}", 1,
+                                layers if kind == store.TEXT else 0, 32 if kind == store.TEXT else 0)
+        path = folder / store.shard_name(0, 1)
+        if kind == store.TEXT:
+            store.write_text_shard(path, prov, ids, labels, splits, cls, tokens, offsets)
+        else:
+            store.write_image_shard(path, prov, ids, labels, splits, maps)
+        assert store.finish(folder, prov)
+    store.write_dataset_info(root, {"classes": SYNTH_CLASSES, "counts": sizes}, [])
+    return SynthCache(Path(cache_dir), dataset, "synth-text", "synth-image", dict(sizes))
+
+
+@pytest.fixture(scope="session")
+def synth_cache(tmp_path_factory) -> SynthCache:
+    return write_synth_cache(tmp_path_factory.mktemp("synth") / "cache")

@@ -89,15 +89,15 @@ def test_cross_supcon_matches_formula_on_random_batch():
     norm = lambda v: [x / math.sqrt(sum(c * c for c in v)) for x in v]  # noqa: E731
     ii, tt = [norm(r) for r in img.tolist()], [norm(r) for r in txt.tolist()]
     total = 0.0
-    for i in range(5):
-        sim = [sum(a * b for a, b in zip(ii[i], tt[j])) / 0.3 for j in range(5)]
+    for i in range(5):  # Eq. 7, L_clm(T, I, y): text i is the anchor, against every image j
+        sim = [sum(a * b for a, b in zip(tt[i], ii[j])) / 0.3 for j in range(5)]
         den = sum(math.exp(s) for s in sim)  # all j, the pair itself included
         pos = [j for j in range(5) if y[j] == y[i]]  # diagonal included
         total += sum(math.log(math.exp(sim[p]) / den) for p in pos) / len(pos)
-    got = cross_supcon(img, txt, torch.tensor(y), 0.3).item()
+    got = cross_supcon(txt, img, torch.tensor(y), 0.3).item()
     assert got == pytest.approx(-total / 5, rel=1e-10)
-    # anchors are images: swapping the modalities is a different loss
-    assert cross_supcon(txt, img, torch.tensor(y), 0.3).item() != pytest.approx(got)
+    # anchors are texts: swapping the modalities is a different loss
+    assert cross_supcon(img, txt, torch.tensor(y), 0.3).item() != pytest.approx(got)
 
 
 def test_gate_opens_when_pairs_do_not_stand_out():

@@ -29,8 +29,8 @@ from train.metrics import scores
 from conftest import quiet_console
 
 SEEDS, EPOCHS = (1, 2), 2
-LOG_HEADER = ["seed", "epoch", "lr", "loss_ce", "loss_intra", "loss_step_two", "step_two_rate", "seconds",
-              "dev_accuracy", "dev_weighted_f1", "dev_macro_f1"]
+LOG_HEAD, LOG_TAIL = ["seed", "epoch", "lr"], ["step_two_rate", "seconds", "dev_accuracy", "dev_weighted_f1",
+                                                "dev_macro_f1"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,9 +119,11 @@ def test_metrics_json_structure_and_summary(trained):
         assert set(m[split]) == set(METRICS)
         for metric in METRICS:
             values = [p[split][metric] for p in m["per_seed"]]
-            assert m[split][metric] == {"mean": pytest.approx(np.mean(values)), "std": pytest.approx(np.std(values))}
+            assert m[split][metric] == {"mean": pytest.approx(np.mean(values)), "std": pytest.approx(np.std(values, ddof=1))}  # sample std
     for p, r in zip(m["per_seed"], results):
-        assert set(p) == {"seed", "best_epoch", "test", "dev", "per_class_f1", "step_two_rate"}
+        assert set(p) == {"seed", "best_epoch", "test", "test_orders", "dev", "per_class_f1", "step_two_rate",
+                          "leak_check"}
+        assert len(p["test_orders"]) == 5 and p["leak_check"] == r.leak_check
         assert p["seed"] == r.seed and p["best_epoch"] == r.best_epoch and 1 <= p["best_epoch"] <= EPOCHS
         assert p["test"] == {k: r.test[k] for k in METRICS}
         assert p["per_class_f1"] == r.test["per_class_f1"] and len(p["per_class_f1"]) == 3
@@ -132,10 +134,16 @@ def test_metrics_json_structure_and_summary(trained):
 def test_log_csv_has_one_row_per_seed_and_epoch(trained):
     run, _, results = trained
     header, rows = read_log(run)
-    assert header == LOG_HEADER
+    logs = [log for res in results for log in res.log]
+    terms = sorted({k for log in logs for k in log.losses})
+    assert {"ce", "clt", "cli"} <= set(terms)  # SPP-SCL's terms, each its own column, named by the head
+    assert header == LOG_HEAD + [f"loss_{k}" for k in terms] + LOG_TAIL
     assert [(int(r["seed"]), int(r["epoch"])) for r in rows] == [(s, e) for s in SEEDS for e in range(1, EPOCHS + 1)]
-    for r, log in zip(rows, [log for res in results for log in res.log]):
-        assert float(r["loss_ce"]) == pytest.approx(log.loss_ce, abs=1e-4)
+    for r, log in zip(rows, logs):
+        for k in terms:
+            assert r[f"loss_{k}"] == ("" if k not in log.losses else r[f"loss_{k}"])
+            if k in log.losses:
+                assert float(r[f"loss_{k}"]) == pytest.approx(log.losses[k], abs=1e-4)
         assert float(r["step_two_rate"]) == pytest.approx(log.step_two_rate, abs=1e-3)
         assert float(r["lr"]) == pytest.approx(1e-4)
         for metric in METRICS:
@@ -159,9 +167,10 @@ def test_checkpoint_round_trip_gives_the_same_predictions(trained):
         assert all(torch.equal(saved[k], r.state[k]) for k in saved)
         head, cfg = fresh_head(run, r.seed)
         test = runs.load_data(cfg).splits["test"]
-        pred = trainer.predict(head, test, cfg.batch_size, device())
+        orders = trainer.eval_orders(len(test), cfg)
+        pred = trainer.predict(head, test, cfg.eval_batch_size, device(), orders[0])
         assert pred.tolist() == r.test_pred
-        assert scores(test.labels.numpy(), pred, 3) == r.test
+        assert trainer.score_split(head, test, cfg, 3, device(), orders)[0] == r.test
 
 
 def test_report_has_each_seed_and_a_line_per_class(trained):
@@ -190,7 +199,7 @@ def test_train_resumes_an_interrupted_run_per_seed(trained, tmp_path):
     shutil.copytree(run, again)
     (again / "seed-2.json").unlink()  # seed 2 never finished
     with open(again / "log.csv", "a", newline="") as f:
-        csv.writer(f).writerow(["2", "99", "0", "0", "0", "0", "0", "0", "0", "0", "0"])  # its half-written log
+        csv.writer(f).writerow(["2", "99"] + ["0"] * 9)  # its half-written log
     calls = []
 
     def count(cfg_, data, seed, *a, **kw):
@@ -208,9 +217,34 @@ def test_train_resumes_an_interrupted_run_per_seed(trained, tmp_path):
 
 def test_train_refuses_a_folder_of_another_run(trained, tmp_path):
     run, cfg, _ = trained
-    other = TrainConfig.from_json({**cfg.to_json(), "alpha": 0.5})
-    with pytest.raises(UserError, match=r"holds a run with other settings \(alpha\)"):
+    saved = cfg.resolved().to_json()
+    other = TrainConfig.from_json({**saved, "head_config": {**saved["head_config"], "alpha": 0.5}})
+    with pytest.raises(UserError, match=r"holds a run with other settings \(head_config\)"):
         runs.train(other, quiet_console())
+
+
+@pytest.mark.parametrize("what, message", [
+    ("provenance", r"text cache \(fingerprint\)"),
+    ("git_commit", r"code \(commit 0123456789, now"),
+])
+def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_path):
+    """Seeds trained on other features or by other code are never mixed into one run."""
+    run, cfg, _ = trained
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    saved = read_json(again / "config.json")
+    if what == "provenance":
+        saved["provenance"]["text"]["fingerprint"] = "rebuilt"
+    else:
+        saved["git_commit"] = "0123456789abcdef"
+    (again / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=message):
+        runs.train(TrainConfig.from_json({**cfg.to_json(), "out": str(again)}), quiet_console())
+
+
+def test_config_json_records_a_dirty_working_tree(trained):
+    saved = read_json(trained[0] / "config.json")
+    assert saved["git_dirty"] == runs.git_dirty() and isinstance(saved["git_dirty"], bool)
 
 
 def test_evaluate_recomputes_the_recorded_test_metrics(trained):
@@ -300,7 +334,10 @@ def test_cli(trained, tiny_cache, cli, tmp_path, monkeypatch):
 
     assert done["eval"].returncode == 0, done["eval"].stderr
     assert "matches metrics.json" in done["eval"].stdout
-    assert done["heads"].returncode == 0 and done["heads"].stdout.split() == heads.available()
+    assert done["heads"].returncode == 0
+    for name in heads.available():
+        assert f"{name}  (reads" in done["heads"].stdout
+    assert "alpha" in done["heads"].stdout and "step-two gate" in done["heads"].stdout
 
     one_line_error(done["no cache"], "no cache for data set 'mvsa_x'", "`python pipeline.py extract --manifest PATH --name mvsa_x`")
     one_line_error(done["text-only cache"], "no image cache", "pipeline.py extract", "--image-dir",

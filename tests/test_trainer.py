@@ -1,35 +1,38 @@
-"""train/trainer.py: every ablation flag trains and does what it says; step two takes a
-second optimizer step only when the gate opens; the dev-selected epoch is the one kept;
-the same seed gives the same run.
+"""train/trainer.py: every ablation trains and does what it says; the head's objective is the
+loss and its gated second step steps the optimizer only when the gate opens; dev and test are
+scored label-blind; `--official` is the authors' step; the dev-selected epoch is kept; the same
+seed gives the same run.
 
-Trainings are in process, on the session's tiny real cache (12 items a split, all of
-one class), one epoch and batch 8 unless a test needs more: 2 batches an epoch."""
+Trainings are in process on the synthetic 3-class cache (36 train items stored sorted by
+label, as the shipped files are), one epoch and batch 16 unless a test needs more:
+3 batches an epoch (16 + 16 + 4)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import heads
 from core.errors import UserError
+from heads import spp_scl
+from heads.spp_scl import SppSclConfig
 from train import runs, trainer
 from train.config import TrainConfig
 
 from conftest import quiet_console
 
-BATCHES_PER_EPOCH = 2  # 12 train items in batches of 8: 8 + 4
+BATCHES_PER_EPOCH = 3  # 36 train items in batches of 16
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread(tiny_cache):
-    """One intra-op thread: on two cores shared with a long background run, two torch
-    threads spin against each other (about 10x slower on these tiny batches).
-    Requests tiny_cache first, so the session's cache is built as other modules expect."""
+def one_thread():
+    """One intra-op thread: two torch threads spin against each other on tiny batches."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -37,24 +40,14 @@ def one_thread(tiny_cache):
 
 
 @pytest.fixture(scope="module")
-def text_only_cache(tiny_cache, tmp_path_factory) -> Path:
-    """The tiny cache without its image features. This is what `extract --text-only` writes
-    (test_extract checks that its text shards equal the tiny cache's), without encoding again."""
-    cache = tmp_path_factory.mktemp("text_only") / "cache"
-    shutil.copytree(tiny_cache.cache_dir / tiny_cache.dataset, cache / tiny_cache.dataset,
-                    ignore=lambda folder, names: ["image"] if Path(folder).name == tiny_cache.dataset else [])
-    assert not (cache / tiny_cache.dataset / "image").exists()
-    return cache
+def synth_data(synth_cache):
+    return runs.load_data(synth_config(synth_cache, None).resolved())
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tiny_cache):
-    return runs.load_data(tiny_config(tiny_cache, None).resolved())
-
-
-def tiny_config(tiny_cache, out, **kw) -> TrainConfig:
-    base = dict(dataset=tiny_cache.dataset, cache_dir=tiny_cache.cache_dir, text_encoder=tiny_cache.text_encoder,
-                image_encoder=tiny_cache.image_encoder, epochs=1, seeds=(1,), batch_size=8, out=out)
+def synth_config(c, out, head_cfg: dict | None = None, head: str = "spp_scl", **kw) -> TrainConfig:
+    base = dict(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder,
+                image_encoder=c.image_encoder, epochs=1, seeds=(1,), batch_size=16, out=out, head=head,
+                head_config=heads.build_config(head, head_cfg or {}))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -65,31 +58,31 @@ def read_log(run: Path) -> list[dict]:
 
 
 class Spy:
-    """Records the trainer's calls of the loss functions (and still runs them)."""
+    """Records SPP-SCL's calls of the loss functions (and still runs them)."""
 
     def __init__(self, monkeypatch):
-        self.gate: list[bool] = []  # what should_pull answered, per call
+        self.gate: list[bool] = []
         self.alphas: list[float] = []
-        self.cross = 0
-        self.official: list[bool] = []  # the `official` flag of each supcon call
-        gate, cross, supcon = trainer.should_pull, trainer.cross_supcon, trainer.supcon
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.official: list[bool] = []
+        gate, cross, supcon = spp_scl.should_pull, spp_scl.cross_supcon, spp_scl.supcon
 
-        def spy_gate(text, image, labels, alpha):
+        def spy_gate(text, image, labels, alpha, floor=False):
             self.alphas.append(alpha)
-            self.gate.append(bool(gate(text, image, labels, alpha)))
+            self.gate.append(bool(gate(text, image, labels, alpha, floor)))
             return self.gate[-1]
 
-        def spy_cross(*args, **kw):
-            self.cross += 1
-            return cross(*args, **kw)
+        def spy_cross(text, image, *args, **kw):
+            self.cross.append((text, image))
+            return cross(text, image, *args, **kw)
 
         def spy_supcon(*args, official=False, **kw):
             self.official.append(official)
             return supcon(*args, official=official, **kw)
 
-        monkeypatch.setattr(trainer, "should_pull", spy_gate)
-        monkeypatch.setattr(trainer, "cross_supcon", spy_cross)
-        monkeypatch.setattr(trainer, "supcon", spy_supcon)
+        monkeypatch.setattr(spp_scl, "should_pull", spy_gate)
+        monkeypatch.setattr(spp_scl, "cross_supcon", spy_cross)
+        monkeypatch.setattr(spp_scl, "supcon", spy_supcon)
 
 
 @pytest.fixture
@@ -104,92 +97,118 @@ ABLATIONS = [
     pytest.param({"two_step": False}, id="one_step"),
     pytest.param({"clm": False}, id="no_clm"),
     pytest.param({"intra": False}, id="no_intra"),
-    *(pytest.param({"text_layers": k}, id=f"text_layers_{k}") for k in (1, 2, 3, 4)),
+    *(pytest.param({"text_layers": k}, id=f"text_layers_{k}") for k in (1, 4)),
     pytest.param({"hierarchical_attention": False}, id="no_ha"),
     pytest.param({"cmf": False}, id="no_cmf"),
     pytest.param({"cmf_scope": "sample"}, id="cmf_sample"),
     pytest.param({"supcon_official": True}, id="supcon_official"),
     pytest.param({"alpha": 0.0}, id="alpha_0"),  # c < 0 never holds: the gate never opens
-    pytest.param({"modalities": "text"}, id="text_only_view"),
+    pytest.param({"modalities": "text"}, id="text"),
     pytest.param({"modalities": "image"}, id="image"),
 ]
 
 
 @pytest.mark.parametrize("flags", ABLATIONS)
-def test_ablation_trains_and_does_what_its_flag_says(flags, tiny_cache, text_only_cache, tmp_path, spy):
-    cache = text_only_cache if flags.get("modalities") == "text" else tiny_cache.cache_dir
-    cfg = tiny_config(tiny_cache, tmp_path / "run", cache_dir=cache, **flags).resolved()
+def test_ablation_trains_and_does_what_its_flag_says(flags, synth_cache, tmp_path, spy):
+    cfg = synth_config(synth_cache, tmp_path / "run", flags).resolved()
+    h = cfg.head_config
     run = runs.train(cfg, quiet_console())
 
-    saved = json.loads((run / "config.json").read_text())["train"]
+    saved = json.loads((run / "config.json").read_text())["train"]["head_config"]
     assert {k: saved[k] for k in flags} == flags  # the run records its ablation
     (row,) = read_log(run)
     per_seed = json.loads((run / "metrics.json").read_text())["per_seed"][0]
     rate = float(row["step_two_rate"])
-    assert 0.0 <= rate <= 1.0
     assert per_seed["step_two_rate"] == pytest.approx(rate, abs=5e-4)
 
-    both = cfg.modalities == "both"
-    gated = cfg.two_step and cfg.clm and both
+    both = h.modalities == "both"
+    gated = h.two_step and h.clm and both
     # step two: the gate is asked once per batch, with the configured alpha; the rate is how often it opened
     assert len(spy.gate) == (BATCHES_PER_EPOCH if gated else 0)
-    assert all(a == cfg.alpha for a in spy.alphas)
-    if gated:
-        assert rate == pytest.approx(sum(spy.gate) / BATCHES_PER_EPOCH, abs=5e-4)
-        if cfg.alpha == 0.0:
-            assert rate == 0.0 and float(row["loss_step_two"]) == 0.0
-    else:
-        assert rate == 0.0 and float(row["loss_step_two"]) == 0.0
+    assert all(a == h.alpha for a in spy.alphas)
+    assert rate == pytest.approx(sum(spy.gate) / BATCHES_PER_EPOCH if gated else 0.0, abs=5e-4)
+    assert ("loss_step2_clm" in row) == (gated and any(spy.gate))
     # L_clm: in step two when the gate opens; in step one every batch with one_step; never without clm
-    one_step_clm = not cfg.two_step and cfg.clm and both
-    assert spy.cross == (sum(spy.gate) if gated else BATCHES_PER_EPOCH if one_step_clm else 0)
-    # L_cli / L_clt: one SupCon per embedding per batch, official form only when asked
-    assert len(spy.official) == (BATCHES_PER_EPOCH * (2 if both else 1) if cfg.intra else 0)
-    assert set(spy.official) <= {cfg.supcon_official}
-    assert (float(row["loss_intra"]) > 0) == cfg.intra
+    one_step_clm = not h.two_step and h.clm and both
+    assert len(spy.cross) == (sum(spy.gate) if gated else BATCHES_PER_EPOCH if one_step_clm else 0)
+    assert ("loss_clm" in row) == one_step_clm
+    # L_cli / L_clt: one SupCon per embedding per batch, official form only when asked, logged by name
+    assert len(spy.official) == (BATCHES_PER_EPOCH * (2 if both else 1) if h.intra else 0)
+    assert set(spy.official) <= {h.supcon_official}
+    assert ("loss_clt" in row) == (h.intra and h.modalities != "image")
+    assert ("loss_cli" in row) == (h.intra and h.modalities != "text")
+    assert float(row["loss_ce"]) > 0
 
-    # the architecture the flags ask for, as saved in the checkpoint
     state = torch.load(run / "seed-1.pt", weights_only=True)
 
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in state)
 
-    assert has("image.") == (cfg.modalities != "text")
-    assert has("text.") == (cfg.modalities != "image")
-    assert has("text.ha.") == (cfg.modalities != "image" and cfg.hierarchical_attention)
+    assert has("image.") == (h.modalities != "text")
+    assert has("text.") == (h.modalities != "image")
+    assert has("text.ha.") == (h.modalities != "image" and h.hierarchical_attention)
     if has("text.ha."):
-        k = cfg.text_layers
-        assert state["text.ha.fc.0.weight"].shape == state["text.ha.fc.2.weight"].shape == (k, k)
-    assert has("cmf.") == (both and cfg.cmf)
-    assert state["classifier.0.weight"].shape[1] == cfg.dim * (4 if both and cfg.cmf else 2 if both else 1)
-
-    if cfg.cmf_scope == "sample":  # each prediction on its own: alone or in a batch, the same logits
-        data = runs.load_data(cfg)
-        head = trainer.build_head(cfg, data)
-        head.load_state_dict(state)
-        head.eval()
-        test = data.splits["test"]
-        with torch.no_grad():
-            together = head(test.batch(torch.arange(len(test)))).logits[:3]
-            alone = torch.cat([head(test.batch(torch.tensor([i]))).logits for i in range(3)])
-        torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+        assert state["text.ha.fc.0.weight"].shape == (h.text_layers, h.text_layers)
+    assert has("cmf.") == (both and h.cmf)
+    assert state["classifier.0.weight"].shape[1] == h.dim * (4 if both and h.cmf else 2 if both else 1)
 
 
-def test_two_modalities_on_a_text_only_cache_is_a_user_error(tiny_cache, text_only_cache, tmp_path):
+def test_the_cross_modal_loss_is_anchored_on_the_text(synth_cache, synth_data, spy, monkeypatch):
+    """Eq. 7, L_clm(T, I, y): the text embedding T_a is the first (anchor) argument."""
+    monkeypatch.setattr(spp_scl, "should_pull", lambda *a, **k: True)
+    outs = []
+    real = spp_scl.SppSclHead.forward
+    monkeypatch.setattr(spp_scl.SppSclHead, "forward", lambda self, b: outs.append(real(self, b)) or outs[-1])
+    trainer.train_seed(synth_config(synth_cache, None).resolved(), synth_data, seed=1)
+    assert spy.cross
+    second_forwards = [o for k, o in enumerate(outs) if k % 2 == 1][: len(spy.cross)]
+    for (text, image), out in zip(spy.cross, second_forwards):
+        assert text is out.text and image is out.image
+
+
+def test_two_modalities_on_a_text_only_cache_is_a_user_error(synth_cache, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(synth_cache.cache_dir / synth_cache.dataset, cache / synth_cache.dataset,
+                    ignore=lambda folder, names: ["image"] if Path(folder).name == synth_cache.dataset else [])
     with pytest.raises(UserError, match="--modalities text"):
-        runs.train(tiny_config(tiny_cache, tmp_path / "run", cache_dir=text_only_cache), quiet_console())
+        runs.train(synth_config(synth_cache, tmp_path / "run", cache_dir=cache), quiet_console())
     assert not (tmp_path / "run").exists()
+    run = runs.train(synth_config(synth_cache, tmp_path / "t", head="text_only", cache_dir=cache), quiet_console())
+    assert (run / "metrics.json").is_file()  # a text head needs no image cache and no --modalities
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"text_layers": 5}, r"text_layers=5: the cache holds 4 text layers; choose 1\.\.4"),
-    ({"head": "nope"}, r"unknown head 'nope'; available heads: .*spp_scl"),
-    ({"cmf_scope": "everything"}, r"cmf_scope='everything'"),
+@pytest.mark.parametrize("head_cfg, kw, message", [
+    ({"text_layers": 5}, {}, r"text_layers=5: the cache holds 4 text layers; choose 1\.\.4"),
+    ({"cmf_scope": "everything"}, {}, r"cmf_scope='everything'"),
+    ({"temperature": 0.0}, {}, r"temperature=0.0: must be > 0"),
+    ({}, {"lr": 0.0}, r"--lr 0.0: the learning rate must be > 0"),
 ])
-def test_bad_head_settings_fail_before_a_run_folder_is_written(flags, message, tiny_cache, tmp_path):
+def test_bad_settings_fail_before_a_run_folder_is_written(head_cfg, kw, message, synth_cache, tmp_path):
     with pytest.raises(UserError, match=message):
-        runs.train(tiny_config(tiny_cache, tmp_path / "run", **flags), quiet_console())
+        runs.train(synth_config(synth_cache, tmp_path / "run", head_cfg, **kw), quiet_console())
     assert not (tmp_path / "run").exists()
+
+
+def test_unknown_head_is_a_user_error(synth_cache, tmp_path):
+    with pytest.raises(UserError, match=r"unknown head 'nope'; available heads: .*spp_scl"):
+        runs.train(replace(synth_config(synth_cache, tmp_path / "run"), head="nope", head_config=None), quiet_console())
+
+
+def test_a_train_split_of_one_item_is_a_user_error(synth_data, synth_cache):
+    one = replace(synth_data, splits={**synth_data.splits, "train": synth_data.splits["train"].subset(torch.tensor([0]))})
+    with pytest.raises(UserError, match=r"train split of synth has 1 item\(s\)"):
+        trainer.train_seed(synth_config(synth_cache, None).resolved(), one, seed=1)
+
+
+def test_limited_data_sets_take_their_family_defaults():
+    for name, (batch, lr, step, lam, select) in {
+        "hfm-first100": (256, 5e-5, 5, 10.0, "macro_f1"), "mvsa_m-first7": (128, 1e-4, 15, 5.0, "weighted_f1"),
+        "mine": (64, 1e-4, 10, 5.0, "weighted_f1"),
+    }.items():
+        cfg = TrainConfig(dataset=name).resolved()
+        assert (cfg.batch_size, cfg.lr, cfg.lr_step, cfg.head_config.lambda_ce, cfg.select) == (batch, lr, step, lam, select)
 
 
 # --- step two ----------------------------------------------------------------------------
@@ -202,59 +221,151 @@ class CountingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-@pytest.mark.parametrize("gate", [True, False])
-def test_step_two_steps_the_optimizer_only_when_the_gate_opens(gate, tiny_cache, tiny_data, monkeypatch):
+@pytest.fixture
+def counting(monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", CountingAdamW)
     monkeypatch.setattr(CountingAdamW, "steps", 0)
-    monkeypatch.setattr(trainer, "should_pull", lambda text, image, labels, alpha: gate)
-    cfg = tiny_config(tiny_cache, None, epochs=2).resolved()
-    r = trainer.train_seed(cfg, tiny_data, seed=1)
-    batches = 2 * BATCHES_PER_EPOCH
-    assert CountingAdamW.steps == batches * (2 if gate else 1)
+    return CountingAdamW
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_step_two_steps_the_optimizer_only_when_the_gate_opens(gate, synth_cache, synth_data, monkeypatch, counting):
+    monkeypatch.setattr(spp_scl, "should_pull", lambda *a, **k: gate)
+    r = trainer.train_seed(synth_config(synth_cache, None, epochs=2).resolved(), synth_data, seed=1)
+    assert counting.steps == 2 * BATCHES_PER_EPOCH * (2 if gate else 1)
     assert r.step_two_rate == float(gate)
     assert [log.step_two_rate for log in r.log] == [float(gate)] * 2
-    assert all((log.loss_step_two > 0) == gate for log in r.log)
+    assert all(("step2_clm" in log.losses) == gate for log in r.log)
 
 
-def test_the_gate_changes_the_weights(tiny_cache, tiny_data, monkeypatch):
-    cfg = tiny_config(tiny_cache, None).resolved()
+def test_the_gate_changes_the_weights(synth_cache, synth_data, monkeypatch):
+    cfg = synth_config(synth_cache, None).resolved()
     states = {}
     for gate in (True, False):
-        monkeypatch.setattr(trainer, "should_pull", lambda text, image, labels, alpha, gate=gate: gate)
-        states[gate] = trainer.train_seed(cfg, tiny_data, seed=1).state
+        monkeypatch.setattr(spp_scl, "should_pull", lambda *a, gate=gate, **k: gate)
+        states[gate] = trainer.train_seed(cfg, synth_data, seed=1).state
     changed = [k for k in states[True] if not torch.equal(states[True][k], states[False][k])]
     assert any(k.startswith("text.") for k in changed) and any(k.startswith("image.") for k in changed)
 
 
-def test_a_lone_last_sample_is_skipped(tiny_cache, tiny_data, monkeypatch):
-    monkeypatch.setattr(torch.optim, "AdamW", CountingAdamW)
-    monkeypatch.setattr(CountingAdamW, "steps", 0)
-    monkeypatch.setattr(trainer, "should_pull", lambda *a: False)
-    cfg = tiny_config(tiny_cache, None, batch_size=11).resolved()  # 11 + 1: BatchNorm cannot train on one
-    trainer.train_seed(cfg, tiny_data, seed=1)
-    assert CountingAdamW.steps == 1
+def test_a_lone_last_sample_is_skipped(synth_cache, synth_data, monkeypatch, counting):
+    monkeypatch.setattr(spp_scl, "should_pull", lambda *a, **k: False)
+    trainer.train_seed(synth_config(synth_cache, None, batch_size=35).resolved(), synth_data, seed=1)  # 35 + 1
+    assert counting.steps == 1
 
 
-def test_one_step_puts_the_cross_modal_loss_into_step_one(tiny_cache, tiny_data, monkeypatch):
-    monkeypatch.setattr(torch.optim, "AdamW", CountingAdamW)
-    monkeypatch.setattr(CountingAdamW, "steps", 0)
-    cfg = tiny_config(tiny_cache, None, two_step=False).resolved()
-    batch = tiny_data.splits["train"].batch(torch.arange(8))
-    head = trainer.build_head(cfg, tiny_data)
+def test_one_step_puts_the_cross_modal_loss_into_step_one(synth_cache, synth_data, counting):
+    cfg = synth_config(synth_cache, None, {"two_step": False}).resolved()
+    batch = synth_data.splits["train"].batch(torch.arange(0, 36, 3))
+    head = trainer.build_head(cfg, synth_data)
     out = head(batch)
-    with_clm, _, _ = trainer.step_one_loss(cfg, out, batch.labels)
-    without, _, _ = trainer.step_one_loss(replace(cfg, clm=False), out, batch.labels)
-    cross = trainer.cross_supcon(out.image, out.text, batch.labels, cfg.temperature)
-    torch.testing.assert_close(with_clm - without, cross)
-    trainer.train_seed(cfg, tiny_data, seed=1)
-    assert CountingAdamW.steps == BATCHES_PER_EPOCH  # one step a batch
+    terms = head.objective(out, batch.labels)
+    torch.testing.assert_close(terms["clm"], spp_scl.cross_supcon(out.text, out.image, batch.labels, 0.07))
+    assert not head.has_second_step
+    trainer.train_seed(cfg, synth_data, seed=1)
+    assert counting.steps == BATCHES_PER_EPOCH  # one step a batch
 
 
-# --- dev selection and determinism -------------------------------------------------------
+# --- --official: the authors' training step ------------------------------------------------
+
+def test_official_sets_what_spec_lists_and_records_it(synth_cache, tmp_path):
+    cfg = synth_config(synth_cache, tmp_path / "run", official=True, batch_size=None).resolved()
+    h = cfg.head_config
+    assert (h.supcon_official, h.gate_floor, h.lambda_ce) == (True, True, 5.0)
+    assert (cfg.lr_step, cfg.eval_batch_size) == (10, 64)
+    hfm = replace(cfg, dataset="hfm", head_config=None, batch_size=None, lr_step=None).resolved()
+    assert (hfm.head_config.lambda_ce, hfm.lr_step, hfm.eval_batch_size) == (5.0, 10, 64)  # not HFM's 10 / 5 / 256
+    run = runs.train(replace(cfg, batch_size=16), quiet_console())
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["official_changes"]["head"] == spp_scl.SppSclConfig.OFFICIAL
+    assert saved["official_changes"]["train"] == {"lr_step": 10, "eval_batch_size": 64}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["last_epoch_test"]) == {"accuracy", "weighted_f1", "macro_f1"}  # no selection in their protocol
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_official_step_two_moves_parameters_l_clm_does_not_reach(official, synth_cache, synth_data, monkeypatch):
+    """torch 1.8's zero_grad kept zero tensors: AdamW's step two then moved the classifier too
+    (momentum and weight decay); with set_to_none it stays put."""
+    monkeypatch.setattr(spp_scl, "should_pull", lambda *a, **k: True)
+    moved = []
+
+    class Watch(torch.optim.AdamW):
+        n = 0
+
+        def step(self, closure=None):
+            w = self.param_groups[0]["params"]
+            before = [p.detach().clone() for p in w]
+            out = super().step(closure)
+            type(self).n += 1
+            if type(self).n % 2 == 0:  # every second step is a step two
+                classifier = [k for k, p in enumerate(w) if p.shape == (3, 64)]  # the last Linear(64, 3)
+                moved.append(any(not torch.equal(before[k], w[k]) for k in classifier))
+            return out
+
+    monkeypatch.setattr(torch.optim, "AdamW", Watch)
+    trainer.train_seed(synth_config(synth_cache, None, official=official).resolved(), synth_data, seed=1)
+    assert moved and all(m == official for m in moved)
+
+
+# --- label-blind scoring -------------------------------------------------------------------
+
+def test_scoring_never_follows_the_stored_order(synth_cache, synth_data, monkeypatch):
+    """Dev (every epoch) and test are fed in seeded random orders; only leak_check uses file order."""
+    seen = []
+    real = trainer.predict
+
+    def spy_predict(head, split, batch_size, dev, order):
+        seen.append((len(split), order))
+        return real(head, split, batch_size, dev, order)
+
+    monkeypatch.setattr(trainer, "predict", spy_predict)
+    cfg = synth_config(synth_cache, None, epochs=2, eval_orders=3).resolved()
+    r = trainer.train_seed(cfg, synth_data, seed=1)
+    stored = [o for _, o in seen if o is None]
+    assert len(stored) == 1 and r.leak_check is not None  # the leak check alone, batch scope
+    orders = [o for _, o in seen if o is not None]
+    assert len(orders) == 2 + 3  # dev per epoch, then 3 test orders
+    for o in orders:
+        assert not torch.equal(o, torch.arange(len(o)))
+        assert sorted(o.tolist()) == list(range(len(o)))
+    assert len({tuple(o.tolist()) for o in orders[2:]}) == 3
+    assert len(r.test["orders"]) == 3
+    assert r.test["accuracy"] == pytest.approx(np.mean([s["accuracy"] for s in r.test["orders"]]))
+
+
+def test_sample_scope_predictions_do_not_depend_on_the_order(synth_cache, synth_data):
+    cfg = synth_config(synth_cache, None, {"cmf_scope": "sample"}, epochs=2).resolved()
+    r = trainer.train_seed(cfg, synth_data, seed=1)
+    head = trainer.build_head(cfg, synth_data)
+    head.load_state_dict(r.state)
+    test = synth_data.splits["test"]
+    stored = trainer.logits(head, test, 4, torch.device("cpu"), None)
+    for order in trainer.eval_orders(len(test), cfg, 3):
+        torch.testing.assert_close(trainer.logits(head, test, 4, torch.device("cpu"), order), stored)
+    assert r.leak_check is None and not head.batch_dependent
+
+
+def test_batch_scope_predictions_depend_on_the_order(synth_cache, synth_data):
+    cfg = synth_config(synth_cache, None, epochs=3).resolved()
+    r = trainer.train_seed(cfg, synth_data, seed=1)
+    head = trainer.build_head(cfg, synth_data)
+    head.load_state_dict(r.state)
+    test = synth_data.splits["test"]
+    a, b = (trainer.logits(head, test, 6, torch.device("cpu"), o) for o in (None, trainer.eval_orders(len(test), cfg, 1)[0]))
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+# --- logging, dev selection and determinism ------------------------------------------------
+
+def test_log_shows_the_learning_rate_each_epoch_trained_with(synth_cache, synth_data):
+    cfg = synth_config(synth_cache, None, epochs=3, lr_step=1).resolved()
+    r = trainer.train_seed(cfg, synth_data, seed=1)
+    assert [log.lr for log in r.log] == pytest.approx([1e-4, 5e-5, 2.5e-5])
+
 
 def scripted_dev(monkeypatch, values: list[float], metric: str = "weighted_f1") -> None:
-    """Dev scores of epoch 1, 2, ... take `values` for `metric` (the tiny dev split is one class,
-    so its real scores tie); the test split, scored after the last epoch, keeps its real scores."""
+    """Dev scores of epoch 1, 2, ... take `values` for `metric`; later calls keep real scores."""
     real, left = trainer.scores, list(values)
 
     def scores(y_true, y_pred, n_classes):
@@ -266,66 +377,67 @@ def scripted_dev(monkeypatch, values: list[float], metric: str = "weighted_f1") 
     monkeypatch.setattr(trainer, "scores", scores)
 
 
-def test_dev_selection_keeps_the_best_epoch_and_its_weights(tiny_cache, tiny_data, tmp_path, monkeypatch):
+def test_dev_selection_keeps_the_best_epoch_and_its_weights(synth_cache, synth_data, tmp_path, monkeypatch):
     dev = [0.2, 0.9, 0.9, 0.4]  # best at epoch 2; epoch 3 only ties it, so 2 stays
     scripted_dev(monkeypatch, dev)
-    run = runs.train(tiny_config(tiny_cache, tmp_path / "run", epochs=4), quiet_console())
+    run = runs.train(synth_config(synth_cache, tmp_path / "run", epochs=4), quiet_console())
     column = [float(r["dev_weighted_f1"]) for r in read_log(run)]
     assert column == dev
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["per_seed"][0]["best_epoch"] == column.index(max(column)) + 1 == 2
-    assert metrics["per_seed"][0]["dev"]["weighted_f1"] == metrics["dev"]["weighted_f1"]["mean"] == 0.9
+    assert metrics["per_seed"][0]["best_epoch"] == 2
     kept = torch.load(run / "seed-1.pt", weights_only=True)
 
-    cfg = tiny_config(tiny_cache, None).resolved()
-    scripted_dev(monkeypatch, [0.1, 0.2])  # the same seed, stopped after epoch 2: its last weights
-    at_two = trainer.train_seed(replace(cfg, epochs=2), tiny_data, seed=1).state
-    scripted_dev(monkeypatch, [0.1, 0.2, 0.3, 0.4])  # and after epoch 4
-    at_four = trainer.train_seed(replace(cfg, epochs=4), tiny_data, seed=1).state
-    assert kept.keys() == at_two.keys()
+    cfg = synth_config(synth_cache, None).resolved()
+    scripted_dev(monkeypatch, [0.1, 0.2])
+    at_two = trainer.train_seed(replace(cfg, epochs=2), synth_data, seed=1).state
+    scripted_dev(monkeypatch, [0.1, 0.2, 0.3, 0.4])
+    at_four = trainer.train_seed(replace(cfg, epochs=4), synth_data, seed=1).state
     assert all(torch.equal(kept[k], at_two[k]) for k in kept)
     assert not all(torch.equal(kept[k], at_four[k]) for k in kept)
 
 
 @pytest.mark.parametrize("select", ["accuracy", "macro_f1"])
-def test_dev_selection_reads_the_select_metric(select, tiny_cache, tiny_data, monkeypatch):
+def test_dev_selection_reads_the_select_metric(select, synth_cache, synth_data, monkeypatch):
     scripted_dev(monkeypatch, [0.3, 0.5], metric=select)
-    cfg = tiny_config(tiny_cache, None, epochs=2, select=select).resolved()
-    r = trainer.train_seed(cfg, tiny_data, seed=1)
+    r = trainer.train_seed(synth_config(synth_cache, None, epochs=2, select=select).resolved(), synth_data, seed=1)
     assert r.best_epoch == 2 and r.dev[select] == 0.5
 
 
-def test_same_seed_same_run_other_seed_other_run(tiny_cache, tiny_data):
-    cfg = tiny_config(tiny_cache, None, epochs=2).resolved()
-    a, b, c = (trainer.train_seed(cfg, tiny_data, seed=s) for s in (3, 3, 4))
-    assert a.state.keys() == b.state.keys()
+def test_same_seed_same_run_other_seed_other_run(synth_cache, synth_data):
+    cfg = synth_config(synth_cache, None, epochs=2).resolved()
+    a, b, c = (trainer.train_seed(cfg, synth_data, seed=s) for s in (3, 3, 4))
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
-    assert (a.best_epoch, a.dev, a.test, a.test_pred, a.step_two_rate) == \
-        (b.best_epoch, b.dev, b.test, b.test_pred, b.step_two_rate)
-    strip = [(log.lr, log.loss_ce, log.loss_intra, log.loss_step_two, log.step_two_rate, log.dev) for log in a.log]
-    assert strip == [(log.lr, log.loss_ce, log.loss_intra, log.loss_step_two, log.step_two_rate, log.dev) for log in b.log]
+    assert (a.best_epoch, a.dev, a.test, a.test_pred, a.step_two_rate, a.leak_check) == \
+        (b.best_epoch, b.dev, b.test, b.test_pred, b.step_two_rate, b.leak_check)
+    assert [(log.lr, log.losses, log.dev) for log in a.log] == [(log.lr, log.losses, log.dev) for log in b.log]
     assert not all(torch.equal(a.state[k], c.state[k]) for k in a.state)
+
+
+def test_the_head_learns_the_synthetic_labels(synth_cache, synth_data):
+    """The synthetic features carry the label: a mix-up of labels and items would not reach this."""
+    r = trainer.train_seed(synth_config(synth_cache, None, {"cmf_scope": "sample"}, epochs=15, lr=3e-3).resolved(),
+                           synth_data, seed=1)
+    assert r.test["accuracy"] > 0.8
 
 
 # --- class weighting (--balanced) ----------------------------------------------------------
 
 def test_class_weights_are_inverse_frequency():
-    labels = torch.tensor([0, 0, 0, 1, 2, 2])  # 3, 1, 2 of 3 classes, 6 items
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
     torch.testing.assert_close(trainer.class_weights(labels, 3), torch.tensor([6 / 9, 6 / 3, 6 / 6]))
-    # a class absent from train gets the weight of a class seen once, not a division by zero
     torch.testing.assert_close(trainer.class_weights(torch.tensor([0, 0]), 2), torch.tensor([1 / 2, 1.0]))
 
 
-def test_balanced_weights_the_cross_entropy(tiny_cache, tiny_data):
-    cfg = tiny_config(tiny_cache, None).resolved()
-    batch = tiny_data.splits["train"].batch(torch.arange(8))
-    head = trainer.build_head(cfg, tiny_data).eval()
+def test_balanced_weights_the_cross_entropy(synth_cache, synth_data):
+    cfg = synth_config(synth_cache, None).resolved()
+    batch = synth_data.splits["train"].batch(torch.arange(0, 36, 4))
+    head = trainer.build_head(cfg, synth_data).eval()
     out = head(batch)
-    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])  # three classes (the tiny split has one)
+    y = batch.labels
     weight = torch.tensor([1.0, 3.0, 0.5])
-    _, plain, _ = trainer.step_one_loss(cfg, out, y)
-    _, weighted, _ = trainer.step_one_loss(cfg, out, y, weight)
+    plain = head.objective(out, y)["ce"] / 5.0
+    weighted = head.objective(out, y, weight)["ce"] / 5.0
     per_item = torch.nn.functional.cross_entropy(out.logits, y, reduction="none")
-    assert weighted == pytest.approx(((weight[y] * per_item).sum() / weight[y].sum()).item())
-    assert plain == pytest.approx(per_item.mean().item()) and weighted != pytest.approx(plain)
-    trainer.train_seed(replace(cfg, balanced=True), tiny_data, seed=1)  # runs end to end
+    assert weighted.item() == pytest.approx(((weight[y] * per_item).sum() / weight[y].sum()).item())
+    assert plain.item() == pytest.approx(per_item.mean().item()) and weighted.item() != pytest.approx(plain.item())
+    trainer.train_seed(replace(cfg, balanced=True), synth_data, seed=1)

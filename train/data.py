@@ -41,6 +41,16 @@ class Split:
         maps = self.maps[idx].float() if self.maps is not None else None
         return Batch(labels=self.labels[idx], maps=maps, **text)
 
+    def subset(self, idx: torch.Tensor) -> "Split":
+        """Items `idx` (in that order) as a Split of their own, features still float16."""
+        text = {}
+        if self.cls is not None:
+            lengths = self.offsets[idx + 1] - self.offsets[idx]
+            text = {"cls": self.cls[idx], "tokens": self.tokens[_rows(self.offsets, idx)],
+                    "offsets": torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])}
+        return Split([self.ids[i] for i in idx.tolist()], self.labels[idx],
+                     maps=self.maps[idx] if self.maps is not None else None, **text)
+
 
 @dataclass
 class Data:
@@ -90,6 +100,8 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
             )
         prov["image"] = store.open_index(folder, "")["provenance"]
         image = store.load_image(folder)
+    if text is not None and image is not None:
+        _check_agree(text, image, dataset)
     splits, dropped = {}, 0
     for s in ("train", "dev", "test"):
         t, im = (text or {}).get(s), (image or {}).get(s)
@@ -105,6 +117,21 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
         n_classes=len(classes),
     )
     return Data(splits, dims, classes, prov, dropped)
+
+
+def _check_agree(text: dict, image: dict, dataset: str) -> None:
+    """Text and image caches are joined by id: the same id must have the same label and split in
+    both, or the run would silently train on mixed-up items."""
+    image_at = {id_: (s, y) for s, f in image.items() for id_, y in zip(f.ids, f.labels.tolist())}
+    for s, f in text.items():
+        for id_, y in zip(f.ids, f.labels.tolist()):
+            other = image_at.get(id_)
+            if other is not None and other != (s, y):
+                raise UserError(
+                    f"item {id_!r} of {dataset} is (split {s}, label {y}) in the text cache but "
+                    f"(split {other[0]}, label {other[1]}) in the image cache: the two were built from different "
+                    "data; re-extract both with --force"
+                )
 
 
 def _join(text: store.TextFeatures | None, image: store.ImageFeatures | None) -> tuple[Split, int]:

@@ -28,4 +28,5 @@ def report(y_true, y_pred, classes: list[str]) -> str:
 
 
 def mean_std(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    """Mean and the sample standard deviation (ddof=1; 0 for a single value)."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}

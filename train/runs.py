@@ -1,8 +1,11 @@
 """A run folder: what `train` writes and what `eval` reads back.
 
-    runs/<name>/config.json    the TrainConfig as used, cache provenance, dims, classes, git commit
-    runs/<name>/metrics.json   dev/test accuracy, weighted F1, macro F1 as mean/std over seeds + per seed
-    runs/<name>/log.csv        one row per seed and epoch: losses, step-two firing rate, dev metrics
+    runs/<name>/config.json    the TrainConfig as used (with the head's own config), cache provenance,
+                               dims, classes, git commit and whether the working tree was dirty
+    runs/<name>/metrics.json   dev/test accuracy, weighted F1, macro F1 as mean/std (sample std, ddof=1)
+                               over seeds + per seed; test is label-blind (mean over eval orders);
+                               leak_check: the same weights scored in file order (batch-scope heads)
+    runs/<name>/log.csv        one row per seed and epoch: lr, each loss term by name, step-two rate, dev
     runs/<name>/seed-<s>.pt    the dev-selected weights (a plain state dict: loads with weights_only)
     runs/<name>/report.txt     per-class report and confusion matrix of each seed on test
 """
@@ -16,29 +19,45 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+import heads
 from core.device import device
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, REPO
 from train import data as cache
 from train.config import METRICS, TrainConfig
-from train.metrics import mean_std, report, scores
-from train.trainer import SeedResult, build_head, predict, train_seed
+from train.metrics import mean_std, report
+from train.trainer import SeedResult, build_head, eval_orders, score_split, train_seed
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool:
+    """Uncommitted changes to tracked code: the commit alone does not say what ran."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+def modalities(cfg: TrainConfig) -> str:
+    """Which caches the head reads: its config says, the trainer loads only those."""
+    reads = (cfg.head_config or heads.build_config(cfg.head)).reads()
+    return "both" if len(reads) == 2 else reads[0]
 
 
 def load_data(cfg: TrainConfig) -> cache.Data:
-    return cache.load(cfg.cache_dir, cfg.dataset, cfg.modalities, cfg.text_encoder, cfg.image_encoder)
+    return cache.load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder)
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
@@ -50,25 +69,23 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     build_head(cfg, data)  # a bad --head or --text-layers fails here, before a run folder is written
     out = Path(cfg.out or DEFAULT_RUNS / f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = replace(cfg, out=out)
-    done = finished_seeds(out, cfg)
+    done = finished_seeds(out, cfg, data.provenance)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {s: len(v) for s, v in data.splits.items()}
     console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
                   + (f" ({data.dropped} items without image left out)" if data.dropped else "")
                   + (f"; resuming {out}, seeds {sorted(done)} already done" if done else ""))
     (out / "config.json").write_text(json.dumps({
-        "train": cfg.to_json(), "provenance": data.provenance, "dims": asdict(data.dims),
-        "classes": data.classes, "sizes": sizes, "git_commit": git_commit(), "device": str(device()),
+        "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance,
+        "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
+        "git_dirty": git_dirty(), "device": str(device()),
     }, indent=1))
-    kept = _log_rows(out / "log.csv", done)
+    log = LogCsv(out / "log.csv", done)
     results: list[SeedResult] = []
-    with open(out / "log.csv", "w", newline="") as f, Progress(
+    with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"), console=console,
     ) as progress:
-        writer = csv.writer(f)
-        writer.writerow(LOG_HEADER)
-        writer.writerows(kept)
         for seed in cfg.seeds:
             if seed in done:
                 progress.add_task(f"seed {seed}", total=cfg.epochs, completed=cfg.epochs, status="done earlier")
@@ -77,22 +94,19 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             task = progress.add_task(f"seed {seed}", total=cfg.epochs, status="")
             best = {"v": -1.0, "e": 0}
 
-            def on_epoch(log, task=task, best=best):
-                writer.writerow([log.seed, log.epoch, f"{log.lr:.3g}", f"{log.loss_ce:.4f}", f"{log.loss_intra:.4f}",
-                                 f"{log.loss_step_two:.4f}", f"{log.step_two_rate:.3f}", f"{log.seconds:.2f}",
-                                 *(f"{log.dev[m]:.4f}" for m in METRICS)])
-                f.flush()
-                if log.dev[cfg.select] > best["v"]:
-                    best.update(v=log.dev[cfg.select], e=log.epoch)
+            def on_epoch(entry, task=task, best=best):
+                log.add(entry)
+                if entry.dev[cfg.select] > best["v"]:
+                    best.update(v=entry.dev[cfg.select], e=entry.epoch)
+                losses = "  ".join(f"{k} {v:.3f}" for k, v in entry.losses.items())
                 progress.update(task, advance=1, status=(
-                    f"ce {log.loss_ce:.3f}  intra {log.loss_intra:.3f}  step two {log.step_two_rate:.0%}  "
-                    f"dev {cfg.select} {log.dev[cfg.select]:.4f} (best {best['v']:.4f} @ {best['e']})  "
-                    f"{log.seconds:.1f} s/epoch"))
+                    f"{losses}  step two {entry.step_two_rate:.0%}  "
+                    f"dev {cfg.select} {entry.dev[cfg.select]:.4f} (best {best['v']:.4f} @ {best['e']})  "
+                    f"{entry.seconds:.1f} s/epoch"))
 
             r = train_seed(cfg, data, seed, on_epoch)
             torch.save(r.state, out / f"seed-{seed}.pt")
-            (out / f"seed-{seed}.json").write_text(json.dumps(  # written last: marks the seed as done
-                {k: getattr(r, k) for k in ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred")}))
+            (out / f"seed-{seed}.json").write_text(json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))  # last: done
             results.append(r)
     metrics = summarize(cfg, results)
     (out / "report.txt").write_text("".join(
@@ -105,25 +119,69 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     return out
 
 
-LOG_HEADER = ["seed", "epoch", "lr", "loss_ce", "loss_intra", "loss_step_two", "step_two_rate", "seconds",
-              *(f"dev_{m}" for m in METRICS)]
+SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred", "leak_check", "last_epoch_test")
 
 
-def finished_seeds(out: Path, cfg: TrainConfig) -> dict[int, SeedResult]:
+class LogCsv:
+    """log.csv: one row per seed and epoch, a `loss_<name>` column per term the head returned.
+
+    A head's terms are known only as it trains (a gated step may first fire in epoch 7), so a
+    new column rewrites the file with the wider header; otherwise a row is appended and flushed.
+    """
+
+    def __init__(self, path: Path, done: dict):
+        self.path = path
+        self.rows: list[dict] = []
+        if done and path.is_file():  # keep the finished seeds' rows; an unfinished seed starts over
+            with open(path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if r["seed"] and int(r["seed"]) in done]
+        self.header: list[str] = []
+        self._rewrite()
+
+    def add(self, log) -> None:
+        row = {"seed": log.seed, "epoch": log.epoch, "lr": f"{log.lr:.3g}",
+               **{f"loss_{k}": f"{v:.4f}" for k, v in log.losses.items()},
+               "step_two_rate": f"{log.step_two_rate:.3f}", "seconds": f"{log.seconds:.2f}",
+               **{f"dev_{m}": f"{log.dev[m]:.4f}" for m in METRICS}}
+        self.rows.append(row)
+        if set(row) - set(self.header):
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.header, restval="").writerow(row)
+
+    def _rewrite(self) -> None:
+        keys = {k for r in self.rows for k in r}
+        losses = sorted(k for k in keys if k.startswith("loss_"))
+        self.header = ["seed", "epoch", "lr", *losses, "step_two_rate", "seconds", *(f"dev_{m}" for m in METRICS)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, self.header, restval="")
+            w.writeheader()
+            w.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+def finished_seeds(out: Path, cfg: TrainConfig, provenance: dict) -> dict[int, SeedResult]:
     """Seeds a previous, interrupted `train --out` of the same configuration completed.
 
     Resuming is per seed: a seed is done once its checkpoint and `seed-<s>.json` exist.
-    A folder that holds another configuration is refused rather than mixed.
+    A folder that holds another configuration, features from a rebuilt cache or another
+    commit of the code is refused rather than mixed.
     """
     config = out / "config.json"
     if not config.is_file():
         return {}
-    before = json.loads(config.read_text()).get("train", {})
-    now = cfg.to_json()
+    saved = json.loads(config.read_text())
+    before, now = saved.get("train", {}), cfg.to_json()
     diff = [k for k in now if k != "out" and before.get(k) != now[k]]
+    diff += [f"{kind} cache ({', '.join(k for k in p if p[k] != provenance.get(kind, {}).get(k))})"
+             for kind, p in saved.get("provenance", {}).items() if p != provenance.get(kind)]
+    if saved.get("git_commit") not in (None, git_commit()):
+        diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
     if diff:
-        raise UserError(f"{out} holds a run with other settings ({', '.join(diff)}): "
-                        "pass another --out, or the same options to resume it")
+        raise UserError(f"{out} holds a run with other settings ({'; '.join(diff)}): "
+                        "pass another --out, or the same options, cache and code to resume it")
     done = {}
     for seed in cfg.seeds:
         js, pt = out / f"seed-{seed}.json", out / f"seed-{seed}.pt"
@@ -132,26 +190,37 @@ def finished_seeds(out: Path, cfg: TrainConfig) -> dict[int, SeedResult]:
     return done
 
 
-def _log_rows(path: Path, done: dict) -> list[list[str]]:
-    """Rows of the finished seeds from an earlier log (an unfinished seed starts over)."""
-    if not done or not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [row for row in list(csv.reader(f))[1:] if row and int(row[0]) in done]
-
-
 def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
+    """Mean and sample std over seeds; test per seed is already the mean over label-blind orders."""
     out = {}
     for split in ("dev", "test"):
         out[split] = {m: mean_std([getattr(r, split)[m] for r in results]) for m in METRICS}
+    # how much a batch-scope prediction moves with the order of the test items (mean over seeds)
+    out["test_order_std"] = {m: float(np.mean([r.test["order_std"][m] for r in results])) for m in METRICS}
+    for key in ("leak_check", "last_epoch_test"):
+        if all(getattr(r, key) is not None for r in results):
+            out[key] = {m: mean_std([getattr(r, key)[m] for r in results]) for m in METRICS}
     out["per_seed"] = [
         {"seed": r.seed, "best_epoch": r.best_epoch, "test": {m: r.test[m] for m in METRICS},
-         "dev": {m: r.dev[m] for m in METRICS}, "per_class_f1": r.test["per_class_f1"],
-         "step_two_rate": r.step_two_rate}
+         "test_orders": r.test["orders"], "dev": {m: r.dev[m] for m in METRICS},
+         "per_class_f1": r.test["per_class_f1"], "step_two_rate": r.step_two_rate,
+         **({"leak_check": r.leak_check} if r.leak_check else {})}
         for r in results
     ]
     out["select"] = cfg.select
+    out["scoring"] = (f"label-blind: dev in one seeded random order, test the mean over {cfg.eval_orders} "
+                      f"seeded random orders (eval_seed {cfg.eval_seed}, batches of {cfg.eval_batch_size})")
     return out
+
+
+def load_head(run: Path, cfg: TrainConfig, data: cache.Data, seed: int):
+    """Seed `seed`'s dev-selected head of run folder `run`, in eval mode."""
+    path = Path(run) / f"seed-{seed}.pt"
+    if not path.is_file():
+        raise UserError(f"{path} missing: the run was interrupted or files were removed; train again")
+    head = build_head(cfg, data).to(device())
+    head.load_state_dict(torch.load(path, map_location=device(), weights_only=True))
+    return head.eval()
 
 
 def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
@@ -176,13 +245,9 @@ def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
     test = data.splits["test"]
     per_seed = []
     for seed in cfg.seeds:
-        path = run / f"seed-{seed}.pt"
-        if not path.is_file():
-            raise UserError(f"{path} missing: the run was interrupted or files were removed; train again")
-        head = build_head(cfg, data).to(device())
-        head.load_state_dict(torch.load(path, map_location=device(), weights_only=True))
-        pred = predict(head, test, cfg.batch_size, device())
-        per_seed.append({"seed": seed, **scores(test.labels.numpy(), pred, data.dims.n_classes)})
+        head = load_head(run, cfg, data, seed)
+        s, _ = score_split(head, test, cfg, data.dims.n_classes, device(), eval_orders(len(test), cfg))
+        per_seed.append({"seed": seed, **{m: s[m] for m in METRICS}})
     result = {"test": {m: mean_std([p[m] for p in per_seed]) for m in METRICS}, "per_seed": per_seed}
     if (run / "metrics.json").is_file():
         recorded = json.loads((run / "metrics.json").read_text())

@@ -1,11 +1,16 @@
-"""The one trainer: any registered head, from the in-memory cache, with the SPP-SCL update.
+"""The one trainer: any registered head, from the in-memory cache.
 
-Per batch (SPEC.md, "Losses and the two-step update"):
-  step one   L1 = lambda_ce * CE + SupCon(T_a) + SupCon(I_a) [+ L_clm with --one-step]
-  step two   forward the same batch again; if should_pull(T_a, I_a, y, alpha):
-             L2 = CrossSupCon(I_a, T_a), a second optimizer step; else skip (push only).
-Step two is a trainer feature: any head that returns both embeddings gets it.
+Per batch the head's own objective is the loss (ARCHITECTURE.md rule 3: the trainer
+names no loss and no head):
+  step one   L1 = sum of head.objective(out, y)  (SPP-SCL: lambda_ce CE + SupCon(T_a) + SupCon(I_a))
+  step two   if head.has_second_step: forward the same batch again; if head.second_step(out, y)
+             returns terms (its gate opened), a second optimizer step on their sum; else skip.
 The epoch is selected on the dev split; test is scored once, with that epoch's weights.
+
+Honest numbers: dev and test are scored in seeded random orders, never in the stored
+order (the shipped split files are sorted by label, and a batch-scope head attends over
+its batch mates, which would then share its label). Test is the mean over several
+orders; `leak_check` scores the same weights in file order to show what that inflates.
 """
 
 from __future__ import annotations
@@ -16,36 +21,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import heads
 from core.device import device
-from heads.base import HeadConfig
-from heads.losses import cross_supcon, should_pull, supcon
-from train.config import TrainConfig
+from core.errors import UserError
+from train.config import METRICS, TrainConfig
 from train.data import Data, Split
 from train.metrics import scores
 
 
-def head_config(cfg: TrainConfig) -> HeadConfig:
-    return HeadConfig(dim=cfg.dim, dropout=cfg.dropout, text_layers=cfg.text_layers,
-                      hierarchical_attention=cfg.hierarchical_attention, cmf=cfg.cmf,
-                      cmf_scope=cfg.cmf_scope, modalities=cfg.modalities)
-
-
-def build_head(cfg: TrainConfig, data: Data) -> torch.nn.Module:
-    return heads.create(cfg.head, data.dims, head_config(cfg))
+def build_head(cfg: TrainConfig, data: Data) -> heads.Head:
+    return heads.create(cfg.head, data.dims, cfg.head_config)
 
 
 @dataclass
 class EpochLog:
     seed: int
     epoch: int
-    lr: float
-    loss_ce: float
-    loss_intra: float
-    loss_step_two: float
-    step_two_rate: float  # share of batches where the gate opened
+    lr: float  # the learning rate this epoch trained with
+    losses: dict[str, float]  # mean of each named loss term over the batches it was computed on
+    step_two_rate: float  # share of batches where the second step ran (0 for heads without one)
     seconds: float
     dev: dict = field(default_factory=dict)
 
@@ -56,25 +51,59 @@ class SeedResult:
     best_epoch: int
     state: dict  # the selected weights
     dev: dict
-    test: dict
+    test: dict  # mean over the label-blind orders (+ "orders": per-order metrics)
     step_two_rate: float  # over the whole run
-    test_pred: list[int]
+    test_pred: list[int]  # predictions of the first label-blind order
     log: list[EpochLog]
+    leak_check: dict | None = None  # the same weights scored in file order (batch-dependent heads)
+    last_epoch_test: dict | None = None  # --official: the last epoch's weights, as the authors report
+
+
+def eval_orders(n: int, cfg: TrainConfig, count: int | None = None) -> list[torch.Tensor]:
+    """The label-blind scoring orders of a split of `n` items: seeded permutations.
+
+    Drawn from `cfg.eval_seed` alone, so `eval` reproduces them from config.json.
+    """
+    g = torch.Generator().manual_seed(cfg.eval_seed)
+    return [torch.randperm(n, generator=g) for _ in range(count or cfg.eval_orders)]
 
 
 @torch.no_grad()
-def predict(head: torch.nn.Module, split: Split, batch_size: int, dev: torch.device) -> np.ndarray:
-    """Eval-mode predictions in the split's own order and fixed batches.
+def predict(head: torch.nn.Module, split: Split, batch_size: int, dev: torch.device,
+            order: torch.Tensor | None) -> np.ndarray:
+    """Eval-mode logits' argmax for every item, in the split's index order.
 
-    With `--cmf-scope batch` a prediction depends on its batch mates, so the order and
-    batch size are fixed here: `eval` reproduces `train`'s numbers exactly.
+    The items are fed in `order`, cut into batches of `batch_size`: with `--cmf-scope
+    batch` a prediction depends on its batch mates, so the order matters. `order=None`
+    is the stored file order: only `leak_check` may use it.
     """
+    return logits(head, split, batch_size, dev, order).argmax(1).numpy()
+
+
+@torch.no_grad()
+def logits(head: torch.nn.Module, split: Split, batch_size: int, dev: torch.device,
+           order: torch.Tensor | None) -> torch.Tensor:
+    """(N, n_classes) eval-mode logits in the split's index order, fed in `order` (see predict)."""
     head.eval()
-    out = []
-    for b in range(0, len(split), batch_size):
-        idx = torch.arange(b, min(b + batch_size, len(split)))
-        out.append(head(split.batch(idx).to(dev)).logits.argmax(1).cpu())
-    return torch.cat(out).numpy()
+    order = torch.arange(len(split)) if order is None else order
+    chunks = [head(split.batch(order[b : b + batch_size]).to(dev)).logits.float().cpu()
+              for b in range(0, len(order), batch_size)]
+    out = torch.empty(len(split), chunks[0].shape[1])
+    out[order] = torch.cat(chunks)  # back to the split's index order
+    return out
+
+
+def score_split(head, split: Split, cfg: TrainConfig, n_classes: int, dev: torch.device,
+                orders: list[torch.Tensor]) -> tuple[dict, np.ndarray]:
+    """Metrics averaged over `orders` (+ per-order values), and the first order's predictions."""
+    y = split.labels.numpy()
+    preds = [predict(head, split, cfg.eval_batch_size, dev, o) for o in orders]
+    per = [scores(y, p, n_classes) for p in preds]
+    mean = {m: float(np.mean([s[m] for s in per])) for m in METRICS}
+    mean["order_std"] = {m: float(np.std([s[m] for s in per], ddof=1)) if len(per) > 1 else 0.0 for m in METRICS}
+    mean["per_class_f1"] = [float(x) for x in np.mean([s["per_class_f1"] for s in per], axis=0)]
+    mean["orders"] = [{m: s[m] for m in METRICS} for s in per]
+    return mean, preds[0]
 
 
 def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -83,35 +112,32 @@ def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return len(labels) / (n_classes * counts)
 
 
-def step_one_loss(cfg: TrainConfig, out, y, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
-    ce = F.cross_entropy(out.logits, y, weight=weight)
-    intra = sum(
-        (supcon(z, y, cfg.temperature, official=cfg.supcon_official) for z in (out.text, out.image) if z is not None),
-        torch.zeros((), device=y.device),
-    ) if cfg.intra else torch.zeros((), device=y.device)
-    loss = cfg.lambda_ce * ce + intra + sum(out.extra_losses.values(), torch.zeros((), device=y.device))
-    if not cfg.two_step and cfg.clm and out.text is not None and out.image is not None:
-        loss = loss + cross_supcon(out.image, out.text, y, cfg.temperature)  # one-step ablation
-    return loss, ce.item(), intra.item()
-
-
 def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: None) -> SeedResult:
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = device()
+    train, dev_split, test = data.splits["train"], data.splits["dev"], data.splits["test"]
+    if len(train) < 2:
+        raise UserError(f"the train split of {cfg.dataset} has {len(train)} item(s): training needs at least 2 "
+                        "(BatchNorm and SupCon need pairs); extract more data or check the split column")
     head = build_head(cfg, data).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    train, dev_split = data.splits["train"], data.splits["dev"]
+    # torch >= 2 zero_grad drops gradients (set_to_none); the official code's torch 1.8 kept zero
+    # tensors, so its step-two AdamW step also moved parameters L_clm does not reach
+    keep_zero_grads = cfg.official
     g = torch.Generator().manual_seed(seed)
     n_classes = data.dims.n_classes
     weight = class_weights(train.labels, n_classes).to(dev) if cfg.balanced else None
+    dev_order = eval_orders(len(dev_split), cfg, 1)
     best, logs, fired_total, batches_total = None, [], 0, 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
+        lr = opt.param_groups[0]["lr"]  # the rate this epoch trains with (logged before sched.step())
         head.train()
         order = torch.randperm(len(train), generator=g)
-        sums = np.zeros(3)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         fired = n_batches = 0
         for b in range(0, len(order), cfg.batch_size):
             idx = order[b : b + cfg.batch_size]
@@ -119,38 +145,52 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
                 continue
             batch = train.batch(idx).to(dev)
             y = batch.labels
-            out = head(batch)
-            loss, ce, intra = step_one_loss(cfg, out, y, weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            terms = head.objective(head(batch), y, weight)
+            opt.zero_grad(set_to_none=not keep_zero_grads)
+            sum(terms.values()).backward()
             opt.step()
-            sums[:2] += ce, intra
             n_batches += 1
-            if cfg.two_step and cfg.clm and out.text is not None and out.image is not None:
-                out = head(batch)  # the same batch again, with the updated weights
-                if should_pull(out.text, out.image, y, cfg.alpha):  # modalities not aligned yet: pull
-                    l2 = cross_supcon(out.image, out.text, y, cfg.temperature)
-                    opt.zero_grad(set_to_none=True)
-                    l2.backward()
+            _add(sums, counts, terms)
+            if head.has_second_step:
+                second = head.second_step(head(batch), y)  # the same batch again, updated weights
+                if second is not None:  # the head's gate opened
+                    opt.zero_grad(set_to_none=not keep_zero_grads)
+                    sum(second.values()).backward()
                     opt.step()
-                    sums[2] += l2.item()
                     fired += 1
+                    _add(sums, counts, {f"step2_{k}": v for k, v in second.items()})
         sched.step()
         fired_total += fired
         batches_total += n_batches
-        pred = predict(head, dev_split, cfg.batch_size, dev)
+        pred = predict(head, dev_split, cfg.eval_batch_size, dev, dev_order[0])
         dev_scores = scores(dev_split.labels.numpy(), pred, n_classes)
-        log = EpochLog(seed, epoch, opt.param_groups[0]["lr"], sums[0] / n_batches, sums[1] / n_batches,
-                       sums[2] / max(fired, 1), fired / n_batches, time.time() - t0, dev_scores)
+        log = EpochLog(seed, epoch, lr, {k: sums[k] / counts[k] for k in sums},
+                       fired / max(n_batches, 1), time.time() - t0, dev_scores)
         logs.append(log)
         if best is None or dev_scores[cfg.select] > best[1][cfg.select]:
             best = (epoch, dev_scores, copy.deepcopy(head.state_dict()))
         on_epoch(log)
+    orders = eval_orders(len(test), cfg)
+    last = score_split(head, test, cfg, n_classes, dev, orders)[0] if cfg.official else None
     head.load_state_dict(best[2])
-    test = data.splits["test"]
-    test_pred = predict(head, test, cfg.batch_size, dev)
+    test_scores, test_pred = score_split(head, test, cfg, n_classes, dev, orders)
     return SeedResult(
-        seed, best[0], {k: v.cpu() for k, v in best[2].items()}, best[1],
-        scores(test.labels.numpy(), test_pred, n_classes), fired_total / max(batches_total, 1),
-        test_pred.tolist(), logs,
+        seed, best[0], {k: v.cpu() for k, v in best[2].items()}, best[1], test_scores,
+        fired_total / max(batches_total, 1), test_pred.tolist(), logs,
+        leak_check=file_order_scores(head, test, cfg, n_classes, dev), last_epoch_test=last,
     )
+
+
+def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, dev: torch.device) -> dict | None:
+    """The same weights scored in the stored (label-sorted) order, as the official test loop does;
+    None for a head whose predictions do not depend on batch mates (the order cannot matter)."""
+    if not head.batch_dependent:
+        return None
+    s = scores(split.labels.numpy(), predict(head, split, cfg.eval_batch_size, dev, None), n_classes)
+    return {m: s[m] for m in METRICS}
+
+
+def _add(sums: dict, counts: dict, terms: dict) -> None:
+    for k, v in terms.items():
+        sums[k] = sums.get(k, 0.0) + float(v.detach())
+        counts[k] = counts.get(k, 0) + 1
