@@ -1,10 +1,12 @@
 """Stage two: light heads trained on cached encoder features.
 
 Importing this package registers every head; build one with `create(name, dims, cfg)`.
-The loss terms the trainer applies are in `heads.losses`.
+A head owns its objective (`Head.objective`, `Head.second_step`); shared loss functions
+are in `heads.losses`.
 """
 from . import baselines, spp_scl  # noqa: F401  (imported so their heads register)
-from .base import Batch, Dims, HeadConfig, HeadOutput
-from .registry import available, create, register
+from .base import Batch, Dims, Head, HeadConfig, HeadOutput
+from .registry import available, build_config, config_class, create, describe, parse_sets, register
 
-__all__ = ["Batch", "Dims", "HeadConfig", "HeadOutput", "available", "create", "register"]
+__all__ = ["Batch", "Dims", "Head", "HeadConfig", "HeadOutput", "available", "build_config", "config_class",
+           "create", "describe", "parse_sets", "register"]

@@ -1,16 +1,19 @@
 """The contract between the trainer and every head.
 
 The trainer builds a `Batch` from the in-memory cache, calls `head(batch)` and gets a
-`HeadOutput`. It adds cross-entropy on `logits`, the SupCon terms on `text` / `image`
-(when present) and every tensor in `extra_losses`; heads never compute SupCon
-themselves, so one trainer serves them all (ARCHITECTURE.md, rule 3).
-`Dims` is read from the cache, so a head adapts to whatever encoders stage one used.
+`HeadOutput`; the head's own `objective` turns it into named loss terms, and a head may
+declare a gated second step. So a head owns its objective and one trainer serves every
+head (ARCHITECTURE.md, rule 3). Each head has its own config dataclass, a subclass of
+`HeadConfig`. `Dims` is read from the cache, so a head adapts to whatever encoders
+stage one used.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar
 
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from core.errors import UserError
 
@@ -25,44 +28,49 @@ class Dims:
     n_classes: int
 
 
+def opt(default, help: str):
+    """A config field with a one-line help that `pipeline.py heads` prints."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class HeadConfig:
-    """Head hyper-parameters; every paper ablation is a field, not a code edit."""
+    """Fields every head has. A head subclasses it with its own hyper-parameters and
+    registers the subclass with it (`@register("name", config=MyConfig)`): `--set k=v`,
+    `pipeline.py heads` and `config.json` then know the new fields with no edit elsewhere."""
 
-    dim: int = 32  # D, the shared embedding width
-    dropout: float = 0.2
-    text_layers: int = 4  # use the last k of the L cached layers (k <= L), Table 6
-    hierarchical_attention: bool = True  # False: plain last cached layer (text_layers unused)
-    cmf: bool = True  # False: concatenate I_a, T_a (no cross-modal fusion)
-    cmf_scope: str = "batch"  # "batch" (paper): BxB attention; "sample": 2 tokens each
-    modalities: str = "both"  # "text" | "image" | "both"
+    dim: int = opt(32, "D, the width of the embeddings the losses see")
+    dropout: float = opt(0.2, "dropout probability everywhere in the head")
+
+    # Fields that `train --official` sets (the authors' training step); none by default.
+    OFFICIAL: ClassVar[dict] = {}
+
+    def reads(self) -> tuple[str, ...]:
+        """The modalities this head reads: the trainer loads only those caches."""
+        return ("text", "image")
+
+    def resolved(self, dataset: str) -> "HeadConfig":
+        """Fill per-data-set defaults (`dataset` is the built-in family: mvsa_s, mvsa_m, hfm, or a
+        user's name); the base has none."""
+        return self
 
     def validate(self) -> None:
-        """Raise UserError naming the field and the fix if a field has no meaning."""
-        if self.modalities not in ("text", "image", "both"):
-            raise UserError(f"modalities={self.modalities!r}: use 'text', 'image' or 'both'")
-        if self.cmf_scope not in ("batch", "sample"):
-            raise UserError(f"cmf_scope={self.cmf_scope!r}: use 'batch' or 'sample'")
+        """Raise UserError naming the field and the fix if a value has no meaning."""
         if self.dim < 1 or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dim={self.dim}, dropout={self.dropout}: need dim >= 1, 0 <= dropout < 1")
 
-    def check(self, dims: Dims) -> None:
-        """validate(), plus: the cache holds the modalities and layers this config reads."""
+    def check(self, dims: "Dims") -> None:
+        """validate(), plus: the cache holds the modalities this config reads."""
         self.validate()
-        require_cached(dims, text=self.uses_text, image=self.uses_image)
-        if self.uses_text and not 1 <= self.text_layers <= dims.text_layers:
-            raise UserError(
-                f"text_layers={self.text_layers}: the cache holds {dims.text_layers} text "
-                f"layers; choose 1..{dims.text_layers} or rebuild the cache with more layers"
-            )
+        require_cached(dims, text="text" in self.reads(), image="image" in self.reads())
 
     @property
     def uses_text(self) -> bool:
-        return self.modalities in ("text", "both")
+        return "text" in self.reads()
 
     @property
     def uses_image(self) -> bool:
-        return self.modalities in ("image", "both")
+        return "image" in self.reads()
 
 
 def require_cached(dims: Dims, text: bool, image: bool) -> None:
@@ -111,9 +119,35 @@ class Batch:
 
 @dataclass
 class HeadOutput:
-    """What a head hands back; the trainer turns it into loss terms."""
+    """What a head's forward hands back: logits, and the embeddings its objective and
+    `pipeline.py report` read (T_a, I_a and the fused vector for SPP-SCL)."""
 
     logits: Tensor  # (B, n_classes)
-    text: Tensor | None = None  # T_a (B, D): embedding for intra/cross-modal SupCon
-    image: Tensor | None = None  # I_a (B, D)
-    extra_losses: dict[str, Tensor] = field(default_factory=dict)  # added to step one as-is
+    text: Tensor | None = None  # text embedding (B, D), e.g. T_a
+    image: Tensor | None = None  # image embedding (B, D), e.g. I_a
+    fused: Tensor | None = None  # the vector the classifier reads (B, F), for t-SNE plots
+    extras: dict[str, Tensor] = field(default_factory=dict)  # anything else the head's own objective needs
+
+
+class Head(nn.Module):
+    """Base of every head: the forward pass and the objective that trains it.
+
+    The trainer sums `objective(...)`'s named terms for step one (and logs each by name),
+    and, when `has_second_step` is true, forwards the batch again after step one's update
+    and takes a second optimizer step on `second_step(...)`'s terms unless it returns None
+    (a gate). It never names a loss or a head (ARCHITECTURE.md rule 3).
+    """
+
+    cfg: HeadConfig
+
+    def objective(self, out: HeadOutput, labels: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
+        """Step one's named loss terms; the base is plain cross-entropy (`weight`: per-class, or None)."""
+        return {"ce": F.cross_entropy(out.logits, labels, weight=weight)}
+
+    @property
+    def has_second_step(self) -> bool:
+        return False
+
+    def second_step(self, out: HeadOutput, labels: Tensor) -> dict[str, Tensor] | None:
+        """Terms of a second, gated optimizer step on a fresh forward of the same batch; None skips it."""
+        return None

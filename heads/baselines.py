@@ -2,17 +2,16 @@
 
 Each pools its features (mean of the last cached layer's real tokens; global average
 of the image map), embeds them in the D-dim space and classifies with the SPP-SCL
-classifier MLP. They return those D-dim embeddings as `text` / `image`, so the trainer
-can apply the same SupCon terms (and, for late_concat, the gated step two); the
-HeadConfig fields about HA, CMF and modalities do not apply and are ignored; each
-baseline reads the modalities its name says.
+classifier MLP, trained by plain cross-entropy (the base `Head.objective`): a baseline
+adds no loss of its own. Each reads the modalities its name says.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
 
-from .base import Batch, Dims, HeadConfig, HeadOutput, require_cached
+import torch
+
+from .base import Batch, Dims, Head, HeadConfig, HeadOutput
 from .blocks import classifier, embedding
 from .ragged import segment_mean
 from .registry import register
@@ -28,15 +27,27 @@ def pooled_image(batch: Batch):
     return batch.maps.mean(dim=(2, 3))
 
 
-class _OneModality(nn.Module):
+@dataclass
+class TextOnlyConfig(HeadConfig):
+    def reads(self) -> tuple[str, ...]:
+        return ("text",)
+
+
+@dataclass
+class ImageOnlyConfig(HeadConfig):
+    def reads(self) -> tuple[str, ...]:
+        return ("image",)
+
+
+class _OneModality(Head):
     """Pooled features of one modality -> D-dim embedding -> classifier."""
 
     modality = ""  # "text" or "image", set by the registered subclasses
 
     def __init__(self, dims: Dims, cfg: HeadConfig):
         super().__init__()
+        self.cfg = cfg
         text = self.modality == "text"
-        require_cached(dims, text=text, image=not text)
         width = dims.text_width if text else dims.image_channels
         self.embed = embedding(width, cfg.dim, cfg.dropout)
         self.classifier = classifier(cfg.dim, dims.n_classes, cfg.dropout)
@@ -45,17 +56,17 @@ class _OneModality(nn.Module):
         text = self.modality == "text"
         batch.require(text=text, image=not text)
         z = self.embed(pooled_text(batch) if text else pooled_image(batch))
-        return HeadOutput(logits=self.classifier(z), **{self.modality: z})
+        return HeadOutput(logits=self.classifier(z), fused=z, **{self.modality: z})
 
 
-@register("text_only")
+@register("text_only", config=TextOnlyConfig)
 class TextOnly(_OneModality):
     """Pooled text -> D-dim embedding -> classifier."""
 
     modality = "text"
 
 
-@register("image_only")
+@register("image_only", config=ImageOnlyConfig)
 class ImageOnly(_OneModality):
     """Pooled image map -> D-dim embedding -> classifier."""
 
@@ -63,12 +74,12 @@ class ImageOnly(_OneModality):
 
 
 @register("late_concat")
-class LateConcat(nn.Module):
+class LateConcat(Head):
     """[text embedding, image embedding] -> classifier: fusion with no interaction."""
 
     def __init__(self, dims: Dims, cfg: HeadConfig):
         super().__init__()
-        require_cached(dims, text=True, image=True)
+        self.cfg = cfg
         self.embed_t = embedding(dims.text_width, cfg.dim, cfg.dropout)
         self.embed_i = embedding(dims.image_channels, cfg.dim, cfg.dropout)
         self.classifier = classifier(2 * cfg.dim, dims.n_classes, cfg.dropout)
@@ -76,4 +87,5 @@ class LateConcat(nn.Module):
     def forward(self, batch: Batch) -> HeadOutput:
         batch.require(text=True, image=True)
         t, i = self.embed_t(pooled_text(batch)), self.embed_i(pooled_image(batch))
-        return HeadOutput(logits=self.classifier(torch.cat([i, t], dim=1)), text=t, image=i)
+        fused = torch.cat([i, t], dim=1)
+        return HeadOutput(logits=self.classifier(fused), text=t, image=i, fused=fused)

@@ -56,18 +56,20 @@ def supcon(features: Tensor, labels: Tensor, temperature: float = 0.07,
     return _mean_over_positives(log_prob, positives)
 
 
-def cross_supcon(image: Tensor, text: Tensor, labels: Tensor,
+def cross_supcon(text: Tensor, image: Tensor, labels: Tensor,
                  temperature: float = 0.07) -> Tensor:
-    """Cross-modal supervised contrastive loss L_clm (SPP-SCL Eq. 6, step two).
+    """Cross-modal supervised contrastive loss L_clm(T, I, y) (SPP-SCL Eq. 7, step two).
 
-    image, text: (B, D) paired embeddings I_a, T_a (L2-normalised here).
-    labels:      (B,) int class ids.
-    returns:     scalar. Row i is image i against every text j: logits norm(I) norm(T)^T
-                 / tau, softmax over all j, positives = texts with y_j == y_i including
-                 its own pair j == i (so every row has at least one positive).
+    text:   (B, D) T_a, THE ANCHORS: row i is text i against every image j (as Eq. 7 and
+            the official `T_I_Clos(T, I)`; anchoring on the images gives another loss).
+    image:  (B, D) I_a, the contrasted side. Both L2-normalised here.
+    labels: (B,) int class ids.
+    returns scalar: logits norm(T) norm(I)^T / tau, softmax of row i over all images j,
+            positives = images with y_j == y_i including its own pair j == i (so every
+            row has at least one positive).
     """
-    # cross-modal logits: norm(I) norm(T)^T / tau, (B, B)
-    logits = F.normalize(image, dim=1) @ F.normalize(text, dim=1).T / temperature
+    # cross-modal logits: norm(T) norm(I)^T / tau, (B, B), rows = text anchors
+    logits = F.normalize(text, dim=1) @ F.normalize(image, dim=1).T / temperature
     # positives: y_i == y_j, diagonal (the true pair) included
     positives = labels[:, None] == labels[None, :]
     # for numerical stability
@@ -93,12 +95,18 @@ def pull_gate(text: Tensor, image: Tensor, labels: Tensor) -> tuple[int, int]:
     return c, c_mask
 
 
-def should_pull(text: Tensor, image: Tensor, labels: Tensor, alpha: float = 2 / 3) -> bool:
+def should_pull(text: Tensor, image: Tensor, labels: Tensor, alpha: float = 2 / 3,
+                floor: bool = False) -> bool:
     """True when step two must run: the pairs are not yet aligned enough.
 
     Few entries fall below the mean diagonal similarity when the true pairs do not
     stand out, so a small c means "pull". Shapes as in `pull_gate`.
+    floor: the official code's rounding, which skips when c >= int(alpha * c_mask), so at
+           c == floor(alpha * c_mask) it skips where the paper's gate pulls.
     """
     c, c_mask = pull_gate(text, image, labels)
+    if floor:
+        # official gate: c < int(alpha * c_mask)
+        return c < int(alpha * c_mask)
     # step two gate: c < alpha * c_mask
     return c < alpha * c_mask

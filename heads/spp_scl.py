@@ -2,20 +2,81 @@
 
 Data flows top to bottom: image branch and text branch give I_contra and T_contra,
 the align layers give I_a and T_a (the embeddings the SupCon losses use), CMF fuses
-them and an MLP classifies M = [I_m, T_m, I_a, T_a]. Every ablation of the paper is a
-HeadConfig field. The losses live in losses.py; the trainer applies them.
+them and an MLP classifies M = [I_m, T_m, I_a, T_a]. The head owns its objective:
+step one's terms (`objective`) and the gated step two (`second_step`) are at the end
+of this file, over the loss functions of losses.py. Every ablation of the paper is a
+field of `SppSclConfig`, never a code edit.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Batch, Dims, HeadConfig, HeadOutput
+from core.errors import UserError
+
+from .base import Batch, Dims, Head, HeadConfig, HeadOutput, opt
 from .bilstm import RaggedBiLSTM
 from .blocks import align, classifier, projection, qkv
+from .losses import cross_supcon, should_pull, supcon
 from .registry import register
+
+# lambda_ce per data set (SPEC.md "Losses": paper 5 / 5 / 10; the official code 5 everywhere)
+LAMBDA_CE = {"mvsa_s": 5.0, "mvsa_m": 5.0, "hfm": 10.0}
+
+
+@dataclass
+class SppSclConfig(HeadConfig):
+    """SPP-SCL hyper-parameters; every paper ablation (Tables 4-7) is one field."""
+
+    modalities: str = opt("both", "text | image | both (Table 7's text-only and image-only rows)")
+    text_layers: int = opt(4, "hierarchical attention over the last k cached layers (Table 6)")
+    hierarchical_attention: bool = opt(True, "false: plain last cached layer, no HA (Table 6)")
+    cmf: bool = opt(True, "false: concatenate I_a, T_a instead of cross-modal fusion (Table 7)")
+    cmf_scope: str = opt("batch", "batch: B x B attention across the batch (paper); sample: per item")
+    lambda_ce: float | None = opt(None, "weight of cross-entropy [default: 5, HFM 10]")
+    temperature: float = opt(0.07, "SupCon temperature tau")
+    alpha: float = opt(2 / 3, "step-two gate: pull when c < alpha * c_mask")
+    two_step: bool = opt(True, "false: L_clm joins step one every batch, no gated step (Table 4)")
+    clm: bool = opt(True, "false: no cross-modal loss L_clm (Table 5)")
+    intra: bool = opt(True, "false: no intra-modal SupCon L_cli, L_clt (Table 5)")
+    supcon_official: bool = opt(False, "SupCon as the official code: self logit 0, kept in the denominator")
+    gate_floor: bool = opt(False, "the official gate's rounding: pull when c < int(alpha * c_mask)")
+
+    # `train --official`: the authors' code (SPEC.md "More behaviours of the official code")
+    OFFICIAL = {"supcon_official": True, "gate_floor": True, "lambda_ce": 5.0, "alpha": 2 / 3}
+
+    def reads(self) -> tuple[str, ...]:
+        return {"both": ("text", "image"), "text": ("text",), "image": ("image",)}.get(self.modalities, ())
+
+    def resolved(self, dataset: str) -> "SppSclConfig":
+        if self.lambda_ce is not None:
+            return self
+        from dataclasses import replace
+
+        return replace(self, lambda_ce=LAMBDA_CE.get(dataset, LAMBDA_CE["mvsa_s"]))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.modalities not in ("text", "image", "both"):
+            raise UserError(f"modalities={self.modalities!r}: use 'text', 'image' or 'both'")
+        if self.cmf_scope not in ("batch", "sample"):
+            raise UserError(f"cmf_scope={self.cmf_scope!r}: use 'batch' or 'sample'")
+        if not self.temperature > 0:
+            raise UserError(f"temperature={self.temperature}: must be > 0 (SupCon divides by it)")
+        if self.lambda_ce is not None and self.lambda_ce < 0:
+            raise UserError(f"lambda_ce={self.lambda_ce}: must be >= 0")
+
+    def check(self, dims: Dims) -> None:
+        super().check(dims)
+        if self.uses_text and not 1 <= self.text_layers <= dims.text_layers:
+            raise UserError(
+                f"text_layers={self.text_layers}: the cache holds {dims.text_layers} text "
+                f"layers; choose 1..{dims.text_layers} or rebuild the cache with more layers"
+            )
 
 LSTM_HIDDEN = 64  # per direction -> 128 after the BiLSTM (SPEC)
 IMAGE_WIDTH = 128  # channels after the 1x1 conv (SPEC)
@@ -24,7 +85,7 @@ IMAGE_WIDTH = 128  # channels after the 1x1 conv (SPEC)
 class ImageBranch(nn.Module):
     """Conv2d(C, 128, 1x1) -> BN2d -> ReLU -> Dropout -> GAP -> P_I: maps -> I_contra."""
 
-    def __init__(self, channels: int, cfg: HeadConfig):
+    def __init__(self, channels: int, cfg: SppSclConfig):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(channels, IMAGE_WIDTH, 1), nn.BatchNorm2d(IMAGE_WIDTH),
                                   nn.ReLU(), nn.Dropout(cfg.dropout))
@@ -52,7 +113,7 @@ class HierarchicalAttention(nn.Module):
 class TextBranch(nn.Module):
     """HA over the last k cached layers -> BiLSTM -> mean over real tokens -> P_T."""
 
-    def __init__(self, dims: Dims, cfg: HeadConfig):
+    def __init__(self, dims: Dims, cfg: SppSclConfig):
         super().__init__()
         self.layers = cfg.text_layers if cfg.hierarchical_attention else 1
         self.ha = HierarchicalAttention(self.layers) if cfg.hierarchical_attention else None
@@ -114,11 +175,11 @@ class CrossModalFusion(nn.Module):
         return fused[:, 0], fused[:, 1]
 
 
-@register("spp_scl")
-class SppSclHead(nn.Module):
-    """SPP-SCL head: returns logits and T_a, I_a for the intra/cross-modal SupCon terms."""
+@register("spp_scl", config=SppSclConfig)
+class SppSclHead(Head):
+    """SPP-SCL head: logits and T_a, I_a; its objective is the semi-push-pull update."""
 
-    def __init__(self, dims: Dims, cfg: HeadConfig):
+    def __init__(self, dims: Dims, cfg: SppSclConfig):
         super().__init__()
         cfg.check(dims)
         self.cfg = cfg
@@ -148,4 +209,34 @@ class SppSclHead(nn.Module):
         else:
             # no CMF: M = [I_a, T_a]; one modality: its own embedding
             m = torch.cat([x for x in (i_a, t_a) if x is not None], dim=1)
-        return HeadOutput(logits=self.classifier(m), text=t_a, image=i_a)
+        return HeadOutput(logits=self.classifier(m), text=t_a, image=i_a, fused=m)
+
+    # --- the objective (SPEC.md "Losses and the two-step (semi-push-pull) update") --------
+
+    def objective(self, out: HeadOutput, labels: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
+        """Step one: L1 = lambda_ce * CE + SupCon(T_a, y) + SupCon(I_a, y) [+ L_clm, one-step ablation]."""
+        cfg = self.cfg
+        terms = {"ce": cfg.lambda_ce * F.cross_entropy(out.logits, labels, weight=weight)}
+        if cfg.intra:
+            # L_clt = SupCon(T_a, y), L_cli = SupCon(I_a, y)
+            for name, z in (("clt", out.text), ("cli", out.image)):
+                if z is not None:
+                    terms[name] = supcon(z, labels, cfg.temperature, official=cfg.supcon_official)
+        if self._pulls and not cfg.two_step:
+            terms["clm"] = cross_supcon(out.text, out.image, labels, cfg.temperature)  # one-step ablation
+        return terms
+
+    @property
+    def _pulls(self) -> bool:
+        return self.cfg.clm and self.cfg.uses_text and self.cfg.uses_image
+
+    @property
+    def has_second_step(self) -> bool:
+        return self._pulls and self.cfg.two_step
+
+    def second_step(self, out: HeadOutput, labels: Tensor) -> dict[str, Tensor] | None:
+        """Step two on a fresh forward: L2 = L_clm(T_a, I_a, y) if the gate opens, else skip."""
+        # step two gate: pull when c < alpha * c_mask (S = sigmoid(T_a I_a^T), see losses.pull_gate)
+        if not should_pull(out.text, out.image, labels, self.cfg.alpha, floor=self.cfg.gate_floor):
+            return None  # aligned enough: push only
+        return {"clm": cross_supcon(out.text, out.image, labels, self.cfg.temperature)}
