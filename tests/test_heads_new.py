@@ -15,8 +15,12 @@ from test_heads import MINILM_EFFNET, SMALL, make_batch, one_thread, sub_batch  
 
 CLIP = {"full": {}, "no_clip": {"clip": False}, "no_ca": {"ca": False}, "no_cg": {"cg": False},
         "fixed_temperature": {"learn_temperature": False}, "none": {"clip": False, "ca": False, "cg": False}}
+HYBRID = {"full": {}, "no_self_attention": {"self_attention": False}, "no_cross_attention": {"cross_attention": False},
+          "no_birau": {"birau": False}, "rau_steps=1": {"rau_steps": 1}, "equal_weights": {"dynamic_weights": False},
+          "no_decision_fusion": {"decision_fusion": False}}
 PROBE = {m: {"modalities": m} for m in ("both", "text", "image")}
-CASES = [("clip_ca_cg", k, v) for k, v in CLIP.items()] + [("probe", k, v) for k, v in PROBE.items()]
+CASES = ([("clip_ca_cg", k, v) for k, v in CLIP.items()] + [("hybrid_fusion", k, v) for k, v in HYBRID.items()]
+         + [("probe", k, v) for k, v in PROBE.items()])
 IDS = [f"{name}-{k}" for name, k, _ in CASES]
 
 
@@ -50,7 +54,7 @@ def test_shapes(name, case, values):
     out = create(name, SMALL, small(name, **values))(batch)
     assert isinstance(out, HeadOutput) and out.logits.shape == (4, SMALL.n_classes)
     assert out.fused.shape[0] == 4 and out.fused.dim() == 2
-    if name == "clip_ca_cg":
+    if name != "probe":
         assert out.text.shape == out.image.shape == out.fused.shape == (4, 16)
 
 
@@ -76,7 +80,7 @@ def test_eval_logits_do_not_depend_on_batch_mates(name, case, values):
 
 def test_real_sizes():
     batch = make_batch(MINILM_EFFNET, [30, 12, 41], hw=7)
-    for name in ("clip_ca_cg", "probe"):
+    for name in ("clip_ca_cg", "hybrid_fusion", "probe"):
         out = create(name, MINILM_EFFNET)(batch)
         assert out.logits.shape == (3, 3)
 
@@ -178,6 +182,67 @@ def test_clip_ca_cg_bad_config_is_a_user_error(values, word):
         create("clip_ca_cg", SMALL, build_config("clip_ca_cg", values))
 
 
+# --- hybrid fusion ablations -------------------------------------------------------------
+
+
+def test_hybrid_decision_is_a_weighted_mixture_of_the_three_classifiers():
+    batch = make_batch(SMALL, [3, 5, 2])
+    out = trained_eval("hybrid_fusion", small("hybrid_fusion"), batch)(batch)
+    z, w = out.extras["branch_logits"], out.extras["weights"]
+    assert z.shape == (3, 3, SMALL.n_classes) and torch.allclose(w.sum(1), torch.ones(3))
+    p = (w[..., None] * torch.softmax(z, dim=2)).sum(1)
+    assert torch.allclose(out.logits.exp(), p, atol=1e-6)
+    equal = create("hybrid_fusion", SMALL, small("hybrid_fusion", dynamic_weights=False))
+    assert not hasattr(equal, "weights")
+    assert torch.allclose(equal(batch).extras["weights"], torch.full((3, 3), 1 / 3))
+    alone = create("hybrid_fusion", SMALL, small("hybrid_fusion", decision_fusion=False))
+    out = alone(batch)
+    assert "weights" not in out.extras and torch.equal(out.logits, out.extras["branch_logits"][:, 2])
+
+
+def test_hybrid_objective_terms():
+    batch = make_batch(SMALL, [3, 5, 2])
+    head = create("hybrid_fusion", SMALL, small("hybrid_fusion", aux_weight=0.25)).eval()
+    out = head(batch)
+    terms = head.objective(out, batch.labels)
+    assert set(terms) == {"ce", "aux"}
+    z = out.extras["branch_logits"]
+    aux = sum(torch.nn.functional.cross_entropy(z[:, j], batch.labels) for j in range(3)) / 3
+    assert torch.allclose(terms["aux"], 0.25 * aux)
+    assert torch.allclose(terms["ce"], -out.logits.gather(1, batch.labels[:, None]).mean())
+
+
+def test_hybrid_ablations_remove_their_parts():
+    batch = make_batch(SMALL, [3, 5, 2])
+    def parts(**values):
+        return {n.split(".")[0] for n, _ in create("hybrid_fusion", SMALL, small("hybrid_fusion", **values)).named_parameters()}
+    full = parts()
+    assert {"sa_t", "sa_i", "t2i", "i2t", "rau_ti", "rau_it", "weights"} <= full
+    assert not {"sa_t", "sa_i"} & parts(self_attention=False)
+    assert not {"t2i", "i2t"} & parts(cross_attention=False)
+    assert not {"rau_ti", "rau_it"} & parts(birau=False)
+    head = create("hybrid_fusion", SMALL, small("hybrid_fusion", self_attention=False)).eval()
+    out = head(batch)  # w/o self-attention the unimodal features are the globals
+    assert torch.allclose(out.text, head.global_t(batch.cls[:, -1]))
+    assert torch.allclose(out.image, head.global_i(batch.maps.mean(dim=(2, 3))))
+
+
+def test_hybrid_text_tokens_matter_per_sample():
+    batch = make_batch(SMALL, [3, 5, 2])
+    head = trained_eval("hybrid_fusion", small("hybrid_fusion"), batch)
+    tokens = batch.tokens.clone()
+    tokens[3:8] += 1.0  # sample 1's tokens only
+    with torch.no_grad():
+        a, b = head(batch).logits, head(replace(batch, tokens=tokens)).logits
+    assert not torch.allclose(a[1], b[1]) and torch.allclose(a[[0, 2]], b[[0, 2]], atol=1e-6)
+
+
+@pytest.mark.parametrize("values, word", [({"dim": 30, "heads": 4}, "dim"), ({"rau_steps": 0}, "rau_steps")])
+def test_hybrid_bad_config_is_a_user_error(values, word):
+    with pytest.raises(UserError, match=word):
+        create("hybrid_fusion", SMALL, build_config("hybrid_fusion", values))
+
+
 # --- linear probe ----------------------------------------------------------------------
 
 
@@ -204,10 +269,12 @@ def test_probe_reads_pooled_last_layer_and_image():
 
 
 def test_registered_with_their_configs():
-    assert {"clip_ca_cg", "probe"} <= set(heads.available())
+    assert {"clip_ca_cg", "hybrid_fusion", "probe"} <= set(heads.available())
+    assert parse_sets("hybrid_fusion", ["birau=false", "aux_weight=0"]) == {"birau": False, "aux_weight": 0.0}
     assert parse_sets("clip_ca_cg", ["clip=false", "ca=0", "cg=no", "lam=0.3", "heads=2"]) == \
         {"clip": False, "ca": False, "cg": False, "lam": 0.3, "heads": 2}
     assert parse_sets("probe", ["modalities=text"]) == {"modalities": "text"}
     with pytest.raises(UserError, match="valid keys"):
         parse_sets("probe", ["clip=false"])
-    assert all(help for _, _, _, help in heads.describe("clip_ca_cg"))
+    for name in ("clip_ca_cg", "hybrid_fusion", "probe"):
+        assert all(help for _, _, _, help in heads.describe(name))
