@@ -30,6 +30,8 @@ Choices the paper leaves open (and why):
   tanh(W_n LN(x)) with x = [F_IT, F_VT] (concatenation path vs normalised non-linear path).
 - lambda (Eq. 15) is a fixed hyper-parameter, as in the paper.
 - Only LayerNorm, no BatchNorm: every prediction is per sample in any mode.
+- `dropout` acts on the features (BiGRU states, image positions, MLPs), not on the
+  attention weights.
 
 Ablations (paper Table IV): `clip=false` drops the projections and the loss, F_IT = F_I * F_T
 (raw features into the attention); `ca=false` bypasses the attention (F_image-IT = F_I,
@@ -114,8 +116,8 @@ class ClipCaCg(Head):
                 self.register_buffer("fixed_log_scale", scale)
         # B. cross attention
         if cfg.ca:
-            self.mha_i = nn.MultiheadAttention(d, cfg.heads, dropout=p, batch_first=True)
-            self.mha_t = nn.MultiheadAttention(d, cfg.heads, dropout=p, batch_first=True)
+            self.mha_i = nn.MultiheadAttention(d, cfg.heads, batch_first=True)
+            self.mha_t = nn.MultiheadAttention(d, cfg.heads, batch_first=True)
             self.ln_i, self.ln_t = nn.LayerNorm(d), nn.LayerNorm(d)
         # C. cross-modal gate
         self.concat = nn.Linear(3 * d, d)

@@ -6,7 +6,8 @@ Data flows top to bottom, one block per sentence of the abstract:
                     average of the map) and local features (text: the real tokens; image:
                     the spatial positions), each by its own Linear into width D.
   2. unimodal SA    self-attention over [global; locals] of each modality; the global
-                    token's output h_t / h_i feeds a unimodal classifier.
+                    token's output h_t / h_i (computed alone: the other rows are unused)
+                    feeds a unimodal classifier.
   3. cross-attn     text locals attend to image locals and image locals to text locals
                     (multi-head, LayerNorm residual).
   4. BiRAU + SA     two recurrent attention chains, text->image (state from h_t, reads the
@@ -30,6 +31,8 @@ The abstract leaves the details open; the choices and why:
   classifiers, so each branch stays a classifier in its own right (else the weights can
   favour one branch and starve the others). Both terms logged.
 - LayerNorm only, attention only within a sample: predictions never see batch mates.
+- `dropout` acts on the features, not on attention weights (sampling masks of
+  (B * heads, S, S) was a large share of the CPU time).
 
 Ablations: `self_attention=false` (unimodal features = the globals), `cross_attention=false`
 (locals as they are), `birau=false` (masked mean of the locals instead of the recurrent
@@ -77,9 +80,9 @@ class HybridFusionConfig(HeadConfig):
 class Attend(nn.Module):
     """LayerNorm(q + MHA(q, kv, kv)), keys masked to real tokens (mask: (B, S) true = real)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.mha = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ln = nn.LayerNorm(dim)
 
     def forward(self, q: Tensor, kv: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -90,10 +93,10 @@ class Attend(nn.Module):
 class RecurrentAttention(nn.Module):
     """One BiRAU direction: s_{k+1} = GRUCell(MHA(s_k, seq, seq), s_k), k < steps."""
 
-    def __init__(self, dim: int, heads: int, dropout: float, steps: int):
+    def __init__(self, dim: int, heads: int, steps: int):
         super().__init__()
         self.steps = steps
-        self.mha = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.cell = nn.GRUCell(dim, dim)
 
     def forward(self, s: Tensor, seq: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -126,15 +129,15 @@ class HybridFusion(Head):
         self.drop = nn.Dropout(p)
         # 2. unimodal self-attention and classifiers
         if cfg.self_attention:
-            self.sa_t, self.sa_i = Attend(d, h, p), Attend(d, h, p)
+            self.sa_t, self.sa_i = Attend(d, h), Attend(d, h)
         self.clf_t, self.clf_i = nn.Linear(d, k), nn.Linear(d, k)
         # 3. cross-attention
         if cfg.cross_attention:
-            self.t2i, self.i2t = Attend(d, h, p), Attend(d, h, p)
+            self.t2i, self.i2t = Attend(d, h), Attend(d, h)
         # 4. BiRAU + self-attention, multimodal classifier
         if cfg.birau:
-            self.rau_ti, self.rau_it = (RecurrentAttention(d, h, p, cfg.rau_steps) for _ in range(2))
-        self.sa_m = Attend(d, h, p)
+            self.rau_ti, self.rau_it = (RecurrentAttention(d, h, cfg.rau_steps) for _ in range(2))
+        self.sa_m = Attend(d, h)
         self.clf_m = nn.Linear(d, k)
         # 5. decision-level weights
         if cfg.decision_fusion and cfg.dynamic_weights:
@@ -148,10 +151,10 @@ class HybridFusion(Head):
         l_t, mask = pad(self.drop(self.local_t(batch.tokens[:, -1])), batch.lengths)
         l_i = self.drop(self.local_i(batch.maps.flatten(2).transpose(1, 2)))
         # 2. unimodal: h = SA([global; locals])[0]
-        if cfg.self_attention:
+        if cfg.self_attention:  # only the global token's row is used, so it is the only query
             seq_t, seq_i = torch.cat([g_t[:, None], l_t], 1), torch.cat([g_i[:, None], l_i], 1)
             mask_t = torch.cat([mask.new_ones(len(mask), 1), mask], 1)
-            h_t, h_i = self.sa_t(seq_t, seq_t, mask_t)[:, 0], self.sa_i(seq_i, seq_i)[:, 0]
+            h_t, h_i = self.sa_t(g_t[:, None], seq_t, mask_t)[:, 0], self.sa_i(g_i[:, None], seq_i)[:, 0]
         else:
             h_t, h_i = g_t, g_i
         # 3. cross-attention: text reads image, image reads text
