@@ -4,7 +4,7 @@ Importing this package registers every head; build one with `create(name, dims, 
 A head owns its objective (`Head.objective`, `Head.second_step`); shared loss functions
 are in `heads.losses`.
 """
-from . import baselines, spp_scl  # noqa: F401  (imported so their heads register)
+from . import baselines, clip_ca_cg, hybrid_fusion, probe, spp_scl  # noqa: F401  (imported so their heads register)
 from .base import Batch, Dims, Head, HeadConfig, HeadOutput
 from .registry import available, build_config, config_class, create, describe, parse_sets, register
 

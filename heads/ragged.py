@@ -63,3 +63,15 @@ def pack_plan(lengths: Tensor) -> PackPlan:
         rank_rows=ranks.expand_as(running)[running].to(device),
         previous_rows=previous_rows.to(device),
     )
+
+
+def pad(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Ragged rows (T, F) -> padded (B, S, F) with zeros after each end, and mask (B, S)
+    true on real tokens (for attention over tokens: pass ~mask as key_padding_mask)."""
+    ids = sample_ids(lengths)
+    pos = torch.arange(len(ids), device=x.device) - (torch.cumsum(lengths, 0) - lengths)[ids]
+    out = x.new_zeros(len(lengths), int(lengths.max()), x.shape[1])
+    out[ids, pos] = x
+    mask = torch.zeros(out.shape[:2], dtype=torch.bool, device=x.device)
+    mask[ids, pos] = True
+    return out, mask

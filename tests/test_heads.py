@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 import heads
 from core.errors import UserError
 from heads import Batch, Dims, HeadConfig, HeadOutput, available, create, register
+from heads.spp_scl import SppSclConfig
 from heads.bilstm import RaggedBiLSTM
 from heads.losses import supcon
 from heads.ragged import pack_plan, segment_mean
@@ -71,7 +72,7 @@ def trained_eval_head(name, dims, cfg, batch):
 @pytest.mark.parametrize("name", ["spp_scl", "text_only", "image_only", "late_concat"])
 def test_output_shapes(dims, name):
     batch = make_batch(dims, [5, 1, 9, 3])
-    out = create(name, dims, HeadConfig())(batch)
+    out = create(name, dims)(batch)  # each head's default config
     assert isinstance(out, HeadOutput)
     assert out.logits.shape == (4, dims.n_classes)
     if name != "image_only":
@@ -82,7 +83,7 @@ def test_output_shapes(dims, name):
 
 
 def test_dim_is_configurable():
-    out = create("spp_scl", SMALL, HeadConfig(dim=16))(make_batch(SMALL, [2, 3, 4]))
+    out = create("spp_scl", SMALL, SppSclConfig(dim=16))(make_batch(SMALL, [2, 3, 4]))
     assert out.text.shape == out.image.shape == (3, 16)
 
 
@@ -125,7 +126,7 @@ def test_text_embedding_does_not_depend_on_batch_mates():
     # one short sample, alone and next to a long one: with padding (or a mean over
     # padded steps) its T_contra would change; packed, it must not
     batch = make_batch(SMALL, [3, 40, 7])
-    head = trained_eval_head("spp_scl", SMALL, HeadConfig(), batch)
+    head = trained_eval_head("spp_scl", SMALL, SppSclConfig(), batch)
     with torch.no_grad():
         together = head.text(batch)
         for i in range(3):
@@ -135,7 +136,7 @@ def test_text_embedding_does_not_depend_on_batch_mates():
 
 def test_hierarchical_attention_weights_each_sample_own_layers():
     batch = make_batch(SMALL, [2, 5, 3])
-    head = create("spp_scl", SMALL, HeadConfig(text_layers=3)).eval()
+    head = create("spp_scl", SMALL, SppSclConfig(text_layers=3)).eval()
     seen = {}
     head.text.lstm.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
     head.text(batch)
@@ -160,7 +161,7 @@ def test_segment_mean():
 def logits_alone_and_together(scope: str):
     """(head, batch, logits of each sample run alone, logits of the whole batch), eval mode."""
     batch = make_batch(SMALL, [4, 2, 7, 3], seed=3)
-    head = trained_eval_head("spp_scl", SMALL, HeadConfig(cmf_scope=scope), batch)
+    head = trained_eval_head("spp_scl", SMALL, SppSclConfig(cmf_scope=scope), batch)
     with torch.no_grad():
         alone = torch.cat([head(sub_batch(batch, [i])).logits for i in range(4)])
         return head, batch, alone, head(batch).logits
@@ -181,12 +182,12 @@ def test_batch_scope_logits_depend_on_the_batch():
 # --- ablations -----------------------------------------------------------------------
 
 ABLATIONS = {
-    **{f"text_layers={k}": HeadConfig(text_layers=k) for k in (1, 2, 3, 4)},
-    "no_ha": HeadConfig(hierarchical_attention=False),
-    "no_cmf": HeadConfig(cmf=False),
-    "sample_scope": HeadConfig(cmf_scope="sample"),
-    "text": HeadConfig(modalities="text"),
-    "image": HeadConfig(modalities="image"),
+    **{f"text_layers={k}": SppSclConfig(text_layers=k) for k in (1, 2, 3, 4)},
+    "no_ha": SppSclConfig(hierarchical_attention=False),
+    "no_cmf": SppSclConfig(cmf=False),
+    "sample_scope": SppSclConfig(cmf_scope="sample"),
+    "text": SppSclConfig(modalities="text"),
+    "image": SppSclConfig(modalities="image"),
 }
 
 
@@ -214,7 +215,7 @@ def changed(batch, **fields):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_text_layers_uses_only_the_last_k(k):
     batch = make_batch(SMALL, [3, 5])
-    head = trained_eval_head("spp_scl", SMALL, HeadConfig(text_layers=k), batch)
+    head = trained_eval_head("spp_scl", SMALL, SppSclConfig(text_layers=k), batch)
     older = torch.zeros(SMALL.text_layers, dtype=torch.bool)
     older[: SMALL.text_layers - k] = True
     noisy_cls, noisy_tok = batch.cls.clone(), batch.tokens.clone()
@@ -230,7 +231,7 @@ def test_text_layers_uses_only_the_last_k(k):
 
 def test_no_hierarchical_attention_reads_only_last_layer_tokens():
     batch = make_batch(SMALL, [3, 5])
-    head = trained_eval_head("spp_scl", SMALL, HeadConfig(hierarchical_attention=False), batch)
+    head = trained_eval_head("spp_scl", SMALL, SppSclConfig(hierarchical_attention=False), batch)
     assert not hasattr(head.text, "ha") or head.text.ha is None
     tok = batch.tokens.clone()
     tok[:, :-1] = 0.0
@@ -241,21 +242,21 @@ def test_no_hierarchical_attention_reads_only_last_layer_tokens():
 
 def test_single_modality_heads_ignore_the_other_modality():
     batch = make_batch(SMALL, [3, 5, 2])
-    text_head = trained_eval_head("spp_scl", SMALL, HeadConfig(modalities="text"), batch)
-    image_head = trained_eval_head("spp_scl", SMALL, HeadConfig(modalities="image"), batch)
+    text_head = trained_eval_head("spp_scl", SMALL, SppSclConfig(modalities="text"), batch)
+    image_head = trained_eval_head("spp_scl", SMALL, SppSclConfig(modalities="image"), batch)
     with torch.no_grad():
         assert torch.equal(text_head(batch).logits, text_head(changed(batch, maps=None)).logits)
         no_text = changed(batch, cls=None, tokens=None, lengths=None)
         assert torch.equal(image_head(batch).logits, image_head(no_text).logits)
     assert not any(n.startswith(("image.", "cmf.")) for n, _ in text_head.named_parameters())
     with pytest.raises(UserError, match="no image maps"):
-        create("spp_scl", SMALL, HeadConfig())(changed(batch, maps=None))
+        create("spp_scl", SMALL, SppSclConfig())(changed(batch, maps=None))
 
 
 def test_no_cmf_classifies_the_concatenation():
-    head = create("spp_scl", SMALL, HeadConfig(cmf=False, dim=8))
+    head = create("spp_scl", SMALL, SppSclConfig(cmf=False, dim=8))
     assert head.cmf is None and head.classifier[0].in_features == 16
-    assert create("spp_scl", SMALL, HeadConfig(dim=8)).classifier[0].in_features == 32
+    assert create("spp_scl", SMALL, SppSclConfig(dim=8)).classifier[0].in_features == 32
 
 
 # --- registry and contract -----------------------------------------------------------
@@ -272,10 +273,10 @@ def test_unknown_head_is_a_user_error_naming_the_choices():
     assert "sppscl" in str(err.value) and "late_concat" in str(err.value)
 
 
-@pytest.mark.parametrize("cfg, word", [(HeadConfig(text_layers=5), "text_layers"),
-                                       (HeadConfig(text_layers=0), "text_layers"),
-                                       (HeadConfig(cmf_scope="global"), "cmf_scope"),
-                                       (HeadConfig(modalities="audio"), "modalities")])
+@pytest.mark.parametrize("cfg, word", [(SppSclConfig(text_layers=5), "text_layers"),
+                                       (SppSclConfig(text_layers=0), "text_layers"),
+                                       (SppSclConfig(cmf_scope="global"), "cmf_scope"),
+                                       (SppSclConfig(modalities="audio"), "modalities")])
 def test_bad_config_is_a_user_error(cfg, word):
     with pytest.raises(UserError, match=word):
         create("spp_scl", SMALL, cfg)
@@ -285,15 +286,15 @@ def test_one_modality_caches():
     # stage two reports a missing modality as size 0 in Dims
     image_cache = Dims(text_layers=0, text_width=0, image_channels=16, n_classes=3)
     text_cache = Dims(text_layers=4, text_width=24, image_channels=0, n_classes=3)
-    create("spp_scl", image_cache, HeadConfig(modalities="image"))
-    create("image_only", image_cache, HeadConfig())
-    create("spp_scl", text_cache, HeadConfig(modalities="text"))
-    create("text_only", text_cache, HeadConfig())
+    create("spp_scl", image_cache, SppSclConfig(modalities="image"))
+    create("image_only", image_cache)
+    create("spp_scl", text_cache, SppSclConfig(modalities="text"))
+    create("text_only", text_cache)
     for name, dims, word in [("spp_scl", image_cache, "no text"), ("late_concat", image_cache, "no text"),
                              ("text_only", image_cache, "no text"), ("spp_scl", text_cache, "no image"),
                              ("image_only", text_cache, "no image")]:
         with pytest.raises(UserError, match=word):
-            create(name, dims, HeadConfig())
+            create(name, dims)
 
 
 def test_register_adds_a_head_without_other_edits():
@@ -309,7 +310,7 @@ def test_register_adds_a_head_without_other_edits():
     try:
         assert "test_constant" in available()
         out = create("test_constant", SMALL, HeadConfig())(make_batch(SMALL, [1, 2]))
-        assert out.logits.shape == (2, 3) and out.extra_losses == {}
+        assert out.logits.shape == (2, 3) and out.extras == {}
     finally:
         heads.registry._HEADS.pop("test_constant")
 
