@@ -234,3 +234,38 @@ def test_a_missing_split_is_a_user_error(tmp_path):
 def test_builtin_data_set_is_named_by_dataset_flag(tmp_path):
     with pytest.raises(UserError, match=r"python pipeline\.py extract --dataset hfm`"):
         data.load(tmp_path, "hfm", "text", "minilm", "efficientnet-lite0")
+
+
+def test_built_in_names_agree_between_the_stages():
+    """Stage two names the built-ins without importing stage one; the two lists must agree."""
+    from extract.datasets import BUILTINS
+    from train.config import DEFAULTS
+
+    assert set(BUILTINS) == set(DEFAULTS)
+
+
+@pytest.mark.parametrize("field, message", [("labels", r"label 1\) in the image cache"), ("split", r"split dev")])
+def test_text_and_image_caches_must_agree_on_labels_and_splits(field, message, tmp_path):
+    """Caches are joined by id: an id with another label or split in the image cache is refused."""
+    import h5py
+
+    from conftest import write_synth_cache
+    from core.errors import UserError
+    from train import data as cache
+
+    c = write_synth_cache(tmp_path / "cache")
+    shard = next(store.cache_folder(c.cache_dir, c.dataset, store.IMAGE, c.image_encoder).glob("shard-*.h5"))
+    with h5py.File(shard, "r+") as f:
+        if field == "labels":
+            labels = f["labels"][()]
+            labels[0] = 1  # train-0 is label 0 in the text cache
+            f["labels"][...] = labels
+        else:
+            split = [s.decode() for s in f["split"][()]]
+            split[0] = "dev"
+            del f["split"]
+            f.create_dataset("split", data=split, dtype=h5py.string_dtype("utf-8"))
+    store.finish(shard.parent, store.read_provenance(shard))  # the index counts the new split
+    with pytest.raises(UserError, match=r"item 'train-0' of synth .*" + message):
+        cache.load(c.cache_dir, c.dataset, "both", c.text_encoder, c.image_encoder)
+    cache.load(c.cache_dir, c.dataset, "text", c.text_encoder, c.image_encoder)  # one modality: nothing to join

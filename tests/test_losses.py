@@ -131,3 +131,25 @@ def test_gate_is_strict_at_the_threshold():
     assert (c, c_mask) == (6, 5)
     assert not should_pull(image, image, labels, alpha=6 / 5)  # 6 < 6 is false
     assert should_pull(image, image, labels, alpha=6 / 5 + 1e-6)
+
+
+def test_official_gate_floor_skips_at_the_rounded_boundary():
+    """The official code skips when c >= int(2/3 * c_mask): at c == floor(2/3 c_mask) the paper's
+    gate (c < 2/3 c_mask) pulls, the official one does not."""
+    torch.manual_seed(0)
+    for _ in range(200):
+        text, image = torch.randn(5, 4), torch.randn(5, 4)
+        labels = torch.randint(0, 2, (5,))
+        c, m = pull_gate(text, image, labels)
+        assert should_pull(text, image, labels, 2 / 3) == (c < 2 / 3 * m)
+        assert should_pull(text, image, labels, 2 / 3, floor=True) == (c < int(2 / 3 * m))
+    # a hand-made boundary: c_mask = 13 (labels 0,0,0,1,1 -> 9 + 4), floor(26/3) = 8
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    image = torch.eye(5, 4)
+    for text in (torch.randn(5, 4) for _ in range(500)):
+        c, m = pull_gate(text, image, labels)
+        if c == 8:
+            assert m == 13 and should_pull(text, image, labels, 2 / 3) and not should_pull(text, image, labels, 2 / 3, floor=True)
+            break
+    else:
+        pytest.fail("no batch with c == 8 found")
