@@ -9,7 +9,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core import store
 from core.errors import UserError
+from core.shards import parse_shard  # noqa: F401  (re-exported: extract splits shards with it)
 from core.paths import DEFAULT_CACHE, default_data_root
 from extract import datasets
 from extract.datasets import Dataset, Item
@@ -62,19 +62,6 @@ class Summary:
     folders: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     work_seconds: dict[str, float] = field(default_factory=dict)  # per modality, encoder loading excluded
-
-
-def parse_shard(spec: str | None) -> tuple[int, int]:
-    """`--shard i/N`, else torchrun's RANK/WORLD_SIZE, else the whole job."""
-    if spec:
-        try:
-            i, n = (int(x) for x in spec.split("/"))
-        except ValueError:
-            raise UserError(f"--shard {spec!r}: expected i/N, e.g. 0/2") from None
-        if not 0 <= i < n:
-            raise UserError(f"--shard {spec!r}: need 0 <= i < N")
-        return i, n
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def load_dataset(cfg: ExtractConfig) -> Dataset:

@@ -441,3 +441,11 @@ def test_balanced_weights_the_cross_entropy(synth_cache, synth_data):
     assert weighted.item() == pytest.approx(((weight[y] * per_item).sum() / weight[y].sum()).item())
     assert plain.item() == pytest.approx(per_item.mean().item()) and weighted.item() != pytest.approx(plain.item())
     trainer.train_seed(replace(cfg, balanced=True), synth_data, seed=1)
+
+
+def test_patience_stops_a_seed_once_dev_stops_improving(synth_cache, synth_data, monkeypatch):
+    scripted_dev(monkeypatch, [0.2, 0.5, 0.4, 0.45, 0.9, 0.1])
+    r = trainer.train_seed(synth_config(synth_cache, None, epochs=6, patience=2).resolved(), synth_data, seed=1)
+    assert [log.epoch for log in r.log] == [1, 2, 3, 4] and r.best_epoch == 2  # epoch 5's 0.9 is never seen
+    with pytest.raises(UserError, match="--patience 0"):
+        synth_config(synth_cache, None, patience=0).resolved()

@@ -64,6 +64,7 @@ class TrainConfig:
     lr_gamma: float = 0.5
     balanced: bool = False  # cross-entropy weighted by inverse class frequency (not in the paper)
     select: str | None = None  # metric on dev that picks the epoch
+    patience: int | None = None  # stop a seed once dev `select` has not improved for this many epochs
     # label-blind scoring: dev and test are scored in seeded random orders, never in the stored
     # (label-sorted) order; test is the mean over `eval_orders` of them (see trainer.eval_orders)
     eval_orders: int = 5
@@ -106,6 +107,8 @@ class TrainConfig:
             raise UserError("--batch-size must be at least 2 (BatchNorm and SupCon need pairs)")
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: the learning rate must be > 0")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"--patience {self.patience}: give at least 1 epoch, or leave it out")
         if self.epochs < 1 or self.eval_orders < 1:
             raise UserError("--epochs and --eval-orders must be at least 1")
         if not self.seeds:

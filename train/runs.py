@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,21 +61,72 @@ def load_data(cfg: TrainConfig) -> cache.Data:
     return cache.load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder)
 
 
+@dataclass
+class RunResult:
+    out: Path  # the run folder
+    metrics: dict  # what metrics.json holds
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """8 hex digits naming a configuration (the output folder aside): two grid cells started in
+    the same second never collide, and the same configuration finds its folder again to resume."""
+    body = {k: v for k, v in cfg.to_json().items() if k != "out"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_out(cfg: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Path:
+    return Path(runs_dir) / f"{cfg.dataset}-{cfg.head}-{config_hash(cfg)}"
+
+
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
-    """Train every seed, write the run folder, return its path."""
+    """`pipeline.py train`: load the cache, train every seed with a progress bar, return the run folder."""
     console = console or Console()
     cfg = cfg.resolved()
     t0 = time.time()
     data = load_data(cfg)
     build_head(cfg, data)  # a bad --head or --text-layers fails here, before a run folder is written
-    out = Path(cfg.out or DEFAULT_RUNS / f"{cfg.dataset}-{cfg.head}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = replace(cfg, out=Path(cfg.out or default_out(cfg)))
+    done = finished_seeds(cfg.out, cfg, data.provenance)
+    sizes = {s: len(v) for s, v in data.splits.items()}
+    console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
+                  + (f" ({data.dropped} items without image left out)" if data.dropped else "")
+                  + (f"; resuming {cfg.out}, seeds {sorted(done)} already done" if done else ""))
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=console,
+    ) as progress:
+        tasks = {seed: progress.add_task(f"seed {seed}", total=cfg.epochs, completed=cfg.epochs if seed in done else 0,
+                                         status="done earlier" if seed in done else "") for seed in cfg.seeds}
+        best: dict[int, tuple[float, int]] = {}
+
+        def on_epoch(entry):
+            if entry.dev[cfg.select] > best.get(entry.seed, (-1.0, 0))[0]:
+                best[entry.seed] = (entry.dev[cfg.select], entry.epoch)
+            v, e = best[entry.seed]
+            losses = "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())
+            progress.update(tasks[entry.seed], completed=entry.epoch, status=(
+                f"{losses}  step two {entry.step_two_rate:.0%}  dev {cfg.select} {entry.dev[cfg.select]:.4f} "
+                f"(best {v:.4f} @ {e})  {entry.seconds:.1f} s/epoch"))
+
+        def on_seed_end(seed):
+            progress.update(tasks[seed], completed=cfg.epochs)
+
+        result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0)
+    return result.out
+
+
+def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda seed: None,
+              t0: float | None = None) -> RunResult:
+    """The library call under every command: train every seed of `cfg` on already loaded `data`
+    into `cfg.out` (default: named from the config's hash), resuming finished seeds; no UI.
+    A grid calls it once per cell with the same `data`, so the cache is loaded once."""
+    t0 = t0 or time.time()
+    cfg = cfg.resolved()
+    out = Path(cfg.out or default_out(cfg))
     cfg = replace(cfg, out=out)
     done = finished_seeds(out, cfg, data.provenance)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {s: len(v) for s, v in data.splits.items()}
-    console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
-                  + (f" ({data.dropped} items without image left out)" if data.dropped else "")
-                  + (f"; resuming {out}, seeds {sorted(done)} already done" if done else ""))
     (out / "config.json").write_text(json.dumps({
         "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance,
         "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
@@ -82,32 +134,20 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     }, indent=1))
     log = LogCsv(out / "log.csv", done)
     results: list[SeedResult] = []
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=console,
-    ) as progress:
-        for seed in cfg.seeds:
-            if seed in done:
-                progress.add_task(f"seed {seed}", total=cfg.epochs, completed=cfg.epochs, status="done earlier")
-                results.append(done[seed])
-                continue
-            task = progress.add_task(f"seed {seed}", total=cfg.epochs, status="")
-            best = {"v": -1.0, "e": 0}
+    for seed in cfg.seeds:
+        if seed in done:
+            results.append(done[seed])
+            continue
 
-            def on_epoch(entry, task=task, best=best):
-                log.add(entry)
-                if entry.dev[cfg.select] > best["v"]:
-                    best.update(v=entry.dev[cfg.select], e=entry.epoch)
-                losses = "  ".join(f"{k} {v:.3f}" for k, v in entry.losses.items())
-                progress.update(task, advance=1, status=(
-                    f"{losses}  step two {entry.step_two_rate:.0%}  "
-                    f"dev {cfg.select} {entry.dev[cfg.select]:.4f} (best {best['v']:.4f} @ {best['e']})  "
-                    f"{entry.seconds:.1f} s/epoch"))
+        def each(entry):
+            log.add(entry)
+            on_epoch(entry)
 
-            r = train_seed(cfg, data, seed, on_epoch)
-            torch.save(r.state, out / f"seed-{seed}.pt")
-            (out / f"seed-{seed}.json").write_text(json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))  # last: done
-            results.append(r)
+        r = train_seed(cfg, data, seed, each)
+        torch.save(r.state, out / f"seed-{seed}.pt")
+        (out / f"seed-{seed}.json").write_text(json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))  # last: done
+        on_seed_end(seed)
+        results.append(r)
     metrics = summarize(cfg, results)
     (out / "report.txt").write_text("".join(
         f"seed {r.seed} (best dev epoch {r.best_epoch}), test\n"
@@ -116,7 +156,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     ))
     metrics["wall_seconds"] = time.time() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return out
+    return RunResult(out, metrics)
 
 
 SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred", "leak_check", "last_epoch_test")

@@ -170,6 +170,8 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         if best is None or dev_scores[cfg.select] > best[1][cfg.select]:
             best = (epoch, dev_scores, copy.deepcopy(head.state_dict()))
         on_epoch(log)
+        if cfg.patience is not None and epoch - best[0] >= cfg.patience:
+            break  # dev has not improved for `patience` epochs (a later epoch might still have)
     orders = eval_orders(len(test), cfg)
     last = score_split(head, test, cfg, n_classes, dev, orders)[0] if cfg.official else None
     head.load_state_dict(best[2])
