@@ -168,6 +168,89 @@ def train(
     _show(json.loads((run / "metrics.json").read_text()), f"{run}")
 
 
+def _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, set_, epochs, seeds, batch_size, lr, patience):
+    import heads
+    from train.config import TrainConfig
+
+    return TrainConfig(dataset=dataset, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder,
+                       head=head, head_config=heads.build_config(head, heads.parse_sets(head, set_)), epochs=epochs,
+                       seeds=_seeds(seeds), batch_size=batch_size, lr=lr, patience=patience)
+
+
+GRID_DATASET = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache")
+GRID_JOBS = typer.Option(1, min=1, help="cells trained in parallel processes on this machine")
+GRID_SHARD = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE)")
+GRID_PATIENCE = typer.Option(None, min=1, help="stop a seed once dev has not improved for P epochs")
+RUNS_DIR = typer.Option(Path("runs"), help="where the cells' run folders live (named from each config's hash)")
+
+
+@app.command()
+def ablate(
+    dataset: str = GRID_DATASET,
+    cache_dir: Path = CacheOpt,
+    text_encoder: str = typer.Option("minilm"),
+    image_encoder: str = typer.Option("efficientnet-lite0"),
+    head: str = typer.Option("spp_scl", help="any head with an ablation list (`pipeline.py heads`)"),
+    rows: Optional[str] = typer.Option(None, help="comma-separated rows to run (the full model always runs)"),
+    set_: list[str] = typer.Option([], "--set", help="head field for every row, key=value"),
+    epochs: int = typer.Option(150, min=1),
+    seeds: str = typer.Option("1,2,3,4,5"),
+    batch_size: Optional[int] = typer.Option(None, min=2),
+    lr: Optional[float] = typer.Option(None),
+    patience: Optional[int] = GRID_PATIENCE,
+    jobs: int = GRID_JOBS,
+    shard: Optional[str] = GRID_SHARD,
+    runs_dir: Path = RUNS_DIR,
+    out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: runs/ablate-<dataset>-<head>]"),
+):
+    """The paper's ablation rows for a head, one command: table.csv + table.md with seed noise."""
+    from train import grid
+
+    base = _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, set_, epochs, seeds, batch_size, lr, patience)
+    cells = grid.ablation_cells(base, runs_dir, [r.strip() for r in rows.split(",")] if rows else None)
+    grid.run_cells(cells, jobs, shard, console)
+    target = out or grid.grid_out("ablate", base, runs_dir)
+    if grid.assemble(cells, target, dataset, head) is None:
+        console.print(grid.wait_note(cells))
+        return
+    console.print((target / "table.md").read_text(), highlight=False)
+    console.print(f"written: {target / 'table.csv'}, {target / 'table.md'}")
+
+
+@app.command()
+def sweep(
+    set_: list[str] = typer.Option(..., "--set", help="field=v1,v2,... (repeat for a grid of two fields)"),
+    dataset: str = GRID_DATASET,
+    cache_dir: Path = CacheOpt,
+    text_encoder: str = typer.Option("minilm"),
+    image_encoder: str = typer.Option("efficientnet-lite0"),
+    head: str = typer.Option("spp_scl"),
+    fixed: list[str] = typer.Option([], "--fix", help="head field for every cell, key=value"),
+    epochs: int = typer.Option(150, min=1),
+    seeds: str = typer.Option("1,2,3,4,5"),
+    batch_size: Optional[int] = typer.Option(None, min=2),
+    lr: Optional[float] = typer.Option(None),
+    patience: Optional[int] = GRID_PATIENCE,
+    jobs: int = GRID_JOBS,
+    shard: Optional[str] = GRID_SHARD,
+    runs_dir: Path = RUNS_DIR,
+    out: Optional[Path] = typer.Option(None, help="where sweep.csv / sweep.png go [default: runs/sweep-<dataset>-<head>-<fields>]"),
+):
+    """Any head field over any list of values: sweep.csv + a PNG of each metric with seed error bars."""
+    from train import grid
+
+    base = _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, fixed, epochs, seeds, batch_size, lr, patience)
+    cells = grid.sweep_cells(base, set_, runs_dir)
+    grid.run_cells(cells, jobs, shard, console)
+    fields = "-".join(s.partition("=")[0] for s in set_)
+    target = out or Path(f"{grid.grid_out('sweep', base, runs_dir)}-{fields}")
+    png = grid.sweep_plot(cells, target)
+    if png is None:
+        console.print(grid.wait_note(cells))
+        return
+    console.print(f"written: {target / 'sweep.csv'}, {png}")
+
+
 def _show(metrics: dict, title: str) -> None:
     table = Table(title=title)
     table.add_column("split")

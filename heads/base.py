@@ -44,6 +44,11 @@ class HeadConfig:
 
     # Fields that `train --official` sets (the authors' training step); none by default.
     OFFICIAL: ClassVar[dict] = {}
+    # `pipeline.py ablate` rows: name -> field values (or {"head": other head, ...} for a row
+    # of another head); the full model is always the first row.
+    ABLATIONS: ClassVar[dict[str, dict]] = {}
+    # The paper's own test numbers per data set and row: {"mvsa_s": {"full": (acc, f1)}}.
+    PAPER: ClassVar[dict[str, dict[str, tuple[float, float]]]] = {}
 
     def reads(self) -> tuple[str, ...]:
         """The modalities this head reads: the trainer loads only those caches."""

@@ -69,6 +69,12 @@ class ClipCaCgConfig(HeadConfig):
     temperature: float = opt(0.07, "CLIP temperature (the initial value if learn_temperature)")
     learn_temperature: bool = opt(True, "learn the CLIP temperature (CLIP's logit scale, clamped at 100)")
 
+    ABLATIONS = {"w/o CLIP": {"clip": False}, "w/o CA": {"ca": False}, "w/o CG": {"cg": False},
+                 "linear probe": {"head": "probe"}}
+    PAPER = {"mvsa_s": {"full": (0.7538, 0.7521), "w/o CLIP": (0.7365, 0.7336), "w/o CA": (0.7215, 0.7156),
+                        "w/o CG": (0.7241, 0.7198)},  # Table IV of the paper
+             "mvsa_m": {"full": (0.7395, 0.7383)}}
+
     def validate(self) -> None:
         super().validate()
         if self.dim % 2 or self.dim % self.heads:

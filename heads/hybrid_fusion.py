@@ -68,6 +68,10 @@ class HybridFusionConfig(HeadConfig):
     decision_fusion: bool = opt(True, "false: the multimodal classifier alone decides")
     aux_weight: float = opt(0.5, "weight of the mean auxiliary CE of the three branch classifiers")
 
+    ABLATIONS = {"w/o self-attention": {"self_attention": False}, "w/o cross-attention": {"cross_attention": False},
+                 "w/o BiRAU": {"birau": False}, "equal decision weights": {"dynamic_weights": False},
+                 "w/o decision fusion": {"decision_fusion": False}, "linear probe": {"head": "probe"}}
+
     def validate(self) -> None:
         super().validate()
         if self.dim % self.heads:

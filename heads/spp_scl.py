@@ -49,6 +49,28 @@ class SppSclConfig(HeadConfig):
     # `train --official`: the authors' code (SPEC.md "More behaviours of the official code")
     OFFICIAL = {"supcon_official": True, "gate_floor": True, "lambda_ce": 5.0, "alpha": 2 / 3}
 
+    # Tables 4-7 of the paper, and the linear probe every table needs
+    ABLATIONS = {
+        "one-step": {"two_step": False}, "w/o L_clm": {"clm": False}, "w/o L_cli,L_clt": {"intra": False},
+        "HA last 1": {"text_layers": 1}, "HA last 2": {"text_layers": 2}, "HA last 3": {"text_layers": 3},
+        "HA last 4": {}, "no HA": {"hierarchical_attention": False}, "w/o CMF": {"cmf": False},
+        "text only": {"modalities": "text"}, "image only": {"modalities": "image"}, "linear probe": {"head": "probe"},
+    }
+    PAPER = {  # (accuracy, F1) on test; text only = BERT and image only = ResNet-50 of Tables 3 and 7
+        "mvsa_s": {"full": (0.8133, 0.8015), "one-step": (0.7956, 0.7684), "w/o L_clm": (0.7289, 0.7040),
+                   "w/o L_cli,L_clt": (0.7244, 0.7170), "HA last 1": (0.7133, 0.7025), "HA last 2": (0.8222, 0.8181),
+                   "HA last 3": (0.7667, 0.7565), "HA last 4": (0.8133, 0.8015), "w/o CMF": (0.7289, 0.7482),
+                   "text only": (0.7111, 0.6970), "image only": (0.6467, 0.6155)},
+        "mvsa_m": {"full": (0.7871, 0.7753), "one-step": (0.7276, 0.6929), "w/o L_clm": (0.7688, 0.7500),
+                   "w/o L_cli,L_clt": (0.7459, 0.7411), "HA last 1": (0.7282, 0.6840), "HA last 2": (0.5918, 0.5847),
+                   "HA last 3": (0.7612, 0.7275), "HA last 4": (0.7871, 0.7753), "w/o CMF": (0.7453, 0.7389),
+                   "text only": (0.6759, 0.6624), "image only": (0.6188, 0.6098)},
+        "hfm": {"full": (0.9469, 0.9450), "one-step": (0.8800, 0.8765), "w/o L_clm": (0.7812, 0.7753),
+                "w/o L_cli,L_clt": (0.9427, 0.9409), "HA last 1": (0.6617, 0.6512), "HA last 2": (0.9311, 0.9293),
+                "HA last 3": (0.9402, 0.9385), "HA last 4": (0.9469, 0.9450), "w/o CMF": (0.8117, 0.8260),
+                "text only": (0.8389, 0.8326), "image only": (0.7277, 0.7138)},
+    }
+
     def reads(self) -> tuple[str, ...]:
         return {"both": ("text", "image"), "text": ("text",), "image": ("image",)}.get(self.modalities, ())
 

@@ -1,0 +1,131 @@
+"""train/grid.py and the `ablate` / `sweep` commands, on the synthetic 3-class cache: the table
+has every row with its paper number and a paired test; an interrupted grid redoes only what was
+not finished; two shards (processes) make the same table as one process; a sweep writes its CSV
+and plot; run folders are named from the config hash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import heads
+from train import grid, runs, trainer
+from train.config import TrainConfig
+
+from conftest import quiet_console
+
+ROWS = ["one-step", "w/o CMF", "linear probe"]
+
+
+def base(c, **kw) -> TrainConfig:
+    cfg = dict(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder, image_encoder=c.image_encoder,
+               epochs=2, seeds=(1, 2), batch_size=12)
+    cfg.update(kw)
+    return TrainConfig(**cfg)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli_args(c, runs_dir: Path, *extra) -> list:
+    return ["--dataset", c.dataset, "--cache-dir", c.cache_dir, "--text-encoder", c.text_encoder, "--image-encoder",
+            c.image_encoder, "--epochs", "2", "--seeds", "1,2", "--batch-size", "12", "--runs-dir", runs_dir, *extra]
+
+
+def test_config_hash_names_run_folders(synth_cache, tmp_path):
+    a = base(synth_cache).resolved()
+    assert runs.default_out(a, tmp_path) == runs.default_out(replace(a), tmp_path)
+    other = replace(a, head_config=replace(a.head_config, alpha=0.5))
+    assert runs.default_out(other, tmp_path) != runs.default_out(a, tmp_path)
+    assert runs.default_out(replace(a, out=tmp_path / "x"), tmp_path) == runs.default_out(a, tmp_path)
+
+
+def test_ablate_table_rows_paper_numbers_and_paired_test(synth_cache, tmp_path):
+    cells = grid.ablation_cells(base(synth_cache), tmp_path / "runs", ROWS)
+    assert [c.name for c in cells] == ["full", *ROWS]
+    assert cells[-1].cfg.head == "probe" and cells[1].cfg.head_config.two_step is False
+    assert cells[2].cfg.head_config.cmf is False
+    grid.run_cells(cells, console=quiet_console())
+    assert grid.assemble(cells, tmp_path / "table", synth_cache.dataset, "spp_scl") is not None
+    table = pd.read_csv(tmp_path / "table" / "table.csv")
+    assert table["row"].tolist() == ["full", *ROWS]
+    assert table.loc[0, "paper_accuracy"] == 0.8133 and table.loc[1, "paper_accuracy"] == 0.7956
+    assert table["p_paired"].iloc[1:].between(0, 1).all() or table["p_paired"].iloc[1:].isna().any()
+    for row, metrics in zip(table.to_dict("records"), [json.loads((c.cfg.out / "metrics.json").read_text()) for c in cells]):
+        assert row["accuracy_mean"] == pytest.approx(metrics["test"]["accuracy"]["mean"])
+        assert row["accuracy_std"] == pytest.approx(metrics["test"]["accuracy"]["std"])
+    md = (tmp_path / "table" / "table.md").read_text()
+    assert "| one-step |" in md and "paired t-test" in md and "0.7956 / 0.7684" in md
+
+
+def test_unknown_rows_are_a_user_error(synth_cache, tmp_path):
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="--rows nope: spp_scl has rows full, one-step"):
+        grid.ablation_cells(base(synth_cache), tmp_path, ["nope"])
+    assert [c.name for c in grid.ablation_cells(base(synth_cache, head="clip_ca_cg"), tmp_path)][:4] == \
+        ["full", "w/o CLIP", "w/o CA", "w/o CG"]
+
+
+def test_an_interrupted_grid_redoes_only_unfinished_work(synth_cache, tmp_path, monkeypatch):
+    cells = grid.ablation_cells(base(synth_cache), tmp_path / "runs", ROWS)
+    grid.run_cells(cells, console=quiet_console())
+    grid.assemble(cells, tmp_path / "before", synth_cache.dataset, "spp_scl")
+    cut = cells[2].cfg.out  # "w/o CMF" was cut off after its first seed
+    (cut / "metrics.json").unlink()
+    (cut / "seed-2.json").unlink()
+    calls = []
+    real = runs.train_seed
+
+    def count(cfg, data, seed, *a, **kw):
+        calls.append((cfg.out, seed))
+        return real(cfg, data, seed, *a, **kw)
+
+    monkeypatch.setattr(runs, "train_seed", count)
+    grid.run_cells(cells, console=quiet_console())
+    assert calls == [(cut, 2)]
+    grid.assemble(cells, tmp_path / "after", synth_cache.dataset, "spp_scl")
+    before, after = (pd.read_csv(tmp_path / d / "table.csv") for d in ("before", "after"))
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_two_shards_make_the_same_table_as_one_process(synth_cache, cli, tmp_path):
+    rows = ("--rows", "one-step,linear probe")
+    env = cli.env(OMP_NUM_THREADS="1")
+    shards = [subprocess.Popen(cli.command("ablate", *cli_args(synth_cache, tmp_path / "two", *rows, "--shard", f"{i}/2",
+                                                               "--out", tmp_path / "two-table")),
+                               cwd=cli.repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in shards]
+    assert all(p.returncode == 0 for p in shards), outs
+    if not (tmp_path / "two-table" / "table.csv").is_file():  # both finished at once: either may assemble; run again
+        proc = cli.run("ablate", *cli_args(synth_cache, tmp_path / "two", *rows, "--out", tmp_path / "two-table"))
+        assert proc.returncode == 0, proc.stderr
+    one = cli.run("ablate", *cli_args(synth_cache, tmp_path / "one", *rows, "--jobs", "2", "--out", tmp_path / "one-table"))
+    assert one.returncode == 0, one.stderr
+    a, b = (pd.read_csv(tmp_path / d / "table.csv").drop(columns="run") for d in ("two-table", "one-table"))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_sweep_writes_csv_and_plot(synth_cache, cli, tmp_path):
+    proc = cli.run("sweep", "--set", "alpha=0.5,0.9", *cli_args(synth_cache, tmp_path / "runs", "--out", tmp_path / "sw"))
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_csv(tmp_path / "sw" / "sweep.csv")
+    assert frame["cell"].tolist() == ["alpha=0.5", "alpha=0.9"]
+    for run in frame["run"]:
+        assert json.loads((Path(run) / "config.json").read_text())["train"]["head_config"]["alpha"] in (0.5, 0.9)
+    assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    bad = cli.run("sweep", "--set", "alpah=0.5", *cli_args(synth_cache, tmp_path / "runs"))
+    assert bad.returncode == 1 and "has no field 'alpah'" in bad.stderr and "Traceback" not in bad.stderr

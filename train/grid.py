@@ -1,0 +1,250 @@
+"""Grids of runs: `ablate` (a head's ablation rows) and `sweep` (any config field, any values).
+
+A grid is a list of cells, each one `TrainConfig` whose run folder is named from its hash
+(`runs.default_out`): an interrupted grid resumes without redoing finished cells (or
+seeds), and a cell that two grids share (the full model of `ablate` and alpha = 2/3 of a
+sweep) is trained once. Cells are split across processes (`--jobs N` here, `--shard i/N`
+or torchrun across machines, as `extract` does); the table is assembled from the run
+folders by whichever process finds them all.
+
+Noise: each row is compared with the full model by a paired t-test over seeds (the same
+seeds for every row, scipy.stats.ttest_rel). A row "differs" when p < 0.05; with 5 seeds
+the test is weak, and the table says so rather than reading tea leaves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import heads
+from core.errors import UserError
+from core.paths import DEFAULT_RUNS
+from core.shards import parse_shard
+from train import runs
+from train.config import METRICS, TrainConfig, family
+
+P_NOISE = 0.05
+
+
+@dataclass
+class Cell:
+    name: str  # row label, or "alpha=0.5" in a sweep
+    cfg: TrainConfig  # resolved, `out` set from its hash
+    values: dict  # what the row changes (for sweeps: field -> value)
+
+
+def cell(name: str, base: TrainConfig, head: str, values: dict, runs_dir: Path) -> Cell:
+    cfg = replace(base, head=head, head_config=heads.build_config(head, values), out=None).resolved()
+    return Cell(name, replace(cfg, out=runs.default_out(cfg, runs_dir)), values)
+
+
+def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = None) -> list[Cell]:
+    """The full model, then each row of the head config's ABLATIONS (`--rows` picks some)."""
+    table = {"full": {}, **heads.config_class(base.head).ABLATIONS}
+    if rows:
+        unknown = [r for r in rows if r not in table]
+        if unknown:
+            raise UserError(f"--rows {', '.join(unknown)}: {base.head} has rows {', '.join(table)}")
+        table = {k: v for k, v in table.items() if k == "full" or k in rows}  # the full model is the reference
+    cells = []
+    for name, values in table.items():
+        values = dict(values)
+        head = values.pop("head", base.head)
+        head_values = {} if head != base.head else {**_base_values(base), **values}
+        cells.append(cell(name, base, head, head_values, runs_dir))
+    return cells
+
+
+def sweep_cells(base: TrainConfig, sets: list[str], runs_dir: Path) -> list[Cell]:
+    """`["alpha=0.5,0.6", "cmf=true,false"]` -> one cell per combination (a grid for two fields)."""
+    axes = []
+    for item in sets:
+        key, eq, values = item.partition("=")
+        if not eq or not values:
+            raise UserError(f"--set {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
+        axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",") if v.strip()])
+    cells = []
+    for combo in itertools.product(*axes):
+        values = {**_base_values(base), **heads.parse_sets(base.head, combo)}
+        cells.append(cell(", ".join(combo), base, base.head, values, runs_dir))
+    return cells
+
+
+def _base_values(base: TrainConfig) -> dict:
+    """Head fields the user set for the whole grid (e.g. --set cmf_scope=sample)."""
+    if base.head_config is None:
+        return {}
+    default = heads.build_config(base.head)
+    return {k: v for k, v in vars(base.head_config).items() if getattr(default, k) != v}
+
+
+# --- running ----------------------------------------------------------------------------
+
+def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None) -> list[Cell]:
+    """Train this process's share of `cells` (cell k goes to shard k % N), `jobs` at a time,
+    with one progress bar and an ETA over the grid. Finished cells are skipped. Returns the
+    cells this process ran or found done."""
+    console = console or Console()
+    i, n = parse_shard(shard)
+    mine = [c for k, c in enumerate(cells) if k % n == i]
+    todo = [c for c in mine if not (c.cfg.out / "metrics.json").is_file()]
+    seen = set()
+    todo = [c for c in todo if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
+    console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
+                  + (f" (shard {i}/{n})" if n > 1 else "") + f", {len(mine) - len(todo)} done earlier, "
+                  f"{len(todo)} to train with {jobs} job(s)")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
+                  console=console) as progress:
+        task = progress.add_task("grid", total=len(todo), last="")
+        if jobs <= 1:
+            data = runs.load_data(todo[0].cfg) if todo else None  # one cache load for the whole grid
+            for c in todo:
+                data = data if _same_cache(c.cfg, todo[0].cfg) else runs.load_data(c.cfg)
+                runs.train_run(c.cfg, data)
+                progress.update(task, advance=1, last=c.name)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+                futures = {pool.submit(_train_cell, c.cfg): c for c in todo}
+                for f in as_completed(futures):
+                    f.result()
+                    progress.update(task, advance=1, last=futures[f].name)
+    return mine
+
+
+def _same_cache(a: TrainConfig, b: TrainConfig) -> bool:
+    return runs.modalities(a) == runs.modalities(b)
+
+
+_DATA: dict = {}
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _train_cell(cfg: TrainConfig) -> str:
+    """In a worker: the cache is loaded once per worker process and modality set."""
+    key = (str(cfg.cache_dir), cfg.dataset, runs.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
+    if key not in _DATA:
+        _DATA[key] = runs.load_data(cfg)
+    return str(runs.train_run(cfg, _DATA[key]).out)
+
+
+# --- the table ----------------------------------------------------------------------------
+
+def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> dict | None:
+    """table.csv + table.md from the cells' run folders; None (nothing written) until all are done."""
+    if not all((c.cfg.out / "metrics.json").is_file() for c in cells):
+        return None
+    import pandas as pd
+    from scipy.stats import ttest_rel
+
+    metrics = {c.name: json.loads((c.cfg.out / "metrics.json").read_text()) for c in cells}
+    paper = heads.config_class(head).PAPER.get(family(dataset), {})
+    ref = metrics[cells[0].name]
+
+    def per_seed(m, metric):
+        return {p["seed"]: p["test"][metric] for p in m["per_seed"]}
+
+    rows = []
+    for c in cells:
+        m = metrics[c.name]
+        row = {"row": c.name, "run": str(c.cfg.out)}
+        for metric in METRICS:
+            row[f"{metric}_mean"] = m["test"][metric]["mean"]
+            row[f"{metric}_std"] = m["test"][metric]["std"]
+        acc, f1 = paper.get(c.name, (None, None))
+        row["paper_accuracy"], row["paper_f1"] = acc, f1
+        if c is not cells[0]:
+            a, b = per_seed(m, "accuracy"), per_seed(ref, "accuracy")
+            seeds = sorted(set(a) & set(b))
+            diffs = np.array([a[s] - b[s] for s in seeds])
+            if len(seeds) >= 2 and np.any(diffs != diffs[0]):
+                p = float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+            else:
+                p = 1.0 if len(seeds) >= 2 and np.all(diffs == 0) else float("nan")
+            row["delta_accuracy"] = float(diffs.mean()) if len(seeds) else float("nan")
+            row["p_paired"] = p
+            row["beyond_noise"] = bool(p < P_NOISE)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(markdown(frame, dataset, head, cells))
+    return {"rows": rows}
+
+
+def markdown(frame, dataset: str, head: str, cells: list[Cell]) -> str:
+    seeds = cells[0].cfg.seeds
+    lines = [
+        f"{head} on {dataset}: test, dev-selected, label-blind, mean ± sample std over seeds {list(seeds)}, "
+        f"{cells[0].cfg.epochs} epochs{'' if cells[0].cfg.patience is None else f', patience {cells[0].cfg.patience}'}.",
+        "Δacc and p: paired t-test over seeds against the full model; 'yes' when p < 0.05.",
+        "",
+        "| row | accuracy | weighted F1 | macro F1 | paper acc / F1 | Δacc | p | beyond noise |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in frame.to_dict("records"):
+        paper = "" if r["paper_accuracy"] is None or r["paper_accuracy"] != r["paper_accuracy"] else \
+            f"{r['paper_accuracy']:.4f} / {r['paper_f1']:.4f}"
+        delta = "" if "delta_accuracy" not in r or r["delta_accuracy"] != r["delta_accuracy"] else f"{r['delta_accuracy']:+.4f}"
+        p = "" if "p_paired" not in r or r["p_paired"] != r["p_paired"] else f"{r['p_paired']:.3f}"
+        noise = "" if not p else ("yes" if r["beyond_noise"] else "no")
+        lines.append(f"| {r['row']} | " + " | ".join(f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}" for m in METRICS)
+                     + f" | {paper} | {delta} | {p} | {noise} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
+    """A PNG per sweep: each metric against the swept value(s), error bars = sample std over seeds."""
+    if not all((c.cfg.out / "metrics.json").is_file() for c in cells):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    rows = []
+    for c in cells:
+        m = json.loads((c.cfg.out / "metrics.json").read_text())
+        rows.append({"cell": c.name, **{f"{k}_mean": m["test"][k]["mean"] for k in METRICS},
+                     **{f"{k}_std": m["test"][k]["std"] for k in METRICS}, "run": str(c.cfg.out)})
+    frame = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "sweep.csv", index=False)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
+    x = np.arange(len(frame))
+    for ax, metric in zip(axes, METRICS):
+        ax.errorbar(x, frame[f"{metric}_mean"], yerr=frame[f"{metric}_std"], marker="o", capsize=3)
+        ax.set_xticks(x, frame["cell"], rotation=30, ha="right", fontsize=8)
+        ax.set_title(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"test (label-blind), mean ± std over seeds {list(cells[0].cfg.seeds)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=110)
+    plt.close(fig)
+    return out / "sweep.png"
+
+
+def grid_out(kind: str, base: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Path:
+    return Path(runs_dir) / f"{kind}-{base.dataset}-{base.head}"
+
+
+def wait_note(cells: list[Cell]) -> str:
+    missing = [c.name for c in cells if not (c.cfg.out / "metrics.json").is_file()]
+    return f"{len(missing)} cell(s) not finished yet ({', '.join(missing[:4])}...): the table is written by the process that finds them all"
+
