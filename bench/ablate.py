@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Ablation-grid benchmark -> bench/results/ablate.json (+ .md).
+
+Runs `pipeline.py ablate` on MVSA-Single (the rows of SPEC.md's Tables 4-7 + the linear
+probe) as a user would, with `--jobs` and `--patience`, and times it. Beside it, the same
+grid's estimated time with the frozen encoders in the loop (the official design): the
+epochs the grid actually trained, times `bench/train.py`'s measured seconds per epoch of
+bert-base + ResNet-50 forward (bench/results/train.json), forward only, so a lower bound.
+
+    python bench/ablate.py                                  # the full grid: 5 seeds, 150 epochs, patience 10
+    python bench/ablate.py --seeds 1,2 --epochs 10 --rows "one-step,w/o CMF"   # a slice, same method
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", default="cache")
+    ap.add_argument("--runs-dir", default="runs/bench-ablate")
+    ap.add_argument("--seeds", default="1,2,3,4,5")
+    ap.add_argument("--epochs", type=int, default=150)
+    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--rows", default=None)
+    ap.add_argument("--name", default="ablate")
+    a = ap.parse_args()
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "ablate", "--dataset", "mvsa_s", "--cache-dir", a.cache_dir,
+           "--seeds", a.seeds, "--epochs", str(a.epochs), "--patience", str(a.patience), "--jobs", str(a.jobs),
+           "--runs-dir", a.runs_dir, "--out", f"{a.runs_dir}/table"] + (["--rows", a.rows] if a.rows else [])
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    wall = time.time() - t0
+    table = list(csv.DictReader(open(ROOT / a.runs_dir / "table" / "table.csv")))
+    epochs, cells = 0, set()
+    for row in table:
+        if row["run"] in cells:
+            continue
+        cells.add(row["run"])
+        with open(Path(row["run"]) / "log.csv") as f:
+            epochs += sum(1 for _ in csv.DictReader(f))
+    per_epoch = json.loads((OUT / "train.json").read_text())["encoders_in_loop"]["paper"]["seconds_per_epoch"]
+    result = {
+        "command": " ".join(cmd[1:]), "rows": [r["row"] for r in table], "cells_trained": len(cells),
+        "seeds": a.seeds, "max_epochs": a.epochs, "patience": a.patience, "jobs": a.jobs,
+        "epochs_trained": epochs, "wall_seconds": wall, "wall_hours": wall / 3600,
+        "encoders_in_loop_seconds_per_epoch": per_epoch,
+        "encoders_in_loop_estimate_seconds": epochs * per_epoch,
+        "ratio": epochs * per_epoch / wall,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{a.name}.json").write_text(json.dumps(result, indent=1))
+    (OUT / f"{a.name}.md").write_text(
+        f"| grid | cells | epochs trained | wall | encoders in the loop (est.) | ratio |\n|---|---|---|---|---|---|\n"
+        f"| {len(table)} rows, seeds {a.seeds}, <= {a.epochs} epochs, patience {a.patience}, jobs {a.jobs} | "
+        f"{len(cells)} | {epochs} | {wall / 3600:.2f} h | {epochs * per_epoch / 3600:.0f} h | {result['ratio']:.0f}x |\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
