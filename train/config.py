@@ -66,6 +66,7 @@ class TrainConfig:
     dropout: float = 0.2
     select: str | None = None  # metric on dev that picks the epoch
     out: Path | None = None
+    splits: Path | None = None  # folder of {train,dev,test}.txt id lists (audit --write-clean); None: the cache's splits
 
     def resolved(self) -> "TrainConfig":
         d = DEFAULTS.get(self.dataset, FALLBACK)

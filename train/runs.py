@@ -38,7 +38,8 @@ def git_commit() -> str:
 
 
 def load_data(cfg: TrainConfig) -> cache.Data:
-    return cache.load(cfg.cache_dir, cfg.dataset, cfg.modalities, cfg.text_encoder, cfg.image_encoder)
+    return cache.load(cfg.cache_dir, cfg.dataset, cfg.modalities, cfg.text_encoder, cfg.image_encoder,
+                      split_files=cfg.splits)
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
