@@ -197,8 +197,8 @@ def audit(
     data_root: Optional[Path] = DataRootOpt,
     text_encoder: str = typer.Option("minilm", help="which text cache gives ids, labels and splits"),
     image_encoder: str = typer.Option("efficientnet-lite0", help="which image cache to search for near-duplicates"),
-    image_threshold: Optional[float] = typer.Option(None, help="cosine of pooled maps for an image candidate [default: 0.95, calibrated on MVSA-Single]"),
-    hash_distance: Optional[int] = typer.Option(None, help="max pHash Hamming distance that confirms an image pair [default: 10]"),
+    image_threshold: Optional[float] = typer.Option(None, help="cosine of pooled maps for an image candidate [default: 0.88, calibrated on MVSA-Single]"),
+    hash_distance: Optional[int] = typer.Option(None, help="max pHash Hamming distance that confirms an image pair [default: 8]"),
     write_clean: Optional[Path] = typer.Option(None, help="write split files without the dev/test items leaking from train here"),
     out: Optional[Path] = typer.Option(None, help="[default: <cache>/<dataset>/audit]"),
 ):
