@@ -207,11 +207,13 @@ def run(cfg: AuditConfig) -> AuditResult:
     image_info = None
     if has_image:
         img_ids, pooled = store.pooled_maps(image_dir)
-        rows_img = np.array([row_of[i] for i in img_ids])
+        rows_img = np.array([row_of.get(i, -1) for i in img_ids])  # -1: an image without a text entry
         memo: dict = {}
         candidates = rejected = unconfirmed = 0
         for ii, jj, ss in near_duplicates(pooled, cfg.image_threshold, cfg.block):
             for a, b, s in zip(rows_img[ii], rows_img[jj], ss):
+                if a < 0 or b < 0:
+                    continue
                 if (splits[a], splits[b]) not in PAIRS and (splits[b], splits[a]) not in PAIRS:
                     continue
                 candidates += 1
@@ -234,7 +236,7 @@ def run(cfg: AuditConfig) -> AuditResult:
     summary = {
         "dataset": cfg.dataset, "cache": str(meta_dir), "classes": classes,
         "items": {s: splits.count(s) for s in SPLIT_ORDER},
-        "normalisation": normalise.__doc__.split(":", 1)[1].strip().replace("\n", " "),
+        "normalisation": " ".join(normalise.__doc__.split(":", 1)[1].split()),
         "image": image_info, "counts": counts(leaks), "notes": notes,
     }
     out = Path(cfg.out or root / "audit")
