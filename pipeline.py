@@ -56,6 +56,8 @@ def extract(
     force: bool = typer.Option(False, "--force", help="rebuild a cache that was built differently"),
     seed: int = typer.Option(0, help="seed of the 8:1:1 split for manifests without one"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N items of each split"),
+    classes: Optional[str] = typer.Option(None, help="a manifest's label set, e.g. positive,neutral,negative (other labels are problems)"),
+    keep_rare_labels: bool = typer.Option(False, "--keep-rare-labels", help="keep a manifest label seen only a few times (else dropped as a likely typo)"),
 ):
     """Run the frozen encoders once and write the HDF5 feature cache (resumable)."""
     from extract.extractor import ExtractConfig, run
@@ -67,6 +69,8 @@ def extract(
         image_weights=image_weights, batch_size=batch_size, shard_size=shard_size, shard=shard, force=force,
         seed=seed, limit=limit,
     )
+    cfg.classes = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
+    cfg.keep_rare_labels = keep_rare_labels
     s = run(cfg, console)
     console.print(f"cache {s.dataset}: done in {s.seconds:.0f} s", highlight=False)
     table = Table()
@@ -78,6 +82,9 @@ def extract(
     images = f"{s.image_items} items with an image" if "image" in s.folders else "not cached (--text-only)"
     console.print(f"texts: {s.text_items}   images: {images}   problems: {s.problems} (problems.csv)   "
                   f"non-UTF-8 texts repaired: {s.text_fallbacks}", highlight=False)
+    for label, n in s.rare_labels.items():
+        console.print(f"[yellow]likely typo:[/] label {label!r} on {n} item(s) "
+                      f"({'kept' if keep_rare_labels else 'dropped'}; see problems.csv)", highlight=False)
     for kind, folder in s.folders.items():
         console.print(f"{kind}: {folder}")
     if not s.complete:
@@ -139,6 +146,7 @@ def train(
     eval_orders: int = typer.Option(5, min=1, help="test is the mean over this many seeded random orders (label-blind)"),
     select: Optional[Metric] = typer.Option(None, help="dev metric that picks the epoch [default: weighted_f1, HFM macro_f1]"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<time>]"),
+    splits: Optional[Path] = typer.Option(None, help="folder of split files {train,dev,test}.txt (ids) from `audit --write-clean`"),
 ):
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds."""
     import heads
@@ -164,6 +172,7 @@ def train(
         lr=lr, lr_step=lr_step, weight_decay=weight_decay, balanced=balanced, official=official,
         eval_orders=eval_orders, select=select.value if select else None, out=out,
     )
+    cfg.splits = splits.resolve() if splits else None
     run = run_train(cfg, console)
     _show(json.loads((run / "metrics.json").read_text()), f"{run}")
 
@@ -279,6 +288,42 @@ def evaluate(
         raise UserError(f"recomputed test metrics differ from {run}/metrics.json: was the cache rebuilt?")
     if "matches_metrics_json" in result:
         console.print("matches metrics.json")
+
+
+@app.command()
+def audit(
+    dataset: str = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache"),
+    cache_dir: Path = CacheOpt,
+    data_root: Optional[Path] = DataRootOpt,
+    text_encoder: str = typer.Option("minilm", help="which text cache gives ids, labels and splits"),
+    image_encoder: str = typer.Option("efficientnet-lite0", help="which image cache to search for near-duplicates"),
+    image_threshold: Optional[float] = typer.Option(None, help="cosine of pooled maps for an image candidate [default: 0.88, calibrated on MVSA-Single]"),
+    hash_distance: Optional[int] = typer.Option(None, help="max pHash Hamming distance that confirms an image pair [default: 8]"),
+    write_clean: Optional[Path] = typer.Option(None, help="write split files without the dev/test items leaking from train here"),
+    out: Optional[Path] = typer.Option(None, help="[default: <cache>/<dataset>/audit]"),
+):
+    """Leaks across splits (same text, near-duplicate image) and label conflicts, from the cache."""
+    from core import audit as au
+
+    cfg = au.AuditConfig(dataset=dataset, cache_dir=cache_dir, data_root=data_root or default_data_root(),
+                         text_encoder=text_encoder, image_encoder=image_encoder, write_clean=write_clean, out=out)
+    if image_threshold is not None:
+        cfg.image_threshold = image_threshold
+    if hash_distance is not None:
+        cfg.hash_distance = hash_distance
+    r = au.run(cfg)
+    table = Table(title=f"{r.dataset}: items of the first split with a match in the second (pairs)")
+    for col in ("pair",) + au.TABLE_HEADERS:
+        table.add_column(col)
+    for row in au.table_rows(r.summary):
+        table.add_row(*row)
+    console.print(table)
+    for note in r.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"written: {r.out / 'leaks.csv'}, {r.out / 'summary.json'}", highlight=False)
+    if r.clean is not None:
+        console.print(f"clean split in {write_clean}: kept {r.clean['kept']}; dropped per class "
+                      f"{r.clean['dropped_per_class']}", highlight=False)
 
 
 @app.command("heads")

@@ -320,3 +320,30 @@ def load_image(folder: Path, splits=("train", "dev", "test"), hint: str = "pipel
 
 def provenance(folder: Path, hint: str = "pipeline.py extract") -> Provenance:
     return Provenance(**open_index(folder, hint)["provenance"])
+
+
+def read_meta(folder: Path, hint: str = "pipeline.py extract") -> tuple[list[str], np.ndarray, list[str]]:
+    """Ids, labels and splits of every item of a cache, without its features (the audit
+    needs who is where, not the tensors; reading only these keeps it fast on big caches)."""
+    index = open_index(folder, hint)
+    ids, labels, splits = [], [], []
+    for entry in index["shards"]:
+        with h5py.File(Path(folder) / entry["file"], "r") as f:
+            ids += _strings(f["ids"])
+            labels.append(f["labels"][()])
+            splits += _strings(f["split"])
+    return ids, np.concatenate(labels) if labels else np.zeros(0, np.int64), splits
+
+
+def pooled_maps(folder: Path, hint: str = "pipeline.py extract") -> tuple[list[str], np.ndarray]:
+    """Ids and the spatial mean of every image feature map, (N, C) float32, read one shard at
+    a time: near-duplicate search needs one vector per image, never the whole maps in memory."""
+    index = open_index(folder, hint)
+    ids, pooled = [], []
+    for entry in index["shards"]:
+        with h5py.File(Path(folder) / entry["file"], "r") as f:
+            ids += _strings(f["ids"])
+            maps = f["maps"]
+            for start in range(0, len(maps), 256):
+                pooled.append(maps[start : start + 256].astype(np.float32).mean(axis=(2, 3)))
+    return ids, np.concatenate(pooled) if pooled else np.zeros((0, 0), np.float32)

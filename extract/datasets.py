@@ -25,6 +25,10 @@ from core.errors import UserError
 SPLITS = ("train", "dev", "test")
 SENTIMENT = ("positive", "neutral", "negative")
 SARCASM = ("not_sarcastic", "sarcastic")
+# A manifest label seen fewer than RARE_LABEL times, while the commonest label is at least
+# RARE_RATIO times as frequent, is most likely a typo ("furious" among positive/neutral/negative):
+# it would silently become a class of its own.
+RARE_LABEL, RARE_RATIO = 5, 10
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Dataset:
     problems: list[Problem] = field(default_factory=list)
     text_fallbacks: int = 0  # texts that were not valid UTF-8 and were decoded another way
     split_rule: str = "given"
+    rare_labels: dict[str, int] = field(default_factory=dict)  # likely typos found in a manifest (label -> items)
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(it.split for it in self.items))
@@ -219,8 +224,13 @@ def load_builtin(name: str, data_root: Path, image_dir: Path | None = None) -> D
     return col.dataset(name)
 
 
-def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = None, seed: int = 0) -> Dataset:
-    """A CSV/JSONL manifest (columns id, text|text_file, image, label, [split]) or a raw MVSA folder."""
+def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = None, seed: int = 0,
+                  classes: tuple[str, ...] | None = None, keep_rare_labels: bool = False) -> Dataset:
+    """A CSV/JSONL manifest (columns id, text|text_file, image, label, [split]) or a raw MVSA folder.
+
+    `classes` declares the label set (other labels are problems, listed by id); without it
+    the classes are the labels that occur, and a rare one is dropped as a likely typo unless
+    `keep_rare_labels`."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"manifest {path} not found: give the path of a .csv or .jsonl manifest or a raw MVSA folder")
@@ -241,7 +251,7 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
             f"manifest {path}: columns id, label and text or text_file are required; found {', '.join(rows[0])}"
         )
     base = path.parent
-    col = _Collector(None)
+    col = _Collector(tuple(classes) if classes else None)
     given_split = "split" in rows[0]
     for row, fell_back in read:
         id_ = str(row.get("id", "")).strip()
@@ -258,9 +268,29 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
             image = None
         label = "" if row.get("label") is None else str(row["label"]).strip()
         col.add(id_, text, image, label, str(row.get("split") or "train"))
+    rare = {} if classes else _rare_labels(col, keep_rare_labels)
     if not given_split:
         _assign_splits(col, seed)
-    return col.dataset(name or path.stem, "given" if given_split else f"stratified 8:1:1, seed {seed}")
+    ds = col.dataset(name or path.stem, "given" if given_split else f"stratified 8:1:1, seed {seed}")
+    ds.rare_labels = rare
+    return ds
+
+
+def _rare_labels(col: _Collector, keep: bool) -> dict[str, int]:
+    """Labels seen fewer than RARE_LABEL times next to a label RARE_RATIO times commoner: each
+    item is listed as a problem, and dropped unless `keep` (--keep-rare-labels)."""
+    counts = Counter(it.label for it in col.items)
+    if not counts:
+        return {}
+    top = max(counts.values())
+    rare = {lbl: n for lbl, n in counts.items() if n < RARE_LABEL and n * RARE_RATIO <= top}
+    for it in col.items:
+        if it.label in rare:
+            fate = "kept (--keep-rare-labels)" if keep else "dropped; fix the label, declare the classes with --classes, or pass --keep-rare-labels"
+            col.problems.append(Problem(it.id, "read", f"label {it.label!r} seen {rare[it.label]} time(s): likely a typo; {fate}"))
+    if not keep:
+        col.items = [it for it in col.items if it.label not in rare]
+    return rare
 
 
 def _read_text_file(path: Path, col: _Collector, id_: str) -> str | None:
@@ -344,10 +374,12 @@ def load(
     name: str | None = None,
     image_dir: Path | None = None,
     seed: int = 0,
+    classes: tuple[str, ...] | None = None,
+    keep_rare_labels: bool = False,
 ) -> Dataset:
     """The one entry point: a built-in name or a manifest path."""
     if manifest is not None:
-        return load_manifest(manifest, name, image_dir, seed)
+        return load_manifest(manifest, name, image_dir, seed, classes, keep_rare_labels)
     if dataset is None:
         raise UserError("say which data: --dataset mvsa_s|mvsa_m|hfm or --manifest PATH")
     return load_builtin(dataset, data_root, image_dir)

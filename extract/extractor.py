@@ -48,6 +48,8 @@ class ExtractConfig:
     force: bool = False
     seed: int = 0
     limit: int | None = None  # first N items of each split: quick looks and tests
+    classes: tuple[str, ...] | None = None  # a manifest's declared label set (--classes); None: the labels that occur
+    keep_rare_labels: bool = False  # keep a manifest label seen only a few times (else dropped as a likely typo)
 
 
 @dataclass
@@ -62,10 +64,12 @@ class Summary:
     folders: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     work_seconds: dict[str, float] = field(default_factory=dict)  # per modality, encoder loading excluded
+    rare_labels: dict[str, int] = field(default_factory=dict)  # manifest labels reported as likely typos
 
 
 def load_dataset(cfg: ExtractConfig) -> Dataset:
-    ds = datasets.load(cfg.dataset, cfg.data_root, cfg.manifest, cfg.name, cfg.image_dir, cfg.seed)
+    ds = datasets.load(cfg.dataset, cfg.data_root, cfg.manifest, cfg.name, cfg.image_dir, cfg.seed,
+                       cfg.classes, cfg.keep_rare_labels)
     if cfg.limit:
         taken: dict[str, int] = {}
         keep = []
@@ -96,6 +100,7 @@ def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
         console.print(f"[yellow]{p.stage} problem[/] {p.id}: {p.reason}", highlight=False)
 
     summary = Summary(ds.name, ds.counts(), text_fallbacks=ds.text_fallbacks)
+    summary.rare_labels = ds.rare_labels
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=False,

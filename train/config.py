@@ -72,6 +72,7 @@ class TrainConfig:
     eval_batch_size: int | None = None  # [default: batch_size]
     official: bool = False  # the authors' training step; see OFFICIAL and the head config's OFFICIAL
     out: Path | None = None
+    splits: Path | None = None  # folder of {train,dev,test}.txt id lists (audit --write-clean); None: the cache's splits
 
     def resolved(self) -> "TrainConfig":
         d = DEFAULTS[family(self.dataset)]
@@ -127,7 +128,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":
         kw = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        for k in ("cache_dir", "out"):
+        for k in ("cache_dir", "out", "splits"):
             if kw.get(k) is not None:
                 kw[k] = Path(kw[k])
         kw["seeds"] = tuple(kw.get("seeds", ()))

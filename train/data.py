@@ -77,7 +77,8 @@ def _hint(dataset: str, kind: str, encoder: str) -> str:
     return base + (" --text-only" if kind == store.TEXT else "")
 
 
-def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, image_encoder: str) -> Data:
+def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, image_encoder: str,
+         split_files: Path | None = None) -> Data:
     """Load what a run needs; a missing cache names the extract command that makes it."""
     root = Path(cache_dir) / dataset
     info_file = root / "dataset.json"
@@ -109,6 +110,8 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
             raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
         splits[s], d = _join(t, im)
         dropped += d
+    if split_files is not None:
+        splits = reassign(splits, Path(split_files))
     any_split = splits["train"]
     dims = Dims(
         text_layers=any_split.cls.shape[1] if any_split.cls is not None else 0,
@@ -159,3 +162,52 @@ def _rows(offsets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     starts, lengths = offsets[idx], offsets[idx + 1] - offsets[idx]
     first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
     return first + torch.arange(int(lengths.sum()))
+
+
+def reassign(splits: dict[str, Split], folder: Path) -> dict[str, Split]:
+    """Splits as listed in `folder/{train,dev,test}.txt` (one id a line, as `audit
+    --write-clean` writes them): each item goes where its file puts it; unlisted items are
+    dropped. The cache stays as it is, so a cleaned split costs no second extraction."""
+    where = {}
+    for s in ("train", "dev", "test"):
+        path = folder / f"{s}.txt"
+        if not path.is_file():
+            raise UserError(f"split file {path} missing: --splits takes the folder written by `pipeline.py audit --write-clean DIR`")
+        where.update((line.strip(), s) for line in path.read_text().splitlines() if line.strip())
+    rows = {s: [] for s in ("train", "dev", "test")}  # target split -> [(source split, row)]
+    for source, split in splits.items():
+        for r, id_ in enumerate(split.ids):
+            if id_ in where:
+                rows[where[id_]].append((source, r))
+    out = {}
+    for s, picked in rows.items():
+        if not picked:
+            raise UserError(f"no item of the cache is listed in {folder / (s + '.txt')}: are these split files for this data set?")
+        parts = [_take(splits[src], torch.tensor([r for sr, r in picked if sr == src], dtype=torch.long))
+                 for src in splits if any(sr == src for sr, _ in picked)]
+        out[s] = _cat(parts)
+    return out
+
+
+def _take(split: Split, idx: torch.Tensor) -> Split:
+    """Rows `idx` of a split, features included (tokens gathered back to back)."""
+    text = {}
+    if split.cls is not None:
+        lengths = split.offsets[idx + 1] - split.offsets[idx]
+        text = dict(cls=split.cls[idx], tokens=split.tokens[_rows(split.offsets, idx)],
+                    offsets=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]))
+    maps = split.maps[idx] if split.maps is not None else None
+    return Split([split.ids[i] for i in idx.tolist()], split.labels[idx], maps=maps, **text)
+
+
+def _cat(parts: list[Split]) -> Split:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    text = {}
+    if first.cls is not None:
+        lengths = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])
+        text = dict(cls=torch.cat([p.cls for p in parts]), tokens=torch.cat([p.tokens for p in parts]),
+                    offsets=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]))
+    maps = torch.cat([p.maps for p in parts]) if first.maps is not None else None
+    return Split(sum((p.ids for p in parts), []), torch.cat([p.labels for p in parts]), maps=maps, **text)

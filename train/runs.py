@@ -58,7 +58,8 @@ def modalities(cfg: TrainConfig) -> str:
 
 
 def load_data(cfg: TrainConfig) -> cache.Data:
-    return cache.load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder)
+    return cache.load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder,
+                      split_files=cfg.splits)
 
 
 @dataclass
