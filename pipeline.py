@@ -198,6 +198,17 @@ def evaluate(
         console.print("matches metrics.json")
 
 
+@app.command("report")
+def report_cmd(
+    run: Path = typer.Option(..., help="run folder written by train"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
+):
+    """Write report.md with PNGs into the run folder: losses, embedding distances, t-SNE, confusion."""
+    from train.report import write_report
+
+    console.print(f"wrote {write_report(run, cache_dir)}")
+
+
 @app.command("heads")
 def list_heads():
     """List the registered heads with their config fields (set any with `train --set key=value`)."""
