@@ -82,3 +82,13 @@ def test_cli_report_not_a_run_is_one_line(cli, tmp_path):
     r = cli.run("report", "--run", tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "not a run folder" in r.stderr
+
+
+def test_seeds_without_weights_are_left_out_and_named(synth_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(synth_run, copy)
+    (copy / "seed-2.pt").unlink()
+    text = report.write_report(copy).read_text()
+    assert "left out below: 2." in text and "| 1 |" in text and "| 2 |" not in text.split("per-class F1")[1]

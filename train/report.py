@@ -152,7 +152,14 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
     md += ["## Loss terms and step-two firing rate per epoch", "", "![losses](losses.png)", "",
            "Last epoch of each seed:", "", _table(["seed", *cols], [[s, *(f"{v:.4f}" for v in r)] for s, r in last.iterrows()]), ""]
 
-    first = cfg.seeds[0]
+    # an interrupted or still-running train: report the seeds that have weights, and say so
+    seeds = [s for s in cfg.seeds if (run / f"seed-{s}.pt").is_file()]
+    if not seeds:
+        raise UserError(f"{run} has no seed-<s>.pt yet: wait for train to finish a seed, or train again")
+    if len(seeds) < len(cfg.seeds):
+        md += [f"Seeds without weights yet (train interrupted or still running), left out below: "
+               f"{', '.join(str(s) for s in cfg.seeds if s not in seeds)}.", ""]
+    first = seeds[0]
     emb = embeddings(load_head(run, cfg, data, first), test, cfg.eval_batch_size, order)
     md += [f"## Embedding distances on test (seed {first}, cosine)", ""]
     pairs = {"intra-image (IID)": ("image", "image", False), "intra-text (TTD)": ("text", "text", False),
@@ -179,7 +186,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
     md += [f"- {k}: skipped, the head returns no {k} embedding." for k in KINDS if emb[k] is None] + [""]
 
     matrices, f1s = {}, []
-    for seed in cfg.seeds:
+    for seed in seeds:
         pred = predict(load_head(run, cfg, data, seed), test, cfg.eval_batch_size, device(), order)
         matrices[seed] = confusion_matrix(y, pred, labels=list(range(len(classes))))
         f1s.append([seed, *(f"{v:.4f}" for v in f1_score(y, pred, labels=list(range(len(classes))),
