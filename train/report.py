@@ -148,7 +148,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
 
     log = pd.read_csv(run / "log.csv")
     cols = plot_losses(log, run / "losses.png")
-    last = log.sort_values("epoch").groupby("seed").tail(1).set_index("seed")[cols]
+    last = log.sort_values(["seed", "epoch"]).groupby("seed").tail(1).set_index("seed")[cols]
     md += ["## Loss terms and step-two firing rate per epoch", "", "![losses](losses.png)", "",
            "Last epoch of each seed:", "", _table(["seed", *cols], [[s, *(f"{v:.4f}" for v in r)] for s, r in last.iterrows()]), ""]
 
