@@ -98,6 +98,14 @@ def test_mean_over_seeds_or_one_seed(run, predictor):
         Predictor(run, seed=9)
 
 
+def test_unfinished_seed_names_a_finished_one(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "seed-2.pt").unlink()
+    with pytest.raises(UserError, match="seed-2.pt missing.*--seed 1"):
+        Predictor(copy)
+
+
 def test_bad_items_are_one_clear_error(predictor, tmp_path):
     with pytest.raises(UserError, match="item a: image file .*missing.jpg not found"):
         predictor.predict([NewItem("a", "hello", tmp_path / "missing.jpg")])

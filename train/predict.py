@@ -101,7 +101,9 @@ class Predictor:
         for s in seeds:
             path = run / f"seed-{s}.pt"
             if not path.is_file():
-                raise UserError(f"{path} missing: the run was interrupted or files were removed; train again")
+                done = [x for x in self.cfg.seeds if (run / f"seed-{x}.pt").is_file()]
+                raise UserError(f"{path} missing: the run was interrupted, is still training or files were removed; "
+                                + (f"pick a finished seed with --seed {done[0]}" if done else "train again"))
             head = heads.create(self.cfg.head, dims, self.cfg.head_config).to(device())
             head.load_state_dict(torch.load(path, map_location=device(), weights_only=True))
             self.heads.append(head.eval())
