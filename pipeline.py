@@ -326,6 +326,46 @@ def audit(
                       f"{r.clean['dropped_per_class']}", highlight=False)
 
 
+@app.command("report")
+def report_cmd(
+    run: Path = typer.Option(..., help="run folder written by train"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
+):
+    """Write report.md with PNGs into the run folder: losses, embedding distances, t-SNE, confusion."""
+    from train.report import write_report
+
+    console.print(f"wrote {write_report(run, cache_dir)}")
+
+
+@app.command("predict")
+def predict_cmd(
+    run: Path = typer.Option(..., help="run folder written by train"),
+    image: Optional[Path] = typer.Option(None, help="image file of one item"),
+    text: Optional[str] = typer.Option(None, help="text of one item"),
+    id_: str = typer.Option("item", "--id", help="id of the one item"),
+    manifest: Optional[Path] = typer.Option(None, help="JSON Lines: id, text, image (relative to the manifest)"),
+    seed: Optional[int] = typer.Option(None, help="one seed's head [default: mean probabilities over the run's seeds]"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object a line: id, label, probabilities"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="batch-scope runs draw context items from it [default: the run's]"),
+):
+    """Label and class probabilities for new items, with the run's own encoders."""
+    from train.predict import Predictor, items_from_args
+
+    items = items_from_args(image, text, manifest, id_)
+    predictor = Predictor(run, seed, cache_dir)
+    preds = predictor.predict(items)
+    if as_json:
+        for p in preds:
+            print(json.dumps(p.to_json()))
+        return
+    table = Table(title=f"{run}" + (f" (seed {seed})" if seed is not None else " (mean over seeds)"))
+    for col in ("id", "label", *predictor.classes):
+        table.add_column(col)
+    for p in preds:
+        table.add_row(p.id, p.label, *(f"{p.probabilities[c]:.4f}" for c in predictor.classes))
+    console.print(table)
+
+
 @app.command("heads")
 def list_heads():
     """List the registered heads with their config fields (set any with `train --set key=value`)."""

@@ -264,8 +264,9 @@ def load_head(run: Path, cfg: TrainConfig, data: cache.Data, seed: int):
     return head.eval()
 
 
-def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
-    """Recompute test metrics from the checkpoints and the cache; compare with metrics.json."""
+def open_run(run: Path, cache_dir: Path | None = None) -> tuple[dict, TrainConfig, cache.Data]:
+    """config.json, the TrainConfig rebuilt from it and the cache it was trained on, refused with
+    the difference spelled out if the cache was rebuilt since (eval, report and predict read runs so)."""
     run = Path(run)
     if not (run / "config.json").is_file():
         raise UserError(f"{run} is not a run folder (no config.json): pass --run runs/<name>")
@@ -283,6 +284,13 @@ def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
                 f"({', '.join(diff)}): re-extract with `python pipeline.py extract {cache.extract_source(cfg.dataset)} "
                 f"--{kind}-encoder {prov['encoder']}` or pass the right --cache-dir"
             )
+    return saved, cfg, data
+
+
+def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
+    """Recompute test metrics from the checkpoints and the cache; compare with metrics.json."""
+    run = Path(run)
+    saved, cfg, data = open_run(run, cache_dir)
     test = data.splits["test"]
     per_seed = []
     for seed in cfg.seeds:

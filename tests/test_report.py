@@ -1,0 +1,94 @@
+"""train/report.py and `pipeline.py report`: report.md and its PNGs from a run trained on the
+synthetic cache (2 epochs, 2 seeds, batch 12), label-blind embeddings, skipped plots said so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import heads
+from train import report, runs
+from train.config import TrainConfig
+
+from conftest import quiet_console
+
+PNGS = ("losses.png", "distances.png", "tsne.png", "confusion.png")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread (two shared cores): see test_trainer.py."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(synth_cache, out, seeds=(1, 2), **head):
+    cfg = TrainConfig(dataset=synth_cache.dataset, cache_dir=synth_cache.cache_dir,
+                      text_encoder=synth_cache.text_encoder, image_encoder=synth_cache.image_encoder,
+                      head="spp_scl", head_config=heads.build_config("spp_scl", head) if head else None,
+                      epochs=2, seeds=seeds, batch_size=12, eval_orders=2, out=out)
+    return runs.train(cfg, quiet_console())
+
+
+@pytest.fixture(scope="module")
+def synth_run(synth_cache, tmp_path_factory):
+    return _train(synth_cache, tmp_path_factory.mktemp("runs") / "synth")
+
+
+def test_report_writes_markdown_and_pngs(synth_run):
+    md = report.write_report(synth_run)
+    text = md.read_text()
+    for png in PNGS:
+        assert (synth_run / png).stat().st_size > 1000, png
+        assert f"({png})" in text
+    for term in ("ce", "cli", "clt", "step_two_rate", "IID", "TTD", "ITD", "seed 1", "positive"):
+        assert term in text
+    assert "skipped" not in text
+
+
+def test_text_only_head_skips_image_plots_and_says_so(synth_cache, tmp_path):
+    run = _train(synth_cache, tmp_path / "text", seeds=(1,), modalities="text")
+    text = report.write_report(run).read_text()
+    assert "intra-image (IID): skipped" in text and "image-text (ITD): skipped" in text
+    assert "TTD" in text and (run / "tsne.png").is_file()
+
+
+def test_embeddings_are_in_index_order_whatever_the_feed_order(synth_run):
+    """Embeddings fed in a random order come back in the split's order (sample-scope parts agree)."""
+    _, cfg, data = runs.open_run(synth_run)
+    test = data.splits["test"]
+    head = runs.load_head(synth_run, cfg, data, 1)
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(3))
+    a = report.embeddings(head, test, len(test), torch.arange(len(test)))
+    b = report.embeddings(head, test, len(test), perm)
+    # I_a and T_a are per item (CMF mixes only the fused vector across the batch)
+    np.testing.assert_allclose(a["image"], b["image"], atol=1e-5)
+    np.testing.assert_allclose(a["text"], b["text"], atol=1e-5)
+
+
+def test_distance_groups_pairs():
+    x = np.array([[1.0, 0], [1, 0], [0, 1]])
+    y = np.array([0, 0, 1])
+    same, diff = report.distance_groups(x, x, y, cross=False)
+    assert same.tolist() == [0.0] and np.allclose(diff, [1, 1])
+    same, diff = report.distance_groups(x, x, y, cross=True)
+    assert len(same) == 5 and len(diff) == 4
+
+
+def test_cli_report_not_a_run_is_one_line(cli, tmp_path):
+    r = cli.run("report", "--run", tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "not a run folder" in r.stderr
+
+
+def test_seeds_without_weights_are_left_out_and_named(synth_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(synth_run, copy)
+    (copy / "seed-2.pt").unlink()
+    text = report.write_report(copy).read_text()
+    assert "left out below: 2." in text and "| 1 |" in text and "| 2 |" not in text.split("per-class F1")[1]

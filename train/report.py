@@ -1,0 +1,204 @@
+"""`pipeline.py report`: a run folder's training curves, embedding geometry and errors, as
+`report.md` and PNGs written beside the run's other files.
+
+What it shows and why:
+  losses.png      every loss term and the step-two firing rate per epoch, one line per seed
+                  (from log.csv), to see whether the gated pull still fires late in training;
+  distances.png   cosine distances of the test embeddings (HeadOutput.image / .text; SPP-SCL's
+                  I_a, T_a) between items of the same label and of different labels: the paper's
+                  intra-image (IID), intra-text (TTD) and image-text (ITD) distance distributions;
+  tsne.png        t-SNE of the image, text and fused embeddings of test, coloured by label;
+  confusion.png   the confusion matrix of each seed on test, per-class F1 in report.md.
+Embeddings come from the first seed's head and are computed label-blind: test is fed in the
+first seeded random order of `trainer.eval_orders` (a batch-scope head attends over its batch
+mates, so the stored label-sorted order would show a geometry the scores never see).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, f1_score  # noqa: E402
+from sklearn.metrics.pairwise import cosine_distances  # noqa: E402
+
+from core.device import device  # noqa: E402
+from core.errors import UserError  # noqa: E402
+from train.data import Split  # noqa: E402
+from train.runs import load_head, open_run  # noqa: E402
+from train.trainer import eval_orders, predict  # noqa: E402
+
+KINDS = ("image", "text", "fused")
+
+
+@torch.no_grad()
+def embeddings(head, split: Split, batch_size: int, order: torch.Tensor) -> dict[str, np.ndarray | None]:
+    """HeadOutput.image / .text / .fused of every item in the split's index order, fed in `order`
+    (label-blind); None for an embedding the head does not return."""
+    head.eval()
+    dev = device()
+    parts: dict[str, list] = {k: [] for k in KINDS}
+    for b in range(0, len(order), batch_size):
+        out = head(split.batch(order[b : b + batch_size]).to(dev))
+        for k in KINDS:
+            parts[k].append(None if getattr(out, k) is None else getattr(out, k).float().cpu())
+    result = {}
+    for k in KINDS:
+        if any(p is None for p in parts[k]):
+            result[k] = None
+            continue
+        x = torch.cat(parts[k])
+        back = torch.empty_like(x)
+        back[order] = x  # back to the split's index order
+        result[k] = back.numpy()
+    return result
+
+
+def distance_groups(a: np.ndarray, b: np.ndarray, labels: np.ndarray, cross: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine distances between rows of `a` and `b`, split into same-label and different-label pairs.
+
+    Intra-modal (`cross=False`, a is b): each unordered pair i < j once. Image-text (`cross=True`):
+    every (image i, text j) pair, the matched pairs i == j among the same-label ones.
+    """
+    d = cosine_distances(a, b)
+    same = labels[:, None] == labels[None, :]
+    keep = np.ones_like(same) if cross else np.triu(np.ones_like(same), k=1)
+    return d[keep & same], d[keep & ~same]
+
+
+def plot_losses(log: pd.DataFrame, path: Path) -> list[str]:
+    """One panel per loss term and one for the step-two rate, a line per seed; returns the columns drawn."""
+    cols = [c for c in log.columns if c.startswith("loss_")] + ["step_two_rate"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        for seed, rows in log.groupby("seed"):
+            ax.plot(rows["epoch"], rows[col], marker=".", label=f"seed {seed}")
+        ax.set_title(col.removeprefix("loss_"))
+        ax.set_xlabel("epoch")
+    axes[0][-1].set_ylim(-0.05, 1.05)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return cols
+
+
+def plot_distances(groups: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False)
+    bins = np.linspace(0, 2, 41)  # cosine distance lies in [0, 2]
+    for ax, (name, (same, diff)) in zip(axes[0], groups.items()):
+        ax.hist(same, bins=bins, density=True, alpha=0.6, label="same label")
+        ax.hist(diff, bins=bins, density=True, alpha=0.6, label="different label")
+        ax.set_title(name)
+        ax.set_xlabel("cosine distance")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_tsne(emb: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path, seed: int) -> None:
+    fig, axes = plt.subplots(1, len(emb), figsize=(4 * len(emb), 4), squeeze=False)
+    # perplexity must stay below the number of points (tiny test splits)
+    perplexity = float(min(30, max(2, (len(labels) - 1) // 3)))
+    for ax, (name, x) in zip(axes[0], emb.items()):
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        for c, cname in enumerate(classes):
+            m = labels == c
+            ax.scatter(xy[m, 0], xy[m, 1], s=8, label=cname)
+        ax.set_title(f"{name} ({x.shape[1]}-d)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].legend(fontsize="small", markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusions(matrices: dict[int, np.ndarray], classes: list[str], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
+    for ax, (seed, cm) in zip(axes[0], matrices.items()):
+        ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45)
+        ax.set_title(f"seed {seed}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(run: Path, cache_dir: Path | None = None) -> Path:
+    """Write `report.md` and its PNGs into run folder `run`; return the path of report.md."""
+    run = Path(run)
+    saved, cfg, data = open_run(run, cache_dir)
+    if not (run / "log.csv").is_file():
+        raise UserError(f"{run}/log.csv missing: the run did not finish an epoch; train it again")
+    test, classes = data.splits["test"], data.classes
+    y = test.labels.numpy()
+    order = eval_orders(len(test), cfg, 1)[0]
+    md = [f"# Report: {run.name}", "",
+          f"Head `{cfg.head}` on `{cfg.dataset}` ({len(test)} test items), seeds {', '.join(map(str, cfg.seeds))}. "
+          f"Test is fed label-blind, in the first seeded random order (eval_seed {cfg.eval_seed}), "
+          f"batches of {cfg.eval_batch_size}.", ""]
+
+    log = pd.read_csv(run / "log.csv")
+    cols = plot_losses(log, run / "losses.png")
+    last = log.sort_values(["seed", "epoch"]).groupby("seed").tail(1).set_index("seed")[cols]
+    md += ["## Loss terms and step-two firing rate per epoch", "", "![losses](losses.png)", "",
+           "Last epoch of each seed:", "", _table(["seed", *cols], [[s, *(f"{v:.4f}" for v in r)] for s, r in last.iterrows()]), ""]
+
+    # an interrupted or still-running train: report the seeds that have weights, and say so
+    seeds = [s for s in cfg.seeds if (run / f"seed-{s}.pt").is_file()]
+    if not seeds:
+        raise UserError(f"{run} has no seed-<s>.pt yet: wait for train to finish a seed, or train again")
+    if len(seeds) < len(cfg.seeds):
+        md += [f"Seeds without weights yet (train interrupted or still running), left out below: "
+               f"{', '.join(str(s) for s in cfg.seeds if s not in seeds)}.", ""]
+    first = seeds[0]
+    emb = embeddings(load_head(run, cfg, data, first), test, cfg.eval_batch_size, order)
+    md += [f"## Embedding distances on test (seed {first}, cosine)", ""]
+    pairs = {"intra-image (IID)": ("image", "image", False), "intra-text (TTD)": ("text", "text", False),
+             "image-text (ITD)": ("image", "text", True)}
+    groups, skipped = {}, []
+    for name, (a, b, cross) in pairs.items():
+        if emb[a] is None or emb[b] is None:
+            skipped.append(f"- {name}: skipped, the head returns no {a if emb[a] is None else b} embedding.")
+            continue
+        groups[name] = distance_groups(emb[a], emb[b], y, cross)
+    if groups:
+        plot_distances(groups, run / "distances.png")
+        md += ["![distances](distances.png)", "",
+               _table(["distribution", "same label: mean", "different label: mean", "gap"],
+                      [[n, f"{s.mean():.4f}", f"{d.mean():.4f}", f"{d.mean() - s.mean():.4f}"]
+                       for n, (s, d) in groups.items()]), ""]
+    md += skipped + ([""] if skipped else [])
+
+    present = {k: v for k, v in emb.items() if v is not None}
+    md += [f"## t-SNE of the test embeddings (seed {first})", ""]
+    if present:
+        plot_tsne(present, y, classes, run / "tsne.png", cfg.eval_seed)
+        md += ["![t-SNE](tsne.png)", ""]
+    md += [f"- {k}: skipped, the head returns no {k} embedding." for k in KINDS if emb[k] is None] + [""]
+
+    matrices, f1s = {}, []
+    for seed in seeds:
+        pred = predict(load_head(run, cfg, data, seed), test, cfg.eval_batch_size, device(), order)
+        matrices[seed] = confusion_matrix(y, pred, labels=list(range(len(classes))))
+        f1s.append([seed, *(f"{v:.4f}" for v in f1_score(y, pred, labels=list(range(len(classes))),
+                                                          average=None, zero_division=0))])
+    plot_confusions(matrices, classes, run / "confusion.png")
+    md += ["## Confusion matrix and per-class F1 on test", "", "Rows: true label, columns: predicted.", "",
+           "![confusion](confusion.png)", "", _table(["seed", *classes], f1s), ""]
+    out = run / "report.md"
+    out.write_text("\n".join(md))
+    return out
+
+
+def _table(header: list, rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
