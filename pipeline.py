@@ -56,6 +56,7 @@ def extract(
     force: bool = typer.Option(False, "--force", help="rebuild a cache that was built differently"),
     seed: int = typer.Option(0, help="seed of the 8:1:1 split for manifests without one"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N items of each split"),
+    text_views: int = typer.Option(0, min=0, help="also store K dropout views of the train texts (train --text-views)"),
 ):
     """Run the frozen encoders once and write the HDF5 feature cache (resumable)."""
     from extract.extractor import ExtractConfig, run
@@ -65,7 +66,7 @@ def extract(
         image_dir=image_dir, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder,
         text_layers=text_layers, max_length=max_length, text_only=text_only, random_weights=random_weights,
         image_weights=image_weights, batch_size=batch_size, shard_size=shard_size, shard=shard, force=force,
-        seed=seed, limit=limit,
+        seed=seed, limit=limit, text_views=text_views,
     )
     s = run(cfg, console)
     console.print(f"cache {s.dataset}: done in {s.seconds:.0f} s", highlight=False)
@@ -130,6 +131,7 @@ def train(
     no_intra: bool = typer.Option(False, "--no-intra", help="ablation: no intra-modal SupCon (L_cli, L_clt)"),
     supcon_official: bool = typer.Option(False, "--supcon-official", help="SupCon as the official code (self logit 0)"),
     balanced: bool = typer.Option(False, "--balanced", help="weight cross-entropy by inverse class frequency (not in the paper)"),
+    text_views: bool = typer.Option(False, "--text-views", help="train on the cached dropout views of the texts (extract --text-views K)"),
     text_layers: int = typer.Option(4, min=1, help="hierarchical attention over the last k cached layers"),
     no_ha: bool = typer.Option(False, "--no-ha", help="ablation: last layer only, no hierarchical attention"),
     no_cmf: bool = typer.Option(False, "--no-cmf", help="ablation: concatenate instead of cross-modal fusion"),
@@ -146,6 +148,7 @@ def train(
         modalities=modalities.value, epochs=epochs, seeds=_seeds(seeds), batch_size=batch_size, lr=lr,
         lr_step=lr_step, weight_decay=weight_decay, lambda_ce=lambda_ce, alpha=alpha, temperature=temperature,
         two_step=not one_step, clm=not no_clm, intra=not no_intra, supcon_official=supcon_official, balanced=balanced,
+        text_views=text_views,
         text_layers=text_layers, hierarchical_attention=not no_ha, cmf=not no_cmf, cmf_scope=cmf_scope.value,
         select=select.value if select else None, out=out,
     )

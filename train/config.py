@@ -58,6 +58,7 @@ class TrainConfig:
     intra: bool = True  # SupCon within each modality (L_cli, L_clt)
     supcon_official: bool = False
     balanced: bool = False  # cross-entropy weighted by inverse class frequency (not in the paper)
+    text_views: bool = False  # train on the cached dropout views of the texts (extract --text-views K)
     text_layers: int = 4
     hierarchical_attention: bool = True
     cmf: bool = True
@@ -89,6 +90,8 @@ class TrainConfig:
             raise UserError("--batch-size must be at least 2 (BatchNorm and SupCon need pairs)")
         if not self.seeds:
             raise UserError("--seeds: give at least one seed, e.g. 1,2,3")
+        if self.text_views and self.modalities == "image":
+            raise UserError("--text-views needs text: use --modalities text or both")
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)

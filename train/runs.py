@@ -38,7 +38,8 @@ def git_commit() -> str:
 
 
 def load_data(cfg: TrainConfig) -> cache.Data:
-    return cache.load(cfg.cache_dir, cfg.dataset, cfg.modalities, cfg.text_encoder, cfg.image_encoder)
+    return cache.load(cfg.cache_dir, cfg.dataset, cfg.modalities, cfg.text_encoder, cfg.image_encoder,
+                      cfg.text_views)
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> Path:
@@ -163,7 +164,7 @@ def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
     cfg = TrainConfig.from_json(saved["train"])
     if cache_dir is not None:
         cfg.cache_dir = Path(cache_dir)
-    data = load_data(cfg)
+    data = load_data(replace(cfg, text_views=False))  # test is scored on the clean states only
     for kind, prov in saved["provenance"].items():
         now = data.provenance.get(kind, {})
         diff = [k for k in prov if prov[k] != now.get(k)]

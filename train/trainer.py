@@ -111,13 +111,14 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         t0 = time.time()
         head.train()
         order = torch.randperm(len(train), generator=g)
+        views = train.draw_views(seed, epoch) if cfg.text_views else None  # one dropout view per item
         sums = np.zeros(3)
         fired = n_batches = 0
         for b in range(0, len(order), cfg.batch_size):
             idx = order[b : b + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on one sample
                 continue
-            batch = train.batch(idx).to(dev)
+            batch = train.batch(idx, view=None if views is None else views[idx]).to(dev)
             y = batch.labels
             out = head(batch)
             loss, ce, intra = step_one_loss(cfg, out, y, weight)
