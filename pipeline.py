@@ -58,6 +58,7 @@ def extract(
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N items of each split"),
     classes: Optional[str] = typer.Option(None, help="a manifest's label set, e.g. positive,neutral,negative (other labels are problems)"),
     keep_rare_labels: bool = typer.Option(False, "--keep-rare-labels", help="keep a manifest label seen only a few times (else dropped as a likely typo)"),
+    text_views: int = typer.Option(0, min=0, help="also store K dropout views of the train texts (train --text-views)"),
 ):
     """Run the frozen encoders once and write the HDF5 feature cache (resumable)."""
     from extract.extractor import ExtractConfig, run
@@ -67,7 +68,7 @@ def extract(
         image_dir=image_dir, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder,
         text_layers=text_layers, max_length=max_length, text_only=text_only, random_weights=random_weights,
         image_weights=image_weights, batch_size=batch_size, shard_size=shard_size, shard=shard, force=force,
-        seed=seed, limit=limit,
+        seed=seed, limit=limit, text_views=text_views,
     )
     cfg.classes = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
     cfg.keep_rare_labels = keep_rare_labels
@@ -144,6 +145,7 @@ def train(
     cmf_scope: Optional[Scope] = typer.Option(None, help="SPP-SCL: batch = attention across the batch (paper); sample = per item"),
     official: bool = typer.Option(False, "--official", help="the authors' training step exactly (SPEC.md; listed in config.json)"),
     eval_orders: int = typer.Option(5, min=1, help="test is the mean over this many seeded random orders (label-blind)"),
+    text_views: bool = typer.Option(False, "--text-views", help="train on the cached dropout views of the texts (extract --text-views K)"),
     select: Optional[Metric] = typer.Option(None, help="dev metric that picks the epoch [default: weighted_f1, HFM macro_f1]"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<time>]"),
     splits: Optional[Path] = typer.Option(None, help="folder of split files {train,dev,test}.txt (ids) from `audit --write-clean`"),
@@ -170,7 +172,7 @@ def train(
         dataset=dataset, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder, head=head,
         head_config=heads.build_config(head, values), epochs=epochs, seeds=_seeds(seeds), batch_size=batch_size,
         lr=lr, lr_step=lr_step, weight_decay=weight_decay, balanced=balanced, official=official,
-        eval_orders=eval_orders, select=select.value if select else None, out=out,
+        eval_orders=eval_orders, text_views=text_views, select=select.value if select else None, out=out,
     )
     cfg.splits = splits.resolve() if splits else None
     run = run_train(cfg, console)

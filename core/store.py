@@ -5,6 +5,7 @@ Layout (a public contract; README "Cache format" documents it for plain-h5py rea
     <cache>/<dataset>/dataset.json           classes, split counts, how splits were made
     <cache>/<dataset>/problems.csv           id, stage, reason of every skipped/repaired item
     <cache>/<dataset>/text/<encoder>/        shard-00000-of-00009.h5 ... + index.json
+    <cache>/<dataset>/text/<encoder>/view-01/ ... view-K/   optional dropout views (train split only)
     <cache>/<dataset>/image/<encoder>/       the same for image feature maps
 
 Every shard holds `ids` (N,) str, `labels` (N,) int64 (-1 unknown), `split` (N,) str, and
@@ -12,7 +13,13 @@ Every shard holds `ids` (N,) str, `labels` (N,) int64 (-1 unknown), `split` (N,)
           concatenated, CLS dropped, SEP kept), `offsets` (N+1,) int64;
 - image: `maps` (N, C, h, w) f16, compressed losslessly (post-ReLU maps are mostly zeros).
 Attributes carry the provenance (encoder, weights fingerprint, layers, preprocessing,
-max length, data hash). Shards are written to a temp file and renamed, so a shard on
+max length, data hash, view).
+
+A text view folder is a text cache of its own (same shards, datasets and provenance but
+`view` = v): the train items of each clean shard encoded again with the encoder's dropout
+on, seeded per shard and view. It sits inside the clean folder so that rebuilding the
+clean cache (`--force`) also drops views made from it, yet adding views never rewrites
+a clean shard. Shards are written to a temp file and renamed, so a shard on
 disk is always whole: that is what makes resuming after a kill safe.
 """
 
@@ -52,6 +59,7 @@ class Provenance:
     n_shards: int
     layers: int = 0  # text: how many last layers are kept
     max_length: int = 0  # text: tokenizer truncation
+    view: int = 0  # text: 0 = eval-mode states; v >= 1 = dropout view v (train mode, seeded)
     format_version: int = FORMAT_VERSION
 
     def differences(self, other: "Provenance") -> list[str]:
@@ -69,6 +77,16 @@ def slug(encoder: str) -> str:
 
 def cache_folder(cache_dir: Path, dataset: str, kind: str, encoder: str) -> Path:
     return Path(cache_dir) / dataset / kind / slug(encoder)
+
+
+def view_folder(text_folder: Path, view: int) -> Path:
+    return Path(text_folder) / f"view-{view:02d}"
+
+
+def view_folders(text_folder: Path) -> list[Path]:
+    """The view folders beside a clean text cache, complete or not, in view order."""
+    found = [p for p in Path(text_folder).glob("view-*") if p.is_dir() and re.fullmatch(r"view-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def shard_name(k: int, n: int) -> str:

@@ -14,6 +14,7 @@ on a machine without those weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.resources
@@ -135,6 +136,17 @@ class TextEncoder:
              "lowercase": bool(getattr(self.tokenizer, "do_lower_case", False))},
             sort_keys=True,
         )
+
+    @contextlib.contextmanager
+    def dropout(self, seed: int):
+        """Train mode (dropout on, as the official code runs BERT while training), seeded so a
+        view is reproducible: the same seed and batches give the same bytes."""
+        torch.manual_seed(seed)
+        self.model.train()
+        try:
+            yield self
+        finally:
+            self.model.eval()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]

@@ -10,7 +10,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ class ExtractConfig:
     limit: int | None = None  # first N items of each split: quick looks and tests
     classes: tuple[str, ...] | None = None  # a manifest's declared label set (--classes); None: the labels that occur
     keep_rare_labels: bool = False  # keep a manifest label seen only a few times (else dropped as a likely typo)
+    text_views: int = 0  # K extra train-split passes with the text encoder's dropout on
 
 
 @dataclass
@@ -174,7 +175,43 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
         n += len(items)
         progress.update(task, rate=f"{n / (time.time() - t0):.0f} texts/s")
     timing["text"] = time.time() - t0
-    return len(ds.items), (folder, store.finish(folder, prov))
+    complete = store.finish(folder, prov)
+    for v in range(1, cfg.text_views + 1):
+        complete = _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timing) and complete
+    return len(ds.items), (folder, complete)
+
+
+def view_seed(shard: int, view: int) -> int:
+    """Dropout seed of one shard of one view: fixed, so a resumed or split run writes the same bytes."""
+    return 1_000_003 * view + shard
+
+
+def _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timing) -> bool:
+    """View v: the train items of every clean shard again, with dropout on (dev/test are
+    always scored on the clean states, so only train is stored). Same tokenisation and
+    shard numbering as the clean cache, hence the same token counts."""
+    vprov = replace(prov, view=v)
+    vfolder = store.view_folder(folder, v)
+    todo = _plan(vfolder, vprov, cfg.force, rank, world)
+    train = [[it for it in items if it.split == "train"] for items in shards]
+    task = _task(progress, f"text  {cfg.text_encoder} view {v}", train, todo, "texts")
+    t0 = time.time()
+    for k in todo:
+        items = train[k]
+        empty = np.zeros((0, cfg.text_layers, enc.width), np.float16)
+        cls, tokens = empty, []  # a shard of dev/test items only: an empty view shard
+        if items:
+            with enc.dropout(view_seed(k, v)):
+                cls, tokens = encode_texts(enc, [it.text for it in items], cfg.batch_size,
+                                           on_batch=lambda b: progress.advance(task, b))
+        offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
+        store.write_text_shard(
+            vfolder / store.shard_name(k, vprov.n_shards), vprov, [it.id for it in items],
+            [it.label for it in items], [it.split for it in items], cls,
+            np.concatenate(tokens) if tokens else empty, offsets,
+        )
+    timing[f"text view {v}"] = time.time() - t0
+    return store.finish(vfolder, vprov)
 
 
 def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None):

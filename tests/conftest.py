@@ -183,3 +183,23 @@ def write_synth_cache(cache_dir: Path, dataset: str = "synth", sizes: dict | Non
 @pytest.fixture(scope="session")
 def synth_cache(tmp_path_factory) -> SynthCache:
     return write_synth_cache(tmp_path_factory.mktemp("synth") / "cache")
+
+
+TINY_VIEWS = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_views_cache(tiny_cache, tmp_path_factory) -> TinyCache:
+    """The tiny cache plus TINY_VIEWS dropout views of its train texts (`extract --text-views 2`
+    on a copy: the clean text shards are found finished and kept, only the views are encoded)."""
+    import shutil
+
+    cache = tmp_path_factory.mktemp("tiny_views") / "cache"
+    shutil.copytree(tiny_cache.cache_dir, cache)
+    cfg = small_config(cache, dataset="mvsa_s", limit=TINY_LIMIT, text_only=True, text_views=TINY_VIEWS)
+    summary = run(cfg, quiet_console())
+    assert summary.complete
+    return TinyCache(cache_dir=cache, dataset=tiny_cache.dataset,
+                     text=store.cache_folder(cache, tiny_cache.dataset, store.TEXT, cfg.text_encoder),
+                     image=store.cache_folder(cache, tiny_cache.dataset, store.IMAGE, cfg.image_encoder),
+                     text_encoder=cfg.text_encoder, image_encoder=cfg.image_encoder, config=cfg, summary=summary)

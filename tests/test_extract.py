@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -365,3 +366,51 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, cli, tiny_cache):
     assert_same_shards(text, tiny_cache.text)
     assert_same_loaded(text, tiny_cache.text, store.TEXT)
     assert not (cache / tiny_cache.dataset / "image").exists()
+
+
+# --- dropout views of the train texts ------------------------------------------------------
+
+def test_text_views_are_dropout_passes_of_the_train_texts(tiny_cache, tiny_views_cache):
+    from conftest import TINY_VIEWS
+
+    assert_same_shards(tiny_views_cache.text, tiny_cache.text)  # adding views kept the clean shards
+    clean = store.load_text(tiny_cache.text)
+    folders = store.view_folders(tiny_views_cache.text)
+    assert [f.name for f in folders] == [f"view-{v:02d}" for v in range(1, TINY_VIEWS + 1)]
+    views = []
+    for v, folder in enumerate(folders, 1):
+        p = store.provenance(folder)
+        assert p.view == v and replace(p, view=0) == store.provenance(tiny_cache.text)
+        index = json.loads((folder / "index.json").read_text())
+        assert all(set(e["splits"]) <= {"train"} for e in index["shards"])  # dev and test are never stored
+        got = store.load_text(folder)
+        assert list(got) == ["train"]
+        t = got["train"]
+        assert t.ids == clean["train"].ids and torch.equal(t.offsets, clean["train"].offsets)
+        assert t.cls.shape == clean["train"].cls.shape and t.tokens.shape == clean["train"].tokens.shape
+        assert t.cls.dtype == t.tokens.dtype == torch.float16
+        views.append(t)
+    for a, b in [(views[0], clean["train"]), (views[1], clean["train"]), (views[0], views[1])]:
+        for field in ("cls", "tokens"):
+            x, y = getattr(a, field).float(), getattr(b, field).float()
+            assert (x - y).abs().amax(dim=(-1, -2)).min() > 1e-2, field  # every text and token moved
+            # ... by noise, not into other texts: still close to the same text's states
+            cos = torch.nn.functional.cosine_similarity(x[:, -1], y[:, -1], dim=-1)
+            assert cos.min() > 0.5, (field, cos.min())
+
+
+def test_text_views_resume_to_the_same_bytes(tmp_path, tiny_views_cache, make_config, console):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_views_cache.cache_dir, cache)
+    text = store.cache_folder(cache, tiny_views_cache.dataset, store.TEXT, tiny_views_cache.text_encoder)
+    second = store.view_folder(text, 2)
+    (second / store.shard_name(1, 5)).unlink()  # as if killed before its second shard
+    (second / "index.json").unlink()
+    (store.view_folder(text, 1) / store.shard_name(0, 5)).unlink()
+    (store.view_folder(text, 1) / "index.json").unlink()
+    s = run(make_config(cache, dataset="mvsa_s", limit=12, text_only=True, text_views=2), console)
+    assert s.complete
+    for v in (1, 2):
+        assert_same_shards(store.view_folder(text, v), store.view_folder(tiny_views_cache.text, v))
+        assert (json.loads((store.view_folder(text, v) / "index.json").read_text())
+                == json.loads((store.view_folder(tiny_views_cache.text, v) / "index.json").read_text()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -449,3 +450,81 @@ def test_patience_stops_a_seed_once_dev_stops_improving(synth_cache, synth_data,
     assert [log.epoch for log in r.log] == [1, 2, 3, 4] and r.best_epoch == 2  # epoch 5's 0.9 is never seen
     with pytest.raises(UserError, match="--patience 0"):
         synth_config(synth_cache, None, patience=0).resolved()
+
+
+# --- dropout views of the train texts (--text-views) ---------------------------------------
+
+def test_text_views_on_a_cache_without_them_is_a_user_error(tiny_cache, tiny_views_cache, tmp_path):
+    with pytest.raises(UserError, match=r"no dropout views: run `python pipeline.py extract --dataset mvsa_s "
+                                        r"--limit 12 --text-encoder minilm --text-views K`"):
+        runs.train(synth_config(tiny_cache, tmp_path / "run", text_views=True), quiet_console())
+    assert not (tmp_path / "run").exists()
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_views_cache.cache_dir, cache)
+    unfinished = cache / tiny_cache.dataset / "text" / "minilm" / "view-02"
+    (unfinished / "index.json").unlink()  # an interrupted extract --text-views
+    with pytest.raises(UserError, match=r"no complete cache at .*view-02: run .*--text-views K"):
+        runs.load_data(synth_config(tiny_cache, None, cache_dir=cache, text_views=True))
+    with pytest.raises(UserError, match="--text-views needs a head that reads text"):
+        synth_config(tiny_cache, None, {"modalities": "image"}, text_views=True).resolved()
+
+
+def test_training_draws_a_view_per_item_and_epoch_and_scores_on_clean_states(tiny_views_cache, monkeypatch):
+    from conftest import TINY_VIEWS
+    from train.data import Split
+
+    cfg = synth_config(tiny_views_cache, None, epochs=4, text_views=True, batch_size=6).resolved()
+    data = runs.load_data(cfg)
+    train, dev, test = (data.splits[s] for s in ("train", "dev", "test"))
+    assert train.view_cls.shape == (TINY_VIEWS, *train.cls.shape) and dev.view_cls is None and test.view_cls is None
+    seen = []  # (split, rows, cls and tokens the head got), in call order
+    real = Split.batch
+
+    def spy(self, idx, view=None):
+        b = real(self, idx, view)
+        seen.append((self, idx.clone(), b.cls.clone(), b.tokens.clone()))
+        return b
+
+    monkeypatch.setattr(Split, "batch", spy)
+    trainer.train_seed(cfg, data, seed=1)
+    per_epoch: list[dict[int, int]] = [{}]  # item -> the view it got, per training epoch
+    for split, idx, cls, tokens in seen:
+        if split is train:
+            for row, i in enumerate(idx.tolist()):
+                match = [v for v in range(TINY_VIEWS) if torch.equal(cls[row], train.view_cls[v, i].float())]
+                assert len(match) == 1, "a training item got clean states or a mixture"
+                assert not torch.equal(cls[row], train.cls[i].float())
+                per_epoch[-1][i] = match[0]
+            assert torch.equal(tokens, real(train, idx, train.draw_views(1, len(per_epoch))[idx]).tokens)
+        else:  # dev (once after each epoch) and test: always the clean states
+            assert split is dev or split is test
+            assert torch.equal(cls, split.cls[idx].float())
+            assert torch.equal(tokens, split.tokens[data_rows(split, idx)].float())
+            if split is dev and per_epoch[-1]:
+                per_epoch.append({})
+    per_epoch.pop()  # the empty one opened by the last dev scoring
+    assert len(per_epoch) == cfg.epochs and all(len(e) == len(train) for e in per_epoch)
+    assert any(per_epoch[0] != e for e in per_epoch[1:])  # the draw changes across epochs
+    assert {v for e in per_epoch for v in e.values()} == set(range(TINY_VIEWS))
+    for epoch, got in enumerate(per_epoch, 1):  # seeded by (seed, epoch): reproducible
+        assert torch.equal(torch.tensor([got[i] for i in range(len(train))]), train.draw_views(1, epoch))
+
+
+def data_rows(split, idx):
+    from train.data import _rows
+
+    return _rows(split.offsets, idx)
+
+
+def test_a_view_batch_takes_every_token_of_a_text_from_its_view(tiny_views_cache):
+    data = runs.load_data(synth_config(tiny_views_cache, None, text_views=True).resolved())
+    train = data.splits["train"]
+    idx, view = torch.tensor([3, 0, 7]), torch.tensor([1, 0, 1])
+    b = train.batch(idx, view=view)
+    start = 0
+    for i, v in zip(idx.tolist(), view.tolist()):
+        a, z = int(train.offsets[i]), int(train.offsets[i + 1])
+        assert torch.equal(b.tokens[start : start + z - a], train.view_tokens[v, a:z].float())
+        start += z - a
+    assert start == len(b.tokens) and torch.equal(b.labels, train.labels[idx])
+    assert torch.equal(b.maps, train.maps[idx].float())  # images are untouched

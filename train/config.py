@@ -63,6 +63,7 @@ class TrainConfig:
     lr_step: int | None = None
     lr_gamma: float = 0.5
     balanced: bool = False  # cross-entropy weighted by inverse class frequency (not in the paper)
+    text_views: bool = False  # train on the cached dropout views of the texts (extract --text-views K)
     select: str | None = None  # metric on dev that picks the epoch
     patience: int | None = None  # stop a seed once dev `select` has not improved for this many epochs
     # label-blind scoring: dev and test are scored in seeded random orders, never in the stored
@@ -115,6 +116,8 @@ class TrainConfig:
         if not self.seeds:
             raise UserError("--seeds: give at least one seed, e.g. 1,2,3")
         self.head_config.validate()
+        if self.text_views and not self.head_config.uses_text:
+            raise UserError("--text-views needs a head that reads text")
 
     def to_json(self) -> dict:
         out = {}

@@ -3,6 +3,11 @@
 Features stay float16 in RAM (half the bytes) and become float32 one batch at a time.
 Text and image caches are joined by id, so an item whose image could not be read is
 simply absent from a two-modality run (and counted).
+
+With `text_views` the train split also holds K dropout views of its text states
+(`extract --text-views K`): each epoch draws one view per item, so the head, like the
+official code's with BERT in train mode, never sees the same text features twice.
+Dev and test have no views: they are always scored on the clean (eval-mode) states.
 """
 
 from __future__ import annotations
@@ -27,17 +32,26 @@ class Split:
     tokens: torch.Tensor | None = None  # (T, L, H) f16
     offsets: torch.Tensor | None = None  # (N+1,)
     maps: torch.Tensor | None = None  # (N, C, h, w) f16
+    view_cls: torch.Tensor | None = None  # (K, N, L, H) f16: dropout views (train split only)
+    view_tokens: torch.Tensor | None = None  # (K, T, L, H) f16, same offsets as the clean tokens
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, idx: torch.Tensor) -> Batch:
-        """Rows `idx` as a float32 Batch; the tokens of the chosen texts are gathered back to back."""
+    def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
+        """Rows `idx` as a float32 Batch; the tokens of the chosen texts are gathered back to back.
+
+        `view` (one view number per row) takes each text from its dropout view instead of
+        the clean states."""
         text = {"cls": None, "tokens": None, "lengths": None}
         if self.cls is not None:
             lengths = self.offsets[idx + 1] - self.offsets[idx]
             text = {"cls": self.cls[idx].float(), "tokens": self.tokens[_rows(self.offsets, idx)].float(),
                     "lengths": lengths}
+            if view is not None:  # views share the clean offsets, so the same token rows
+                text["cls"] = self.view_cls[view, idx].float()
+                text["tokens"] = self.view_tokens[torch.repeat_interleave(view, lengths),
+                                                  _rows(self.offsets, idx)].float()
         maps = self.maps[idx].float() if self.maps is not None else None
         return Batch(labels=self.labels[idx], maps=maps, **text)
 
@@ -50,6 +64,13 @@ class Split:
                     "offsets": torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])}
         return Split([self.ids[i] for i in idx.tolist()], self.labels[idx],
                      maps=self.maps[idx] if self.maps is not None else None, **text)
+    def draw_views(self, seed: int, epoch: int) -> torch.Tensor:
+        """One view per item for this epoch; its own generator (seed, epoch), so the batch
+        order is the same with and without views."""
+        if self.view_cls is None:
+            raise UserError("this split has no text views (dev and test never do)")
+        g = torch.Generator().manual_seed(100_003 * seed + epoch)
+        return torch.randint(len(self.view_cls), (len(self),), generator=g)
 
 
 @dataclass
@@ -78,7 +99,7 @@ def _hint(dataset: str, kind: str, encoder: str) -> str:
 
 
 def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, image_encoder: str,
-         split_files: Path | None = None) -> Data:
+         split_files: Path | None = None, text_views: bool = False) -> Data:
     """Load what a run needs; a missing cache names the extract command that makes it."""
     root = Path(cache_dir) / dataset
     info_file = root / "dataset.json"
@@ -91,6 +112,9 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
         hint = _hint(dataset, store.TEXT, text_encoder)
         prov["text"] = store.open_index(folder, hint)["provenance"]
         text = store.load_text(folder, hint=hint)
+        if text_views:
+            views = _load_views(folder, prov["text"], text.get("train"), dataset, text_encoder)
+            prov["text_views"] = len(views[0])
     if modalities in ("image", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.IMAGE, image_encoder)
         if not (folder / "index.json").is_file():
@@ -110,7 +134,12 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
             raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
         splits[s], d = _join(t, im)
         dropped += d
+        if s == "train" and text_views and t is not None:
+            _attach_views(splits[s], t, *views)
     if split_files is not None:
+        if text_views:
+            raise UserError("--text-views with --splits is not supported yet: the views follow the cache's own "
+                            "train split; train on the clean split without --text-views")
         splits = reassign(splits, Path(split_files))
     any_split = splits["train"]
     dims = Dims(
@@ -135,6 +164,44 @@ def _check_agree(text: dict, image: dict, dataset: str) -> None:
                     f"(split {other[0]}, label {other[1]}) in the image cache: the two were built from different "
                     "data; re-extract both with --force"
                 )
+def _load_views(folder: Path, clean: dict, train: store.TextFeatures | None, dataset: str, encoder: str):
+    """The K dropout views of the train texts as (K, N, L, H) and (K, T, L, H) tensors.
+
+    Refused, never silently replaced by clean states: no views, an unfinished view, or
+    views made from another clean cache."""
+    hint = f"python pipeline.py extract {extract_source(dataset)} --text-encoder {encoder} --text-views K"
+    folders = store.view_folders(folder)
+    if not folders:
+        raise UserError(f"the text cache {folder} has no dropout views: run `{hint}` (e.g. K=4; the clean "
+                        "states are kept), or train without --text-views")
+    if train is None:
+        raise UserError(f"the {dataset} cache has no train split to draw text views for")
+    cls = tokens = None
+    for k, vf in enumerate(folders):
+        vprov = dict(store.open_index(vf, hint)["provenance"])
+        differs = [f"{key} {vprov.get(key)!r} (clean {clean.get(key)!r})" for key in clean
+                   if key != "view" and vprov.get(key) != clean.get(key)]
+        if differs:
+            raise UserError(f"text views {vf} were made from another cache: {'; '.join(differs)}. "
+                            f"Run `{hint} --force` to rebuild both")
+        v = store.load_text(vf, splits=("train",), hint=hint).get("train")
+        if v is None or v.ids != train.ids or not torch.equal(v.offsets, train.offsets):
+            raise UserError(f"text views {vf} do not hold the clean cache's train texts: run `{hint} --force`")
+        if cls is None:  # preallocated: each view is copied straight into its place
+            cls = torch.empty(len(folders), *v.cls.shape, dtype=torch.float16)
+            tokens = torch.empty(len(folders), *v.tokens.shape, dtype=torch.float16)
+        cls[k], tokens[k] = v.cls, v.tokens
+    return cls, tokens
+
+
+def _attach_views(split: Split, text: store.TextFeatures, cls: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Give a joined train split its views, keeping only the rows the join kept."""
+    if split.ids == text.ids:
+        split.view_cls, split.view_tokens = cls, tokens
+        return
+    where = {id_: i for i, id_ in enumerate(text.ids)}
+    idx = torch.tensor([where[i] for i in split.ids], dtype=torch.long)
+    split.view_cls, split.view_tokens = cls[:, idx], tokens[:, _rows(text.offsets, idx)]
 
 
 def _join(text: store.TextFeatures | None, image: store.ImageFeatures | None) -> tuple[Split, int]:

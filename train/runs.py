@@ -59,7 +59,7 @@ def modalities(cfg: TrainConfig) -> str:
 
 def load_data(cfg: TrainConfig) -> cache.Data:
     return cache.load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder,
-                      split_files=cfg.splits)
+                      split_files=cfg.splits, text_views=cfg.text_views)
 
 
 @dataclass
@@ -274,7 +274,7 @@ def open_run(run: Path, cache_dir: Path | None = None) -> tuple[dict, TrainConfi
     cfg = TrainConfig.from_json(saved["train"])
     if cache_dir is not None:
         cfg.cache_dir = Path(cache_dir)
-    data = load_data(cfg)
+    data = load_data(replace(cfg, text_views=False))  # test is scored on the clean states only
     for kind, prov in saved["provenance"].items():
         now = data.provenance.get(kind, {})
         diff = [k for k in prov if prov[k] != now.get(k)]

@@ -136,6 +136,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         lr = opt.param_groups[0]["lr"]  # the rate this epoch trains with (logged before sched.step())
         head.train()
         order = torch.randperm(len(train), generator=g)
+        views = train.draw_views(seed, epoch) if cfg.text_views else None  # one dropout view per item
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         fired = n_batches = 0
@@ -143,7 +144,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
             idx = order[b : b + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on one sample
                 continue
-            batch = train.batch(idx).to(dev)
+            batch = train.batch(idx, view=None if views is None else views[idx]).to(dev)
             y = batch.labels
             terms = head.objective(head(batch), y, weight)
             opt.zero_grad(set_to_none=not keep_zero_grads)
