@@ -192,6 +192,12 @@ GRID_DATASET = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in 
 GRID_JOBS = typer.Option(1, min=1, help="cells trained in parallel processes on this machine")
 GRID_SHARD = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE)")
 GRID_PATIENCE = typer.Option(None, min=1, help="stop a seed once dev has not improved for P epochs")
+GRID_TEXT = typer.Option("minilm", help="which text cache to read")
+GRID_IMAGE = typer.Option("efficientnet-lite0", help="which image cache to read")
+GRID_EPOCHS = typer.Option(150, min=1)
+GRID_SEEDS = typer.Option("1,2,3,4,5", help="the same seeds in every cell (the paired test needs them)")
+GRID_BATCH = typer.Option(None, min=2, help="[default: per data set]")
+GRID_LR = typer.Option(None, help="[default: per data set]")
 RUNS_DIR = typer.Option(Path("runs"), help="where the cells' run folders live (named from each config's hash)")
 
 
@@ -199,15 +205,15 @@ RUNS_DIR = typer.Option(Path("runs"), help="where the cells' run folders live (n
 def ablate(
     dataset: str = GRID_DATASET,
     cache_dir: Path = CacheOpt,
-    text_encoder: str = typer.Option("minilm"),
-    image_encoder: str = typer.Option("efficientnet-lite0"),
+    text_encoder: str = GRID_TEXT,
+    image_encoder: str = GRID_IMAGE,
     head: str = typer.Option("spp_scl", help="any head with an ablation list (`pipeline.py heads`)"),
     rows: Optional[str] = typer.Option(None, help="comma-separated rows to run (the full model always runs)"),
     set_: list[str] = typer.Option([], "--set", help="head field for every row, key=value"),
-    epochs: int = typer.Option(150, min=1),
-    seeds: str = typer.Option("1,2,3,4,5"),
-    batch_size: Optional[int] = typer.Option(None, min=2),
-    lr: Optional[float] = typer.Option(None),
+    epochs: int = GRID_EPOCHS,
+    seeds: str = GRID_SEEDS,
+    batch_size: Optional[int] = GRID_BATCH,
+    lr: Optional[float] = GRID_LR,
     patience: Optional[int] = GRID_PATIENCE,
     jobs: int = GRID_JOBS,
     shard: Optional[str] = GRID_SHARD,
@@ -233,14 +239,14 @@ def sweep(
     set_: list[str] = typer.Option(..., "--set", help="field=v1,v2,... (repeat for a grid of two fields)"),
     dataset: str = GRID_DATASET,
     cache_dir: Path = CacheOpt,
-    text_encoder: str = typer.Option("minilm"),
-    image_encoder: str = typer.Option("efficientnet-lite0"),
+    text_encoder: str = GRID_TEXT,
+    image_encoder: str = GRID_IMAGE,
     head: str = typer.Option("spp_scl"),
     fixed: list[str] = typer.Option([], "--fix", help="head field for every cell, key=value"),
-    epochs: int = typer.Option(150, min=1),
-    seeds: str = typer.Option("1,2,3,4,5"),
-    batch_size: Optional[int] = typer.Option(None, min=2),
-    lr: Optional[float] = typer.Option(None),
+    epochs: int = GRID_EPOCHS,
+    seeds: str = GRID_SEEDS,
+    batch_size: Optional[int] = GRID_BATCH,
+    lr: Optional[float] = GRID_LR,
     patience: Optional[int] = GRID_PATIENCE,
     jobs: int = GRID_JOBS,
     shard: Optional[str] = GRID_SHARD,

@@ -203,3 +203,15 @@ def tiny_views_cache(tiny_cache, tmp_path_factory) -> TinyCache:
                      text=store.cache_folder(cache, tiny_cache.dataset, store.TEXT, cfg.text_encoder),
                      image=store.cache_folder(cache, tiny_cache.dataset, store.IMAGE, cfg.image_encoder),
                      text_encoder=cfg.text_encoder, image_encoder=cfg.image_encoder, config=cfg, summary=summary)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on two cores shared with other jobs, two torch threads spin against each other on tiny batches."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,12 +31,7 @@ def base(c, **kw) -> TrainConfig:
     return TrainConfig(**cfg)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli_args(c, runs_dir: Path, *extra) -> list:

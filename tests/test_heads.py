@@ -16,14 +16,7 @@ from heads.losses import supcon
 from heads.ragged import pack_plan, segment_mean
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds sync cost, and on a busy machine
-    each sync can stall for a scheduler slice (10x slower suite). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MINILM_EFFNET = Dims(text_layers=4, text_width=384, image_channels=1280, n_classes=3)

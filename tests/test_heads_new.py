@@ -11,7 +11,7 @@ from core.errors import UserError
 from heads import HeadOutput, build_config, create, parse_sets
 from heads.bigru import RaggedBiGRU
 from heads.ragged import pad
-from test_heads import MINILM_EFFNET, SMALL, make_batch, one_thread, sub_batch  # noqa: F401 (fixture)
+from test_heads import MINILM_EFFNET, SMALL, make_batch, sub_batch
 
 CLIP = {"full": {}, "no_clip": {"clip": False}, "no_ca": {"ca": False}, "no_cg": {"cg": False},
         "fixed_temperature": {"learn_temperature": False}, "none": {"clip": False, "ca": False, "cg": False}}
@@ -22,6 +22,9 @@ PROBE = {m: {"modalities": m} for m in ("both", "text", "image")}
 CASES = ([("clip_ca_cg", k, v) for k, v in CLIP.items()] + [("hybrid_fusion", k, v) for k, v in HYBRID.items()]
          + [("probe", k, v) for k, v in PROBE.items()])
 IDS = [f"{name}-{k}" for name, k, _ in CASES]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(name, **values):

@@ -25,12 +25,7 @@ from conftest import DATA, quiet_console
 IMAGES = DATA / "mvsa_single" / "images"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(tiny_cache, out, seeds=(1, 2), **head):

@@ -16,13 +16,7 @@ from conftest import quiet_console
 PNGS = ("losses.png", "distances.png", "tsne.png", "confusion.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (two shared cores): see test_trainer.py."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(synth_cache, out, seeds=(1, 2), **head):

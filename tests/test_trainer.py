@@ -31,13 +31,7 @@ from conftest import quiet_console
 BATCHES_PER_EPOCH = 3  # 36 train items in batches of 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: two torch threads spin against each other on tiny batches."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
