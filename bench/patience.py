@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""What `--patience P` changes -> bench/results/patience.json (+ .md).
+
+Replays early stopping on the dev column of finished runs' log.csv (the dev metric of
+every epoch is logged, so no training is needed): with patience P a seed stops once dev
+`select` has not improved for P epochs, and the selected epoch is the best one seen until
+then. Reports, per P, how often the selected epoch moves, and the epochs saved.
+
+    python bench/patience.py runs/mvsa_s-paper-20ep runs/mvsa_s-official-20ep ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def replay(dev: list[float], patience: int | None) -> tuple[int, int]:
+    """(selected epoch, epochs trained): the trainer's rule (strict improvement, first of equals)."""
+    best, best_epoch = float("-inf"), 0
+    for epoch, v in enumerate(dev, 1):
+        if v > best:
+            best, best_epoch = v, epoch
+        if patience is not None and epoch - best_epoch >= patience:
+            return best_epoch, epoch
+    return best_epoch, len(dev)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--patience", default="3,5,10")
+    a = ap.parse_args()
+    seeds = []
+    for run in a.runs:
+        select = json.loads((run / "config.json").read_text())["train"]["select"]
+        with open(run / "log.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for s in sorted({int(r["seed"]) for r in rows}):
+            seeds.append((str(run), s, [float(r[f"dev_{select}"]) for r in rows if int(r["seed"]) == s]))
+    result = {"runs": [str(r) for r in a.runs], "seeds": len(seeds), "per_patience": {}}
+    for p in (int(x) for x in a.patience.split(",")):
+        moved, saved, total = 0, 0, 0
+        for _, _, dev in seeds:
+            full, _ = replay(dev, None)
+            sel, trained = replay(dev, p)
+            moved += sel != full
+            saved += len(dev) - trained
+            total += len(dev)
+        result["per_patience"][p] = {"selected_epoch_moved": moved, "of_seeds": len(seeds),
+                                     "epochs_saved": saved, "epochs_total": total, "share_saved": saved / total}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "patience.json").write_text(json.dumps(result, indent=1))
+    lines = ["| patience | selected epoch moved | epochs saved |", "|---|---|---|"]
+    for p, r in result["per_patience"].items():
+        lines.append(f"| {p} | {r['selected_epoch_moved']} of {r['of_seeds']} seeds | {r['epochs_saved']} of "
+                     f"{r['epochs_total']} ({r['share_saved']:.0%}) |")
+    (OUT / "patience.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
