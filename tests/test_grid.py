@@ -124,3 +124,19 @@ def test_sweep_writes_csv_and_plot(synth_cache, cli, tmp_path):
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     bad = cli.run("sweep", "--set", "alpah=0.5", *cli_args(synth_cache, tmp_path / "runs"))
     assert bad.returncode == 1 and "has no field 'alpah'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_grid_loads_each_cache_once_and_gives_each_cell_its_modalities(synth_cache, tmp_path, monkeypatch):
+    """One process, rows of both modalities and of text alone: each cell trains on the caches its
+    head reads, and each modality set is loaded once."""
+    loads, seen = [], []
+    real_load, real_run = runs.load_data, runs.train_run
+    monkeypatch.setattr(grid, "_DATA", {})
+    monkeypatch.setattr(runs, "load_data", lambda cfg: loads.append(runs.modalities(cfg)) or real_load(cfg))
+    monkeypatch.setattr(runs, "train_run", lambda cfg, data, *a, **k: seen.append(
+        (cfg.head_config.reads(), data.dims.image_channels > 0, data.dims.text_layers > 0)) or real_run(cfg, data, *a, **k))
+    cells = grid.ablation_cells(base(synth_cache, seeds=(1,)), tmp_path / "runs", ["text only", "w/o CMF"])
+    grid.run_cells(cells, console=quiet_console())
+    assert sorted(loads) == ["both", "text"]
+    for reads, has_image, has_text in seen:
+        assert has_image == ("image" in reads) and has_text == ("text" in reads)

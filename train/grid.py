@@ -107,10 +107,8 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
                   console=console) as progress:
         task = progress.add_task("grid", total=len(todo), last="")
         if jobs <= 1:
-            data = runs.load_data(todo[0].cfg) if todo else None  # one cache load for the whole grid
-            for c in todo:
-                data = data if _same_cache(c.cfg, todo[0].cfg) else runs.load_data(c.cfg)
-                runs.train_run(c.cfg, data)
+            for c in todo:  # the cache is loaded once per modality set for the whole grid
+                _train_cell(c.cfg)
                 progress.update(task, advance=1, last=c.name)
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -120,10 +118,6 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
                     f.result()
                     progress.update(task, advance=1, last=futures[f].name)
     return mine
-
-
-def _same_cache(a: TrainConfig, b: TrainConfig) -> bool:
-    return runs.modalities(a) == runs.modalities(b)
 
 
 _DATA: dict = {}
@@ -136,7 +130,7 @@ def _worker_init(threads: int) -> None:
 
 
 def _train_cell(cfg: TrainConfig) -> str:
-    """In a worker: the cache is loaded once per worker process and modality set."""
+    """Train one cell; the cache is loaded once per process (the grid's, or a worker's) and modality set."""
     key = (str(cfg.cache_dir), cfg.dataset, runs.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
     if key not in _DATA:
         _DATA[key] = runs.load_data(cfg)
