@@ -34,9 +34,10 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--rows", default=None)
+    ap.add_argument("--head", default="spp_scl")
     ap.add_argument("--name", default="ablate")
     a = ap.parse_args()
-    cmd = [sys.executable, str(ROOT / "pipeline.py"), "ablate", "--dataset", "mvsa_s", "--cache-dir", a.cache_dir,
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "ablate", "--dataset", "mvsa_s", "--head", a.head, "--cache-dir", a.cache_dir,
            "--seeds", a.seeds, "--epochs", str(a.epochs), "--patience", str(a.patience), "--jobs", str(a.jobs),
            "--runs-dir", a.runs_dir, "--out", f"{a.runs_dir}/table"] + (["--rows", a.rows] if a.rows else [])
     t0 = time.time()
@@ -52,7 +53,7 @@ def main() -> None:
             epochs += sum(1 for _ in csv.DictReader(f))
     per_epoch = json.loads((OUT / "train.json").read_text())["encoders_in_loop"]["paper"]["seconds_per_epoch"]
     result = {
-        "command": " ".join(cmd[1:]), "rows": [r["row"] for r in table], "cells_trained": len(cells),
+        "command": " ".join(cmd[1:]), "head": a.head, "rows": [r["row"] for r in table], "cells_trained": len(cells),
         "seeds": a.seeds, "max_epochs": a.epochs, "patience": a.patience, "jobs": a.jobs,
         "epochs_trained": epochs, "wall_seconds": wall, "wall_hours": wall / 3600,
         "encoders_in_loop_seconds_per_epoch": per_epoch,
