@@ -96,6 +96,21 @@ def test_an_interrupted_grid_redoes_only_unfinished_work(synth_cache, tmp_path, 
     pd.testing.assert_frame_equal(before, after)
 
 
+def test_a_cell_started_by_other_code_is_refused_before_any_training(synth_cache, tmp_path, monkeypatch):
+    cells = grid.ablation_cells(base(synth_cache), tmp_path / "runs", ["one-step"])
+    grid.run_cells(cells[:1], console=quiet_console())  # the full model finishes
+    stale = cells[1].cfg.out
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text(json.dumps({"train": cells[1].cfg.to_json(), "git_commit": "0" * 40}))
+    calls = []
+    monkeypatch.setattr(runs, "train_seed", lambda *a, **kw: calls.append(a))
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match=f"{stale}.*code \\(commit 0000000000.*Delete those folders"):
+        grid.run_cells(cells, console=quiet_console())
+    assert calls == []
+
+
 def test_two_shards_make_the_same_table_as_one_process(synth_cache, cli, tmp_path):
     rows = ("--rows", "one-step,linear probe")
     env = cli.env(OMP_NUM_THREADS="1")

@@ -99,6 +99,11 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     todo = [c for c in mine if not (c.cfg.out / "metrics.json").is_file()]
     seen = set()
     todo = [c for c in todo if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
+    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in todo if (d := runs.mismatch(c.cfg.out, c.cfg))]
+    if stale:  # found now, not after the other cells have trained for an hour
+        raise UserError("unfinished cells were started by other code or settings and cannot resume: "
+                        + ", ".join(stale) + ". Delete those folders to retrain them, or check out the "
+                        "commit that started them to finish them")
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
                   + (f" (shard {i}/{n})" if n > 1 else "") + f", {len(mine) - len(todo)} done earlier, "
                   f"{len(todo)} to train with {jobs} job(s)")

@@ -210,16 +210,7 @@ def finished_seeds(out: Path, cfg: TrainConfig, provenance: dict) -> dict[int, S
     A folder that holds another configuration, features from a rebuilt cache or another
     commit of the code is refused rather than mixed.
     """
-    config = out / "config.json"
-    if not config.is_file():
-        return {}
-    saved = json.loads(config.read_text())
-    before, now = saved.get("train", {}), cfg.to_json()
-    diff = [k for k in now if k != "out" and before.get(k) != now[k]]
-    diff += [f"{kind} cache ({', '.join(k for k in p if p[k] != provenance.get(kind, {}).get(k))})"
-             for kind, p in saved.get("provenance", {}).items() if p != provenance.get(kind)]
-    if saved.get("git_commit") not in (None, git_commit()):
-        diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
+    diff = mismatch(out, cfg, provenance)
     if diff:
         raise UserError(f"{out} holds a run with other settings ({'; '.join(diff)}): "
                         "pass another --out, or the same options, cache and code to resume it")
@@ -229,6 +220,23 @@ def finished_seeds(out: Path, cfg: TrainConfig, provenance: dict) -> dict[int, S
         if js.is_file() and pt.is_file():
             done[seed] = SeedResult(state={}, log=[], **json.loads(js.read_text()))
     return done
+
+
+def mismatch(out: Path, cfg: TrainConfig, provenance: dict | None = None) -> list[str]:
+    """What differs between the run already in `out` and `cfg` (settings, code commit and, given
+    the loaded cache's provenance, the cache): a run is only ever resumed by what started it."""
+    config = out / "config.json"
+    if not config.is_file():
+        return []
+    saved = json.loads(config.read_text())
+    before, now = saved.get("train", {}), cfg.to_json()
+    diff = [k for k in now if k != "out" and before.get(k) != now[k]]
+    if provenance is not None:
+        diff += [f"{kind} cache ({', '.join(k for k in p if p[k] != provenance.get(kind, {}).get(k))})"
+                 for kind, p in saved.get("provenance", {}).items() if p != provenance.get(kind)]
+    if saved.get("git_commit") not in (None, git_commit()):
+        diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
+    return diff
 
 
 def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
