@@ -134,8 +134,11 @@ def test_sweep_writes_csv_and_plot(synth_cache, cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     frame = pd.read_csv(tmp_path / "sw" / "sweep.csv")
     assert frame["cell"].tolist() == ["alpha=0.5", "alpha=0.9"]
-    for run in frame["run"]:
-        assert json.loads((Path(run) / "config.json").read_text())["train"]["head_config"]["alpha"] in (0.5, 0.9)
+    for row in frame.to_dict("records"):
+        assert json.loads((Path(row["run"]) / "config.json").read_text())["train"]["head_config"]["alpha"] in (0.5, 0.9)
+        metrics = json.loads((Path(row["run"]) / "metrics.json").read_text())  # dev beside test: choose on dev
+        assert row["dev_accuracy_mean"] == pytest.approx(metrics["dev"]["accuracy"]["mean"])
+        assert row["accuracy_mean"] == pytest.approx(metrics["test"]["accuracy"]["mean"])
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     bad = cli.run("sweep", "--set", "alpah=0.5", *cli_args(synth_cache, tmp_path / "runs"))
     assert bad.returncode == 1 and "has no field 'alpah'" in bad.stderr and "Traceback" not in bad.stderr

@@ -221,18 +221,24 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
     for c in cells:
         m = json.loads((c.cfg.out / "metrics.json").read_text())
         rows.append({"cell": c.name, **{f"{k}_mean": m["test"][k]["mean"] for k in METRICS},
-                     **{f"{k}_std": m["test"][k]["std"] for k in METRICS}, "run": str(c.cfg.out)})
+                     **{f"{k}_std": m["test"][k]["std"] for k in METRICS},
+                     **{f"dev_{k}_mean": m["dev"][k]["mean"] for k in METRICS},  # choose on these, never on test
+                     **{f"dev_{k}_std": m["dev"][k]["std"] for k in METRICS}, "run": str(c.cfg.out)})
     frame = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "sweep.csv", index=False)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
     x = np.arange(len(frame))
     for ax, metric in zip(axes, METRICS):
-        ax.errorbar(x, frame[f"{metric}_mean"], yerr=frame[f"{metric}_std"], marker="o", capsize=3)
+        ax.errorbar(x, frame[f"{metric}_mean"], yerr=frame[f"{metric}_std"], marker="o", capsize=3, label="test")
+        ax.errorbar(x + 0.05, frame[f"dev_{metric}_mean"], yerr=frame[f"dev_{metric}_std"], marker="s", capsize=3,
+                    linestyle="--", alpha=0.7, label="dev (choose here)")
         ax.set_xticks(x, frame["cell"], rotation=30, ha="right", fontsize=8)
         ax.set_title(metric.replace("_", " "))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"test (label-blind), mean ± std over seeds {list(cells[0].cfg.seeds)}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"dev-selected epoch, label-blind, mean ± std over seeds {list(cells[0].cfg.seeds)}; "
+                 "pick a value on dev, report its test", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)
     plt.close(fig)
