@@ -111,6 +111,18 @@ def test_a_cell_started_by_other_code_is_refused_before_any_training(synth_cache
     assert calls == []
 
 
+def test_a_row_equal_to_the_full_model_is_trained_once_and_said_so(synth_cache, tmp_path, monkeypatch):
+    cells = grid.ablation_cells(base(synth_cache, seeds=(1,)), tmp_path / "runs", ["HA last 4"])
+    assert cells[0].cfg.out == cells[1].cfg.out  # HA over the last 4 layers is the full model
+    calls = []
+    real = runs.train_seed
+    monkeypatch.setattr(runs, "train_seed", lambda cfg, *a, **kw: calls.append(cfg.out) or real(cfg, *a, **kw))
+    console = quiet_console()
+    grid.run_cells(cells, console=console)
+    assert calls == [cells[0].cfg.out]
+    assert "1 the same run as another row, 0 done earlier, 1 to train" in console.file.getvalue()
+
+
 def test_two_shards_make_the_same_table_as_one_process(synth_cache, cli, tmp_path):
     rows = ("--rows", "one-step,linear probe")
     env = cli.env(OMP_NUM_THREADS="1")

@@ -96,17 +96,18 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     console = console or Console()
     i, n = parse_shard(shard)
     mine = [c for k, c in enumerate(cells) if k % n == i]
-    todo = [c for c in mine if not (c.cfg.out / "metrics.json").is_file()]
     seen = set()
-    todo = [c for c in todo if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
+    unique = [c for c in mine if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
+    todo = [c for c in unique if not (c.cfg.out / "metrics.json").is_file()]
     stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in todo if (d := runs.mismatch(c.cfg.out, c.cfg))]
     if stale:  # found now, not after the other cells have trained for an hour
         raise UserError("unfinished cells were started by other code or settings and cannot resume: "
                         + ", ".join(stale) + ". Delete those folders to retrain them, or check out the "
                         "commit that started them to finish them")
+    same = len(mine) - len(unique)
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
-                  + (f" (shard {i}/{n})" if n > 1 else "") + f", {len(mine) - len(todo)} done earlier, "
-                  f"{len(todo)} to train with {jobs} job(s)")
+                  + (f" (shard {i}/{n})" if n > 1 else "") + (f", {same} the same run as another row" if same else "")
+                  + f", {len(unique) - len(todo)} done earlier, {len(todo)} to train with {jobs} job(s)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
                   console=console) as progress:
