@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--head", default="spp_scl")
     ap.add_argument("--name", default="ablate")
     a = ap.parse_args()
-    cmd = [sys.executable, str(ROOT / "pipeline.py"), "ablate", "--dataset", "mvsa_s", "--head", a.head, "--cache-dir", a.cache_dir,
+    cmd = [sys.executable, "pipeline.py", "ablate", "--dataset", "mvsa_s", "--head", a.head, "--cache-dir", a.cache_dir,
            "--seeds", a.seeds, "--epochs", str(a.epochs), "--patience", str(a.patience), "--jobs", str(a.jobs),
            "--runs-dir", a.runs_dir, "--out", f"{a.runs_dir}/table"] + (["--rows", a.rows] if a.rows else [])
     t0 = time.time()
@@ -49,7 +49,7 @@ def main() -> None:
         if row["run"] in cells:
             continue
         cells.add(row["run"])
-        with open(Path(row["run"]) / "log.csv") as f:
+        with open(ROOT / row["run"] / "log.csv") as f:
             epochs += sum(1 for _ in csv.DictReader(f))
     per_epoch = json.loads((OUT / "train.json").read_text())["encoders_in_loop"]["paper"]["seconds_per_epoch"]
     result = {

@@ -5,7 +5,7 @@ Two cases: the MVSA-Single image cache (pooled maps read from the cache, 4,511 x
 and a synthetic 200k-item feature set with planted copies, to show that the blocked
 search never holds an N x N matrix (peak memory is the features plus one block^2 matrix).
 
-    python bench/audit.py --cache-dir /work/main/cache [--n 200000 --dim 128 --block 2048]
+    python bench/audit.py --cache-dir cache [--n 200000 --dim 128 --block 2048]
 """
 
 from __future__ import annotations
