@@ -13,12 +13,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import typer
-from rich.console import Console
-from rich.table import Table
+from core import threads as _threads
 
-from core.errors import UserError
-from core.paths import DEFAULT_CACHE, default_data_root
+_threads.policy()  # before anything imports torch: OpenMP reads its wait policy once, at load
+
+import typer  # noqa: E402
+from rich.console import Console
+from rich.table import Table  # noqa: E402
+
+from core.errors import UserError  # noqa: E402
+from core.paths import DEFAULT_CACHE, default_data_root  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SPP-SCL and friends: extract frozen features once, train light heads from the cache.")
@@ -27,6 +31,7 @@ err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narr
 
 DatasetOpt = typer.Option(None, "--dataset", "-d", help="built-in data set: mvsa_s, mvsa_m or hfm")
 CacheOpt = typer.Option(DEFAULT_CACHE, "--cache-dir", help="where caches live")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per process [default: the cores this process may use, divided by --jobs]")
 DataRootOpt = typer.Option(None, "--data-root", help="folder with the built-in data sets [default: $SPP_DATA_ROOT or ../shared/data]")
 
 
@@ -59,8 +64,10 @@ def extract(
     classes: Optional[str] = typer.Option(None, help="a manifest's label set, e.g. positive,neutral,negative (other labels are problems)"),
     keep_rare_labels: bool = typer.Option(False, "--keep-rare-labels", help="keep a manifest label seen only a few times (else dropped as a likely typo)"),
     text_views: int = typer.Option(0, min=0, help="also store K dropout views of the train texts (train --text-views)"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Run the frozen encoders once and write the HDF5 feature cache (resumable)."""
+    _threads.use(threads)
     from extract.extractor import ExtractConfig, run
 
     cfg = ExtractConfig(
@@ -149,8 +156,10 @@ def train(
     select: Optional[Metric] = typer.Option(None, help="dev metric that picks the epoch [default: weighted_f1, HFM macro_f1]"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<time>]"),
     splits: Optional[Path] = typer.Option(None, help="folder of split files {train,dev,test}.txt (ids) from `audit --write-clean`"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds."""
+    _threads.use(threads)
     import heads
     from train.config import TrainConfig
     from train.runs import train as run_train
@@ -219,13 +228,15 @@ def ablate(
     shard: Optional[str] = GRID_SHARD,
     runs_dir: Path = RUNS_DIR,
     out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: runs/ablate-<dataset>-<head>]"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """The paper's ablation rows for a head, one command: table.csv + table.md with seed noise."""
+    _threads.use(threads, jobs)
     from train import grid
 
     base = _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, set_, epochs, seeds, batch_size, lr, patience)
     cells = grid.ablation_cells(base, runs_dir, [r.strip() for r in rows.split(",")] if rows else None)
-    grid.run_cells(cells, jobs, shard, console)
+    grid.run_cells(cells, jobs, shard, console, threads)
     target = out or grid.grid_out("ablate", base, runs_dir)
     if grid.assemble(cells, target, dataset, head) is None:
         console.print(grid.wait_note(cells))
@@ -252,13 +263,15 @@ def sweep(
     shard: Optional[str] = GRID_SHARD,
     runs_dir: Path = RUNS_DIR,
     out: Optional[Path] = typer.Option(None, help="where sweep.csv / sweep.png go [default: runs/sweep-<dataset>-<head>-<fields>]"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Any head field over any list of values: sweep.csv + a PNG of each metric with seed error bars."""
+    _threads.use(threads, jobs)
     from train import grid
 
     base = _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, fixed, epochs, seeds, batch_size, lr, patience)
     cells = grid.sweep_cells(base, set_, runs_dir)
-    grid.run_cells(cells, jobs, shard, console)
+    grid.run_cells(cells, jobs, shard, console, threads)
     fields = "-".join(s.partition("=")[0] for s in set_)
     target = out or Path(f"{grid.grid_out('sweep', base, runs_dir)}-{fields}")
     png = grid.sweep_plot(cells, target)
@@ -286,8 +299,10 @@ def _show(metrics: dict, title: str) -> None:
 def evaluate(
     run: Path = typer.Option(..., help="run folder written by train"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Recompute test metrics from a run's checkpoints and the cache (must match metrics.json)."""
+    _threads.use(threads)
     from train.runs import evaluate as run_eval
 
     result = run_eval(run, cache_dir)
@@ -309,8 +324,10 @@ def audit(
     hash_distance: Optional[int] = typer.Option(None, help="max pHash Hamming distance that confirms an image pair [default: 8]"),
     write_clean: Optional[Path] = typer.Option(None, help="write split files without the dev/test items leaking from train here"),
     out: Optional[Path] = typer.Option(None, help="[default: <cache>/<dataset>/audit]"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Leaks across splits (same text, near-duplicate image) and label conflicts, from the cache."""
+    _threads.use(threads)
     from core import audit as au
 
     cfg = au.AuditConfig(dataset=dataset, cache_dir=cache_dir, data_root=data_root or default_data_root(),
@@ -338,8 +355,10 @@ def audit(
 def report_cmd(
     run: Path = typer.Option(..., help="run folder written by train"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Write report.md with PNGs into the run folder: losses, embedding distances, t-SNE, confusion."""
+    _threads.use(threads)
     from train.report import write_report
 
     console.print(f"wrote {write_report(run, cache_dir)}")
@@ -355,8 +374,10 @@ def predict_cmd(
     seed: Optional[int] = typer.Option(None, help="one seed's head [default: mean probabilities over the run's seeds]"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object a line: id, label, probabilities"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="batch-scope runs draw context items from it [default: the run's]"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Label and class probabilities for new items, with the run's own encoders."""
+    _threads.use(threads)
     from train.predict import Predictor, items_from_args
 
     items = items_from_args(image, text, manifest, id_)

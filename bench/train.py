@@ -27,10 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from core import threads  # noqa: E402
+
+threads.policy()  # the project's thread policy, as pipeline.py sets it, before torch loads
+
+import torch  # noqa: E402
 
 from core import store  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
@@ -40,7 +44,8 @@ from train.trainer import train_seed  # noqa: E402
 TRAIN_ITEMS = 3611
 
 
-def head_epochs(cache_dir: Path, epochs: int) -> dict:
+def head_epochs(cache_dir: Path, epochs: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
     cfg = TrainConfig(cache_dir=cache_dir, epochs=epochs, seeds=(1,)).resolved()
     t0 = time.perf_counter()
     data = load_data(cfg)
@@ -48,7 +53,7 @@ def head_epochs(cache_dir: Path, epochs: int) -> dict:
     logs = []
     train_seed(cfg, data, 1, logs.append)
     secs = [log.seconds for log in logs]
-    return {"epochs_timed": epochs, "seconds_per_epoch": statistics.median(secs[1:] or secs),
+    return {"threads": threads, "epochs_timed": epochs, "seconds_per_epoch": statistics.median(secs[1:] or secs),
             "first_epoch_seconds": secs[0], "all": secs, "cache_load_seconds": load,
             "step_two_rate": statistics.mean(log.step_two_rate for log in logs)}
 
@@ -110,7 +115,9 @@ from train.config import TrainConfig
 from train.runs import load_data
 from train.trainer import train_seed
 base = hwm()
-cfg = TrainConfig(dataset="hfm", cache_dir={cache!r}, modalities="text", epochs=1, seeds=(1,)).resolved()
+import heads
+cfg = TrainConfig(dataset="hfm", cache_dir={cache!r}, head_config=heads.build_config("spp_scl", {{"modalities": "text"}}),
+                  epochs=1, seeds=(1,)).resolved()
 t0 = time.perf_counter()
 data = load_data(cfg)
 load = time.perf_counter() - t0
@@ -151,9 +158,10 @@ def markdown(r: dict) -> str:
     h, paper, off = r["head"], r["encoders_in_loop"]["paper"], r["encoders_in_loop"]["offline"]
     lines = [
         "| measure | value |", "|---|---|",
-        f"| SPP-SCL head from the cache, s/epoch (MiniLM + EfficientNet-lite0 features) | {h['seconds_per_epoch']:.2f} |",
+        *(f"| SPP-SCL head from the cache, s/epoch, {n} thread(s) (MiniLM + EfficientNet-lite0 features) "
+          f"| {t['seconds_per_epoch']:.2f} |" for n, t in r["head_by_threads"].items()),
         f"| bert-base + ResNet-50 in the loop (official design), s/epoch, forward only | {paper['seconds_per_epoch']:.0f} |",
-        f"| **speed-up vs official design** | **{paper['seconds_per_epoch'] / h['seconds_per_epoch']:.0f}x** |",
+        f"| **speed-up vs official design** (faster head setting) | **{paper['seconds_per_epoch'] / h['seconds_per_epoch']:.0f}x** |",
         f"| MiniLM (padded 202) + EfficientNet-lite0 in the loop, s/epoch | {off['seconds_per_epoch']:.0f} "
         f"({off['seconds_per_epoch'] / h['seconds_per_epoch']:.0f}x) |",
     ]
@@ -181,7 +189,10 @@ def main() -> None:
     args = ap.parse_args()
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}}
-    result["head"] = head_epochs(args.cache_dir, args.epochs)
+    result["head_by_threads"] = {n: head_epochs(args.cache_dir, args.epochs, n) for n in (1, 2)}
+    result["head"] = min(result["head_by_threads"].values(), key=lambda h: h["seconds_per_epoch"])
+    torch.set_num_threads(threads.default_threads())  # the encoders get every core too
+    result["encoder_threads"] = torch.get_num_threads()
     result["encoders_in_loop"] = {
         "paper": encoders_in_loop(*paper_encoders(), batch=64, batches=args.encoder_batches),
         "offline": encoders_in_loop(*offline_encoders(), batch=64, batches=args.encoder_batches),

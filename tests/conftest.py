@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `pytest` as well as `python -m pytest` from anywhere
     sys.path.insert(0, str(REPO))
 
+from core import threads  # noqa: E402
+
+threads.policy()  # as pipeline.py does, before torch loads: tests share the machine too
+
 from core import store  # noqa: E402
 from core.paths import default_data_root  # noqa: E402
 from extract.extractor import ExtractConfig, Summary, run  # noqa: E402

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import heads
+from core import threads as core_threads
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS
 from core.shards import parse_shard
@@ -89,7 +90,8 @@ def _base_values(base: TrainConfig) -> dict:
 
 # --- running ----------------------------------------------------------------------------
 
-def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None) -> list[Cell]:
+def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None,
+              threads: int | None = None) -> list[Cell]:
     """Train this process's share of `cells` (cell k goes to shard k % N), `jobs` at a time,
     with one progress bar and an ETA over the grid. Finished cells are skipped. Returns the
     cells this process ran or found done."""
@@ -117,8 +119,10 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
                 _train_cell(c.cfg)
                 progress.update(task, advance=1, last=c.name)
         else:
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+            ctx = multiprocessing.get_context()
+            slot = ctx.Value("i", 0)  # which share of the cores the next worker takes
+            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(threads, jobs, slot)) as pool:
                 futures = {pool.submit(_train_cell, c.cfg): c for c in todo}
                 for f in as_completed(futures):
                     f.result()
@@ -129,10 +133,13 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
 _DATA: dict = {}
 
 
-def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+def _worker_init(threads: int | None, jobs: int, slot) -> None:
+    """A worker computes on its own share of the cores: pinned there, with that many threads."""
+    with slot.get_lock():
+        k, slot.value = slot.value, slot.value + 1
+    n = threads or core_threads.default_threads(jobs)  # the share, counted before pinning narrows the view
+    core_threads.pin(k, jobs)
+    core_threads.use(n)
 
 
 def _train_cell(cfg: TrainConfig) -> str:

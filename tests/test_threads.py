@@ -1,0 +1,63 @@
+"""core/threads.py: the thread policy every command applies before torch loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from core import threads
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", threads.LEGACY_ENV)}
+    return {**env, **extra}
+
+
+def _run(code: str, **extra) -> str:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(**extra), capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_the_cli_sets_the_wait_policy_before_torch_loads():
+    out = _run("import os, sys, pipeline; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
+    assert out == "False PASSIVE"
+
+
+def test_a_users_wait_policy_and_the_legacy_switch_are_respected():
+    assert _run("import os, pipeline; print(os.environ.get('OMP_WAIT_POLICY'))", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert _run("import os, pipeline; print(os.environ.get('OMP_WAIT_POLICY'))", SPP_THREADS="legacy") == "None"
+
+
+def test_threads_default_to_the_cores_shared_by_the_jobs(monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: [0, 1, 2, 3])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.default_threads() == 4
+    assert threads.default_threads(jobs=2) == 2
+    assert threads.default_threads(jobs=8) == 1  # never zero
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.default_threads(jobs=2) == 3  # the user's own setting wins
+
+
+def test_use_sets_torch_threads_and_an_explicit_number_wins():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert threads.use(1) == 1
+        assert threads.use(None, jobs=1) == threads.default_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(len(threads.cores()) < 2, reason="pinning needs two cores")
+def test_workers_are_pinned_to_their_own_share_of_the_cores():
+    code = ("import os; from core import threads; threads.pin({k}, 2); print(sorted(os.sched_getaffinity(0)))")
+    cores = threads.cores()
+    first = _run(code.format(k=0))
+    second = _run(code.format(k=1))
+    assert first != second
+    assert len(eval(first)) == len(eval(second)) == len(cores) // 2
