@@ -395,6 +395,29 @@ def predict_cmd(
     console.print(table)
 
 
+@app.command("results")
+def results_cmd(
+    runs: list[str] = typer.Argument(None, help="run folders, folders of them, or glob patterns"),
+    against: Optional[str] = typer.Option(None, help="reference row (run folder name or head): Δ accuracy and p-value"),
+    out: Optional[Path] = typer.Option(None, help="write results.md, results.csv and results.png here"),
+    allow_mixed: bool = typer.Option(False, "--allow-mixed", help="compare runs of other caches, splits, protocols or code (a column says which)"),
+    readme: Optional[Path] = typer.Option(None, help="regenerate the results tables between the markers of this README"),
+):
+    """One table from finished runs: mean ± std over seeds, selected epochs, paired or Welch t-test, Holm-corrected."""
+    from experiments import results
+
+    if readme is not None:
+        stale = results.refresh_readme(readme)
+        console.print(f"{readme}: {len(stale)} table(s) regenerated" + (f" ({'; '.join(stale)})" if stale else ""))
+        return
+    if not runs:
+        raise UserError("give run folders (or a folder of them), e.g. `pipeline.py results results/mvsa_s-heads --against probe`")
+    table = results.build(runs, against, allow_mixed)
+    console.print(results.markdown(table), highlight=False, markup=False, soft_wrap=True)
+    if out is not None:
+        console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))
+
+
 @app.command("heads")
 def list_heads():
     """List the registered heads with their config fields (set any with `train --set key=value`)."""

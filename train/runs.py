@@ -31,6 +31,7 @@ from core.errors import UserError
 from core.paths import DEFAULT_RUNS, REPO
 from train import data as cache
 from train.config import METRICS, TrainConfig
+from train.fingerprint import code_fingerprint
 from train.metrics import mean_std, report
 from train.trainer import SeedResult, build_head, eval_orders, score_split, train_seed
 
@@ -131,7 +132,7 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
     (out / "config.json").write_text(json.dumps({
         "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance,
         "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
-        "git_dirty": git_dirty(), "device": str(device()),
+        "git_dirty": git_dirty(), "code_fingerprint": code_fingerprint(), "device": str(device()),
     }, indent=1))
     log = LogCsv(out / "log.csv", done)
     results: list[SeedResult] = []

@@ -1,0 +1,324 @@
+"""`pipeline.py results RUN...`: one table from finished run folders, with honest comparisons.
+
+A row per run: its head, the settings that set it apart, its seeds, test accuracy /
+weighted F1 / macro F1 as mean ± sample std, the dev-selected epochs, and, against a
+reference row (`--against`), the difference in accuracy with its p-value:
+
+- a **paired t-test** over seeds when both rows trained the same seeds on the same split
+  and were scored in the same orders (the seed then pairs like with like);
+- **Welch's t-test** otherwise; the table says which;
+- p-values **Holm-corrected** across the rows compared (several rows against one reference
+  are several tests).
+
+Rows trained on different caches, splits, scoring protocols or code (the fingerprint of
+the code that trains and scores, `train/fingerprint.py`) are refused with the difference
+named: such numbers do not compare. `--allow-mixed` compares them anyway and adds a
+column that shows what differs.
+
+The README's result tables are this module's output between markers
+(`<!-- results: ARGS -->` ... `<!-- results:end -->`); `refresh_readme` regenerates them
+and a test fails when the README and `results/` disagree.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import re
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import UserError
+
+METRICS = ("accuracy", "weighted_f1", "macro_f1")
+P_NOISE = 0.05
+# what must agree for two rows to compare: name -> how to read it from config.json
+COMPARABLE = {
+    "cache": lambda c: json.dumps([c["train"].get("dataset"), c.get("provenance")], sort_keys=True),
+    "split": lambda c: json.dumps([str(c["train"].get("splits")), c.get("sizes")], sort_keys=True),
+    "protocol": lambda c: json.dumps({k: c["train"].get(k) for k in
+                                      ("eval_orders", "eval_seed", "eval_batch_size", "select")}, sort_keys=True),
+    "code": lambda c: c.get("code_fingerprint", "unrecorded"),
+}
+# config fields that never set a row apart in the table (paths, the seeds have their own column)
+NOT_SETTINGS = {"out", "cache_dir", "seeds", "splits"}
+
+
+@dataclass
+class Row:
+    name: str
+    folder: Path
+    config: dict
+    metrics: dict
+    settings: dict = field(default_factory=dict)  # filled by `settings_apart`
+
+    @property
+    def head(self) -> str:
+        return self.config["train"]["head"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [p["seed"] for p in self.metrics["per_seed"]]
+
+    def per_seed(self, metric: str = "accuracy") -> dict[int, float]:
+        return {p["seed"]: p["test"][metric] for p in self.metrics["per_seed"]}
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders from folders, parents of run folders (sorted by name) or glob patterns, in the order given."""
+    found: list[Path] = []
+    for item in paths:
+        matches = sorted(glob.glob(str(item))) if glob.has_magic(str(item)) else [str(item)]
+        if not matches or not all(Path(m).exists() for m in matches):
+            raise UserError(f"{item}: no such file or folder")
+        for m in map(Path, matches):
+            if (m / "config.json").is_file():
+                found.append(m)
+            elif m.is_dir() and (kids := sorted(p.parent for p in m.glob("*/config.json"))):
+                found.extend(kids)
+            else:
+                raise UserError(f"{m} is neither a run folder (config.json) nor a folder of run folders")
+    return list(dict.fromkeys(found))
+
+
+def load_row(folder: Path) -> Row:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder} is not finished (no metrics.json): finish it with the command that started it") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{folder}: a corrupt JSON file ({e.msg}, line {e.lineno}): restore it or train again") from None
+    return Row(folder.name, folder, config, metrics)
+
+
+def _flat(config: dict) -> dict:
+    train = config["train"]
+    out = {k: v for k, v in train.items() if k not in NOT_SETTINGS and k != "head_config"}
+    for k, v in (train.get("head_config") or {}).items():
+        out[f"{k}"] = v
+    return out
+
+
+def settings_apart(rows: list[Row]) -> None:
+    """Each row's settings that set it apart: a value other than the one most rows share (among the
+    rows that have the field at all, so a head's own fields compare within that head), or, where
+    no two rows share a value (a sweep), every row's."""
+    flats = [_flat(r.config) for r in rows]
+    for r, flat in zip(rows, flats):
+        apart = {}
+        for k, v in flat.items():
+            if k == "head":
+                continue
+            counts = Counter(json.dumps(f[k], sort_keys=True) for f in flats if k in f)
+            common, n = counts.most_common(1)[0]  # ties: the first row's value
+            if len(counts) > 1 and (n == 1 or json.dumps(v, sort_keys=True) != common):
+                apart[k] = v
+        r.settings = apart
+
+
+def differences(rows: list[Row]) -> dict[str, list[str]]:
+    """What kind of difference (cache, split, protocol, code) separates rows: kind -> row names per variant."""
+    out = {}
+    for kind, read in COMPARABLE.items():
+        variants: dict[str, list[str]] = {}
+        for r in rows:
+            variants.setdefault(read(r.config), []).append(r.name)
+        if len(variants) > 1:
+            out[kind] = [", ".join(names) for names in variants.values()]
+    return out
+
+
+def t_test(a: Row, ref: Row) -> tuple[float, float, str]:
+    """(Δ accuracy, p, kind): paired over seeds when the rows share seeds, split and orders, else Welch."""
+    from scipy.stats import ttest_ind, ttest_rel
+
+    x, y = a.per_seed(), ref.per_seed()
+    same_scoring = all(COMPARABLE[k](a.config) == COMPARABLE[k](ref.config) for k in ("split", "protocol"))
+    if same_scoring and set(x) == set(y) and len(x) >= 2:
+        seeds = sorted(x)
+        diffs = np.array([x[s] - y[s] for s in seeds])
+        if np.all(diffs == diffs[0]):  # constant differences: the paired test is undefined
+            return float(diffs.mean()), (1.0 if diffs[0] == 0 else 0.0), "paired"
+        return float(diffs.mean()), float(ttest_rel([x[s] for s in seeds], [y[s] for s in seeds]).pvalue), "paired"
+    delta = float(np.mean(list(x.values())) - np.mean(list(y.values())))
+    if len(x) < 2 or len(y) < 2:
+        return delta, float("nan"), "welch"
+    return delta, float(ttest_ind(list(x.values()), list(y.values()), equal_var=False).pvalue), "welch"
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down correction (NaN stays NaN and does not count as a test)."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    m, out, running = len(idx), list(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+@dataclass
+class Table:
+    rows: list[Row]
+    reference: Row | None
+    mixed: dict[str, list[str]]
+    comparisons: dict[str, dict] = field(default_factory=dict)  # row name -> delta, p, p_holm, test
+
+
+def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool = False) -> Table:
+    rows = [load_row(f) for f in find_runs(paths)]
+    if not rows:
+        raise UserError("no run folders given")
+    names = [r.name for r in rows]
+    if len(set(names)) < len(names):  # two folders of the same name in different places
+        for r in rows:
+            r.name = f"{r.folder.parent.name}/{r.folder.name}"
+    settings_apart(rows)
+    mixed = differences(rows)
+    if mixed and not allow_mixed:
+        what = "; ".join(f"{kind} differs between [{'] and ['.join(v)}]" for kind, v in mixed.items())
+        raise UserError(f"these runs do not compare: {what}. Re-run them alike, or pass --allow-mixed to show "
+                        "them side by side with the difference in a column")
+    ref = None
+    if against is not None:
+        matches = [r for r in rows if r.name == against] or [r for r in rows if r.head == against]
+        if len(matches) != 1:
+            raise UserError(f"--against {against!r} names {len(matches)} rows: give one of {', '.join(r.name for r in rows)}")
+        ref = matches[0]
+    table = Table(rows, ref, mixed)
+    if ref is not None:
+        others = [r for r in rows if r is not ref]
+        tests = [t_test(r, ref) for r in others]
+        for r, (delta, p, kind), ph in zip(others, tests, holm([t[1] for t in tests])):
+            table.comparisons[r.name] = {"delta_accuracy": delta, "p": p, "p_holm": ph, "test": kind}
+    return table
+
+
+def _ms(m: dict) -> str:
+    return f"{m['mean']:.4f} ± {m['std']:.4f}"
+
+
+def _settings(r: Row) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r.settings.items()) or "defaults"
+
+
+def markdown(table: Table) -> str:
+    mixed_col = bool(table.mixed)
+    head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1", "selected epochs"]
+    if table.reference is not None:
+        head += [f"Δacc vs {table.reference.name}", "p (Holm)", "test", "beyond noise"]
+    if mixed_col:
+        head.append("differs in")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.rows:
+        epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
+        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m]) for m in METRICS), epochs]
+        if table.reference is not None:
+            c = table.comparisons.get(r.name)
+            if c is None:
+                cells += ["(reference)", "", "", ""]
+            else:
+                p = "" if math.isnan(c["p_holm"]) else f"{c['p_holm']:.3f}"
+                cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"],
+                          "" if not p else ("yes" if c["p_holm"] < P_NOISE else "no")]
+        if mixed_col:
+            base = table.reference or table.rows[0]
+            cells.append(", ".join(k for k, read in COMPARABLE.items() if read(r.config) != read(base.config)))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds."]
+    if table.reference is not None:
+        notes.append("Δacc and p: paired t-test over seeds where both rows share seeds, split and scoring orders, "
+                     f"Welch otherwise; Holm-corrected over {len(table.comparisons)} comparisons; 'yes' when p < {P_NOISE}.")
+        if any(len(r.seeds) == 2 for r in table.rows):
+            notes.append("Warning: a row with 2 seeds gives its t-test 1 degree of freedom: its p-value says little.")
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+
+
+def csv_frame(table: Table):
+    import pandas as pd
+
+    records = []
+    for r in table.rows:
+        rec = {"run": r.name, "folder": str(r.folder), "head": r.head, "settings": _settings(r), "seeds": len(r.seeds),
+               "selected_epochs": " ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])}
+        for m in METRICS:
+            rec[f"{m}_mean"], rec[f"{m}_std"] = r.metrics["test"][m]["mean"], r.metrics["test"][m]["std"]
+        rec.update(table.comparisons.get(r.name, {}))
+        records.append(rec)
+    return pd.DataFrame(records)
+
+
+def plot(table: Table, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in table.rows]
+    means = [r.metrics["test"]["accuracy"]["mean"] for r in table.rows]
+    stds = [r.metrics["test"]["accuracy"]["std"] for r in table.rows]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.4))
+    ax.errorbar(range(len(names)), means, yerr=stds, fmt="o", capsize=4)
+    if table.reference is not None:
+        ax.axhline(table.reference.metrics["test"]["accuracy"]["mean"], linestyle="--", alpha=0.5,
+                   label=f"{table.reference.name} (reference)")
+        ax.legend(fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(table: Table, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown(table))
+    csv_frame(table).to_csv(out / "results.csv", index=False)
+    return [out / "results.md", out / "results.csv", plot(table, out / "results.png")]
+
+
+# --- the README's tables ------------------------------------------------------------------
+
+BLOCK = re.compile(r"(<!-- results: (?P<args>.+?) -->\n)(?P<body>.*?)(<!-- results:end -->)", re.S)
+
+
+def _block_table(args: str, root: Path) -> str:
+    """The table a README block's arguments (`results/x --against probe`) make, paths relative to `root`."""
+    words = shlex.split(args)
+    against = allow = None
+    paths = []
+    it = iter(words)
+    for w in it:
+        if w == "--against":
+            against = next(it)
+        elif w == "--allow-mixed":
+            allow = True
+        else:
+            paths.append(str(root / w))
+    return markdown(build(paths, against, bool(allow)))
+
+
+def refresh_readme(readme: Path, check: bool = False) -> list[str]:
+    """Regenerate every results block of `readme` from the run folders it names; with `check`,
+    change nothing and return the arguments of the blocks that differ."""
+    text = readme.read_text()
+    stale: list[str] = []
+
+    def redo(m: re.Match) -> str:
+        body = _block_table(m.group("args"), readme.parent)
+        if body != m.group("body"):
+            stale.append(m.group("args"))
+        return m.group(1) + body + m.group(4)
+
+    new = BLOCK.sub(redo, text)
+    if not check and new != text:
+        readme.write_text(new)
+    return stale

@@ -1,0 +1,126 @@
+"""experiments/results.py on synthetic run folders: which test, Holm, refusing runs that do not compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from scipy.stats import ttest_ind, ttest_rel
+
+from core.errors import UserError
+from experiments import results
+
+PROV = {"text": {"encoder": "minilm", "fingerprint": "aaa"}, "image": {"encoder": "efficientnet-lite0", "fingerprint": "bbb"}}
+
+
+def make_run(root: Path, name: str, accs: dict[int, float], head: str = "spp_scl", head_config: dict | None = None,
+             **train) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    cfg = {"dataset": "mvsa_s", "head": head, "head_config": head_config or {"alpha": 0.667}, "epochs": 150,
+           "seeds": sorted(accs), "eval_orders": 5, "eval_seed": 0, "eval_batch_size": 64, "select": "weighted_f1",
+           "splits": None, "official": False, "out": str(folder), **train}
+    config = {"train": cfg, "provenance": train.pop("provenance", PROV), "sizes": {"train": 10, "dev": 5, "test": 5},
+              "code_fingerprint": "f00"}
+    (folder / "config.json").write_text(json.dumps(config))
+    per_seed = [{"seed": s, "best_epoch": 10 + s, "test": {"accuracy": a, "weighted_f1": a - 0.01, "macro_f1": a - 0.1}}
+                for s, a in accs.items()]
+
+    def ms(key):
+        import numpy as np
+
+        v = [p["test"][key] for p in per_seed]
+        return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+
+    (folder / "metrics.json").write_text(json.dumps({"test": {m: ms(m) for m in results.METRICS}, "per_seed": per_seed}))
+    return folder
+
+
+def edit_config(folder: Path, change) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+REF = {1: 0.70, 2: 0.71, 3: 0.69, 4: 0.72, 5: 0.70}
+OTHER = {1: 0.66, 2: 0.69, 3: 0.66, 4: 0.70, 5: 0.67}
+
+
+def test_same_seeds_split_and_orders_are_compared_paired(tmp_path):
+    make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path, "spp", OTHER)
+    t = results.build([tmp_path], against="probe")
+    c = t.comparisons["spp"]
+    assert c["test"] == "paired"
+    assert c["p"] == pytest.approx(ttest_rel(list(OTHER.values()), list(REF.values())).pvalue)
+    assert c["delta_accuracy"] == pytest.approx(sum(OTHER.values()) / 5 - sum(REF.values()) / 5)
+
+
+def test_other_seeds_fall_back_to_welch(tmp_path):
+    make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
+    other = {s + 5: a for s, a in OTHER.items()}
+    make_run(tmp_path, "spp", other)
+    c = results.build([tmp_path], against="probe").comparisons["spp"]
+    assert c["test"] == "welch"
+    assert c["p"] == pytest.approx(ttest_ind(list(other.values()), list(REF.values()), equal_var=False).pvalue)
+
+
+def test_holm_correction():
+    assert results.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert results.holm([0.5, float("nan")])[0] == 0.5  # a NaN is not a test
+
+
+def test_p_values_in_the_table_are_holm_corrected(tmp_path):
+    make_run(tmp_path, "a-probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path, "b", OTHER)
+    make_run(tmp_path, "c", {s: a + 0.005 * s for s, a in REF.items()})
+    t = results.build([tmp_path], against="a-probe")
+    raw = [t.comparisons[n]["p"] for n in ("b", "c")]
+    assert [t.comparisons[n]["p_holm"] for n in ("b", "c")] == pytest.approx(results.holm(raw))
+    assert "Holm-corrected over 2 comparisons" in results.markdown(t)
+
+
+@pytest.mark.parametrize("kind, change", [
+    ("cache", lambda c: c["provenance"]["text"].update(fingerprint="zzz")),
+    ("split", lambda c: c["train"].update(splits="splits/mvsa_s_clean")),
+    ("protocol", lambda c: c["train"].update(eval_seed=7)),
+    ("code", lambda c: c.update(code_fingerprint="bad")),
+])
+def test_runs_that_do_not_compare_are_refused_with_the_difference_named(tmp_path, kind, change):
+    make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
+    edit_config(make_run(tmp_path, "spp", OTHER), change)
+    with pytest.raises(UserError, match=f"{kind} differs"):
+        results.build([tmp_path], against="probe")
+    t = results.build([tmp_path], against="probe", allow_mixed=True)
+    md = results.markdown(t)
+    assert "differs in" in md and f"| {kind} |" in md
+
+
+def test_settings_column_shows_what_sets_a_row_apart(tmp_path):
+    make_run(tmp_path, "a", REF, head_config={"alpha": 0.667, "cmf": True})
+    make_run(tmp_path, "b", OTHER, head_config={"alpha": 0.667, "cmf": False})
+    make_run(tmp_path, "c", OTHER, head_config={"alpha": 0.667, "cmf": True}, official=True)
+    t = results.build([tmp_path])
+    assert [r.settings for r in t.rows] == [{}, {"cmf": False}, {"official": True}]
+
+
+def test_unfinished_and_unknown_folders_are_one_clear_error(tmp_path):
+    run = make_run(tmp_path, "x", REF)
+    (run / "metrics.json").unlink()
+    with pytest.raises(UserError, match="not finished"):
+        results.build([run])
+    with pytest.raises(UserError, match="no such file"):
+        results.build([tmp_path / "nope"])
+
+
+def test_readme_blocks_are_regenerated_and_checked(tmp_path):
+    make_run(tmp_path / "results" / "heads", "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path / "results" / "heads", "spp", OTHER)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results: results/heads --against probe -->\nold table\n<!-- results:end -->\nend\n")
+    assert results.refresh_readme(readme, check=True) == ["results/heads --against probe"]
+    assert "old table" in readme.read_text()  # check changes nothing
+    results.refresh_readme(readme)
+    assert "old table" not in readme.read_text() and "| spp | spp_scl |" in readme.read_text()
+    assert results.refresh_readme(readme, check=True) == []
