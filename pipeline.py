@@ -21,7 +21,7 @@ import typer  # noqa: E402
 from rich.console import Console
 from rich.table import Table  # noqa: E402
 
-from core.errors import UserError  # noqa: E402
+from core.errors import Interrupted, UserError  # noqa: E402
 from core.paths import DEFAULT_CACHE, default_data_root  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -438,10 +438,12 @@ def main() -> None:
     except UserError as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(1)
+    except Interrupted as e:  # a run says what it kept
+        err.print(f"[yellow]interrupted:[/] {e}", highlight=False)
+        sys.exit(130)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] finished work is kept (extract: whole shards; train: whole seeds, "
-                  "in the run folder it printed); run the same command again, for train with --out <run folder>, "
-                  "to resume", highlight=False)
+        err.print("[yellow]interrupted:[/] finished work is kept (extract: whole shards; train: every finished "
+                  "epoch, in the run folder it printed); run the same command again to resume", highlight=False)
         sys.exit(130)
 
 

@@ -9,3 +9,7 @@ input is a bug.
 
 class UserError(Exception):
     """A problem the user can fix; the message says how."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the message says what was kept and how to continue."""

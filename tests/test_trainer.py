@@ -10,6 +10,7 @@ label, as the shipped files are), one epoch and batch 16 unless a test needs mor
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from dataclasses import replace
@@ -522,3 +523,51 @@ def test_a_view_batch_takes_every_token_of_a_text_from_its_view(tiny_views_cache
         start += z - a
     assert start == len(b.tokens) and torch.equal(b.labels, train.labels[idx])
     assert torch.equal(b.maps, train.maps[idx].float())  # images are untouched
+
+
+# --- resuming inside a seed ------------------------------------------------------------------
+
+def saved_states(cfg, data, seed: int = 1) -> tuple[trainer.SeedResult, list[bytes]]:
+    """An uninterrupted seed and the state it saved after each epoch, as the bytes of the file."""
+    states = []
+
+    def save(state):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        states.append(buf.getvalue())
+
+    return trainer.train_seed(cfg, data, seed, save=save), states
+
+
+def load_state(raw: bytes) -> dict:
+    return torch.load(io.BytesIO(raw), weights_only=True)  # plain tensors and numbers only
+
+
+def same_seed_result(a: trainer.SeedResult, b: trainer.SeedResult) -> bool:
+    return (all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+            and (a.best_epoch, a.dev, a.test, a.test_pred, a.step_two_rate, a.leak_check)
+            == (b.best_epoch, b.dev, b.test, b.test_pred, b.step_two_rate, b.leak_check)
+            and [(log.epoch, log.lr, log.losses, log.step_two_rate, log.dev) for log in a.log]
+            == [(log.epoch, log.lr, log.losses, log.step_two_rate, log.dev) for log in b.log])
+
+
+def test_a_seed_resumed_from_its_saved_state_ends_as_an_uninterrupted_one(synth_cache, synth_data, monkeypatch):
+    """Weights, AdamW, the lr schedule, the epoch order and dropout all continue where they were."""
+    cfg = synth_config(synth_cache, None, epochs=4, lr=3e-3, lr_step=3).resolved()
+    whole, states = saved_states(cfg, synth_data)
+    assert [load_state(s)["epoch"] for s in states] == [1, 2, 3, 4]
+    torch.manual_seed(123)  # whatever ran in between
+    resumed = trainer.train_seed(cfg, synth_data, 1, resume=load_state(states[1]))
+    assert same_seed_result(resumed, whole)
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: None)  # dropout would not line up
+    assert not same_seed_result(trainer.train_seed(cfg, synth_data, 1, resume=load_state(states[1])), whole)
+
+
+def test_a_seed_patience_stopped_stays_stopped_when_resumed(synth_cache, synth_data, monkeypatch):
+    scripted_dev(monkeypatch, [0.5, 0.4, 0.3])  # epoch 3 is the last: 2 epochs without a better dev
+    cfg = synth_config(synth_cache, None, epochs=6, patience=2).resolved()
+    whole, states = saved_states(cfg, synth_data)
+    assert len(states) == 3
+    resumed = trainer.train_seed(cfg, synth_data, 1, resume=load_state(states[-1]))
+    assert [log.epoch for log in resumed.log] == [1, 2, 3] and resumed.best_epoch == 1
+    assert same_seed_result(resumed, whole)

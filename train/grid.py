@@ -17,13 +17,15 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import heads
 from core import threads as core_threads
@@ -32,6 +34,7 @@ from core.paths import DEFAULT_RUNS
 from core.shards import parse_shard
 from train import runs
 from train.config import METRICS, TrainConfig, family
+from train.progress import EpochClock, EtaColumn
 
 P_NOISE = 0.05
 
@@ -93,7 +96,7 @@ def _base_values(base: TrainConfig) -> dict:
 def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None,
               threads: int | None = None) -> list[Cell]:
     """Train this process's share of `cells` (cell k goes to shard k % N), `jobs` at a time,
-    with one progress bar and an ETA over the grid. Finished cells are skipped. Returns the
+    with one progress bar counting epochs and an ETA over the grid. Finished cells are skipped. Returns the
     cells this process ran or found done."""
     console = console or Console()
     i, n = parse_shard(shard)
@@ -110,24 +113,53 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
                   + (f" (shard {i}/{n})" if n > 1 else "") + (f", {same} the same run as another row" if same else "")
                   + f", {len(unique) - len(todo)} done earlier, {len(todo)} to train with {jobs} job(s)")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
-                  console=console) as progress:
-        task = progress.add_task("grid", total=len(todo), last="")
-        if jobs <= 1:
-            for c in todo:  # the cache is loaded once per modality set for the whole grid
-                _train_cell(c.cfg)
-                progress.update(task, advance=1, last=c.name)
-        else:
-            ctx = multiprocessing.get_context()
-            slot = ctx.Value("i", 0)  # which share of the cores the next worker takes
-            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(threads, jobs, slot)) as pool:
-                futures = {pool.submit(_train_cell, c.cfg): c for c in todo}
-                for f in as_completed(futures):
-                    f.result()
-                    progress.update(task, advance=1, last=futures[f].name)
+    clock = EpochClock(sum(len(c.cfg.seeds) * c.cfg.epochs for c in todo), *_epochs(todo))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+                  TimeElapsedColumn(), EtaColumn(), TextColumn("{task.fields[last]}"), console=console) as progress:
+        task = progress.add_task("grid", last="", **clock.fields())
+        with _following(todo, clock, lambda: progress.update(task, **clock.fields())):
+            if jobs <= 1:
+                for c in todo:  # the cache is loaded once per modality set for the whole grid
+                    _train_cell(c.cfg)
+                    progress.update(task, last=c.name)
+            else:
+                ctx = multiprocessing.get_context()
+                slot = ctx.Value("i", 0)  # which share of the cores the next worker takes
+                with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                         initargs=(threads, jobs, slot)) as pool:
+                    futures = {pool.submit(_train_cell, c.cfg): c for c in todo}
+                    for f in as_completed(futures):
+                        f.result()
+                        progress.update(task, last=futures[f].name)
     return mine
+
+
+def _epochs(cells: list[Cell]) -> tuple[int, int]:
+    """(epochs trained, epochs --patience skipped) over the cells' run folders."""
+    counts = [runs.epochs_done(c.cfg.out, c.cfg) for c in cells]
+    return sum(d for d, _ in counts), sum(s for _, s in counts)
+
+
+@contextmanager
+def _following(cells: list[Cell], clock: EpochClock, show, every: float = 1.0):
+    """Count the cells' epochs from their run folders every second, in a thread: the same
+    for cells trained here and in worker processes, which report nothing back."""
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(every):
+            clock.update(*_epochs(cells))
+            show()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        clock.update(*_epochs(cells))
+        show()
 
 
 _DATA: dict = {}

@@ -7,6 +7,9 @@
                                leak_check: the same weights scored in file order (batch-scope heads)
     runs/<name>/log.csv        one row per seed and epoch: lr, each loss term by name, step-two rate, dev
     runs/<name>/seed-<s>.pt    the dev-selected weights (a plain state dict: loads with weights_only)
+    runs/<name>/seed-<s>.state.pt  while seed s trains: its resumable state after the last finished epoch
+                               (weights, optimizer, scheduler, random streams, best epoch, logs; plain
+                               tensors and numbers, loads with weights_only); deleted when the seed ends
     runs/<name>/report.txt     per-class report and confusion matrix of each seed on test
 """
 
@@ -15,8 +18,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import subprocess
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,13 +32,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import heads
 from core.device import device
-from core.errors import UserError
+from core.errors import Interrupted, UserError
 from core.paths import DEFAULT_RUNS, REPO
 from train import data as cache
 from train.config import METRICS, TrainConfig
 from train.fingerprint import code_fingerprint
 from train.metrics import mean_std, report
-from train.trainer import SeedResult, build_head, eval_orders, score_split, train_seed
+from train.progress import EpochClock, EtaColumn
+from train.trainer import SeedResult, build_head, eval_orders, saved_logs, score_split, train_seed
 
 
 def _git(*args: str) -> str:
@@ -89,15 +95,21 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     build_head(cfg, data)  # a bad --head or --text-layers fails here, before a run folder is written
     cfg = replace(cfg, out=Path(cfg.out or default_out(cfg)))
     done = finished_seeds(cfg.out, cfg, data.provenance)
+    kept = {seed: state["epoch"] for seed, state in unfinished_seeds(cfg.out, cfg, done).items()}
     sizes = {s: len(v) for s, v in data.splits.items()}
     console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
                   + (f" ({data.dropped} items without image left out)" if data.dropped else "")
                   + (f"; resuming {cfg.out}, seeds {sorted(done)} already done" if done else ""))
+    for seed, epoch in kept.items():
+        console.print(f"seed {seed}: resuming after epoch {epoch} of {cfg.epochs}")
+    clock = EpochClock(len(cfg.seeds) * cfg.epochs, *epochs_done(cfg.out, cfg))
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=console,
+        EtaColumn(), TextColumn("{task.fields[status]}"), console=console,
     ) as progress:
-        tasks = {seed: progress.add_task(f"seed {seed}", total=cfg.epochs, completed=cfg.epochs if seed in done else 0,
+        overall = progress.add_task("all seeds", status="", **clock.fields())
+        tasks = {seed: progress.add_task(f"seed {seed}", total=cfg.epochs,
+                                         completed=cfg.epochs if seed in done else kept.get(seed, 0),
                                          status="done earlier" if seed in done else "") for seed in cfg.seeds}
         best: dict[int, tuple[float, int]] = {}
 
@@ -109,24 +121,30 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             progress.update(tasks[entry.seed], completed=entry.epoch, status=(
                 f"{losses}  step two {entry.step_two_rate:.0%}  dev {cfg.select} {entry.dev[cfg.select]:.4f} "
                 f"(best {v:.4f} @ {e})  {entry.seconds:.1f} s/epoch"))
+            clock.update(clock.done + 1, clock.skipped)
+            progress.update(overall, **clock.fields())
 
-        def on_seed_end(seed):
-            progress.update(tasks[seed], completed=cfg.epochs)
+        def on_seed_end(r):
+            progress.update(tasks[r.seed], completed=cfg.epochs)
+            clock.update(clock.done, clock.skipped + cfg.epochs - len(r.log))  # --patience stopped it early
+            progress.update(overall, **clock.fields())
 
         result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0)
     return result.out
 
 
-def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda seed: None,
+def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
               t0: float | None = None) -> RunResult:
     """The library call under every command: train every seed of `cfg` on already loaded `data`
-    into `cfg.out` (default: named from the config's hash), resuming finished seeds; no UI.
-    A grid calls it once per cell with the same `data`, so the cache is loaded once."""
+    into `cfg.out` (default: named from the config's hash), resuming finished seeds and the
+    unfinished one after its last finished epoch; no UI. Ctrl-C raises `Interrupted` saying what
+    was kept. A grid calls it once per cell with the same `data`, so the cache is loaded once."""
     t0 = t0 or time.time()
     cfg = cfg.resolved()
     out = Path(cfg.out or default_out(cfg))
     cfg = replace(cfg, out=out)
     done = finished_seeds(out, cfg, data.provenance)
+    partial = unfinished_seeds(out, cfg, done)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {s: len(v) for s, v in data.splits.items()}
     (out / "config.json").write_text(json.dumps({
@@ -134,8 +152,9 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
         "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
         "git_dirty": git_dirty(), "code_fingerprint": code_fingerprint(), "device": str(device()),
     }, indent=1))
-    log = LogCsv(out / "log.csv", done)
+    log = LogCsv(out / "log.csv", done, [entry for state in partial.values() for entry in saved_logs(state)])
     results: list[SeedResult] = []
+    kept = {seed: state["epoch"] for seed, state in partial.items()}  # the last saved epoch of each seed
     for seed in cfg.seeds:
         if seed in done:
             results.append(done[seed])
@@ -145,10 +164,19 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
             log.add(entry)
             on_epoch(entry)
 
-        r = train_seed(cfg, data, seed, each)
+        def save(state, seed=seed):
+            save_atomic(state, state_path(out, seed))
+            kept[seed] = state["epoch"]
+
+        try:
+            r = train_seed(cfg, data, seed, each, resume=partial.get(seed), save=save)
+        except KeyboardInterrupt:
+            finished = [s for s in cfg.seeds if s in done or s in {r.seed for r in results}]
+            raise Interrupted(interrupt_note(out, finished, seed, kept.get(seed, 0))) from None
         torch.save(r.state, out / f"seed-{seed}.pt")
         (out / f"seed-{seed}.json").write_text(json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))  # last: done
-        on_seed_end(seed)
+        state_path(out, seed).unlink(missing_ok=True)
+        on_seed_end(r)
         results.append(r)
     metrics = summarize(cfg, results)
     (out / "report.txt").write_text("".join(
@@ -161,6 +189,13 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
     return RunResult(out, metrics)
 
 
+def interrupt_note(out: Path, finished: list[int], seed: int, epoch: int) -> str:
+    """The one line Ctrl-C prints: what of the run in `out` is kept, and how to continue."""
+    kept = [f"seed{'s' * (len(finished) > 1)} {', '.join(map(str, finished))} finished"] if finished else []
+    kept.append(f"epoch {epoch} of seed {seed} kept" if epoch else f"seed {seed} starts over")
+    return f"{out}: {' and '.join(kept)}; run the same command to continue"
+
+
 SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred", "leak_check", "last_epoch_test")
 
 
@@ -171,20 +206,27 @@ class LogCsv:
     new column rewrites the file with the wider header; otherwise a row is appended and flushed.
     """
 
-    def __init__(self, path: Path, done: dict):
+    def __init__(self, path: Path, done: dict, resumed: list):
+        """Keeps the finished seeds' rows; an unfinished seed's rows are rewritten from the
+        `resumed` epoch logs of its saved state (the file may hold an epoch the state does not)."""
         self.path = path
         self.rows: list[dict] = []
-        if done and path.is_file():  # keep the finished seeds' rows; an unfinished seed starts over
+        if done and path.is_file():
             with open(path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if r["seed"] and int(r["seed"]) in done]
+        self.rows += [self._row(log) for log in resumed]
         self.header: list[str] = []
         self._rewrite()
 
+    @staticmethod
+    def _row(log) -> dict:
+        return {"seed": log.seed, "epoch": log.epoch, "lr": f"{log.lr:.3g}",
+                **{f"loss_{k}": f"{v:.4f}" for k, v in log.losses.items()},
+                "step_two_rate": f"{log.step_two_rate:.3f}", "seconds": f"{log.seconds:.2f}",
+                **{f"dev_{m}": f"{log.dev[m]:.4f}" for m in METRICS}}
+
     def add(self, log) -> None:
-        row = {"seed": log.seed, "epoch": log.epoch, "lr": f"{log.lr:.3g}",
-               **{f"loss_{k}": f"{v:.4f}" for k, v in log.losses.items()},
-               "step_two_rate": f"{log.step_two_rate:.3f}", "seconds": f"{log.seconds:.2f}",
-               **{f"dev_{m}": f"{log.dev[m]:.4f}" for m in METRICS}}
+        row = self._row(log)
         self.rows.append(row)
         if set(row) - set(self.header):
             self._rewrite()
@@ -221,6 +263,43 @@ def finished_seeds(out: Path, cfg: TrainConfig, provenance: dict) -> dict[int, S
         if js.is_file() and pt.is_file():
             done[seed] = SeedResult(state={}, log=[], **json.loads(js.read_text()))
     return done
+
+
+def state_path(out: Path, seed: int) -> Path:
+    """A seed's resumable state after its last finished epoch (deleted once the seed is done)."""
+    return out / f"seed-{seed}.state.pt"
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def unfinished_seeds(out: Path, cfg: TrainConfig, done: dict) -> dict[int, dict]:
+    """The saved states of seeds that were cut off mid-way (checked like finished seeds, by
+    `finished_seeds`, whose settings check covers the whole folder)."""
+    return {seed: torch.load(state_path(out, seed), map_location=device(), weights_only=True)
+            for seed in cfg.seeds if seed not in done and state_path(out, seed).is_file()}
+
+
+def epochs_done(out: Path, cfg: TrainConfig) -> tuple[int, int]:
+    """(epochs trained, epochs `--patience` skipped) of the run in `out`, from its files alone,
+    so a grid can follow runs in other processes: log.csv rows of finished seeds and of a seed
+    with a saved state."""
+    if not (out / "log.csv").is_file():
+        return 0, 0
+    with open(out / "log.csv", newline="") as f:
+        rows = Counter(r["seed"] for r in csv.DictReader(f))
+    trained = skipped = 0
+    for seed in cfg.seeds:
+        n = rows[str(seed)]
+        if (out / f"seed-{seed}.json").is_file():
+            trained, skipped = trained + n, skipped + cfg.epochs - n
+        elif state_path(out, seed).is_file():
+            trained += n
+    return trained, skipped
 
 
 def mismatch(out: Path, cfg: TrainConfig, provenance: dict | None = None) -> list[str]:

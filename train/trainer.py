@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -112,7 +112,11 @@ def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return len(labels) / (n_classes * counts)
 
 
-def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: None) -> SeedResult:
+def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: None, resume: dict | None = None,
+               save=lambda state: None) -> SeedResult:
+    """Train one seed; `save(state)` gets a resumable state at the end of every epoch, and
+    `resume=state` continues after that state's epoch exactly as if training had never stopped
+    (weights, optimizer, scheduler, every random stream, the best epoch so far, the logs)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = device()
@@ -130,8 +134,12 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     n_classes = data.dims.n_classes
     weight = class_weights(train.labels, n_classes).to(dev) if cfg.balanced else None
     dev_order = eval_orders(len(dev_split), cfg, 1)
-    best, logs, fired_total, batches_total = None, [], 0, 0
-    for epoch in range(1, cfg.epochs + 1):
+    best, logs, fired_total, batches_total, start = None, [], 0, 0, 0
+    if resume is not None:
+        best, logs, fired_total, batches_total, start = restore(resume, head, opt, sched, g)
+    for epoch in range(start + 1, cfg.epochs + 1):
+        if best is not None and stopped(cfg, epoch - 1, best[0]):
+            break  # dev has not improved for `patience` epochs (a later epoch might still have)
         t0 = time.time()
         lr = opt.param_groups[0]["lr"]  # the rate this epoch trains with (logged before sched.step())
         head.train()
@@ -170,9 +178,8 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         logs.append(log)
         if best is None or dev_scores[cfg.select] > best[1][cfg.select]:
             best = (epoch, dev_scores, copy.deepcopy(head.state_dict()))
+        save(snapshot(epoch, head, opt, sched, g, best, logs, fired_total, batches_total))
         on_epoch(log)
-        if cfg.patience is not None and epoch - best[0] >= cfg.patience:
-            break  # dev has not improved for `patience` epochs (a later epoch might still have)
     orders = eval_orders(len(test), cfg)
     last = score_split(head, test, cfg, n_classes, dev, orders)[0] if cfg.official else None
     head.load_state_dict(best[2])
@@ -182,6 +189,51 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         fired_total / max(batches_total, 1), test_pred.tolist(), logs,
         leak_check=file_order_scores(head, test, cfg, n_classes, dev), last_epoch_test=last,
     )
+
+
+def stopped(cfg: TrainConfig, epoch: int, best_epoch: int) -> bool:
+    """`--patience`: dev has not improved for that many epochs after `epoch`."""
+    return cfg.patience is not None and epoch - best_epoch >= cfg.patience
+
+
+# --- the resumable state of a seed --------------------------------------------------------
+# Plain tensors, numbers, lists and dicts only, so it loads with torch.load(weights_only=True).
+
+def snapshot(epoch: int, head, opt, sched, g: torch.Generator, best: tuple, logs: list[EpochLog],
+             fired_total: int, batches_total: int) -> dict:
+    """Everything the next epoch depends on, after `epoch` finished."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "epoch": epoch, "head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "order": g.get_state(),  # dropout; the epoch order
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                          "gauss": gauss}},
+        "best": {"epoch": best[0], "dev": best[1], "state": best[2]},
+        "logs": [asdict(log) for log in logs], "fired_total": fired_total, "batches_total": batches_total,
+    }
+
+
+def restore(state: dict, head, opt, sched, g: torch.Generator) -> tuple:
+    """Load a `snapshot` into the fresh objects; returns (best, logs, fired_total, batches_total, epoch)."""
+    head.load_state_dict(state["head"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    g.set_state(rng["order"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    b = state["best"]
+    return ((b["epoch"], b["dev"], b["state"]), saved_logs(state), state["fired_total"], state["batches_total"],
+            state["epoch"])
+
+
+def saved_logs(state: dict) -> list[EpochLog]:
+    """The epoch logs a `snapshot` holds."""
+    return [EpochLog(**log) for log in state["logs"]]
 
 
 def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, dev: torch.device) -> dict | None:
