@@ -170,3 +170,15 @@ def test_a_grid_loads_each_cache_once_and_gives_each_cell_its_modalities(synth_c
     assert sorted(loads) == ["both", "text"]
     for reads, has_image, has_text in seen:
         assert has_image == ("image" in reads) and has_text == ("text" in reads)
+
+
+def test_the_grid_bar_counts_epochs_and_drops_those_patience_skips(synth_cache, tmp_path, monkeypatch):
+    """2 cells x 2 seeds x 4 epochs planned; dev never improves after epoch 1, so --patience 1
+    stops every seed after epoch 2 and the bar ends at 8 of 8, not 8 of 16."""
+    real = trainer.scores
+    monkeypatch.setattr(trainer, "scores", lambda *a: {**real(*a), "weighted_f1": 0.5, "accuracy": 0.5})
+    cells = grid.ablation_cells(base(synth_cache, epochs=4, patience=1), tmp_path / "runs", ["one-step"])
+    console = quiet_console()
+    grid.run_cells(cells, console=console)
+    assert [runs.epochs_done(c.cfg.out, c.cfg) for c in cells] == [(4, 4), (4, 4)]
+    assert "8/8 epochs" in console.file.getvalue()

@@ -21,7 +21,7 @@ import torch
 import heads
 from core import store
 from core.device import device
-from core.errors import UserError
+from core.errors import Interrupted, UserError
 from train import runs, trainer
 from train.config import METRICS, TrainConfig
 from train.metrics import scores
@@ -354,3 +354,53 @@ def test_cli(trained, tiny_cache, cli, tmp_path, monkeypatch):
         assert "Invalid value" in proc.stderr and option in proc.stderr and "foo" in proc.stderr, proc.stderr
     # bad input writes no run folder
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 6))
+
+
+def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trained, tmp_path):
+    """Cut in seed 2 after its epoch 1: the state of that epoch is kept, and the same command
+    trains epoch 2 only, ending with the uninterrupted run's metrics.json and log.csv."""
+    run, cfg, _ = trained
+    again = tmp_path / "again"
+    same = TrainConfig.from_json({**cfg.to_json(), "out": str(again)})
+
+    def ctrl_c(entry):
+        if (entry.seed, entry.epoch) == (2, 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match=rf"^{again}: seed 1 finished and epoch 1 of seed 2 kept; run the same "
+                                          "command to continue$"):
+        runs.train_run(same, runs.load_data(same.resolved()), ctrl_c)
+    assert (again / "seed-2.state.pt").is_file() and not (again / "seed-1.state.pt").exists()
+    assert [(r["seed"], r["epoch"]) for r in read_log(again)[1]] == [("1", "1"), ("1", "2"), ("2", "1")]
+    assert runs.epochs_done(again, same.resolved()) == (3, 0)
+    console, epochs = quiet_console(), []
+
+    def count(*a, on_epoch, **kw):
+        return trainer.train_seed(*a, on_epoch=lambda entry: epochs.append((entry.seed, entry.epoch)) or on_epoch(entry),
+                                  **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "train_seed", count)
+        runs.train(same, console)
+    assert epochs == [(2, 2)] and "seed 2: resuming after epoch 1 of 2" in console.file.getvalue()
+    before, after = read_json(run / "metrics.json"), read_json(again / "metrics.json")
+    assert {**before, "wall_seconds": 0} == {**after, "wall_seconds": 0}
+    header, rows = read_log(again)
+    assert (header, [{**r, "seconds": ""} for r in rows]) == \
+        (read_log(run)[0], [{**r, "seconds": ""} for r in read_log(run)[1]])
+    assert not (again / "seed-2.state.pt").exists()
+    assert runs.epochs_done(again, same.resolved()) == (4, 0)
+
+
+def test_the_saved_state_rewrites_the_log_rows_of_its_seed(trained, tmp_path):
+    """Ctrl-C between saving epoch k and logging it, or after logging k + 1: log.csv
+    restarts from the state's own epoch logs."""
+    run, cfg, results = trained
+    path = tmp_path / "log.csv"
+    shutil.copy(run / "log.csv", path)
+    done = {1: results[0]}
+    log = runs.LogCsv(path, done, results[1].log[:1])
+    assert [(r["seed"], r["epoch"]) for r in read_log(tmp_path)[1]] == [("1", "1"), ("1", "2"), ("2", "1")]
+    assert read_log(tmp_path)[1][2] == read_log(run)[1][2]
+    log.add(results[1].log[1])
+    assert read_log(tmp_path) == read_log(run)

@@ -169,7 +169,7 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
             kept[seed] = state["epoch"]
 
         try:
-            r = train_seed(cfg, data, seed, each, resume=partial.get(seed), save=save)
+            r = train_seed(cfg, data, seed, on_epoch=each, resume=partial.get(seed), save=save)
         except KeyboardInterrupt:
             finished = [s for s in cfg.seeds if s in done or s in {r.seed for r in results}]
             raise Interrupted(interrupt_note(out, finished, seed, kept.get(seed, 0))) from None
