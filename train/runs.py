@@ -157,6 +157,7 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
     kept = {seed: state["epoch"] for seed, state in partial.items()}  # the last saved epoch of each seed
     for seed in cfg.seeds:
         if seed in done:
+            state_path(out, seed).unlink(missing_ok=True)  # Ctrl-C came between seed-<s>.json and this
             results.append(done[seed])
             continue
 
