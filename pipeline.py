@@ -438,13 +438,22 @@ def main() -> None:
     except UserError as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(1)
-    except Interrupted as e:  # a run says what it kept
-        err.print(f"[yellow]interrupted:[/] {e}", highlight=False)
+    except (KeyboardInterrupt, SystemExit) as e:
+        cut = _ctrl_c(e)
+        if cut is None:
+            raise
+        note = str(cut) if isinstance(cut, Interrupted) else (  # a run says what it kept
+            "finished work is kept (extract: whole shards; train: every finished epoch, in the run folder it "
+            "printed); run the same command again to resume")
+        err.print(f"[yellow]interrupted:[/] {note}", highlight=False)
         sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] finished work is kept (extract: whole shards; train: every finished "
-                  "epoch, in the run folder it printed); run the same command again to resume", highlight=False)
-        sys.exit(130)
+
+
+def _ctrl_c(e: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C behind `e`: typer turns it into a silent exit 130, with it as the cause."""
+    while e is not None and not isinstance(e, KeyboardInterrupt):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -404,3 +405,34 @@ def test_the_saved_state_rewrites_the_log_rows_of_its_seed(trained, tmp_path):
     assert read_log(tmp_path)[1][2] == read_log(run)[1][2]
     log.add(results[1].log[1])
     assert read_log(tmp_path) == read_log(run)
+
+
+def test_ctrl_c_prints_what_was_kept_and_the_same_command_continues(synth_cache, cli, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", synth_cache.dataset, "--cache-dir", synth_cache.cache_dir, "--text-encoder",
+            synth_cache.text_encoder, "--image-encoder", synth_cache.image_encoder, "--epochs", "2", "--seeds", "1",
+            "--batch-size", "12", "--out", out]
+    code = f"""
+import sys
+import pipeline
+from train import runs
+real = runs.train_seed
+
+def ctrl_c_after_epoch_1(*a, on_epoch, **kw):
+    def each(entry):
+        on_epoch(entry)
+        raise KeyboardInterrupt
+    return real(*a, on_epoch=each, **kw)
+
+runs.train_seed = ctrl_c_after_epoch_1
+sys.argv = {["pipeline.py", *map(str, args)]!r}
+pipeline.main()
+"""
+    cut = subprocess.run([sys.executable, "-c", code], cwd=cli.repo, env=cli.env(), capture_output=True, text=True,
+                         timeout=300)
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    assert cut.stderr.strip() == f"interrupted: {out}: epoch 1 of seed 1 kept; run the same command to continue"
+    again = cli.run(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "seed 1: resuming after epoch 1 of 2" in again.stdout
+    assert [r["epoch"] for r in read_log(out)[1]] == ["1", "2"]
