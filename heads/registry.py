@@ -93,7 +93,7 @@ class Flag:
     def summary(self) -> str:
         """The field's help and what the flag sets, for `train --help`."""
         sets = f"{self.field}={str(self.switch_to).lower()}" if self.kind is bool else self.field
-        return f"{self.help} [{', '.join(self.heads)}: {sets}]"
+        return f"{self.help} ({', '.join(self.heads)}: {sets})"  # no [...]: rich reads it as markup
 
 
 def flags() -> list[Flag]:

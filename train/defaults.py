@@ -26,5 +26,5 @@ FALLBACK = "mvsa_s"  # a user's own manifest trains like MVSA-Single
 
 
 def default_help(field: str) -> str:
-    """'[default: 64 mvsa_s; 128 mvsa_m; ...]' for a field of DatasetDefaults."""
+    """'(default: 64 mvsa_s; 128 mvsa_m; ...)' for a field of DatasetDefaults."""
     return per_data_set({name: getattr(d, field) for name, d in DEFAULTS.items()}, FALLBACK)
