@@ -431,10 +431,10 @@ def list_heads():
 
     for name in heads.available():
         table = Table(title=f"{name}  (reads {', '.join(heads.config_class(name)().reads())})", title_justify="left")
-        for col in ("field", "type", "default", "help", "train flag"):
+        for col in ("field (train flag)", "type", "default", "help"):
             table.add_column(col)
-        for row in heads.describe(name):
-            table.add_row(*row)
+        for field, kind, default, help, flag in heads.describe(name):
+            table.add_row(f"{field}\n{flag}" if flag else field, kind, default, help)
         console.print(table)
 
 

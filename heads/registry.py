@@ -200,5 +200,7 @@ def describe(name: str) -> list[tuple[str, str, str, str, str]]:
         kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
         choices = " | ".join(f.metadata.get("choices", ()))
         help = f"{choices}: {f.metadata.get('help', '')}" if choices else f.metadata.get("help", "")
-        rows.append((f.name, kind, repr(_default(f)), help, f.metadata.get("flag", "")))
+        default = _default(f)
+        shown = f"{default:.4g}" if isinstance(default, float) else repr(default)  # 2/3 -> 0.6667
+        rows.append((f.name, kind, shown, help, f.metadata.get("flag", "")))
     return rows

@@ -148,8 +148,9 @@ def test_a_field_with_a_flag_is_declared_once_and_known_everywhere(synth_cache, 
     assert "--alpha" in text and "step-two gate" in text  # SPP-SCL's flags come from its config the same way
     code, text, _ = out["heads"]
     assert code == 0 and "toy  (reads text)" in text
-    row = next(line for line in text.splitlines() if " shrink " in line)
-    assert "--shrink" in row and "weight of an L2 penalty" in row
+    lines = text.splitlines()
+    row = next(i for i, line in enumerate(lines) if " shrink " in line)
+    assert "weight of an L2 penalty" in lines[row] and "--shrink" in lines[row + 1]  # the flag under its field
     for key, shrink, bias in (("flags", 0.5, False), ("set", 0.25, True)):
         assert out[key][0] == 0, out[key]
         saved = json.loads((tmp_path / key / "config.json").read_text())["train"]["head_config"]
