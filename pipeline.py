@@ -7,22 +7,26 @@ library function. A `UserError` anywhere becomes one line on stderr and exit cod
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from core import threads as _threads
 
 _threads.policy()  # before anything imports torch: OpenMP reads its wait policy once, at load
 
 import typer  # noqa: E402
-from rich.console import Console
+from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+from typer.core import TyperCommand  # noqa: E402
 
+from core.defaults import IMAGE_ENCODER, TEXT_ENCODER  # noqa: E402
 from core.errors import Interrupted, UserError  # noqa: E402
 from core.paths import DEFAULT_CACHE, default_data_root  # noqa: E402
+from train.defaults import default_help  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SPP-SCL and friends: extract frozen features once, train light heads from the cache.")
@@ -48,8 +52,8 @@ def extract(
     data_root: Optional[Path] = DataRootOpt,
     image_dir: Optional[Path] = typer.Option(None, help="folder of {id}.jpg images"),
     cache_dir: Path = CacheOpt,
-    text_encoder: str = typer.Option("minilm", help="HF name or local path; 'minilm' is the packaged offline model"),
-    image_encoder: str = typer.Option("efficientnet-lite0", help="efficientnet-lite0..4, a torchvision name (resnet50), or timm:<name>"),
+    text_encoder: str = typer.Option(TEXT_ENCODER, help="HF name or local path; 'minilm' is the packaged offline model"),
+    image_encoder: str = typer.Option(IMAGE_ENCODER, help="efficientnet-lite0..4, a torchvision name (resnet50), or timm:<name>"),
     text_layers: int = typer.Option(4, min=1, help="keep the CLS and tokens of this many last layers"),
     max_length: int = typer.Option(202, min=2, help="tokenizer truncation"),
     text_only: bool = typer.Option(False, "--text-only", help="cache text alone (no images at hand)"),
@@ -75,10 +79,9 @@ def extract(
         image_dir=image_dir, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder,
         text_layers=text_layers, max_length=max_length, text_only=text_only, random_weights=random_weights,
         image_weights=image_weights, batch_size=batch_size, shard_size=shard_size, shard=shard, force=force,
-        seed=seed, limit=limit, text_views=text_views,
+        seed=seed, limit=limit, text_views=text_views, keep_rare_labels=keep_rare_labels,
+        classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None,
     )
-    cfg.classes = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
-    cfg.keep_rare_labels = keep_rare_labels
     s = run(cfg, console)
     console.print(f"cache {s.dataset}: done in {s.seconds:.0f} s", highlight=False)
     table = Table()
@@ -99,17 +102,6 @@ def extract(
         console.print("[yellow]this process's shards are done; the index is written when every shard is[/]")
 
 
-class Modalities(str, Enum):
-    text = "text"
-    image = "image"
-    both = "both"
-
-
-class Scope(str, Enum):
-    batch = "batch"
-    sample = "sample"
-
-
 class Metric(str, Enum):
     accuracy = "accuracy"
     weighted_f1 = "weighted_f1"
@@ -123,67 +115,81 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise typer.BadParameter(f"{text!r}: give seeds as 1,2,3") from None
 
 
-@app.command()
+class HeadFlagsCommand(TyperCommand):
+    """`train`, plus one option per shorthand flag a registered head declares (`heads.base.opt(flag=...)`).
+
+    The options are made when `train` parses its arguments or prints its help, not at start-up:
+    other commands need not import the heads, and a head registered before `main()` brings its
+    flags. Their values reach the command in `ctx.meta["head_flags"]`."""
+
+    def _head_params(self) -> list:
+        if not hasattr(self, "_made"):
+            import heads
+
+            def options(**_): ...
+
+            options.__signature__ = inspect.Signature([
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                  annotation=bool if f.kind is bool else Optional[Literal[f.choices] if f.choices else f.kind],
+                                  default=typer.Option(False if f.kind is bool else None, f.flag, help=f.summary))
+                for f in heads.flags()])
+            one = typer.Typer(add_completion=False, rich_markup_mode=None)
+            one.command()(options)
+            self._made = typer.main.get_command(one).params
+            clash = {p.name for p in self.params} & {p.name for p in self._made}
+            if clash:
+                raise ValueError(f"a head declares a flag that `train` has already: {', '.join(sorted(clash))}")
+        return self._made
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        return [*self.params, *self._head_params(), *params[len(self.params):]]
+
+    def invoke(self, ctx):
+        ctx.meta["head_flags"] = {p.name: ctx.params.pop(p.name, None) for p in self._head_params()}
+        return super().invoke(ctx)
+
+
+@app.command(cls=HeadFlagsCommand)
 def train(
+    ctx: typer.Context,
     dataset: str = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache (built-in or --name of a manifest)"),
     cache_dir: Path = CacheOpt,
-    text_encoder: str = typer.Option("minilm", help="which text cache to read"),
-    image_encoder: str = typer.Option("efficientnet-lite0", help="which image cache to read"),
+    text_encoder: str = typer.Option(TEXT_ENCODER, help="which text cache to read"),
+    image_encoder: str = typer.Option(IMAGE_ENCODER, help="which image cache to read"),
     head: str = typer.Option("spp_scl", help="registered head (see `pipeline.py heads`)"),
     set_: list[str] = typer.Option([], "--set", help="head config field, key=value (repeatable; `pipeline.py heads` lists them)"),
-    modalities: Optional[Modalities] = typer.Option(None, help="SPP-SCL: text, image or both [default: both]"),
     epochs: int = typer.Option(150, min=1),
     seeds: str = typer.Option("1,2,3,4,5", help="comma-separated; results are mean/std over them"),
-    batch_size: Optional[int] = typer.Option(None, min=2, help="[default: 64 MVSA-S, 128 MVSA-M, 256 HFM]"),
-    lr: Optional[float] = typer.Option(None, help="[default: 1e-4, HFM 5e-5]"),
-    lr_step: Optional[int] = typer.Option(None, min=1, help="StepLR step [default: 10 MVSA-S, 15 MVSA-M, 5 HFM]"),
+    batch_size: Optional[int] = typer.Option(None, min=2, help=default_help("batch_size")),
+    lr: Optional[float] = typer.Option(None, help=default_help("lr")),
+    lr_step: Optional[int] = typer.Option(None, min=1, help=f"StepLR step {default_help('lr_step')}"),
     weight_decay: float = typer.Option(1e-6),
-    lambda_ce: Optional[float] = typer.Option(None, help="SPP-SCL: weight of cross-entropy [default: 5, HFM 10]"),
-    alpha: Optional[float] = typer.Option(None, help="SPP-SCL step-two gate: pull when c < alpha * c_mask [default: 2/3]"),
-    temperature: Optional[float] = typer.Option(None, help="SPP-SCL SupCon temperature [default: 0.07]"),
-    one_step: bool = typer.Option(False, "--one-step", help="SPP-SCL ablation: L_clm in step one every batch, no gated step"),
-    no_clm: bool = typer.Option(False, "--no-clm", help="SPP-SCL ablation: no cross-modal contrastive loss"),
-    no_intra: bool = typer.Option(False, "--no-intra", help="SPP-SCL ablation: no intra-modal SupCon (L_cli, L_clt)"),
-    supcon_official: bool = typer.Option(False, "--supcon-official", help="SupCon as the official code (self logit 0)"),
     balanced: bool = typer.Option(False, "--balanced", help="weight cross-entropy by inverse class frequency (not in the paper)"),
-    text_layers: Optional[int] = typer.Option(None, min=1, help="SPP-SCL: hierarchical attention over the last k cached layers [default: 4]"),
-    no_ha: bool = typer.Option(False, "--no-ha", help="SPP-SCL ablation: last layer only, no hierarchical attention"),
-    no_cmf: bool = typer.Option(False, "--no-cmf", help="SPP-SCL ablation: concatenate instead of cross-modal fusion"),
-    cmf_scope: Optional[Scope] = typer.Option(None, help="SPP-SCL: batch = attention across the batch (paper); sample = per item"),
     official: bool = typer.Option(False, "--official", help="the authors' training step exactly (SPEC.md; listed in config.json)"),
     eval_orders: int = typer.Option(5, min=1, help="test is the mean over this many seeded random orders (label-blind)"),
     text_views: bool = typer.Option(False, "--text-views", help="train on the cached dropout views of the texts (extract --text-views K)"),
-    select: Optional[Metric] = typer.Option(None, help="dev metric that picks the epoch [default: weighted_f1, HFM macro_f1]"),
+    select: Optional[Metric] = typer.Option(None, help=f"dev metric that picks the epoch {default_help('select')}"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<time>]"),
     splits: Optional[Path] = typer.Option(None, help="folder of split files {train,dev,test}.txt (ids) from `audit --write-clean`"),
     threads: Optional[int] = ThreadsOpt,
 ):
-    """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds."""
+    """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
+
+    Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
     _threads.use(threads)
     import heads
     from train.config import TrainConfig
     from train.runs import train as run_train
 
-    # the documented SPP-SCL flags are shorthands for its config fields; --set reaches any field of any head
-    flags = {"modalities": modalities.value if modalities else None, "lambda_ce": lambda_ce, "alpha": alpha,
-             "temperature": temperature, "text_layers": text_layers, "cmf_scope": cmf_scope.value if cmf_scope else None,
-             "two_step": False if one_step else None, "clm": False if no_clm else None,
-             "intra": False if no_intra else None, "supcon_official": True if supcon_official else None,
-             "hierarchical_attention": False if no_ha else None, "cmf": False if no_cmf else None}
-    values = {k: v for k, v in flags.items() if v is not None}
-    fields = {f for f, *_ in heads.describe(head)}
-    wrong = sorted(set(values) - fields)
-    if wrong:
-        raise UserError(f"head {head!r} has no option {', '.join(wrong)}: those flags are SPP-SCL's; "
-                        f"its fields are {', '.join(sorted(fields))} (set them with --set key=value)")
-    values.update(heads.parse_sets(head, set_))
+    values = {**heads.flag_values(head, ctx.meta["head_flags"]), **heads.parse_sets(head, set_)}
     cfg = TrainConfig(
         dataset=dataset, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder, head=head,
         head_config=heads.build_config(head, values), epochs=epochs, seeds=_seeds(seeds), batch_size=batch_size,
         lr=lr, lr_step=lr_step, weight_decay=weight_decay, balanced=balanced, official=official,
         eval_orders=eval_orders, text_views=text_views, select=select.value if select else None, out=out,
+        splits=splits.resolve() if splits else None,
     )
-    cfg.splits = splits.resolve() if splits else None
     run = run_train(cfg, console)
     _show(json.loads((run / "metrics.json").read_text()), f"{run}")
 
@@ -201,8 +207,8 @@ GRID_DATASET = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in 
 GRID_JOBS = typer.Option(1, min=1, help="cells trained in parallel processes on this machine")
 GRID_SHARD = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE)")
 GRID_PATIENCE = typer.Option(None, min=1, help="stop a seed once dev has not improved for P epochs")
-GRID_TEXT = typer.Option("minilm", help="which text cache to read")
-GRID_IMAGE = typer.Option("efficientnet-lite0", help="which image cache to read")
+GRID_TEXT = typer.Option(TEXT_ENCODER, help="which text cache to read")
+GRID_IMAGE = typer.Option(IMAGE_ENCODER, help="which image cache to read")
 GRID_EPOCHS = typer.Option(150, min=1)
 GRID_SEEDS = typer.Option("1,2,3,4,5", help="the same seeds in every cell (the paired test needs them)")
 GRID_BATCH = typer.Option(None, min=2, help="[default: per data set]")
@@ -318,8 +324,8 @@ def audit(
     dataset: str = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache"),
     cache_dir: Path = CacheOpt,
     data_root: Optional[Path] = DataRootOpt,
-    text_encoder: str = typer.Option("minilm", help="which text cache gives ids, labels and splits"),
-    image_encoder: str = typer.Option("efficientnet-lite0", help="which image cache to search for near-duplicates"),
+    text_encoder: str = typer.Option(TEXT_ENCODER, help="which text cache gives ids, labels and splits"),
+    image_encoder: str = typer.Option(IMAGE_ENCODER, help="which image cache to search for near-duplicates"),
     image_threshold: Optional[float] = typer.Option(None, help="cosine of pooled maps for an image candidate [default: 0.88, calibrated on MVSA-Single]"),
     hash_distance: Optional[int] = typer.Option(None, help="max pHash Hamming distance that confirms an image pair [default: 8]"),
     write_clean: Optional[Path] = typer.Option(None, help="write split files without the dev/test items leaking from train here"),
@@ -420,15 +426,15 @@ def results_cmd(
 
 @app.command("heads")
 def list_heads():
-    """List the registered heads with their config fields (set any with `train --set key=value`)."""
+    """List the registered heads with their config fields (set any with `train --set key=value`, or its flag)."""
     import heads
 
     for name in heads.available():
         table = Table(title=f"{name}  (reads {', '.join(heads.config_class(name)().reads())})", title_justify="left")
-        for col in ("field", "type", "default", "help"):
+        for col in ("field (train flag)", "type", "default", "help"):
             table.add_column(col)
-        for row in heads.describe(name):
-            table.add_row(*row)
+        for field, kind, default, help, flag in heads.describe(name):
+            table.add_row(f"{field}\n{flag}" if flag else field, kind, default, help)
         console.print(table)
 
 

@@ -35,6 +35,7 @@ import pandas as pd
 
 from core import store
 from core.errors import UserError
+from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, default_data_root
 
 SPLIT_ORDER = {"train": 0, "dev": 1, "test": 2}
@@ -59,8 +60,8 @@ class AuditConfig:
     dataset: str = "mvsa_s"
     cache_dir: Path = DEFAULT_CACHE
     data_root: Path = field(default_factory=default_data_root)
-    text_encoder: str = "minilm"
-    image_encoder: str = "efficientnet-lite0"
+    text_encoder: str = TEXT_ENCODER
+    image_encoder: str = IMAGE_ENCODER
     image_threshold: float = IMAGE_THRESHOLD
     hash_distance: int = HASH_DISTANCE
     block: int = 2048  # rows per block of the similarity search

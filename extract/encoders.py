@@ -31,10 +31,6 @@ from PIL import Image
 from core.device import device
 from core.errors import UserError
 
-DEFAULT_TEXT = "minilm"
-DEFAULT_IMAGE = "efficientnet-lite0"
-
-
 def fingerprint(module: torch.nn.Module) -> str:
     """Hash of every weight and buffer: a cache records exactly which weights made it."""
     h = hashlib.blake2b(digest_size=8)

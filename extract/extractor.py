@@ -21,10 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from core import store
 from core.errors import UserError
 from core.shards import parse_shard  # noqa: F401  (re-exported: extract splits shards with it)
+from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, default_data_root
 from extract import datasets
 from extract.datasets import Dataset, Item
-from extract.encoders import DEFAULT_IMAGE, DEFAULT_TEXT, create_image_encoder, create_text_encoder
+from extract.encoders import create_image_encoder, create_text_encoder
 
 
 @dataclass
@@ -35,8 +36,8 @@ class ExtractConfig:
     data_root: Path = field(default_factory=default_data_root)
     image_dir: Path | None = None
     cache_dir: Path = DEFAULT_CACHE
-    text_encoder: str = DEFAULT_TEXT
-    image_encoder: str = DEFAULT_IMAGE
+    text_encoder: str = TEXT_ENCODER
+    image_encoder: str = IMAGE_ENCODER
     text_layers: int = 4
     max_length: int = 202
     text_only: bool = False

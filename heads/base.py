@@ -28,9 +28,20 @@ class Dims:
     n_classes: int
 
 
-def opt(default, help: str):
-    """A config field with a one-line help that `pipeline.py heads` prints."""
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, flag: str | None = None, choices: tuple[str, ...] = ()):
+    """A config field with a one-line help that `pipeline.py heads` and `train --help` print.
+
+    `flag`: a shorthand of `pipeline.py train` for the field (`--set` reaches every field
+    anyway). On a value field it takes the value (`flag="--alpha"`); on a bool field it is
+    a switch to the value that is not the default (`flag="--no-clm"` on `clm=True`).
+    `choices`: the only values the field takes; `validate()` and the CLI check them.
+    """
+    meta = {"help": help}
+    if flag:
+        meta["flag"] = flag
+    if choices:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -63,6 +74,11 @@ class HeadConfig:
         """Raise UserError naming the field and the fix if a value has no meaning."""
         if self.dim < 1 or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dim={self.dim}, dropout={self.dropout}: need dim >= 1, 0 <= dropout < 1")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"{f.name}={getattr(self, f.name)!r}: use "
+                                f"{', '.join(repr(c) for c in choices[:-1])} or {choices[-1]!r}")
 
     def check(self, dims: "Dims") -> None:
         """validate(), plus: the cache holds the modalities this config reads."""
@@ -76,6 +92,20 @@ class HeadConfig:
     @property
     def uses_image(self) -> bool:
         return "image" in self.reads()
+
+
+READS = {"text": ("text",), "image": ("image",), "both": ("text", "image")}  # modalities -> caches read
+
+
+@dataclass
+class ModalitiesConfig(HeadConfig):
+    """Base of a head that reads text, image or both as the user picks (SPP-SCL, the probe)."""
+
+    modalities: str = opt("both", "which cached features the head reads (the text-only and image-only rows)",
+                          flag="--modalities", choices=tuple(READS))
+
+    def reads(self) -> tuple[str, ...]:
+        return READS.get(self.modalities, ())
 
 
 def require_cached(dims: Dims, text: bool, image: bool) -> None:

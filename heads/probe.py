@@ -11,26 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from core.errors import UserError
-
-from .base import Batch, Dims, Head, HeadConfig, HeadOutput, opt
+from .base import Batch, Dims, Head, HeadOutput, ModalitiesConfig
 from .ragged import segment_mean
 from .registry import register
 
 
 @dataclass
-class ProbeConfig(HeadConfig):
+class ProbeConfig(ModalitiesConfig):
     """Linear probe; `dim` and `dropout` are unused (there is only the one linear layer)."""
-
-    modalities: str = opt("both", "text | image | both: which pooled features the linear layer reads")
-
-    def reads(self) -> tuple[str, ...]:
-        return {"both": ("text", "image"), "text": ("text",), "image": ("image",)}.get(self.modalities, ())
-
-    def validate(self) -> None:
-        super().validate()
-        if self.modalities not in ("text", "image", "both"):
-            raise UserError(f"modalities={self.modalities!r}: use 'text', 'image' or 'both'")
 
 
 @register("probe", config=ProbeConfig)

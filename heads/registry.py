@@ -1,8 +1,8 @@
 """Head registry, timm style: a new head is one file with `@register("name", config=Cfg)`.
 
-The trainer and the CLI only call `create`, `config_class`, `parse_sets` and `describe`,
-so adding a head, its hyper-parameters and its loss terms needs no edit anywhere else
-(ARCHITECTURE.md, rule 3).
+The trainer and the CLI only call `create`, `config_class`, `parse_sets`, `describe` and
+`flags`/`flag_values`, so adding a head, its hyper-parameters, their `train` shorthands and
+its loss terms needs no edit anywhere else (ARCHITECTURE.md, rules 3 and 4).
 """
 from __future__ import annotations
 
@@ -62,13 +62,92 @@ def _hints(config: type[HeadConfig]) -> dict[str, object]:
     return typing.get_type_hints(config)
 
 
+def _base_kind(kind: object) -> object:
+    """`float | None` -> float."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if args else kind
+
+
+def _default(f: dataclasses.Field) -> object:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A shorthand option of `pipeline.py train` that heads declare on a config field (`opt(flag=...)`)."""
+
+    flag: str  # "--alpha", "--no-clm"
+    field: str  # the config field it sets
+    kind: type  # bool: a switch (no value on the command line); else the value's type
+    switch_to: object  # the value a switch sets (None for a value flag)
+    choices: tuple[str, ...]
+    help: str
+    heads: tuple[str, ...]  # the heads that declare it
+
+    @property
+    def name(self) -> str:
+        """The flag as an identifier: "--no-clm" -> "no_clm"."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def summary(self) -> str:
+        """The field's help and what the flag sets, for `train --help`."""
+        sets = f"{self.field}={str(self.switch_to).lower()}" if self.kind is bool else self.field
+        return f"{self.help} ({', '.join(self.heads)}: {sets})"  # no [...]: rich reads it as markup
+
+
+def flags() -> list[Flag]:
+    """Every `train` shorthand of every registered head, one per flag name, in registration order.
+    A flag several heads declare must set the same field the same way (else ValueError: a coding bug)."""
+    found: dict[str, Flag] = {}
+    for name, (_, config) in _HEADS.items():
+        hints = _hints(config)
+        for f in dataclasses.fields(config):
+            if "flag" not in f.metadata:
+                continue
+            kind = _base_kind(hints[f.name])
+            switch_to = (not _default(f)) if kind is bool else None
+            new = Flag(f.metadata["flag"], f.name, kind, switch_to, f.metadata.get("choices", ()),
+                       f.metadata["help"], (name,))
+            old = found.get(new.flag)
+            if old is None:
+                found[new.flag] = new
+            elif (old.field, old.kind, old.switch_to, old.choices) != (new.field, new.kind, new.switch_to, new.choices):
+                raise ValueError(f"flag {new.flag} of head {name!r} sets {new.field} otherwise than on {old.heads}")
+            else:
+                found[new.flag] = dataclasses.replace(old, heads=old.heads + (name,))
+    return list(found.values())
+
+
+def flag_values(name: str, given: dict[str, object]) -> dict[str, object]:
+    """Field values of head `name` from the shorthands given on the command line.
+
+    `given` maps `Flag.name` to its parsed value (None, or False for a switch: not given).
+    A flag that head `name` does not declare is one UserError naming the heads that do.
+    """
+    config_class(name)  # an unknown head is its own error
+    values, wrong = {}, []
+    for f in flags():
+        value = given.get(f.name)
+        if value is None or (value is False and f.kind is bool):
+            continue
+        if name not in f.heads:
+            wrong.append(f"{f.flag} (a flag of {', '.join(f.heads)})")
+            continue
+        values[f.field] = f.switch_to if f.kind is bool else value
+    if wrong:
+        keys = sorted(f.name for f in dataclasses.fields(config_class(name)))
+        raise UserError(f"head {name!r} has no option {'; '.join(wrong)}: its fields are {', '.join(keys)} "
+                        f"(set them with --set key=value)")
+    return values
+
+
 def _parse(value: str, kind: object, key: str):
     """`value` as the field's type: bool, int, float, str, or an optional of one ('none')."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if args:  # X | None
+    if _base_kind(kind) is not kind:  # X | None
         if value.lower() in ("none", "null", ""):
             return None
-        kind = args[0]
+        kind = _base_kind(kind)
     if kind is bool:
         if value.lower() in ("1", "true", "yes", "on"):
             return True
@@ -112,13 +191,16 @@ def build_config(name: str, values: dict | None = None) -> HeadConfig:
     return config(**(values or {}))
 
 
-def describe(name: str) -> list[tuple[str, str, str, str]]:
-    """(field, type, default, help) per config field of head `name` (help: `base.opt`'s text)."""
+def describe(name: str) -> list[tuple[str, str, str, str, str]]:
+    """(field, type, default, help, train flag or "") per config field of head `name` (from `base.opt`)."""
     config = config_class(name)
     hints = _hints(config)
     rows = []
     for f in dataclasses.fields(config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        rows.append((f.name, kind, repr(default), f.metadata.get("help", "")))
+        choices = " | ".join(f.metadata.get("choices", ()))
+        help = f"{choices}: {f.metadata.get('help', '')}" if choices else f.metadata.get("help", "")
+        default = _default(f)
+        shown = f"{default:.4g}" if isinstance(default, float) else repr(default)  # 2/3 -> 0.6667
+        rows.append((f.name, kind, shown, help, f.metadata.get("flag", "")))
     return rows

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.defaults import per_data_set
 from core.errors import UserError
 
-from .base import Batch, Dims, Head, HeadConfig, HeadOutput, opt
+from .base import Batch, Dims, Head, HeadOutput, ModalitiesConfig, opt
 from .bilstm import RaggedBiLSTM
 from .blocks import align, classifier, projection, qkv
 from .losses import cross_supcon, should_pull, supcon
@@ -29,21 +30,22 @@ LAMBDA_CE = {"mvsa_s": 5.0, "mvsa_m": 5.0, "hfm": 10.0}
 
 
 @dataclass
-class SppSclConfig(HeadConfig):
-    """SPP-SCL hyper-parameters; every paper ablation (Tables 4-7) is one field."""
+class SppSclConfig(ModalitiesConfig):
+    """SPP-SCL hyper-parameters; every paper ablation (Tables 4-7) is one field (`modalities`: Table 7)."""
 
-    modalities: str = opt("both", "text | image | both (Table 7's text-only and image-only rows)")
-    text_layers: int = opt(4, "hierarchical attention over the last k cached layers (Table 6)")
-    hierarchical_attention: bool = opt(True, "false: plain last cached layer, no HA (Table 6)")
-    cmf: bool = opt(True, "false: concatenate I_a, T_a instead of cross-modal fusion (Table 7)")
-    cmf_scope: str = opt("batch", "batch: B x B attention across the batch (paper); sample: per item")
-    lambda_ce: float | None = opt(None, "weight of cross-entropy [default: 5, HFM 10]")
-    temperature: float = opt(0.07, "SupCon temperature tau")
-    alpha: float = opt(2 / 3, "step-two gate: pull when c < alpha * c_mask")
-    two_step: bool = opt(True, "false: L_clm joins step one every batch, no gated step (Table 4)")
-    clm: bool = opt(True, "false: no cross-modal loss L_clm (Table 5)")
-    intra: bool = opt(True, "false: no intra-modal SupCon L_cli, L_clt (Table 5)")
-    supcon_official: bool = opt(False, "SupCon as the official code: self logit 0, kept in the denominator")
+    text_layers: int = opt(4, "hierarchical attention over the last k cached layers (Table 6)", flag="--text-layers")
+    hierarchical_attention: bool = opt(True, "false: plain last cached layer, no HA (Table 6)", flag="--no-ha")
+    cmf: bool = opt(True, "false: concatenate I_a, T_a instead of cross-modal fusion (Table 7)", flag="--no-cmf")
+    cmf_scope: str = opt("batch", "batch: B x B attention across the batch (paper); sample: per item",
+                         flag="--cmf-scope", choices=("batch", "sample"))
+    lambda_ce: float | None = opt(None, f"weight of cross-entropy {per_data_set(LAMBDA_CE)}", flag="--lambda-ce")
+    temperature: float = opt(0.07, "SupCon temperature tau", flag="--temperature")
+    alpha: float = opt(2 / 3, "step-two gate: pull when c < alpha * c_mask", flag="--alpha")
+    two_step: bool = opt(True, "false: L_clm joins step one every batch, no gated step (Table 4)", flag="--one-step")
+    clm: bool = opt(True, "false: no cross-modal loss L_clm (Table 5)", flag="--no-clm")
+    intra: bool = opt(True, "false: no intra-modal SupCon L_cli, L_clt (Table 5)", flag="--no-intra")
+    supcon_official: bool = opt(False, "SupCon as the official code: self logit 0, kept in the denominator",
+                                flag="--supcon-official")
     gate_floor: bool = opt(False, "the official gate's rounding: pull when c < int(alpha * c_mask)")
 
     # `train --official`: the authors' code (SPEC.md "More behaviours of the official code")
@@ -71,9 +73,6 @@ class SppSclConfig(HeadConfig):
                 "text only": (0.8389, 0.8326), "image only": (0.7277, 0.7138)},
     }
 
-    def reads(self) -> tuple[str, ...]:
-        return {"both": ("text", "image"), "text": ("text",), "image": ("image",)}.get(self.modalities, ())
-
     def resolved(self, dataset: str) -> "SppSclConfig":
         if self.lambda_ce is not None:
             return self
@@ -83,10 +82,6 @@ class SppSclConfig(HeadConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.modalities not in ("text", "image", "both"):
-            raise UserError(f"modalities={self.modalities!r}: use 'text', 'image' or 'both'")
-        if self.cmf_scope not in ("batch", "sample"):
-            raise UserError(f"cmf_scope={self.cmf_scope!r}: use 'batch' or 'sample'")
         if not self.temperature > 0:
             raise UserError(f"temperature={self.temperature}: must be > 0 (SupCon divides by it)")
         if self.lambda_ce is not None and self.lambda_ce < 0:

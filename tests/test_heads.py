@@ -275,6 +275,36 @@ def test_bad_config_is_a_user_error(cfg, word):
         create("spp_scl", SMALL, cfg)
 
 
+def test_train_flags_come_from_the_head_configs():
+    by_flag = {f.flag: f for f in heads.flags()}
+    assert (by_flag["--alpha"].field, by_flag["--alpha"].kind) == ("alpha", float)
+    assert (by_flag["--one-step"].field, by_flag["--one-step"].switch_to) == ("two_step", False)
+    assert by_flag["--cmf-scope"].choices == ("batch", "sample")
+    assert {"spp_scl", "probe"} <= set(by_flag["--modalities"].heads)  # declared once, in ModalitiesConfig
+    given = {"alpha": 0.5, "one_step": True, "no_clm": False, "modalities": None}  # no_clm, modalities: not given
+    assert heads.flag_values("spp_scl", given) == {"alpha": 0.5, "two_step": False}
+    assert heads.flag_values("probe", {"modalities": "text"}) == {"modalities": "text"}
+    with pytest.raises(UserError, match=r"head 'probe' has no option --alpha \(a flag of spp_scl\)"):
+        heads.flag_values("probe", {"alpha": 0.5})
+
+
+def test_a_flag_with_two_meanings_is_refused(monkeypatch):
+    from dataclasses import dataclass
+
+    from heads import registry
+    from heads.base import opt
+
+    monkeypatch.setattr(registry, "_HEADS", dict(registry._HEADS))  # this head leaves with the test
+
+    @dataclass
+    class OtherAlpha(HeadConfig):
+        beta: float = opt(1.0, "not SPP-SCL's alpha", flag="--alpha")
+
+    register("other_alpha", config=OtherAlpha)(nn.Module)
+    with pytest.raises(ValueError, match="--alpha"):
+        heads.flags()
+
+
 def test_one_modality_caches():
     # stage two reports a missing modality as size 0 in Dims
     image_cache = Dims(text_layers=0, text_width=0, image_channels=16, n_classes=3)

@@ -280,4 +280,4 @@ def test_registered_with_their_configs():
     with pytest.raises(UserError, match="valid keys"):
         parse_sets("probe", ["clip=false"])
     for name in ("clip_ca_cg", "hybrid_fusion", "probe"):
-        assert all(help for _, _, _, help in heads.describe(name))
+        assert all(help for _, _, _, help, _ in heads.describe(name))

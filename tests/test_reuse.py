@@ -27,7 +27,8 @@ TOY = textwrap.dedent('''
 
     @dataclass
     class ToyConfig(HeadConfig):
-        shrink: float = opt(0.0, "weight of an L2 penalty on the logits")
+        shrink: float = opt(0.0, "weight of an L2 penalty on the logits", flag="--shrink")
+        bias: bool = opt(True, "false: a linear layer without bias", flag="--no-bias")
 
         def reads(self):
             return ("text",)
@@ -38,7 +39,7 @@ TOY = textwrap.dedent('''
         def __init__(self, dims, cfg):
             super().__init__()
             self.cfg = cfg
-            self.fc = nn.Linear(dims.text_width, dims.n_classes)
+            self.fc = nn.Linear(dims.text_width, dims.n_classes, bias=cfg.bias)
 
         def forward(self, batch):
             return HeadOutput(logits=self.fc(segment_mean(batch.tokens[:, -1], batch.lengths)))
@@ -111,4 +112,49 @@ def test_a_head_in_its_own_file_trains_end_to_end_with_set(synth_cache, tmp_path
     bad = code.replace('"shrink=0.5"', '"shrunk=1"')
     proc = run_python(bad, tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "head 'toy' has no field 'shrunk'; valid keys: dim, dropout, shrink" in proc.stderr
+    assert "head 'toy' has no field 'shrunk'; valid keys: dim, dropout, shrink, bias" in proc.stderr
+
+
+def test_a_field_with_a_flag_is_declared_once_and_known_everywhere(synth_cache, tmp_path):
+    """The toy head's `opt(..., flag=...)` is its fields' only declaration: `train --help`, `train
+    --shrink`/`--no-bias`, `--set`, `pipeline.py heads` and config.json all know them, and a flag
+    of another head is one UserError."""
+    (tmp_path / "toy_head.py").write_text(TOY)
+    common = ["--dataset", synth_cache.dataset, "--cache-dir", str(synth_cache.cache_dir), "--text-encoder",
+              synth_cache.text_encoder, "--epochs", "1", "--seeds", "1", "--batch-size", "12"]
+    code = textwrap.dedent(f'''
+        import json
+        from typer.testing import CliRunner
+        import toy_head  # the one registration: importing the file
+        import pipeline
+        runner, out = CliRunner(), {{}}
+        common = {common!r}
+        def run(key, *args):
+            r = runner.invoke(pipeline.app, list(args), env={{"COLUMNS": "200"}})
+            out[key] = [r.exit_code, r.output, repr(r.exception)]
+        run("help", "train", "--help")
+        run("heads", "heads")
+        run("flags", "train", "--head", "toy", "--shrink", "0.5", "--no-bias", "--out", {str(tmp_path / "flags")!r}, *common)
+        run("set", "train", "--head", "toy", "--set", "shrink=0.25", "--out", {str(tmp_path / "set")!r}, *common)
+        run("alien", "train", "--head", "spp_scl", "--shrink", "0.5", "--out", {str(tmp_path / "alien")!r}, *common)
+        print(json.dumps(out))
+    ''')
+    proc = run_python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    code, text, _ = out["help"]
+    assert code == 0 and "--shrink" in text and "weight of an L2 penalty on the logits" in text
+    assert "--no-bias" in text and "toy: bias=false" in text
+    assert "--alpha" in text and "step-two gate" in text  # SPP-SCL's flags come from its config the same way
+    code, text, _ = out["heads"]
+    assert code == 0 and "toy  (reads text)" in text
+    lines = text.splitlines()
+    row = next(i for i, line in enumerate(lines) if " shrink " in line)
+    assert "weight of an L2 penalty" in lines[row] and "--shrink" in lines[row + 1]  # the flag under its field
+    for key, shrink, bias in (("flags", 0.5, False), ("set", 0.25, True)):
+        assert out[key][0] == 0, out[key]
+        saved = json.loads((tmp_path / key / "config.json").read_text())["train"]["head_config"]
+        assert (saved["shrink"], saved["bias"]) == (shrink, bias)
+    code, _, exception = out["alien"]
+    assert code == 1 and "UserError" in exception and "--shrink (a flag of toy)" in exception
+    assert not (tmp_path / "alien").exists()

@@ -15,25 +15,12 @@ from pathlib import Path
 
 import heads
 from core.errors import UserError
+from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE
 from heads.base import HeadConfig
+from train.defaults import DEFAULTS, FALLBACK
 
 
-@dataclass(frozen=True)
-class DatasetDefaults:
-    batch_size: int
-    lr: float
-    lr_step: int
-    select: str
-
-
-# SPEC.md "Training": paper values (the official code uses StepLR step 10 everywhere).
-DEFAULTS = {
-    "mvsa_s": DatasetDefaults(64, 1e-4, 10, "weighted_f1"),
-    "mvsa_m": DatasetDefaults(128, 1e-4, 15, "weighted_f1"),
-    "hfm": DatasetDefaults(256, 5e-5, 5, "macro_f1"),
-}
-FALLBACK = "mvsa_s"  # a user's own manifest trains like MVSA-Single
 METRICS = ("accuracy", "weighted_f1", "macro_f1")
 # `--official`: the authors' training step (SPEC.md "More behaviours of the official code");
 # the head's part is its config's OFFICIAL.
@@ -51,8 +38,8 @@ def family(dataset: str) -> str:
 class TrainConfig:
     dataset: str = "mvsa_s"
     cache_dir: Path = DEFAULT_CACHE
-    text_encoder: str = "minilm"
-    image_encoder: str = "efficientnet-lite0"
+    text_encoder: str = TEXT_ENCODER
+    image_encoder: str = IMAGE_ENCODER
     head: str = "spp_scl"
     head_config: HeadConfig | None = None  # the head's own dataclass; None: its defaults
     epochs: int = 150
