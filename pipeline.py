@@ -28,7 +28,7 @@ from core.errors import Interrupted, UserError  # noqa: E402
 from core.paths import DEFAULT_CACHE, default_data_root  # noqa: E402
 from train.defaults import default_help  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="SPP-SCL and friends: extract frozen features once, train light heads from the cache.")
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narrow the terminal
@@ -37,6 +37,7 @@ DatasetOpt = typer.Option(None, "--dataset", "-d", help="built-in data set: mvsa
 CacheOpt = typer.Option(DEFAULT_CACHE, "--cache-dir", help="where caches live")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per process [default: the cores this process may use, divided by --jobs]")
 DataRootOpt = typer.Option(None, "--data-root", help="folder with the built-in data sets [default: $SPP_DATA_ROOT or ../shared/data]")
+PatienceOpt = typer.Option(None, min=1, help="stop a seed once dev has not improved for P epochs")
 
 
 @app.callback()
@@ -160,6 +161,7 @@ def train(
     head: str = typer.Option("spp_scl", help="registered head (see `pipeline.py heads`)"),
     set_: list[str] = typer.Option([], "--set", help="head config field, key=value (repeatable; `pipeline.py heads` lists them)"),
     epochs: int = typer.Option(150, min=1),
+    patience: Optional[int] = PatienceOpt,
     seeds: str = typer.Option("1,2,3,4,5", help="comma-separated; results are mean/std over them"),
     batch_size: Optional[int] = typer.Option(None, min=2, help=default_help("batch_size")),
     lr: Optional[float] = typer.Option(None, help=default_help("lr")),
@@ -188,7 +190,7 @@ def train(
         head_config=heads.build_config(head, values), epochs=epochs, seeds=_seeds(seeds), batch_size=batch_size,
         lr=lr, lr_step=lr_step, weight_decay=weight_decay, balanced=balanced, official=official,
         eval_orders=eval_orders, text_views=text_views, select=select.value if select else None, out=out,
-        splits=splits.resolve() if splits else None,
+        splits=splits.resolve() if splits else None, patience=patience,
     )
     run = run_train(cfg, console)
     _show(json.loads((run / "metrics.json").read_text()), f"{run}")
@@ -206,7 +208,6 @@ def _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, set_, epoc
 GRID_DATASET = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache")
 GRID_JOBS = typer.Option(1, min=1, help="cells trained in parallel processes on this machine")
 GRID_SHARD = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE)")
-GRID_PATIENCE = typer.Option(None, min=1, help="stop a seed once dev has not improved for P epochs")
 GRID_TEXT = typer.Option(TEXT_ENCODER, help="which text cache to read")
 GRID_IMAGE = typer.Option(IMAGE_ENCODER, help="which image cache to read")
 GRID_EPOCHS = typer.Option(150, min=1)
@@ -229,7 +230,7 @@ def ablate(
     seeds: str = GRID_SEEDS,
     batch_size: Optional[int] = GRID_BATCH,
     lr: Optional[float] = GRID_LR,
-    patience: Optional[int] = GRID_PATIENCE,
+    patience: Optional[int] = PatienceOpt,
     jobs: int = GRID_JOBS,
     shard: Optional[str] = GRID_SHARD,
     runs_dir: Path = RUNS_DIR,
@@ -264,7 +265,7 @@ def sweep(
     seeds: str = GRID_SEEDS,
     batch_size: Optional[int] = GRID_BATCH,
     lr: Optional[float] = GRID_LR,
-    patience: Optional[int] = GRID_PATIENCE,
+    patience: Optional[int] = PatienceOpt,
     jobs: int = GRID_JOBS,
     shard: Optional[str] = GRID_SHARD,
     runs_dir: Path = RUNS_DIR,

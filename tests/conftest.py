@@ -89,6 +89,42 @@ class Cli:
         return subprocess.Popen(self.command(*args), cwd=REPO, env=self.env(), start_new_session=True, **opts)
 
 
+@dataclass(frozen=True)
+class MainResult:
+    code: int  # exit code
+    out: str  # stdout
+    err: str  # stderr, with any warning and any escaped exception's traceback appended as a user would see them
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """`run_main(*args)`: `pipeline.main()` in this process with sys.argv patched, as `python
+    pipeline.py ...` would run it (exit code, stdout, stderr), without importing torch again."""
+    import traceback
+    import warnings
+
+    import pipeline
+
+    def run(*args) -> MainResult:
+        monkeypatch.setattr(sys, "argv", ["pipeline.py", *(str(a) for a in args)])
+        monkeypatch.setenv("COLUMNS", "80")
+        code, extra = 0, ""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                pipeline.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # what the user would see: a traceback
+                code, extra = 1, traceback.format_exc()
+        out, err = capsys.readouterr()
+        warned = "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught
+                         if not issubclass(w.category, DeprecationWarning))
+        return MainResult(code, out, warned + err + extra)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     assert (DATA / "mvsa_single" / "train.jsonl").is_file(), (
