@@ -36,7 +36,7 @@ import pandas as pd
 from core import store
 from core.errors import UserError
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
-from core.paths import DEFAULT_CACHE, default_data_root
+from core.paths import DEFAULT_CACHE, default_data_root, make_dir
 
 SPLIT_ORDER = {"train": 0, "dev": 1, "test": 2}
 # (split, other_split) as written in leaks.csv: the later split first, its earlier partner second
@@ -241,7 +241,7 @@ def run(cfg: AuditConfig) -> AuditResult:
         "image": image_info, "counts": counts(leaks), "notes": notes,
     }
     out = Path(cfg.out or root / "audit")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     leaks.to_csv(out / "leaks.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     result = AuditResult(cfg.dataset, out, leaks, summary, notes)
@@ -279,7 +279,7 @@ def write_clean(folder: Path, leaks: pd.DataFrame, ids, labels, splits, classes,
     from_train = leaks[leaks["other_split"].eq("train") & leaks["split"].isin(["dev", "test"])]
     why = from_train.groupby("id").agg(kind=("kind", lambda k: "+".join(sorted(set(k)))),
                                        train_id=("other_id", "first"))
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     kept = {s: [] for s in SPLIT_ORDER}
     dropped_rows, per_class = [], {s: {c: 0 for c in classes} for s in ("dev", "test")}
     for id_, label, split in zip(ids, labels, splits):

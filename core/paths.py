@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+from core.errors import UserError
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The shipped data sits beside the project, never inside it (it is not ours to copy).
@@ -16,3 +18,14 @@ def default_data_root() -> Path:
 
 DEFAULT_CACHE = Path("cache")
 DEFAULT_RUNS = Path("runs")
+
+
+def make_dir(path: Path) -> Path:
+    """`mkdir -p path`; a file where a folder must go (an `--out` naming a file) is a UserError, not a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        in_the_way = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
+        raise UserError(f"{in_the_way} is a file, not a folder: give a folder path (or move the file)") from None
+    return path

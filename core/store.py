@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.paths import make_dir
 
 FORMAT_VERSION = 1
 TEXT, IMAGE = "text", "image"
@@ -103,7 +104,7 @@ def prepare(folder: Path, prov: Provenance, force: bool) -> set[int]:
     folder = Path(folder)
     if force and folder.exists():
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     for tmp in folder.glob("*.tmp*"):  # half-written shards of a killed run
         if not _writer_alive(tmp):  # another rank may be writing this one right now
             tmp.unlink(missing_ok=True)
@@ -198,7 +199,7 @@ def finish(folder: Path, prov: Provenance) -> bool:
 
 
 def write_dataset_info(root: Path, info: dict, problems: list[tuple[str, str, str]]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
+    make_dir(root)
     (root / "dataset.json").write_text(json.dumps(info, indent=1))
     with open(root / "problems.csv", "w", newline="") as f:
         w = csv.writer(f)

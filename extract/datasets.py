@@ -138,7 +138,8 @@ class _Collector:
             )
             return
         if split not in SPLITS:
-            self.problems.append(Problem(id_, "read", f"unknown split {split!r}: use train, dev or test"))
+            what = f"unknown split {split!r}" if split else "blank split cell"
+            self.problems.append(Problem(id_, "read", f"{what}: use train, dev or test"))
             return
         if text is None or not text.strip():
             self.problems.append(Problem(id_, "text", "empty text: fix the text or drop the row"))
@@ -199,6 +200,24 @@ def _read_csv(path: Path) -> list[tuple[dict, bool]]:
     return rows
 
 
+def read_rows(path: Path) -> list[tuple[dict, bool]]:
+    """A .csv or .jsonl manifest's rows, each with whether it needed a non-UTF-8 fallback
+    (`extract --manifest` and `predict --manifest` read manifests so)."""
+    path = Path(path)
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix.lower() == ".csv":
+        return _read_csv(path)
+    raise UserError(f"manifest {path}: expected a .csv or .jsonl file, or a raw MVSA folder")
+
+
+def read_text_file(path: Path) -> tuple[str | None, bool]:
+    """A `text_file` cell's text (None: no such file) and whether it needed a non-UTF-8 fallback."""
+    if not path.is_file():
+        return None, False
+    return decode_text(path.read_bytes())
+
+
 def load_builtin(name: str, data_root: Path, image_dir: Path | None = None) -> Dataset:
     """The standard splits shipped in the shared data folder."""
     if name not in BUILTINS:
@@ -236,12 +255,7 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
         raise UserError(f"manifest {path} not found: give the path of a .csv or .jsonl manifest or a raw MVSA folder")
     if path.is_dir():
         return load_raw_mvsa(path, name or path.name, seed)
-    if path.suffix.lower() == ".jsonl":
-        read = _read_jsonl(path)
-    elif path.suffix.lower() == ".csv":
-        read = _read_csv(path)
-    else:
-        raise UserError(f"manifest {path}: expected a .csv or .jsonl file, or a raw MVSA folder")
+    read = read_rows(path)
     rows = [row for row, _ in read]
     if not rows:
         raise UserError(f"manifest {path} has no rows")
@@ -267,7 +281,8 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
         else:
             image = None
         label = "" if row.get("label") is None else str(row["label"]).strip()
-        col.add(id_, text, image, label, str(row.get("split") or "train"))
+        split = str(row.get("split") or "").strip() if given_split else "train"  # reassigned below
+        col.add(id_, text, image, label, split)
     rare = {} if classes else _rare_labels(col, keep_rare_labels)
     if not given_split:
         _assign_splits(col, seed)
@@ -294,9 +309,7 @@ def _rare_labels(col: _Collector, keep: bool) -> dict[str, int]:
 
 
 def _read_text_file(path: Path, col: _Collector, id_: str) -> str | None:
-    if not path.is_file():
-        return None  # reported as empty text by the collector
-    text, fell_back = decode_text(path.read_bytes())
+    text, fell_back = read_text_file(path)  # None: reported as empty text by the collector
     if fell_back:
         col.repaired(id_, path.name)
     return text

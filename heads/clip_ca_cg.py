@@ -77,6 +77,8 @@ class ClipCaCgConfig(HeadConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.heads < 1:
+            raise UserError(f"heads={self.heads}: CA needs at least 1 attention head")
         if self.dim % 2 or self.dim % self.heads:
             raise UserError(f"dim={self.dim}, heads={self.heads}: dim must be even and divisible by heads")
         if not 0.0 <= self.lam <= 1.0:

@@ -74,6 +74,8 @@ class HybridFusionConfig(HeadConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.heads < 1:
+            raise UserError(f"heads={self.heads}: every attention block needs at least 1 head")
         if self.dim % self.heads:
             raise UserError(f"dim={self.dim}, heads={self.heads}: dim must be divisible by heads")
         if self.rau_steps < 1 or self.aux_weight < 0:

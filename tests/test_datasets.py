@@ -260,14 +260,16 @@ def test_manifest_bad_rows_become_problems(tmp_path):
         {"id": "5", "text": "which split?", "text_file": "", "image": "", "label": "a", "split": "validation"},
         {"id": "6", "text": "no label", "text_file": "", "image": "", "label": "", "split": "test"},
         {"id": "", "text": "no id", "text_file": "", "image": "", "label": "a", "split": "test"},
+        {"id": "7", "text": "blank split", "text_file": "", "image": "", "label": "a", "split": " "},
     ])
     ds = datasets.load_manifest(manifest)
-    assert sorted(by_id(ds)) == ["1", "4"]
+    assert sorted(by_id(ds)) == ["1", "4"]  # a blank split cell is not silently train
     assert by_id(ds)["4"].image is None
     assert ds.classes == ("a", "b")  # an empty label does not become a class
     reasons = {(p.id, p.stage): p.reason for p in ds.problems}
     assert set(reasons) == {("1", "read"), ("2", "text"), ("3", "text"), ("4", "image"), ("5", "read"),
-                            ("6", "read"), ("?", "read")}
+                            ("6", "read"), ("?", "read"), ("7", "read")}
+    assert "blank split cell" in reasons["7", "read"]
     assert "duplicate" in reasons["1", "read"]
     assert "empty text" in reasons["3", "text"]
     assert "gone.jpg" in reasons["4", "image"]

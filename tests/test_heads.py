@@ -269,7 +269,8 @@ def test_unknown_head_is_a_user_error_naming_the_choices():
 @pytest.mark.parametrize("cfg, word", [(SppSclConfig(text_layers=5), "text_layers"),
                                        (SppSclConfig(text_layers=0), "text_layers"),
                                        (SppSclConfig(cmf_scope="global"), "cmf_scope"),
-                                       (SppSclConfig(modalities="audio"), "modalities")])
+                                       (SppSclConfig(modalities="audio"), "modalities"),
+                                       (SppSclConfig(alpha=0.0), "alpha"), (SppSclConfig(alpha=-1.0), "alpha")])
 def test_bad_config_is_a_user_error(cfg, word):
     with pytest.raises(UserError, match=word):
         create("spp_scl", SMALL, cfg)

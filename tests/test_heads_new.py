@@ -179,7 +179,7 @@ def test_clip_ca_cg_text_tokens_matter_to_the_attention():
 
 
 @pytest.mark.parametrize("values, word", [({"dim": 30, "heads": 4}, "dim"), ({"lam": 1.5}, "lam"),
-                                          ({"temperature": 0.0}, "temperature")])
+                                          ({"temperature": 0.0}, "temperature"), ({"heads": 0}, "heads=0")])
 def test_clip_ca_cg_bad_config_is_a_user_error(values, word):
     with pytest.raises(UserError, match=word):
         create("clip_ca_cg", SMALL, build_config("clip_ca_cg", values))
@@ -240,7 +240,8 @@ def test_hybrid_text_tokens_matter_per_sample():
     assert not torch.allclose(a[1], b[1]) and torch.allclose(a[[0, 2]], b[[0, 2]], atol=1e-6)
 
 
-@pytest.mark.parametrize("values, word", [({"dim": 30, "heads": 4}, "dim"), ({"rau_steps": 0}, "rau_steps")])
+@pytest.mark.parametrize("values, word", [({"dim": 30, "heads": 4}, "dim"), ({"rau_steps": 0}, "rau_steps"),
+                                          ({"heads": 0}, "heads=0"), ({"heads": -2}, "heads=-2")])
 def test_hybrid_bad_config_is_a_user_error(values, word):
     with pytest.raises(UserError, match=word):
         create("hybrid_fusion", SMALL, build_config("hybrid_fusion", values))

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import heads
 from core import threads as core_threads
 from core.errors import UserError
-from core.paths import DEFAULT_RUNS
+from core.paths import DEFAULT_RUNS, make_dir
 from core.shards import parse_shard
 from train import runs
 from train.config import METRICS, TrainConfig, family
@@ -220,7 +220,7 @@ def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> dict | No
             row["beyond_noise"] = bool(p < P_NOISE)
         rows.append(row)
     frame = pd.DataFrame(rows)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     frame.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(markdown(frame, dataset, head, cells))
     return {"rows": rows}
@@ -265,7 +265,7 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
                      **{f"dev_{k}_mean": m["dev"][k]["mean"] for k in METRICS},  # choose on these, never on test
                      **{f"dev_{k}_std": m["dev"][k]["std"] for k in METRICS}, "run": str(c.cfg.out)})
     frame = pd.DataFrame(rows)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     frame.to_csv(out / "sweep.csv", index=False)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
     x = np.arange(len(frame))

@@ -24,7 +24,6 @@ context and no cache: every item is one batch of one.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,35 +56,49 @@ class Prediction:
 
 
 def read_manifest(path: Path) -> list[NewItem]:
-    """JSON Lines: one object a line with `id`, `text` and `image` (a path relative to the manifest)."""
+    """A manifest as `extract --manifest` reads it (CSV or JSONL; `id`, `text` or `text_file`,
+    `image`; paths relative to the manifest; non-UTF-8 bytes decoded as stage one does). Labels
+    and splits are ignored. A named file that is missing is an error here, before any encoder loads."""
+    from extract.datasets import read_rows, read_text_file
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--manifest {path}: no such file")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not JSON ({e.msg}); write one object a line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {n}: expected an object with id, text, image")
-        image = row.get("image")
-        items.append(NewItem(str(row.get("id", n)), row.get("text"), path.parent / image if image else None))
+    for n, (row, _) in enumerate(read_rows(path), 1):
+        id_ = str(row.get("id") or "").strip() or f"row {n}"
+        text = row.get("text")
+        if not text and row.get("text_file"):
+            text, _ = read_text_file(path.parent / row["text_file"])
+            if text is None:
+                raise UserError(f"item {id_}: text file {path.parent / row['text_file']} not found; check the "
+                                f"path (relative to {path.name})")
+        image = path.parent / row["image"] if row.get("image") else None
+        items.append(_checked(NewItem(id_, text, image)))
     if not items:
-        raise UserError(f"{path}: no items; write one JSON object a line with id, text, image")
+        raise UserError(f"{path}: no items; write one row per item with id, text (or text_file), image")
     return items
+
+
+def _checked(item: NewItem) -> NewItem:
+    """`item`, refused if it names an image file that is not there (whatever the run reads)."""
+    if item.image is not None and not Path(item.image).is_file():
+        raise UserError(f"{_who(item)}: image file {item.image} not found; check the path")
+    return item
+
+
+def _who(item: NewItem) -> str:
+    return f"item {item.id}" if item.id else "the item"
 
 
 class Predictor:
     """A run's heads and its encoders, ready to score new items one at a time."""
 
     def __init__(self, run: Path, seed: int | None = None, cache_dir: Path | None = None):
+        from train.runs import read_config
+
         run = Path(run)
-        if not (run / "config.json").is_file():
-            raise UserError(f"{run} is not a run folder (no config.json): pass --run runs/<name>")
-        saved = json.loads((run / "config.json").read_text())
+        saved = read_config(run)
         self.run = run
         self.cfg = TrainConfig.from_json(saved["train"]).resolved()
         if cache_dir is not None:
@@ -159,12 +172,12 @@ class Predictor:
     def check(self, item: NewItem) -> None:
         """Raise UserError naming the item if it lacks what this run's head reads."""
         if "text" in self.reads and (item.text is None or not str(item.text).strip()):
-            raise UserError(f"item {item.id}: empty text; this run's head reads text, give --text \"...\"")
+            raise UserError(f"{_who(item)}: empty text; this run's head reads text, give --text \"...\" "
+                            "(or a text / text_file in the manifest)")
         if "image" in self.reads:
             if item.image is None:
-                raise UserError(f"item {item.id}: no image; this run's head reads images, give --image FILE")
-            if not Path(item.image).is_file():
-                raise UserError(f"item {item.id}: image file {item.image} not found; check the path")
+                raise UserError(f"{_who(item)}: no image; this run's head reads images, give --image FILE")
+            _checked(item)
 
     def features(self, item: NewItem) -> Split:
         """The item as the cache would hold it (float16), a Split of one."""
@@ -180,7 +193,7 @@ class Predictor:
             try:
                 x = self.image_enc.load(Path(item.image))
             except Exception as e:  # any decoder error: this one file is unusable
-                raise UserError(f"item {item.id}: unreadable image {item.image} ({type(e).__name__}: {e}); "
+                raise UserError(f"{_who(item)}: unreadable image {item.image} ({type(e).__name__}: {e}); "
                                 "replace the file") from None
             maps = torch.from_numpy(self.image_enc.encode(torch.from_numpy(x[None])))  # float16 like the cache
         return Split([item.id], torch.tensor([-1]), maps=maps, **text)
@@ -219,12 +232,12 @@ def _join(a: Batch, b: Batch) -> Batch:
                  lengths=cat(a.lengths, b.lengths), maps=cat(a.maps, b.maps))
 
 
-def items_from_args(image: Path | None, text: str | None, manifest: Path | None, id_: str = "item") -> list[NewItem]:
-    """`--manifest FILE`, or one item from `--image` / `--text`."""
+def items_from_args(image: Path | None, text: str | None, manifest: Path | None, id_: str | None = None) -> list[NewItem]:
+    """`--manifest FILE`, or one item from `--image` / `--text`; a named image file must exist."""
     if manifest is not None:
         if image is not None or text is not None:
             raise UserError("give either --manifest or --image/--text, not both")
         return read_manifest(manifest)
     if image is None and text is None:
-        raise UserError("nothing to predict: give --text \"...\" and/or --image FILE, or --manifest FILE.jsonl")
-    return [NewItem(id_, text, image)]
+        raise UserError("nothing to predict: give --text \"...\" and/or --image FILE, or --manifest FILE (.csv/.jsonl)")
+    return [_checked(NewItem(id_ or "", text, image))]

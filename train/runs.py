@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import heads
 from core.device import device
 from core.errors import Interrupted, UserError
-from core.paths import DEFAULT_RUNS, REPO
+from core.paths import DEFAULT_RUNS, REPO, make_dir
 from train import data as cache
 from train.config import METRICS, TrainConfig
 from train.fingerprint import code_fingerprint
@@ -145,7 +145,7 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
     cfg = replace(cfg, out=out)
     done = finished_seeds(out, cfg, data.provenance)
     partial = unfinished_seeds(out, cfg, done)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     sizes = {s: len(v) for s, v in data.splits.items()}
     (out / "config.json").write_text(json.dumps({
         "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance,
@@ -306,10 +306,9 @@ def epochs_done(out: Path, cfg: TrainConfig) -> tuple[int, int]:
 def mismatch(out: Path, cfg: TrainConfig, provenance: dict | None = None) -> list[str]:
     """What differs between the run already in `out` and `cfg` (settings, code commit and, given
     the loaded cache's provenance, the cache): a run is only ever resumed by what started it."""
-    config = out / "config.json"
-    if not config.is_file():
+    if not (out / "config.json").is_file():
         return []
-    saved = json.loads(config.read_text())
+    saved = read_config(out)
     before, now = saved.get("train", {}), cfg.to_json()
     diff = [k for k in now if k != "out" and before.get(k) != now[k]]
     if provenance is not None:
@@ -353,13 +352,25 @@ def load_head(run: Path, cfg: TrainConfig, data: cache.Data, seed: int):
     return head.eval()
 
 
+def read_config(run: Path) -> dict:
+    """A run folder's config.json, refused in one line if it is missing or not JSON."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run} is not a run folder (no config.json): pass --run runs/<name>")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}): restore it, or delete the run folder and train again") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+        raise UserError(f"{path} is not a run's config (no 'train' settings): delete the run folder and train again")
+    return saved
+
+
 def open_run(run: Path, cache_dir: Path | None = None) -> tuple[dict, TrainConfig, cache.Data]:
     """config.json, the TrainConfig rebuilt from it and the cache it was trained on, refused with
     the difference spelled out if the cache was rebuilt since (eval, report and predict read runs so)."""
     run = Path(run)
-    if not (run / "config.json").is_file():
-        raise UserError(f"{run} is not a run folder (no config.json): pass --run runs/<name>")
-    saved = json.loads((run / "config.json").read_text())
+    saved = read_config(run)
     cfg = TrainConfig.from_json(saved["train"])
     if cache_dir is not None:
         cfg.cache_dir = Path(cache_dir)
