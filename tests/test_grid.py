@@ -111,6 +111,19 @@ def test_a_cell_started_by_other_code_is_refused_before_any_training(synth_cache
     assert calls == []
 
 
+def test_a_finished_cell_of_other_code_is_not_reused_silently(synth_cache, tmp_path, monkeypatch):
+    """A finished cell whose config.json names another commit is refused with its folder, not put in the table."""
+    from core.errors import UserError
+
+    cells = grid.ablation_cells(base(synth_cache, seeds=(1,), epochs=1), tmp_path / "runs", ["one-step"])
+    grid.run_cells(cells, console=quiet_console())
+    old = cells[1].cfg.out
+    saved = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**saved, "git_commit": "1" * 40}))
+    with pytest.raises(UserError, match=f"{old}.*code \\(commit 1111111111.*Delete those folders"):
+        grid.run_cells(cells, console=quiet_console())
+
+
 def test_a_row_equal_to_the_full_model_is_trained_once_and_said_so(synth_cache, tmp_path, monkeypatch):
     cells = grid.ablation_cells(base(synth_cache, seeds=(1,)), tmp_path / "runs", ["HA last 4"])
     assert cells[0].cfg.out == cells[1].cfg.out  # HA over the last 4 layers is the full model

@@ -98,7 +98,7 @@ ABLATIONS = [
     pytest.param({"cmf": False}, id="no_cmf"),
     pytest.param({"cmf_scope": "sample"}, id="cmf_sample"),
     pytest.param({"supcon_official": True}, id="supcon_official"),
-    pytest.param({"alpha": 0.0}, id="alpha_0"),  # c < 0 never holds: the gate never opens
+    pytest.param({"alpha": 0.5}, id="alpha_half"),  # the gate asks with the configured alpha (alpha <= 0 is refused)
     pytest.param({"modalities": "text"}, id="text"),
     pytest.param({"modalities": "image"}, id="image"),
 ]

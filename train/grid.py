@@ -103,12 +103,14 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     mine = [c for k, c in enumerate(cells) if k % n == i]
     seen = set()
     unique = [c for c in mine if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
-    todo = [c for c in unique if not (c.cfg.out / "metrics.json").is_file()]
-    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in todo if (d := runs.mismatch(c.cfg.out, c.cfg))]
-    if stale:  # found now, not after the other cells have trained for an hour
-        raise UserError("unfinished cells were started by other code or settings and cannot resume: "
+    # a cell, finished or not, is only ever reused by the code and settings that trained it: a table
+    # never mixes code versions silently (found now, not after the other cells have trained for an hour)
+    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := runs.mismatch(c.cfg.out, c.cfg))]
+    if stale:
+        raise UserError("cells were trained or started by other code or settings and cannot be reused: "
                         + ", ".join(stale) + ". Delete those folders to retrain them, or check out the "
-                        "commit that started them to finish them")
+                        "commit that trained them")
+    todo = [c for c in unique if not (c.cfg.out / "metrics.json").is_file()]
     same = len(mine) - len(unique)
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
                   + (f" (shard {i}/{n})" if n > 1 else "") + (f", {same} the same run as another row" if same else "")
