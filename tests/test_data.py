@@ -206,6 +206,15 @@ def test_no_cache_names_the_extract_command(tmp_path):
         load(tmp_path)
 
 
+def test_a_misspelled_data_set_is_matched_to_the_caches_present(tmp_path):
+    write_cache(tmp_path, make_items({"train": 4, "dev": 2, "test": 2}), None)
+    with pytest.raises(UserError, match=r"no cache for data set 'tyo': did you mean toy\? \(caches in .*: toy\)") as e:
+        data.load(tmp_path, "tyo", "text", ENC, ENC)
+    assert "--manifest" not in str(e.value)
+    with pytest.raises(UserError, match=r"'zzz' \(caches in .*: toy\): run `python pipeline.py extract"):
+        data.load(tmp_path, "zzz", "text", ENC, ENC)
+
+
 def test_missing_image_cache_says_extract_images_or_text_only(tmp_path):
     items = make_items({"train": 4, "dev": 2, "test": 2})
     write_cache(tmp_path, items, None)

@@ -181,7 +181,8 @@ def test_report_has_each_seed_and_a_line_per_class(trained):
     blocks = re.split(r"^(?=seed \d+ \(best dev epoch)", text, flags=re.M)[1:]
     assert len(blocks) == len(SEEDS)
     for block, p in zip(blocks, m["per_seed"]):
-        assert block.startswith(f"seed {p['seed']} (best dev epoch {p['best_epoch']}), test")
+        assert block.startswith(f"seed {p['seed']} (best dev epoch {p['best_epoch']}), test in the first of 5 "
+                                "label-blind orders; metrics.json holds the mean over the orders")
         assert "confusion matrix" in block
         for name, f1 in zip(["positive", "neutral", "negative"], p["per_class_f1"]):
             # precision, recall, F1, support (sklearn prints support as 12.0 for some predictions)

@@ -98,13 +98,25 @@ def _hint(dataset: str, kind: str, encoder: str) -> str:
     return base + (" --text-only" if kind == store.TEXT else "")
 
 
+def _no_cache(cache_dir: Path, dataset: str) -> str:
+    """Why `dataset` cannot load: a likely misspelling of a cached data set, else the extract command."""
+    import difflib
+
+    present = sorted(p.parent.name for p in Path(cache_dir).glob("*/dataset.json"))
+    close = difflib.get_close_matches(dataset, present, n=1)
+    here = f"caches in {cache_dir}: {', '.join(present)}" if present else f"no caches in {cache_dir} yet"
+    if close:
+        return f"no cache for data set {dataset!r}: did you mean {close[0]}? ({here})"
+    return f"no cache for data set {dataset!r} ({here}): run `python pipeline.py extract {extract_source(dataset)}` first"
+
+
 def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, image_encoder: str,
          split_files: Path | None = None, text_views: bool = False) -> Data:
     """Load what a run needs; a missing cache names the extract command that makes it."""
     root = Path(cache_dir) / dataset
     info_file = root / "dataset.json"
     if not info_file.is_file():
-        raise UserError(f"no cache for data set {dataset!r} in {cache_dir}: run `python pipeline.py extract {extract_source(dataset)}` first")
+        raise UserError(_no_cache(cache_dir, dataset))
     classes = json.loads(info_file.read_text())["classes"]
     prov, text, image = {}, None, None
     if modalities in ("text", "both"):

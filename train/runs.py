@@ -10,7 +10,8 @@
     runs/<name>/seed-<s>.state.pt  while seed s trains: its resumable state after the last finished epoch
                                (weights, optimizer, scheduler, random streams, best epoch, logs; plain
                                tensors and numbers, loads with weights_only); deleted when the seed ends
-    runs/<name>/report.txt     per-class report and confusion matrix of each seed on test
+    runs/<name>/report.txt     per-class report and confusion matrix of each seed on test, in the first
+                               label-blind order (metrics.json: the mean over the orders)
 """
 
 from __future__ import annotations
@@ -180,8 +181,10 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
         on_seed_end(r)
         results.append(r)
     metrics = summarize(cfg, results)
+    orders = "the only label-blind order" if cfg.eval_orders == 1 else (
+        f"the first of {cfg.eval_orders} label-blind orders; metrics.json holds the mean over the orders")
     (out / "report.txt").write_text("".join(
-        f"seed {r.seed} (best dev epoch {r.best_epoch}), test\n"
+        f"seed {r.seed} (best dev epoch {r.best_epoch}), test in {orders}\n"
         + report(data.splits["test"].labels.numpy(), r.test_pred, data.classes) + "\n"
         for r in results
     ))
