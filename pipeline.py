@@ -272,7 +272,7 @@ def sweep(
     out: Optional[Path] = typer.Option(None, help="where sweep.csv / sweep.png go [default: runs/sweep-<dataset>-<head>-<fields>]"),
     threads: Optional[int] = ThreadsOpt,
 ):
-    """Any head field over any list of values: sweep.csv + a PNG of each metric with seed error bars."""
+    """Any head field over any list of values: a table on screen, sweep.csv/.md + a PNG of each metric with seed error bars."""
     _threads.use(threads, jobs)
     from train import grid
 
@@ -285,7 +285,8 @@ def sweep(
     if png is None:
         console.print(grid.wait_note(cells))
         return
-    console.print(f"written: {target / 'sweep.csv'}, {png}")
+    console.print((target / "sweep.md").read_text(), highlight=False)
+    console.print(f"written: {target / 'sweep.csv'}, {target / 'sweep.md'}, {png}")
 
 
 def _show(metrics: dict, title: str) -> None:

@@ -63,6 +63,7 @@ def test_ablate_table_rows_paper_numbers_and_paired_test(synth_cache, tmp_path):
         assert row["accuracy_std"] == pytest.approx(metrics["test"]["accuracy"]["std"])
     md = (tmp_path / "table" / "table.md").read_text()
     assert "| one-step |" in md and "paired t-test" in md and "0.7956 / 0.7684" in md
+    assert "2 seeds: the t-test has 1 degree of freedom" in md  # seeds (1, 2): the table says the test is weak
 
 
 def test_unknown_rows_are_a_user_error(synth_cache, tmp_path):
@@ -165,6 +166,9 @@ def test_sweep_writes_csv_and_plot(synth_cache, cli, tmp_path):
         assert row["dev_accuracy_mean"] == pytest.approx(metrics["dev"]["accuracy"]["mean"])
         assert row["accuracy_mean"] == pytest.approx(metrics["test"]["accuracy"]["mean"])
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # the table on screen (and in sweep.md), titled with what the PNG's title names: data set, head, epochs
+    assert f"spp_scl on {synth_cache.dataset}, 2 epochs" in proc.stdout and "| alpha=0.9 |" in proc.stdout
+    assert "| alpha=0.5 |" in (tmp_path / "sw" / "sweep.md").read_text()
     bad = cli.run("sweep", "--set", "alpah=0.5", *cli_args(synth_cache, tmp_path / "runs"))
     assert bad.returncode == 1 and "has no field 'alpah'" in bad.stderr and "Traceback" not in bad.stderr
 

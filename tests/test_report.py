@@ -3,6 +3,8 @@ synthetic cache (2 epochs, 2 seeds, batch 12), label-blind embeddings, skipped p
 
 from __future__ import annotations
 
+import matplotlib
+import matplotlib.axes
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,46 @@ def test_seeds_without_weights_are_left_out_and_named(synth_run, tmp_path):
     (copy / "seed-2.pt").unlink()
     text = report.write_report(copy).read_text()
     assert "left out below: 2." in text and "| 1 |" in text and "| 2 |" not in text.split("per-class F1")[1]
+
+
+def test_confusion_counts_are_white_on_dark_cells(tmp_path, monkeypatch):
+    shown = []
+    real = report.ConfusionMatrixDisplay.plot
+    monkeypatch.setattr(report.ConfusionMatrixDisplay, "plot", lambda self, **kw: shown.append(real(self, **kw)) or shown[-1])
+    cm = np.array([[40, 3, 1], [5, 22, 9], [0, 12, 30]])
+    report.plot_confusions({1: cm}, ["positive", "neutral", "negative"], tmp_path / "c.png")
+    d = shown[0]
+    for (i, j), text in np.ndenumerate(d.text_):
+        cell = d.im_.cmap(d.im_.norm(cm[i, j]))
+        colour = matplotlib.colors.to_rgba(text.get_color())
+        if report._luminance(cell) < 0.5:
+            assert min(colour[:3]) > 0.9, (cm[i, j], colour)  # white on dark
+        else:
+            assert max(colour[:3]) < 0.1, (cm[i, j], colour)  # black on light
+    assert any(report._luminance(d.im_.cmap(d.im_.norm(v))) < 0.5 for v in cm.ravel())  # both kinds were seen
+
+
+def test_distances_use_the_range_of_the_data(tmp_path, monkeypatch):
+    edges = []
+    real = matplotlib.axes.Axes.hist
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", lambda self, x, bins=None, **kw: edges.append(bins) or real(self, x, bins=bins, **kw))
+    report.plot_distances({"ITD": (np.array([0.30, 0.32]), np.array([0.35, 0.41]))}, tmp_path / "d.png")
+    assert edges[0][0] == pytest.approx(0.30) and edges[0][-1] == pytest.approx(0.41)
+
+
+def test_report_on_a_run_without_weights_is_one_error_and_no_warning(synth_run, tmp_path):
+    """An unfinished run (config.json and a header-only log.csv, no seed weights): the error, no plot first."""
+    import shutil
+    import warnings
+
+    from core.errors import UserError
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    shutil.copy(synth_run / "config.json", copy)
+    (copy / "log.csv").write_text((synth_run / "log.csv").read_text().splitlines()[0] + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a matplotlib warning would fail here
+        with pytest.raises(UserError, match="no seed-<s>.pt yet"):
+            report.write_report(copy)
+    assert not (copy / "losses.png").exists()

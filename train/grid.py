@@ -234,6 +234,7 @@ def markdown(frame, dataset: str, head: str, cells: list[Cell]) -> str:
         f"{head} on {dataset}: test, dev-selected, label-blind, mean ± sample std over seeds {list(seeds)}, "
         f"{cells[0].cfg.epochs} epochs{'' if cells[0].cfg.patience is None else f', patience {cells[0].cfg.patience}'}.",
         "Δacc and p: paired t-test over seeds against the full model; 'yes' when p < 0.05.",
+        *([_weak_test(len(seeds))] if len(seeds) < 3 else []),
         "",
         "| row | accuracy | weighted F1 | macro F1 | paper acc / F1 | Δacc | p | beyond noise |",
         "|---|---|---|---|---|---|---|---|",
@@ -247,6 +248,13 @@ def markdown(frame, dataset: str, head: str, cells: list[Cell]) -> str:
         lines.append(f"| {r['row']} | " + " | ".join(f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}" for m in METRICS)
                      + f" | {paper} | {delta} | {p} | {noise} |")
     return "\n".join(lines) + "\n"
+
+
+def _weak_test(n_seeds: int) -> str:
+    if n_seeds == 1:
+        return "**Warning**: one seed: no paired test is possible, every difference may be noise; use 5 seeds."
+    return (f"**Warning**: {n_seeds} seeds: the t-test has {n_seeds - 1} degree of freedom, so p says almost "
+            "nothing; use 5 seeds.")
 
 
 def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
@@ -269,6 +277,7 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
     frame = pd.DataFrame(rows)
     make_dir(out)
     frame.to_csv(out / "sweep.csv", index=False)
+    (out / "sweep.md").write_text(_sweep_markdown(frame, cells))
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
     x = np.arange(len(frame))
     for ax, metric in zip(axes, METRICS):
@@ -279,12 +288,28 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
         ax.set_title(metric.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"dev-selected epoch, label-blind, mean ± std over seeds {list(cells[0].cfg.seeds)}; "
-                 "pick a value on dev, report its test", fontsize=9)
+    fig.suptitle(f"{_sweep_title(cells)}; pick a value on dev, report its test", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)
     plt.close(fig)
     return out / "sweep.png"
+
+
+def _sweep_title(cells: list[Cell]) -> str:
+    c = cells[0].cfg
+    patience = "" if c.patience is None else f", patience {c.patience}"
+    return (f"{c.head} on {c.dataset}, {c.epochs} epochs{patience}: dev-selected epoch, label-blind, "
+            f"mean ± std over seeds {list(c.seeds)}")
+
+
+def _sweep_markdown(frame, cells: list[Cell]) -> str:
+    """The sweep as a table for the screen and sweep.md: test and dev of each cell (choose on dev)."""
+    lines = [_sweep_title(cells) + ".", "", "| cell | accuracy | weighted F1 | macro F1 | dev accuracy | dev weighted F1 | dev macro F1 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in frame.to_dict("records"):
+        cols = [f"{r[f'{p}{m}_mean']:.4f} ± {r[f'{p}{m}_std']:.4f}" for p in ("", "dev_") for m in METRICS]
+        lines.append(f"| {r['cell']} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def grid_out(kind: str, base: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Path:

@@ -92,8 +92,10 @@ def plot_losses(log: pd.DataFrame, path: Path) -> list[str]:
 
 def plot_distances(groups: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False)
-    bins = np.linspace(0, 2, 41)  # cosine distance lies in [0, 2]
     for ax, (name, (same, diff)) in zip(axes[0], groups.items()):
+        both = np.concatenate([same, diff])  # cosine distance lies in [0, 2]; trained embeddings use a sliver of it
+        lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 2.0)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 41)
         ax.hist(same, bins=bins, density=True, alpha=0.6, label="same label")
         ax.hist(diff, bins=bins, density=True, alpha=0.6, label="different label")
         ax.set_title(name)
@@ -125,17 +127,29 @@ def plot_tsne(emb: dict[str, np.ndarray], labels: np.ndarray, classes: list[str]
 def plot_confusions(matrices: dict[int, np.ndarray], classes: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
     for ax, (seed, cm) in zip(axes[0], matrices.items()):
-        ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45)
+        shown = ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45,
+                                                                        cmap="Blues")
+        for (i, j), text in np.ndenumerate(shown.text_):  # white on dark cells, black on light ones
+            text.set_color("white" if _luminance(shown.im_.cmap(shown.im_.norm(cm[i, j]))) < 0.5 else "black")
         ax.set_title(f"seed {seed}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _luminance(rgba) -> float:
+    """Relative luminance of a colour (Rec. 709 weights): below 0.5 reads as dark."""
+    return 0.2126 * rgba[0] + 0.7152 * rgba[1] + 0.0722 * rgba[2]
+
+
 def write_report(run: Path, cache_dir: Path | None = None) -> Path:
     """Write `report.md` and its PNGs into run folder `run`; return the path of report.md."""
     run = Path(run)
     saved, cfg, data = open_run(run, cache_dir)
+    # an interrupted or still-running train: report the seeds that have weights, and say so
+    seeds = [s for s in cfg.seeds if (run / f"seed-{s}.pt").is_file()]
+    if not seeds:
+        raise UserError(f"{run} has no seed-<s>.pt yet: wait for train to finish a seed, or train again")
     if not (run / "log.csv").is_file():
         raise UserError(f"{run}/log.csv missing: the run did not finish an epoch; train it again")
     test, classes = data.splits["test"], data.classes
@@ -152,10 +166,6 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
     md += ["## Loss terms and step-two firing rate per epoch", "", "![losses](losses.png)", "",
            "Last epoch of each seed:", "", _table(["seed", *cols], [[s, *(f"{v:.4f}" for v in r)] for s, r in last.iterrows()]), ""]
 
-    # an interrupted or still-running train: report the seeds that have weights, and say so
-    seeds = [s for s in cfg.seeds if (run / f"seed-{s}.pt").is_file()]
-    if not seeds:
-        raise UserError(f"{run} has no seed-<s>.pt yet: wait for train to finish a seed, or train again")
     if len(seeds) < len(cfg.seeds):
         md += [f"Seeds without weights yet (train interrupted or still running), left out below: "
                f"{', '.join(str(s) for s in cfg.seeds if s not in seeds)}.", ""]
