@@ -82,7 +82,8 @@ def load_dataset(cfg: ExtractConfig) -> Dataset:
         ds.items = keep
         ds.name = f"{ds.name}-first{cfg.limit}"
     if not ds.items:
-        raise UserError(f"{ds.name}: no usable items ({len(ds.problems)} problems); see the messages above")
+        first = f"; the first: {ds.problems[0].id}: {ds.problems[0].reason}" if ds.problems else ""
+        raise UserError(f"{ds.name}: no usable items ({len(ds.problems)} problems{first})")
     return ds
 
 

@@ -18,7 +18,7 @@ import heads
 from core.errors import UserError
 from train import runs
 from train.config import TrainConfig
-from train.predict import NewItem, Predictor, read_manifest
+from train.predict import NewItem, Predictor, items_from_args, read_manifest
 
 from conftest import DATA, quiet_console
 
@@ -119,8 +119,39 @@ def test_manifest_paths_are_relative_to_it(tmp_path):
     (item,) = read_manifest(m)
     assert item.image == tmp_path / "x.jpg" and item.image.is_file()
     m.write_text("{oops\n")
-    with pytest.raises(UserError, match="line 1: not JSON"):
+    with pytest.raises(UserError, match="m.jsonl:1: not valid JSON"):
         read_manifest(m)
+
+
+def test_an_extract_manifest_with_text_files_and_non_utf8_text(predictor, tmp_path):
+    """What `extract --manifest` takes, predict takes: CSV or JSONL, text or text_file (relative to
+    the manifest), Windows-1252 bytes decoded as stage one does; labels and splits are ignored."""
+    shutil.copy(IMAGES / "17.jpg", tmp_path / "p.jpg")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_bytes("caf\xe9 cr\xe8me, so good".encode("cp1252"))
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(b"id,text,text_file,image,label,split\n"
+                    b"a,,texts/a.txt,p.jpg,positive,train\n"
+                    + "b,na\xefve \u201cquotes\u201d,,p.jpg,negative,test\n".encode("cp1252"))
+    items = read_manifest(csv)
+    assert [(i.id, i.text) for i in items] == [("a", "café crème, so good"), ("b", "naïve \u201cquotes\u201d")]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_bytes(json.dumps({"id": "c", "text_file": "texts/a.txt", "image": "p.jpg"}).encode() + b"\n"
+                      + '{"text": "d\xe9j\xe0 vu", "image": "p.jpg"}\n'.encode("cp1252"))
+    c, unnamed = read_manifest(jsonl)
+    assert c.text == "café crème, so good" and unnamed.id == "row 2" and unnamed.text == "déjà vu"
+    preds = predictor.predict(items + [c])
+    assert [p.id for p in preds] == ["a", "b", "c"] and preds[0].probabilities == preds[2].probabilities
+    (tmp_path / "texts" / "a.txt").unlink()
+    with pytest.raises(UserError, match="item a: text file .*a.txt not found"):
+        read_manifest(csv)
+
+
+def test_a_missing_image_is_refused_before_any_run_is_read(tmp_path):
+    with pytest.raises(UserError, match="^the item: image file .*gone.jpg not found"):
+        items_from_args(tmp_path / "gone.jpg", "hi", None)
+    with pytest.raises(UserError, match="^item x: image file"):
+        items_from_args(tmp_path / "gone.jpg", "hi", None, "x")
 
 
 def test_fingerprint_mismatch_is_refused(run, monkeypatch):

@@ -1,0 +1,143 @@
+"""Every command of pipeline.py against each kind of bad input a user gives: unknown names, bad
+values, missing and corrupt files, empty caches, unfinished runs. Each must exit non-zero with one
+line naming the problem (a UserError's `error: ...`, or click's `Error: ...` for a malformed
+option), no traceback and no warning. Run in-process through `pipeline.main` (conftest `run_main`).
+
+One run is trained once on the synthetic cache (1 epoch, 1 seed); broken copies of it are made here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import heads
+from train import runs
+from train.config import TrainConfig
+
+from conftest import DATA, quiet_console
+
+IMAGE = DATA / "mvsa_single" / "images" / "17.jpg"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def places(synth_cache, tmp_path_factory) -> dict[str, Path]:
+    """Named paths the cases below refer to as `{name}`."""
+    tmp = tmp_path_factory.mktemp("bad")
+    cfg = TrainConfig(dataset=synth_cache.dataset, cache_dir=synth_cache.cache_dir, text_encoder=synth_cache.text_encoder,
+                      image_encoder=synth_cache.image_encoder, epochs=1, seeds=(1,), batch_size=12, eval_orders=1,
+                      head_config=heads.build_config("spp_scl", {"cmf_scope": "sample"}), out=tmp / "run")
+    run = runs.train(cfg, quiet_console())
+    corrupt, unfinished = tmp / "corrupt", tmp / "unfinished"
+    for folder in (corrupt, unfinished):
+        folder.mkdir()
+    (corrupt / "config.json").write_text('{"train": {"dataset": ')  # cut off mid-write
+    shutil.copy(run / "config.json", unfinished)
+    (unfinished / "log.csv").write_text((run / "log.csv").read_text().splitlines()[0] + "\n")  # no epoch, no weights
+    (tmp / "a_file").write_text("not a folder")
+    (tmp / "empty_cache").mkdir()
+    (tmp / "texts").mkdir()
+    (tmp / "texts" / "x.txt").write_bytes("caf\xe9".encode("cp1252"))
+    (tmp / "missing_text.csv").write_text("id,text_file,image\nx,texts/gone.txt,\n")
+    (tmp / "missing_image.jsonl").write_text(json.dumps({"id": "x7", "text": "hi", "image": "gone.jpg"}) + "\n")
+    (tmp / "not_json.jsonl").write_text("{oops\n")
+    (tmp / "blank_split.csv").write_text("id,text,label,split\n1,hello,positive,\n2,bye,negative, \n")
+    return {"cache": synth_cache.cache_dir, "ds": Path(synth_cache.dataset), "run": run, "corrupt": corrupt,
+            "unfinished": unfinished, "tmp": tmp, "image": IMAGE}
+
+
+SYNTH = ("--cache-dir", "{cache}", "--text-encoder", "synth-text", "--image-encoder", "synth-image")
+TRAIN = ("train", "-d", "{ds}", *SYNTH, "--epochs", "1", "--seeds", "1", "--batch-size", "12")
+GRID = ("-d", "{ds}", *SYNTH, "--epochs", "1", "--seeds", "1", "--batch-size", "12", "--runs-dir", "{tmp}/grid")
+
+# (id, arguments, fragments the one error line must hold)
+CASES = [
+    # extract
+    ("extract-unknown-dataset", ("extract", "-d", "mvsa_x", "--cache-dir", "{tmp}/c1"), ["unknown data set 'mvsa_x'"]),
+    ("extract-missing-manifest", ("extract", "--manifest", "{tmp}/nope.csv", "--cache-dir", "{tmp}/c2"), ["nope.csv not found"]),
+    ("extract-corrupt-manifest", ("extract", "--manifest", "{tmp}/not_json.jsonl", "--cache-dir", "{tmp}/c3"), ["not valid JSON"]),
+    ("extract-blank-split-cells", ("extract", "--manifest", "{tmp}/blank_split.csv", "--cache-dir", "{tmp}/c4",
+                                   "--text-only", "--random-weights"), ["no usable items", "1: blank split cell"]),
+    ("extract-bad-shard", ("extract", "-d", "mvsa_s", "--shard", "3/2", "--cache-dir", "{tmp}/c5"), ["--shard '3/2'"]),
+    ("extract-bad-value", ("extract", "-d", "mvsa_s", "--batch-size", "0"), ["--batch-size"]),
+    # train
+    ("train-misspelled-dataset", ("train", "-d", "synht", *SYNTH[:2]), ["did you mean synth?", "caches in"]),
+    ("train-empty-cache", ("train", "-d", "mvsa_s", "--cache-dir", "{tmp}/empty_cache"), ["no caches in", "extract"]),
+    ("train-unknown-head", (*TRAIN, "--head", "sppscl"), ["unknown head 'sppscl'"]),
+    ("train-unknown-field", (*TRAIN, "--set", "alpah=1"), ["no field 'alpah'"]),
+    ("train-clip-heads-0", (*TRAIN, "--head", "clip_ca_cg", "--set", "heads=0"), ["heads=0"]),
+    ("train-hybrid-heads-0", (*TRAIN, "--head", "hybrid_fusion", "--set", "heads=0"), ["heads=0"]),
+    ("train-alpha-0", (*TRAIN, "--alpha", "0"), ["alpha=0.0", "> 0"]),
+    ("train-alpha-negative", (*TRAIN, "--set", "alpha=-0.5"), ["alpha=-0.5"]),
+    ("train-out-is-a-file", (*TRAIN, "--out", "{tmp}/a_file"), ["a_file is a file"]),
+    ("train-corrupt-run-to-resume", (*TRAIN, "--out", "{corrupt}"), ["config.json is corrupt"]),
+    ("train-bad-seeds", (*TRAIN[:-4], "--seeds", "a,b"), ["give seeds as 1,2,3"]),
+    ("train-bad-patience", (*TRAIN, "--patience", "0"), ["--patience"]),
+    ("train-bad-choice", (*TRAIN, "--cmf-scope", "global"), ["--cmf-scope"]),
+    ("train-no-such-option", (*TRAIN, "--alpah", "1"), ["No such option: --alpah"]),
+    # eval
+    ("eval-not-a-run", ("eval", "--run", "{tmp}"), ["not a run folder"]),
+    ("eval-corrupt-config", ("eval", "--run", "{corrupt}"), ["config.json is corrupt"]),
+    ("eval-unfinished-run", ("eval", "--run", "{unfinished}"), ["seed-1.pt missing"]),
+    ("eval-empty-cache", ("eval", "--run", "{run}", "--cache-dir", "{tmp}/empty_cache"), ["no cache"]),
+    # report
+    ("report-unfinished-run", ("report", "--run", "{unfinished}"), ["no seed-<s>.pt yet"]),
+    ("report-corrupt-config", ("report", "--run", "{corrupt}"), ["config.json is corrupt"]),
+    ("report-missing-run", ("report", "--run", "{tmp}/nope"), ["not a run folder"]),
+    # predict
+    ("predict-missing-image", ("predict", "--run", "{run}", "--text", "hi", "--image", "{tmp}/gone.jpg"),
+     ["the item: image file", "gone.jpg not found"]),
+    ("predict-manifest-missing-image", ("predict", "--run", "{run}", "--manifest", "{tmp}/missing_image.jsonl"),
+     ["item x7: image file", "gone.jpg not found"]),
+    ("predict-manifest-missing-text-file", ("predict", "--run", "{run}", "--manifest", "{tmp}/missing_text.csv"),
+     ["item x: text file", "gone.txt not found"]),
+    ("predict-corrupt-manifest", ("predict", "--run", "{run}", "--manifest", "{tmp}/not_json.jsonl"), ["not valid JSON"]),
+    ("predict-nothing", ("predict", "--run", "{run}"), ["nothing to predict"]),
+    ("predict-unknown-seed", ("predict", "--run", "{run}", "--text", "hi", "--image", "{image}", "--seed", "9"), ["--seed 9"]),
+    ("predict-corrupt-config", ("predict", "--run", "{corrupt}", "--text", "hi"), ["config.json is corrupt"]),
+    ("predict-unfinished-run", ("predict", "--run", "{unfinished}", "--text", "hi", "--image", "{image}"),
+     ["seed-1.pt missing"]),
+    # audit
+    ("audit-unknown-dataset", ("audit", "-d", "nope", "--cache-dir", "{cache}"), ["no cache for data set 'nope'"]),
+    ("audit-empty-cache", ("audit", "-d", "mvsa_s", "--cache-dir", "{tmp}/empty_cache"), ["no cache for data set"]),
+    # ablate
+    ("ablate-unknown-row", ("ablate", *GRID, "--rows", "nope"), ["--rows nope"]),
+    ("ablate-heads-0", ("ablate", *GRID, "--head", "clip_ca_cg", "--set", "heads=0"), ["heads=0"]),
+    ("ablate-empty-cache", ("ablate", "-d", "mvsa_s", "--cache-dir", "{tmp}/empty_cache", "--rows", "one-step",
+                            "--runs-dir", "{tmp}/grid0"), ["no caches in"]),
+    ("ablate-bad-shard", ("ablate", *GRID, "--shard", "2/2"), ["--shard '2/2'"]),
+    # sweep
+    ("sweep-unknown-field", ("sweep", *GRID, "--set", "alpah=0.5"), ["no field 'alpah'"]),
+    ("sweep-alpha-0", ("sweep", *GRID, "--set", "alpha=0,0.5"), ["alpha=0"]),
+    ("sweep-heads-0", ("sweep", *GRID, "--head", "hybrid_fusion", "--set", "heads=0,4"), ["heads=0"]),
+    ("sweep-no-values", ("sweep", *GRID, "--set", "alpha"), ["give key=v1,v2"]),
+    # heads
+    ("heads-no-such-option", ("heads", "--verbose"), ["No such option: --verbose"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", [pytest.param(a, f, id=i) for i, a, f in CASES])
+def test_bad_input_is_one_line(args, fragments, places, run_main, monkeypatch):
+    monkeypatch.chdir(places["tmp"])  # default folders (cache/, runs/) land in the test's folder
+    r = run_main(*(a.format(**places) for a in args))
+    assert r.code != 0, r.out + r.err
+    assert "Traceback" not in r.out + r.err and "Warning" not in r.err, r.err
+    problem = [line for line in r.err.splitlines() if line.lower().startswith("error")]
+    assert len(problem) == 1, r.err
+    for fragment in fragments:
+        assert fragment in problem[0], (fragment, problem[0])
+    if r.code == 1:  # a UserError: that one line is all
+        assert r.err.strip() == problem[0], r.err
+
+
+def test_every_command_is_covered():
+    import typer
+
+    import pipeline
+
+    commands = set(typer.main.get_command(pipeline.app).commands)
+    assert len(commands) >= 9 and commands <= {args[0] for _, args, _ in CASES}
