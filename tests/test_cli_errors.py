@@ -115,6 +115,11 @@ CASES = [
     ("sweep-alpha-0", ("sweep", *GRID, "--set", "alpha=0,0.5"), ["alpha=0"]),
     ("sweep-heads-0", ("sweep", *GRID, "--head", "hybrid_fusion", "--set", "heads=0,4"), ["heads=0"]),
     ("sweep-no-values", ("sweep", *GRID, "--set", "alpha"), ["give key=v1,v2"]),
+    # results
+    ("results-nothing", ("results",), ["give run folders"]),
+    ("results-missing-folder", ("results", "{tmp}/nope"), ["nope: no such file or folder"]),
+    ("results-unfinished-run", ("results", "{unfinished}"), ["is not finished"]),
+    ("results-corrupt-config", ("results", "{corrupt}"), ["corrupt JSON"]),
     # heads
     ("heads-no-such-option", ("heads", "--verbose"), ["No such option: --verbose"]),
 ]
