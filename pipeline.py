@@ -232,7 +232,7 @@ def ablate(
 ):
     """The paper's ablation rows for a head, one command: table.csv + table.md with seed noise."""
     _threads.use(threads, jobs)
-    from train import grid
+    from experiments import grid
 
     base = _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, set_, epochs, seeds, batch_size, lr, patience)
     cells = grid.ablation_cells(base, runs_dir, [r.strip() for r in rows.split(",")] if rows else None)
@@ -267,7 +267,7 @@ def sweep(
 ):
     """Any head field over any list of values: sweep.csv + a PNG of each metric with seed error bars."""
     _threads.use(threads, jobs)
-    from train import grid
+    from experiments import grid
 
     base = _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, fixed, epochs, seeds, batch_size, lr, patience)
     cells = grid.sweep_cells(base, set_, runs_dir)
@@ -328,7 +328,7 @@ def audit(
 ):
     """Leaks across splits (same text, near-duplicate image) and label conflicts, from the cache."""
     _threads.use(threads)
-    from core import audit as au
+    from extract import audit as au
 
     cfg = au.AuditConfig(dataset=dataset, cache_dir=cache_dir, data_root=data_root or default_data_root(),
                          text_encoder=text_encoder, image_encoder=image_encoder, write_clean=write_clean, out=out)
@@ -359,7 +359,7 @@ def report_cmd(
 ):
     """Write report.md with PNGs into the run folder: losses, embedding distances, t-SNE, confusion."""
     _threads.use(threads)
-    from train.report import write_report
+    from inspection.report import write_report
 
     console.print(f"wrote {write_report(run, cache_dir)}")
 
@@ -378,7 +378,7 @@ def predict_cmd(
 ):
     """Label and class probabilities for new items, with the run's own encoders."""
     _threads.use(threads)
-    from train.predict import Predictor, items_from_args
+    from inference.predict import Predictor, items_from_args
 
     items = items_from_args(image, text, manifest, id_)
     predictor = Predictor(run, seed, cache_dir)

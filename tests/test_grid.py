@@ -1,4 +1,4 @@
-"""train/grid.py and the `ablate` / `sweep` commands, on the synthetic 3-class cache: the table
+"""experiments/grid.py and the `ablate` / `sweep` commands, on the synthetic 3-class cache: the table
 has every row with its paper number and a paired test; an interrupted grid redoes only what was
 not finished; two shards (processes) make the same table as one process; a sweep writes its CSV
 and plot; run folders are named from the config hash."""
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import heads
-from train import grid, runs, trainer
+from experiments import grid
+from train import runs, trainer
 from train.config import TrainConfig
 
 from conftest import quiet_console

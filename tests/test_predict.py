@@ -1,4 +1,4 @@
-"""train/predict.py and `pipeline.py predict`: new items through the run's own encoders, features as
+"""inference/predict.py and `pipeline.py predict`: new items through the run's own encoders, features as
 the cache holds them, probabilities that sum to 1, a prediction independent of the request, and
 one clear line for each kind of bad input.
 
@@ -18,7 +18,7 @@ import heads
 from core.errors import UserError
 from train import runs
 from train.config import TrainConfig
-from train.predict import NewItem, Predictor, read_manifest
+from inference.predict import NewItem, Predictor, read_manifest
 
 from conftest import DATA, quiet_console
 

@@ -1,4 +1,4 @@
-"""train/report.py and `pipeline.py report`: report.md and its PNGs from a run trained on the
+"""inspection/report.py and `pipeline.py report`: report.md and its PNGs from a run trained on the
 synthetic cache (2 epochs, 2 seeds, batch 12), label-blind embeddings, skipped plots said so."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import heads
-from train import report, runs
+from inspection import report
+from train import runs
 from train.config import TrainConfig
 
 from conftest import quiet_console
