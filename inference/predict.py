@@ -31,12 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import heads
 from core.device import device
 from core.errors import UserError
 from heads.base import Batch, Dims
-from train.config import TrainConfig
 from train.data import Split
+from train.run_folder import load_head, open_run, read_run
 
 
 @dataclass
@@ -82,12 +81,9 @@ class Predictor:
     """A run's heads and its encoders, ready to score new items one at a time."""
 
     def __init__(self, run: Path, seed: int | None = None, cache_dir: Path | None = None):
-        run = Path(run)
-        if not (run / "config.json").is_file():
-            raise UserError(f"{run} is not a run folder (no config.json): pass --run runs/<name>")
-        saved = json.loads((run / "config.json").read_text())
-        self.run = run
-        self.cfg = TrainConfig.from_json(saved["train"]).resolved()
+        saved, cfg = read_run(run)
+        self.run = Path(run)
+        self.cfg = cfg.resolved()
         if cache_dir is not None:
             self.cfg.cache_dir = Path(cache_dir)
         self.classes: list[str] = saved["classes"]
@@ -97,16 +93,7 @@ class Predictor:
         if seed is not None and seed not in self.cfg.seeds:
             raise UserError(f"--seed {seed}: run {run} has seeds {', '.join(map(str, self.cfg.seeds))}")
         dims = Dims(**saved["dims"])
-        self.heads = []
-        for s in seeds:
-            path = run / f"seed-{s}.pt"
-            if not path.is_file():
-                done = [x for x in self.cfg.seeds if (run / f"seed-{x}.pt").is_file()]
-                raise UserError(f"{path} missing: the run was interrupted, is still training or files were removed; "
-                                + (f"pick a finished seed with --seed {done[0]}" if done else "train again"))
-            head = heads.create(self.cfg.head, dims, self.cfg.head_config).to(device())
-            head.load_state_dict(torch.load(path, map_location=device(), weights_only=True))
-            self.heads.append(head.eval())
+        self.heads = [load_head(self.run, self.cfg, dims, s) for s in seeds]
         self.context = self._context() if any(h.batch_dependent for h in self.heads) else None
         self._encoders: dict = {}  # loaded on first use, after the request's items are checked
 
@@ -148,8 +135,6 @@ class Predictor:
 
     def _context(self) -> Batch:
         """The fixed batch mates of a batch-scope head: eval_batch_size - 1 train items drawn with eval_seed."""
-        from train.runs import open_run
-
         _, _, data = open_run(self.run, self.cfg.cache_dir)  # refused if the cache was rebuilt since
         train = data.splits["train"]
         k = min(self.cfg.eval_batch_size - 1, len(train))

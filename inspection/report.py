@@ -32,7 +32,7 @@ from sklearn.metrics.pairwise import cosine_distances  # noqa: E402
 from core.device import device  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from train.data import Split  # noqa: E402
-from train.runs import load_head, open_run  # noqa: E402
+from train.run_folder import load_head, open_run  # noqa: E402
 from train.trainer import eval_orders, predict  # noqa: E402
 
 KINDS = ("image", "text", "fused")
@@ -160,7 +160,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
         md += [f"Seeds without weights yet (train interrupted or still running), left out below: "
                f"{', '.join(str(s) for s in cfg.seeds if s not in seeds)}.", ""]
     first = seeds[0]
-    emb = embeddings(load_head(run, cfg, data, first), test, cfg.eval_batch_size, order)
+    emb = embeddings(load_head(run, cfg, data.dims, first), test, cfg.eval_batch_size, order)
     md += [f"## Embedding distances on test (seed {first}, cosine)", ""]
     pairs = {"intra-image (IID)": ("image", "image", False), "intra-text (TTD)": ("text", "text", False),
              "image-text (ITD)": ("image", "text", True)}
@@ -187,7 +187,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
 
     matrices, f1s = {}, []
     for seed in seeds:
-        pred = predict(load_head(run, cfg, data, seed), test, cfg.eval_batch_size, device(), order)
+        pred = predict(load_head(run, cfg, data.dims, seed), test, cfg.eval_batch_size, device(), order)
         matrices[seed] = confusion_matrix(y, pred, labels=list(range(len(classes))))
         f1s.append([seed, *(f"{v:.4f}" for v in f1_score(y, pred, labels=list(range(len(classes))),
                                                           average=None, zero_division=0))])

@@ -16,7 +16,7 @@ import torch
 
 import heads
 from core.errors import UserError
-from train import runs
+from train import run_folder, runs
 from train.config import TrainConfig
 from inference.predict import NewItem, Predictor, read_manifest
 
@@ -52,7 +52,7 @@ def _test_items(n: int) -> list[NewItem]:
 
 def test_features_are_what_the_cache_holds(predictor, run):
     """A shipped test item encoded by predict equals its row in the cache (float16 either way)."""
-    _, _, data = runs.open_run(run)
+    _, _, data = run_folder.open_run(run)
     test = data.splits["test"]
     item = _test_items(1)[0]
     i = test.ids.index(item.id)

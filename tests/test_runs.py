@@ -1,4 +1,4 @@
-"""train/runs.py and the `train` / `eval` / `heads` commands: what a run folder holds,
+"""train/runs.py, train/run_folder.py and the `train` / `eval` / `heads` commands: what a run folder holds,
 that `eval` recomputes the recorded numbers from it, and that bad input through the CLI
 is one line on stderr, never a traceback.
 
@@ -23,7 +23,8 @@ import heads
 from core import store
 from core.device import device
 from core.errors import Interrupted, UserError
-from train import runs, trainer
+from train import data as cache
+from train import run_folder, runs, trainer
 from train.config import METRICS, TrainConfig
 from train.metrics import scores
 
@@ -75,7 +76,7 @@ def read_log(run: Path) -> tuple[list[str], list[dict]]:
 def fresh_head(run: Path, seed: int) -> tuple[torch.nn.Module, TrainConfig]:
     """A head built from config.json alone, with seed-<s>.pt loaded strictly and weights_only."""
     cfg = TrainConfig.load(run / "config.json")
-    head = trainer.build_head(cfg, runs.load_data(cfg))
+    head = trainer.build_head(cfg, cache.load_data(cfg))
     head.load_state_dict(torch.load(run / f"seed-{seed}.pt", weights_only=True))
     return head.eval(), cfg
 
@@ -167,7 +168,7 @@ def test_checkpoint_round_trip_gives_the_same_predictions(trained):
         assert saved.keys() == r.state.keys()
         assert all(torch.equal(saved[k], r.state[k]) for k in saved)
         head, cfg = fresh_head(run, r.seed)
-        test = runs.load_data(cfg).splits["test"]
+        test = cache.load_data(cfg).splits["test"]
         orders = trainer.eval_orders(len(test), cfg)
         pred = trainer.predict(head, test, cfg.eval_batch_size, device(), orders[0])
         assert pred.tolist() == r.test_pred
@@ -245,7 +246,7 @@ def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_
 
 def test_config_json_records_a_dirty_working_tree(trained):
     saved = read_json(trained[0] / "config.json")
-    assert saved["git_dirty"] == runs.git_dirty() and isinstance(saved["git_dirty"], bool)
+    assert saved["git_dirty"] == run_folder.git_dirty() and isinstance(saved["git_dirty"], bool)
 
 
 def test_evaluate_recomputes_the_recorded_test_metrics(trained):
@@ -370,10 +371,10 @@ def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trai
 
     with pytest.raises(Interrupted, match=rf"^{again}: seed 1 finished and epoch 1 of seed 2 kept; run the same "
                                           "command to continue$"):
-        runs.train_run(same, runs.load_data(same.resolved()), ctrl_c)
+        runs.train_run(same, cache.load_data(same.resolved()), ctrl_c)
     assert (again / "seed-2.state.pt").is_file() and not (again / "seed-1.state.pt").exists()
     assert [(r["seed"], r["epoch"]) for r in read_log(again)[1]] == [("1", "1"), ("1", "2"), ("2", "1")]
-    assert runs.epochs_done(again, same.resolved()) == (3, 0)
+    assert run_folder.epochs_done(again, same.resolved()) == (3, 0)
     console, epochs = quiet_console(), []
 
     def count(*a, on_epoch, **kw):
@@ -390,7 +391,7 @@ def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trai
     assert (header, [{**r, "seconds": ""} for r in rows]) == \
         (read_log(run)[0], [{**r, "seconds": ""} for r in read_log(run)[1]])
     assert not (again / "seed-2.state.pt").exists()
-    assert runs.epochs_done(again, same.resolved()) == (4, 0)
+    assert run_folder.epochs_done(again, same.resolved()) == (4, 0)
 
 
 def test_the_saved_state_rewrites_the_log_rows_of_its_seed(trained, tmp_path):
@@ -400,7 +401,7 @@ def test_the_saved_state_rewrites_the_log_rows_of_its_seed(trained, tmp_path):
     path = tmp_path / "log.csv"
     shutil.copy(run / "log.csv", path)
     done = {1: results[0]}
-    log = runs.LogCsv(path, done, results[1].log[:1])
+    log = run_folder.LogCsv(path, done, results[1].log[:1])
     assert [(r["seed"], r["epoch"]) for r in read_log(tmp_path)[1]] == [("1", "1"), ("1", "2"), ("2", "1")]
     assert read_log(tmp_path)[1][2] == read_log(run)[1][2]
     log.add(results[1].log[1])

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
+import heads
 from core import store
 from core.errors import UserError
 from heads.base import Batch, Dims
+from train.config import TrainConfig
 
 
 @dataclass
@@ -90,6 +92,18 @@ def extract_source(dataset: str) -> str:
     if limited and limited.group(1) in BUILTINS:
         return f"--dataset {limited.group(1)} --limit {limited.group(2)}"
     return f"--dataset {dataset}" if dataset in BUILTINS else f"--manifest PATH --name {dataset}"
+
+
+def modalities(cfg: TrainConfig) -> str:
+    """Which caches the head reads: its config says, the trainer loads only those."""
+    reads = (cfg.head_config or heads.build_config(cfg.head)).reads()
+    return "both" if len(reads) == 2 else reads[0]
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    """The caches a run of `cfg` reads, as `load` gives them."""
+    return load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder,
+                split_files=cfg.splits, text_views=cfg.text_views)
 
 
 def _hint(dataset: str, kind: str, encoder: str) -> str:
