@@ -62,6 +62,11 @@ class Provenance:
     view: int = 0  # text: 0 = eval-mode states; v >= 1 = dropout view v (train mode, seeded)
     format_version: int = FORMAT_VERSION
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Provenance":
+        """From index.json or a run's config.json (keys this version does not know are left out)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
     def differences(self, other: "Provenance") -> list[str]:
         return [
             f"{f.name} {getattr(other, f.name)!r} (asked {getattr(self, f.name)!r})"
@@ -337,7 +342,7 @@ def load_image(folder: Path, splits=("train", "dev", "test"), hint: str = "pipel
 
 
 def provenance(folder: Path, hint: str = "pipeline.py extract") -> Provenance:
-    return Provenance(**open_index(folder, hint)["provenance"])
+    return Provenance.from_dict(open_index(folder, hint)["provenance"])
 
 
 def read_meta(folder: Path, hint: str = "pipeline.py extract") -> tuple[list[str], np.ndarray, list[str]]:

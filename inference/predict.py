@@ -34,7 +34,7 @@ import torch
 from core.device import device
 from core.errors import UserError
 from heads.base import Batch, Dims
-from train.data import Split
+from train.data import CacheProvenance, Split
 from train.run_folder import load_head, open_run, read_run
 
 
@@ -87,7 +87,7 @@ class Predictor:
         if cache_dir is not None:
             self.cfg.cache_dir = Path(cache_dir)
         self.classes: list[str] = saved["classes"]
-        self.provenance: dict = saved["provenance"]
+        self.provenance = CacheProvenance.from_json(saved["provenance"])
         self.reads = self.cfg.head_config.reads()
         seeds = self.cfg.seeds if seed is None else (seed,)
         if seed is not None and seed not in self.cfg.seeds:
@@ -116,11 +116,11 @@ class Predictor:
         """The run's encoder of `kind`, refused unless its weights and preprocessing are the recorded ones."""
         from extract.encoders import create_image_encoder, create_text_encoder  # rule 1: only predict loads encoders
 
-        prov = self.provenance[kind]
-        random = prov["fingerprint"].startswith("random-")
+        prov = getattr(self.provenance, kind)
+        random = prov.fingerprint.startswith("random-")
         name = self.cfg.text_encoder if kind == "text" else self.cfg.image_encoder
         try:
-            enc = (create_text_encoder(name, prov["layers"], prov["max_length"], random) if kind == "text"
+            enc = (create_text_encoder(name, prov.layers, prov.max_length, random) if kind == "text"
                    else create_image_encoder(name, random))
         except UserError as e:
             raise UserError(f"cannot load this run's {kind} encoder {name!r}: {e}") from None
@@ -128,9 +128,9 @@ class Predictor:
             raise UserError(f"cannot load this run's {kind} encoder {name!r} ({type(e).__name__}: {e}); "
                             "install it as for `pipeline.py extract`") from None
         for key, now in (("fingerprint", enc.fingerprint), ("preprocessing", enc.preprocessing)):
-            if now != prov[key]:
+            if now != getattr(prov, key):
                 raise UserError(f"the {kind} encoder {name!r} here has {key} {now!r}, the run was trained on "
-                                f"{prov[key]!r}: install the weights the cache was built with, or re-extract and retrain")
+                                f"{getattr(prov, key)!r}: install the weights the cache was built with, or re-extract and retrain")
         return enc
 
     def _context(self) -> Batch:

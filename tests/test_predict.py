@@ -50,6 +50,15 @@ def _test_items(n: int) -> list[NewItem]:
     return [NewItem(r["id"], r["text"], IMAGES / f"{r['id']}.jpg") for r in rows]
 
 
+def test_batch_scope_predict_of_a_views_run(views_run):
+    """Regression: batch-scope `predict` of a --text-views run draws its context from the clean
+    train states (TypeError before)."""
+    p = Predictor(views_run)
+    assert p.heads[0].batch_dependent and p.context is not None and p.provenance.text_views > 0
+    (pred,) = p.predict(_test_items(1))
+    assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_features_are_what_the_cache_holds(predictor, run):
     """A shipped test item encoded by predict equals its row in the cache (float16 either way)."""
     _, _, data = run_folder.open_run(run)

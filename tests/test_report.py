@@ -33,6 +33,12 @@ def synth_run(synth_cache, tmp_path_factory):
     return _train(synth_cache, tmp_path_factory.mktemp("runs") / "synth")
 
 
+def test_report_of_a_views_run(views_run):
+    """Regression: `report` of a --text-views run (TypeError before)."""
+    md = report.write_report(views_run)
+    assert md.is_file() and (views_run / "confusion.png").is_file()
+
+
 def test_report_writes_markdown_and_pngs(synth_run):
     md = report.write_report(synth_run)
     text = md.read_text()

@@ -226,7 +226,7 @@ def test_train_refuses_a_folder_of_another_run(trained, tmp_path):
 
 
 @pytest.mark.parametrize("what, message", [
-    ("provenance", r"text cache \(fingerprint\)"),
+    ("provenance", r"text cache \(fingerprint '[0-9a-f]+' \(asked 'rebuilt'\)\)"),
     ("git_commit", r"code \(commit 0123456789, now"),
 ])
 def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_path):
@@ -242,6 +242,37 @@ def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_
     (again / "config.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match=message):
         runs.train(TrainConfig.from_json({**cfg.to_json(), "out": str(again)}), quiet_console())
+
+
+def test_a_views_run_records_its_views_and_resumes(views_run, tmp_path):
+    """Regression: the number of views travels with the provenance (it used to be a bare int
+    that resume iterated: TypeError). A cut seed resumes; other views are refused."""
+    from conftest import TINY_VIEWS
+
+    saved = read_json(views_run / "config.json")
+    assert saved["provenance"]["text_views"] == TINY_VIEWS
+    assert cache.CacheProvenance.from_json(saved["provenance"]).to_json() == saved["provenance"]
+    cfg = TrainConfig.from_json({**saved["train"], "out": str(tmp_path / "again")})
+    again = tmp_path / "again"
+    shutil.copytree(views_run, again)
+    (again / "seed-2.json").unlink()
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "train_seed", lambda cfg_, data, seed, *a, **kw: calls.append(seed)
+                   or trainer.train_seed(cfg_, data, seed, *a, **kw))
+        runs.train(cfg, quiet_console())
+    assert calls == [2]
+    assert read_json(again / "metrics.json")["per_seed"] == read_json(views_run / "metrics.json")["per_seed"]
+    saved["provenance"]["text_views"] = TINY_VIEWS + 1
+    (again / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=rf"text cache \(dropout views {TINY_VIEWS} \(asked {TINY_VIEWS + 1}\)\)"):
+        runs.train(cfg, quiet_console())
+
+
+def test_eval_of_a_views_run_scores_the_clean_states(views_run):
+    """Regression: `eval` of a --text-views run (TypeError before); test never reads views."""
+    result = runs.evaluate(views_run)
+    assert result["matches_metrics_json"] is True
 
 
 def test_config_json_records_a_dirty_working_tree(trained):
@@ -282,7 +313,7 @@ def test_evaluate_refuses_a_cache_built_differently(trained, tiny_cache, tmp_pat
     data = read_json(index)
     data["provenance"]["preprocessing"] = '{"resize": 300}'
     index.write_text(json.dumps(data))
-    with pytest.raises(UserError, match=r"image cache .* differs .*\(preprocessing\).*pipeline\.py extract "
+    with pytest.raises(UserError, match=r"image cache .* differs .*\(preprocessing .*pipeline\.py extract "
                                         r".*--image-encoder efficientnet-lite0"):
         runs.evaluate(trained[0], cache)
 

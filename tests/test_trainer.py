@@ -24,7 +24,7 @@ import heads
 from core.errors import UserError
 from heads import spp_scl
 from heads.spp_scl import SppSclConfig
-from train import data as cache
+from train import data as train_data
 from train import runs, trainer
 from train.config import TrainConfig
 
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def synth_data(synth_cache):
-    return cache.load_data(synth_config(synth_cache, None).resolved())
+    return train_data.load_data(synth_config(synth_cache, None).resolved())
 
 
 def synth_config(c, out, head_cfg: dict | None = None, head: str = "spp_scl", **kw) -> TrainConfig:
@@ -460,7 +460,7 @@ def test_text_views_on_a_cache_without_them_is_a_user_error(tiny_cache, tiny_vie
     unfinished = cache / tiny_cache.dataset / "text" / "minilm" / "view-02"
     (unfinished / "index.json").unlink()  # an interrupted extract --text-views
     with pytest.raises(UserError, match=r"no complete cache at .*view-02: run .*--text-views K"):
-        cache.load_data(synth_config(tiny_cache, None, cache_dir=cache, text_views=True))
+        train_data.load_data(synth_config(tiny_cache, None, cache_dir=cache, text_views=True))
     with pytest.raises(UserError, match="--text-views needs a head that reads text"):
         synth_config(tiny_cache, None, {"modalities": "image"}, text_views=True).resolved()
 
@@ -470,7 +470,7 @@ def test_training_draws_a_view_per_item_and_epoch_and_scores_on_clean_states(tin
     from train.data import Split
 
     cfg = synth_config(tiny_views_cache, None, epochs=4, text_views=True, batch_size=6).resolved()
-    data = cache.load_data(cfg)
+    data = train_data.load_data(cfg)
     train, dev, test = (data.splits[s] for s in ("train", "dev", "test"))
     assert train.view_cls.shape == (TINY_VIEWS, *train.cls.shape) and dev.view_cls is None and test.view_cls is None
     seen = []  # (split, rows, cls and tokens the head got), in call order
@@ -513,7 +513,7 @@ def data_rows(split, idx):
 
 
 def test_a_view_batch_takes_every_token_of_a_text_from_its_view(tiny_views_cache):
-    data = cache.load_data(synth_config(tiny_views_cache, None, text_views=True).resolved())
+    data = train_data.load_data(synth_config(tiny_views_cache, None, text_views=True).resolved())
     train = data.splits["train"]
     idx, view = torch.tensor([3, 0, 7]), torch.tensor([1, 0, 1])
     b = train.batch(idx, view=view)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -75,12 +75,48 @@ class Split:
         return torch.randint(len(self.view_cls), (len(self),), generator=g)
 
 
+@dataclass(frozen=True)
+class CacheProvenance:
+    """What a run's features came from: each cache's `store.Provenance` and how many dropout
+    views of the train texts it drew from (0: the clean states only). Written to config.json,
+    read back by resume, `eval`, `report` and `predict`, and compared only by `differences`."""
+
+    text: store.Provenance | None = None
+    image: store.Provenance | None = None
+    text_views: int = 0
+
+    def kinds(self) -> dict[str, store.Provenance]:
+        return {k: p for k in (store.TEXT, store.IMAGE) if (p := getattr(self, k)) is not None}
+
+    def differences(self, now: "CacheProvenance") -> dict[str, list[str]]:
+        """Per cache kind of this record ("text", "image"), what differs in `now`; the views count
+        with the text cache. Empty when `now` is the same data."""
+        out = {}
+        for kind, p in self.kinds().items():
+            other = getattr(now, kind)
+            diff = [f"no {kind} cache"] if other is None else p.differences(other)
+            if diff:
+                out[kind] = diff
+        if self.text_views != now.text_views:
+            out.setdefault(store.TEXT, []).append(f"dropout views {now.text_views} (asked {self.text_views})")
+        return out
+
+    def to_json(self) -> dict:
+        views = {"text_views": self.text_views} if self.text_views else {}
+        return {**{k: asdict(p) for k, p in self.kinds().items()}, **views}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CacheProvenance":
+        kinds = {k: store.Provenance.from_dict(d[k]) for k in (store.TEXT, store.IMAGE) if k in d}
+        return cls(**kinds, text_views=int(d.get("text_views", 0)))
+
+
 @dataclass
 class Data:
     splits: dict[str, Split]
     dims: Dims
     classes: list[str]
-    provenance: dict[str, dict]  # "text"/"image" -> cache provenance
+    provenance: CacheProvenance
     dropped: int  # items in the text cache with no image (two-modality runs)
 
 
@@ -120,15 +156,15 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
     if not info_file.is_file():
         raise UserError(f"no cache for data set {dataset!r} in {cache_dir}: run `python pipeline.py extract {extract_source(dataset)}` first")
     classes = json.loads(info_file.read_text())["classes"]
-    prov, text, image = {}, None, None
+    prov, text, image, n_views = {}, None, None, 0
     if modalities in ("text", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.TEXT, text_encoder)
         hint = _hint(dataset, store.TEXT, text_encoder)
-        prov["text"] = store.open_index(folder, hint)["provenance"]
+        prov["text"] = store.provenance(folder, hint)
         text = store.load_text(folder, hint=hint)
         if text_views:
             views = _load_views(folder, prov["text"], text.get("train"), dataset, text_encoder)
-            prov["text_views"] = len(views[0])
+            n_views = len(views[0])
     if modalities in ("image", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.IMAGE, image_encoder)
         if not (folder / "index.json").is_file():
@@ -137,7 +173,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
                 f"`python pipeline.py extract {extract_source(dataset)} --image-encoder {image_encoder} --image-dir DIR`, "
                 "or train with --modalities text"
             )
-        prov["image"] = store.open_index(folder, "")["provenance"]
+        prov["image"] = store.provenance(folder, "")
         image = store.load_image(folder)
     if text is not None and image is not None:
         _check_agree(text, image, dataset)
@@ -162,7 +198,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
         image_channels=any_split.maps.shape[1] if any_split.maps is not None else 0,
         n_classes=len(classes),
     )
-    return Data(splits, dims, classes, prov, dropped)
+    return Data(splits, dims, classes, CacheProvenance(**prov, text_views=n_views), dropped)
 
 
 def _check_agree(text: dict, image: dict, dataset: str) -> None:
@@ -178,7 +214,7 @@ def _check_agree(text: dict, image: dict, dataset: str) -> None:
                     f"(split {other[0]}, label {other[1]}) in the image cache: the two were built from different "
                     "data; re-extract both with --force"
                 )
-def _load_views(folder: Path, clean: dict, train: store.TextFeatures | None, dataset: str, encoder: str):
+def _load_views(folder: Path, clean: store.Provenance, train: store.TextFeatures | None, dataset: str, encoder: str):
     """The K dropout views of the train texts as (K, N, L, H) and (K, T, L, H) tensors.
 
     Refused, never silently replaced by clean states: no views, an unfinished view, or
@@ -192,9 +228,7 @@ def _load_views(folder: Path, clean: dict, train: store.TextFeatures | None, dat
         raise UserError(f"the {dataset} cache has no train split to draw text views for")
     cls = tokens = None
     for k, vf in enumerate(folders):
-        vprov = dict(store.open_index(vf, hint)["provenance"])
-        differs = [f"{key} {vprov.get(key)!r} (clean {clean.get(key)!r})" for key in clean
-                   if key != "view" and vprov.get(key) != clean.get(key)]
+        differs = clean.differences(replace(store.provenance(vf, hint), view=clean.view))
         if differs:
             raise UserError(f"text views {vf} were made from another cache: {'; '.join(differs)}. "
                             f"Run `{hint} --force` to rebuild both")

@@ -70,7 +70,7 @@ def write_config(out: Path, cfg: TrainConfig, data: cache.Data) -> None:
     """config.json: enough to rebuild the run (settings, cache provenance, dims, classes, code)."""
     sizes = {s: len(v) for s, v in data.splits.items()}
     (out / "config.json").write_text(json.dumps({
-        "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance,
+        "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance.to_json(),
         "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
         "git_dirty": git_dirty(), "code_fingerprint": code_fingerprint(), "device": str(device()),
     }, indent=1))
@@ -131,7 +131,7 @@ class LogCsv:
         tmp.replace(self.path)
 
 
-def finished_seeds(out: Path, cfg: TrainConfig, provenance: dict) -> dict[int, SeedResult]:
+def finished_seeds(out: Path, cfg: TrainConfig, provenance: cache.CacheProvenance) -> dict[int, SeedResult]:
     """Seeds a previous, interrupted `train --out` of the same configuration completed.
 
     Resuming is per seed: a seed is done once its checkpoint and `seed-<s>.json` exist.
@@ -187,7 +187,7 @@ def epochs_done(out: Path, cfg: TrainConfig) -> tuple[int, int]:
     return trained, skipped
 
 
-def mismatch(out: Path, cfg: TrainConfig, provenance: dict | None = None) -> list[str]:
+def mismatch(out: Path, cfg: TrainConfig, provenance: cache.CacheProvenance | None = None) -> list[str]:
     """What differs between the run already in `out` and `cfg` (settings, code commit and, given
     the loaded cache's provenance, the cache): a run is only ever resumed by what started it."""
     config = out / "config.json"
@@ -197,8 +197,8 @@ def mismatch(out: Path, cfg: TrainConfig, provenance: dict | None = None) -> lis
     before, now = saved.get("train", {}), cfg.to_json()
     diff = [k for k in now if k != "out" and before.get(k) != now[k]]
     if provenance is not None:
-        diff += [f"{kind} cache ({', '.join(k for k in p if p[k] != provenance.get(kind, {}).get(k))})"
-                 for kind, p in saved.get("provenance", {}).items() if p != provenance.get(kind)]
+        recorded = cache.CacheProvenance.from_json(saved.get("provenance", {}))
+        diff += [f"{kind} cache ({'; '.join(d)})" for kind, d in recorded.differences(provenance).items()]
     if saved.get("git_commit") not in (None, git_commit()):
         diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
     return diff
@@ -232,13 +232,14 @@ def open_run(run: Path, cache_dir: Path | None = None) -> tuple[dict, TrainConfi
     if cache_dir is not None:
         cfg.cache_dir = Path(cache_dir)
     data = cache.load_data(replace(cfg, text_views=False))  # test is scored on the clean states only
-    for kind, prov in saved["provenance"].items():
-        now = data.provenance.get(kind, {})
-        diff = [k for k in prov if prov[k] != now.get(k)]
-        if diff:
-            raise UserError(
-                f"the {kind} cache in {cfg.cache_dir} differs from the one this run was trained on "
-                f"({', '.join(diff)}): re-extract with `python pipeline.py extract {cache.extract_source(cfg.dataset)} "
-                f"--{kind}-encoder {prov['encoder']}` or pass the right --cache-dir"
-            )
+    recorded = cache.CacheProvenance.from_json(saved["provenance"])
+    # the views the run trained on are not loaded, so not compared
+    differs = replace(recorded, text_views=0).differences(data.provenance)
+    if differs:
+        kind, diff = next(iter(differs.items()))
+        raise UserError(
+            f"the {kind} cache in {cfg.cache_dir} differs from the one this run was trained on "
+            f"({'; '.join(diff)}): re-extract with `python pipeline.py extract {cache.extract_source(cfg.dataset)} "
+            f"--{kind}-encoder {getattr(recorded, kind).encoder}` or pass the right --cache-dir"
+        )
     return saved, cfg, data
