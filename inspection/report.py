@@ -33,32 +33,16 @@ from core.device import device  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from train.data import Split  # noqa: E402
 from train.run_folder import load_head, open_run  # noqa: E402
-from train.trainer import eval_orders, predict  # noqa: E402
+from train.trainer import eval_orders, forward, predict  # noqa: E402
 
 KINDS = ("image", "text", "fused")
 
 
-@torch.no_grad()
 def embeddings(head, split: Split, batch_size: int, order: torch.Tensor) -> dict[str, np.ndarray | None]:
     """HeadOutput.image / .text / .fused of every item in the split's index order, fed in `order`
     (label-blind); None for an embedding the head does not return."""
-    head.eval()
-    dev = device()
-    parts: dict[str, list] = {k: [] for k in KINDS}
-    for b in range(0, len(order), batch_size):
-        out = head(split.batch(order[b : b + batch_size]).to(dev))
-        for k in KINDS:
-            parts[k].append(None if getattr(out, k) is None else getattr(out, k).float().cpu())
-    result = {}
-    for k in KINDS:
-        if any(p is None for p in parts[k]):
-            result[k] = None
-            continue
-        x = torch.cat(parts[k])
-        back = torch.empty_like(x)
-        back[order] = x  # back to the split's index order
-        result[k] = back.numpy()
-    return result
+    out = forward(head, split, batch_size, device(), order)
+    return {k: None if getattr(out, k) is None else getattr(out, k).numpy() for k in KINDS}
 
 
 def distance_groups(a: np.ndarray, b: np.ndarray, labels: np.ndarray, cross: bool) -> tuple[np.ndarray, np.ndarray]:

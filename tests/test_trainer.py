@@ -310,18 +310,18 @@ def test_official_step_two_moves_parameters_l_clm_does_not_reach(official, synth
 def test_scoring_never_follows_the_stored_order(synth_cache, synth_data, monkeypatch):
     """Dev (every epoch) and test are fed in seeded random orders; only leak_check uses file order."""
     seen = []
-    real = trainer.predict
+    real = trainer.forward
 
-    def spy_predict(head, split, batch_size, dev, order):
+    def spy_forward(head, split, batch_size, device_, order):
         seen.append((len(split), order))
-        return real(head, split, batch_size, dev, order)
+        return real(head, split, batch_size, device_, order)
 
-    monkeypatch.setattr(trainer, "predict", spy_predict)
+    monkeypatch.setattr(trainer, "forward", spy_forward)
     cfg = synth_config(synth_cache, None, epochs=2, eval_orders=3).resolved()
     r = trainer.train_seed(cfg, synth_data, seed=1)
-    stored = [o for _, o in seen if o is None]
+    stored = [o for _, o in seen if torch.equal(o, trainer.file_order(len(o)))]
     assert len(stored) == 1 and r.leak_check is not None  # the leak check alone, batch scope
-    orders = [o for _, o in seen if o is not None]
+    orders = [o for _, o in seen if not torch.equal(o, trainer.file_order(len(o)))]
     assert len(orders) == 2 + 3  # dev per epoch, then 3 test orders
     for o in orders:
         assert not torch.equal(o, torch.arange(len(o)))
@@ -337,9 +337,9 @@ def test_sample_scope_predictions_do_not_depend_on_the_order(synth_cache, synth_
     head = trainer.build_head(cfg, synth_data)
     head.load_state_dict(r.state)
     test = synth_data.splits["test"]
-    stored = trainer.logits(head, test, 4, torch.device("cpu"), None)
+    stored = trainer.forward(head, test, 4, torch.device("cpu"), trainer.file_order(len(test))).logits
     for order in trainer.eval_orders(len(test), cfg, 3):
-        torch.testing.assert_close(trainer.logits(head, test, 4, torch.device("cpu"), order), stored)
+        torch.testing.assert_close(trainer.forward(head, test, 4, torch.device("cpu"), order).logits, stored)
     assert r.leak_check is None and not head.batch_dependent
 
 
@@ -349,7 +349,8 @@ def test_batch_scope_predictions_depend_on_the_order(synth_cache, synth_data):
     head = trainer.build_head(cfg, synth_data)
     head.load_state_dict(r.state)
     test = synth_data.splits["test"]
-    a, b = (trainer.logits(head, test, 6, torch.device("cpu"), o) for o in (None, trainer.eval_orders(len(test), cfg, 1)[0]))
+    a, b = (trainer.forward(head, test, 6, torch.device("cpu"), o).logits
+            for o in (trainer.file_order(len(test)), trainer.eval_orders(len(test), cfg, 1)[0]))
     assert not torch.allclose(a, b, atol=1e-4)
 
 

@@ -68,29 +68,44 @@ def eval_orders(n: int, cfg: TrainConfig, count: int | None = None) -> list[torc
     return [torch.randperm(n, generator=g) for _ in range(count or cfg.eval_orders)]
 
 
-@torch.no_grad()
-def predict(head: torch.nn.Module, split: Split, batch_size: int, dev: torch.device,
-            order: torch.Tensor | None) -> np.ndarray:
-    """Eval-mode logits' argmax for every item, in the split's index order.
+FORWARD_FIELDS = ("logits", "text", "image", "fused")  # what `forward` gathers of a HeadOutput
 
-    The items are fed in `order`, cut into batches of `batch_size`: with `--cmf-scope
-    batch` a prediction depends on its batch mates, so the order matters. `order=None`
-    is the stored file order: only `leak_check` may use it.
+
+@torch.no_grad()
+def forward(head: heads.Head, split: Split, batch_size: int, device_: torch.device,
+            order: torch.Tensor) -> heads.HeadOutput:
+    """The one eval-mode pass of stage two: logits and embeddings (text, image, fused) of every
+    item, float32 on the CPU, in the split's index order.
+
+    The items are fed in `order`, cut into batches of `batch_size`: with `--cmf-scope batch` a
+    prediction depends on its batch mates, so the order is always the caller's choice: a
+    label-blind one from `eval_orders`, or `file_order` for the leak check alone.
     """
-    return logits(head, split, batch_size, dev, order).argmax(1).numpy()
-
-
-@torch.no_grad()
-def logits(head: torch.nn.Module, split: Split, batch_size: int, dev: torch.device,
-           order: torch.Tensor | None) -> torch.Tensor:
-    """(N, n_classes) eval-mode logits in the split's index order, fed in `order` (see predict)."""
     head.eval()
-    order = torch.arange(len(split)) if order is None else order
-    chunks = [head(split.batch(order[b : b + batch_size]).to(dev)).logits.float().cpu()
-              for b in range(0, len(order), batch_size)]
-    out = torch.empty(len(split), chunks[0].shape[1])
-    out[order] = torch.cat(chunks)  # back to the split's index order
-    return out
+    parts: dict[str, list] = {k: [] for k in FORWARD_FIELDS}
+    for b in range(0, len(order), batch_size):
+        out = head(split.batch(order[b : b + batch_size]).to(device_))
+        for k in FORWARD_FIELDS:
+            parts[k].append(None if getattr(out, k) is None else getattr(out, k).float().cpu())
+    result = {}
+    for k, p in parts.items():
+        if any(x is None for x in p):  # an embedding the head does not return
+            result[k] = None
+            continue
+        x = torch.cat(p)
+        result[k] = torch.empty_like(x)
+        result[k][order] = x  # back to the split's index order
+    return heads.HeadOutput(**result)
+
+
+def file_order(n: int) -> torch.Tensor:
+    """The stored order of a split (label-sorted in the shipped split files): only the leak check feeds items so."""
+    return torch.arange(n)
+
+
+def predict(head: heads.Head, split: Split, batch_size: int, device_: torch.device, order: torch.Tensor) -> np.ndarray:
+    """The argmax of `forward`'s logits, in the split's index order."""
+    return forward(head, split, batch_size, device_, order).logits.argmax(1).numpy()
 
 
 def score_split(head, split: Split, cfg: TrainConfig, n_classes: int, dev: torch.device,
@@ -241,7 +256,7 @@ def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, dev:
     None for a head whose predictions do not depend on batch mates (the order cannot matter)."""
     if not head.batch_dependent:
         return None
-    s = scores(split.labels.numpy(), predict(head, split, cfg.eval_batch_size, dev, None), n_classes)
+    s = scores(split.labels.numpy(), predict(head, split, cfg.eval_batch_size, dev, file_order(len(split))), n_classes)
     return {m: s[m] for m in METRICS}
 
 
