@@ -62,10 +62,10 @@ class Split:
         text = {}
         if self.cls is not None:
             lengths = self.offsets[idx + 1] - self.offsets[idx]
-            text = {"cls": self.cls[idx], "tokens": self.tokens[_rows(self.offsets, idx)],
-                    "offsets": torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])}
+            text = {"cls": self.cls[idx], "tokens": self.tokens[_rows(self.offsets, idx)], "offsets": _offsets(lengths)}
         return Split([self.ids[i] for i in idx.tolist()], self.labels[idx],
                      maps=self.maps[idx] if self.maps is not None else None, **text)
+
     def draw_views(self, seed: int, epoch: int) -> torch.Tensor:
         """One view per item for this epoch; its own generator (seed, epoch), so the batch
         order is the same with and without views."""
@@ -214,6 +214,8 @@ def _check_agree(text: dict, image: dict, dataset: str) -> None:
                     f"(split {other[0]}, label {other[1]}) in the image cache: the two were built from different "
                     "data; re-extract both with --force"
                 )
+
+
 def _load_views(folder: Path, clean: store.Provenance, train: store.TextFeatures | None, dataset: str, encoder: str):
     """The K dropout views of the train texts as (K, N, L, H) and (K, T, L, H) tensors.
 
@@ -253,23 +255,26 @@ def _attach_views(split: Split, text: store.TextFeatures, cls: torch.Tensor, tok
 
 
 def _join(text: store.TextFeatures | None, image: store.ImageFeatures | None) -> tuple[Split, int]:
-    if image is None:
-        return Split(text.ids, text.labels, text.cls, text.tokens, text.offsets), 0
     if text is None:
         return Split(image.ids, image.labels, maps=image.maps), 0
+    split = Split(text.ids, text.labels, text.cls, text.tokens, text.offsets)
+    if image is None:
+        return split, 0
     where = {id_: i for i, id_ in enumerate(image.ids)}
     keep = [i for i, id_ in enumerate(text.ids) if id_ in where]
     if len(keep) == len(text.ids) and text.ids == image.ids:
         maps = image.maps
     else:
         maps = image.maps[torch.tensor([where[text.ids[i]] for i in keep], dtype=torch.long)]
-    if len(keep) == len(text.ids):
-        return Split(text.ids, text.labels, text.cls, text.tokens, text.offsets, maps), 0
-    idx = torch.tensor(keep, dtype=torch.long)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(text.offsets[idx + 1] - text.offsets[idx], 0)])
-    tokens = text.tokens[_rows(text.offsets, idx)]
-    split = Split([text.ids[i] for i in keep], text.labels[idx], text.cls[idx], tokens, offsets, maps)
+    if len(keep) < len(text.ids):
+        split = split.subset(torch.tensor(keep, dtype=torch.long))
+    split.maps = maps
     return split, len(text.ids) - len(keep)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """(N+1,) offsets of texts of these token counts stored back to back."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
 
 
 def _rows(offsets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -298,21 +303,10 @@ def reassign(splits: dict[str, Split], folder: Path) -> dict[str, Split]:
     for s, picked in rows.items():
         if not picked:
             raise UserError(f"no item of the cache is listed in {folder / (s + '.txt')}: are these split files for this data set?")
-        parts = [_take(splits[src], torch.tensor([r for sr, r in picked if sr == src], dtype=torch.long))
+        parts = [splits[src].subset(torch.tensor([r for sr, r in picked if sr == src], dtype=torch.long))
                  for src in splits if any(sr == src for sr, _ in picked)]
         out[s] = _cat(parts)
     return out
-
-
-def _take(split: Split, idx: torch.Tensor) -> Split:
-    """Rows `idx` of a split, features included (tokens gathered back to back)."""
-    text = {}
-    if split.cls is not None:
-        lengths = split.offsets[idx + 1] - split.offsets[idx]
-        text = dict(cls=split.cls[idx], tokens=split.tokens[_rows(split.offsets, idx)],
-                    offsets=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]))
-    maps = split.maps[idx] if split.maps is not None else None
-    return Split([split.ids[i] for i in idx.tolist()], split.labels[idx], maps=maps, **text)
 
 
 def _cat(parts: list[Split]) -> Split:
@@ -323,6 +317,6 @@ def _cat(parts: list[Split]) -> Split:
     if first.cls is not None:
         lengths = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])
         text = dict(cls=torch.cat([p.cls for p in parts]), tokens=torch.cat([p.tokens for p in parts]),
-                    offsets=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]))
+                    offsets=_offsets(lengths))
     maps = torch.cat([p.maps for p in parts]) if first.maps is not None else None
     return Split(sum((p.ids for p in parts), []), torch.cat([p.labels for p in parts]), maps=maps, **text)

@@ -2,7 +2,8 @@
 
 Per batch the head's own objective is the loss (ARCHITECTURE.md rule 3: the trainer
 names no loss and no head):
-  step one   L1 = sum of head.objective(out, y)  (SPP-SCL: lambda_ce CE + SupCon(T_a) + SupCon(I_a))
+  step one   L1 = the sum of the head's terms, head.objective(out, y)
+             (for example SPP-SCL's: lambda_ce CE + SupCon(T_a) + SupCon(I_a))
   step two   if head.has_second_step: forward the same batch again; if head.second_step(out, y)
              returns terms (its gate opened), a second optimizer step on their sum; else skip.
 The epoch is selected on the dev split; test is scored once, with that epoch's weights.
@@ -108,11 +109,11 @@ def predict(head: heads.Head, split: Split, batch_size: int, device_: torch.devi
     return forward(head, split, batch_size, device_, order).logits.argmax(1).numpy()
 
 
-def score_split(head, split: Split, cfg: TrainConfig, n_classes: int, dev: torch.device,
+def score_split(head, split: Split, cfg: TrainConfig, n_classes: int, device_: torch.device,
                 orders: list[torch.Tensor]) -> tuple[dict, np.ndarray]:
     """Metrics averaged over `orders` (+ per-order values), and the first order's predictions."""
     y = split.labels.numpy()
-    preds = [predict(head, split, cfg.eval_batch_size, dev, o) for o in orders]
+    preds = [predict(head, split, cfg.eval_batch_size, device_, o) for o in orders]
     per = [scores(y, p, n_classes) for p in preds]
     mean = {m: float(np.mean([s[m] for s in per])) for m in METRICS}
     mean["order_std"] = {m: float(np.std([s[m] for s in per], ddof=1)) if len(per) > 1 else 0.0 for m in METRICS}
@@ -134,12 +135,12 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     (weights, optimizer, scheduler, every random stream, the best epoch so far, the logs)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-    dev = device()
+    device_ = device()
     train, dev_split, test = data.splits["train"], data.splits["dev"], data.splits["test"]
     if len(train) < 2:
         raise UserError(f"the train split of {cfg.dataset} has {len(train)} item(s): training needs at least 2 "
                         "(BatchNorm and SupCon need pairs); extract more data or check the split column")
-    head = build_head(cfg, data).to(dev)
+    head = build_head(cfg, data).to(device_)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     # torch >= 2 zero_grad drops gradients (set_to_none); the official code's torch 1.8 kept zero
@@ -147,7 +148,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     keep_zero_grads = cfg.official
     g = torch.Generator().manual_seed(seed)
     n_classes = data.dims.n_classes
-    weight = class_weights(train.labels, n_classes).to(dev) if cfg.balanced else None
+    weight = class_weights(train.labels, n_classes).to(device_) if cfg.balanced else None
     dev_order = eval_orders(len(dev_split), cfg, 1)
     best, logs, fired_total, batches_total, start = None, [], 0, 0, 0
     if resume is not None:
@@ -167,7 +168,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
             idx = order[b : b + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on one sample
                 continue
-            batch = train.batch(idx, view=None if views is None else views[idx]).to(dev)
+            batch = train.batch(idx, view=None if views is None else views[idx]).to(device_)
             y = batch.labels
             terms = head.objective(head(batch), y, weight)
             opt.zero_grad(set_to_none=not keep_zero_grads)
@@ -186,7 +187,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         sched.step()
         fired_total += fired
         batches_total += n_batches
-        pred = predict(head, dev_split, cfg.eval_batch_size, dev, dev_order[0])
+        pred = predict(head, dev_split, cfg.eval_batch_size, device_, dev_order[0])
         dev_scores = scores(dev_split.labels.numpy(), pred, n_classes)
         log = EpochLog(seed, epoch, lr, {k: sums[k] / counts[k] for k in sums},
                        fired / max(n_batches, 1), time.time() - t0, dev_scores)
@@ -196,13 +197,13 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         save(snapshot(epoch, head, opt, sched, g, best, logs, fired_total, batches_total))
         on_epoch(log)
     orders = eval_orders(len(test), cfg)
-    last = score_split(head, test, cfg, n_classes, dev, orders)[0] if cfg.official else None
+    last = score_split(head, test, cfg, n_classes, device_, orders)[0] if cfg.official else None
     head.load_state_dict(best[2])
-    test_scores, test_pred = score_split(head, test, cfg, n_classes, dev, orders)
+    test_scores, test_pred = score_split(head, test, cfg, n_classes, device_, orders)
     return SeedResult(
         seed, best[0], {k: v.cpu() for k, v in best[2].items()}, best[1], test_scores,
         fired_total / max(batches_total, 1), test_pred.tolist(), logs,
-        leak_check=file_order_scores(head, test, cfg, n_classes, dev), last_epoch_test=last,
+        leak_check=file_order_scores(head, test, cfg, n_classes, device_), last_epoch_test=last,
     )
 
 
@@ -251,12 +252,12 @@ def saved_logs(state: dict) -> list[EpochLog]:
     return [EpochLog(**log) for log in state["logs"]]
 
 
-def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, dev: torch.device) -> dict | None:
+def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, device_: torch.device) -> dict | None:
     """The same weights scored in the stored (label-sorted) order, as the official test loop does;
     None for a head whose predictions do not depend on batch mates (the order cannot matter)."""
     if not head.batch_dependent:
         return None
-    s = scores(split.labels.numpy(), predict(head, split, cfg.eval_batch_size, dev, file_order(len(split))), n_classes)
+    s = scores(split.labels.numpy(), predict(head, split, cfg.eval_batch_size, device_, file_order(len(split))), n_classes)
     return {m: s[m] for m in METRICS}
 
 
