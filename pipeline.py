@@ -7,9 +7,11 @@ library function. A `UserError` anywhere becomes one line on stderr and exit cod
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import sys
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Literal, Optional
@@ -196,15 +198,6 @@ def train(
     _show(json.loads((run / "metrics.json").read_text()), f"{run}")
 
 
-def _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, set_, epochs, seeds, batch_size, lr, patience):
-    import heads
-    from train.config import TrainConfig
-
-    return TrainConfig(dataset=dataset, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder,
-                       head=head, head_config=heads.build_config(head, heads.parse_sets(head, set_)), epochs=epochs,
-                       seeds=_seeds(seeds), batch_size=batch_size, lr=lr, patience=patience)
-
-
 GRID_DATASET = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache")
 GRID_JOBS = typer.Option(1, min=1, help="cells trained in parallel processes on this machine")
 GRID_SHARD = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE)")
@@ -216,36 +209,67 @@ GRID_BATCH = typer.Option(None, min=2, help="[default: per data set]")
 GRID_LR = typer.Option(None, help="[default: per data set]")
 RUNS_DIR = typer.Option(Path("runs"), help="where the cells' run folders live (named from each config's hash)")
 
+# the options every grid command takes, declared once: name -> (type, option)
+GRID_OPTIONS = {
+    "dataset": (str, GRID_DATASET), "cache_dir": (Path, CacheOpt), "text_encoder": (str, GRID_TEXT),
+    "image_encoder": (str, GRID_IMAGE), "epochs": (int, GRID_EPOCHS), "seeds": (str, GRID_SEEDS),
+    "batch_size": (Optional[int], GRID_BATCH), "lr": (Optional[float], GRID_LR),
+    "patience": (Optional[int], PatienceOpt), "jobs": (int, GRID_JOBS), "shard": (Optional[str], GRID_SHARD),
+    "runs_dir": (Path, RUNS_DIR), "threads": (Optional[int], ThreadsOpt),
+}
+
+
+def grid_command(command):
+    """Give a grid command its own options plus GRID_OPTIONS (typer reads the signature made
+    here); the shared ones reach it as one dict, `shared`."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "shared"]
+    common = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=t)
+              for k, (t, opt) in GRID_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def run(**kw):
+        return command(shared={k: kw.pop(k) for k in GRID_OPTIONS}, **kw)
+
+    run.__signature__ = inspect.Signature(own + common)
+    hints = typing.get_type_hints(command)
+    run.__annotations__ = {**{k: v for k, v in hints.items() if k != "shared"}, **{k: t for k, (t, _) in GRID_OPTIONS.items()}}
+    return run
+
+
+def _grid_base(shared: dict, head: str, set_: list[str]):
+    import heads
+    from train.config import TrainConfig
+
+    kw = {k: shared[k] for k in ("dataset", "cache_dir", "text_encoder", "image_encoder", "epochs", "batch_size",
+                                 "lr", "patience")}
+    return TrainConfig(**kw, head=head, head_config=heads.build_config(head, heads.parse_sets(head, set_)),
+                       seeds=_seeds(shared["seeds"]))
+
+
+def _run_grid(shared: dict, cells) -> None:
+    from experiments import grid
+
+    grid.run_cells(cells, shared["jobs"], shared["shard"], console, shared["threads"])
+
 
 @app.command()
+@grid_command
 def ablate(
-    dataset: str = GRID_DATASET,
-    cache_dir: Path = CacheOpt,
-    text_encoder: str = GRID_TEXT,
-    image_encoder: str = GRID_IMAGE,
     head: str = typer.Option("spp_scl", help="any head with an ablation list (`pipeline.py heads`)"),
     rows: Optional[str] = typer.Option(None, help="comma-separated rows to run (the full model always runs)"),
     set_: list[str] = typer.Option([], "--set", help="head field for every row, key=value"),
-    epochs: int = GRID_EPOCHS,
-    seeds: str = GRID_SEEDS,
-    batch_size: Optional[int] = GRID_BATCH,
-    lr: Optional[float] = GRID_LR,
-    patience: Optional[int] = PatienceOpt,
-    jobs: int = GRID_JOBS,
-    shard: Optional[str] = GRID_SHARD,
-    runs_dir: Path = RUNS_DIR,
     out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: runs/ablate-<dataset>-<head>]"),
-    threads: Optional[int] = ThreadsOpt,
+    shared: Optional[dict] = None,
 ):
     """The paper's ablation rows for a head, one command: table.csv + table.md with seed noise."""
-    _threads.use(threads, jobs)
-    from train import grid
+    _threads.use(shared["threads"], shared["jobs"])
+    from experiments import grid
 
-    base = _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, set_, epochs, seeds, batch_size, lr, patience)
-    cells = grid.ablation_cells(base, runs_dir, [r.strip() for r in rows.split(",")] if rows else None)
-    grid.run_cells(cells, jobs, shard, console, threads)
-    target = out or grid.grid_out("ablate", base, runs_dir)
-    if grid.assemble(cells, target, dataset, head) is None:
+    base = _grid_base(shared, head, set_)
+    cells = grid.ablation_cells(base, shared["runs_dir"], [r.strip() for r in rows.split(",")] if rows else None)
+    _run_grid(shared, cells)
+    target = out or grid.grid_out("ablate", base, shared["runs_dir"])
+    if grid.assemble(cells, target, base.dataset, head) is None:
         console.print(grid.wait_note(cells))
         return
     console.print((target / "table.md").read_text(), highlight=False)
@@ -253,34 +277,23 @@ def ablate(
 
 
 @app.command()
+@grid_command
 def sweep(
     set_: list[str] = typer.Option(..., "--set", help="field=v1,v2,... (repeat for a grid of two fields)"),
-    dataset: str = GRID_DATASET,
-    cache_dir: Path = CacheOpt,
-    text_encoder: str = GRID_TEXT,
-    image_encoder: str = GRID_IMAGE,
     head: str = typer.Option("spp_scl"),
     fixed: list[str] = typer.Option([], "--fix", help="head field for every cell, key=value"),
-    epochs: int = GRID_EPOCHS,
-    seeds: str = GRID_SEEDS,
-    batch_size: Optional[int] = GRID_BATCH,
-    lr: Optional[float] = GRID_LR,
-    patience: Optional[int] = PatienceOpt,
-    jobs: int = GRID_JOBS,
-    shard: Optional[str] = GRID_SHARD,
-    runs_dir: Path = RUNS_DIR,
     out: Optional[Path] = typer.Option(None, help="where sweep.csv / sweep.png go [default: runs/sweep-<dataset>-<head>-<fields>]"),
-    threads: Optional[int] = ThreadsOpt,
+    shared: Optional[dict] = None,
 ):
     """Any head field over any list of values: a table on screen, sweep.csv/.md + a PNG of each metric with seed error bars."""
-    _threads.use(threads, jobs)
-    from train import grid
+    _threads.use(shared["threads"], shared["jobs"])
+    from experiments import grid
 
-    base = _grid_base(dataset, cache_dir, text_encoder, image_encoder, head, fixed, epochs, seeds, batch_size, lr, patience)
-    cells = grid.sweep_cells(base, set_, runs_dir)
-    grid.run_cells(cells, jobs, shard, console, threads)
+    base = _grid_base(shared, head, fixed)
+    cells = grid.sweep_cells(base, set_, shared["runs_dir"])
+    _run_grid(shared, cells)
     fields = "-".join(s.partition("=")[0] for s in set_)
-    target = out or Path(f"{grid.grid_out('sweep', base, runs_dir)}-{fields}")
+    target = out or Path(f"{grid.grid_out('sweep', base, shared['runs_dir'])}-{fields}")
     png = grid.sweep_plot(cells, target)
     if png is None:
         console.print(grid.wait_note(cells))
@@ -336,7 +349,7 @@ def audit(
 ):
     """Leaks across splits (same text, near-duplicate image) and label conflicts, from the cache."""
     _threads.use(threads)
-    from core import audit as au
+    from extract import audit as au
 
     cfg = au.AuditConfig(dataset=dataset, cache_dir=cache_dir, data_root=data_root or default_data_root(),
                          text_encoder=text_encoder, image_encoder=image_encoder, write_clean=write_clean, out=out)
@@ -367,7 +380,7 @@ def report_cmd(
 ):
     """Write report.md with PNGs into the run folder: losses, embedding distances, t-SNE, confusion."""
     _threads.use(threads)
-    from train.report import write_report
+    from inspection.report import write_report
 
     console.print(f"wrote {write_report(run, cache_dir)}")
 
@@ -386,7 +399,7 @@ def predict_cmd(
 ):
     """Label and class probabilities for new items, with the run's own encoders."""
     _threads.use(threads)
-    from train.predict import Predictor, items_from_args
+    from inference.predict import Predictor, items_from_args
 
     items = items_from_args(image, text, manifest, id_)
     predictor = Predictor(run, seed, cache_dir)

@@ -22,7 +22,8 @@ import typer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core import audit, store  # noqa: E402
+from core import store  # noqa: E402
+from extract import audit  # noqa: E402
 
 
 def rss_MB() -> float:

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from core import store  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.runs import load_data  # noqa: E402
+from train.data import load_data  # noqa: E402
 from train.trainer import train_seed  # noqa: E402
 
 TRAIN_ITEMS = 3611
@@ -112,7 +112,7 @@ def hwm():
 
 import torch
 from train.config import TrainConfig
-from train.runs import load_data
+from train.data import load_data
 from train.trainer import train_seed
 base = hwm()
 import heads

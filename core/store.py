@@ -63,6 +63,11 @@ class Provenance:
     view: int = 0  # text: 0 = eval-mode states; v >= 1 = dropout view v (train mode, seeded)
     format_version: int = FORMAT_VERSION
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Provenance":
+        """From index.json or a run's config.json (keys this version does not know are left out)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
     def differences(self, other: "Provenance") -> list[str]:
         return [
             f"{f.name} {getattr(other, f.name)!r} (asked {getattr(self, f.name)!r})"
@@ -267,78 +272,84 @@ def _allocate(index: dict, splits, shape_of) -> dict:
     return {s: shape_of(n, t) for s, (n, t) in totals.items() if n}
 
 
-def load_text(folder: Path, splits=("train", "dev", "test"), hint: str = "pipeline.py extract") -> dict[str, TextFeatures]:
-    """Every requested split of a text cache as in-memory tensors (one pass over the shards)."""
+def _load(folder: Path, splits, hint: str, allocate, read, place) -> dict:
+    """One pass over a cache's shards: each requested split's rows are copied straight into
+    arrays preallocated from the index counts. `allocate(f)` gives `_allocate` its shape_of
+    from the first non-empty shard, `read(f)` a shard's feature arrays (one read per shard;
+    a shard is small), `place(feats, (items, tokens) written, rows, arrays)` copies the rows
+    and returns the new counts."""
     index = open_index(folder, hint)
-    prov = index["provenance"]
-    out: dict[str, TextFeatures] = {}
-    fill = {}  # split -> [items written, tokens written]
+    out, fill = {}, {}
     for entry in index["shards"]:
         with h5py.File(Path(folder) / entry["file"], "r") as f:
             split = np.array(_strings(f["split"]))
-            ids, labels, offsets = _strings(f["ids"]), f["labels"][()], f["offsets"][()]
-            cls_ds, tok_ds = f["cls"], f["tokens"]
-            if not out:
-                L, H = cls_ds.shape[1:]
-                out = _allocate(index, splits, lambda n, t: TextFeatures(
-                    [], torch.empty(n, dtype=torch.int64), torch.empty(n, L, H, dtype=torch.float16),
-                    torch.empty(t, L, H, dtype=torch.float16), torch.zeros(n + 1, dtype=torch.int64)))
-                fill = {s: [0, 0] for s in out}
-            cls, tok = cls_ds[()], tok_ds[()]  # one read per shard; a shard is small
-            for s, feats in out.items():
-                rows = np.flatnonzero(split == s)
-                if not len(rows):
-                    continue
-                i, t = fill[s]
-                feats.ids += [ids[r] for r in rows]
-                feats.labels[i : i + len(rows)] = torch.from_numpy(labels[rows])
-                feats.cls[i : i + len(rows)] = torch.from_numpy(cls[rows])
-                for r in rows:
-                    n = int(offsets[r + 1] - offsets[r])
-                    feats.tokens[t : t + n] = torch.from_numpy(tok[offsets[r] : offsets[r + 1]])
-                    i += 1
-                    t += n
-                    feats.offsets[i] = t
-                fill[s] = [i, t]
+            ids, labels = _strings(f["ids"]), f["labels"][()]
+            if not out and len(split):
+                out = _allocate(index, splits, allocate(f))
+                fill = {s: (0, 0) for s in out}
+            arrays = read(f) if len(split) else None
+        for s, feats in out.items():
+            rows = np.flatnonzero(split == s)
+            if not len(rows):
+                continue
+            i = fill[s][0]
+            feats.ids += [ids[r] for r in rows]
+            feats.labels[i : i + len(rows)] = torch.from_numpy(labels[rows])
+            fill[s] = place(feats, fill[s], rows, arrays)
+    return out
+
+
+def load_text(folder: Path, splits=("train", "dev", "test"), hint: str = "pipeline.py extract") -> dict[str, TextFeatures]:
+    """Every requested split of a text cache as in-memory tensors (one pass over the shards)."""
+
+    def allocate(f):
+        L, H = f["cls"].shape[1:]
+        return lambda n, t: TextFeatures(
+            [], torch.empty(n, dtype=torch.int64), torch.empty(n, L, H, dtype=torch.float16),
+            torch.empty(t, L, H, dtype=torch.float16), torch.zeros(n + 1, dtype=torch.int64))
+
+    def place(feats, at, rows, arrays):
+        cls, tok, offsets = arrays
+        i, t = at
+        feats.cls[i : i + len(rows)] = torch.from_numpy(cls[rows])
+        for r in rows:
+            n = int(offsets[r + 1] - offsets[r])
+            feats.tokens[t : t + n] = torch.from_numpy(tok[offsets[r] : offsets[r + 1]])
+            i += 1
+            t += n
+            feats.offsets[i] = t
+        return i, t
+
+    out = _load(folder, splits, hint, allocate, lambda f: (f["cls"][()], f["tokens"][()], f["offsets"][()]), place)
     if not out:
-        raise UserError(f"cache {folder} holds none of the splits {', '.join(splits)} ({prov['dataset']})")
+        dataset = open_index(folder, hint)["provenance"]["dataset"]
+        raise UserError(f"cache {folder} holds none of the splits {', '.join(splits)} ({dataset})")
     return out
 
 
 def load_image(folder: Path, splits=("train", "dev", "test"), hint: str = "pipeline.py extract") -> dict[str, ImageFeatures]:
     """Every requested split of an image cache as in-memory tensors."""
-    index = open_index(folder, hint)
-    out: dict[str, ImageFeatures] = {}
-    fill = {}
-    for entry in index["shards"]:
-        with h5py.File(Path(folder) / entry["file"], "r") as f:
-            split = np.array(_strings(f["split"]))
-            ids, labels, maps_ds = _strings(f["ids"]), f["labels"][()], f["maps"]
-            if not out and len(split):
-                shape = maps_ds.shape[1:]
-                # channels-last in memory (NHWC strides, same NCHW shape): the heads' 1x1
-                # convolution and its BatchNorm run about 1.7x faster on it on CPU
-                out = _allocate(index, splits, lambda n, t: ImageFeatures(
-                    [], torch.empty(n, dtype=torch.int64),
-                    torch.empty(n, *shape, dtype=torch.float16).contiguous(memory_format=torch.channels_last)))
-                fill = {s: 0 for s in out}
-            maps = maps_ds[()] if len(split) else None
-        for s, feats in out.items():
-            rows = np.flatnonzero(split == s)
-            if not len(rows):
-                continue
-            i = fill[s]
-            feats.ids += [ids[r] for r in rows]
-            feats.labels[i : i + len(rows)] = torch.from_numpy(labels[rows])
-            feats.maps[i : i + len(rows)] = torch.from_numpy(maps[rows])
-            fill[s] = i + len(rows)
+
+    def allocate(f):
+        shape = f["maps"].shape[1:]
+        # channels-last in memory (NHWC strides, same NCHW shape): the heads' 1x1
+        # convolution and its BatchNorm run about 1.7x faster on it on CPU
+        return lambda n, t: ImageFeatures(
+            [], torch.empty(n, dtype=torch.int64),
+            torch.empty(n, *shape, dtype=torch.float16).contiguous(memory_format=torch.channels_last))
+
+    def place(feats, at, rows, maps):
+        feats.maps[at[0] : at[0] + len(rows)] = torch.from_numpy(maps[rows])
+        return at[0] + len(rows), 0
+
+    out = _load(folder, splits, hint, allocate, lambda f: f["maps"][()], place)
     if not out:
         raise UserError(f"image cache {folder} holds none of the splits {', '.join(splits)}")
     return out
 
 
 def provenance(folder: Path, hint: str = "pipeline.py extract") -> Provenance:
-    return Provenance(**open_index(folder, hint)["provenance"])
+    return Provenance.from_dict(open_index(folder, hint)["provenance"])
 
 
 def read_meta(folder: Path, hint: str = "pipeline.py extract") -> tuple[list[str], np.ndarray, list[str]]:

@@ -1,15 +1,28 @@
 """The SPP-SCL loss terms (SPEC.md, "Losses and the two-step update").
 
-Short functions in the spirit of SupContrast's `losses.py`. The trainer calls them on
-the embeddings a head returns (`HeadOutput.text` = T_a, `HeadOutput.image` = I_a):
-step one adds `supcon(T_a, y) + supcon(I_a, y)`; step two runs `cross_supcon` only
-when `should_pull` says the two modalities are not aligned yet.
+Short functions in the spirit of SupContrast's `losses.py`. The heads' objectives call
+them (the trainer only sums the terms a head returns) on its embeddings (`HeadOutput.text`
+= T_a, `HeadOutput.image` = I_a): SPP-SCL's step one adds `supcon(T_a, y) + supcon(I_a, y)`;
+its step two runs `cross_supcon` only when `should_pull` says the two modalities are not
+aligned yet.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _cosine_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """norm(a) norm(b)^T / tau, (B, B): rows are a's anchors. a, b: (B, D) at any scale."""
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature
+
+
+def _log_softmax(logits: Tensor) -> Tensor:
+    """Row-wise log-softmax of (B, B) logits; entries may be -inf (a removed self)."""
+    # for numerical stability (a per-row constant cancels in the log-softmax)
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    return logits - logits.exp().sum(dim=1, keepdim=True).log()
 
 
 def _mean_over_positives(log_prob: Tensor, positives: Tensor) -> Tensor:
@@ -43,17 +56,13 @@ def supcon(features: Tensor, labels: Tensor, temperature: float = 0.07,
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     if not positives.any():  # no pair shares a label (e.g. a batch of one): nothing to pull
         return features.sum() * 0.0
-    z = F.normalize(features, dim=1)
     # SupCon logits: z z^T / tau
-    logits = z @ z.T / temperature
+    logits = _cosine_logits(features, features, temperature)
     if official:
         logits = logits.masked_fill(self_mask, 0.0)  # official: self logit 0, stays in denominator
     else:
         logits = logits.masked_fill(self_mask, float("-inf"))  # mask out self-contrast
-    # for numerical stability (a per-row constant cancels in the log-softmax)
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    log_prob = logits - logits.exp().sum(dim=1, keepdim=True).log()
-    return _mean_over_positives(log_prob, positives)
+    return _mean_over_positives(_log_softmax(logits), positives)
 
 
 def cross_supcon(text: Tensor, image: Tensor, labels: Tensor,
@@ -69,13 +78,10 @@ def cross_supcon(text: Tensor, image: Tensor, labels: Tensor,
             row has at least one positive).
     """
     # cross-modal logits: norm(T) norm(I)^T / tau, (B, B), rows = text anchors
-    logits = F.normalize(text, dim=1) @ F.normalize(image, dim=1).T / temperature
+    logits = _cosine_logits(text, image, temperature)
     # positives: y_i == y_j, diagonal (the true pair) included
     positives = labels[:, None] == labels[None, :]
-    # for numerical stability
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    log_prob = logits - logits.exp().sum(dim=1, keepdim=True).log()
-    return _mean_over_positives(log_prob, positives)
+    return _mean_over_positives(_log_softmax(logits), positives)
 
 
 @torch.no_grad()

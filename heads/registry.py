@@ -1,8 +1,8 @@
 """Head registry, timm style: a new head is one file with `@register("name", config=Cfg)`.
 
-The trainer and the CLI only call `create`, `config_class`, `parse_sets`, `describe` and
-`flags`/`flag_values`, so adding a head, its hyper-parameters, their `train` shorthands and
-its loss terms needs no edit anywhere else (ARCHITECTURE.md, rules 3 and 4).
+The trainer and the CLI only call `create`, `build_config`, `config_class`, `parse_sets`,
+`describe` and `flags`/`flag_values`, so adding a head, its hyper-parameters, their `train`
+shorthands and its loss terms needs no edit anywhere else (ARCHITECTURE.md, rules 3 and 4).
 """
 from __future__ import annotations
 

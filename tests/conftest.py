@@ -245,6 +245,20 @@ def tiny_views_cache(tiny_cache, tmp_path_factory) -> TinyCache:
                      text_encoder=cfg.text_encoder, image_encoder=cfg.image_encoder, config=cfg, summary=summary)
 
 
+@pytest.fixture(scope="session")
+def views_run(tiny_views_cache, tmp_path_factory) -> Path:
+    """A run trained with `--text-views` (SPP-SCL, batch scope, seeds 1 and 2): config.json records
+    the number of views beside the caches' provenance; eval, report, predict and resume read it back."""
+    from train import runs
+    from train.config import TrainConfig
+
+    c = tiny_views_cache
+    cfg = TrainConfig(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder,
+                      image_encoder=c.image_encoder, epochs=1, seeds=(1, 2), batch_size=6, eval_orders=1,
+                      text_views=True, out=tmp_path_factory.mktemp("views_run") / "run")
+    return runs.train(cfg, quiet_console())
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):

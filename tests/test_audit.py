@@ -1,4 +1,4 @@
-"""The data audit (core/audit.py): each check on a tiny synthetic cache with planted
+"""The data audit (extract/audit.py): each check on a tiny synthetic cache with planted
 duplicates, the blocked search against brute force, the clean split through `train`, and
 the manifest label rules of extract/datasets.py."""
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core import audit, store
+from core import store
 from core.errors import UserError
-from extract import datasets
+from extract import audit, datasets
 from train import data as cache
 
 C, H, W, L, HID = 32, 2, 2, 2, 4  # tiny feature shapes

@@ -172,15 +172,15 @@ def test_dims_and_classes_come_from_the_cache(tmp_path):
     d = load(tmp_path)
     assert (d.dims.text_layers, d.dims.text_width, d.dims.image_channels, d.dims.n_classes) == (L, H, C, 3)
     assert d.classes == CLASSES
-    assert d.provenance["text"]["encoder"] == d.provenance["image"]["encoder"] == ENC
-    assert d.provenance["text"]["kind"] == "text" and d.provenance["image"]["kind"] == "image"
+    assert d.provenance.text.encoder == d.provenance.image.encoder == ENC
+    assert d.provenance.text.kind == "text" and d.provenance.image.kind == "image" and d.provenance.text_views == 0
 
 
 def test_text_modality_on_a_text_only_cache(tmp_path):
     items = make_items({"train": 4, "dev": 2, "test": 3})
     write_cache(tmp_path, items, None)
     d = load(tmp_path, "text")
-    assert d.dropped == 0 and set(d.provenance) == {"text"}
+    assert d.dropped == 0 and set(d.provenance.kinds()) == {"text"}
     assert d.dims.image_channels == 0 and d.dims.text_layers == L
     assert_split_holds(d.splits["test"], items[6:], with_maps=False)
     b = d.splits["test"].batch(torch.tensor([2, 0]))
@@ -191,7 +191,7 @@ def test_image_modality_reads_no_text(tmp_path):
     items = make_items({"train": 4, "dev": 2, "test": 2})
     write_cache(tmp_path, items, items)
     d = load(tmp_path, "image")
-    assert set(d.provenance) == {"image"} and d.dims.text_layers == 0 and d.dims.image_channels == C
+    assert set(d.provenance.kinds()) == {"image"} and d.dims.text_layers == 0 and d.dims.image_channels == C
     split = d.splits["dev"]
     assert split.cls is None and split.tokens is None and split.offsets is None
     b = split.batch(torch.tensor([1]))

@@ -1,4 +1,4 @@
-"""train/grid.py and the `ablate` / `sweep` commands, on the synthetic 3-class cache: the table
+"""experiments/grid.py and the `ablate` / `sweep` commands, on the synthetic 3-class cache: the table
 has every row with its paper number and a paired test; an interrupted grid redoes only what was
 not finished; two shards (processes) make the same table as one process; a sweep writes its CSV
 and plot; run folders are named from the config hash."""
@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import heads
-from train import grid, runs, trainer
+from experiments import grid
+from train import data as cache
+from train import run_folder, runs, trainer
 from train.config import TrainConfig
 
 from conftest import quiet_console
@@ -41,10 +43,10 @@ def cli_args(c, runs_dir: Path, *extra) -> list:
 
 def test_config_hash_names_run_folders(synth_cache, tmp_path):
     a = base(synth_cache).resolved()
-    assert runs.default_out(a, tmp_path) == runs.default_out(replace(a), tmp_path)
+    assert run_folder.default_out(a, tmp_path) == run_folder.default_out(replace(a), tmp_path)
     other = replace(a, head_config=replace(a.head_config, alpha=0.5))
-    assert runs.default_out(other, tmp_path) != runs.default_out(a, tmp_path)
-    assert runs.default_out(replace(a, out=tmp_path / "x"), tmp_path) == runs.default_out(a, tmp_path)
+    assert run_folder.default_out(other, tmp_path) != run_folder.default_out(a, tmp_path)
+    assert run_folder.default_out(replace(a, out=tmp_path / "x"), tmp_path) == run_folder.default_out(a, tmp_path)
 
 
 def test_ablate_table_rows_paper_numbers_and_paired_test(synth_cache, tmp_path):
@@ -177,9 +179,9 @@ def test_a_grid_loads_each_cache_once_and_gives_each_cell_its_modalities(synth_c
     """One process, rows of both modalities and of text alone: each cell trains on the caches its
     head reads, and each modality set is loaded once."""
     loads, seen = [], []
-    real_load, real_run = runs.load_data, runs.train_run
+    real_load, real_run = cache.load_data, runs.train_run
     monkeypatch.setattr(grid, "_DATA", {})
-    monkeypatch.setattr(runs, "load_data", lambda cfg: loads.append(runs.modalities(cfg)) or real_load(cfg))
+    monkeypatch.setattr(cache, "load_data", lambda cfg: loads.append(cache.modalities(cfg)) or real_load(cfg))
     monkeypatch.setattr(runs, "train_run", lambda cfg, data, *a, **k: seen.append(
         (cfg.head_config.reads(), data.dims.image_channels > 0, data.dims.text_layers > 0)) or real_run(cfg, data, *a, **k))
     cells = grid.ablation_cells(base(synth_cache, seeds=(1,)), tmp_path / "runs", ["text only", "w/o CMF"])
@@ -197,5 +199,5 @@ def test_the_grid_bar_counts_epochs_and_drops_those_patience_skips(synth_cache, 
     cells = grid.ablation_cells(base(synth_cache, epochs=4, patience=1), tmp_path / "runs", ["one-step"])
     console = quiet_console()
     grid.run_cells(cells, console=console)
-    assert [runs.epochs_done(c.cfg.out, c.cfg) for c in cells] == [(4, 4), (4, 4)]
+    assert [run_folder.epochs_done(c.cfg.out, c.cfg) for c in cells] == [(4, 4), (4, 4)]
     assert "8/8 epochs" in console.file.getvalue()

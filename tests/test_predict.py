@@ -1,4 +1,4 @@
-"""train/predict.py and `pipeline.py predict`: new items through the run's own encoders, features as
+"""inference/predict.py and `pipeline.py predict`: new items through the run's own encoders, features as
 the cache holds them, probabilities that sum to 1, a prediction independent of the request, and
 one clear line for each kind of bad input.
 
@@ -16,9 +16,9 @@ import torch
 
 import heads
 from core.errors import UserError
-from train import runs
+from train import run_folder, runs
 from train.config import TrainConfig
-from train.predict import NewItem, Predictor, items_from_args, read_manifest
+from inference.predict import NewItem, Predictor, items_from_args, read_manifest
 
 from conftest import DATA, quiet_console
 
@@ -50,9 +50,18 @@ def _test_items(n: int) -> list[NewItem]:
     return [NewItem(r["id"], r["text"], IMAGES / f"{r['id']}.jpg") for r in rows]
 
 
+def test_batch_scope_predict_of_a_views_run(views_run):
+    """Regression: batch-scope `predict` of a --text-views run draws its context from the clean
+    train states (TypeError before)."""
+    p = Predictor(views_run)
+    assert p.heads[0].batch_dependent and p.context is not None and p.provenance.text_views > 0
+    (pred,) = p.predict(_test_items(1))
+    assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_features_are_what_the_cache_holds(predictor, run):
     """A shipped test item encoded by predict equals its row in the cache (float16 either way)."""
-    _, _, data = runs.open_run(run)
+    _, _, data = run_folder.open_run(run)
     test = data.splits["test"]
     item = _test_items(1)[0]
     i = test.ids.index(item.id)

@@ -1,4 +1,4 @@
-"""train/report.py and `pipeline.py report`: report.md and its PNGs from a run trained on the
+"""inspection/report.py and `pipeline.py report`: report.md and its PNGs from a run trained on the
 synthetic cache (2 epochs, 2 seeds, batch 12), label-blind embeddings, skipped plots said so."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import heads
-from train import report, runs
+from inspection import report
+from train import run_folder, runs
 from train.config import TrainConfig
 
 from conftest import quiet_console
@@ -34,6 +35,12 @@ def synth_run(synth_cache, tmp_path_factory):
     return _train(synth_cache, tmp_path_factory.mktemp("runs") / "synth")
 
 
+def test_report_of_a_views_run(views_run):
+    """Regression: `report` of a --text-views run (TypeError before)."""
+    md = report.write_report(views_run)
+    assert md.is_file() and (views_run / "confusion.png").is_file()
+
+
 def test_report_writes_markdown_and_pngs(synth_run):
     md = report.write_report(synth_run)
     text = md.read_text()
@@ -54,9 +61,9 @@ def test_text_only_head_skips_image_plots_and_says_so(synth_cache, tmp_path):
 
 def test_embeddings_are_in_index_order_whatever_the_feed_order(synth_run):
     """Embeddings fed in a random order come back in the split's order (sample-scope parts agree)."""
-    _, cfg, data = runs.open_run(synth_run)
+    _, cfg, data = run_folder.open_run(synth_run)
     test = data.splits["test"]
-    head = runs.load_head(synth_run, cfg, data, 1)
+    head = run_folder.load_head(synth_run, cfg, data.dims, 1)
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(3))
     a = report.embeddings(head, test, len(test), torch.arange(len(test)))
     b = report.embeddings(head, test, len(test), perm)

@@ -1,4 +1,4 @@
-"""train/runs.py and the `train` / `eval` / `heads` commands: what a run folder holds,
+"""train/runs.py, train/run_folder.py and the `train` / `eval` / `heads` commands: what a run folder holds,
 that `eval` recomputes the recorded numbers from it, and that bad input through the CLI
 is one line on stderr, never a traceback.
 
@@ -23,7 +23,8 @@ import heads
 from core import store
 from core.device import device
 from core.errors import Interrupted, UserError
-from train import runs, trainer
+from train import data as cache
+from train import run_folder, runs, trainer
 from train.config import METRICS, TrainConfig
 from train.metrics import scores
 
@@ -75,7 +76,7 @@ def read_log(run: Path) -> tuple[list[str], list[dict]]:
 def fresh_head(run: Path, seed: int) -> tuple[torch.nn.Module, TrainConfig]:
     """A head built from config.json alone, with seed-<s>.pt loaded strictly and weights_only."""
     cfg = TrainConfig.load(run / "config.json")
-    head = trainer.build_head(cfg, runs.load_data(cfg))
+    head = trainer.build_head(cfg, cache.load_data(cfg))
     head.load_state_dict(torch.load(run / f"seed-{seed}.pt", weights_only=True))
     return head.eval(), cfg
 
@@ -167,7 +168,7 @@ def test_checkpoint_round_trip_gives_the_same_predictions(trained):
         assert saved.keys() == r.state.keys()
         assert all(torch.equal(saved[k], r.state[k]) for k in saved)
         head, cfg = fresh_head(run, r.seed)
-        test = runs.load_data(cfg).splits["test"]
+        test = cache.load_data(cfg).splits["test"]
         orders = trainer.eval_orders(len(test), cfg)
         pred = trainer.predict(head, test, cfg.eval_batch_size, device(), orders[0])
         assert pred.tolist() == r.test_pred
@@ -226,7 +227,7 @@ def test_train_refuses_a_folder_of_another_run(trained, tmp_path):
 
 
 @pytest.mark.parametrize("what, message", [
-    ("provenance", r"text cache \(fingerprint\)"),
+    ("provenance", r"text cache \(fingerprint '[0-9a-f]+' \(asked 'rebuilt'\)\)"),
     ("git_commit", r"code \(commit 0123456789, now"),
 ])
 def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_path):
@@ -244,9 +245,40 @@ def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_
         runs.train(TrainConfig.from_json({**cfg.to_json(), "out": str(again)}), quiet_console())
 
 
+def test_a_views_run_records_its_views_and_resumes(views_run, tmp_path):
+    """Regression: the number of views travels with the provenance (it used to be a bare int
+    that resume iterated: TypeError). A cut seed resumes; other views are refused."""
+    from conftest import TINY_VIEWS
+
+    saved = read_json(views_run / "config.json")
+    assert saved["provenance"]["text_views"] == TINY_VIEWS
+    assert cache.CacheProvenance.from_json(saved["provenance"]).to_json() == saved["provenance"]
+    cfg = TrainConfig.from_json({**saved["train"], "out": str(tmp_path / "again")})
+    again = tmp_path / "again"
+    shutil.copytree(views_run, again)
+    (again / "seed-2.json").unlink()
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "train_seed", lambda cfg_, data, seed, *a, **kw: calls.append(seed)
+                   or trainer.train_seed(cfg_, data, seed, *a, **kw))
+        runs.train(cfg, quiet_console())
+    assert calls == [2]
+    assert read_json(again / "metrics.json")["per_seed"] == read_json(views_run / "metrics.json")["per_seed"]
+    saved["provenance"]["text_views"] = TINY_VIEWS + 1
+    (again / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=rf"text cache \(dropout views {TINY_VIEWS} \(asked {TINY_VIEWS + 1}\)\)"):
+        runs.train(cfg, quiet_console())
+
+
+def test_eval_of_a_views_run_scores_the_clean_states(views_run):
+    """Regression: `eval` of a --text-views run (TypeError before); test never reads views."""
+    result = runs.evaluate(views_run)
+    assert result["matches_metrics_json"] is True
+
+
 def test_config_json_records_a_dirty_working_tree(trained):
     saved = read_json(trained[0] / "config.json")
-    assert saved["git_dirty"] == runs.git_dirty() and isinstance(saved["git_dirty"], bool)
+    assert saved["git_dirty"] == run_folder.git_dirty() and isinstance(saved["git_dirty"], bool)
 
 
 def test_evaluate_recomputes_the_recorded_test_metrics(trained):
@@ -282,7 +314,7 @@ def test_evaluate_refuses_a_cache_built_differently(trained, tiny_cache, tmp_pat
     data = read_json(index)
     data["provenance"]["preprocessing"] = '{"resize": 300}'
     index.write_text(json.dumps(data))
-    with pytest.raises(UserError, match=r"image cache .* differs .*\(preprocessing\).*pipeline\.py extract "
+    with pytest.raises(UserError, match=r"image cache .* differs .*\(preprocessing .*pipeline\.py extract "
                                         r".*--image-encoder efficientnet-lite0"):
         runs.evaluate(trained[0], cache)
 
@@ -371,10 +403,10 @@ def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trai
 
     with pytest.raises(Interrupted, match=rf"^{again}: seed 1 finished and epoch 1 of seed 2 kept; run the same "
                                           "command to continue$"):
-        runs.train_run(same, runs.load_data(same.resolved()), ctrl_c)
+        runs.train_run(same, cache.load_data(same.resolved()), ctrl_c)
     assert (again / "seed-2.state.pt").is_file() and not (again / "seed-1.state.pt").exists()
     assert [(r["seed"], r["epoch"]) for r in read_log(again)[1]] == [("1", "1"), ("1", "2"), ("2", "1")]
-    assert runs.epochs_done(again, same.resolved()) == (3, 0)
+    assert run_folder.epochs_done(again, same.resolved()) == (3, 0)
     console, epochs = quiet_console(), []
 
     def count(*a, on_epoch, **kw):
@@ -391,7 +423,7 @@ def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trai
     assert (header, [{**r, "seconds": ""} for r in rows]) == \
         (read_log(run)[0], [{**r, "seconds": ""} for r in read_log(run)[1]])
     assert not (again / "seed-2.state.pt").exists()
-    assert runs.epochs_done(again, same.resolved()) == (4, 0)
+    assert run_folder.epochs_done(again, same.resolved()) == (4, 0)
 
 
 def test_the_saved_state_rewrites_the_log_rows_of_its_seed(trained, tmp_path):
@@ -401,7 +433,7 @@ def test_the_saved_state_rewrites_the_log_rows_of_its_seed(trained, tmp_path):
     path = tmp_path / "log.csv"
     shutil.copy(run / "log.csv", path)
     done = {1: results[0]}
-    log = runs.LogCsv(path, done, results[1].log[:1])
+    log = run_folder.LogCsv(path, done, results[1].log[:1])
     assert [(r["seed"], r["epoch"]) for r in read_log(tmp_path)[1]] == [("1", "1"), ("1", "2"), ("2", "1")]
     assert read_log(tmp_path)[1][2] == read_log(run)[1][2]
     log.add(results[1].log[1])

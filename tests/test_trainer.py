@@ -24,6 +24,7 @@ import heads
 from core.errors import UserError
 from heads import spp_scl
 from heads.spp_scl import SppSclConfig
+from train import data as train_data
 from train import runs, trainer
 from train.config import TrainConfig
 
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def synth_data(synth_cache):
-    return runs.load_data(synth_config(synth_cache, None).resolved())
+    return train_data.load_data(synth_config(synth_cache, None).resolved())
 
 
 def synth_config(c, out, head_cfg: dict | None = None, head: str = "spp_scl", **kw) -> TrainConfig:
@@ -309,18 +310,18 @@ def test_official_step_two_moves_parameters_l_clm_does_not_reach(official, synth
 def test_scoring_never_follows_the_stored_order(synth_cache, synth_data, monkeypatch):
     """Dev (every epoch) and test are fed in seeded random orders; only leak_check uses file order."""
     seen = []
-    real = trainer.predict
+    real = trainer.forward
 
-    def spy_predict(head, split, batch_size, dev, order):
+    def spy_forward(head, split, batch_size, device_, order):
         seen.append((len(split), order))
-        return real(head, split, batch_size, dev, order)
+        return real(head, split, batch_size, device_, order)
 
-    monkeypatch.setattr(trainer, "predict", spy_predict)
+    monkeypatch.setattr(trainer, "forward", spy_forward)
     cfg = synth_config(synth_cache, None, epochs=2, eval_orders=3).resolved()
     r = trainer.train_seed(cfg, synth_data, seed=1)
-    stored = [o for _, o in seen if o is None]
+    stored = [o for _, o in seen if torch.equal(o, trainer.file_order(len(o)))]
     assert len(stored) == 1 and r.leak_check is not None  # the leak check alone, batch scope
-    orders = [o for _, o in seen if o is not None]
+    orders = [o for _, o in seen if not torch.equal(o, trainer.file_order(len(o)))]
     assert len(orders) == 2 + 3  # dev per epoch, then 3 test orders
     for o in orders:
         assert not torch.equal(o, torch.arange(len(o)))
@@ -336,9 +337,9 @@ def test_sample_scope_predictions_do_not_depend_on_the_order(synth_cache, synth_
     head = trainer.build_head(cfg, synth_data)
     head.load_state_dict(r.state)
     test = synth_data.splits["test"]
-    stored = trainer.logits(head, test, 4, torch.device("cpu"), None)
+    stored = trainer.forward(head, test, 4, torch.device("cpu"), trainer.file_order(len(test))).logits
     for order in trainer.eval_orders(len(test), cfg, 3):
-        torch.testing.assert_close(trainer.logits(head, test, 4, torch.device("cpu"), order), stored)
+        torch.testing.assert_close(trainer.forward(head, test, 4, torch.device("cpu"), order).logits, stored)
     assert r.leak_check is None and not head.batch_dependent
 
 
@@ -348,7 +349,8 @@ def test_batch_scope_predictions_depend_on_the_order(synth_cache, synth_data):
     head = trainer.build_head(cfg, synth_data)
     head.load_state_dict(r.state)
     test = synth_data.splits["test"]
-    a, b = (trainer.logits(head, test, 6, torch.device("cpu"), o) for o in (None, trainer.eval_orders(len(test), cfg, 1)[0]))
+    a, b = (trainer.forward(head, test, 6, torch.device("cpu"), o).logits
+            for o in (trainer.file_order(len(test)), trainer.eval_orders(len(test), cfg, 1)[0]))
     assert not torch.allclose(a, b, atol=1e-4)
 
 
@@ -459,7 +461,7 @@ def test_text_views_on_a_cache_without_them_is_a_user_error(tiny_cache, tiny_vie
     unfinished = cache / tiny_cache.dataset / "text" / "minilm" / "view-02"
     (unfinished / "index.json").unlink()  # an interrupted extract --text-views
     with pytest.raises(UserError, match=r"no complete cache at .*view-02: run .*--text-views K"):
-        runs.load_data(synth_config(tiny_cache, None, cache_dir=cache, text_views=True))
+        train_data.load_data(synth_config(tiny_cache, None, cache_dir=cache, text_views=True))
     with pytest.raises(UserError, match="--text-views needs a head that reads text"):
         synth_config(tiny_cache, None, {"modalities": "image"}, text_views=True).resolved()
 
@@ -469,7 +471,7 @@ def test_training_draws_a_view_per_item_and_epoch_and_scores_on_clean_states(tin
     from train.data import Split
 
     cfg = synth_config(tiny_views_cache, None, epochs=4, text_views=True, batch_size=6).resolved()
-    data = runs.load_data(cfg)
+    data = train_data.load_data(cfg)
     train, dev, test = (data.splits[s] for s in ("train", "dev", "test"))
     assert train.view_cls.shape == (TINY_VIEWS, *train.cls.shape) and dev.view_cls is None and test.view_cls is None
     seen = []  # (split, rows, cls and tokens the head got), in call order
@@ -512,7 +514,7 @@ def data_rows(split, idx):
 
 
 def test_a_view_batch_takes_every_token_of_a_text_from_its_view(tiny_views_cache):
-    data = runs.load_data(synth_config(tiny_views_cache, None, text_views=True).resolved())
+    data = train_data.load_data(synth_config(tiny_views_cache, None, text_views=True).resolved())
     train = data.splits["train"]
     idx, view = torch.tensor([3, 0, 7]), torch.tensor([1, 0, 1])
     b = train.batch(idx, view=view)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+import heads
 from core import store
 from core.errors import UserError
 from heads.base import Batch, Dims
+from train.config import TrainConfig
 
 
 @dataclass
@@ -60,10 +62,10 @@ class Split:
         text = {}
         if self.cls is not None:
             lengths = self.offsets[idx + 1] - self.offsets[idx]
-            text = {"cls": self.cls[idx], "tokens": self.tokens[_rows(self.offsets, idx)],
-                    "offsets": torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])}
+            text = {"cls": self.cls[idx], "tokens": self.tokens[_rows(self.offsets, idx)], "offsets": _offsets(lengths)}
         return Split([self.ids[i] for i in idx.tolist()], self.labels[idx],
                      maps=self.maps[idx] if self.maps is not None else None, **text)
+
     def draw_views(self, seed: int, epoch: int) -> torch.Tensor:
         """One view per item for this epoch; its own generator (seed, epoch), so the batch
         order is the same with and without views."""
@@ -73,12 +75,48 @@ class Split:
         return torch.randint(len(self.view_cls), (len(self),), generator=g)
 
 
+@dataclass(frozen=True)
+class CacheProvenance:
+    """What a run's features came from: each cache's `store.Provenance` and how many dropout
+    views of the train texts it drew from (0: the clean states only). Written to config.json,
+    read back by resume, `eval`, `report` and `predict`, and compared only by `differences`."""
+
+    text: store.Provenance | None = None
+    image: store.Provenance | None = None
+    text_views: int = 0
+
+    def kinds(self) -> dict[str, store.Provenance]:
+        return {k: p for k in (store.TEXT, store.IMAGE) if (p := getattr(self, k)) is not None}
+
+    def differences(self, now: "CacheProvenance") -> dict[str, list[str]]:
+        """Per cache kind of this record ("text", "image"), what differs in `now`; the views count
+        with the text cache. Empty when `now` is the same data."""
+        out = {}
+        for kind, p in self.kinds().items():
+            other = getattr(now, kind)
+            diff = [f"no {kind} cache"] if other is None else p.differences(other)
+            if diff:
+                out[kind] = diff
+        if self.text_views != now.text_views:
+            out.setdefault(store.TEXT, []).append(f"dropout views {now.text_views} (asked {self.text_views})")
+        return out
+
+    def to_json(self) -> dict:
+        views = {"text_views": self.text_views} if self.text_views else {}
+        return {**{k: asdict(p) for k, p in self.kinds().items()}, **views}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CacheProvenance":
+        kinds = {k: store.Provenance.from_dict(d[k]) for k in (store.TEXT, store.IMAGE) if k in d}
+        return cls(**kinds, text_views=int(d.get("text_views", 0)))
+
+
 @dataclass
 class Data:
     splits: dict[str, Split]
     dims: Dims
     classes: list[str]
-    provenance: dict[str, dict]  # "text"/"image" -> cache provenance
+    provenance: CacheProvenance
     dropped: int  # items in the text cache with no image (two-modality runs)
 
 
@@ -90,6 +128,18 @@ def extract_source(dataset: str) -> str:
     if limited and limited.group(1) in BUILTINS:
         return f"--dataset {limited.group(1)} --limit {limited.group(2)}"
     return f"--dataset {dataset}" if dataset in BUILTINS else f"--manifest PATH --name {dataset}"
+
+
+def modalities(cfg: TrainConfig) -> str:
+    """Which caches the head reads: its config says, the trainer loads only those."""
+    reads = (cfg.head_config or heads.build_config(cfg.head)).reads()
+    return "both" if len(reads) == 2 else reads[0]
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    """The caches a run of `cfg` reads, as `load` gives them."""
+    return load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder,
+                split_files=cfg.splits, text_views=cfg.text_views)
 
 
 def _hint(dataset: str, kind: str, encoder: str) -> str:
@@ -118,15 +168,15 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
     if not info_file.is_file():
         raise UserError(_no_cache(cache_dir, dataset))
     classes = json.loads(info_file.read_text())["classes"]
-    prov, text, image = {}, None, None
+    prov, text, image, n_views = {}, None, None, 0
     if modalities in ("text", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.TEXT, text_encoder)
         hint = _hint(dataset, store.TEXT, text_encoder)
-        prov["text"] = store.open_index(folder, hint)["provenance"]
+        prov["text"] = store.provenance(folder, hint)
         text = store.load_text(folder, hint=hint)
         if text_views:
             views = _load_views(folder, prov["text"], text.get("train"), dataset, text_encoder)
-            prov["text_views"] = len(views[0])
+            n_views = len(views[0])
     if modalities in ("image", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.IMAGE, image_encoder)
         if not (folder / "index.json").is_file():
@@ -135,7 +185,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
                 f"`python pipeline.py extract {extract_source(dataset)} --image-encoder {image_encoder} --image-dir DIR`, "
                 "or train with --modalities text"
             )
-        prov["image"] = store.open_index(folder, "")["provenance"]
+        prov["image"] = store.provenance(folder, "")
         image = store.load_image(folder)
     if text is not None and image is not None:
         _check_agree(text, image, dataset)
@@ -160,7 +210,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
         image_channels=any_split.maps.shape[1] if any_split.maps is not None else 0,
         n_classes=len(classes),
     )
-    return Data(splits, dims, classes, prov, dropped)
+    return Data(splits, dims, classes, CacheProvenance(**prov, text_views=n_views), dropped)
 
 
 def _check_agree(text: dict, image: dict, dataset: str) -> None:
@@ -176,7 +226,9 @@ def _check_agree(text: dict, image: dict, dataset: str) -> None:
                     f"(split {other[0]}, label {other[1]}) in the image cache: the two were built from different "
                     "data; re-extract both with --force"
                 )
-def _load_views(folder: Path, clean: dict, train: store.TextFeatures | None, dataset: str, encoder: str):
+
+
+def _load_views(folder: Path, clean: store.Provenance, train: store.TextFeatures | None, dataset: str, encoder: str):
     """The K dropout views of the train texts as (K, N, L, H) and (K, T, L, H) tensors.
 
     Refused, never silently replaced by clean states: no views, an unfinished view, or
@@ -190,9 +242,7 @@ def _load_views(folder: Path, clean: dict, train: store.TextFeatures | None, dat
         raise UserError(f"the {dataset} cache has no train split to draw text views for")
     cls = tokens = None
     for k, vf in enumerate(folders):
-        vprov = dict(store.open_index(vf, hint)["provenance"])
-        differs = [f"{key} {vprov.get(key)!r} (clean {clean.get(key)!r})" for key in clean
-                   if key != "view" and vprov.get(key) != clean.get(key)]
+        differs = clean.differences(replace(store.provenance(vf, hint), view=clean.view))
         if differs:
             raise UserError(f"text views {vf} were made from another cache: {'; '.join(differs)}. "
                             f"Run `{hint} --force` to rebuild both")
@@ -217,23 +267,26 @@ def _attach_views(split: Split, text: store.TextFeatures, cls: torch.Tensor, tok
 
 
 def _join(text: store.TextFeatures | None, image: store.ImageFeatures | None) -> tuple[Split, int]:
-    if image is None:
-        return Split(text.ids, text.labels, text.cls, text.tokens, text.offsets), 0
     if text is None:
         return Split(image.ids, image.labels, maps=image.maps), 0
+    split = Split(text.ids, text.labels, text.cls, text.tokens, text.offsets)
+    if image is None:
+        return split, 0
     where = {id_: i for i, id_ in enumerate(image.ids)}
     keep = [i for i, id_ in enumerate(text.ids) if id_ in where]
     if len(keep) == len(text.ids) and text.ids == image.ids:
         maps = image.maps
     else:
         maps = image.maps[torch.tensor([where[text.ids[i]] for i in keep], dtype=torch.long)]
-    if len(keep) == len(text.ids):
-        return Split(text.ids, text.labels, text.cls, text.tokens, text.offsets, maps), 0
-    idx = torch.tensor(keep, dtype=torch.long)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(text.offsets[idx + 1] - text.offsets[idx], 0)])
-    tokens = text.tokens[_rows(text.offsets, idx)]
-    split = Split([text.ids[i] for i in keep], text.labels[idx], text.cls[idx], tokens, offsets, maps)
+    if len(keep) < len(text.ids):
+        split = split.subset(torch.tensor(keep, dtype=torch.long))
+    split.maps = maps
     return split, len(text.ids) - len(keep)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """(N+1,) offsets of texts of these token counts stored back to back."""
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
 
 
 def _rows(offsets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -262,21 +315,10 @@ def reassign(splits: dict[str, Split], folder: Path) -> dict[str, Split]:
     for s, picked in rows.items():
         if not picked:
             raise UserError(f"no item of the cache is listed in {folder / (s + '.txt')}: are these split files for this data set?")
-        parts = [_take(splits[src], torch.tensor([r for sr, r in picked if sr == src], dtype=torch.long))
+        parts = [splits[src].subset(torch.tensor([r for sr, r in picked if sr == src], dtype=torch.long))
                  for src in splits if any(sr == src for sr, _ in picked)]
         out[s] = _cat(parts)
     return out
-
-
-def _take(split: Split, idx: torch.Tensor) -> Split:
-    """Rows `idx` of a split, features included (tokens gathered back to back)."""
-    text = {}
-    if split.cls is not None:
-        lengths = split.offsets[idx + 1] - split.offsets[idx]
-        text = dict(cls=split.cls[idx], tokens=split.tokens[_rows(split.offsets, idx)],
-                    offsets=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]))
-    maps = split.maps[idx] if split.maps is not None else None
-    return Split([split.ids[i] for i in idx.tolist()], split.labels[idx], maps=maps, **text)
 
 
 def _cat(parts: list[Split]) -> Split:
@@ -287,6 +329,6 @@ def _cat(parts: list[Split]) -> Split:
     if first.cls is not None:
         lengths = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])
         text = dict(cls=torch.cat([p.cls for p in parts]), tokens=torch.cat([p.tokens for p in parts]),
-                    offsets=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]))
+                    offsets=_offsets(lengths))
     maps = torch.cat([p.maps for p in parts]) if first.maps is not None else None
     return Split(sum((p.ids for p in parts), []), torch.cat([p.labels for p in parts]), maps=maps, **text)

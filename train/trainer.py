@@ -2,7 +2,8 @@
 
 Per batch the head's own objective is the loss (ARCHITECTURE.md rule 3: the trainer
 names no loss and no head):
-  step one   L1 = sum of head.objective(out, y)  (SPP-SCL: lambda_ce CE + SupCon(T_a) + SupCon(I_a))
+  step one   L1 = the sum of the head's terms, head.objective(out, y)
+             (for example SPP-SCL's: lambda_ce CE + SupCon(T_a) + SupCon(I_a))
   step two   if head.has_second_step: forward the same batch again; if head.second_step(out, y)
              returns terms (its gate opened), a second optimizer step on their sum; else skip.
 The epoch is selected on the dev split; test is scored once, with that epoch's weights.
@@ -68,36 +69,51 @@ def eval_orders(n: int, cfg: TrainConfig, count: int | None = None) -> list[torc
     return [torch.randperm(n, generator=g) for _ in range(count or cfg.eval_orders)]
 
 
-@torch.no_grad()
-def predict(head: torch.nn.Module, split: Split, batch_size: int, dev: torch.device,
-            order: torch.Tensor | None) -> np.ndarray:
-    """Eval-mode logits' argmax for every item, in the split's index order.
+FORWARD_FIELDS = ("logits", "text", "image", "fused")  # what `forward` gathers of a HeadOutput
 
-    The items are fed in `order`, cut into batches of `batch_size`: with `--cmf-scope
-    batch` a prediction depends on its batch mates, so the order matters. `order=None`
-    is the stored file order: only `leak_check` may use it.
+
+@torch.no_grad()
+def forward(head: heads.Head, split: Split, batch_size: int, device_: torch.device,
+            order: torch.Tensor) -> heads.HeadOutput:
+    """The one eval-mode pass of stage two: logits and embeddings (text, image, fused) of every
+    item, float32 on the CPU, in the split's index order.
+
+    The items are fed in `order`, cut into batches of `batch_size`: with `--cmf-scope batch` a
+    prediction depends on its batch mates, so the order is always the caller's choice: a
+    label-blind one from `eval_orders`, or `file_order` for the leak check alone.
     """
-    return logits(head, split, batch_size, dev, order).argmax(1).numpy()
-
-
-@torch.no_grad()
-def logits(head: torch.nn.Module, split: Split, batch_size: int, dev: torch.device,
-           order: torch.Tensor | None) -> torch.Tensor:
-    """(N, n_classes) eval-mode logits in the split's index order, fed in `order` (see predict)."""
     head.eval()
-    order = torch.arange(len(split)) if order is None else order
-    chunks = [head(split.batch(order[b : b + batch_size]).to(dev)).logits.float().cpu()
-              for b in range(0, len(order), batch_size)]
-    out = torch.empty(len(split), chunks[0].shape[1])
-    out[order] = torch.cat(chunks)  # back to the split's index order
-    return out
+    parts: dict[str, list] = {k: [] for k in FORWARD_FIELDS}
+    for b in range(0, len(order), batch_size):
+        out = head(split.batch(order[b : b + batch_size]).to(device_))
+        for k in FORWARD_FIELDS:
+            parts[k].append(None if getattr(out, k) is None else getattr(out, k).float().cpu())
+    result = {}
+    for k, p in parts.items():
+        if any(x is None for x in p):  # an embedding the head does not return
+            result[k] = None
+            continue
+        x = torch.cat(p)
+        result[k] = torch.empty_like(x)
+        result[k][order] = x  # back to the split's index order
+    return heads.HeadOutput(**result)
 
 
-def score_split(head, split: Split, cfg: TrainConfig, n_classes: int, dev: torch.device,
+def file_order(n: int) -> torch.Tensor:
+    """The stored order of a split (label-sorted in the shipped split files): only the leak check feeds items so."""
+    return torch.arange(n)
+
+
+def predict(head: heads.Head, split: Split, batch_size: int, device_: torch.device, order: torch.Tensor) -> np.ndarray:
+    """The argmax of `forward`'s logits, in the split's index order."""
+    return forward(head, split, batch_size, device_, order).logits.argmax(1).numpy()
+
+
+def score_split(head, split: Split, cfg: TrainConfig, n_classes: int, device_: torch.device,
                 orders: list[torch.Tensor]) -> tuple[dict, np.ndarray]:
     """Metrics averaged over `orders` (+ per-order values), and the first order's predictions."""
     y = split.labels.numpy()
-    preds = [predict(head, split, cfg.eval_batch_size, dev, o) for o in orders]
+    preds = [predict(head, split, cfg.eval_batch_size, device_, o) for o in orders]
     per = [scores(y, p, n_classes) for p in preds]
     mean = {m: float(np.mean([s[m] for s in per])) for m in METRICS}
     mean["order_std"] = {m: float(np.std([s[m] for s in per], ddof=1)) if len(per) > 1 else 0.0 for m in METRICS}
@@ -119,12 +135,12 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     (weights, optimizer, scheduler, every random stream, the best epoch so far, the logs)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-    dev = device()
+    device_ = device()
     train, dev_split, test = data.splits["train"], data.splits["dev"], data.splits["test"]
     if len(train) < 2:
         raise UserError(f"the train split of {cfg.dataset} has {len(train)} item(s): training needs at least 2 "
                         "(BatchNorm and SupCon need pairs); extract more data or check the split column")
-    head = build_head(cfg, data).to(dev)
+    head = build_head(cfg, data).to(device_)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     # torch >= 2 zero_grad drops gradients (set_to_none); the official code's torch 1.8 kept zero
@@ -132,7 +148,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     keep_zero_grads = cfg.official
     g = torch.Generator().manual_seed(seed)
     n_classes = data.dims.n_classes
-    weight = class_weights(train.labels, n_classes).to(dev) if cfg.balanced else None
+    weight = class_weights(train.labels, n_classes).to(device_) if cfg.balanced else None
     dev_order = eval_orders(len(dev_split), cfg, 1)
     best, logs, fired_total, batches_total, start = None, [], 0, 0, 0
     if resume is not None:
@@ -152,7 +168,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
             idx = order[b : b + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on one sample
                 continue
-            batch = train.batch(idx, view=None if views is None else views[idx]).to(dev)
+            batch = train.batch(idx, view=None if views is None else views[idx]).to(device_)
             y = batch.labels
             terms = head.objective(head(batch), y, weight)
             opt.zero_grad(set_to_none=not keep_zero_grads)
@@ -171,7 +187,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         sched.step()
         fired_total += fired
         batches_total += n_batches
-        pred = predict(head, dev_split, cfg.eval_batch_size, dev, dev_order[0])
+        pred = predict(head, dev_split, cfg.eval_batch_size, device_, dev_order[0])
         dev_scores = scores(dev_split.labels.numpy(), pred, n_classes)
         log = EpochLog(seed, epoch, lr, {k: sums[k] / counts[k] for k in sums},
                        fired / max(n_batches, 1), time.time() - t0, dev_scores)
@@ -181,13 +197,13 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         save(snapshot(epoch, head, opt, sched, g, best, logs, fired_total, batches_total))
         on_epoch(log)
     orders = eval_orders(len(test), cfg)
-    last = score_split(head, test, cfg, n_classes, dev, orders)[0] if cfg.official else None
+    last = score_split(head, test, cfg, n_classes, device_, orders)[0] if cfg.official else None
     head.load_state_dict(best[2])
-    test_scores, test_pred = score_split(head, test, cfg, n_classes, dev, orders)
+    test_scores, test_pred = score_split(head, test, cfg, n_classes, device_, orders)
     return SeedResult(
         seed, best[0], {k: v.cpu() for k, v in best[2].items()}, best[1], test_scores,
         fired_total / max(batches_total, 1), test_pred.tolist(), logs,
-        leak_check=file_order_scores(head, test, cfg, n_classes, dev), last_epoch_test=last,
+        leak_check=file_order_scores(head, test, cfg, n_classes, device_), last_epoch_test=last,
     )
 
 
@@ -236,12 +252,12 @@ def saved_logs(state: dict) -> list[EpochLog]:
     return [EpochLog(**log) for log in state["logs"]]
 
 
-def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, dev: torch.device) -> dict | None:
+def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, device_: torch.device) -> dict | None:
     """The same weights scored in the stored (label-sorted) order, as the official test loop does;
     None for a head whose predictions do not depend on batch mates (the order cannot matter)."""
     if not head.batch_dependent:
         return None
-    s = scores(split.labels.numpy(), predict(head, split, cfg.eval_batch_size, dev, None), n_classes)
+    s = scores(split.labels.numpy(), predict(head, split, cfg.eval_batch_size, device_, file_order(len(split))), n_classes)
     return {m: s[m] for m in METRICS}
 
 

@@ -30,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import heads
 from core.device import device
 from core.errors import UserError
 from heads.base import Batch, Dims
-from train.config import TrainConfig
-from train.data import Split
+from train.data import CacheProvenance, Split
+from train.run_folder import load_head, open_run, read_run
 
 
 @dataclass
@@ -95,31 +94,19 @@ class Predictor:
     """A run's heads and its encoders, ready to score new items one at a time."""
 
     def __init__(self, run: Path, seed: int | None = None, cache_dir: Path | None = None):
-        from train.runs import read_config
-
-        run = Path(run)
-        saved = read_config(run)
-        self.run = run
-        self.cfg = TrainConfig.from_json(saved["train"]).resolved()
+        saved, cfg = read_run(run)
+        self.run = Path(run)
+        self.cfg = cfg.resolved()
         if cache_dir is not None:
             self.cfg.cache_dir = Path(cache_dir)
         self.classes: list[str] = saved["classes"]
-        self.provenance: dict = saved["provenance"]
+        self.provenance = CacheProvenance.from_json(saved["provenance"])
         self.reads = self.cfg.head_config.reads()
         seeds = self.cfg.seeds if seed is None else (seed,)
         if seed is not None and seed not in self.cfg.seeds:
             raise UserError(f"--seed {seed}: run {run} has seeds {', '.join(map(str, self.cfg.seeds))}")
         dims = Dims(**saved["dims"])
-        self.heads = []
-        for s in seeds:
-            path = run / f"seed-{s}.pt"
-            if not path.is_file():
-                done = [x for x in self.cfg.seeds if (run / f"seed-{x}.pt").is_file()]
-                raise UserError(f"{path} missing: the run was interrupted, is still training or files were removed; "
-                                + (f"pick a finished seed with --seed {done[0]}" if done else "train again"))
-            head = heads.create(self.cfg.head, dims, self.cfg.head_config).to(device())
-            head.load_state_dict(torch.load(path, map_location=device(), weights_only=True))
-            self.heads.append(head.eval())
+        self.heads = [load_head(self.run, self.cfg, dims, s) for s in seeds]
         self.context = self._context() if any(h.batch_dependent for h in self.heads) else None
         self._encoders: dict = {}  # loaded on first use, after the request's items are checked
 
@@ -142,11 +129,11 @@ class Predictor:
         """The run's encoder of `kind`, refused unless its weights and preprocessing are the recorded ones."""
         from extract.encoders import create_image_encoder, create_text_encoder  # rule 1: only predict loads encoders
 
-        prov = self.provenance[kind]
-        random = prov["fingerprint"].startswith("random-")
+        prov = getattr(self.provenance, kind)
+        random = prov.fingerprint.startswith("random-")
         name = self.cfg.text_encoder if kind == "text" else self.cfg.image_encoder
         try:
-            enc = (create_text_encoder(name, prov["layers"], prov["max_length"], random) if kind == "text"
+            enc = (create_text_encoder(name, prov.layers, prov.max_length, random) if kind == "text"
                    else create_image_encoder(name, random))
         except UserError as e:
             raise UserError(f"cannot load this run's {kind} encoder {name!r}: {e}") from None
@@ -154,15 +141,13 @@ class Predictor:
             raise UserError(f"cannot load this run's {kind} encoder {name!r} ({type(e).__name__}: {e}); "
                             "install it as for `pipeline.py extract`") from None
         for key, now in (("fingerprint", enc.fingerprint), ("preprocessing", enc.preprocessing)):
-            if now != prov[key]:
+            if now != getattr(prov, key):
                 raise UserError(f"the {kind} encoder {name!r} here has {key} {now!r}, the run was trained on "
-                                f"{prov[key]!r}: install the weights the cache was built with, or re-extract and retrain")
+                                f"{getattr(prov, key)!r}: install the weights the cache was built with, or re-extract and retrain")
         return enc
 
     def _context(self) -> Batch:
         """The fixed batch mates of a batch-scope head: eval_batch_size - 1 train items drawn with eval_seed."""
-        from train.runs import open_run
-
         _, _, data = open_run(self.run, self.cfg.cache_dir)  # refused if the cache was rebuilt since
         train = data.splits["train"]
         k = min(self.cfg.eval_batch_size - 1, len(train))

@@ -32,33 +32,17 @@ from sklearn.metrics.pairwise import cosine_distances  # noqa: E402
 from core.device import device  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from train.data import Split  # noqa: E402
-from train.runs import load_head, open_run  # noqa: E402
-from train.trainer import eval_orders, predict  # noqa: E402
+from train.run_folder import load_head, open_run  # noqa: E402
+from train.trainer import eval_orders, forward, predict  # noqa: E402
 
 KINDS = ("image", "text", "fused")
 
 
-@torch.no_grad()
 def embeddings(head, split: Split, batch_size: int, order: torch.Tensor) -> dict[str, np.ndarray | None]:
     """HeadOutput.image / .text / .fused of every item in the split's index order, fed in `order`
     (label-blind); None for an embedding the head does not return."""
-    head.eval()
-    dev = device()
-    parts: dict[str, list] = {k: [] for k in KINDS}
-    for b in range(0, len(order), batch_size):
-        out = head(split.batch(order[b : b + batch_size]).to(dev))
-        for k in KINDS:
-            parts[k].append(None if getattr(out, k) is None else getattr(out, k).float().cpu())
-    result = {}
-    for k in KINDS:
-        if any(p is None for p in parts[k]):
-            result[k] = None
-            continue
-        x = torch.cat(parts[k])
-        back = torch.empty_like(x)
-        back[order] = x  # back to the split's index order
-        result[k] = back.numpy()
-    return result
+    out = forward(head, split, batch_size, device(), order)
+    return {k: None if getattr(out, k) is None else getattr(out, k).numpy() for k in KINDS}
 
 
 def distance_groups(a: np.ndarray, b: np.ndarray, labels: np.ndarray, cross: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +154,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
         md += [f"Seeds without weights yet (train interrupted or still running), left out below: "
                f"{', '.join(str(s) for s in cfg.seeds if s not in seeds)}.", ""]
     first = seeds[0]
-    emb = embeddings(load_head(run, cfg, data, first), test, cfg.eval_batch_size, order)
+    emb = embeddings(load_head(run, cfg, data.dims, first), test, cfg.eval_batch_size, order)
     md += [f"## Embedding distances on test (seed {first}, cosine)", ""]
     pairs = {"intra-image (IID)": ("image", "image", False), "intra-text (TTD)": ("text", "text", False),
              "image-text (ITD)": ("image", "text", True)}
@@ -197,7 +181,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
 
     matrices, f1s = {}, []
     for seed in seeds:
-        pred = predict(load_head(run, cfg, data, seed), test, cfg.eval_batch_size, device(), order)
+        pred = predict(load_head(run, cfg, data.dims, seed), test, cfg.eval_batch_size, device(), order)
         matrices[seed] = confusion_matrix(y, pred, labels=list(range(len(classes))))
         f1s.append([seed, *(f"{v:.4f}" for v in f1_score(y, pred, labels=list(range(len(classes))),
                                                           average=None, zero_division=0))])

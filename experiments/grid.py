@@ -1,7 +1,7 @@
 """Grids of runs: `ablate` (a head's ablation rows) and `sweep` (any config field, any values).
 
 A grid is a list of cells, each one `TrainConfig` whose run folder is named from its hash
-(`runs.default_out`): an interrupted grid resumes without redoing finished cells (or
+(`run_folder.default_out`): an interrupted grid resumes without redoing finished cells (or
 seeds), and a cell that two grids share (the full model of `ablate` and alpha = 2/3 of a
 sweep) is trained once. Cells are split across processes (`--jobs N` here, `--shard i/N`
 or torchrun across machines, as `extract` does); the table is assembled from the run
@@ -32,7 +32,8 @@ from core import threads as core_threads
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, make_dir
 from core.shards import parse_shard
-from train import runs
+from train import data as cache
+from train import run_folder, runs
 from train.config import METRICS, TrainConfig, family
 from train.progress import EpochClock, EtaColumn
 
@@ -48,7 +49,7 @@ class Cell:
 
 def cell(name: str, base: TrainConfig, head: str, values: dict, runs_dir: Path) -> Cell:
     cfg = replace(base, head=head, head_config=heads.build_config(head, values), out=None).resolved()
-    return Cell(name, replace(cfg, out=runs.default_out(cfg, runs_dir)), values)
+    return Cell(name, replace(cfg, out=run_folder.default_out(cfg, runs_dir)), values)
 
 
 def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = None) -> list[Cell]:
@@ -105,7 +106,7 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     unique = [c for c in mine if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
     # a cell, finished or not, is only ever reused by the code and settings that trained it: a table
     # never mixes code versions silently (found now, not after the other cells have trained for an hour)
-    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := runs.mismatch(c.cfg.out, c.cfg))]
+    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := run_folder.mismatch(c.cfg.out, c.cfg))]
     if stale:
         raise UserError("cells were trained or started by other code or settings and cannot be reused: "
                         + ", ".join(stale) + ". Delete those folders to retrain them, or check out the "
@@ -138,7 +139,7 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
 
 def _epochs(cells: list[Cell]) -> tuple[int, int]:
     """(epochs trained, epochs --patience skipped) over the cells' run folders."""
-    counts = [runs.epochs_done(c.cfg.out, c.cfg) for c in cells]
+    counts = [run_folder.epochs_done(c.cfg.out, c.cfg) for c in cells]
     return sum(d for d, _ in counts), sum(s for _, s in counts)
 
 
@@ -178,9 +179,9 @@ def _worker_init(threads: int | None, jobs: int, slot) -> None:
 
 def _train_cell(cfg: TrainConfig) -> str:
     """Train one cell; the cache is loaded once per process (the grid's, or a worker's) and modality set."""
-    key = (str(cfg.cache_dir), cfg.dataset, runs.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
+    key = (str(cfg.cache_dir), cfg.dataset, cache.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
     if key not in _DATA:
-        _DATA[key] = runs.load_data(cfg)
+        _DATA[key] = cache.load_data(cfg)
     return str(runs.train_run(cfg, _DATA[key]).out)
 
 
