@@ -6,6 +6,8 @@
                                over seeds + per seed; test is label-blind (mean over eval orders);
                                leak_check: the same weights scored in file order (batch-scope heads)
     runs/<name>/log.csv        one row per seed and epoch: lr, each loss term by name, step-two rate, dev
+    runs/<name>/protocol.csv   --protocol-check: one row per seed and epoch, test scored in file order
+                               (never used for selection; summed up in metrics.json protocol_check)
     runs/<name>/seed-<s>.pt    the dev-selected weights (a plain state dict: loads with weights_only)
     runs/<name>/seed-<s>.state.pt  while seed s trains: its resumable state after the last finished epoch
                                (weights, optimizer, scheduler, random streams, best epoch, logs; plain
@@ -152,7 +154,10 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
         "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
         "git_dirty": git_dirty(), "code_fingerprint": code_fingerprint(), "device": str(device()),
     }, indent=1))
-    log = LogCsv(out / "log.csv", done, [entry for state in partial.values() for entry in saved_logs(state)])
+    resumed = [entry for state in partial.values() for entry in saved_logs(state)]
+    logs = [LogCsv(out / "log.csv", done, resumed)]
+    if cfg.protocol_check:
+        logs.append(ProtocolCsv(out / "protocol.csv", done, resumed))
     results: list[SeedResult] = []
     kept = {seed: state["epoch"] for seed, state in partial.items()}  # the last saved epoch of each seed
     for seed in cfg.seeds:
@@ -162,7 +167,8 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
             continue
 
         def each(entry):
-            log.add(entry)
+            for log in logs:
+                log.add(entry)
             on_epoch(entry)
 
         def save(state, seed=seed):
@@ -197,7 +203,8 @@ def interrupt_note(out: Path, finished: list[int], seed: int, epoch: int) -> str
     return f"{out}: {' and '.join(kept)}; run the same command to continue"
 
 
-SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred", "leak_check", "last_epoch_test")
+SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred", "leak_check", "last_epoch_test",
+               "protocol_check")
 
 
 class LogCsv:
@@ -235,16 +242,33 @@ class LogCsv:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self.header, restval="").writerow(row)
 
-    def _rewrite(self) -> None:
-        keys = {k for r in self.rows for k in r}
+    @staticmethod
+    def _header(keys: set[str]) -> list[str]:
         losses = sorted(k for k in keys if k.startswith("loss_"))
-        self.header = ["seed", "epoch", "lr", *losses, "step_two_rate", "seconds", *(f"dev_{m}" for m in METRICS)]
+        return ["seed", "epoch", "lr", *losses, "step_two_rate", "seconds", *(f"dev_{m}" for m in METRICS)]
+
+    def _rewrite(self) -> None:
+        self.header = self._header({k for r in self.rows for k in r})
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, self.header, restval="")
             w.writeheader()
             w.writerows(self.rows)
         tmp.replace(self.path)
+
+
+class ProtocolCsv(LogCsv):
+    """protocol.csv (`--protocol-check`): test scored in file order after every epoch, one row per
+    seed and epoch, kept and rebuilt on resume as log.csv is. Nothing reads it to select."""
+
+    @staticmethod
+    def _row(log) -> dict:
+        return {"seed": log.seed, "epoch": log.epoch,
+                **{f"test_file_order_{m}": f"{log.test_file_order[m]:.4f}" for m in METRICS}}
+
+    @staticmethod
+    def _header(keys: set[str]) -> list[str]:
+        return ["seed", "epoch", *(f"test_file_order_{m}" for m in METRICS)]
 
 
 def finished_seeds(out: Path, cfg: TrainConfig, provenance: dict) -> dict[int, SeedResult]:
@@ -337,9 +361,26 @@ def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
          **({"leak_check": r.leak_check} if r.leak_check else {})}
         for r in results
     ]
+    if all(r.protocol_check is not None for r in results):
+        out["protocol_check"] = summarize_protocol([r.protocol_check for r in results], [r.seed for r in results])
     out["select"] = cfg.select
     out["scoring"] = (f"label-blind: dev in one seeded random order, test the mean over {cfg.eval_orders} "
                       f"seeded random orders (eval_seed {cfg.eval_seed}, batches of {cfg.eval_batch_size})")
+    return out
+
+
+def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
+    """`--protocol-check` over seeds (mean and sample std of each seed's `trainer.protocol_check`):
+    what the authors' protocol (test in file order after every epoch, the best or the last epoch
+    reported) would have said, beside the run's label-blind dev-selected `test`. Nothing is
+    selected on it; `inflation` is how far the best epoch's file-order accuracy overstates `test`."""
+    out = {part: {k: mean_std([p[part][k] for p in per_seed]) for k in per_seed[0][part]}
+           for part in ("last_epoch", "best_epoch", "test")}
+    out["inflation"] = mean_std([p["inflation"] for p in per_seed])
+    out["per_seed"] = [{"seed": seed, **p} for seed, p in zip(seeds, per_seed)]
+    out["about"] = ("test scored in file order after every epoch (protocol.csv): last_epoch and best_epoch (the "
+                    "max over epochs of file-order test accuracy) are what the authors' protocol would have "
+                    "reported; nothing is selected on them; test is this run's label-blind dev-selected number")
     return out
 
 
