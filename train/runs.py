@@ -5,6 +5,7 @@
     runs/<name>/metrics.json   dev/test accuracy, weighted F1, macro F1 as mean/std (sample std, ddof=1)
                                over seeds + per seed; test is label-blind (mean over eval orders);
                                leak_check: the same weights scored in file order (batch-scope heads)
+                               protocol_check: --protocol-check's last and best file-order epochs
     runs/<name>/log.csv        one row per seed and epoch: lr, each loss term by name, step-two rate, dev
     runs/<name>/protocol.csv   --protocol-check: one row per seed and epoch, test scored in file order
                                (never used for selection; summed up in metrics.json protocol_check)
