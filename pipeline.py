@@ -188,7 +188,8 @@ def train(
         dataset=dataset, cache_dir=cache_dir, text_encoder=text_encoder, image_encoder=image_encoder, head=head,
         head_config=heads.build_config(head, values), epochs=epochs, seeds=_seeds(seeds), batch_size=batch_size,
         lr=lr, lr_step=lr_step, weight_decay=weight_decay, balanced=balanced, official=official,
-        protocol_check=protocol_check, eval_orders=eval_orders, text_views=text_views, select=select.value if select else None, out=out,
+        protocol_check=protocol_check, eval_orders=eval_orders, text_views=text_views,
+        select=select.value if select else None, out=out,
         splits=splits.resolve() if splits else None,
     )
     run = run_train(cfg, console)
