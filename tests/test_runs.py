@@ -469,3 +469,111 @@ pipeline.main()
     assert again.returncode == 0, again.stderr[-2000:]
     assert "seed 1: resuming after epoch 1 of 2" in again.stdout
     assert [r["epoch"] for r in read_log(out)[1]] == ["1", "2"]
+
+
+# --- --protocol-check --------------------------------------------------------------------------
+
+PROTOCOL_HEAD = ["seed", "epoch", "test_file_order_accuracy", "test_file_order_weighted_f1", "test_file_order_macro_f1"]
+
+
+def synth_train_config(c, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder,
+                       image_encoder=c.image_encoder, epochs=3, seeds=(1, 2), batch_size=12, lr=3e-3, out=out, **kw)
+
+
+def read_protocol(run: Path) -> tuple[list[str], list[dict]]:
+    with open(run / "protocol.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
+
+
+@pytest.fixture(scope="module")
+def protocol_runs(synth_cache, tmp_path_factory) -> tuple[Path, Path]:
+    """(a --protocol-check run, the same run without it) on the synthetic cache, 2 seeds x 3 epochs."""
+    root = tmp_path_factory.mktemp("protocol")
+    return (runs.train(synth_train_config(synth_cache, root / "checked", protocol_check=True), quiet_console()),
+            runs.train(synth_train_config(synth_cache, root / "plain"), quiet_console()))
+
+
+def test_protocol_check_selects_nothing(protocol_runs):
+    """The same numbers, selected epochs and log.csv (wall times aside) with and without it."""
+    checked, plain = (read_json(run / "metrics.json") for run in protocol_runs)
+    assert "protocol_check" in checked and "protocol_check" not in plain
+    checked.pop("protocol_check")
+    assert {**checked, "wall_seconds": 0} == {**plain, "wall_seconds": 0}
+    assert not (protocol_runs[1] / "protocol.csv").exists()
+    strip = lambda rows: [{**r, "seconds": ""} for r in rows]  # noqa: E731
+    assert strip(read_log(protocol_runs[0])[1]) == strip(read_log(protocol_runs[1])[1])
+
+
+def test_protocol_csv_has_one_row_per_seed_and_epoch(protocol_runs):
+    header, rows = read_protocol(protocol_runs[0])
+    assert header == PROTOCOL_HEAD
+    assert [(r["seed"], r["epoch"]) for r in rows] == [(str(s), str(e)) for s in (1, 2) for e in (1, 2, 3)]
+    assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in PROTOCOL_HEAD[2:])
+
+
+def test_metrics_json_protocol_check_is_the_best_and_last_protocol_rows(protocol_runs):
+    run = protocol_runs[0]
+    m = read_json(run / "metrics.json")
+    p = m["protocol_check"]
+    _, rows = read_protocol(run)
+    assert [s["seed"] for s in p["per_seed"]] == [1, 2]
+    for s, chosen in zip(p["per_seed"], m["per_seed"]):
+        mine = [r for r in rows if int(r["seed"]) == s["seed"]]
+        accuracy = [float(r["test_file_order_accuracy"]) for r in mine]
+        best, last = mine[int(np.argmax(accuracy))], mine[-1]
+        for part, row in (("best_epoch", best), ("last_epoch", last)):
+            assert s[part]["epoch"] == int(row["epoch"])
+            for metric in METRICS:
+                assert s[part][metric] == pytest.approx(float(row[f"test_file_order_{metric}"]), abs=1e-4)
+        assert s["best_epoch"]["accuracy"] == pytest.approx(max(accuracy), abs=1e-4)
+        assert s["test"] == chosen["test"]  # the label-blind, dev-selected number beside it
+        assert s["inflation"] == pytest.approx(s["best_epoch"]["accuracy"] - chosen["test"]["accuracy"])
+    for part in ("best_epoch", "last_epoch", "test"):
+        for metric in METRICS:
+            values = [s[part][metric] for s in p["per_seed"]]
+            assert p[part][metric] == {"mean": pytest.approx(np.mean(values)),
+                                       "std": pytest.approx(np.std(values, ddof=1))}
+    assert p["test"] == {k: m["test"][k] for k in METRICS}
+    assert p["inflation"]["mean"] == pytest.approx(np.mean([s["inflation"] for s in p["per_seed"]]))
+    assert "nothing is selected" in p["about"]
+
+
+def test_protocol_csv_is_rebuilt_when_a_seed_resumes(protocol_runs, synth_cache, tmp_path):
+    """Ctrl-C in seed 2 after its epoch 1, a stale row written past the saved state: the same
+    command ends with the uninterrupted run's protocol.csv and metrics.json."""
+    run = protocol_runs[0]
+    again = tmp_path / "again"
+    same = synth_train_config(synth_cache, again, protocol_check=True)
+
+    def ctrl_c(entry):
+        if (entry.seed, entry.epoch) == (2, 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        runs.train_run(same, runs.load_data(same.resolved()), ctrl_c)
+    assert [(r["seed"], r["epoch"]) for r in read_protocol(again)[1]] == [("1", "1"), ("1", "2"), ("1", "3"),
+                                                                          ("2", "1")]
+    with open(again / "protocol.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["2", "2", "0", "0", "0"])  # an epoch the state never saved
+    runs.train(same, quiet_console())
+    assert read_protocol(again) == read_protocol(run)
+    before, after = read_json(run / "metrics.json"), read_json(again / "metrics.json")
+    assert {**before, "wall_seconds": 0} == {**after, "wall_seconds": 0}
+
+
+def test_train_protocol_check_prints_the_authors_protocol_rows(synth_cache, cli, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", synth_cache.dataset, "--cache-dir", synth_cache.cache_dir, "--text-encoder",
+            synth_cache.text_encoder, "--image-encoder", synth_cache.image_encoder, "--epochs", "2", "--seeds", "1",
+            "--batch-size", "12", "--out", out, "--protocol-check"]
+    proc = subprocess.run(cli.command(*args), cwd=cli.repo, env=cli.env(COLUMNS="200"), capture_output=True, text=True,
+                          timeout=300)  # wide enough that no row label wraps
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = {line.split("│")[1].strip() for line in proc.stdout.splitlines() if line.count("│") == 5}
+    assert {"test (label-blind)", "test, file order, best epoch (authors' protocol)",
+            "test, file order, last epoch (authors' protocol)"} <= shown
+    assert "inflation (best epoch in file order minus label-blind test accuracy)" in proc.stdout
+    assert read_json(out / "config.json")["train"]["protocol_check"] is True
+    assert len(read_protocol(out)[1]) == 2

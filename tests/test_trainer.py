@@ -573,3 +573,43 @@ def test_a_seed_patience_stopped_stays_stopped_when_resumed(synth_cache, synth_d
     resumed = trainer.train_seed(cfg, synth_data, 1, resume=load_state(states[-1]))
     assert [log.epoch for log in resumed.log] == [1, 2, 3] and resumed.best_epoch == 1
     assert same_seed_result(resumed, whole)
+
+
+# --- --protocol-check ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_protocol_check_scores_test_in_file_order_and_changes_nothing_else(scope, synth_cache, synth_data,
+                                                                            monkeypatch):
+    """The extra file-order scoring after every epoch draws no random number and selects nothing:
+    the run is the one without it, epoch for epoch (a sample-scope head takes the same path)."""
+    cfg = synth_config(synth_cache, None, {"cmf_scope": scope}, epochs=4, lr=3e-3, patience=2).resolved()
+    plain = trainer.train_seed(cfg, synth_data, seed=1)
+    rng_moved, real = [], trainer.predict
+
+    def watch(head, split, batch_size, dev, order):
+        before = torch.get_rng_state()
+        out = real(head, split, batch_size, dev, order)
+        rng_moved.append(order is None and not torch.equal(before, torch.get_rng_state()))
+        return out
+
+    monkeypatch.setattr(trainer, "predict", watch)
+    checked = trainer.train_seed(replace(cfg, protocol_check=True), synth_data, seed=1)
+    assert same_seed_result(checked, plain) and checked.last_epoch_test == plain.last_epoch_test
+    assert not any(rng_moved) and len(rng_moved) > len(checked.log)
+    assert plain.protocol_check is None and all(log.test_file_order is None for log in plain.log)
+    stored = [log.test_file_order for log in checked.log]
+    assert all(set(s) == {"accuracy", "weighted_f1", "macro_f1"} for s in stored)
+    p = checked.protocol_check
+    assert p["last_epoch"] == {"epoch": checked.log[-1].epoch, **stored[-1]}
+    best = int(np.argmax([s["accuracy"] for s in stored]))  # the first of equals
+    assert p["best_epoch"] == {"epoch": best + 1, **stored[best]}
+    assert p["test"] == {m: checked.test[m] for m in ("accuracy", "weighted_f1", "macro_f1")}
+    assert p["inflation"] == pytest.approx(stored[best]["accuracy"] - checked.test["accuracy"])
+
+
+def test_protocol_check_rows_come_back_with_a_resumed_seed(synth_cache, synth_data):
+    cfg = synth_config(synth_cache, None, epochs=3, protocol_check=True).resolved()
+    whole, states = saved_states(cfg, synth_data)
+    resumed = trainer.train_seed(cfg, synth_data, 1, resume=load_state(states[0]))
+    assert [log.test_file_order for log in resumed.log] == [log.test_file_order for log in whole.log]
+    assert resumed.protocol_check == whole.protocol_check

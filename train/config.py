@@ -59,6 +59,9 @@ class TrainConfig:
     eval_seed: int = 0
     eval_batch_size: int | None = None  # [default: batch_size]
     official: bool = False  # the authors' training step; see OFFICIAL and the head config's OFFICIAL
+    # also score test in file order after every epoch (protocol.csv): what the authors' protocol
+    # would have reported; never read by the epoch selection or --patience
+    protocol_check: bool = False
     out: Path | None = None
     splits: Path | None = None  # folder of {train,dev,test}.txt id lists (audit --write-clean); None: the cache's splits
 

@@ -7,6 +7,8 @@
                                over seeds + per seed; test is label-blind (mean over eval orders);
                                leak_check: the same weights scored in file order (batch-scope heads)
     runs/<name>/log.csv        one row per seed and epoch: lr, each loss term by name, step-two rate, dev
+    runs/<name>/protocol.csv   --protocol-check: one row per seed and epoch, test scored in file order
+                               (never used for selection; summed up in metrics.json protocol_check)
     runs/<name>/seed-<s>.pt    the dev-selected weights (a plain state dict: loads with weights_only)
     runs/<name>/seed-<s>.json  the seed's scores, written last: the seed is done once it exists
     runs/<name>/seed-<s>.state.pt  while seed s trains: its resumable state after the last finished epoch
@@ -82,7 +84,8 @@ def save_seed(out: Path, r: SeedResult) -> None:
     (out / f"seed-{r.seed}.json").write_text(json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))  # last: done
 
 
-SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred", "leak_check", "last_epoch_test")
+SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred", "leak_check", "last_epoch_test",
+               "protocol_check")
 
 
 class LogCsv:
@@ -120,16 +123,33 @@ class LogCsv:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self.header, restval="").writerow(row)
 
-    def _rewrite(self) -> None:
-        keys = {k for r in self.rows for k in r}
+    @staticmethod
+    def _header(keys: set[str]) -> list[str]:
         losses = sorted(k for k in keys if k.startswith("loss_"))
-        self.header = ["seed", "epoch", "lr", *losses, "step_two_rate", "seconds", *(f"dev_{m}" for m in METRICS)]
+        return ["seed", "epoch", "lr", *losses, "step_two_rate", "seconds", *(f"dev_{m}" for m in METRICS)]
+
+    def _rewrite(self) -> None:
+        self.header = self._header({k for r in self.rows for k in r})
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, self.header, restval="")
             w.writeheader()
             w.writerows(self.rows)
         tmp.replace(self.path)
+
+
+class ProtocolCsv(LogCsv):
+    """protocol.csv (`--protocol-check`): test scored in file order after every epoch, one row per
+    seed and epoch, kept and rebuilt on resume as log.csv is. Nothing reads it to select."""
+
+    @staticmethod
+    def _row(log) -> dict:
+        return {"seed": log.seed, "epoch": log.epoch,
+                **{f"test_file_order_{m}": f"{log.test_file_order[m]:.4f}" for m in METRICS}}
+
+    @staticmethod
+    def _header(keys: set[str]) -> list[str]:
+        return ["seed", "epoch", *(f"test_file_order_{m}" for m in METRICS)]
 
 
 def finished_seeds(out: Path, cfg: TrainConfig, provenance: cache.CacheProvenance) -> dict[int, SeedResult]:

@@ -20,7 +20,7 @@ from train import data as cache
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
-from train.run_folder import (LogCsv, default_out, epochs_done, finished_seeds, load_head, open_run, save_atomic,
+from train.run_folder import (LogCsv, ProtocolCsv, default_out, epochs_done, finished_seeds, load_head, open_run, save_atomic,
                               save_seed, state_path, unfinished_seeds, write_config)
 from train.progress import EpochClock, EtaColumn
 from train.trainer import SeedResult, build_head, eval_orders, saved_logs, score_split, train_seed
@@ -93,7 +93,10 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
     partial = unfinished_seeds(out, cfg, done)
     make_dir(out)
     write_config(out, cfg, data)
-    log = LogCsv(out / "log.csv", done, [entry for state in partial.values() for entry in saved_logs(state)])
+    resumed = [entry for state in partial.values() for entry in saved_logs(state)]
+    logs = [LogCsv(out / "log.csv", done, resumed)]
+    if cfg.protocol_check:
+        logs.append(ProtocolCsv(out / "protocol.csv", done, resumed))
     results: list[SeedResult] = []
     kept = {seed: state["epoch"] for seed, state in partial.items()}  # the last saved epoch of each seed
     for seed in cfg.seeds:
@@ -103,7 +106,8 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
             continue
 
         def each(entry):
-            log.add(entry)
+            for log in logs:
+                log.add(entry)
             on_epoch(entry)
 
         def save(state, seed=seed):
@@ -156,9 +160,26 @@ def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
          **({"leak_check": r.leak_check} if r.leak_check else {})}
         for r in results
     ]
+    if all(r.protocol_check is not None for r in results):
+        out["protocol_check"] = summarize_protocol([r.protocol_check for r in results], [r.seed for r in results])
     out["select"] = cfg.select
     out["scoring"] = (f"label-blind: dev in one seeded random order, test the mean over {cfg.eval_orders} "
                       f"seeded random orders (eval_seed {cfg.eval_seed}, batches of {cfg.eval_batch_size})")
+    return out
+
+
+def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
+    """`--protocol-check` over seeds (mean and sample std of each seed's `trainer.protocol_check`):
+    what the authors' protocol (test in file order after every epoch, the best or the last epoch
+    reported) would have said, beside the run's label-blind dev-selected `test`. Nothing is
+    selected on it; `inflation` is how far the best epoch's file-order accuracy overstates `test`."""
+    out = {part: {k: mean_std([p[part][k] for p in per_seed]) for k in per_seed[0][part]}
+           for part in ("last_epoch", "best_epoch", "test")}
+    out["inflation"] = mean_std([p["inflation"] for p in per_seed])
+    out["per_seed"] = [{"seed": seed, **p} for seed, p in zip(seeds, per_seed)]
+    out["about"] = ("test scored in file order after every epoch (protocol.csv): last_epoch and best_epoch (the "
+                    "max over epochs of file-order test accuracy) are what the authors' protocol would have "
+                    "reported; nothing is selected on them; test is this run's label-blind dev-selected number")
     return out
 
 

@@ -11,7 +11,8 @@ The epoch is selected on the dev split; test is scored once, with that epoch's w
 Honest numbers: dev and test are scored in seeded random orders, never in the stored
 order (the shipped split files are sorted by label, and a batch-scope head attends over
 its batch mates, which would then share its label). Test is the mean over several
-orders; `leak_check` scores the same weights in file order to show what that inflates.
+orders; `leak_check` scores the same weights in file order to show what that inflates, and
+`--protocol-check` scores test in file order after every epoch (see `protocol_check`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class EpochLog:
     step_two_rate: float  # share of batches where the second step ran (0 for heads without one)
     seconds: float
     dev: dict = field(default_factory=dict)
+    test_file_order: dict | None = None  # --protocol-check: test in file order after this epoch (never selects)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class SeedResult:
     log: list[EpochLog]
     leak_check: dict | None = None  # the same weights scored in file order (batch-dependent heads)
     last_epoch_test: dict | None = None  # --official: the last epoch's weights, as the authors report
+    protocol_check: dict | None = None  # --protocol-check: what the authors' protocol would report (see there)
 
 
 def eval_orders(n: int, cfg: TrainConfig, count: int | None = None) -> list[torch.Tensor]:
@@ -189,8 +192,10 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         batches_total += n_batches
         pred = predict(head, dev_split, cfg.eval_batch_size, device_, dev_order[0])
         dev_scores = scores(dev_split.labels.numpy(), pred, n_classes)
+        # eval mode, no gradients: draws no random number, so the run trains exactly as without it
+        on_test = file_order_scores(head, test, cfg, n_classes, device_) if cfg.protocol_check else None
         log = EpochLog(seed, epoch, lr, {k: sums[k] / counts[k] for k in sums},
-                       fired / max(n_batches, 1), time.time() - t0, dev_scores)
+                       fired / max(n_batches, 1), time.time() - t0, dev_scores, on_test)
         logs.append(log)
         if best is None or dev_scores[cfg.select] > best[1][cfg.select]:
             best = (epoch, dev_scores, copy.deepcopy(head.state_dict()))
@@ -203,7 +208,8 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     return SeedResult(
         seed, best[0], {k: v.cpu() for k, v in best[2].items()}, best[1], test_scores,
         fired_total / max(batches_total, 1), test_pred.tolist(), logs,
-        leak_check=file_order_scores(head, test, cfg, n_classes, device_), last_epoch_test=last,
+        leak_check=file_order_scores(head, test, cfg, n_classes, device_) if head.batch_dependent else None,
+        last_epoch_test=last, protocol_check=protocol_check(logs, test_scores) if cfg.protocol_check else None,
     )
 
 
@@ -252,13 +258,26 @@ def saved_logs(state: dict) -> list[EpochLog]:
     return [EpochLog(**log) for log in state["logs"]]
 
 
-def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, device_: torch.device) -> dict | None:
-    """The same weights scored in the stored (label-sorted) order, as the official test loop does;
-    None for a head whose predictions do not depend on batch mates (the order cannot matter)."""
-    if not head.batch_dependent:
-        return None
+def file_order_scores(head, split: Split, cfg: TrainConfig, n_classes: int, device_: torch.device) -> dict:
+    """The weights scored in the stored (label-sorted) order, as the official test loop does
+    (`leak_check` asks only of a batch-dependent head: for another the order cannot matter)."""
     s = scores(split.labels.numpy(), predict(head, split, cfg.eval_batch_size, device_, file_order(len(split))), n_classes)
     return {m: s[m] for m in METRICS}
+
+
+def protocol_check(logs: list[EpochLog], test: dict) -> dict:
+    """What the authors' protocol would have reported for one seed (`--protocol-check`).
+
+    Their code scores test in file order after every epoch and reports the best epoch (a
+    selection on test) or the last one. Nothing here is selected on: the run's own number stays
+    the label-blind, dev-selected `test`, given beside it; `inflation` is the best epoch's file-order
+    accuracy minus that number.
+    """
+    best = max(logs, key=lambda log: log.test_file_order["accuracy"])  # the first of equals
+    return {"last_epoch": {"epoch": logs[-1].epoch, **logs[-1].test_file_order},
+            "best_epoch": {"epoch": best.epoch, **best.test_file_order},
+            "test": {m: test[m] for m in METRICS},
+            "inflation": best.test_file_order["accuracy"] - test["accuracy"]}
 
 
 def _add(sums: dict, counts: dict, terms: dict) -> None:
