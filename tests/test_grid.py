@@ -115,15 +115,15 @@ def test_a_cell_started_by_other_code_is_refused_before_any_training(synth_cache
 
 
 def test_a_finished_cell_of_other_code_is_not_reused_silently(synth_cache, tmp_path, monkeypatch):
-    """A finished cell whose config.json names another commit is refused with its folder, not put in the table."""
+    """A finished cell whose config.json names other code (fingerprint) is refused with its folder, not put in the table."""
     from core.errors import UserError
 
     cells = grid.ablation_cells(base(synth_cache, seeds=(1,), epochs=1), tmp_path / "runs", ["one-step"])
     grid.run_cells(cells, console=quiet_console())
     old = cells[1].cfg.out
     saved = json.loads((old / "config.json").read_text())
-    (old / "config.json").write_text(json.dumps({**saved, "git_commit": "1" * 40}))
-    with pytest.raises(UserError, match=f"{old}.*code \\(commit 1111111111.*Delete those folders"):
+    (old / "config.json").write_text(json.dumps({**saved, "code_fingerprint": "1" * 12}))
+    with pytest.raises(UserError, match=f"{old}.*code \\(fingerprint 111111111111.*Delete those folders"):
         grid.run_cells(cells, console=quiet_console())
 
 

@@ -143,6 +143,7 @@ def test_a_field_with_a_flag_is_declared_once_and_known_everywhere(synth_cache, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     code, text, _ = out["help"]
+    text = " ".join(text.split())  # click wraps help at its own width
     assert code == 0 and "--shrink" in text and "weight of an L2 penalty on the logits" in text
     assert "--no-bias" in text and "toy: bias=false" in text
     assert "--alpha" in text and "step-two gate" in text  # SPP-SCL's flags come from its config the same way

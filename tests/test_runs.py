@@ -228,7 +228,8 @@ def test_train_refuses_a_folder_of_another_run(trained, tmp_path):
 
 @pytest.mark.parametrize("what, message", [
     ("provenance", r"text cache \(fingerprint '[0-9a-f]+' \(asked 'rebuilt'\)\)"),
-    ("git_commit", r"code \(commit 0123456789, now"),
+    ("code_fingerprint", r"code \(fingerprint 0123456789ab, now"),
+    ("git_commit", r"code \(commit 0123456789, now"),  # a run from before fingerprints were recorded
 ])
 def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_path):
     """Seeds trained on other features or by other code are never mixed into one run."""
@@ -238,7 +239,10 @@ def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_
     saved = read_json(again / "config.json")
     if what == "provenance":
         saved["provenance"]["text"]["fingerprint"] = "rebuilt"
+    elif what == "code_fingerprint":
+        saved["code_fingerprint"] = "0123456789ab"
     else:
+        del saved["code_fingerprint"]
         saved["git_commit"] = "0123456789abcdef"
     (again / "config.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match=message):
