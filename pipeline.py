@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 from core import threads as _threads
 
-_threads.policy()  # before anything imports torch: OpenMP reads its wait policy once, at load
+_threads.policy()  # before anything imports torch: OpenMP reads how to wait once, at load
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -37,6 +37,7 @@ err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narr
 
 DatasetOpt = typer.Option(None, "--dataset", "-d", help="built-in data set: mvsa_s, mvsa_m or hfm")
 CacheOpt = typer.Option(DEFAULT_CACHE, "--cache-dir", help="where caches live")
+JobsOpt = typer.Option(None, min=1, help="processes training at once, one seed (train) or cell (ablate, sweep) each [default: one per core available, one thread each]")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per process [default: the cores this process may use, divided by --jobs]")
 DataRootOpt = typer.Option(None, "--data-root", help="folder with the built-in data sets [default: $SPP_DATA_ROOT or ../shared/data]")
 PatienceOpt = typer.Option(None, min=1, help="stop a seed once dev has not improved for P epochs")
@@ -177,12 +178,14 @@ def train(
     select: Optional[Metric] = typer.Option(None, help=f"dev metric that picks the epoch {default_help('select')}"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<time>]"),
     splits: Optional[Path] = typer.Option(None, help="folder of split files {train,dev,test}.txt (ids) from `audit --write-clean`"),
+    jobs: Optional[int] = JobsOpt,
     threads: Optional[int] = ThreadsOpt,
 ):
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
-    _threads.use(threads)
+    jobs = min(jobs or _threads.default_jobs(), len(_seeds(seeds)) or 1)  # one seed: one process, every core
+    _threads.use(threads, jobs)
     import heads
     from train.config import TrainConfig
     from train.runs import train as run_train
@@ -196,12 +199,12 @@ def train(
         select=select.value if select else None, out=out,
         splits=splits.resolve() if splits else None, patience=patience,
     )
-    run = run_train(cfg, console)
+    run = run_train(cfg, console, jobs=jobs, threads=threads)
     _show(json.loads((run / "metrics.json").read_text()), f"{run}")
 
 
 GRID_DATASET = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache")
-GRID_JOBS = typer.Option(1, min=1, help="cells trained in parallel processes on this machine")
+GRID_JOBS = JobsOpt
 GRID_SHARD = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE)")
 GRID_TEXT = typer.Option(TEXT_ENCODER, help="which text cache to read")
 GRID_IMAGE = typer.Option(IMAGE_ENCODER, help="which image cache to read")
@@ -216,7 +219,7 @@ GRID_OPTIONS = {
     "dataset": (str, GRID_DATASET), "cache_dir": (Path, CacheOpt), "text_encoder": (str, GRID_TEXT),
     "image_encoder": (str, GRID_IMAGE), "epochs": (int, GRID_EPOCHS), "seeds": (str, GRID_SEEDS),
     "batch_size": (Optional[int], GRID_BATCH), "lr": (Optional[float], GRID_LR),
-    "patience": (Optional[int], PatienceOpt), "jobs": (int, GRID_JOBS), "shard": (Optional[str], GRID_SHARD),
+    "patience": (Optional[int], PatienceOpt), "jobs": (Optional[int], GRID_JOBS), "shard": (Optional[str], GRID_SHARD),
     "runs_dir": (Path, RUNS_DIR), "threads": (Optional[int], ThreadsOpt),
 }
 
@@ -230,7 +233,9 @@ def grid_command(command):
 
     @functools.wraps(command)
     def run(**kw):
-        return command(shared={k: kw.pop(k) for k in GRID_OPTIONS}, **kw)
+        shared = {k: kw.pop(k) for k in GRID_OPTIONS}
+        shared["jobs"] = shared["jobs"] or _threads.default_jobs()
+        return command(shared=shared, **kw)
 
     run.__signature__ = inspect.Signature(own + common)
     hints = typing.get_type_hints(command)

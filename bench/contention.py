@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """Sharing the machine -> bench/results/contention.json (+ .md), everything in one run.
 
-  (1) s/epoch of the SPP-SCL head on the MVSA-Single cache (`pipeline.py train`, one seed)
-      alone, with one identical `train` beside it, and with two, under torch's own
-      thread defaults (`SPP_THREADS=legacy`: OpenMP workers spin while they wait) and
-      under the project's policy (`core/threads.py`: OMP_WAIT_POLICY=PASSIVE, threads =
-      the cores available divided by the jobs);
+  (1) s/epoch of `pipeline.py train` (SPP-SCL head, MVSA-Single cache) alone, with one
+      identical `train` beside it, and with two, under torch's own defaults (the old
+      behaviour, forced by `SPP_THREADS=legacy`: one process, torch's threads, OpenMP
+      workers that spin while they wait) and under the project's defaults
+      (`core/threads.py`: one process per core for the seeds, one thread each; a process
+      with several threads spins only briefly);
   (2) the grid split: cells per hour of the same `sweep` as one job with every core's
       threads (`--jobs 1 --threads N`) and as N one-thread jobs (`--jobs N --threads 1`).
 
-A process's s/epoch is the median of its `log.csv` epochs after the first (the first
-overlaps the other processes' cache loading). Run it on an otherwise idle machine:
-anything else running is one more neighbour and the figures mean nothing.
+s/epoch of a `train` = wall seconds per epoch it trains: per seed, the sum of its log.csv
+epoch seconds after the first (the first overlaps the cache loading of its neighbours),
+the longest of its seeds (they train side by side) divided by those epochs of all seeds.
+The old behaviour trains seeds one after the other, so one seed tells its s/epoch; the
+new default trains two seeds at once (`--seeds 1,2`). Run it on an otherwise idle machine.
 
     python bench/contention.py --cache-dir cache
 """
@@ -36,7 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from core import threads  # noqa: E402
 
-POLICIES = {"old (torch defaults)": {threads.LEGACY_ENV: "legacy"}, "new default": {}}
+# name -> (environment, the seeds its `train` command trains)
+POLICIES = {"old (torch defaults, one process)": ({threads.LEGACY_ENV: "legacy"}, "1"),
+            "new default (a process per seed and core)": ({}, "1,2"),
+            "new default, a single seed (one process, 2 threads)": ({}, "1")}
 
 
 def env_for(policy: dict) -> dict:
@@ -45,12 +51,17 @@ def env_for(policy: dict) -> dict:
     return {**env, **policy}
 
 
-def epoch_seconds(run: Path) -> list[float]:
+def seconds_per_epoch(run: Path) -> tuple[float, dict]:
+    """Wall seconds per epoch trained (epochs after each seed's first), and each seed's epoch times."""
+    per_seed: dict[str, list[float]] = {}
     with open(run / "log.csv", newline="") as f:
-        return [float(r["seconds"]) for r in csv.DictReader(f)]
+        for r in csv.DictReader(f):
+            per_seed.setdefault(r["seed"], []).append(float(r["seconds"]))
+    later = {s: v[1:] or v for s, v in per_seed.items()}
+    return max(sum(v) for v in later.values()) / sum(len(v) for v in later.values()), per_seed
 
 
-def together(k: int, policy: dict, cache_dir: Path, epochs: int, tmp: Path) -> dict:
+def together(k: int, policy: dict, seeds: str, cache_dir: Path, epochs: int, tmp: Path) -> dict:
     """k identical `train` processes started at once; s/epoch of each."""
     procs, runs = [], []
     for i in range(k):
@@ -58,15 +69,16 @@ def together(k: int, policy: dict, cache_dir: Path, epochs: int, tmp: Path) -> d
         runs.append(run)
         procs.append(subprocess.Popen(
             [sys.executable, "pipeline.py", "train", "--dataset", "mvsa_s", "--cache-dir", str(cache_dir),
-             "--epochs", str(epochs), "--seeds", "1", "--out", str(run)],
+             "--epochs", str(epochs), "--seeds", seeds, "--out", str(run)],
             cwd=ROOT, env=env_for(policy), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate()
         if p.returncode:
             raise SystemExit(f"train failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
-    per = [epoch_seconds(r) for r in runs]
-    medians = [statistics.median(s[1:] or s) for s in per]
-    return {"processes": k, "seconds_per_epoch": medians, "mean": statistics.mean(medians), "epochs": per}
+    measured = [seconds_per_epoch(r) for r in runs]
+    spe = [m[0] for m in measured]
+    return {"trains": k, "seeds": seeds, "seconds_per_epoch": spe, "mean": statistics.mean(spe),
+            "epochs": [m[1] for m in measured]}
 
 
 def grid_split(jobs: int, n_threads: int, cache_dir: Path, epochs: int, tmp: Path, values: str) -> dict:
@@ -83,16 +95,17 @@ def grid_split(jobs: int, n_threads: int, cache_dir: Path, epochs: int, tmp: Pat
 
 
 def markdown(r: dict) -> str:
-    lines = [f"SPP-SCL head, MVSA-Single cache, `pipeline.py train --epochs {r['epochs']} --seeds 1` per process; "
-             f"s/epoch = median over epochs 2-{r['epochs']} of each process's log.csv, mean over the processes; "
-             f"{r['machine']['cores']} cores.", "",
-             "| policy | alone | with 1 identical job beside it | with 2 beside it |", "|---|---|---|---|"]
+    lines = [f"SPP-SCL head, MVSA-Single cache, `pipeline.py train --epochs {r['epochs']} --seeds S`; s/epoch = wall "
+             f"seconds per epoch the command trains (epochs 2-{r['epochs']} of each seed), mean over the identical "
+             f"commands running at once; {r['machine']['cores']} cores.", "",
+             "| behaviour | seeds | alone | with 1 identical train beside it | with 2 beside it |", "|---|---|---|---|---|"]
     for name, rows in r["contention"].items():
         alone = rows[0]["mean"]
         cells = [f"{alone:.2f} s"] + [f"{x['mean']:.2f} s ({x['mean'] / alone:.2f}x)" for x in rows[1:]]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    old, new = (r["contention"][k][0]["mean"] for k in POLICIES)
-    lines += ["", f"Alone, the new default takes {new / old:.2f}x the old one's epoch.", ""]
+        lines.append(f"| {name} | {rows[0]['seeds']} | " + " | ".join(cells) + " |")
+    old, new, single = (r["contention"][k][0]["mean"] for k in POLICIES)
+    lines += ["", f"Alone, the new default trains an epoch in {new / old:.2f}x the old one's time "
+              f"(a single seed, which cannot be split across processes: {single / old:.2f}x).", ""]
     lines += ["Grid split (`sweep --set alpha=" + r["grid_values"] + f" --epochs {r['epochs']} --seeds 1`):", "",
               "| jobs x threads | wall | cells per hour |", "|---|---|---|"]
     for g in r["grid"]:
@@ -103,7 +116,7 @@ def markdown(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=ROOT / "cache")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--beside", type=int, default=2, help="up to this many identical jobs beside the first")
     ap.add_argument("--grid-values", default="0.5,0.6,0.75,0.9", help="alpha values of the grid-split sweep")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "contention.json")
@@ -114,8 +127,8 @@ def main() -> None:
                           "load_before": os.getloadavg()}, "epochs": args.epochs, "grid_values": args.grid_values}
     tmp = Path(tempfile.mkdtemp(prefix="bench-contention-"))
     try:
-        result["contention"] = {name: [together(k, policy, cache_dir, args.epochs, tmp)
-                                       for k in range(1, args.beside + 2)] for name, policy in POLICIES.items()}
+        result["contention"] = {name: [together(k, env, seeds, cache_dir, args.epochs, tmp)
+                                       for k in range(1, args.beside + 2)] for name, (env, seeds) in POLICIES.items()}
         result["grid"] = [grid_split(1, n, cache_dir, args.epochs, tmp, args.grid_values),
                           grid_split(n, 1, cache_dir, args.epochs, tmp, args.grid_values)]
     finally:

@@ -1,19 +1,22 @@
-"""How many threads a command computes with, so that sharing the machine costs a fair share.
+"""How many threads and processes a command computes with, so sharing the machine costs a fair share.
 
-Why: torch's OpenMP workers spin while they wait for work. Alone that saves a few
-microseconds per parallel region; next to another busy process the spinning threads
-steal the very cores they wait for, and an epoch takes 4-13x its time alone where a
-fair share is 2x (issue 19, `bench/contention.py`). So, before torch is imported:
+Why: torch's OpenMP workers spin while they wait for work. Alone that saves microseconds
+per parallel region; next to another busy process the spinning threads steal the very
+cores they wait for, and an epoch took 7.5x its time alone where a fair share is 2x
+(`bench/contention.py`). Sleeping instead (OMP_WAIT_POLICY=PASSIVE) cured the sharing
+but doubled the epoch alone: a small head runs thousands of tiny parallel regions, and
+each one waits for a sleeping thread to wake up. So:
 
-- `OMP_WAIT_POLICY=PASSIVE`: idle workers sleep instead of spinning (a value the user
-  set is kept);
-- `use(n, jobs)`: each process computes with `n` threads, by default the cores this
-  process may run on (`os.sched_getaffinity`) divided by the number of jobs sharing them
-  (or the user's OMP_NUM_THREADS);
-- `pin(k)`: worker k of a `--jobs` pool is bound to its share of those cores.
+- work is split across processes, not threads: `--jobs` defaults to one process per core,
+  each with one thread (`default_jobs`), wherever there is more than one seed or cell to
+  train; a one-thread process has no OpenMP workers to spin or sleep;
+- a process that does get several threads spins only briefly before it sleeps
+  (GOMP_SPINCOUNT=1000, set before torch is imported; a user's OMP_WAIT_POLICY or
+  GOMP_SPINCOUNT is kept);
+- `pin(k)`: worker k of a `--jobs` pool is bound to its share of the cores.
 
-`SPP_THREADS=legacy` in the environment leaves torch's own defaults alone (for
-benchmarks that measure the old behaviour).
+`SPP_THREADS=legacy` in the environment leaves torch's own defaults alone (one process,
+torch's threads, libgomp's spinning), for benchmarks that measure the old behaviour.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ def legacy() -> bool:
     return os.environ.get(LEGACY_ENV, "").lower() == "legacy"
 
 
+SPIN = "1000"  # GOMP_SPINCOUNT: libgomp's default is 300,000 spins before a waiting thread sleeps
+
+
 def policy() -> None:
-    """Set the OpenMP wait policy; call before torch is imported (libgomp reads it once, at load)."""
-    if not legacy():
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Set how OpenMP workers wait; call before torch is imported (libgomp reads it once, at load)."""
+    if not legacy() and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN)
 
 
 def cores() -> list[int]:
@@ -46,6 +52,15 @@ def default_threads(jobs: int = 1) -> int:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
     return max(1, len(cores()) // max(1, jobs))
+
+
+def default_jobs() -> int:
+    """Processes that train at once by default: one per core, each with one thread.
+
+    Measured (`bench/contention.py`, bench/results/contention.md): N one-thread jobs finish
+    a grid's cells sooner than one job with N threads, since a small head's ops scale poorly
+    over threads while separate processes never wait for each other."""
+    return 1 if legacy() else len(cores())
 
 
 def use(threads: int | None = None, jobs: int = 1) -> int:
@@ -66,3 +81,26 @@ def pin(worker: int, jobs: int) -> None:
         return
     per = len(mine) // jobs
     os.sched_setaffinity(0, mine[worker % jobs * per:(worker % jobs + 1) * per])
+
+
+def _init_worker(threads: int | None, jobs: int, slot, init, initargs) -> None:
+    """A pool worker computes on its own share of the cores: pinned there, with that many threads."""
+    with slot.get_lock():
+        k, slot.value = slot.value, slot.value + 1
+    n = threads or default_threads(jobs)  # the share, counted before pinning narrows the view
+    pin(k, jobs)
+    use(n)
+    if init is not None:
+        init(*initargs)
+
+
+def worker_pool(jobs: int, threads: int | None = None, init=None, initargs: tuple = ()):
+    """`jobs` worker processes, each pinned to its share of the cores with `threads` threads
+    (default: that share); `init(*initargs)` then runs in each (e.g. to keep a queue)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context()
+    slot = ctx.Value("i", 0)  # which share of the cores the next worker takes
+    return ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(threads, jobs, slot, init, initargs))

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
 import threading
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -126,10 +125,7 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
                     _train_cell(c.cfg)
                     progress.update(task, last=c.name)
             else:
-                ctx = multiprocessing.get_context()
-                slot = ctx.Value("i", 0)  # which share of the cores the next worker takes
-                with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                         initargs=(threads, jobs, slot)) as pool:
+                with core_threads.worker_pool(jobs, threads) as pool:
                     futures = {pool.submit(_train_cell, c.cfg): c for c in todo}
                     for f in as_completed(futures):
                         f.result()
@@ -166,15 +162,6 @@ def _following(cells: list[Cell], clock: EpochClock, show, every: float = 1.0):
 
 
 _DATA: dict = {}
-
-
-def _worker_init(threads: int | None, jobs: int, slot) -> None:
-    """A worker computes on its own share of the cores: pinned there, with that many threads."""
-    with slot.get_lock():
-        k, slot.value = slot.value, slot.value + 1
-    n = threads or core_threads.default_threads(jobs)  # the share, counted before pinning narrows the view
-    core_threads.pin(k, jobs)
-    core_threads.use(n)
 
 
 def _train_cell(cfg: TrainConfig) -> str:

@@ -38,8 +38,15 @@ from core.errors import UserError
 METRICS = ("accuracy", "weighted_f1", "macro_f1")
 P_NOISE = 0.05
 # what must agree for two rows to compare: name -> how to read it from config.json
+def _cache(c: dict) -> str:
+    from train.data import CacheProvenance
+
+    return json.dumps([c["train"].get("dataset"), CacheProvenance.from_json(c.get("provenance") or {}).to_json()],
+                      sort_keys=True)
+
+
 COMPARABLE = {
-    "cache": lambda c: json.dumps([c["train"].get("dataset"), c.get("provenance")], sort_keys=True),
+    "cache": _cache,
     "split": lambda c: json.dumps([str(c["train"].get("splits")), c.get("sizes")], sort_keys=True),
     "protocol": lambda c: json.dumps({k: c["train"].get(k) for k in
                                       ("eval_orders", "eval_seed", "eval_batch_size", "select")}, sort_keys=True),
@@ -87,13 +94,15 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_row(folder: Path) -> Row:
+    from train.run_folder import read_config
+
+    config = read_config(folder)
     try:
-        config = json.loads((folder / "config.json").read_text())
         metrics = json.loads((folder / "metrics.json").read_text())
     except FileNotFoundError:
         raise UserError(f"{folder} is not finished (no metrics.json): finish it with the command that started it") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{folder}: a corrupt JSON file ({e.msg}, line {e.lineno}): restore it or train again") from None
+        raise UserError(f"{folder}/metrics.json is corrupt ({e.msg}, line {e.lineno}): restore it or train again") from None
     return Row(folder.name, folder, config, metrics)
 
 
@@ -208,9 +217,21 @@ def _settings(r: Row) -> str:
     return ", ".join(f"{k}={v}" for k, v in r.settings.items()) or "defaults"
 
 
+def _protocol(r: Row) -> list[str]:
+    """`--protocol-check` figures: test accuracy in file order at the best and at the last epoch (what
+    the authors' protocol reports), and how far the best overstates the label-blind number."""
+    p = r.metrics.get("protocol_check")
+    if p is None:
+        return ["", ""]
+    return [f"{_ms(p['best_epoch']['accuracy'])} / {_ms(p['last_epoch']['accuracy'])}", f"{p['inflation']['mean']:+.4f}"]
+
+
 def markdown(table: Table) -> str:
     mixed_col = bool(table.mixed)
+    protocol = any("protocol_check" in r.metrics for r in table.rows)
     head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1", "selected epochs"]
+    if protocol:
+        head += ["file-order test acc, best / last epoch", "best minus label-blind"]
     if table.reference is not None:
         head += [f"Δacc vs {table.reference.name}", "p (Holm)", "test", "beyond noise"]
     if mixed_col:
@@ -219,6 +240,8 @@ def markdown(table: Table) -> str:
     for r in table.rows:
         epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
         cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m]) for m in METRICS), epochs]
+        if protocol:
+            cells += _protocol(r)
         if table.reference is not None:
             c = table.comparisons.get(r.name)
             if c is None:
@@ -232,6 +255,10 @@ def markdown(table: Table) -> str:
             cells.append(", ".join(k for k, read in COMPARABLE.items() if read(r.config) != read(base.config)))
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds."]
+    if protocol:
+        notes.append("File-order columns (`--protocol-check`): test scored in the stored (label-sorted) order after "
+                     "every epoch, the best epoch on test and the last, as the authors' protocol reports; "
+                     "nothing is selected on them.")
     if table.reference is not None:
         notes.append("Δacc and p: paired t-test over seeds where both rows share seeds, split and scoring orders, "
                      f"Welch otherwise; Holm-corrected over {len(table.comparisons)} comparisons; 'yes' when p < {P_NOISE}.")

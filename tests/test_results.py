@@ -11,7 +11,12 @@ from scipy.stats import ttest_ind, ttest_rel
 from core.errors import UserError
 from experiments import results
 
-PROV = {"text": {"encoder": "minilm", "fingerprint": "aaa"}, "image": {"encoder": "efficientnet-lite0", "fingerprint": "bbb"}}
+def _prov(kind: str, encoder: str, fingerprint: str) -> dict:
+    return {"kind": kind, "encoder": encoder, "fingerprint": fingerprint, "preprocessing": "{}", "dataset": "mvsa_s",
+            "data_hash": "d", "n_shards": 1}
+
+
+PROV = {"text": _prov("text", "minilm", "aaa"), "image": _prov("image", "efficientnet-lite0", "bbb")}
 
 
 def make_run(root: Path, name: str, accs: dict[int, float], head: str = "spp_scl", head_config: dict | None = None,

@@ -581,3 +581,36 @@ def test_train_protocol_check_prints_the_authors_protocol_rows(synth_cache, cli,
     assert "inflation (best epoch in file order minus label-blind test accuracy)" in proc.stdout
     assert read_json(out / "config.json")["train"]["protocol_check"] is True
     assert len(read_protocol(out)[1]) == 2
+
+
+# --- train --jobs ------------------------------------------------------------------------------
+
+def test_seeds_in_two_processes_give_the_same_run_as_one(synth_cache, tmp_path):
+    """`train --jobs 2`: the seeds train in two worker processes, and the run folder says exactly
+    what one process says (a seed depends on its seed alone); log.csv has every epoch once."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count as each worker: sums are then bit-identical
+    try:
+        one = runs.train(synth_train_config(synth_cache, tmp_path / "one"), quiet_console(), jobs=1)
+    finally:
+        torch.set_num_threads(before)
+    two = runs.train(synth_train_config(synth_cache, tmp_path / "two"), quiet_console(), jobs=2, threads=1)
+    a, b = read_json(one / "metrics.json"), read_json(two / "metrics.json")
+    assert {**a, "wall_seconds": 0} == {**b, "wall_seconds": 0}
+    rows = lambda run: sorted((r["seed"], r["epoch"], r["dev_accuracy"]) for r in read_log(run)[1])  # noqa: E731
+    assert rows(one) == rows(two) and len(rows(two)) == 2 * 3
+    assert not list(two.glob("*.state.pt"))
+
+
+def test_a_finished_seed_kept_as_evidence_without_weights_is_not_trained_again(synth_cache, tmp_path, monkeypatch):
+    """results/ keeps config.json, metrics.json, log.csv and seed-<s>.json, not the weights: training
+    the same configuration there again trains nothing and writes the same metrics."""
+    run = runs.train(synth_train_config(synth_cache, tmp_path / "evidence"), quiet_console(), jobs=1)
+    before = read_json(run / "metrics.json")
+    for pt in run.glob("seed-*.pt"):
+        pt.unlink()
+    monkeypatch.setattr(runs, "train_seed", lambda *a, **k: pytest.fail("a finished seed was trained again"))
+    again = runs.train(synth_train_config(synth_cache, tmp_path / "evidence"), quiet_console(), jobs=1)
+    assert {**read_json(again / "metrics.json"), "wall_seconds": 0} == {**before, "wall_seconds": 0}

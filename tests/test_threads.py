@@ -13,7 +13,7 @@ from core import threads
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", threads.LEGACY_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", threads.LEGACY_ENV)}
     return {**env, **extra}
 
 
@@ -22,14 +22,24 @@ def _run(code: str, **extra) -> str:
                           text=True, check=True).stdout.strip()
 
 
-def test_the_cli_sets_the_wait_policy_before_torch_loads():
-    out = _run("import os, sys, pipeline; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
-    assert out == "False PASSIVE"
+SPIN = "import os, sys, pipeline; print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))"
 
 
-def test_a_users_wait_policy_and_the_legacy_switch_are_respected():
-    assert _run("import os, pipeline; print(os.environ.get('OMP_WAIT_POLICY'))", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert _run("import os, pipeline; print(os.environ.get('OMP_WAIT_POLICY'))", SPP_THREADS="legacy") == "None"
+def test_the_cli_sets_the_spin_count_before_torch_loads():
+    assert _run(SPIN) == f"False {threads.SPIN}"
+
+
+def test_a_users_wait_settings_and_the_legacy_switch_are_respected():
+    assert _run(SPIN, GOMP_SPINCOUNT="5") == "False 5"
+    assert _run(SPIN, OMP_WAIT_POLICY="PASSIVE") == "False None"  # the user's policy decides alone
+    assert _run(SPIN, SPP_THREADS="legacy") == "False None"
+
+
+def test_work_is_split_across_processes_unless_legacy(monkeypatch):
+    monkeypatch.setattr(threads, "cores", lambda: [0, 1])
+    assert threads.default_jobs() == 2
+    monkeypatch.setenv(threads.LEGACY_ENV, "legacy")
+    assert threads.default_jobs() == 1
 
 
 def test_threads_default_to_the_cores_shared_by_the_jobs(monkeypatch):

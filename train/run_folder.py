@@ -155,9 +155,10 @@ class ProtocolCsv(LogCsv):
 def finished_seeds(out: Path, cfg: TrainConfig, provenance: cache.CacheProvenance) -> dict[int, SeedResult]:
     """Seeds a previous, interrupted `train --out` of the same configuration completed.
 
-    Resuming is per seed: a seed is done once its checkpoint and `seed-<s>.json` exist.
-    A folder that holds another configuration, features from a rebuilt cache or another
-    commit of the code is refused rather than mixed.
+    Resuming is per seed: a seed is done once its `seed-<s>.json` exists (written after its
+    weights, so it is the mark of a finished seed; evidence in `results/` keeps the JSON and
+    not the weights, and is never trained again). A folder that holds another configuration,
+    features from a rebuilt cache or other code (fingerprint) is refused rather than mixed.
     """
     diff = mismatch(out, cfg, provenance)
     if diff:
@@ -165,8 +166,8 @@ def finished_seeds(out: Path, cfg: TrainConfig, provenance: cache.CacheProvenanc
                         "pass another --out, or the same options, cache and code to resume it")
     done = {}
     for seed in cfg.seeds:
-        js, pt = out / f"seed-{seed}.json", out / f"seed-{seed}.pt"
-        if js.is_file() and pt.is_file():
+        js = out / f"seed-{seed}.json"
+        if js.is_file():
             done[seed] = SeedResult(state={}, log=[], **json.loads(js.read_text()))
     return done
 

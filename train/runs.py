@@ -32,8 +32,9 @@ class RunResult:
     metrics: dict  # what metrics.json holds
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> Path:
-    """`pipeline.py train`: load the cache, train every seed with a progress bar, return the run folder."""
+def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threads: int | None = None) -> Path:
+    """`pipeline.py train`: load the cache, train every seed with a progress bar (`jobs` seeds at a
+    time in worker processes), return the run folder."""
     console = console or Console()
     cfg = cfg.resolved()
     t0 = time.time()
@@ -75,16 +76,18 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
             clock.update(clock.done, clock.skipped + cfg.epochs - len(r.log))  # --patience stopped it early
             progress.update(overall, **clock.fields())
 
-        result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0)
+        result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
     return result.out
 
 
 def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
-              t0: float | None = None) -> RunResult:
+              t0: float | None = None, jobs: int = 1, threads: int | None = None) -> RunResult:
     """The library call under every command: train every seed of `cfg` on already loaded `data`
     into `cfg.out` (default: named from the config's hash), resuming finished seeds and the
     unfinished one after its last finished epoch; no UI. Ctrl-C raises `Interrupted` saying what
-    was kept. A grid calls it once per cell with the same `data`, so the cache is loaded once."""
+    was kept. A grid calls it once per cell with the same `data`, so the cache is loaded once.
+    `jobs` > 1 trains the seeds in that many worker processes (`threads` each), with the same
+    numbers: a seed's training depends on its seed alone."""
     t0 = t0 or time.time()
     cfg = cfg.resolved()
     out = Path(cfg.out or default_out(cfg))
@@ -97,32 +100,38 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
     logs = [LogCsv(out / "log.csv", done, resumed)]
     if cfg.protocol_check:
         logs.append(ProtocolCsv(out / "protocol.csv", done, resumed))
-    results: list[SeedResult] = []
     kept = {seed: state["epoch"] for seed, state in partial.items()}  # the last saved epoch of each seed
-    for seed in cfg.seeds:
-        if seed in done:
-            state_path(out, seed).unlink(missing_ok=True)  # Ctrl-C came between seed-<s>.json and this
-            results.append(done[seed])
-            continue
+    for seed in done:
+        state_path(out, seed).unlink(missing_ok=True)  # Ctrl-C came between seed-<s>.json and this
+    todo = [seed for seed in cfg.seeds if seed not in done]
 
-        def each(entry):
-            for log in logs:
-                log.add(entry)
-            on_epoch(entry)
+    def each(entry):
+        for log in logs:
+            log.add(entry)
+        on_epoch(entry)
 
-        def save(state, seed=seed):
-            save_atomic(state, state_path(out, seed))
-            kept[seed] = state["epoch"]
-
-        try:
-            r = train_seed(cfg, data, seed, on_epoch=each, resume=partial.get(seed), save=save)
-        except KeyboardInterrupt:
-            finished = [s for s in cfg.seeds if s in done or s in {r.seed for r in results}]
-            raise Interrupted(interrupt_note(out, finished, seed, kept.get(seed, 0))) from None
+    def finish(r: SeedResult) -> None:
         save_seed(out, r)
-        state_path(out, seed).unlink(missing_ok=True)
+        state_path(out, r.seed).unlink(missing_ok=True)
         on_seed_end(r)
-        results.append(r)
+        done[r.seed] = r
+
+    try:
+        if jobs > 1 and len(todo) > 1:
+            _train_seeds_in_pool(cfg, todo, partial, jobs, threads, each, finish, kept)
+        else:
+            for seed in todo:
+                def save(state, seed=seed):
+                    save_atomic(state, state_path(out, seed))
+                    kept[seed] = state["epoch"]
+
+                finish(train_seed(cfg, data, seed, on_epoch=each, resume=partial.get(seed), save=save))
+    except KeyboardInterrupt:
+        finished = [s for s in cfg.seeds if s in done]
+        unfinished = [s for s in todo if s not in done]
+        cut = [s for s in unfinished if kept.get(s)] or unfinished[:1]  # seeds with epochs kept, else the one cut
+        raise Interrupted(interrupt_note(out, finished, {s: kept.get(s, 0) for s in cut})) from None
+    results = [done[seed] for seed in cfg.seeds]
     metrics = summarize(cfg, results)
     orders = "the only label-blind order" if cfg.eval_orders == 1 else (
         f"the first of {cfg.eval_orders} label-blind orders; metrics.json holds the mean over the orders")
@@ -136,10 +145,71 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
     return RunResult(out, metrics)
 
 
-def interrupt_note(out: Path, finished: list[int], seed: int, epoch: int) -> str:
-    """The one line Ctrl-C prints: what of the run in `out` is kept, and how to continue."""
+# --- seeds in worker processes (`train --jobs N`) ---------------------------------------------
+
+_WORKER: dict = {}  # a worker's queue of epoch logs and its copy of the cache
+
+
+def _keep_queue(queue) -> None:
+    _WORKER["queue"] = queue
+
+
+def _seed_job(cfg: TrainConfig, seed: int, resume: dict | None) -> SeedResult:
+    """One seed in a worker: the cache is loaded once per worker; epoch logs go back to the main
+    process (which alone writes log.csv), the resumable state straight to the run folder."""
+    if "data" not in _WORKER:
+        _WORKER["data"] = load_data(cfg)
+    queue = _WORKER["queue"]
+    return train_seed(cfg, _WORKER["data"], seed, on_epoch=queue.put, resume=resume,
+                      save=lambda state: (save_atomic(state, state_path(cfg.out, seed)), queue.put(("saved", seed,
+                                                                                                   state["epoch"]))))
+
+
+def _train_seeds_in_pool(cfg, seeds, partial, jobs, threads, each, finish, kept) -> None:
+    """Train `seeds` in `jobs` pinned workers; the epoch logs they send are handed to `each` here,
+    in the order they arrive, and a seed is finished only after its last epoch's log."""
+    import multiprocessing
+    import queue as queue_lib
+
+    from core import threads as core_threads
+
+    q = multiprocessing.get_context().Queue()
+    seen = {seed: len(saved_logs(partial[seed])) if seed in partial else 0 for seed in seeds}
+
+    def drain(wait: float) -> None:
+        """Hand on everything the workers sent, waiting up to `wait` s for the first item."""
+        try:
+            item = q.get(timeout=wait)
+            while True:
+                if isinstance(item, tuple):  # ("saved", seed, epoch): its state file is on disk
+                    kept[item[1]] = item[2]
+                else:
+                    seen[item.seed] += 1
+                    each(item)
+                item = q.get_nowait()
+        except queue_lib.Empty:
+            pass
+
+    pool = core_threads.worker_pool(min(jobs, len(seeds)), threads, _keep_queue, (q,))
+    try:
+        pending = {pool.submit(_seed_job, cfg, seed, partial.get(seed)): seed for seed in seeds}
+        while pending:
+            drain(0.2)
+            for f in [f for f in pending if f.done()]:
+                r = f.result()
+                while seen[r.seed] < len(r.log):  # its last logs may still be on their way
+                    drain(0.2)
+                del pending[f]
+                finish(r)
+    finally:  # Ctrl-C: seeds not started yet must not start now
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def interrupt_note(out: Path, finished: list[int], cut: dict[int, int]) -> str:
+    """The one line Ctrl-C prints: what of the run in `out` is kept (finished seeds, and the last
+    epoch of each seed that was cut), and how to continue."""
     kept = [f"seed{'s' * (len(finished) > 1)} {', '.join(map(str, finished))} finished"] if finished else []
-    kept.append(f"epoch {epoch} of seed {seed} kept" if epoch else f"seed {seed} starts over")
+    kept += [f"epoch {epoch} of seed {seed} kept" if epoch else f"seed {seed} starts over" for seed, epoch in cut.items()]
     return f"{out}: {' and '.join(kept)}; run the same command to continue"
 
 
