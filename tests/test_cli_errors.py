@@ -119,7 +119,7 @@ CASES = [
     ("results-nothing", ("results",), ["give run folders"]),
     ("results-missing-folder", ("results", "{tmp}/nope"), ["nope: no such file or folder"]),
     ("results-unfinished-run", ("results", "{unfinished}"), ["is not finished"]),
-    ("results-corrupt-config", ("results", "{corrupt}"), ["corrupt JSON"]),
+    ("results-corrupt-config", ("results", "{corrupt}"), ["config.json is corrupt"]),
     # heads
     ("heads-no-such-option", ("heads", "--verbose"), ["No such option: --verbose"]),
 ]
