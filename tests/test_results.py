@@ -129,3 +129,22 @@ def test_readme_blocks_are_regenerated_and_checked(tmp_path):
     results.refresh_readme(readme)
     assert "old table" not in readme.read_text() and "| spp | spp_scl |" in readme.read_text()
     assert results.refresh_readme(readme, check=True) == []
+
+
+def test_the_readme_tables_are_what_results_prints_from_the_committed_evidence():
+    """Every `<!-- results: ... -->` block of the README equals `pipeline.py results` over results/."""
+    from conftest import REPO
+
+    assert results.refresh_readme(REPO / "README.md", check=True) == []
+
+
+def test_protocol_check_columns_show_best_and_last_file_order_epochs(tmp_path):
+    run = make_run(tmp_path, "spp", OTHER)
+    m = json.loads((run / "metrics.json").read_text())
+    ms = lambda v: {"mean": v, "std": 0.01}  # noqa: E731
+    m["protocol_check"] = {"best_epoch": {"accuracy": ms(0.72)}, "last_epoch": {"accuracy": ms(0.70)},
+                           "inflation": ms(0.044)}
+    (run / "metrics.json").write_text(json.dumps(m))
+    make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
+    md = results.markdown(results.build([tmp_path], against="probe"))
+    assert "0.7200 ± 0.0100 / 0.7000 ± 0.0100 | +0.0440" in md
