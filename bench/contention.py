@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save  # noqa: E402
 from core import threads  # noqa: E402
 
 # name -> (environment, the seeds its `train` command trains)
@@ -134,10 +135,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["faster_grid_split"] = max(result["grid"], key=lambda g: g["cells_per_hour"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save  # noqa: E402
 from core import threads  # noqa: E402
 
 threads.policy()  # the project's thread policy, as pipeline.py sets it, before torch loads
@@ -203,10 +204,7 @@ def main() -> None:
         result["memory"] = memory(args.cache_dir)
     if args.full_epochs:
         result["full_run"] = full_run(args.cache_dir, args.full_epochs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":
