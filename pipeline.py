@@ -366,12 +366,10 @@ def audit(
     _threads.use(threads)
     from extract import audit as au
 
+    tuned = {k: v for k, v in (("image_threshold", image_threshold), ("hash_distance", hash_distance)) if v is not None}
     cfg = au.AuditConfig(dataset=dataset, cache_dir=cache_dir, data_root=data_root or default_data_root(),
-                         text_encoder=text_encoder, image_encoder=image_encoder, write_clean=write_clean, out=out)
-    if image_threshold is not None:
-        cfg.image_threshold = image_threshold
-    if hash_distance is not None:
-        cfg.hash_distance = hash_distance
+                         text_encoder=text_encoder, image_encoder=image_encoder, write_clean=write_clean, out=out,
+                         **tuned)  # unset: the config's own defaults
     r = au.run(cfg)
     table = Table(title=f"{r.dataset}: items of the first split with a match in the second (pairs)")
     for col in ("pair",) + au.TABLE_HEADERS:
