@@ -71,3 +71,25 @@ def test_workers_are_pinned_to_their_own_share_of_the_cores():
     second = _run(code.format(k=1))
     assert first != second
     assert len(eval(first)) == len(eval(second)) == len(cores) // 2
+
+
+def _touch(path):
+    path.touch()
+
+
+def test_a_pool_ends_its_workers_when_the_main_process_stops(tmp_path):
+    """Ctrl-C in the main process: the running job is ended and a job already handed out never
+    starts (a plain pool would run both to the end: a whole seed after Ctrl-C)."""
+    import time
+
+    marker = tmp_path / "second-job-ran"
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        with threads.worker_pool(1, 1) as pool:
+            pool.submit(time.sleep, 60)
+            pool.submit(_touch, marker)
+            time.sleep(1)
+            raise KeyboardInterrupt
+    assert time.time() - t0 < 30
+    time.sleep(0.5)
+    assert not marker.exists()
