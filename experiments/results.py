@@ -131,15 +131,26 @@ def settings_apart(rows: list[Row]) -> None:
         r.settings = apart
 
 
+def _cache_parts(c: dict) -> dict[str, str]:
+    """The cache key per modality: a text-only row and a two-modality row compare when their text caches agree."""
+    parts = json.loads(_cache(c))
+    return {"dataset": json.dumps(parts[0]), **{k: json.dumps(v, sort_keys=True) for k, v in parts[1].items()
+                                                  if k in ("text", "image")}}
+
+
 def differences(rows: list[Row]) -> dict[str, list[str]]:
     """What kind of difference (cache, split, protocol, code) separates rows: kind -> row names per variant."""
     out = {}
     for kind, read in COMPARABLE.items():
-        variants: dict[str, list[str]] = {}
-        for r in rows:
-            variants.setdefault(read(r.config), []).append(r.name)
-        if len(variants) > 1:
-            out[kind] = [", ".join(names) for names in variants.values()]
+        keys = ({p: (lambda c, p=p: _cache_parts(c).get(p)) for p in ("dataset", "text", "image")}
+                if kind == "cache" else {kind: read})
+        for key in keys.values():
+            variants: dict[str, list[str]] = {}
+            for r in rows:
+                if (v := key(r.config)) is not None:
+                    variants.setdefault(v, []).append(r.name)
+            if len(variants) > 1:
+                out[kind] = [", ".join(names) for names in variants.values()]
     return out
 
 
@@ -191,7 +202,7 @@ def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool
     settings_apart(rows)
     mixed = differences(rows)
     if mixed and not allow_mixed:
-        what = "; ".join(f"{kind} differs between [{'] and ['.join(v)}]" for kind, v in mixed.items())
+        what = "; ".join(f"{kind} differs between ({') and ('.join(v)})" for kind, v in mixed.items())
         raise UserError(f"these runs do not compare: {what}. Re-run them alike, or pass --allow-mixed to show "
                         "them side by side with the difference in a column")
     ref = None
@@ -252,7 +263,9 @@ def markdown(table: Table) -> str:
                           "" if not p else ("yes" if c["p_holm"] < P_NOISE else "no")]
         if mixed_col:
             base = table.reference or table.rows[0]
-            cells.append(", ".join(k for k, read in COMPARABLE.items() if read(r.config) != read(base.config)))
+            cells.append(", ".join(k for k in table.mixed if any(r.name in v.split(", ") for v in table.mixed[k][1:])
+                                   or (base.name in table.mixed[k][0].split(", ") and r.name not in
+                                       table.mixed[k][0].split(", "))))
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds."]
     if protocol:
