@@ -38,15 +38,8 @@ from core.errors import UserError
 METRICS = ("accuracy", "weighted_f1", "macro_f1")
 P_NOISE = 0.05
 # what must agree for two rows to compare: name -> how to read it from config.json
-def _cache(c: dict) -> str:
-    from train.data import CacheProvenance
-
-    return json.dumps([c["train"].get("dataset"), CacheProvenance.from_json(c.get("provenance") or {}).to_json()],
-                      sort_keys=True)
-
-
 COMPARABLE = {
-    "cache": _cache,
+    "cache": lambda c: json.dumps(_parts("cache", c), sort_keys=True),
     "split": lambda c: json.dumps([str(c["train"].get("splits")), c.get("sizes")], sort_keys=True),
     "protocol": lambda c: json.dumps({k: c["train"].get(k) for k in
                                       ("eval_orders", "eval_seed", "eval_batch_size", "select")}, sort_keys=True),
@@ -131,23 +124,31 @@ def settings_apart(rows: list[Row]) -> None:
         r.settings = apart
 
 
-def _cache_parts(c: dict) -> dict[str, str]:
-    """The cache key per modality: a text-only row and a two-modality row compare when their text caches agree."""
-    parts = json.loads(_cache(c))
-    return {"dataset": json.dumps(parts[0]), **{k: json.dumps(v, sort_keys=True) for k, v in parts[1].items()
-                                                  if k in ("text", "image")}}
+def _parts(kind: str, c: dict) -> dict[str, str]:
+    """What must agree, part by part: the cache per modality (a text-only row and a two-modality
+    row compare when their text caches agree), every other kind as one value."""
+    if kind != "cache":
+        return {kind: COMPARABLE[kind](c)}
+    from train.data import CacheProvenance
+
+    prov = CacheProvenance.from_json(c.get("provenance") or {}).to_json()
+    return {"dataset": str(c["train"].get("dataset")),
+            **{k: json.dumps(v, sort_keys=True) for k, v in prov.items() if k in ("text", "image")}}
+
+
+def _differ(kind: str, a: dict, b: dict) -> bool:
+    pa, pb = _parts(kind, a), _parts(kind, b)
+    return any(pa[k] != pb[k] for k in pa.keys() & pb.keys())
 
 
 def differences(rows: list[Row]) -> dict[str, list[str]]:
     """What kind of difference (cache, split, protocol, code) separates rows: kind -> row names per variant."""
     out = {}
-    for kind, read in COMPARABLE.items():
-        keys = ({p: (lambda c, p=p: _cache_parts(c).get(p)) for p in ("dataset", "text", "image")}
-                if kind == "cache" else {kind: read})
-        for key in keys.values():
+    for kind in COMPARABLE:
+        for part in dict.fromkeys(k for r in rows for k in _parts(kind, r.config)):
             variants: dict[str, list[str]] = {}
             for r in rows:
-                if (v := key(r.config)) is not None:
+                if (v := _parts(kind, r.config).get(part)) is not None:
                     variants.setdefault(v, []).append(r.name)
             if len(variants) > 1:
                 out[kind] = [", ".join(names) for names in variants.values()]
@@ -263,9 +264,7 @@ def markdown(table: Table) -> str:
                           "" if not p else ("yes" if c["p_holm"] < P_NOISE else "no")]
         if mixed_col:
             base = table.reference or table.rows[0]
-            cells.append(", ".join(k for k in table.mixed if any(r.name in v.split(", ") for v in table.mixed[k][1:])
-                                   or (base.name in table.mixed[k][0].split(", ") and r.name not in
-                                       table.mixed[k][0].split(", "))))
+            cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds."]
     if protocol:
