@@ -436,6 +436,8 @@ def results_cmd(
     out: Optional[Path] = typer.Option(None, help="write results.md, results.csv and results.png here"),
     allow_mixed: bool = typer.Option(False, "--allow-mixed", help="compare runs of other caches, splits, protocols or code (a column says which)"),
     readme: Optional[Path] = typer.Option(None, help="regenerate the results tables between the markers of this README"),
+    baseline: Optional[list[str]] = typer.Option(None, help="runs to set each row against, by run name (the same heads "
+                                                 "on other encoders): the gain, and the gain minus --against's gain"),
 ):
     """One table from finished runs: mean ± std over seeds, selected epochs, paired or Welch t-test, Holm-corrected."""
     from experiments import results
@@ -446,7 +448,7 @@ def results_cmd(
         return
     if not runs:
         raise UserError("give run folders (or a folder of them), e.g. `pipeline.py results results/mvsa_s-heads --against probe`")
-    table = results.build(runs, against, allow_mixed)
+    table = results.build(runs, against, allow_mixed, baseline)
     console.print(results.markdown(table), highlight=False, markup=False, soft_wrap=True)
     if out is not None:
         console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))

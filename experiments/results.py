@@ -10,6 +10,11 @@ reference row (`--against`), the difference in accuracy with its p-value:
 - p-values **Holm-corrected** across the rows compared (several rows against one reference
   are several tests).
 
+With `--baseline RUNS` each row is also set against the row of the same name in another set of runs
+(the same heads on other encoders, say): its **gain** from that change, and, with `--against`, that gain
+minus the reference's gain, tested over seeds (a paired test of per-seed differences of differences):
+does a head gain more from better features than the probe does?
+
 Rows trained on different caches, splits, scoring protocols or code (the fingerprint of
 the code that trains and scores, `train/fingerprint.py`) are refused with the difference
 named: such numbers do not compare. `--allow-mixed` compares them anyway and adds a
@@ -190,9 +195,63 @@ class Table:
     reference: Row | None
     mixed: dict[str, list[str]]
     comparisons: dict[str, dict] = field(default_factory=dict)  # row name -> delta, p, p_holm, test
+    baseline: dict[str, Row] = field(default_factory=dict)  # row name -> the same-named row of --baseline
+    gains: dict[str, dict] = field(default_factory=dict)  # row name -> gain, its p, gain minus reference's, p_holm
 
 
-def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool = False) -> Table:
+def _paired(rows: list[Row]) -> bool:
+    """Whether per-seed values of these rows pair up: the same seeds, split and scoring orders."""
+    first = rows[0]
+    return all(set(r.per_seed()) == set(first.per_seed()) and
+               all(COMPARABLE[k](r.config) == COMPARABLE[k](first.config) for k in ("split", "protocol"))
+               for r in rows[1:]) and len(first.per_seed()) >= 2
+
+
+def _one_sample(diffs: np.ndarray) -> float:
+    from scipy.stats import ttest_1samp
+
+    if np.all(diffs == diffs[0]):  # constant: the test is undefined
+        return 1.0 if diffs[0] == 0 else 0.0
+    return float(ttest_1samp(diffs, 0.0).pvalue)
+
+
+def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool = False) -> None:
+    """Set each row against the same-named row of the baseline runs: the gain, and the gain minus the
+    reference row's gain (paired over seeds; Holm-corrected across rows). The two sets may differ in
+    cache (that is the point); split, protocol and code must agree unless `allow_mixed`."""
+    base = {r.name: r for r in (load_row(f) for f in find_runs(baseline_paths))}
+    table.baseline = {r.name: base[r.name] for r in table.rows if r.name in base}
+    if not table.baseline:
+        raise UserError(f"--baseline: no run there has the name of a row here ({', '.join(r.name for r in table.rows)})")
+    if table.reference is not None and table.reference.name not in table.baseline:
+        raise UserError(f"--baseline holds no run named {table.reference.name!r}, the reference row")
+    for name, b in table.baseline.items():
+        row = next(r for r in table.rows if r.name == name)
+        for kind in ("split", "protocol", "code"):
+            if COMPARABLE[kind](row.config) != COMPARABLE[kind](b.config) and not allow_mixed:
+                raise UserError(f"{row.folder} and its baseline {b.folder}: {kind} differs. Re-run them alike, "
+                                "or pass --allow-mixed")
+    ref = table.reference
+    for name, b in table.baseline.items():
+        row = next(r for r in table.rows if r.name == name)
+        gain, p, kind = t_test(row, b)
+        entry = {"gain": gain, "p_gain": p, "test_gain": kind, "minus_ref": float("nan"), "p_minus_ref": float("nan")}
+        if ref is not None and row is not ref:
+            quad = [row, b, ref, table.baseline[ref.name]]
+            if _paired(quad):
+                x, y, z, w = (q.per_seed() for q in quad)
+                diffs = np.array([(x[s] - y[s]) - (z[s] - w[s]) for s in sorted(x)])
+                entry["minus_ref"], entry["p_minus_ref"] = float(diffs.mean()), _one_sample(diffs)
+            else:
+                entry["minus_ref"] = gain - t_test(ref, table.baseline[ref.name])[0]
+        table.gains[name] = entry
+    named = [n for n, g in table.gains.items() if not math.isnan(g["p_minus_ref"])]
+    for n, ph in zip(named, holm([table.gains[n]["p_minus_ref"] for n in named])):
+        table.gains[n]["p_minus_ref_holm"] = ph
+
+
+def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool = False,
+          baseline: list[str | Path] | None = None) -> Table:
     rows = [load_row(f) for f in find_runs(paths)]
     if not rows:
         raise UserError("no run folders given")
@@ -218,6 +277,8 @@ def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool
         tests = [t_test(r, ref) for r in others]
         for r, (delta, p, kind), ph in zip(others, tests, holm([t[1] for t in tests])):
             table.comparisons[r.name] = {"delta_accuracy": delta, "p": p, "p_holm": ph, "test": kind}
+    if baseline:
+        add_gains(table, baseline, allow_mixed)
     return table
 
 
@@ -246,6 +307,10 @@ def markdown(table: Table) -> str:
         head += ["file-order test acc, best / last epoch", "best minus label-blind"]
     if table.reference is not None:
         head += [f"Δacc vs {table.reference.name}", "p (Holm)", "test", "beyond noise"]
+    if table.baseline:
+        head += ["baseline acc", "gain"]
+        if table.reference is not None:
+            head += [f"gain minus {table.reference.name}'s", "p (Holm)", "beyond noise"]
     if mixed_col:
         head.append("differs in")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -262,6 +327,8 @@ def markdown(table: Table) -> str:
                 p = "" if math.isnan(c["p_holm"]) else f"{c['p_holm']:.3f}"
                 cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"],
                           "" if not p else ("yes" if c["p_holm"] < P_NOISE else "no")]
+        if table.baseline:
+            cells += _gain_cells(table, r)
         if mixed_col:
             base = table.reference or table.rows[0]
             cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
@@ -274,9 +341,33 @@ def markdown(table: Table) -> str:
     if table.reference is not None:
         notes.append("Δacc and p: paired t-test over seeds where both rows share seeds, split and scoring orders, "
                      f"Welch otherwise; Holm-corrected over {len(table.comparisons)} comparisons; 'yes' when p < {P_NOISE}.")
+    if table.baseline:
+        some = next(iter(table.baseline.values()))
+        notes.append(f"Baseline: the row of the same name in {some.folder.parent.name}/; gain = accuracy minus "
+                     "the baseline's (paired over seeds where possible).")
+        if table.reference is not None:
+            notes.append(f"Gain minus {table.reference.name}'s: the per-seed difference of differences, one-sample "
+                         f"t-test, Holm-corrected over {sum('p_minus_ref_holm' in g for g in table.gains.values())} rows.")
+    if table.reference is not None:
         if any(len(r.seeds) == 2 for r in table.rows):
             notes.append("Warning: a row with 2 seeds gives its t-test 1 degree of freedom: its p-value says little.")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+
+
+def _gain_cells(table: Table, r: Row) -> list[str]:
+    n = 2 + (3 if table.reference is not None else 0)
+    g, b = table.gains.get(r.name), table.baseline.get(r.name)
+    if g is None:
+        return ["(none)"] + [""] * (n - 1)
+    cells = [_ms(b.metrics["test"]["accuracy"]), f"{g['gain']:+.4f}"]
+    if table.reference is not None:
+        if r is table.reference:
+            cells += ["(reference)", "", ""]
+        else:
+            ph = g.get("p_minus_ref_holm")
+            cells += [f"{g['minus_ref']:+.4f}", "" if ph is None else f"{ph:.3f}",
+                      "" if ph is None else ("yes" if ph < P_NOISE else "no")]
+    return cells
 
 
 def csv_frame(table: Table):
@@ -289,6 +380,7 @@ def csv_frame(table: Table):
         for m in METRICS:
             rec[f"{m}_mean"], rec[f"{m}_std"] = r.metrics["test"][m]["mean"], r.metrics["test"][m]["std"]
         rec.update(table.comparisons.get(r.name, {}))
+        rec.update(table.gains.get(r.name, {}))
         records.append(rec)
     return pd.DataFrame(records)
 
@@ -333,16 +425,18 @@ def _block_table(args: str, root: Path) -> str:
     """The table a README block's arguments (`results/x --against probe`) make, paths relative to `root`."""
     words = shlex.split(args)
     against = allow = None
-    paths = []
+    paths, baseline = [], []
     it = iter(words)
     for w in it:
         if w == "--against":
             against = next(it)
+        elif w == "--baseline":
+            baseline.append(str(root / next(it)))
         elif w == "--allow-mixed":
             allow = True
         else:
             paths.append(str(root / w))
-    return markdown(build(paths, against, bool(allow)))
+    return markdown(build(paths, against, bool(allow), baseline or None))
 
 
 def refresh_readme(readme: Path, check: bool = False) -> list[str]:

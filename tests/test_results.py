@@ -148,3 +148,47 @@ def test_protocol_check_columns_show_best_and_last_file_order_epochs(tmp_path):
     make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
     md = results.markdown(results.build([tmp_path], against="probe"))
     assert "0.7200 ± 0.0100 / 0.7000 ± 0.0100 | +0.0440" in md
+
+
+def _strong_and_base(tmp_path, head_gain: dict[int, float], probe_gain: dict[int, float]):
+    """The same two heads on two caches: `base` (baseline encoders) and `strong`."""
+    strong_prov = {"text": _prov("text", "mpnet", "ccc"), "image": _prov("image", "efficientnet-lite2", "ddd")}
+    make_run(tmp_path / "base", "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path / "base", "spp", OTHER)
+    make_run(tmp_path / "strong", "probe", {s: a + probe_gain[s] for s, a in REF.items()}, head="probe",
+             head_config={"modalities": "both"}, provenance=strong_prov)
+    make_run(tmp_path / "strong", "spp", {s: a + head_gain[s] for s, a in OTHER.items()}, provenance=strong_prov)
+
+
+def test_baseline_gives_each_rows_gain_and_the_difference_of_differences_paired_over_seeds(tmp_path):
+    from scipy.stats import ttest_1samp
+
+    head_gain = {1: 0.03, 2: 0.05, 3: 0.02, 4: 0.04, 5: 0.06}
+    probe_gain = {1: 0.01, 2: 0.00, 3: 0.02, 4: 0.01, 5: 0.00}
+    _strong_and_base(tmp_path, head_gain, probe_gain)
+    t = results.build([tmp_path / "strong"], against="probe", baseline=[tmp_path / "base"])
+    g = t.gains["spp"]
+    assert g["gain"] == pytest.approx(sum(head_gain.values()) / 5) and g["test_gain"] == "paired"
+    did = [head_gain[s] - probe_gain[s] for s in range(1, 6)]
+    assert g["minus_ref"] == pytest.approx(sum(did) / 5)
+    assert g["p_minus_ref"] == pytest.approx(ttest_1samp(did, 0.0).pvalue)
+    assert g["p_minus_ref_holm"] == pytest.approx(g["p_minus_ref"])  # one row tested: Holm changes nothing
+    assert t.gains["probe"]["gain"] == pytest.approx(0.008)
+    md = results.markdown(t)
+    assert "gain minus probe's" in md and "Baseline: the row of the same name in base/" in md
+    assert f"| {sum(head_gain.values()) / 5:+.4f} | {sum(did) / 5:+.4f} |" in md
+    assert results._block_table("strong --against probe --baseline base", tmp_path) == md  # a README block
+
+
+def test_baseline_of_other_code_or_split_is_refused_and_a_missing_reference_named(tmp_path):
+    zero = dict.fromkeys(range(1, 6), 0.0)
+    _strong_and_base(tmp_path, zero, zero)
+    edit_config(tmp_path / "base" / "spp", lambda c: c.update(code_fingerprint="old"))
+    with pytest.raises(UserError, match="code differs"):
+        results.build([tmp_path / "strong"], against="probe", baseline=[tmp_path / "base"])
+    assert results.build([tmp_path / "strong"], against="probe", baseline=[tmp_path / "base"], allow_mixed=True).gains
+    import shutil
+
+    shutil.rmtree(tmp_path / "base" / "probe")
+    with pytest.raises(UserError, match="no run named 'probe'"):
+        results.build([tmp_path / "strong"], against="probe", baseline=[tmp_path / "base"], allow_mixed=True)
