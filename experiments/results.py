@@ -245,6 +245,8 @@ def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool 
             else:
                 entry["minus_ref"] = gain - t_test(ref, table.baseline[ref.name])[0]
         table.gains[name] = entry
+    for g, ph in zip(table.gains.values(), holm([g["p_gain"] for g in table.gains.values()])):
+        g["p_gain_holm"] = ph
     named = [n for n, g in table.gains.items() if not math.isnan(g["p_minus_ref"])]
     for n, ph in zip(named, holm([table.gains[n]["p_minus_ref"] for n in named])):
         table.gains[n]["p_minus_ref_holm"] = ph
@@ -308,7 +310,7 @@ def markdown(table: Table) -> str:
     if table.reference is not None:
         head += [f"Δacc vs {table.reference.name}", "p (Holm)", "test", "beyond noise"]
     if table.baseline:
-        head += ["baseline acc", "gain"]
+        head += ["baseline acc", "gain, p (Holm)"]
         if table.reference is not None:
             head += [f"gain minus {table.reference.name}'s", "p (Holm)", "beyond noise"]
     if mixed_col:
@@ -344,7 +346,8 @@ def markdown(table: Table) -> str:
     if table.baseline:
         some = next(iter(table.baseline.values()))
         notes.append(f"Baseline: the row of the same name in {some.folder.parent.name}/; gain = accuracy minus "
-                     "the baseline's (paired over seeds where possible).")
+                     "the baseline's, paired t-test over seeds where possible (else Welch), Holm-corrected over "
+                     f"{len(table.gains)} rows.")
         if table.reference is not None:
             notes.append(f"Gain minus {table.reference.name}'s: the per-seed difference of differences, one-sample "
                          f"t-test, Holm-corrected over {sum('p_minus_ref_holm' in g for g in table.gains.values())} rows.")
@@ -359,7 +362,8 @@ def _gain_cells(table: Table, r: Row) -> list[str]:
     g, b = table.gains.get(r.name), table.baseline.get(r.name)
     if g is None:
         return ["(none)"] + [""] * (n - 1)
-    cells = [_ms(b.metrics["test"]["accuracy"]), f"{g['gain']:+.4f}"]
+    p = "" if math.isnan(g["p_gain_holm"]) else f", p {g['p_gain_holm']:.3f}"
+    cells = [_ms(b.metrics["test"]["accuracy"]), f"{g['gain']:+.4f}{p}"]
     if table.reference is not None:
         if r is table.reference:
             cells += ["(reference)", "", ""]

@@ -176,7 +176,10 @@ def test_baseline_gives_each_rows_gain_and_the_difference_of_differences_paired_
     assert t.gains["probe"]["gain"] == pytest.approx(0.008)
     md = results.markdown(t)
     assert "gain minus probe's" in md and "Baseline: the row of the same name in base/" in md
-    assert f"| {sum(head_gain.values()) / 5:+.4f} | {sum(did) / 5:+.4f} |" in md
+    p_gains = results.holm([ttest_rel([a + head_gain[s] for s, a in OTHER.items()], list(OTHER.values())).pvalue,
+                            ttest_rel([a + probe_gain[s] for s, a in REF.items()], list(REF.values())).pvalue])
+    assert [t.gains[n]["p_gain_holm"] for n in ("spp", "probe")] == pytest.approx(p_gains)
+    assert f"| {sum(head_gain.values()) / 5:+.4f}, p {p_gains[0]:.3f} | {sum(did) / 5:+.4f} |" in md
     assert results._block_table("strong --against probe --baseline base", tmp_path) == md  # a README block
 
 
