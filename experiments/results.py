@@ -225,15 +225,16 @@ def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool 
         raise UserError(f"--baseline: no run there has the name of a row here ({', '.join(r.name for r in table.rows)})")
     if table.reference is not None and table.reference.name not in table.baseline:
         raise UserError(f"--baseline holds no run named {table.reference.name!r}, the reference row")
+    by_name = {r.name: r for r in table.rows}
     for name, b in table.baseline.items():
-        row = next(r for r in table.rows if r.name == name)
+        row = by_name[name]
         for kind in ("split", "protocol", "code"):
             if COMPARABLE[kind](row.config) != COMPARABLE[kind](b.config) and not allow_mixed:
                 raise UserError(f"{row.folder} and its baseline {b.folder}: {kind} differs. Re-run them alike, "
                                 "or pass --allow-mixed")
     ref = table.reference
     for name, b in table.baseline.items():
-        row = next(r for r in table.rows if r.name == name)
+        row = by_name[name]
         gain, p, kind = t_test(row, b)
         entry = {"gain": gain, "p_gain": p, "test_gain": kind, "minus_ref": float("nan"), "p_minus_ref": float("nan")}
         if ref is not None and row is not ref:
