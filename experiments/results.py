@@ -160,13 +160,20 @@ def differences(rows: list[Row]) -> dict[str, list[str]]:
     return out
 
 
+def _paired(rows: list[Row]) -> bool:
+    """Whether per-seed values of these rows pair up: the same seeds, split and scoring orders."""
+    first = rows[0]
+    return all(set(r.per_seed()) == set(first.per_seed()) and
+               all(COMPARABLE[k](r.config) == COMPARABLE[k](first.config) for k in ("split", "protocol"))
+               for r in rows[1:]) and len(first.per_seed()) >= 2
+
+
 def t_test(a: Row, ref: Row) -> tuple[float, float, str]:
     """(Δ accuracy, p, kind): paired over seeds when the rows share seeds, split and orders, else Welch."""
     from scipy.stats import ttest_ind, ttest_rel
 
     x, y = a.per_seed(), ref.per_seed()
-    same_scoring = all(COMPARABLE[k](a.config) == COMPARABLE[k](ref.config) for k in ("split", "protocol"))
-    if same_scoring and set(x) == set(y) and len(x) >= 2:
+    if _paired([a, ref]):
         seeds = sorted(x)
         diffs = np.array([x[s] - y[s] for s in seeds])
         if np.all(diffs == diffs[0]):  # constant differences: the paired test is undefined
@@ -199,14 +206,6 @@ class Table:
     gains: dict[str, dict] = field(default_factory=dict)  # row name -> gain, its p, gain minus reference's, p_holm
 
 
-def _paired(rows: list[Row]) -> bool:
-    """Whether per-seed values of these rows pair up: the same seeds, split and scoring orders."""
-    first = rows[0]
-    return all(set(r.per_seed()) == set(first.per_seed()) and
-               all(COMPARABLE[k](r.config) == COMPARABLE[k](first.config) for k in ("split", "protocol"))
-               for r in rows[1:]) and len(first.per_seed()) >= 2
-
-
 def _one_sample(diffs: np.ndarray) -> float:
     from scipy.stats import ttest_1samp
 
@@ -227,12 +226,12 @@ def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool 
         raise UserError(f"--baseline holds no run named {table.reference.name!r}, the reference row")
     by_name = {r.name: r for r in table.rows}
     for name, b in table.baseline.items():
-        row = by_name[name]
         for kind in ("split", "protocol", "code"):
-            if COMPARABLE[kind](row.config) != COMPARABLE[kind](b.config) and not allow_mixed:
-                raise UserError(f"{row.folder} and its baseline {b.folder}: {kind} differs. Re-run them alike, "
-                                "or pass --allow-mixed")
+            if COMPARABLE[kind](by_name[name].config) != COMPARABLE[kind](b.config) and not allow_mixed:
+                raise UserError(f"{by_name[name].folder} and its baseline {b.folder}: {kind} differs. Re-run them "
+                                "alike, or pass --allow-mixed")
     ref = table.reference
+    ref_gain = t_test(ref, table.baseline[ref.name])[0] if ref is not None else float("nan")
     for name, b in table.baseline.items():
         row = by_name[name]
         gain, p, kind = t_test(row, b)
@@ -244,7 +243,7 @@ def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool 
                 diffs = np.array([(x[s] - y[s]) - (z[s] - w[s]) for s in sorted(x)])
                 entry["minus_ref"], entry["p_minus_ref"] = float(diffs.mean()), _one_sample(diffs)
             else:
-                entry["minus_ref"] = gain - t_test(ref, table.baseline[ref.name])[0]
+                entry["minus_ref"] = gain - ref_gain
         table.gains[name] = entry
     for g, ph in zip(table.gains.values(), holm([g["p_gain"] for g in table.gains.values()])):
         g["p_gain_holm"] = ph
