@@ -40,7 +40,7 @@ CacheOpt = typer.Option(DEFAULT_CACHE, "--cache-dir", help="where caches live")
 JobsOpt = typer.Option(None, min=1, help="processes training at once, one seed (train) or cell (ablate, sweep) each [default: one per core available, one thread each]")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per process [default: the cores this process may use, divided by --jobs]")
 DataRootOpt = typer.Option(None, "--data-root", help="folder with the built-in data sets [default: $SPP_DATA_ROOT or ../shared/data]")
-PatienceOpt = typer.Option(None, min=1, help="stop a seed once dev has not improved for P epochs")
+PatienceOpt = typer.Option(10, min=0, help="stop a seed once dev has not improved for P epochs; 0: train every epoch")
 
 
 @app.callback()
@@ -164,7 +164,7 @@ def train(
     head: str = typer.Option("spp_scl", help="registered head (see `pipeline.py heads`)"),
     set_: list[str] = typer.Option([], "--set", help="head config field, key=value (repeatable; `pipeline.py heads` lists them)"),
     epochs: int = typer.Option(150, min=1),
-    patience: Optional[int] = PatienceOpt,
+    patience: int = PatienceOpt,
     seeds: str = typer.Option("1,2,3,4,5", help="comma-separated; results are mean/std over them"),
     batch_size: Optional[int] = typer.Option(None, min=2, help=default_help("batch_size")),
     lr: Optional[float] = typer.Option(None, help=default_help("lr")),
@@ -219,7 +219,7 @@ GRID_OPTIONS = {
     "dataset": (str, GRID_DATASET), "cache_dir": (Path, CacheOpt), "text_encoder": (str, GRID_TEXT),
     "image_encoder": (str, GRID_IMAGE), "epochs": (int, GRID_EPOCHS), "seeds": (str, GRID_SEEDS),
     "batch_size": (Optional[int], GRID_BATCH), "lr": (Optional[float], GRID_LR),
-    "patience": (Optional[int], PatienceOpt), "jobs": (Optional[int], GRID_JOBS), "shard": (Optional[str], GRID_SHARD),
+    "patience": (int, PatienceOpt), "jobs": (Optional[int], GRID_JOBS), "shard": (Optional[str], GRID_SHARD),
     "runs_dir": (Path, RUNS_DIR), "threads": (Optional[int], ThreadsOpt),
 }
 
@@ -347,6 +347,30 @@ def evaluate(
         raise UserError(f"recomputed test metrics differ from {run}/metrics.json: was the cache rebuilt?")
     if "matches_metrics_json" in result:
         console.print("matches metrics.json")
+
+
+@app.command()
+def replay(
+    runs: list[str] = typer.Argument(..., help="run folders, folders of them, or glob patterns"),
+    seed: Optional[int] = typer.Option(None, help="the seed to retrain [default: the run's first finished seed]"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="a quicker partial check of the first K epochs (vouches for nothing)"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
+):
+    """Retrain one seed of each run with the current code and compare every number it recorded
+    (log.csv, protocol.csv, the seed's scores); a complete match is written to replay.json and
+    vouches for the current code."""
+    from experiments.results import find_runs
+    from train.replay import replay as run_replay
+
+    folders = find_runs(runs)
+    for k, folder in enumerate(folders, 1):
+        with console.status(f"replay {k}/{len(folders)}: {folder}") as status:
+            r = run_replay(folder, seed, epochs, cache_dir,
+                           on_epoch=lambda log: status.update(f"replay {k}/{len(folders)}: {folder}, seed {log.seed}, "
+                                                             f"epoch {log.epoch} identical"))
+        what = "complete: vouches for the current code" if r.complete else "partial: vouches for nothing"
+        console.print(f"{folder}: seed {r.seed}, {r.epochs} epoch(s) identical, largest difference "
+                      f"{r.largest_difference:g} ({what}; replay.json)", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -15,10 +15,11 @@ With `--baseline RUNS` each row is also set against the row of the same name in 
 minus the reference's gain, tested over seeds (a paired test of per-seed differences of differences):
 does a head gain more from better features than the probe does?
 
-Rows trained on different caches, splits, scoring protocols or code (the fingerprint of
-the code that trains and scores, `train/fingerprint.py`) are refused with the difference
-named: such numbers do not compare. `--allow-mixed` compares them anyway and adds a
-column that shows what differs.
+Rows trained on different caches, splits or scoring protocols are refused with the difference
+named: such numbers do not compare. A row is the current code's when it was trained by it or a
+replay with it is recorded (`pipeline.py replay`, train/replay.py); any other row is refused with
+the replay command that would settle it. `--allow-mixed` compares them anyway and adds a column
+that shows what differs.
 
 The README's result tables are this module's output between markers
 (`<!-- results: ARGS -->` ... `<!-- results:end -->`); `refresh_readme` regenerates them
@@ -48,7 +49,7 @@ COMPARABLE = {
     "split": lambda c: json.dumps([str(c["train"].get("splits")), c.get("sizes")], sort_keys=True),
     "protocol": lambda c: json.dumps({k: c["train"].get(k) for k in
                                       ("eval_orders", "eval_seed", "eval_batch_size", "select")}, sort_keys=True),
-    "code": lambda c: c.get("code_fingerprint", "unrecorded"),
+    "code": lambda c: c.get("code_identity") or c.get("code_fingerprint", "unrecorded"),
 }
 # config fields that never set a row apart in the table (paths, the seeds have their own column)
 NOT_SETTINGS = {"out", "cache_dir", "seeds", "splits"}
@@ -92,9 +93,13 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_row(folder: Path) -> Row:
-    from train.run_folder import read_config
+    from train import fingerprint
+    from train.run_folder import read_config, vouched
 
     config = read_config(folder)
+    # the code identity is what the run computes: the current code's once a replay says so
+    config["code_identity"] = ("current code" if vouched(folder, config) else
+                               f"{config.get('code_fingerprint', 'unrecorded')} (not replayed with {fingerprint.code_fingerprint()})")
     try:
         metrics = json.loads((folder / "metrics.json").read_text())
     except FileNotFoundError:
@@ -261,6 +266,13 @@ def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool
     if len(set(names)) < len(names):  # two folders of the same name in different places
         for r in rows:
             r.name = f"{r.folder.parent.name}/{r.folder.name}"
+    stale = [r for r in rows if r.config["code_identity"] != "current code"]
+    if stale and not allow_mixed:
+        parents = {r.folder.parent for r in stale}
+        target = parents.pop() if len(stale) > 1 and len(parents) == 1 else " ".join(str(r.folder) for r in stale)
+        raise UserError(f"{len(stale)} run(s) were trained by other code ({stale[0].folder}: "
+                        f"{stale[0].config['code_identity']}): if the current code still computes their numbers, "
+                        f"`python pipeline.py replay {target}` says so; or pass --allow-mixed")
     settings_apart(rows)
     mixed = differences(rows)
     if mixed and not allow_mixed:

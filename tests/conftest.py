@@ -184,7 +184,7 @@ SYNTH_CLASSES = ["positive", "neutral", "negative"]
 
 
 def write_synth_cache(cache_dir: Path, dataset: str = "synth", sizes: dict | None = None, seed: int = 0,
-                      layers: int = 4, width: int = 16, channels: int = 8) -> SynthCache:
+                      layers: int = 4, width: int = 16, channels: int = 8, strength: float = 1.5) -> SynthCache:
     import numpy as np
 
     sizes = sizes or SYNTH_SIZES
@@ -202,10 +202,10 @@ def write_synth_cache(cache_dir: Path, dataset: str = "synth", sizes: dict | Non
     n = len(ids)
     lengths = rng.integers(2, 7, size=n)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    signal = np.eye(len(SYNTH_CLASSES), width)[labels] * 1.5  # the label, visible in the features
+    signal = np.eye(len(SYNTH_CLASSES), width)[labels] * strength  # the label, visible in the features
     cls = rng.normal(size=(n, layers, width)) + signal[:, None, :]
     tokens = rng.normal(size=(offsets[-1], layers, width)) + np.repeat(signal, lengths, axis=0)[:, None, :]
-    maps = np.abs(rng.normal(size=(n, channels, 2, 2)) + np.eye(len(SYNTH_CLASSES), channels)[labels][:, :, None, None])
+    maps = np.abs(rng.normal(size=(n, channels, 2, 2)) + np.eye(len(SYNTH_CLASSES), channels)[labels][:, :, None, None] * (strength / 1.5))
     for kind, folder, name in ((store.TEXT, text_dir, "synth-text"), (store.IMAGE, image_dir, "synth-image")):
         folder.mkdir(parents=True, exist_ok=True)
         prov = store.Provenance(kind, name, "synthetic", "{}", dataset, f"seed{seed}", 1,

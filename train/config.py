@@ -52,7 +52,10 @@ class TrainConfig:
     balanced: bool = False  # cross-entropy weighted by inverse class frequency (not in the paper)
     text_views: bool = False  # train on the cached dropout views of the texts (extract --text-views K)
     select: str | None = None  # metric on dev that picks the epoch
-    patience: int | None = None  # stop a seed once dev `select` has not improved for this many epochs
+    # stop a seed once dev `select` has not improved for this many epochs (0 or None: never). 10 by
+    # default: on 20 full-length seeds it moved no test figure beyond noise and saved 71% of the
+    # epochs (README, "Early stopping"); every evidence run in results/ uses it
+    patience: int | None = 10
     # label-blind scoring: dev and test are scored in seeded random orders, never in the stored
     # (label-sorted) order; test is the mean over `eval_orders` of them (see trainer.eval_orders)
     eval_orders: int = 5
@@ -80,6 +83,7 @@ class TrainConfig:
             lr_step=over.get("lr_step", self.lr_step if self.lr_step is not None else d.lr_step),
             eval_batch_size=over.get("eval_batch_size", self.eval_batch_size or batch_size),
             select=self.select or d.select,
+            patience=self.patience or None,  # 0: no early stop, recorded as None
         )
         cfg.check()
         return cfg
@@ -100,7 +104,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: the learning rate must be > 0")
         if self.patience is not None and self.patience < 1:
-            raise UserError(f"--patience {self.patience}: give at least 1 epoch, or leave it out")
+            raise UserError(f"--patience {self.patience}: give at least 1 epoch, or 0 for no early stop")
         if self.epochs < 1 or self.eval_orders < 1:
             raise UserError("--epochs and --eval-orders must be at least 1")
         if not self.seeds:

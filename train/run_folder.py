@@ -14,6 +14,7 @@
     runs/<name>/seed-<s>.state.pt  while seed s trains: its resumable state after the last finished epoch
                                (weights, optimizer, scheduler, random streams, best epoch, logs; plain
                                tensors and numbers, loads with weights_only); deleted when the seed ends
+    runs/<name>/replay.json    `pipeline.py replay`: which code reproduced which seed of the run (train/replay.py)
     runs/<name>/report.txt     per-class report and confusion matrix of each seed on test, in the first
                                label-blind order (metrics.json: the mean over the orders)
 """
@@ -38,7 +39,7 @@ from core.paths import DEFAULT_RUNS, REPO
 from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
-from train.fingerprint import code_fingerprint
+from train import fingerprint
 from train.trainer import SeedResult
 
 
@@ -75,7 +76,8 @@ def write_config(out: Path, cfg: TrainConfig, data: cache.Data) -> None:
     (out / "config.json").write_text(json.dumps({
         "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance.to_json(),
         "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
-        "git_dirty": git_dirty(), "code_fingerprint": code_fingerprint(), "device": str(device()),
+        "git_dirty": git_dirty(), "code_fingerprint": fingerprint.code_fingerprint(), "device": str(device()),
+        "machine": fingerprint.machine(),
     }, indent=1))
 
 
@@ -220,14 +222,59 @@ def mismatch(out: Path, cfg: TrainConfig, provenance: cache.CacheProvenance | No
     if provenance is not None:
         recorded = cache.CacheProvenance.from_json(saved.get("provenance", {}))
         diff += [f"{kind} cache ({'; '.join(d)})" for kind, d in recorded.differences(provenance).items()]
-    # the code that trains and scores, not the commit: a README edit leaves a run resumable
+    # the code that trains and scores, decided by what it computes (a replay), not the commit
     if "code_fingerprint" in saved:
-        if saved["code_fingerprint"] != code_fingerprint():
-            diff.append(f"code (fingerprint {saved['code_fingerprint']}, now {code_fingerprint()}; "
-                        f"commit {str(saved.get('git_commit'))[:10]})")
+        if not vouched(out, saved):
+            diff.append(f"code (fingerprint {saved['code_fingerprint']}, now {fingerprint.code_fingerprint()}; "
+                        f"commit {str(saved.get('git_commit'))[:10]}: if the code still computes its numbers, "
+                        f"`python pipeline.py replay {out}` says so)")
     elif saved.get("git_commit") not in (None, git_commit()):
         diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
     return diff
+
+
+def vouched(run: Path, saved: dict | None = None) -> bool:
+    """Whether a run's numbers are the current code's: it was trained by code of the current
+    fingerprint, or a complete replay by such code is recorded in its replay.json."""
+    saved = saved if saved is not None else read_config(run)
+    now = fingerprint.code_fingerprint()
+    return saved.get("code_fingerprint") == now or any(
+        r.get("complete") and r.get("code_fingerprint") == now for r in read_replays(run))
+
+
+def read_replays(run: Path) -> list[dict]:
+    """The replays recorded in a run's replay.json, oldest first ([] when there is none)."""
+    path = Path(run) / "replay.json"
+    if not path.is_file():
+        return []
+    try:
+        replays = json.loads(path.read_text()).get("replays", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"{path} is corrupt ({e}): delete it and run `python pipeline.py replay {run}` again") from None
+    return [r for r in replays if isinstance(r, dict)]
+
+
+def record_replay(run: Path, entry: dict) -> None:
+    """Add a replay to replay.json (one entry per code fingerprint and seed: a newer one replaces it)."""
+    keep = [r for r in read_replays(run) if (r.get("code_fingerprint"), r.get("seed"), r.get("complete"))
+            != (entry["code_fingerprint"], entry["seed"], entry["complete"])]
+    write_atomic(Path(run) / "replay.json", json.dumps({"replays": keep + [entry]}, indent=1) + "\n")
+
+
+def read_csv_rows(path: Path, seed: int) -> list[dict]:
+    """The rows of one seed in log.csv or protocol.csv, in epoch order, as the strings written."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the run folder is incomplete")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("seed") == str(seed)]
+    return sorted(rows, key=lambda r: int(r["epoch"]))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_config(run: Path) -> dict:
@@ -280,3 +327,47 @@ def open_run(run: Path, cache_dir: Path | None = None) -> tuple[dict, TrainConfi
             f"--{kind}-encoder {getattr(recorded, kind).encoder}` or pass the right --cache-dir"
         )
     return saved, cfg, data
+
+
+# --- the same configuration among the committed evidence ---------------------------------------
+
+EVIDENCE = REPO / "results"
+NUMBERLESS = ("out", "cache_dir", "protocol_check", "seeds")  # settings that change no seed's numbers
+
+
+def _numbers_key(saved: dict) -> str:
+    train = {k: v for k, v in saved.get("train", {}).items() if k not in NUMBERLESS}
+    return json.dumps({"train": train, "provenance": saved.get("provenance")}, sort_keys=True)
+
+
+def evidence_twins(out: Path, evidence: Path = EVIDENCE) -> list[str]:
+    """One line for each evidence run in `evidence` trained with the configuration of the finished
+    run in `out`: whether the seeds they share have the same numbers (selected epoch, test metrics)."""
+    saved = read_config(out)
+    key = _numbers_key(saved)
+    mine = {p["seed"]: p for p in json.loads((Path(out) / "metrics.json").read_text())["per_seed"]}
+    lines = []
+    for path in sorted(Path(evidence).glob("*/*/config.json")):
+        other = path.parent
+        if other.resolve() == Path(out).resolve() or not (other / "metrics.json").is_file():
+            continue
+        try:
+            if _numbers_key(json.loads(path.read_text())) != key:
+                continue
+            theirs = {p["seed"]: p for p in json.loads((other / "metrics.json").read_text())["per_seed"]}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        common = sorted(set(mine) & set(theirs))
+        if not common:
+            continue
+        name = other.relative_to(REPO) if other.is_relative_to(REPO) else other
+        differ = {s: max(abs(mine[s]["test"][m] - theirs[s]["test"][m]) for m in METRICS) for s in common
+                  if (mine[s]["test"], mine[s]["best_epoch"]) != (theirs[s]["test"], theirs[s]["best_epoch"])}
+        seeds = "" if set(common) == set(theirs) == set(mine) else f" (seeds {', '.join(map(str, common))})"
+        if not differ:
+            lines.append(f"matches {name}: identical{seeds}")
+        else:
+            lines.append(f"compared with {name}{seeds}: seed{'s' * (len(differ) > 1)} "
+                         f"{', '.join(map(str, differ))} differ, test metrics by up to {max(differ.values()):.4f}"
+                         " (numbers depend on the CPU and the threads per process; `pipeline.py replay` checks the code)")
+    return lines

@@ -20,7 +20,8 @@ from train import data as cache
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
-from train.run_folder import (LogCsv, ProtocolCsv, default_out, epochs_done, finished_seeds, load_head, open_run, save_atomic,
+from train.run_folder import (LogCsv, ProtocolCsv, default_out, epochs_done, evidence_twins, finished_seeds, load_head,
+                              open_run, save_atomic,
                               save_seed, state_path, unfinished_seeds, write_config)
 from train.progress import EpochClock, EtaColumn
 from train.trainer import SeedResult, build_head, eval_orders, saved_logs, score_split, train_seed
@@ -77,6 +78,8 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
             progress.update(overall, **clock.fields())
 
         result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
+    for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
+        console.print(line, highlight=False, soft_wrap=True)
     return result.out
 
 

@@ -1,0 +1,140 @@
+"""train/replay.py and `pipeline.py replay`: a run's code identity is decided by what the code computes.
+
+A refactor that keeps the numbers (simulated: the code fingerprint changes, nothing else) makes
+`results` and resume refuse with the replay command named; a replay then vouches for the new code.
+An edit that changes a number (a loss scaled by 1.0001) fails the replay, naming the file, column
+and epoch, and `results` keeps refusing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from core.errors import UserError
+from experiments import results
+from heads import spp_scl
+from train import fingerprint, run_folder, runs
+from train.config import TrainConfig
+from train.replay import Difference, replay
+
+from conftest import quiet_console, write_synth_cache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory) -> Path:
+    """A folder of two finished runs (SPP-SCL with the protocol check, the probe), patience 3, on
+    features with a faint signal (SPP-SCL's seed 2 selects epoch 7)."""
+    root = tmp_path_factory.mktemp("evidence")
+    c = write_synth_cache(root / "cache", strength=0.05)
+    for head in ("spp_scl", "probe"):
+        cfg = TrainConfig(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder,
+                          image_encoder=c.image_encoder, head=head, epochs=8, patience=3, seeds=(1, 2),
+                          batch_size=8, eval_orders=2, protocol_check=head == "spp_scl", out=root / "runs" / head)
+        runs.train(cfg, quiet_console())
+    return root
+
+
+@pytest.fixture
+def copy(evidence, tmp_path) -> Path:
+    shutil.copytree(evidence / "runs", tmp_path / "evidence")
+    return tmp_path / "evidence"
+
+
+@pytest.fixture
+def new_code(monkeypatch):
+    """The code fingerprint of an edited tree (a renamed local, say): every number unchanged."""
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "feedfacecafe")
+
+
+def test_config_json_records_the_machine(evidence):
+    saved = json.loads((evidence / "runs" / "probe" / "config.json").read_text())
+    assert set(saved["machine"]) == {"cpu", "torch", "threads"}
+    assert saved["machine"]["threads"] == 1
+
+
+def test_replay_of_unchanged_code_is_identical_and_recorded(copy):
+    r = replay(copy / "spp_scl", seed=2)
+    recorded = json.loads((copy / "spp_scl" / "seed-2.json").read_text())
+    assert recorded["best_epoch"] > 1  # several epochs, the selection and the final scoring replayed
+    assert r.complete and r.seed == 2 and r.epochs == recorded["best_epoch"]
+    assert r.largest_difference == 0.0
+    assert r.compared["protocol_rows"] == r.epochs and "test" in r.compared["final"]
+    entry = json.loads((copy / "spp_scl" / "replay.json").read_text())["replays"][-1]
+    assert entry["code_fingerprint"] == fingerprint.code_fingerprint() and entry["complete"]
+    assert entry["machine"]["threads"] == 1
+
+
+def test_a_refactor_that_keeps_the_numbers_is_refused_until_replayed(copy, new_code):
+    with pytest.raises(UserError, match=rf"pipeline.py replay {copy}`"):
+        results.build([copy])
+    c = TrainConfig.from_json(json.loads((copy / "probe" / "config.json").read_text())["train"])
+    assert any("pipeline.py replay" in d for d in run_folder.mismatch(copy / "probe", c))  # resume and grids too
+    for run in ("spp_scl", "probe"):
+        assert replay(copy / run).complete
+    table = results.build([copy], against="probe")
+    assert [r.name for r in table.rows] == ["probe", "spp_scl"]
+    assert run_folder.mismatch(copy / "probe", c) == []
+    # config.json keeps its fingerprint as a record
+    assert json.loads((copy / "probe" / "config.json").read_text())["code_fingerprint"] != "feedfacecafe"
+
+
+def test_a_partial_replay_vouches_for_nothing(copy, new_code):
+    r = replay(copy / "spp_scl", seed=2, epochs=2)
+    assert not r.complete and r.epochs == 2
+    with pytest.raises(UserError, match="pipeline.py replay"):
+        results.build([copy / "spp_scl"])
+
+
+def test_an_edit_that_changes_a_number_fails_naming_file_column_and_epoch(copy, new_code, monkeypatch):
+    cross = spp_scl.SppSclHead.objective
+
+    def scaled(self, out, y, weight=None):
+        terms = cross(self, out, y, weight)
+        terms["ce"] = terms["ce"] * 1.0001
+        return terms
+
+    monkeypatch.setattr(spp_scl.SppSclHead, "objective", scaled)
+    with pytest.raises(Difference, match=r"log\.csv, loss_ce, epoch 1: recorded [0-9.]+, now [0-9.]+"):
+        replay(copy / "spp_scl")
+    assert not (copy / "spp_scl" / "replay.json").exists()
+    with pytest.raises(UserError, match="pipeline.py replay"):
+        results.build([copy / "spp_scl"])
+
+
+def test_a_changed_final_score_is_named(copy):
+    path = copy / "probe" / "seed-1.json"
+    seed = json.loads(path.read_text())
+    seed["test"]["accuracy"] += 0.01
+    path.write_text(json.dumps(seed))
+    with pytest.raises(Difference, match=r"seed-1\.json, test\.accuracy, epoch final"):
+        replay(copy / "probe")
+
+
+def test_replay_through_the_cli(copy, run_main):
+    r = run_main("replay", str(copy / "spp_scl"), "--seed", "2", "--epochs", "1")
+    assert r.code == 0, r.err
+    assert "seed 2, 1 epoch(s) identical" in r.out and "partial" in r.out
+    r = run_main("replay", str(copy / "probe"), "--seed", "7")
+    assert r.code == 1 and "seed 7 is not a finished seed" in r.err and "Traceback" not in r.err
+
+
+def test_train_says_whether_it_matches_an_evidence_run_of_the_same_configuration(evidence, tmp_path):
+    """The same settings and cache as a committed run (the output folder and --protocol-check aside):
+    `train` ends by saying whether its numbers equal that run's, and which seeds differ if not."""
+    shelf = tmp_path / "results" / "set"
+    shutil.copytree(evidence / "runs" / "spp_scl", shelf / "spp_scl")
+    again = TrainConfig.from_json({**json.loads((evidence / "runs" / "spp_scl" / "config.json").read_text())["train"],
+                                   "protocol_check": False, "out": str(tmp_path / "again")})
+    runs.train(again, quiet_console())
+    assert run_folder.evidence_twins(tmp_path / "again", tmp_path / "results") == [
+        f"matches {shelf / 'spp_scl'}: identical"]
+    seed = json.loads((shelf / "spp_scl" / "metrics.json").read_text())
+    seed["per_seed"][1]["test"]["accuracy"] += 0.25
+    (shelf / "spp_scl" / "metrics.json").write_text(json.dumps(seed))
+    [line] = run_folder.evidence_twins(tmp_path / "again", tmp_path / "results")
+    assert line.startswith(f"compared with {shelf / 'spp_scl'}: seed 2 differ, test metrics by up to 0.2500")
