@@ -177,6 +177,7 @@ def train(
     text_views: bool = typer.Option(False, "--text-views", help="train on the cached dropout views of the texts (extract --text-views K)"),
     select: Optional[Metric] = typer.Option(None, help=f"dev metric that picks the epoch {default_help('select')}"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<time>]"),
+    robust: bool = typer.Option(False, "--robustness", help="then score each seed's selected weights without its text, without its image and with noise (robustness.json; `eval --drop/--noise` does it later)"),
     splits: Optional[Path] = typer.Option(None, help="folder of split files {train,dev,test}.txt (ids) from `audit --write-clean`"),
     jobs: Optional[int] = JobsOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -199,7 +200,7 @@ def train(
         select=select.value if select else None, out=out,
         splits=splits.resolve() if splits else None, patience=patience,
     )
-    run = run_train(cfg, console, jobs=jobs, threads=threads)
+    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust)
     _show(json.loads((run / "metrics.json").read_text()), f"{run}")
 
 
@@ -335,18 +336,24 @@ def _show(metrics: dict, title: str) -> None:
 def evaluate(
     run: Path = typer.Option(..., help="run folder written by train"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
+    drop: list[str] = typer.Option([], help="also score test with this modality replaced by its train mean: text or image (repeatable); written to robustness.json"),
+    noise: list[float] = typer.Option([], help="also score test with Gaussian noise of SIGMA train stds on every feature (repeatable); written to robustness.json"),
     threads: Optional[int] = ThreadsOpt,
 ):
-    """Recompute test metrics from a run's checkpoints and the cache (must match metrics.json)."""
+    """Recompute test metrics from a run's checkpoints and the cache (must match metrics.json); with
+    --drop/--noise, also how the heads fare without a modality or with noisy features."""
     _threads.use(threads)
     from train.runs import evaluate as run_eval
 
-    result = run_eval(run, cache_dir)
+    result = run_eval(run, cache_dir, drop, noise)
     _show(result, f"{run} (recomputed)")
     if result.get("matches_metrics_json") is False:
         raise UserError(f"recomputed test metrics differ from {run}/metrics.json: was the cache rebuilt?")
     if "matches_metrics_json" in result:
         console.print("matches metrics.json")
+    for name, m in result.get("robustness", {}).items():
+        console.print(f"{name}: test accuracy {m['accuracy']['mean']:.4f} ± {m['accuracy']['std']:.4f}, "
+                      f"macro F1 {m['macro_f1']['mean']:.4f} (robustness.json)", highlight=False)
 
 
 @app.command()

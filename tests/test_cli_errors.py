@@ -76,7 +76,9 @@ CASES = [
     ("train-out-is-a-file", (*TRAIN, "--out", "{tmp}/a_file"), ["a_file is a file"]),
     ("train-corrupt-run-to-resume", (*TRAIN, "--out", "{corrupt}"), ["config.json is corrupt"]),
     ("train-bad-seeds", (*TRAIN[:-4], "--seeds", "a,b"), ["give seeds as 1,2,3"]),
-    ("train-bad-patience", (*TRAIN, "--patience", "0"), ["--patience"]),
+    ("train-bad-patience", (*TRAIN, "--patience", "-1"), ["--patience"]),
+    ("replay-corrupt-run", ("replay", "{tmp}"), ["config.json is corrupt"]),
+    ("replay-bad-seed", ("replay", "{unfinished}", "--seed", "9"), ["no finished seed"]),
     ("train-bad-choice", (*TRAIN, "--cmf-scope", "global"), ["--cmf-scope"]),
     ("train-no-such-option", (*TRAIN, "--alpah", "1"), ["No such option: --alpah"]),
     # eval

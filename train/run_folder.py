@@ -371,3 +371,19 @@ def evidence_twins(out: Path, evidence: Path = EVIDENCE) -> list[str]:
                          f"{', '.join(map(str, differ))} differ, test metrics by up to {max(differ.values()):.4f}"
                          " (numbers depend on the CPU and the threads per process; `pipeline.py replay` checks the code)")
     return lines
+
+
+def read_robustness(run: Path) -> dict:
+    """robustness.json ({} when the run was never scored so): `eval --drop/--noise`, `train --robustness`."""
+    path = Path(run) / "robustness.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}): delete it and score again with `pipeline.py eval --run {run} "
+                        "--drop image`") from None
+
+
+def write_robustness(run: Path, result: dict) -> None:
+    write_atomic(Path(run) / "robustness.json", json.dumps(result, indent=1) + "\n")

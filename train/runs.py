@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from core.device import device
-from core.errors import Interrupted
+from core.errors import Interrupted, UserError
 from core.paths import make_dir
 from train import data as cache
+from train import robustness
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
@@ -33,9 +34,14 @@ class RunResult:
     metrics: dict  # what metrics.json holds
 
 
-def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threads: int | None = None) -> Path:
+ROBUSTNESS = {"drop": ["text", "image"], "noise": [0.5, 1.0]}  # what `train --robustness` scores
+
+
+def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threads: int | None = None,
+          robust: bool = False) -> Path:
     """`pipeline.py train`: load the cache, train every seed with a progress bar (`jobs` seeds at a
-    time in worker processes), return the run folder."""
+    time in worker processes), return the run folder. `robust`: then score each seed's selected
+    weights without each modality and with noise (ROBUSTNESS, into robustness.json)."""
     console = console or Console()
     cfg = cfg.resolved()
     t0 = time.time()
@@ -78,6 +84,10 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
             progress.update(overall, **clock.fields())
 
         result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
+    if robust:
+        reads = cfg.head_config.reads()
+        conds = robustness.conditions(reads, ROBUSTNESS["drop"], ROBUSTNESS["noise"])
+        robustness.evaluate_run(result.out, cfg, data, conds, device())
     for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
         console.print(line, highlight=False, soft_wrap=True)
     return result.out
@@ -256,8 +266,9 @@ def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
     return out
 
 
-def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
-    """Recompute test metrics from the checkpoints and the cache; compare with metrics.json."""
+def evaluate(run: Path, cache_dir: Path | None = None, drop: list[str] = (), noise: list[float] = ()) -> dict:
+    """Recompute test metrics from the checkpoints and the cache; compare with metrics.json. With
+    `drop`/`noise`, also score the robustness conditions (train/robustness.py) into robustness.json."""
     run = Path(run)
     saved, cfg, data = open_run(run, cache_dir)
     test = data.splits["test"]
@@ -272,4 +283,22 @@ def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
         result["matches_metrics_json"] = all(
             abs(p[m] - r["test"][m]) < 1e-9 for p, r in zip(per_seed, recorded["per_seed"]) for m in METRICS
         )
+    if drop or noise:
+        result["robustness"] = score_robustness(run, cfg, data, list(drop), list(noise))
     return result
+
+
+def score_robustness(run: Path, cfg: TrainConfig, data: cache.Data, drop: list[str], noise: list[float]) -> dict:
+    """The robustness conditions asked for, scored on every seed: condition -> metric -> mean/std."""
+    reads = cfg.head_config.reads()
+    bad = [d for d in drop if d not in robustness.DROPS]
+    if bad:
+        raise UserError(f"--drop {bad[0]}: give text or image")
+    if any(not (s >= 0 and s == s and s != float("inf")) for s in noise):
+        raise UserError("--noise: give a finite SIGMA >= 0 (in train stds)")
+    useless = [d for d in drop if d not in reads or len(reads) < 2]
+    if useless:
+        raise UserError(f"--drop {useless[0]}: this {cfg.head} run reads {', '.join(reads)}; a modality can be dropped "
+                        "only from a head that reads both")
+    conds = robustness.conditions(reads, drop, noise)
+    return {k: v for k, v in robustness.evaluate_run(run, cfg, data, conds, device())["summary"].items() if k in conds}
