@@ -469,6 +469,8 @@ def results_cmd(
     readme: Optional[Path] = typer.Option(None, help="regenerate the results tables between the markers of this README"),
     baseline: Optional[list[str]] = typer.Option(None, help="runs to set each row against, by run name (the same heads "
                                                  "on other encoders): the gain, and the gain minus --against's gain"),
+    paper: Optional[str] = typer.Option(None, help="a head whose ablation rows these runs are (e.g. results/mvsa_s-ablate-spp_scl): "
+                                        "the paper's accuracy / F1 of each row beside it"),
 ):
     """One table from finished runs: mean ± std over seeds, selected epochs, paired or Welch t-test, Holm-corrected."""
     from experiments import results
@@ -479,7 +481,7 @@ def results_cmd(
         return
     if not runs:
         raise UserError("give run folders (or a folder of them), e.g. `pipeline.py results results/mvsa_s-heads --against probe`")
-    table = results.build(runs, against, allow_mixed, baseline)
+    table = results.build(runs, against, allow_mixed, baseline, paper)
     console.print(results.markdown(table), highlight=False, markup=False, soft_wrap=True)
     if out is not None:
         console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))

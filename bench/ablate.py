@@ -46,14 +46,14 @@ def main() -> None:
     table = list(csv.DictReader(open(ROOT / a.runs_dir / "table" / "table.csv")))
     epochs, cells = 0, set()
     for row in table:
-        if row["run"] in cells:
+        if row["folder"] in cells:
             continue
-        cells.add(row["run"])
-        with open(ROOT / row["run"] / "log.csv") as f:
+        cells.add(row["folder"])
+        with open(ROOT / row["folder"] / "log.csv") as f:
             epochs += sum(1 for _ in csv.DictReader(f))
     per_epoch = json.loads((OUT / "train.json").read_text())["encoders_in_loop"]["paper"]["seconds_per_epoch"]
     result = {
-        "command": " ".join(cmd[1:]), "head": a.head, "rows": [r["row"] for r in table], "cells_trained": len(cells),
+        "command": " ".join(cmd[1:]), "head": a.head, "rows": [r["run"] for r in table], "cells_trained": len(cells),
         "seeds": a.seeds, "max_epochs": a.epochs, "patience": a.patience, "jobs": a.jobs,
         "epochs_trained": epochs, "wall_seconds": wall, "wall_hours": wall / 3600,
         "encoders_in_loop_seconds_per_epoch": per_epoch,

@@ -7,9 +7,10 @@ sweep) is trained once. Cells are split across processes (`--jobs N` here, `--sh
 or torchrun across machines, as `extract` does); the table is assembled from the run
 folders by whichever process finds them all.
 
-Noise: each row is compared with the full model by a paired t-test over seeds (the same
-seeds for every row, scipy.stats.ttest_rel). A row "differs" when p < 0.05; with 5 seeds
-the test is weak, and the table says so rather than reading tea leaves.
+Noise: `ablate`'s table is `pipeline.py results`' table of its cells against the full model
+(experiments/results.py, statistics in experiments/stats.py): a paired t-test over seeds,
+Holm-corrected across the rows. With 5 seeds the test is weak, and the table says so rather
+than reading tea leaves. A sweep shows no comparison: it is chosen on dev, not tested.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from core import threads as core_threads
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, make_dir
 from core.shards import parse_shard
+from experiments import results
 from train import data as cache
 from train import run_folder, runs
-from train.config import METRICS, TrainConfig, family
+from train.config import METRICS, TrainConfig
 from train.progress import EpochClock, EtaColumn
-
-P_NOISE = 0.05
 
 
 @dataclass
@@ -63,6 +63,7 @@ def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = N
     for name, values in table.items():
         values = dict(values)
         head = values.pop("head", base.head)
+        values.pop("slug", None)  # the row's folder name, not a setting
         head_values = {} if head != base.head else {**_base_values(base), **values}
         cells.append(cell(name, base, head, head_values, runs_dir))
     return cells
@@ -174,75 +175,28 @@ def _train_cell(cfg: TrainConfig) -> str:
 
 # --- the table ----------------------------------------------------------------------------
 
-def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> dict | None:
-    """table.csv + table.md from the cells' run folders; None (nothing written) until all are done."""
+def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> results.Table | None:
+    """table.csv + table.md: `results`' table of the cells (rows named by the ablation row, against the
+    full model, the paper's numbers beside them), so `ablate` and `results` print one set of statistics.
+    None (nothing written) until every cell is done."""
     if not all((c.cfg.out / "metrics.json").is_file() for c in cells):
         return None
-    import pandas as pd
-    from scipy.stats import ttest_rel
-
-    metrics = {c.name: json.loads((c.cfg.out / "metrics.json").read_text()) for c in cells}
-    paper = heads.config_class(head).PAPER.get(family(dataset), {})
-    ref = metrics[cells[0].name]
-
-    def per_seed(m, metric):
-        return {p["seed"]: p["test"][metric] for p in m["per_seed"]}
-
     rows = []
     for c in cells:
-        m = metrics[c.name]
-        row = {"row": c.name, "run": str(c.cfg.out)}
-        for metric in METRICS:
-            row[f"{metric}_mean"] = m["test"][metric]["mean"]
-            row[f"{metric}_std"] = m["test"][metric]["std"]
-        acc, f1 = paper.get(c.name, (None, None))
-        row["paper_accuracy"], row["paper_f1"] = acc, f1
-        if c is not cells[0]:
-            a, b = per_seed(m, "accuracy"), per_seed(ref, "accuracy")
-            seeds = sorted(set(a) & set(b))
-            diffs = np.array([a[s] - b[s] for s in seeds])
-            if len(seeds) >= 2 and np.any(diffs != diffs[0]):
-                p = float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
-            else:
-                p = 1.0 if len(seeds) >= 2 and np.all(diffs == 0) else float("nan")
-            row["delta_accuracy"] = float(diffs.mean()) if len(seeds) else float("nan")
-            row["p_paired"] = p
-            row["beyond_noise"] = bool(p < P_NOISE)
+        row = results.load_row(c.cfg.out)
+        row.name = c.name
         rows.append(row)
-    frame = pd.DataFrame(rows)
+    table = results.compare(rows, against=cells[0].name, paper=head)
     make_dir(out)
-    frame.to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(markdown(frame, dataset, head, cells))
-    return {"rows": rows}
+    results.csv_frame(table).to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(f"{_title(cells, dataset)}.\n\n{results.markdown(table)}")
+    return table
 
 
-def markdown(frame, dataset: str, head: str, cells: list[Cell]) -> str:
-    seeds = cells[0].cfg.seeds
-    lines = [
-        f"{head} on {dataset}: test, dev-selected, label-blind, mean ± sample std over seeds {list(seeds)}, "
-        f"{cells[0].cfg.epochs} epochs{'' if cells[0].cfg.patience is None else f', patience {cells[0].cfg.patience}'}.",
-        "Δacc and p: paired t-test over seeds against the full model; 'yes' when p < 0.05.",
-        *([_weak_test(len(seeds))] if len(seeds) < 3 else []),
-        "",
-        "| row | accuracy | weighted F1 | macro F1 | paper acc / F1 | Δacc | p | beyond noise |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in frame.to_dict("records"):
-        paper = "" if r["paper_accuracy"] is None or r["paper_accuracy"] != r["paper_accuracy"] else \
-            f"{r['paper_accuracy']:.4f} / {r['paper_f1']:.4f}"
-        delta = "" if "delta_accuracy" not in r or r["delta_accuracy"] != r["delta_accuracy"] else f"{r['delta_accuracy']:+.4f}"
-        p = "" if "p_paired" not in r or r["p_paired"] != r["p_paired"] else f"{r['p_paired']:.3f}"
-        noise = "" if not p else ("yes" if r["beyond_noise"] else "no")
-        lines.append(f"| {r['row']} | " + " | ".join(f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}" for m in METRICS)
-                     + f" | {paper} | {delta} | {p} | {noise} |")
-    return "\n".join(lines) + "\n"
-
-
-def _weak_test(n_seeds: int) -> str:
-    if n_seeds == 1:
-        return "**Warning**: one seed: no paired test is possible, every difference may be noise; use 5 seeds."
-    return (f"**Warning**: {n_seeds} seeds: the t-test has {n_seeds - 1} degree of freedom, so p says almost "
-            "nothing; use 5 seeds.")
+def _title(cells: list[Cell], dataset: str) -> str:
+    c = cells[0].cfg
+    patience = "" if c.patience is None else f", patience {c.patience}"
+    return f"{c.head} ablations on {dataset}, {c.epochs} epochs{patience}, seeds {list(c.seeds)}"
 
 
 def sweep_plot(cells: list[Cell], out: Path) -> Path | None:

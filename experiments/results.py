@@ -10,6 +10,11 @@ reference row (`--against`), the difference in accuracy with its p-value:
 - p-values **Holm-corrected** across the rows compared (several rows against one reference
   are several tests).
 
+The tests themselves are experiments/stats.py, the one home of every comparison's statistics;
+`ablate`'s table is this table of its cells (experiments/grid.py), so the two cannot disagree.
+With `--paper HEAD` the rows are taken for that head's ablation rows (by name, or by folder
+name as results/*-ablate.sh writes it) and the paper's numbers stand beside them.
+
 With `--baseline RUNS` each row is also set against the row of the same name in another set of runs
 (the same heads on other encoders, say): its **gain** from that change, and, with `--against`, that gain
 minus the reference's gain, tested over seeds (a paired test of per-seed differences of differences):
@@ -40,9 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError
+from experiments import stats
+from train.config import METRICS, family
 
-METRICS = ("accuracy", "weighted_f1", "macro_f1")
-P_NOISE = 0.05
 # what must agree for two rows to compare: name -> how to read it from config.json
 COMPARABLE = {
     "cache": lambda c: json.dumps(_parts("cache", c), sort_keys=True),
@@ -166,39 +171,15 @@ def differences(rows: list[Row]) -> dict[str, list[str]]:
 
 
 def _paired(rows: list[Row]) -> bool:
-    """Whether per-seed values of these rows pair up: the same seeds, split and scoring orders."""
+    """Whether per-seed values of these rows pair up (stats.pairs): the same seeds, split and scoring orders."""
     first = rows[0]
-    return all(set(r.per_seed()) == set(first.per_seed()) and
-               all(COMPARABLE[k](r.config) == COMPARABLE[k](first.config) for k in ("split", "protocol"))
-               for r in rows[1:]) and len(first.per_seed()) >= 2
+    same = all(COMPARABLE[k](r.config) == COMPARABLE[k](first.config) for r in rows[1:] for k in ("split", "protocol"))
+    return stats.pairs([r.per_seed() for r in rows], same)
 
 
 def t_test(a: Row, ref: Row) -> tuple[float, float, str]:
     """(Δ accuracy, p, kind): paired over seeds when the rows share seeds, split and orders, else Welch."""
-    from scipy.stats import ttest_ind, ttest_rel
-
-    x, y = a.per_seed(), ref.per_seed()
-    if _paired([a, ref]):
-        seeds = sorted(x)
-        diffs = np.array([x[s] - y[s] for s in seeds])
-        if np.all(diffs == diffs[0]):  # constant differences: the paired test is undefined
-            return float(diffs.mean()), (1.0 if diffs[0] == 0 else 0.0), "paired"
-        return float(diffs.mean()), float(ttest_rel([x[s] for s in seeds], [y[s] for s in seeds]).pvalue), "paired"
-    delta = float(np.mean(list(x.values())) - np.mean(list(y.values())))
-    if len(x) < 2 or len(y) < 2:
-        return delta, float("nan"), "welch"
-    return delta, float(ttest_ind(list(x.values()), list(y.values()), equal_var=False).pvalue), "welch"
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down correction (NaN stays NaN and does not count as a test)."""
-    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
-    order = sorted(idx, key=lambda i: pvalues[i])
-    m, out, running = len(idx), list(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        out[i] = running
-    return out
+    return stats.t_test(a.per_seed(), ref.per_seed(), _paired([a, ref]))
 
 
 @dataclass
@@ -209,14 +190,26 @@ class Table:
     comparisons: dict[str, dict] = field(default_factory=dict)  # row name -> delta, p, p_holm, test
     baseline: dict[str, Row] = field(default_factory=dict)  # row name -> the same-named row of --baseline
     gains: dict[str, dict] = field(default_factory=dict)  # row name -> gain, its p, gain minus reference's, p_holm
+    paper: str | None = None  # the head whose PAPER numbers stand beside the rows
+    paper_numbers: dict[str, tuple[float, float]] = field(default_factory=dict)  # row name -> (accuracy, F1)
 
 
-def _one_sample(diffs: np.ndarray) -> float:
-    from scipy.stats import ttest_1samp
+def slug(name: str) -> str:
+    """A row name as results/*-ablate.sh names its folder ('w/o CMF' -> 'wo-cmf', 'HA last 1' -> 'ha-last-1'),
+    so that a folder of ablation runs finds the paper's numbers by its folder names."""
+    return re.sub(r"[ ,]+", "-", name.lower().replace("w/o ", "wo-"))
 
-    if np.all(diffs == diffs[0]):  # constant: the test is undefined
-        return 1.0 if diffs[0] == 0 else 0.0
-    return float(ttest_1samp(diffs, 0.0).pvalue)
+
+def paper_numbers(head: str, dataset: str, row: str) -> tuple[float, float] | None:
+    """The paper's (accuracy, F1) of `head`'s ablation row `row` (its name or its folder's) on `dataset`."""
+    import heads
+
+    cls = heads.config_class(head)
+
+    def key(name: str) -> str:  # a row whose name makes no good folder name carries its own slug
+        return cls.ABLATIONS.get(name, {}).get("slug") or slug(name)
+
+    return {key(k): v for k, v in cls.PAPER.get(family(dataset), {}).items()}.get(key(row))
 
 
 def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool = False) -> None:
@@ -246,19 +239,19 @@ def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool 
             if _paired(quad):
                 x, y, z, w = (q.per_seed() for q in quad)
                 diffs = np.array([(x[s] - y[s]) - (z[s] - w[s]) for s in sorted(x)])
-                entry["minus_ref"], entry["p_minus_ref"] = float(diffs.mean()), _one_sample(diffs)
+                entry["minus_ref"], entry["p_minus_ref"] = float(diffs.mean()), stats.one_sample(diffs)
             else:
                 entry["minus_ref"] = gain - ref_gain
         table.gains[name] = entry
-    for g, ph in zip(table.gains.values(), holm([g["p_gain"] for g in table.gains.values()])):
+    for g, ph in zip(table.gains.values(), stats.holm([g["p_gain"] for g in table.gains.values()])):
         g["p_gain_holm"] = ph
     named = [n for n, g in table.gains.items() if not math.isnan(g["p_minus_ref"])]
-    for n, ph in zip(named, holm([table.gains[n]["p_minus_ref"] for n in named])):
+    for n, ph in zip(named, stats.holm([table.gains[n]["p_minus_ref"] for n in named])):
         table.gains[n]["p_minus_ref_holm"] = ph
 
 
 def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool = False,
-          baseline: list[str | Path] | None = None) -> Table:
+          baseline: list[str | Path] | None = None, paper: str | None = None) -> Table:
     rows = [load_row(f) for f in find_runs(paths)]
     if not rows:
         raise UserError("no run folders given")
@@ -266,6 +259,13 @@ def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool
     if len(set(names)) < len(names):  # two folders of the same name in different places
         for r in rows:
             r.name = f"{r.folder.parent.name}/{r.folder.name}"
+    return compare(rows, against, allow_mixed, baseline, paper)
+
+
+def compare(rows: list[Row], against: str | None = None, allow_mixed: bool = False,
+            baseline: list[str | Path] | None = None, paper: str | None = None) -> Table:
+    """The table of `rows` (named as they should appear): refused unless they compare, each row against
+    `against` and `baseline`, and with `paper` (a head) the paper's numbers of each row beside it."""
     stale = [r for r in rows if r.config["code_identity"] != "current code"]
     if stale and not allow_mixed:
         parents = {r.folder.parent for r in stale}
@@ -285,11 +285,13 @@ def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool
         if len(matches) != 1:
             raise UserError(f"--against {against!r} names {len(matches)} rows: give one of {', '.join(r.name for r in rows)}")
         ref = matches[0]
-    table = Table(rows, ref, mixed)
+    table = Table(rows, ref, mixed, paper=paper)
+    if paper is not None:
+        table.paper_numbers = {r.name: n for r in rows if (n := paper_numbers(paper, r.config["train"]["dataset"], r.name))}
     if ref is not None:
-        others = [r for r in rows if r is not ref]
+        others = [r for r in rows if r.folder != ref.folder]  # a row that is the reference's run is no test
         tests = [t_test(r, ref) for r in others]
-        for r, (delta, p, kind), ph in zip(others, tests, holm([t[1] for t in tests])):
+        for r, (delta, p, kind), ph in zip(others, tests, stats.holm([t[1] for t in tests])):
             table.comparisons[r.name] = {"delta_accuracy": delta, "p": p, "p_holm": ph, "test": kind}
     if baseline:
         add_gains(table, baseline, allow_mixed)
@@ -316,7 +318,8 @@ def _protocol(r: Row) -> list[str]:
 def markdown(table: Table) -> str:
     mixed_col = bool(table.mixed)
     protocol = any("protocol_check" in r.metrics for r in table.rows)
-    head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1", "selected epochs"]
+    head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1",
+            *(["paper acc / F1"] if table.paper else []), "selected epochs"]
     if protocol:
         head += ["file-order test acc, best / last epoch", "best minus label-blind"]
     if table.reference is not None:
@@ -330,17 +333,19 @@ def markdown(table: Table) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.rows:
         epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
-        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m]) for m in METRICS), epochs]
+        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m]) for m in METRICS)]
+        if table.paper:
+            cells.append("{:.4f} / {:.4f}".format(*table.paper_numbers[r.name]) if r.name in table.paper_numbers else "")
+        cells.append(epochs)
         if protocol:
             cells += _protocol(r)
         if table.reference is not None:
             c = table.comparisons.get(r.name)
             if c is None:
-                cells += ["(reference)", "", "", ""]
+                cells += ["(reference)" if r is table.reference else "(the reference's run)", "", "", ""]
             else:
                 p = "" if math.isnan(c["p_holm"]) else f"{c['p_holm']:.3f}"
-                cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"],
-                          "" if not p else ("yes" if c["p_holm"] < P_NOISE else "no")]
+                cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"], stats.beyond_noise(c["p_holm"])]
         if table.baseline:
             cells += _gain_cells(table, r)
         if mixed_col:
@@ -348,13 +353,16 @@ def markdown(table: Table) -> str:
             cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds."]
+    if table.paper:
+        notes.append(f"Paper acc / F1: the paper's test numbers of the row ({table.paper}'s PAPER table, "
+                     "matched by row or folder name).")
     if protocol:
         notes.append("File-order columns (`--protocol-check`): test scored in the stored (label-sorted) order after "
                      "every epoch, the best epoch on test and the last, as the authors' protocol reports; "
                      "nothing is selected on them.")
     if table.reference is not None:
         notes.append("Δacc and p: paired t-test over seeds where both rows share seeds, split and scoring orders, "
-                     f"Welch otherwise; Holm-corrected over {len(table.comparisons)} comparisons; 'yes' when p < {P_NOISE}.")
+                     f"Welch otherwise; Holm-corrected over {len(table.comparisons)} comparisons; 'yes' when p < {stats.P_NOISE}.")
     if table.baseline:
         some = next(iter(table.baseline.values()))
         notes.append(f"Baseline: the row of the same name in {some.folder.parent.name}/; gain = accuracy minus "
@@ -366,6 +374,8 @@ def markdown(table: Table) -> str:
     if table.reference is not None:
         if any(len(r.seeds) == 2 for r in table.rows):
             notes.append("Warning: a row with 2 seeds gives its t-test 1 degree of freedom: its p-value says little.")
+        if any(len(r.seeds) == 1 for r in table.rows):
+            notes.append("Warning: a row with 1 seed cannot be tested (no p): use 5 seeds.")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
@@ -382,7 +392,7 @@ def _gain_cells(table: Table, r: Row) -> list[str]:
         else:
             ph = g.get("p_minus_ref_holm")
             cells += [f"{g['minus_ref']:+.4f}", "" if ph is None else f"{ph:.3f}",
-                      "" if ph is None else ("yes" if ph < P_NOISE else "no")]
+                      "" if ph is None else stats.beyond_noise(ph)]
     return cells
 
 
@@ -395,6 +405,8 @@ def csv_frame(table: Table):
                "selected_epochs": " ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])}
         for m in METRICS:
             rec[f"{m}_mean"], rec[f"{m}_std"] = r.metrics["test"][m]["mean"], r.metrics["test"][m]["std"]
+        if table.paper:
+            rec["paper_accuracy"], rec["paper_f1"] = table.paper_numbers.get(r.name, (None, None))
         rec.update(table.comparisons.get(r.name, {}))
         rec.update(table.gains.get(r.name, {}))
         records.append(rec)
@@ -440,19 +452,21 @@ BLOCK = re.compile(r"(<!-- results: (?P<args>.+?) -->\n)(?P<body>.*?)(<!-- resul
 def _block_table(args: str, root: Path) -> str:
     """The table a README block's arguments (`results/x --against probe`) make, paths relative to `root`."""
     words = shlex.split(args)
-    against = allow = None
+    against = allow = paper = None
     paths, baseline = [], []
     it = iter(words)
     for w in it:
         if w == "--against":
             against = next(it)
+        elif w == "--paper":
+            paper = next(it)
         elif w == "--baseline":
             baseline.append(str(root / next(it)))
         elif w == "--allow-mixed":
             allow = True
         else:
             paths.append(str(root / w))
-    return markdown(build(paths, against, bool(allow), baseline or None))
+    return markdown(build(paths, against, bool(allow), baseline or None, paper))
 
 
 def refresh_readme(readme: Path, check: bool = False) -> list[str]:

@@ -56,7 +56,9 @@ class HeadConfig:
     # Fields that `train --official` sets (the authors' training step); none by default.
     OFFICIAL: ClassVar[dict] = {}
     # `pipeline.py ablate` rows: name -> field values (or {"head": other head, ...} for a row
-    # of another head); the full model is always the first row.
+    # of another head); the full model is always the first row. A row's folder name (results/*-ablate.sh,
+    # `results --paper`) is its name in lower case, 'w/o ' -> 'wo-', spaces and commas -> '-', unless
+    # the row gives a better one ({"slug": "wo-intra"}).
     ABLATIONS: ClassVar[dict[str, dict]] = {}
     # The paper's own test numbers per data set and row: {"mvsa_s": {"full": (acc, f1)}}.
     PAPER: ClassVar[dict[str, dict[str, tuple[float, float]]]] = {}

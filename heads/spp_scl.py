@@ -53,7 +53,8 @@ class SppSclConfig(ModalitiesConfig):
 
     # Tables 4-7 of the paper, and the linear probe every table needs
     ABLATIONS = {
-        "one-step": {"two_step": False}, "w/o L_clm": {"clm": False}, "w/o L_cli,L_clt": {"intra": False},
+        "one-step": {"two_step": False}, "w/o L_clm": {"clm": False, "slug": "wo-clm"},
+        "w/o L_cli,L_clt": {"intra": False, "slug": "wo-intra"},
         "HA last 1": {"text_layers": 1}, "HA last 2": {"text_layers": 2}, "HA last 3": {"text_layers": 3},
         "HA last 4": {}, "no HA": {"hierarchical_attention": False}, "w/o CMF": {"cmf": False},
         "text only": {"modalities": "text"}, "image only": {"modalities": "image"}, "linear probe": {"head": "probe"},

@@ -1,5 +1,5 @@
 """experiments/grid.py and the `ablate` / `sweep` commands, on the synthetic 3-class cache: the table
-has every row with its paper number and a paired test; an interrupted grid redoes only what was
+is `results`' table of the cells (paper numbers, paired tests, Holm); an interrupted grid redoes only what was
 not finished; two shards (processes) make the same table as one process; a sweep writes its CSV
 and plot; run folders are named from the config hash."""
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import heads
-from experiments import grid
+from experiments import grid, stats
 from train import data as cache
 from train import run_folder, runs, trainer
 from train.config import TrainConfig
@@ -49,23 +49,58 @@ def test_config_hash_names_run_folders(synth_cache, tmp_path):
     assert run_folder.default_out(replace(a, out=tmp_path / "x"), tmp_path) == run_folder.default_out(a, tmp_path)
 
 
-def test_ablate_table_rows_paper_numbers_and_paired_test(synth_cache, tmp_path):
+def test_ablate_table_is_the_results_table_of_its_cells(synth_cache, tmp_path):
+    """Rows named by the ablation row, against the full model, the paper's numbers beside them, and
+    the statistics of `results`: paired over seeds, Holm-corrected across the rows."""
     cells = grid.ablation_cells(base(synth_cache), tmp_path / "runs", ROWS)
     assert [c.name for c in cells] == ["full", *ROWS]
     assert cells[-1].cfg.head == "probe" and cells[1].cfg.head_config.two_step is False
     assert cells[2].cfg.head_config.cmf is False
     grid.run_cells(cells, console=quiet_console())
-    assert grid.assemble(cells, tmp_path / "table", synth_cache.dataset, "spp_scl") is not None
+    t = grid.assemble(cells, tmp_path / "table", synth_cache.dataset, "spp_scl")
+    assert t is not None and t.reference.name == "full"
     table = pd.read_csv(tmp_path / "table" / "table.csv")
-    assert table["row"].tolist() == ["full", *ROWS]
+    assert table["run"].tolist() == ["full", *ROWS]
     assert table.loc[0, "paper_accuracy"] == 0.8133 and table.loc[1, "paper_accuracy"] == 0.7956
-    assert table["p_paired"].iloc[1:].between(0, 1).all() or table["p_paired"].iloc[1:].isna().any()
+    assert pd.isna(table.loc[3, "paper_accuracy"])  # the linear probe is not in the paper
+    raw = [t.comparisons[r]["p"] for r in ROWS]
+    assert [t.comparisons[r]["p_holm"] for r in ROWS] == pytest.approx(stats.holm(raw), nan_ok=True)
+    assert table["p_holm"].iloc[1:].tolist() == pytest.approx([t.comparisons[r]["p_holm"] for r in ROWS], nan_ok=True)
+    assert set(table["test"].iloc[1:]) == {"paired"}
     for row, metrics in zip(table.to_dict("records"), [json.loads((c.cfg.out / "metrics.json").read_text()) for c in cells]):
         assert row["accuracy_mean"] == pytest.approx(metrics["test"]["accuracy"]["mean"])
         assert row["accuracy_std"] == pytest.approx(metrics["test"]["accuracy"]["std"])
     md = (tmp_path / "table" / "table.md").read_text()
-    assert "| one-step |" in md and "paired t-test" in md and "0.7956 / 0.7684" in md
-    assert "2 seeds: the t-test has 1 degree of freedom" in md  # seeds (1, 2): the table says the test is weak
+    assert md.startswith(f"spp_scl ablations on {synth_cache.dataset}, 2 epochs")
+    assert "| one-step | spp_scl |" in md and "0.7956 / 0.7684" in md and "| Δacc vs full | p (Holm) |" in md
+    assert "Holm-corrected over 3 comparisons" in md
+    assert "2 seeds gives its t-test 1 degree of freedom" in md  # seeds (1, 2): the table says the test is weak
+
+
+def test_a_constant_difference_over_seeds_is_p_0_in_ablate_as_in_results(synth_cache, tmp_path):
+    """Every seed 0.01 above the full model: the paired test is 0/0, and the difference is certain (p = 0), not NaN."""
+    cells = grid.ablation_cells(base(synth_cache, epochs=1), tmp_path / "runs", ["one-step"])
+    grid.run_cells(cells, console=quiet_console())
+    full = json.loads((cells[0].cfg.out / "metrics.json").read_text())
+    path = cells[1].cfg.out / "metrics.json"
+    m = json.loads(path.read_text())
+    for mine, ref in zip(m["per_seed"], full["per_seed"]):
+        mine["test"]["accuracy"] = ref["test"]["accuracy"] + 0.01
+    path.write_text(json.dumps(m))
+    t = grid.assemble(cells, tmp_path / "table", synth_cache.dataset, "spp_scl")
+    assert t.comparisons["one-step"]["p"] == 0.0 and t.comparisons["one-step"]["p_holm"] == 0.0
+    assert t.comparisons["one-step"]["delta_accuracy"] == pytest.approx(0.01)
+    assert "| +0.0100 | 0.000 | paired | yes |" in (tmp_path / "table" / "table.md").read_text()
+
+
+def test_a_row_that_is_the_full_models_run_is_no_test(synth_cache, tmp_path):
+    cells = grid.ablation_cells(base(synth_cache, seeds=(1,), epochs=1), tmp_path / "runs", ["HA last 4"])
+    grid.run_cells(cells, console=quiet_console())
+    t = grid.assemble(cells, tmp_path / "table", synth_cache.dataset, "spp_scl")
+    assert t.comparisons == {}
+    md = (tmp_path / "table" / "table.md").read_text()
+    assert "| HA last 4 |" in md and "(the reference's run)" in md and "0.8133 / 0.8015" in md
+    assert "1 seed cannot be tested" in md
 
 
 def test_unknown_rows_are_a_user_error(synth_cache, tmp_path):
@@ -153,7 +188,7 @@ def test_two_shards_make_the_same_table_as_one_process(synth_cache, cli, tmp_pat
         assert proc.returncode == 0, proc.stderr
     one = cli.run("ablate", *cli_args(synth_cache, tmp_path / "one", *rows, "--jobs", "2", "--out", tmp_path / "one-table"))
     assert one.returncode == 0, one.stderr
-    a, b = (pd.read_csv(tmp_path / d / "table.csv").drop(columns="run") for d in ("two-table", "one-table"))
+    a, b = (pd.read_csv(tmp_path / d / "table.csv").drop(columns="folder") for d in ("two-table", "one-table"))
     pd.testing.assert_frame_equal(a, b)
 
 

@@ -9,8 +9,9 @@ import pytest
 from scipy.stats import ttest_ind, ttest_rel
 
 from core.errors import UserError
-from experiments import results
+from experiments import results, stats
 from train import fingerprint
+from train.config import METRICS
 
 def _prov(kind: str, encoder: str, fingerprint: str) -> dict:
     return {"kind": kind, "encoder": encoder, "fingerprint": fingerprint, "preprocessing": "{}", "dataset": "mvsa_s",
@@ -39,7 +40,7 @@ def make_run(root: Path, name: str, accs: dict[int, float], head: str = "spp_scl
         v = [p["test"][key] for p in per_seed]
         return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
 
-    (folder / "metrics.json").write_text(json.dumps({"test": {m: ms(m) for m in results.METRICS}, "per_seed": per_seed}))
+    (folder / "metrics.json").write_text(json.dumps({"test": {m: ms(m) for m in METRICS}, "per_seed": per_seed}))
     return folder
 
 
@@ -73,8 +74,19 @@ def test_other_seeds_fall_back_to_welch(tmp_path):
 
 
 def test_holm_correction():
-    assert results.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert results.holm([0.5, float("nan")])[0] == 0.5  # a NaN is not a test
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, float("nan")])[0] == 0.5  # a NaN is not a test
+
+
+def test_a_constant_difference_over_seeds_is_certain_not_undefined(tmp_path):
+    """The paired statistic is 0/0 there: a constant non-zero difference gives p 0, a zero one p 1."""
+    make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path, "up", {s: a + 0.01 for s, a in REF.items()})
+    make_run(tmp_path, "same", dict(REF))
+    t = results.build([tmp_path], against="probe")
+    assert t.comparisons["up"]["p"] == 0.0 and t.comparisons["up"]["p_holm"] == 0.0
+    assert t.comparisons["same"]["p"] == 1.0
+    assert stats.one_sample([0.01, 0.01, 0.01]) == 0.0 and stats.one_sample([0.0, 0.0]) == 1.0
 
 
 def test_p_values_in_the_table_are_holm_corrected(tmp_path):
@@ -83,7 +95,7 @@ def test_p_values_in_the_table_are_holm_corrected(tmp_path):
     make_run(tmp_path, "c", {s: a + 0.005 * s for s, a in REF.items()})
     t = results.build([tmp_path], against="a-probe")
     raw = [t.comparisons[n]["p"] for n in ("b", "c")]
-    assert [t.comparisons[n]["p_holm"] for n in ("b", "c")] == pytest.approx(results.holm(raw))
+    assert [t.comparisons[n]["p_holm"] for n in ("b", "c")] == pytest.approx(stats.holm(raw))
     assert "Holm-corrected over 2 comparisons" in results.markdown(t)
 
 
@@ -178,7 +190,7 @@ def test_baseline_gives_each_rows_gain_and_the_difference_of_differences_paired_
     assert t.gains["probe"]["gain"] == pytest.approx(0.008)
     md = results.markdown(t)
     assert "gain minus probe's" in md and "Baseline: the row of the same name in base/" in md
-    p_gains = results.holm([ttest_rel([a + head_gain[s] for s, a in OTHER.items()], list(OTHER.values())).pvalue,
+    p_gains = stats.holm([ttest_rel([a + head_gain[s] for s, a in OTHER.items()], list(OTHER.values())).pvalue,
                             ttest_rel([a + probe_gain[s] for s, a in REF.items()], list(REF.values())).pvalue])
     assert [t.gains[n]["p_gain_holm"] for n in ("spp", "probe")] == pytest.approx(p_gains)
     assert f"| {sum(head_gain.values()) / 5:+.4f}, p {p_gains[0]:.3f} | {sum(did) / 5:+.4f} |" in md
@@ -197,3 +209,38 @@ def test_baseline_of_other_code_or_split_is_refused_and_a_missing_reference_name
     shutil.rmtree(tmp_path / "base" / "probe")
     with pytest.raises(UserError, match="no run named 'probe'"):
         results.build([tmp_path / "strong"], against="probe", baseline=[tmp_path / "base"], allow_mixed=True)
+
+
+def test_paper_numbers_stand_beside_ablation_rows_named_by_row_or_folder(tmp_path):
+    """`--paper HEAD`: each row's paper accuracy / F1 from HEAD's PAPER table, found by the row's name or by
+    the folder name results/*-ablate.sh gives it (a row may carry its own, 'w/o L_cli,L_clt' -> wo-intra)."""
+    for name in ("full", "wo-clm", "wo-intra", "ha-last-1", "text-only", "linear-probe"):
+        make_run(tmp_path / "ablate", name, REF)
+    t = results.build([tmp_path / "ablate"], against="full", paper="spp_scl")
+    assert t.paper_numbers == {"full": (0.8133, 0.8015), "wo-clm": (0.7289, 0.7040), "wo-intra": (0.7244, 0.7170),
+                               "ha-last-1": (0.7133, 0.7025), "text-only": (0.7111, 0.6970)}
+    md = results.markdown(t)
+    assert "| macro F1 | paper acc / F1 | selected epochs |" in md and "0.7244 / 0.7170" in md
+    assert "spp_scl's PAPER table" in md
+    assert results._block_table("ablate --against full --paper spp_scl", tmp_path) == md  # a README block
+    assert results.paper_numbers("spp_scl", "mvsa_s", "w/o L_cli,L_clt") == (0.7244, 0.7170)
+    assert results.paper_numbers("hybrid_fusion", "mvsa_s", "wo-birau") is None  # no paper numbers: empty
+    for folder, row in [("wo-ca", "w/o CA"), ("wo-clip", "w/o CLIP"), ("full", "full")]:
+        assert results.paper_numbers("clip_ca_cg", "mvsa_s", folder) == results.paper_numbers("clip_ca_cg", "mvsa_s", row)
+    assert "paper acc" not in results.markdown(results.build([tmp_path / "ablate"], against="full"))  # only when asked
+    with pytest.raises(UserError, match="unknown head 'nope'"):
+        results.build([tmp_path / "ablate"], paper="nope")
+
+
+def test_the_slugs_of_every_ablation_row_are_the_folder_names_of_the_ablation_evidence():
+    """results/mvsa_s-ablate.sh names its folders by these slugs; a new row must get one that fits."""
+    import heads
+
+    expect = {"spp_scl": ["full", "one-step", "wo-clm", "wo-intra", "ha-last-1", "ha-last-2", "ha-last-3", "ha-last-4",
+                          "no-ha", "wo-cmf", "text-only", "image-only", "linear-probe"],
+              "clip_ca_cg": ["full", "wo-clip", "wo-ca", "wo-cg", "linear-probe"],
+              "hybrid_fusion": ["full", "wo-self-attention", "wo-cross-attention", "wo-birau", "equal-decision-weights",
+                                "wo-decision-fusion", "linear-probe"]}
+    for head, slugs in expect.items():
+        rows = {"full": {}, **heads.config_class(head).ABLATIONS}
+        assert [v.get("slug") or results.slug(k) for k, v in rows.items()] == slugs
