@@ -35,7 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narrow the terminal
 
-DatasetOpt = typer.Option(None, "--dataset", "-d", help="built-in data set: mvsa_s, mvsa_m or hfm")
+DatasetOpt = typer.Option(None, "--dataset", "-d", help="built-in data set: mvsa_s, mvsa_m, hfm (shipped), tumemo or mmsd2 (you bring them: --data-root)")
 CacheOpt = typer.Option(DEFAULT_CACHE, "--cache-dir", help="where caches live")
 JobsOpt = typer.Option(None, min=1, help="processes training at once, one seed (train) or cell (ablate, sweep) each [default: one per core available, one thread each]")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per process [default: the cores this process may use, divided by --jobs]")
@@ -65,9 +65,9 @@ def extract(
     image_weights: Optional[Path] = typer.Option(None, help="state dict file for the image encoder"),
     batch_size: int = typer.Option(64, min=1),
     shard_size: int = typer.Option(512, min=1, help="items per shard (the unit of resuming)"),
-    shard: Optional[str] = typer.Option(None, help="i/N: do only this process's share of the shards"),
+    shard: Optional[str] = typer.Option(None, help="i/N: do only this process's share of the shards (else torchrun's RANK/WORLD_SIZE, a Slurm array task)"),
     force: bool = typer.Option(False, "--force", help="rebuild a cache that was built differently"),
-    seed: int = typer.Option(0, help="seed of the 8:1:1 split for manifests without one"),
+    seed: int = typer.Option(0, help="seed of the 8:1:1 split for data without one (manifests, raw MVSA, tumemo)"),
     limit: Optional[int] = typer.Option(None, min=1, help="only the first N items of each split"),
     classes: Optional[str] = typer.Option(None, help="a manifest's label set, e.g. positive,neutral,negative (other labels are problems)"),
     keep_rare_labels: bool = typer.Option(False, "--keep-rare-labels", help="keep a manifest label seen only a few times (else dropped as a likely typo)"),
@@ -206,7 +206,7 @@ def train(
 
 GRID_DATASET = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache")
 GRID_JOBS = JobsOpt
-GRID_SHARD = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE)")
+GRID_SHARD = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE, a Slurm array task)")
 GRID_TEXT = typer.Option(TEXT_ENCODER, help="which text cache to read")
 GRID_IMAGE = typer.Option(IMAGE_ENCODER, help="which image cache to read")
 GRID_EPOCHS = typer.Option(150, min=1)

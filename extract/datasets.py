@@ -1,7 +1,8 @@
 """Readers: every data source becomes one list of `Item`s plus the problems met on the way.
 
 Three sources, one result:
-- the built-in splits in the shared data folder (`mvsa_s`, `mvsa_m`, `hfm`);
+- the built-in splits in the shared data folder (`mvsa_s`, `mvsa_m`, `hfm`), and the built-in
+  data sets the user brings in their released layout (`tumemo`, `mmsd2`: see `@builtin` below);
 - a CSV or JSONL manifest of the user's own (`--manifest file.csv`);
 - a raw MVSA release folder (`data/{id}.jpg`, `data/{id}.txt`, `labelResultAll.txt`).
 
@@ -16,15 +17,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from core.errors import UserError
 
 SPLITS = ("train", "dev", "test")
 SENTIMENT = ("positive", "neutral", "negative")
 SARCASM = ("not_sarcastic", "sarcastic")
+EMOTIONS = ("Angry", "Bored", "Calm", "Fear", "Happy", "Love", "Sad")  # TumEmo, spelled as its label file
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # a release's images, in order of preference for one id
 # A manifest label seen fewer than RARE_LABEL times, while the commonest label is at least
 # RARE_RATIO times as frequent, is most likely a typo ("furious" among positive/neutral/negative):
 # it would silently become a class of its own.
@@ -75,16 +82,29 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Builtin:
-    folder: str
+    folder: str  # inside --data-root
     classes: tuple[str, ...]
     images: str | None  # image folder inside the data folder, when the data ships them
+    # A data set the user brings in its released layout: read(name, folder, image_dir, seed) -> Dataset.
+    # None: the shipped {train,dev,test}.jsonl.
+    read: Callable[..., "Dataset"] | None = None
+    marker: str = ""  # a file or folder that only the release has (--data-root may point at the release itself)
+    layout: str = ""  # what the release holds, for messages
 
 
 BUILTINS = {
     "mvsa_s": Builtin("mvsa_single", SENTIMENT, "images"),
     "mvsa_m": Builtin("mvsa_multiple", SENTIMENT, None),
     "hfm": Builtin("hfm", SARCASM, None),
-}
+}  # + tumemo, mmsd2, registered with their readers by @builtin below
+
+
+def builtin(name: str, folder: str, classes: tuple[str, ...], marker: str, layout: str):
+    """Register a reader of a released layout as the built-in data set `name` (`--dataset name`)."""
+    def register(read):
+        BUILTINS[name] = Builtin(folder, classes, None, read, marker, layout)
+        return read
+    return register
 
 
 def _digest(rows) -> str:
@@ -122,6 +142,8 @@ class _Collector:
 
     def add(self, id_: str, text: str | None, image: Path | None, label: str, split: str) -> None:
         id_ = str(id_).strip()
+        if text is not None and not isinstance(text, str):  # a number or a list in a JSON text field
+            text = str(text)
         if not id_:
             self.problems.append(Problem("?", "read", "row without an id: give every row an id"))
             return
@@ -218,11 +240,16 @@ def read_text_file(path: Path) -> tuple[str | None, bool]:
     return decode_text(path.read_bytes())
 
 
-def load_builtin(name: str, data_root: Path, image_dir: Path | None = None) -> Dataset:
-    """The standard splits shipped in the shared data folder."""
+def load_builtin(name: str, data_root: Path, image_dir: Path | None = None, seed: int = 0) -> Dataset:
+    """A built-in data set: the standard splits shipped in the shared data folder, or a release
+    the user brings (`seed` draws the split of one that has none)."""
     if name not in BUILTINS:
         raise UserError(f"unknown data set {name!r}: use one of {', '.join(BUILTINS)} or --manifest PATH")
     spec = BUILTINS[name]
+    if spec.read is not None:
+        if image_dir is not None and not Path(image_dir).is_dir():
+            raise UserError(f"image folder {image_dir} not found: check --image-dir")
+        return spec.read(name, _release_folder(name, spec, Path(data_root)), image_dir, seed)
     folder = Path(data_root) / spec.folder
     if not folder.is_dir():
         raise UserError(f"data folder {folder} not found: pass --data-root (or set SPP_DATA_ROOT)")
@@ -241,6 +268,121 @@ def load_builtin(name: str, data_root: Path, image_dir: Path | None = None) -> D
             image = Path(images) / f"{id_}.jpg" if images is not None else None
             col.add(id_, row.get("text"), image, str(row.get("label")), split)
     return col.dataset(name)
+
+
+def _release_folder(name: str, spec: Builtin, data_root: Path) -> Path:
+    """`<data-root>/<folder>`, or `--data-root` itself when it is the release (holds the marker)."""
+    folder = data_root / spec.folder
+    if folder.is_dir():
+        return folder
+    if (data_root / spec.marker).exists():
+        return data_root
+    raise UserError(f"{name}: data folder {folder} not found: this data set is not shipped; put the release "
+                    f"there ({spec.layout}), or pass --data-root DIR with DIR/{spec.folder} or the release itself")
+
+
+def _images_by_id(folder: Path | None) -> dict[str, Path]:
+    """id -> image file in a folder of `{id}.jpg|.jpeg|.png` (listed once: cheaper than a stat per item)."""
+    if folder is None or not folder.is_dir():
+        return {}
+    rank = {suffix: k for k, suffix in enumerate(IMAGE_SUFFIXES)}
+    found: dict[str, Path] = {}
+    with os.scandir(folder) as entries:
+        for e in entries:
+            stem, suffix = os.path.splitext(e.name)
+            if suffix.lower() in rank and (stem not in found or rank[suffix.lower()] < rank[found[stem].suffix.lower()]):
+                found[stem] = Path(e.path)
+    return found
+
+
+# --- TumEmo (Yang et al., MVAN, IEEE TMM 2020) -------------------------------------------
+
+@builtin("tumemo", "tumemo", EMOTIONS, marker="all_data_id_and_label.txt",
+         layout="all_data_id_and_label.txt (one 'id label' line per post) and all_data/ with {id}.txt and {id}.jpg")
+def read_tumemo(name: str, folder: Path, image_dir: Path | None, seed: int) -> Dataset:
+    """TumEmo as released with MVAN: `all_data_id_and_label.txt` and the posts of `all_data.zip`
+    (`{id}.txt`, `{id}.jpg`), unzipped into `all_data/` (or `data/`). No official split: a seeded
+    stratified 8:1:1 one, recorded in dataset.json."""
+    labels_file = folder / "all_data_id_and_label.txt"
+    posts = next((folder / d for d in ("all_data", "data") if (folder / d).is_dir()), None)
+    if not labels_file.is_file() or posts is None:
+        raise UserError(f"{folder}: a TumEmo folder holds all_data_id_and_label.txt and all_data/ (all_data.zip "
+                        "unzipped: {id}.txt and {id}.jpg per post)")
+    images = Path(image_dir) if image_dir is not None else posts
+    found = _images_by_id(images)
+    canonical = {c.lower(): c for c in EMOTIONS}
+    col = _Collector(EMOTIONS)
+    first = True
+    for n, line in enumerate(decode_text(labels_file.read_bytes())[0].splitlines(), 1):
+        cells = [c for c in re.split(r"[\s,]+", line) if c]
+        if not cells:
+            continue
+        if first and not cells[0].isdigit() and cells[-1].lower() not in canonical:
+            first = False
+            continue  # a header line ("id label")
+        first = False
+        if len(cells) != 2:
+            col.problems.append(Problem(cells[0], "read", f"{labels_file.name} line {n} unreadable ({line.strip()!r}): "
+                                        "expected 'id label'"))
+            continue
+        id_, label = cells
+        text_file = posts / f"{id_}.txt"
+        if not text_file.is_file():
+            col.problems.append(Problem(id_, "text", f"text file missing: {text_file}; add it or drop the line"))
+            continue
+        text = _read_text_file(text_file, col, id_)
+        col.add(id_, text, found.get(id_, images / f"{id_}.jpg"), canonical.get(label.lower(), label), "train")
+    rule = _assign_splits(col, seed)
+    return col.dataset(name, f"no official split: {rule}, seed {seed}")
+
+
+# --- MMSD2.0 (Qin et al., ACL 2023 findings) ---------------------------------------------
+
+MMSD2_SPLITS = {"train": "train", "valid": "dev", "test": "test"}  # file stem -> our split
+MMSD2_LABELS = {"0": "not_sarcastic", "1": "sarcastic"}
+
+
+@builtin("mmsd2", "mmsd2", SARCASM, marker="text_json_final",
+         layout="text_json_final/{train,valid,test}.json with image_id, text, label 0|1, and dataset_image/{image_id}.jpg")
+def read_mmsd2(name: str, folder: Path, image_dir: Path | None, seed: int) -> Dataset:
+    """MMSD2.0 as released (JoeYing1019/MMSD2.0, `data/`): `text_json_final/{train,valid,test}.json`,
+    each a JSON list of {"image_id", "text", "label": 0|1}, and the images `dataset_image/{image_id}.jpg`.
+    The split files may also sit in the folder itself, and be JSON Lines."""
+    texts = folder / "text_json_final" if (folder / "text_json_final").is_dir() else folder
+    images = Path(image_dir) if image_dir is not None else folder / "dataset_image"
+    images = images if images.is_dir() else None  # images not at hand: text only, as for hfm
+    col = _Collector(SARCASM)
+    for stem, split in MMSD2_SPLITS.items():
+        path = texts / f"{stem}.json"
+        if not path.is_file():
+            raise UserError(f"split file {path} missing: an MMSD2.0 folder holds text_json_final/"
+                            "{train,valid,test}.json")
+        for row, fell_back in _read_json_rows(path):
+            raw_id = row.get("image_id", row.get("id"))
+            id_ = "" if raw_id is None else str(raw_id)
+            if fell_back:
+                col.repaired(id_, f"{path.name} text of {id_}")
+            label = row.get("label")
+            label = "" if label is None else str(label).strip()
+            image = images / f"{id_.strip()}.jpg" if images is not None else None
+            col.add(id_, row.get("text"), image, MMSD2_LABELS.get(label, label), split)
+    return col.dataset(name)
+
+
+def _read_json_rows(path: Path) -> list[tuple[dict, bool]]:
+    """The objects of a JSON list file (or of a JSON Lines file), each with whether its text may
+    have needed a non-UTF-8 fallback (a whole-file fallback touches only rows with non-ASCII text)."""
+    text, fell_back = decode_text(path.read_bytes())
+    if not text.lstrip().startswith("["):
+        return _read_jsonl(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix that place or get the file again") from None
+    for k, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: element {k} of the list is not a JSON object; fix or remove it")
+    return [(row, fell_back and not str(row.get("text", "")).isascii()) for row in rows]
 
 
 def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = None, seed: int = 0,
@@ -284,9 +426,8 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
         split = str(row.get("split") or "").strip() if given_split else "train"  # reassigned below
         col.add(id_, text, image, label, split)
     rare = {} if classes else _rare_labels(col, keep_rare_labels)
-    if not given_split:
-        _assign_splits(col, seed)
-    ds = col.dataset(name or path.stem, "given" if given_split else f"stratified 8:1:1, seed {seed}")
+    rule = "given" if given_split else f"{_assign_splits(col, seed)}, seed {seed}"
+    ds = col.dataset(name or path.stem, rule)
     ds.rare_labels = rare
     return ds
 
@@ -315,22 +456,35 @@ def _read_text_file(path: Path, col: _Collector, id_: str) -> str | None:
     return text
 
 
-def _assign_splits(col: _Collector, seed: int) -> None:
-    """Seeded, stratified 8:1:1 split, for manifests that do not give one."""
+def _assign_splits(col: _Collector, seed: int) -> str:
+    """Seeded 8:1:1 split, for data that does not give one; stratified by label where every class
+    has enough items (else plain random, and the returned rule says so)."""
     from sklearn.model_selection import train_test_split
 
     items = col.items
     if len(items) < 10:
         raise UserError(f"only {len(items)} usable rows: give a split column or at least 10 rows")
     labels = [it.label for it in items]
-    stratify = labels if min(Counter(labels).values()) >= 2 else None
+    stratify = labels if _can_stratify(labels, 0.2) else None
     idx = list(range(len(items)))
     train, rest = train_test_split(idx, test_size=0.2, random_state=seed, stratify=stratify)
     rest_labels = [labels[i] for i in rest]
-    ok = stratify is not None and min(Counter(rest_labels).values()) >= 2
+    ok = stratify is not None and _can_stratify(rest_labels, 0.5)
     dev, test = train_test_split(rest, test_size=0.5, random_state=seed, stratify=rest_labels if ok else None)
     split_of = {i: s for s, part in (("train", train), ("dev", dev), ("test", test)) for i in part}
     col.items = [Item(it.id, it.text, it.image, it.label, split_of[i]) for i, it in enumerate(items)]
+    if ok:
+        return "stratified 8:1:1"
+    if stratify is not None:
+        return "8:1:1, train stratified, dev/test not (too few items of a class)"
+    return "8:1:1, not stratified (too few items of a class)"
+
+
+def _can_stratify(labels: list, test_size: float) -> bool:
+    """What sklearn's stratified split needs: 2 items of every class, and each side at least one per class."""
+    counts = Counter(labels)
+    n_test = math.ceil(test_size * len(labels))
+    return min(counts.values()) >= 2 and min(n_test, len(labels) - n_test) >= len(counts)
 
 
 # --- raw MVSA release -------------------------------------------------------------------
@@ -376,8 +530,8 @@ def load_raw_mvsa(folder: Path, name: str, seed: int = 0) -> Dataset:
             col.problems.append(Problem(cells[0], "read", "annotations conflict (positive vs negative): dropped"))
             continue
         col.add(cells[0], _read_text_file(data / f"{cells[0]}.txt", col, cells[0]), data / f"{cells[0]}.jpg", label, "train")
-    _assign_splits(col, seed)
-    return col.dataset(name, f"MVSA aggregation; stratified 8:1:1, seed {seed}")
+    rule = _assign_splits(col, seed)
+    return col.dataset(name, f"MVSA aggregation; {rule}, seed {seed}")
 
 
 def load(
@@ -394,5 +548,5 @@ def load(
     if manifest is not None:
         return load_manifest(manifest, name, image_dir, seed, classes, keep_rare_labels)
     if dataset is None:
-        raise UserError("say which data: --dataset mvsa_s|mvsa_m|hfm or --manifest PATH")
-    return load_builtin(dataset, data_root, image_dir)
+        raise UserError(f"say which data: --dataset {'|'.join(BUILTINS)} or --manifest PATH")
+    return load_builtin(dataset, data_root, image_dir, seed)

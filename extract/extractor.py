@@ -30,7 +30,7 @@ from extract.encoders import create_image_encoder, create_text_encoder
 
 @dataclass
 class ExtractConfig:
-    dataset: str | None = None  # mvsa_s | mvsa_m | hfm
+    dataset: str | None = None  # a built-in: mvsa_s | mvsa_m | hfm | tumemo | mmsd2 (datasets.BUILTINS)
     manifest: Path | None = None  # CSV/JSONL manifest or raw MVSA folder instead of a built-in
     name: str | None = None  # name of the data set a manifest makes
     data_root: Path = field(default_factory=default_data_root)

@@ -293,6 +293,15 @@ def test_manifest_without_split_gets_seeded_stratified_8_1_1(tmp_path):
     assert [i.id for i in other.items] == [i.id for i in ds.items]  # order is the manifest's
 
 
+def test_manifest_split_too_small_to_stratify_is_random_and_says_so(tmp_path):
+    """10 rows of 5 labels: a stratified test part of 2 cannot hold 5 classes (sklearn raises); the split
+    is drawn without strata and the rule recorded in dataset.json says so (no traceback)."""
+    manifest = write_csv(tmp_path / "m.csv", balanced_rows(2, labels=("a", "b", "c", "d", "e")))
+    ds = datasets.load_manifest(manifest, seed=1)
+    assert ds.counts() == {"train": 8, "dev": 1, "test": 1}
+    assert ds.split_rule == "8:1:1, not stratified (too few items of a class), seed 1"
+
+
 def test_manifest_without_split_needs_ten_rows(tmp_path):
     manifest = write_csv(tmp_path / "m.csv", balanced_rows(3))
     with pytest.raises(UserError, match="only 9 usable rows: give a split column or at least 10 rows"):
@@ -461,3 +470,234 @@ def test_raw_mvsa_folder_must_have_its_files(tmp_path):
     (tmp_path / "release" / "data").mkdir(parents=True)
     with pytest.raises(UserError, match="data/ and labelResultAll.txt"):
         datasets.load_manifest(tmp_path / "release")
+
+
+# --- TumEmo, brought by the user in its released layout ------------------------------------
+
+def png(path: Path, color=(30, 200, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 16), color).save(path, "PNG")
+    return path
+
+
+def fake_tumemo(root: Path, per_label: int = 10, header: bool = True, extra: list[str] = (),
+                texts: dict[str, bytes] | None = None, no_image: tuple[str, ...] = (), posts: str = "all_data") -> Path:
+    """`root/tumemo`: all_data_id_and_label.txt ('id label' lines, ids 0, 1, 2, ...) and posts/{id}.txt|jpg."""
+    folder = root / "tumemo"
+    (folder / posts).mkdir(parents=True)
+    lines = ["id label"] if header else []
+    n = 0
+    for label in datasets.EMOTIONS:
+        for _ in range(per_label):
+            lines.append(f"{n} {label}")
+            n += 1
+    lines += list(extra)
+    for line in lines[1 if header else 0:]:
+        i = line.split()[0]
+        (folder / posts / f"{i}.txt").write_bytes((texts or {}).get(i, f"post {i} #tumblr".encode()))
+        if i not in no_image:
+            jpeg(folder / posts / f"{i}.jpg")
+    (folder / "all_data_id_and_label.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_tumemo_reads_the_released_layout_with_a_seeded_stratified_split(tmp_path):
+    folder = fake_tumemo(tmp_path)
+    ds = datasets.load("tumemo", tmp_path, seed=3)
+    assert ds.name == "tumemo" and ds.classes == datasets.EMOTIONS
+    assert ds.problems == [] and ds.text_fallbacks == 0
+    assert ds.counts() == {"train": 56, "dev": 7, "test": 7}
+    per = Counter((it.label, it.split) for it in ds.items)
+    for label in range(7):  # stratified: every emotion split 8/1/1
+        assert (per[label, "train"], per[label, "dev"], per[label, "test"]) == (8, 1, 1)
+    assert [it.id for it in ds.items] == [str(i) for i in range(70)]  # the label file's order
+    items = by_id(ds)
+    assert items["0"].text == "post 0 #tumblr" and items["0"].image == folder / "all_data" / "0.jpg"
+    assert datasets.EMOTIONS[items["69"].label] == "Sad"
+    assert "seed 3" in ds.split_rule and "8:1:1" in ds.split_rule and "no official split" in ds.split_rule
+    again = datasets.load("tumemo", tmp_path, seed=3)
+    assert [(i.id, i.split) for i in again.items] == [(i.id, i.split) for i in ds.items]
+    other = datasets.load("tumemo", tmp_path, seed=4)
+    assert {i.id for i in other.items if i.split == "test"} != {i.id for i in ds.items if i.split == "test"}
+
+
+def test_tumemo_without_header_in_data_folder_and_other_image_types(tmp_path):
+    folder = fake_tumemo(tmp_path, per_label=2, header=False, posts="data", no_image=("3",))
+    png(folder / "data" / "3.png")
+    (folder / "data" / "4.jpg").unlink()
+    png(folder / "data" / "4.png")  # 4.jpg missing, 4.png there
+    ds = datasets.load("tumemo", tmp_path)
+    assert len(ds.items) == 14 and ds.problems == []  # no header: the first line is an item
+    # 2 posts an emotion: a test split of 2 cannot hold all 7 emotions, so the split is plain random, and says so
+    assert ds.split_rule == "no official split: 8:1:1, not stratified (too few items of a class), seed 0"
+    assert ds.counts() == {"train": 11, "dev": 1, "test": 2}
+    items = by_id(ds)
+    assert items["0"].image == folder / "data" / "0.jpg" and items["3"].image == folder / "data" / "3.png"
+    assert items["4"].image.name == "4.png"
+
+
+def test_tumemo_bad_lines_and_posts_become_problems(tmp_path):
+    folder = fake_tumemo(tmp_path, extra=["70 Excited", "71 happy", "5 Sad", "72", "73 Calm", "74 Fear", "75 Love",
+                                          "76 Bored"],
+                         texts={"73": b"   \n", "74": "caf\u00e9 \u201cq\u201d".encode("cp1252")}, no_image=("75",))
+    (folder / "all_data" / "76.txt").unlink()
+    ds = datasets.load("tumemo", tmp_path)
+    items, probs = by_id(ds), problems_of(ds)
+    assert datasets.EMOTIONS[items["71"].label] == "Happy"  # a label's case does not matter
+    assert items["5"].label == datasets.EMOTIONS.index("Angry")  # the first line of an id wins
+    assert items["74"].text == "caf\u00e9 \u201cq\u201d" and ds.text_fallbacks == 1
+    assert items["75"].image is None  # kept for the text cache only
+    assert {(p.id, p.stage) for p in ds.problems} == {
+        ("70", "read"), ("5", "read"), ("72", "read"), ("73", "text"), ("74", "text"), ("75", "image"), ("76", "text")}
+    assert "unknown label 'Excited'" in probs["70"][0].reason and "Angry, Bored" in probs["70"][0].reason
+    assert "duplicate" in probs["5"][0].reason
+    assert "line 75 unreadable ('72')" in probs["72"][0].reason
+    assert "empty text" in probs["73"][0].reason
+    assert "not valid UTF-8" in probs["74"][0].reason
+    assert "75.jpg" in probs["75"][0].reason and "text only" in probs["75"][0].reason
+    assert "text file missing" in probs["76"][0].reason and "76.txt" in probs["76"][0].reason
+    assert "71" in items and "70" not in items and "72" not in items and "73" not in items and "76" not in items
+
+
+def test_tumemo_image_dir_and_the_release_as_data_root(tmp_path):
+    folder = fake_tumemo(tmp_path / "root", per_label=2)
+    jpeg(tmp_path / "pics" / "0.jpg")
+    ds = datasets.load("tumemo", tmp_path / "root", image_dir=tmp_path / "pics")
+    assert by_id(ds)["0"].image == tmp_path / "pics" / "0.jpg"
+    assert {p.id for p in ds.problems} == {str(i) for i in range(1, 14)}  # the others are not in --image-dir
+    assert all(p.stage == "image" for p in ds.problems)
+    direct = datasets.load("tumemo", folder)  # --data-root the release folder itself
+    assert len(direct.items) == 14 and direct.problems == []
+
+
+def test_tumemo_missing_pieces_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match=r"tumemo: data folder .*tumemo not found: this data set is not shipped"):
+        datasets.load("tumemo", tmp_path)
+    folder = fake_tumemo(tmp_path, per_label=2)
+    with pytest.raises(UserError, match="--image-dir"):
+        datasets.load("tumemo", tmp_path, image_dir=tmp_path / "nope")
+    (folder / "all_data").rename(folder / "posts")
+    with pytest.raises(UserError, match="holds all_data_id_and_label.txt and all_data/"):
+        datasets.load("tumemo", tmp_path)
+
+
+def test_tumemo_too_few_posts_for_a_split_is_a_user_error(tmp_path):
+    fake_tumemo(tmp_path, per_label=1)
+    with pytest.raises(UserError, match="only 7 usable rows"):
+        datasets.load("tumemo", tmp_path)
+
+
+# --- MMSD2.0, brought by the user in its released layout -----------------------------------
+
+def fake_mmsd2(root: Path, train: list[dict], valid: list[dict] | None = None, test: list[dict] | None = None,
+               images=None, jsonl: bool = False, texts_in: str = "text_json_final") -> Path:
+    """`root/mmsd2`: text_json_final/{train,valid,test}.json (JSON lists, as released) and dataset_image/."""
+    folder = root / "mmsd2"
+    splits = {"train": train, "valid": valid or [{"image_id": 900, "text": "valid one", "label": 0}],
+              "test": test or [{"image_id": 901, "text": "test one", "label": 1}]}
+    for stem, rows in splits.items():
+        path = folder / texts_in / f"{stem}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) if jsonl else json.dumps(rows), encoding="utf-8")
+        for r in rows:
+            if images is None or r.get("image_id") in images:
+                jpeg(folder / "dataset_image" / f"{r.get('image_id')}.jpg")
+    return folder
+
+
+MMSD2_TRAIN = [{"image_id": 915657464401580032, "text": "whew ... that extra <num> miles wore me out", "label": 1},
+               {"image_id": 854678856724340736, "text": "a plain caption", "label": 0}]
+
+
+def test_mmsd2_reads_the_released_layout(tmp_path):
+    folder = fake_mmsd2(tmp_path, MMSD2_TRAIN)
+    ds = datasets.load("mmsd2", tmp_path)
+    assert ds.name == "mmsd2" and ds.classes == SARCASM and ds.split_rule == "given"
+    assert ds.problems == []
+    assert [(it.id, it.label, it.split) for it in ds.items] == [
+        ("915657464401580032", 1, "train"), ("854678856724340736", 0, "train"), ("900", 0, "dev"), ("901", 1, "test")]
+    assert by_id(ds)["900"].image == folder / "dataset_image" / "900.jpg"
+    assert by_id(ds)["915657464401580032"].text == "whew ... that extra <num> miles wore me out"
+
+
+def test_mmsd2_flat_json_lines_and_the_release_as_data_root(tmp_path):
+    fake_mmsd2(tmp_path, MMSD2_TRAIN, jsonl=True, texts_in=".")
+    assert datasets.load("mmsd2", tmp_path).counts() == {"train": 2, "dev": 1, "test": 1}
+    release = fake_mmsd2(tmp_path / "clone", MMSD2_TRAIN).rename(tmp_path / "clone" / "data")
+    ds = datasets.load("mmsd2", release)  # --data-root MMSD2.0/data, as the repository has it
+    assert ds.counts() == {"train": 2, "dev": 1, "test": 1} and ds.problems == []
+
+
+def test_mmsd2_without_images_is_text_only_and_image_dir_finds_them(tmp_path):
+    folder = fake_mmsd2(tmp_path, MMSD2_TRAIN)
+    (folder / "dataset_image").rename(tmp_path / "elsewhere")
+    ds = datasets.load("mmsd2", tmp_path)
+    assert all(it.image is None for it in ds.items) and ds.problems == []  # no images promised, none missing
+    ds = datasets.load("mmsd2", tmp_path, image_dir=tmp_path / "elsewhere")
+    assert all(it.image is not None and it.image.is_file() for it in ds.items)
+
+
+def test_mmsd2_bad_rows_become_problems(tmp_path):
+    fake_mmsd2(tmp_path, [
+        *MMSD2_TRAIN,
+        {"image_id": 854678856724340736, "text": "same id again", "label": 1},
+        {"image_id": 11, "text": "label two", "label": 2},
+        {"image_id": 12, "text": "   ", "label": 0},
+        {"image_id": 13, "text": "no picture", "label": 1},
+        {"text": "no id", "label": 0},
+        {"image_id": 14, "text": "no label"},
+        {"image_id": 15, "text": 404, "label": "1"},
+    ], test=[{"image_id": 901, "text": "test one", "label": 1}, {"image_id": 900, "text": "in valid too", "label": 1}],
+        images={915657464401580032, 854678856724340736, 11, 12, 15, 900, 901})
+    ds = datasets.load("mmsd2", tmp_path)
+    items, probs = by_id(ds), problems_of(ds)
+    assert sorted(items) == ["13", "15", "854678856724340736", "900", "901", "915657464401580032"]
+    assert items["13"].image is None and items["15"].text == "404" and SARCASM[items["15"].label] == "sarcastic"
+    assert items["900"].split == "dev"  # the first row of an id wins
+    assert {(p.id, p.stage) for p in ds.problems} == {
+        ("854678856724340736", "read"), ("11", "read"), ("12", "text"), ("13", "image"), ("?", "read"),
+        ("14", "read"), ("900", "read")}
+    assert "unknown label '2'" in probs["11"][0].reason and "not_sarcastic, sarcastic" in probs["11"][0].reason
+    assert "13.jpg" in probs["13"][0].reason and "no label" in probs["14"][0].reason
+
+
+def test_mmsd2_broken_or_missing_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="mmsd2: data folder .* not found: this data set is not shipped"):
+        datasets.load("mmsd2", tmp_path)
+    folder = fake_mmsd2(tmp_path, MMSD2_TRAIN)
+    (folder / "text_json_final" / "valid.json").write_text('[{"image_id": 1, "text": "x", "label": 0},\n {"image_id": 2,, }]')
+    with pytest.raises(UserError, match=r"valid\.json:2:17: not valid JSON"):
+        datasets.load("mmsd2", tmp_path)
+    (folder / "text_json_final" / "valid.json").write_text('[{"image_id": 1, "text": "x", "label": 0}, [2, "y", 1]]')
+    with pytest.raises(UserError, match=r"valid\.json: element 2 of the list is not a JSON object"):
+        datasets.load("mmsd2", tmp_path)
+    (folder / "text_json_final" / "valid.json").write_text('{"image_id": 1, "text": "x", "label": 0}\n{"image_id": 2\n')
+    with pytest.raises(UserError, match=r"valid\.json:2: not valid JSON"):  # JSON Lines: the line
+        datasets.load("mmsd2", tmp_path)
+    (folder / "text_json_final" / "valid.json").unlink()
+    with pytest.raises(UserError, match=r"valid\.json missing"):
+        datasets.load("mmsd2", tmp_path)
+
+
+def test_mmsd2_non_utf8_file_lists_the_rows_it_may_have_changed(tmp_path):
+    folder = fake_mmsd2(tmp_path, MMSD2_TRAIN)
+    rows = [{"image_id": 5, "text": "na\u00efve \u201cquote\u201d", "label": 1}, {"image_id": 6, "text": "ascii", "label": 0}]
+    (folder / "text_json_final" / "valid.json").write_bytes(json.dumps(rows, ensure_ascii=False).encode("cp1252"))
+    ds = datasets.load("mmsd2", tmp_path)
+    assert by_id(ds)["5"].text == "na\u00efve \u201cquote\u201d"
+    assert ds.text_fallbacks == 1 and [(p.id, p.stage) for p in ds.problems] == [("5", "text"), ("5", "image"),
+                                                                                ("6", "image")]
+
+
+def test_every_builtin_is_named_in_messages_and_falls_back_to_training_defaults(data_root):
+    from train.config import TrainConfig, family
+    from train.data import extract_source
+
+    with pytest.raises(UserError, match="use one of mvsa_s, mvsa_m, hfm, tumemo, mmsd2 or --manifest"):
+        datasets.load("tum", data_root)
+    with pytest.raises(UserError, match=r"--dataset mvsa_s\|mvsa_m\|hfm\|tumemo\|mmsd2 or --manifest"):
+        datasets.load(None, data_root)
+    for name in ("tumemo", "mmsd2"):
+        assert extract_source(name) == f"--dataset {name}" and extract_source(f"{name}-first5") == f"--dataset {name} --limit 5"
+        assert family(name) == "mvsa_s"  # no paper gives their training settings: MVSA-Single's
+        assert TrainConfig(dataset=name).resolved().batch_size == 64

@@ -122,7 +122,7 @@ class Data:
 
 def extract_source(dataset: str) -> str:
     """The `extract` flags that name this data set: a built-in (maybe `--limit`ed) or a manifest."""
-    from train.defaults import DEFAULTS as BUILTINS  # the built-in names, without importing stage one
+    from extract.datasets import BUILTINS  # every built-in name (a light module: no encoder, no torch)
 
     limited = re.fullmatch(r"(.+)-first(\d+)", dataset)
     if limited and limited.group(1) in BUILTINS:
