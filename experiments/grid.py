@@ -68,23 +68,23 @@ def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = N
     return cells
 
 
-def sweep_cells(base: TrainConfig, sets: list[str], runs_dir: Path) -> list[Cell]:
-    """`["alpha=0.5,0.6", "cmf=true,false"]` -> one cell per combination (a grid for two fields)."""
+def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell]:
+    """`--vary alpha=0.5,0.6 --vary cmf=true,false` -> one cell per combination (a grid for two fields)."""
     axes = []
-    for item in sets:
+    for item in vary:
         key, eq, values = item.partition("=")
         if not eq or not values:
-            raise UserError(f"--set {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
+            raise UserError(f"--vary {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
         axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",") if v.strip()])
     cells = []
     for combo in itertools.product(*axes):
-        values = {**_base_values(base), **heads.parse_sets(base.head, combo)}
+        values = {**_base_values(base), **heads.parse_sets(base.head, combo, "--vary")}
         cells.append(cell(", ".join(combo), base, base.head, values, runs_dir))
     return cells
 
 
 def _base_values(base: TrainConfig) -> dict:
-    """Head fields the user set for the whole grid (e.g. --set cmf_scope=sample)."""
+    """Head fields the user set for the whole grid (--set cmf_scope=sample, or a head's flag)."""
     if base.head_config is None:
         return {}
     default = heads.build_config(base.head)
