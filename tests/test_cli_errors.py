@@ -78,7 +78,7 @@ CASES = [
     ("train-bad-seeds", (*TRAIN[:-4], "--seeds", "a,b"), ["give seeds as 1,2,3"]),
     ("train-seed-twice", (*TRAIN[:-4], "--seeds", "1,2,1"), ["--seeds", "seed 1 given twice"]),
     ("train-bad-select", (*TRAIN, "--select", "f1"), ["--select"]),
-    ("train-bad-patience", (*TRAIN, "--patience", "0"), ["--patience"]),
+    ("train-bad-patience", (*TRAIN, "--patience", "-1"), ["--patience"]),
     ("train-bad-choice", (*TRAIN, "--cmf-scope", "global"), ["--cmf-scope"]),
     ("train-no-such-option", (*TRAIN, "--alpah", "1"), ["No such option: --alpah"]),
     # eval
@@ -86,6 +86,8 @@ CASES = [
     ("eval-corrupt-config", ("eval", "--run", "{corrupt}"), ["config.json is corrupt"]),
     ("eval-unfinished-run", ("eval", "--run", "{unfinished}"), ["seed-1.pt missing"]),
     ("eval-empty-cache", ("eval", "--run", "{run}", "--cache-dir", "{tmp}/empty_cache"), ["no cache"]),
+    # replay
+    ("replay-missing-folder", ("replay", "{tmp}/nope"), ["nope: no such file or folder"]),
     # report
     ("report-unfinished-run", ("report", "--run", "{unfinished}"), ["no seed-<s>.pt yet"]),
     ("report-corrupt-config", ("report", "--run", "{corrupt}"), ["config.json is corrupt"]),
