@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Command line: `extract` once (stage one), then `train`, `eval` from the cache (stage two).
 
-Thin on purpose: each command maps its flags onto a config dataclass and calls one
-library function. A `UserError` anywhere becomes one line on stderr and exit code 1.
+Thin on purpose: each command builds a config dataclass and calls one library function. The
+options that set a config's fields are made from the fields themselves (core/cli_fields.py), so
+no default or help of a config is repeated here; the options declared here are the process's own
+(--jobs, --threads, --shard, --runs-dir) and what is not a field (--set, --vary, --rows). A `UserError` anywhere becomes one line on stderr and exit code 1.
 """
 
 from __future__ import annotations

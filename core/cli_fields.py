@@ -122,9 +122,7 @@ def _parser(parse: Callable[[str], object]) -> Callable[[object], object]:
     """`parse` as a typer parser: a bad value is click's one-line `Invalid value for '--x': ...`."""
     import typer
 
-    def run(value):
-        if not isinstance(value, str):  # the field's default, already a value
-            return value
+    def run(value: str):
         try:
             return parse(value)
         except (ValueError, UserError) as e:

@@ -119,3 +119,16 @@ def test_bad_values_are_click_errors(args, fragment):
     with pytest.raises(typer.BadParameter) as e:
         parsed("train", *args)
     assert fragment in e.value.format_message()
+
+
+def test_an_option_declared_twice_is_a_coding_bug():
+    """E.g. a head that declares a shorthand flag a command has already."""
+    app = typer.Typer()
+
+    @app.command(cls=cli_fields.fields_command(lambda: cli_fields.params(AuditConfig),
+                                               lambda: cli_fields.params(AuditConfig, skip=("out",))))
+    def audit(ctx: typer.Context): ...
+
+    cmd = typer.main.get_command(app)
+    with typer.Context(cmd) as ctx, pytest.raises(ValueError, match="twice: cache_dir, data_root, dataset"):
+        cmd.get_params(ctx)

@@ -78,7 +78,7 @@ class TrainConfig:
     balanced: bool = option(False, "weight cross-entropy by inverse class frequency (not in the paper)")
     text_views: bool = option(False, "train on the cached dropout views of the texts (extract --text-views K)")
     select: str | None = option(None, f"dev metric that picks the epoch {default_help('select')}", choices=METRICS)
-    # 10 by default: on 20 full-length seeds it moved no test figure beyond noise and saved 71% of the
+    # 0 (None once resolved): never. 10 by default: on 20 full-length seeds it moved no test figure beyond noise and saved 71% of the
     # epochs (README, "Early stopping"); every evidence run in results/ uses it
     patience: int | None = option(10, "stop a seed once dev has not improved for P epochs; 0: train every epoch",
                                   min=0)
@@ -87,12 +87,14 @@ class TrainConfig:
     eval_orders: int = option(5, "test is the mean over this many seeded random orders (label-blind)", min=1)
     eval_seed: int = 0
     eval_batch_size: int | None = None  # [default: batch_size]
+    # see OFFICIAL and the head config's OFFICIAL
     official: bool = option(False, "the authors' training step exactly (SPEC.md; listed in config.json)")
     # never read by the epoch selection or --patience
     protocol_check: bool = option(False, "also score test in file order after every epoch (protocol.csv): "
                                   "what the authors' protocol would report; never selects")
     out: Path | None = option(None, "run folder [default: runs/<dataset>-<head>-<time>]")
-    splits: Path | None = option(None, "folder of split files {train,dev,test}.txt (ids) from `audit --write-clean`",
+    splits: Path | None = option(None, "folder of split files {train,dev,test}.txt (ids) from `audit --write-clean` "
+                                 "[default: the cache's splits]",
                                  parse=_absolute)
 
     @classmethod
