@@ -84,7 +84,7 @@ def together(k: int, policy: dict, seeds: str, cache_dir: Path, epochs: int, tmp
 def grid_split(jobs: int, n_threads: int, cache_dir: Path, epochs: int, tmp: Path, values: str) -> dict:
     runs_dir = tmp / f"grid-{jobs}x{n_threads}"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "pipeline.py", "sweep", "--set", f"alpha={values}", "--dataset", "mvsa_s",
+    subprocess.run([sys.executable, "pipeline.py", "sweep", "--vary", f"alpha={values}", "--dataset", "mvsa_s",
                     "--cache-dir", str(cache_dir), "--epochs", str(epochs), "--seeds", "1", "--runs-dir",
                     str(runs_dir), "--out", str(runs_dir / "sweep"), "--jobs", str(jobs), "--threads", str(n_threads)],
                    cwd=ROOT, env=env_for({}), check=True, capture_output=True)
@@ -106,7 +106,7 @@ def markdown(r: dict) -> str:
     old, new, single = (r["contention"][k][0]["mean"] for k in POLICIES)
     lines += ["", f"Alone, the new default trains an epoch in {new / old:.2f}x the old one's time "
               f"(a single seed, which cannot be split across processes: {single / old:.2f}x).", ""]
-    lines += ["Grid split (`sweep --set alpha=" + r["grid_values"] + f" --epochs {r['epochs']} --seeds 1`):", "",
+    lines += ["Grid split (`sweep --vary alpha=" + r["grid_values"] + f" --epochs {r['epochs']} --seeds 1`):", "",
               "| jobs x threads | wall | cells per hour |", "|---|---|---|"]
     for g in r["grid"]:
         lines.append(f"| {g['jobs']} x {g['threads']} | {g['wall_seconds']:.0f} s | {g['cells_per_hour']:.0f} |")

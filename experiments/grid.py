@@ -69,23 +69,23 @@ def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = N
     return cells
 
 
-def sweep_cells(base: TrainConfig, sets: list[str], runs_dir: Path) -> list[Cell]:
-    """`["alpha=0.5,0.6", "cmf=true,false"]` -> one cell per combination (a grid for two fields)."""
+def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell]:
+    """`--vary alpha=0.5,0.6 --vary cmf=true,false` -> one cell per combination (a grid for two fields)."""
     axes = []
-    for item in sets:
+    for item in vary:
         key, eq, values = item.partition("=")
         if not eq or not values:
-            raise UserError(f"--set {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
+            raise UserError(f"--vary {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
         axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",") if v.strip()])
     cells = []
     for combo in itertools.product(*axes):
-        values = {**_base_values(base), **heads.parse_sets(base.head, combo)}
+        values = {**_base_values(base), **heads.parse_sets(base.head, combo, "--vary")}
         cells.append(cell(", ".join(combo), base, base.head, values, runs_dir))
     return cells
 
 
 def _base_values(base: TrainConfig) -> dict:
-    """Head fields the user set for the whole grid (e.g. --set cmf_scope=sample)."""
+    """Head fields the user set for the whole grid (--set cmf_scope=sample, or a head's flag)."""
     if base.head_config is None:
         return {}
     default = heads.build_config(base.head)
@@ -95,7 +95,7 @@ def _base_values(base: TrainConfig) -> dict:
 # --- running ----------------------------------------------------------------------------
 
 def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None,
-              threads: int | None = None) -> list[Cell]:
+              threads: int | None = None, robust: bool = False) -> list[Cell]:
     """Train this process's share of `cells` (cell k goes to shard k % N), `jobs` at a time,
     with one progress bar counting epochs and an ETA over the grid. Finished cells are skipped. Returns the
     cells this process ran or found done."""
@@ -123,14 +123,18 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
         with _following(todo, clock, lambda: progress.update(task, **clock.fields())):
             if jobs <= 1:
                 for c in todo:  # the cache is loaded once per modality set for the whole grid
-                    _train_cell(c.cfg)
+                    _train_cell(c.cfg, robust)
                     progress.update(task, last=c.name)
             else:
                 with core_threads.worker_pool(jobs, threads) as pool:
-                    futures = {pool.submit(_train_cell, c.cfg): c for c in todo}
+                    futures = {pool.submit(_train_cell, c.cfg, robust): c for c in todo}
                     for f in as_completed(futures):
                         f.result()
                         progress.update(task, last=futures[f].name)
+    if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
+        for c in unique:
+            if c not in todo and (c.cfg.out / "metrics.json").is_file():
+                _train_cell(c.cfg, robust)
     return mine
 
 
@@ -165,12 +169,16 @@ def _following(cells: list[Cell], clock: EpochClock, show, every: float = 1.0):
 _DATA: dict = {}
 
 
-def _train_cell(cfg: TrainConfig) -> str:
-    """Train one cell; the cache is loaded once per process (the grid's, or a worker's) and modality set."""
+def _train_cell(cfg: TrainConfig, robust: bool = False) -> str:
+    """Train one cell (and `--robustness`: score it); the cache is loaded once per process (the
+    grid's, or a worker's) and modality set."""
     key = (str(cfg.cache_dir), cfg.dataset, cache.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
     if key not in _DATA:
         _DATA[key] = cache.load_data(cfg)
-    return str(runs.train_run(cfg, _DATA[key]).out)
+    out = runs.train_run(cfg, _DATA[key]).out
+    if robust:
+        runs.score_default_robustness(out, cfg, _DATA[key])
+    return str(out)
 
 
 # --- the table ----------------------------------------------------------------------------

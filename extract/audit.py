@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from core import store
+from core.cli_fields import option
 from core.errors import UserError
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, default_data_root, make_dir
@@ -57,16 +58,20 @@ HASH_DISTANCE = 8
 
 @dataclass
 class AuditConfig:
-    dataset: str = "mvsa_s"
-    cache_dir: Path = DEFAULT_CACHE
-    data_root: Path = field(default_factory=default_data_root)
-    text_encoder: str = TEXT_ENCODER
-    image_encoder: str = IMAGE_ENCODER
-    image_threshold: float = IMAGE_THRESHOLD
-    hash_distance: int = HASH_DISTANCE
+    """What `audit` checks; each `option(...)` field is also an option of it (core/cli_fields.py)."""
+
+    dataset: str = option("mvsa_s", "data set name in the cache", short="-d")
+    cache_dir: Path = option(DEFAULT_CACHE, "where caches live")
+    data_root: Path = option(help="folder with the built-in data sets [default: $SPP_DATA_ROOT or ../shared/data]",
+                             default_factory=default_data_root)
+    text_encoder: str = option(TEXT_ENCODER, "which text cache gives ids, labels and splits")
+    image_encoder: str = option(IMAGE_ENCODER, "which image cache to search for near-duplicates")
+    image_threshold: float = option(IMAGE_THRESHOLD, "cosine of pooled maps for an image candidate "
+                                    "(calibrated on MVSA-Single)")
+    hash_distance: int = option(HASH_DISTANCE, "max pHash Hamming distance that confirms an image pair", min=0)
     block: int = 2048  # rows per block of the similarity search
-    write_clean: Path | None = None  # folder for split files without the dev/test items leaking from train
-    out: Path | None = None  # [default: <cache>/<dataset>/audit]
+    write_clean: Path | None = option(None, "write split files without the dev/test items leaking from train here")
+    out: Path | None = option(None, "[default: <cache>/<dataset>/audit]")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from core import store
+from core.cli_fields import option
 from core.errors import UserError
 from core.shards import parse_shard  # noqa: F401  (re-exported: extract splits shards with it)
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
@@ -28,30 +29,40 @@ from extract.datasets import Dataset, Item
 from extract.encoders import create_image_encoder, create_text_encoder
 
 
+def _names(text: str) -> tuple[str, ...] | None:
+    """`positive,neutral,negative` -> a tuple of the names; nothing given: None (the labels that occur)."""
+    return tuple(c.strip() for c in text.split(",") if c.strip()) or None
+
+
 @dataclass
 class ExtractConfig:
-    dataset: str | None = None  # a built-in: mvsa_s | mvsa_m | hfm | tumemo | mmsd2 (datasets.BUILTINS)
-    manifest: Path | None = None  # CSV/JSONL manifest or raw MVSA folder instead of a built-in
-    name: str | None = None  # name of the data set a manifest makes
-    data_root: Path = field(default_factory=default_data_root)
-    image_dir: Path | None = None
-    cache_dir: Path = DEFAULT_CACHE
-    text_encoder: str = TEXT_ENCODER
-    image_encoder: str = IMAGE_ENCODER
-    text_layers: int = 4
-    max_length: int = 202
-    text_only: bool = False
-    random_weights: bool = False  # same architectures, untrained: tests and benchmarks
-    image_weights: Path | None = None
-    batch_size: int = 64
-    shard_size: int = 512
-    shard: str | None = None  # "i/N": this process does shards k with k % N == i
-    force: bool = False
-    seed: int = 0
-    limit: int | None = None  # first N items of each split: quick looks and tests
-    classes: tuple[str, ...] | None = None  # a manifest's declared label set (--classes); None: the labels that occur
-    keep_rare_labels: bool = False  # keep a manifest label seen only a few times (else dropped as a likely typo)
-    text_views: int = 0  # K extra train-split passes with the text encoder's dropout on
+    """What `extract` caches; each `option(...)` field is also an option of it (core/cli_fields.py)."""
+
+    dataset: str | None = option(None, "built-in data set: mvsa_s, mvsa_m, hfm, tumemo or mmsd2", short="-d")
+    manifest: Path | None = option(None, "CSV/JSONL manifest or raw MVSA release folder")
+    name: str | None = option(None, "name of the data set a manifest makes")
+    data_root: Path = option(help="folder with the built-in data sets [default: $SPP_DATA_ROOT or ../shared/data]",
+                             default_factory=default_data_root)
+    image_dir: Path | None = option(None, "folder of {id}.jpg images")
+    cache_dir: Path = option(DEFAULT_CACHE, "where caches live")
+    text_encoder: str = option(TEXT_ENCODER, "HF name or local path; 'minilm' is the packaged offline model")
+    image_encoder: str = option(IMAGE_ENCODER, "efficientnet-lite0..4, a torchvision name (resnet50), or timm:<name>")
+    text_layers: int = option(4, "keep the CLS and tokens of this many last layers", min=1)
+    max_length: int = option(202, "tokenizer truncation", min=2)
+    text_only: bool = option(False, "cache text alone (no images at hand)")
+    random_weights: bool = option(False, "untrained encoders of the same shape (tests, benchmarks)")
+    image_weights: Path | None = option(None, "state dict file for the image encoder")
+    batch_size: int = option(64, "items per encoder batch", min=1)
+    shard_size: int = option(512, "items per shard (the unit of resuming)", min=1)
+    shard: str | None = option(None, "i/N: do only this process's share of the shards")  # shards k with k % N == i
+    force: bool = option(False, "rebuild a cache that was built differently")
+    seed: int = option(0, "seed of the 8:1:1 split for manifests without one")
+    limit: int | None = option(None, "only the first N items of each split (quick looks and tests)", min=1)
+    classes: tuple[str, ...] | None = option(None, "a manifest's label set, e.g. positive,neutral,negative "
+                                             "(other labels are problems) [default: the labels that occur]",
+                                             parse=_names)
+    keep_rare_labels: bool = option(False, "keep a manifest label seen only a few times (else dropped as a likely typo)")
+    text_views: int = option(0, "also store K dropout views of the train texts (train --text-views)", min=0)
 
 
 @dataclass

@@ -159,8 +159,9 @@ def _parse(value: str, kind: object, key: str):
     raise ValueError(f"a {kind}: this field cannot be set from the command line")
 
 
-def parse_sets(name: str, sets: typing.Iterable[str]) -> dict[str, object]:
-    """`["alpha=0.5", "cmf=false"]` -> typed field values of head `name`'s config.
+def parse_sets(name: str, sets: typing.Iterable[str], option: str = "--set") -> dict[str, object]:
+    """`["alpha=0.5", "cmf=false"]` -> typed field values of head `name`'s config (`option`: the flag
+    that gave them, for the error).
 
     An unknown key or a value of the wrong type is one UserError listing the valid keys.
     """
@@ -172,12 +173,13 @@ def parse_sets(name: str, sets: typing.Iterable[str]) -> dict[str, object]:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in keys:
-            raise UserError(f"--set {item!r}: head {name!r} has no field {key!r}; valid keys: {', '.join(keys)}")
+            raise UserError(f"{option} {item!r}: head {name!r} has no field {key!r}; valid keys: {', '.join(keys)}")
         try:
             out[key] = _parse(value.strip(), hints[key], key)
         except ValueError as e:
             kind = getattr(hints[key], "__name__", str(hints[key]))
-            raise UserError(f"--set {item!r}: {key} takes a {kind} value; valid keys: {', '.join(keys)}") from None
+            several = "; one value (`sweep --vary key=v1,v2` tries several)" if "," in value else ""
+            raise UserError(f"{option} {item!r}: {key} takes a {kind} value{several}; valid keys: {', '.join(keys)}") from None
     return out
 
 

@@ -76,9 +76,9 @@ CASES = [
     ("train-out-is-a-file", (*TRAIN, "--out", "{tmp}/a_file"), ["a_file is a file"]),
     ("train-corrupt-run-to-resume", (*TRAIN, "--out", "{corrupt}"), ["config.json is corrupt"]),
     ("train-bad-seeds", (*TRAIN[:-4], "--seeds", "a,b"), ["give seeds as 1,2,3"]),
+    ("train-seed-twice", (*TRAIN[:-4], "--seeds", "1,2,1"), ["--seeds", "seed 1 given twice"]),
+    ("train-bad-select", (*TRAIN, "--select", "f1"), ["--select"]),
     ("train-bad-patience", (*TRAIN, "--patience", "-1"), ["--patience"]),
-    ("replay-corrupt-run", ("replay", "{tmp}"), ["config.json is corrupt"]),
-    ("replay-bad-seed", ("replay", "{unfinished}", "--seed", "9"), ["no finished seed"]),
     ("train-bad-choice", (*TRAIN, "--cmf-scope", "global"), ["--cmf-scope"]),
     ("train-no-such-option", (*TRAIN, "--alpah", "1"), ["No such option: --alpah"]),
     # eval
@@ -86,6 +86,8 @@ CASES = [
     ("eval-corrupt-config", ("eval", "--run", "{corrupt}"), ["config.json is corrupt"]),
     ("eval-unfinished-run", ("eval", "--run", "{unfinished}"), ["seed-1.pt missing"]),
     ("eval-empty-cache", ("eval", "--run", "{run}", "--cache-dir", "{tmp}/empty_cache"), ["no cache"]),
+    # replay
+    ("replay-missing-folder", ("replay", "{tmp}/nope"), ["nope: no such file or folder"]),
     # report
     ("report-unfinished-run", ("report", "--run", "{unfinished}"), ["no seed-<s>.pt yet"]),
     ("report-corrupt-config", ("report", "--run", "{corrupt}"), ["config.json is corrupt"]),
@@ -112,11 +114,15 @@ CASES = [
     ("ablate-empty-cache", ("ablate", "-d", "mvsa_s", "--cache-dir", "{tmp}/empty_cache", "--rows", "one-step",
                             "--runs-dir", "{tmp}/grid0"), ["no caches in"]),
     ("ablate-bad-shard", ("ablate", *GRID, "--shard", "2/2"), ["--shard '2/2'"]),
+    ("ablate-bad-seeds", ("ablate", *GRID[:-4], "--seeds", "2,2"), ["seed 2 given twice"]),
+    ("ablate-bad-patience", ("ablate", *GRID, "--patience", "-1"), ["--patience"]),
     # sweep
-    ("sweep-unknown-field", ("sweep", *GRID, "--set", "alpah=0.5"), ["no field 'alpah'"]),
-    ("sweep-alpha-0", ("sweep", *GRID, "--set", "alpha=0,0.5"), ["alpha=0"]),
-    ("sweep-heads-0", ("sweep", *GRID, "--head", "hybrid_fusion", "--set", "heads=0,4"), ["heads=0"]),
-    ("sweep-no-values", ("sweep", *GRID, "--set", "alpha"), ["give key=v1,v2"]),
+    ("sweep-unknown-field", ("sweep", *GRID, "--vary", "alpah=0.5"), ["--vary 'alpah=0.5'", "no field 'alpah'"]),
+    ("sweep-alpha-0", ("sweep", *GRID, "--vary", "alpha=0,0.5"), ["alpha=0"]),
+    ("sweep-heads-0", ("sweep", *GRID, "--head", "hybrid_fusion", "--vary", "heads=0,4"), ["heads=0"]),
+    ("sweep-no-values", ("sweep", *GRID, "--vary", "alpha"), ["give key=v1,v2"]),
+    ("sweep-several-fixed", ("sweep", *GRID, "--vary", "alpha=0.5", "--set", "lambda_ce=1,2"), ["one value", "--vary"]),
+    ("sweep-unknown-fixed", ("sweep", *GRID, "--vary", "alpha=0.5", "--set", "alpah=0.5"), ["--set 'alpah=0.5'"]),
     # results
     ("results-nothing", ("results",), ["give run folders"]),
     ("results-missing-folder", ("results", "{tmp}/nope"), ["nope: no such file or folder"]),

@@ -193,7 +193,7 @@ def test_two_shards_make_the_same_table_as_one_process(synth_cache, cli, tmp_pat
 
 
 def test_sweep_writes_csv_and_plot(synth_cache, cli, tmp_path):
-    proc = cli.run("sweep", "--set", "alpha=0.5,0.9", *cli_args(synth_cache, tmp_path / "runs", "--out", tmp_path / "sw"))
+    proc = cli.run("sweep", "--vary", "alpha=0.5,0.9", *cli_args(synth_cache, tmp_path / "runs", "--out", tmp_path / "sw"))
     assert proc.returncode == 0, proc.stderr
     frame = pd.read_csv(tmp_path / "sw" / "sweep.csv")
     assert frame["cell"].tolist() == ["alpha=0.5", "alpha=0.9"]
@@ -206,7 +206,7 @@ def test_sweep_writes_csv_and_plot(synth_cache, cli, tmp_path):
     # the table on screen (and in sweep.md), titled with what the PNG's title names: data set, head, epochs
     assert f"spp_scl on {synth_cache.dataset}, 2 epochs" in proc.stdout and "| alpha=0.9 |" in proc.stdout
     assert "| alpha=0.5 |" in (tmp_path / "sw" / "sweep.md").read_text()
-    bad = cli.run("sweep", "--set", "alpah=0.5", *cli_args(synth_cache, tmp_path / "runs"))
+    bad = cli.run("sweep", "--vary", "alpah=0.5", *cli_args(synth_cache, tmp_path / "runs"))
     assert bad.returncode == 1 and "has no field 'alpah'" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -92,3 +92,19 @@ def test_train_robustness_scores_every_head_condition(synth_cache, tmp_path, run
         got = set(json.loads((out / "robustness.json").read_text())["summary"])
         both = {"drop_text", "drop_image"} if head != "text_only" else set()
         assert got == both | {"noise_0.5", "noise_1"}
+
+
+def test_a_grid_scores_every_cell_with_robustness(synth_cache, tmp_path, run_main):
+    import json
+
+    c = synth_cache
+    r = run_main("ablate", "--head", "clip_ca_cg", "--rows", "w/o CG", "--dataset", c.dataset, "--cache-dir", c.cache_dir,
+                 "--text-encoder", c.text_encoder, "--image-encoder", c.image_encoder, "--epochs", "1", "--seeds", "1,2",
+                 "--batch-size", "8", "--eval-orders", "1", "--robustness", "--runs-dir", tmp_path, "--jobs", "1",
+                 "--threads", "1")
+    assert r.code == 0, r.err
+    cells = [p.parent for p in tmp_path.glob("*/config.json")]
+    assert len(cells) == 2
+    for cell in cells:
+        assert set(json.loads((cell / "robustness.json").read_text())["summary"]) == {
+            "drop_text", "drop_image", "noise_0.5", "noise_1"}

@@ -12,13 +12,15 @@ import json
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Iterable
 
 import heads
+from core.cli_fields import build, option
 from core.errors import UserError
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE
 from heads.base import HeadConfig
-from train.defaults import DEFAULTS, FALLBACK
+from train.defaults import DEFAULTS, FALLBACK, default_help
 
 
 METRICS = ("accuracy", "weighted_f1", "macro_f1")
@@ -34,39 +36,76 @@ def family(dataset: str) -> str:
     return base if base in DEFAULTS else FALLBACK
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`--seeds 1,2,3` -> (1, 2, 3). A seed given twice is refused: it would count one run twice in the
+    mean and std, and in the paired tests."""
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{text!r}: give seeds as 1,2,3") from None
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"{text!r}: seed {', '.join(map(str, twice))} given twice; give each seed once")
+    return seeds
+
+
+def _absolute(text: str) -> Path:
+    """The folder as an absolute path: config.json (and a grid cell's name, hashed from it) then means
+    the same split files whatever folder a command ran in."""
+    return Path(text).resolve()
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "mvsa_s"
-    cache_dir: Path = DEFAULT_CACHE
-    text_encoder: str = TEXT_ENCODER
-    image_encoder: str = IMAGE_ENCODER
-    head: str = "spp_scl"
-    head_config: HeadConfig | None = None  # the head's own dataclass; None: its defaults
-    epochs: int = 150
-    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = 1e-6
-    lr_step: int | None = None
+    """What `train` (and every cell of `ablate` and `sweep`) trains; each `option(...)` field is
+    also a command-line option of those commands (core/cli_fields.py)."""
+
+    dataset: str = option("mvsa_s", "data set name in the cache (built-in or --name of a manifest)", short="-d")
+    cache_dir: Path = option(DEFAULT_CACHE, "where caches live")
+    text_encoder: str = option(TEXT_ENCODER, "which text cache to read")
+    image_encoder: str = option(IMAGE_ENCODER, "which image cache to read")
+    head: str = option("spp_scl", "registered head (see `pipeline.py heads`)")
+    head_config: HeadConfig | None = None  # the head's own dataclass (--set, a head's flags); None: its defaults
+    epochs: int = option(150, "epochs per seed (fewer with --patience)", min=1)
+    seeds: tuple[int, ...] = option((1, 2, 3, 4, 5), "comma-separated, each once; results are mean/std over them "
+                                    "(a grid trains the same seeds in every cell: the paired test needs them)",
+                                    parse=parse_seeds)
+    batch_size: int | None = option(None, default_help("batch_size"), min=2)
+    lr: float | None = option(None, default_help("lr"))
+    weight_decay: float = option(1e-6, "AdamW weight decay")
+    lr_step: int | None = option(None, f"StepLR step {default_help('lr_step')}", min=1)
     lr_gamma: float = 0.5
-    balanced: bool = False  # cross-entropy weighted by inverse class frequency (not in the paper)
-    text_views: bool = False  # train on the cached dropout views of the texts (extract --text-views K)
-    select: str | None = None  # metric on dev that picks the epoch
-    # stop a seed once dev `select` has not improved for this many epochs (0 or None: never). 10 by
-    # default: on 20 full-length seeds it moved no test figure beyond noise and saved 71% of the
+    balanced: bool = option(False, "weight cross-entropy by inverse class frequency (not in the paper)")
+    text_views: bool = option(False, "train on the cached dropout views of the texts (extract --text-views K)")
+    select: str | None = option(None, f"dev metric that picks the epoch {default_help('select')}", choices=METRICS)
+    # 0 (None once resolved): never. 10 by default: on 20 full-length seeds it moved no test figure beyond noise and saved 71% of the
     # epochs (README, "Early stopping"); every evidence run in results/ uses it
-    patience: int | None = 10
+    patience: int | None = option(10, "stop a seed once dev has not improved for P epochs; 0: train every epoch",
+                                  min=0)
     # label-blind scoring: dev and test are scored in seeded random orders, never in the stored
     # (label-sorted) order; test is the mean over `eval_orders` of them (see trainer.eval_orders)
-    eval_orders: int = 5
+    eval_orders: int = option(5, "test is the mean over this many seeded random orders (label-blind)", min=1)
     eval_seed: int = 0
     eval_batch_size: int | None = None  # [default: batch_size]
-    official: bool = False  # the authors' training step; see OFFICIAL and the head config's OFFICIAL
-    # also score test in file order after every epoch (protocol.csv): what the authors' protocol
-    # would have reported; never read by the epoch selection or --patience
-    protocol_check: bool = False
-    out: Path | None = None
-    splits: Path | None = None  # folder of {train,dev,test}.txt id lists (audit --write-clean); None: the cache's splits
+    # see OFFICIAL and the head config's OFFICIAL
+    official: bool = option(False, "the authors' training step exactly (SPEC.md; listed in config.json)")
+    # never read by the epoch selection or --patience
+    protocol_check: bool = option(False, "also score test in file order after every epoch (protocol.csv): "
+                                  "what the authors' protocol would report; never selects")
+    out: Path | None = option(None, "run folder [default: runs/<dataset>-<head>-<time>]")
+    splits: Path | None = option(None, "folder of split files {train,dev,test}.txt (ids) from `audit --write-clean` "
+                                 "[default: the cache's splits]",
+                                 parse=_absolute)
+
+    @classmethod
+    def from_cli(cls, values: dict, sets: Iterable[str] = ()) -> "TrainConfig":
+        """The config a command's options give: its fields, a head's shorthand flags (`heads.flags()`)
+        and `--set key=value` (which wins over a flag)."""
+        head = values.get("head") or cls.head
+        flags = {f.name for f in heads.flags()}
+        chosen = {**heads.flag_values(head, {k: v for k, v in values.items() if k in flags}),
+                  **heads.parse_sets(head, sets)}
+        return build(cls, values, head_config=heads.build_config(head, chosen))
 
     def resolved(self) -> "TrainConfig":
         d = DEFAULTS[family(self.dataset)]

@@ -22,7 +22,7 @@ from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
 from train.run_folder import (LogCsv, ProtocolCsv, default_out, epochs_done, evidence_twins, finished_seeds, load_head,
-                              open_run, save_atomic,
+                              open_run, read_robustness, save_atomic,
                               save_seed, state_path, unfinished_seeds, write_config)
 from train.progress import EpochClock, EtaColumn
 from train.trainer import SeedResult, build_head, eval_orders, saved_logs, score_split, train_seed
@@ -85,12 +85,18 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
 
         result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
     if robust:
-        reads = cfg.head_config.reads()
-        conds = robustness.conditions(reads, ROBUSTNESS["drop"], ROBUSTNESS["noise"])
-        robustness.evaluate_run(result.out, cfg, data, conds, device())
+        score_default_robustness(result.out, cfg, data)
     for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
         console.print(line, highlight=False, soft_wrap=True)
     return result.out
+
+
+def score_default_robustness(out: Path, cfg: TrainConfig, data: cache.Data) -> None:
+    """`--robustness`: every seed's selected weights without each modality and with noise
+    (ROBUSTNESS), unless robustness.json has those conditions already (a resumed grid)."""
+    conds = robustness.conditions(cfg.head_config.reads(), ROBUSTNESS["drop"], ROBUSTNESS["noise"])
+    if set(conds) - set(read_robustness(out).get("summary", {})):
+        robustness.evaluate_run(out, cfg, data, conds, device())
 
 
 def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,

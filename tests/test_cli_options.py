@@ -1,0 +1,134 @@
+"""core/cli_fields.py and the commands built with it: every option of `extract`, `train`, `audit`,
+`ablate` and `sweep` that sets a config field is read from the field (ARCHITECTURE.md rule 4), so its
+default and help are the field's and pipeline.py repeats none; a grid takes every `train` option."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import typer
+
+import pipeline
+from core import cli_fields
+from extract.audit import AuditConfig
+from extract.extractor import ExtractConfig
+from train.config import TrainConfig
+
+CONFIGS = {"extract": ExtractConfig, "audit": AuditConfig, "train": TrainConfig, "ablate": TrainConfig,
+           "sweep": TrainConfig}
+GRID_OWN = {"out"}  # a grid's --out is where its table goes; each cell's run folder is named from its hash
+
+
+def command(name: str):
+    return typer.main.get_command(pipeline.app).commands[name]
+
+
+def options(name: str) -> dict:
+    cmd = command(name)
+    with typer.Context(cmd) as ctx:
+        return {p.name: p for p in cmd.get_params(ctx)}
+
+
+def cli_fields_of(config: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config) if "help" in f.metadata]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_each_field_option_is_the_fields_own(name):
+    """Default and help of each generated option are the dataclass field's, never a copy."""
+    config, params = CONFIGS[name], options(name)
+    for f in cli_fields_of(config):
+        if name in ("ablate", "sweep") and f.name in GRID_OWN:
+            assert params[f.name].help != f.metadata["help"]  # the grid's own --out
+            continue
+        p = params[f.name]
+        assert p.help == f.metadata["help"], f.name
+        assert cli_fields.flag_name(f.name) in p.opts, f.name
+        assert p.default == cli_fields.cli_default(f), f.name
+        if "parse" in f.metadata and p.default is not None:  # typed as text, parsed to the field's value
+            assert f.metadata["parse"](p.default) == f.default, f.name
+
+
+def test_fields_without_help_are_not_options():
+    params = options("train")
+    assert {"head_config", "lr_gamma", "eval_seed", "eval_batch_size"}.isdisjoint(params)
+    assert "block" not in options("audit")
+
+
+def test_per_data_set_defaults_say_so():
+    from train.defaults import default_help
+
+    params = options("train")
+    assert params["batch_size"].default is None and params["batch_size"].help == default_help("batch_size")
+    assert params["select"].default is None and default_help("select") in params["select"].help
+
+
+@pytest.mark.parametrize("grid", ["ablate", "sweep"])
+def test_a_grid_takes_every_train_option(grid, run_main):
+    train, own = options("train"), options(grid)
+    assert set(train) - {"jobs", "threads"} <= set(own)
+    shown = run_main(grid, "--help").out
+    for flag in ("--official", "--splits", "--select", "--weight-decay", "--protocol-check", "--alpha", "--set"):
+        assert flag in shown, flag
+
+
+def test_sweep_varies_with_vary_and_fixes_with_set(run_main):
+    shown = run_main("sweep", "--help").out
+    assert "--vary" in shown and "--fix" not in shown
+
+
+def parsed(name: str, *args: str) -> dict:
+    """The values a command's generated options parse `args` to, as the command function sees them."""
+    cmd = command(name)
+    ctx = cmd.make_context(name, list(args))
+    before, after = cmd._made()
+    return {p.name: ctx.params[p.name] for p in (*before, *after)}
+
+
+def test_a_grid_config_gets_what_train_only_had(tmp_path):
+    values = parsed("ablate", "--weight-decay", "0.01", "--official", "--protocol-check", "--select", "macro_f1",
+                    "--splits", str(tmp_path), "--seeds", "3,1", "--patience", "0", "--alpha", "0.5")
+    cfg = TrainConfig.from_cli(values, ["cmf_scope=sample"])
+    assert (cfg.weight_decay, cfg.official, cfg.protocol_check, cfg.select) == (0.01, True, True, "macro_f1")
+    assert cfg.splits == tmp_path.resolve() and cfg.seeds == (3, 1) and cfg.patience == 0
+    assert (cfg.head_config.alpha, cfg.head_config.cmf_scope) == (0.5, "sample")
+
+
+def test_defaults_build_the_dataclass_defaults():
+    import heads
+
+    assert TrainConfig.from_cli(parsed("train")) == TrainConfig(head_config=heads.build_config("spp_scl"))
+    assert cli_fields.build(ExtractConfig, parsed("extract")) == ExtractConfig()
+    assert cli_fields.build(AuditConfig, parsed("audit")) == AuditConfig()
+
+
+def test_types_reach_the_config(tmp_path):
+    values = parsed("extract", "--classes", "pos, neg", "--cache-dir", str(tmp_path), "--data-root", str(tmp_path))
+    cfg = cli_fields.build(ExtractConfig, values)
+    assert cfg.classes == ("pos", "neg") and cfg.cache_dir == tmp_path and cfg.data_root == tmp_path
+    assert isinstance(parsed("train", "--out", "x")["out"], Path)
+
+
+@pytest.mark.parametrize("args, fragment", [(("--seeds", "1,1"), "seed 1 given twice"),
+                                             (("--seeds", "1,x"), "give seeds as 1,2,3"),
+                                             (("--patience", "-1"), "--patience"),
+                                             (("--select", "f1"), "--select")])
+def test_bad_values_are_click_errors(args, fragment):
+    with pytest.raises(typer.BadParameter) as e:
+        parsed("train", *args)
+    assert fragment in e.value.format_message()
+
+
+def test_an_option_declared_twice_is_a_coding_bug():
+    """E.g. a head that declares a shorthand flag a command has already."""
+    app = typer.Typer()
+
+    @app.command(cls=cli_fields.fields_command(lambda: cli_fields.params(AuditConfig),
+                                               lambda: cli_fields.params(AuditConfig, skip=("out",))))
+    def audit(ctx: typer.Context): ...
+
+    cmd = typer.main.get_command(app)
+    with typer.Context(cmd) as ctx, pytest.raises(ValueError, match="twice: cache_dir, data_root, dataset"):
+        cmd.get_params(ctx)
