@@ -10,7 +10,7 @@ What it shows and why:
   tsne.png        t-SNE of the image, text and fused embeddings of test, coloured by label;
   confusion.png   the confusion matrix of each seed on test, per-class F1 in report.md.
 Embeddings come from the first seed's head and are computed label-blind: test is fed in the
-first seeded random order of `trainer.eval_orders` (a batch-scope head attends over its batch
+first seeded random order of `scoring.eval_orders` (a batch-scope head attends over its batch
 mates, so the stored label-sorted order would show a geometry the scores never see).
 """
 
@@ -33,7 +33,7 @@ from core.device import device  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from train.data import Split  # noqa: E402
 from train.run_folder import load_head, open_run  # noqa: E402
-from train.trainer import eval_orders, forward, predict  # noqa: E402
+from train.scoring import eval_orders, forward, predict  # noqa: E402
 
 KINDS = ("image", "text", "fused")
 

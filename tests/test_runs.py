@@ -24,7 +24,7 @@ from core import store
 from core.device import device
 from core.errors import Interrupted, UserError
 from train import data as cache
-from train import run_folder, runs, trainer
+from train import run_folder, runs, scoring, trainer
 from train.config import METRICS, TrainConfig
 from train.metrics import scores
 
@@ -169,10 +169,10 @@ def test_checkpoint_round_trip_gives_the_same_predictions(trained):
         assert all(torch.equal(saved[k], r.state[k]) for k in saved)
         head, cfg = fresh_head(run, r.seed)
         test = cache.load_data(cfg).splits["test"]
-        orders = trainer.eval_orders(len(test), cfg)
-        pred = trainer.predict(head, test, cfg.eval_batch_size, device(), orders[0])
+        orders = scoring.eval_orders(len(test), cfg)
+        pred = scoring.predict(head, test, cfg.eval_batch_size, device(), orders[0])
         assert pred.tolist() == r.test_pred
-        assert trainer.score_split(head, test, cfg, 3, device(), orders)[0] == r.test
+        assert scoring.score_split(head, test, cfg, 3, device(), orders)[0] == r.test
 
 
 def test_report_has_each_seed_and_a_line_per_class(trained):

@@ -57,7 +57,7 @@ class TrainConfig:
     # epochs (README, "Early stopping"); every evidence run in results/ uses it
     patience: int | None = 10
     # label-blind scoring: dev and test are scored in seeded random orders, never in the stored
-    # (label-sorted) order; test is the mean over `eval_orders` of them (see trainer.eval_orders)
+    # (label-sorted) order; test is the mean over `eval_orders` of them (see scoring.eval_orders)
     eval_orders: int = 5
     eval_seed: int = 0
     eval_batch_size: int | None = None  # [default: batch_size]

@@ -24,7 +24,8 @@ from train.run_folder import (LogCsv, ProtocolCsv, default_out, epochs_done, evi
                               open_run, save_atomic,
                               save_seed, state_path, unfinished_seeds, write_config)
 from train.progress import EpochClock, EtaColumn
-from train.trainer import SeedResult, build_head, eval_orders, saved_logs, score_split, train_seed
+from train.scoring import eval_orders, score_split
+from train.trainer import SeedResult, build_head, saved_logs, train_seed
 
 
 @dataclass
@@ -242,7 +243,7 @@ def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
 
 
 def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
-    """`--protocol-check` over seeds (mean and sample std of each seed's `trainer.protocol_check`):
+    """`--protocol-check` over seeds (mean and sample std of each seed's `scoring.protocol_check`):
     what the authors' protocol (test in file order after every epoch, the best or the last epoch
     reported) would have said, beside the run's label-blind dev-selected `test`. Nothing is
     selected on it; `inflation` is how far the best epoch's file-order accuracy overstates `test`."""
