@@ -188,6 +188,7 @@ def train(
     _threads.use(threads, jobs)
     import heads
     from train.config import TrainConfig
+    from train.run_folder import RunFolder
     from train.runs import train as run_train
 
     values = {**heads.flag_values(head, ctx.meta["head_flags"]), **heads.parse_sets(head, set_)}
@@ -200,7 +201,7 @@ def train(
         splits=splits.resolve() if splits else None, patience=patience,
     )
     run = run_train(cfg, console, jobs=jobs, threads=threads)
-    _show(json.loads((run / "metrics.json").read_text()), f"{run}")
+    _show(RunFolder(run).metrics(), f"{run}")
 
 
 GRID_DATASET = typer.Option("mvsa_s", "--dataset", "-d", help="data set name in the cache")

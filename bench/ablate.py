@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
 
 def main() -> None:
@@ -49,8 +52,7 @@ def main() -> None:
         if row["run"] in cells:
             continue
         cells.add(row["run"])
-        with open(ROOT / row["run"] / "log.csv") as f:
-            epochs += sum(1 for _ in csv.DictReader(f))
+        epochs += len(RunFolder(ROOT / row["run"]).log_rows())
     per_epoch = json.loads((OUT / "train.json").read_text())["encoders_in_loop"]["paper"]["seconds_per_epoch"]
     result = {
         "command": " ".join(cmd[1:]), "head": a.head, "rows": [r["row"] for r in table], "cells_trained": len(cells),

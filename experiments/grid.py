@@ -15,7 +15,6 @@ the test is weak, and the table says so rather than reading tea leaves.
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 from concurrent.futures import as_completed
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from core.paths import DEFAULT_RUNS, make_dir
 from core.shards import parse_shard
 from train import data as cache
 from train import run_folder, runs
+from train.run_folder import RunFolder
 from train.config import METRICS, TrainConfig, family
 from train.progress import EpochClock, EtaColumn
 
@@ -44,6 +44,11 @@ class Cell:
     name: str  # row label, or "alpha=0.5" in a sweep
     cfg: TrainConfig  # resolved, `out` set from its hash
     values: dict  # what the row changes (for sweeps: field -> value)
+
+    @property
+    def folder(self) -> RunFolder:
+        """The cell's run folder (named from its config's hash), read through `RunFolder` alone."""
+        return RunFolder(self.cfg.out)
 
 
 def cell(name: str, base: TrainConfig, head: str, values: dict, runs_dir: Path) -> Cell:
@@ -105,12 +110,12 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     unique = [c for c in mine if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
     # a cell, finished or not, is only ever reused by the code and settings that trained it: a table
     # never mixes code versions silently (found now, not after the other cells have trained for an hour)
-    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := run_folder.mismatch(c.cfg.out, c.cfg))]
+    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := c.folder.mismatch(c.cfg))]
     if stale:
         raise UserError("cells were trained or started by other code or settings and cannot be reused: "
                         + ", ".join(stale) + ". Delete those folders to retrain them, or check out the "
                         "commit that trained them")
-    todo = [c for c in unique if not (c.cfg.out / "metrics.json").is_file()]
+    todo = [c for c in unique if not c.folder.is_finished()]
     same = len(mine) - len(unique)
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
                   + (f" (shard {i}/{n})" if n > 1 else "") + (f", {same} the same run as another row" if same else "")
@@ -135,7 +140,7 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
 
 def _epochs(cells: list[Cell]) -> tuple[int, int]:
     """(epochs trained, epochs --patience skipped) over the cells' run folders."""
-    counts = [run_folder.epochs_done(c.cfg.out, c.cfg) for c in cells]
+    counts = [c.folder.epochs_done(c.cfg) for c in cells]
     return sum(d for d, _ in counts), sum(s for _, s in counts)
 
 
@@ -176,12 +181,12 @@ def _train_cell(cfg: TrainConfig) -> str:
 
 def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> dict | None:
     """table.csv + table.md from the cells' run folders; None (nothing written) until all are done."""
-    if not all((c.cfg.out / "metrics.json").is_file() for c in cells):
+    if not all(c.folder.is_finished() for c in cells):
         return None
     import pandas as pd
     from scipy.stats import ttest_rel
 
-    metrics = {c.name: json.loads((c.cfg.out / "metrics.json").read_text()) for c in cells}
+    metrics = {c.name: c.folder.metrics() for c in cells}
     paper = heads.config_class(head).PAPER.get(family(dataset), {})
     ref = metrics[cells[0].name]
 
@@ -247,7 +252,7 @@ def _weak_test(n_seeds: int) -> str:
 
 def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
     """A PNG per sweep: each metric against the swept value(s), error bars = sample std over seeds."""
-    if not all((c.cfg.out / "metrics.json").is_file() for c in cells):
+    if not all(c.folder.is_finished() for c in cells):
         return None
     import matplotlib
 
@@ -257,7 +262,7 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
 
     rows = []
     for c in cells:
-        m = json.loads((c.cfg.out / "metrics.json").read_text())
+        m = c.folder.metrics()
         rows.append({"cell": c.name, **{f"{k}_mean": m["test"][k]["mean"] for k in METRICS},
                      **{f"{k}_std": m["test"][k]["std"] for k in METRICS},
                      **{f"dev_{k}_mean": m["dev"][k]["mean"] for k in METRICS},  # choose on these, never on test
@@ -305,6 +310,6 @@ def grid_out(kind: str, base: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Pat
 
 
 def wait_note(cells: list[Cell]) -> str:
-    missing = [c.name for c in cells if not (c.cfg.out / "metrics.json").is_file()]
+    missing = [c.name for c in cells if not c.folder.is_finished()]
     return f"{len(missing)} cell(s) not finished yet ({', '.join(missing[:4])}...): the table is written by the process that finds them all"
 

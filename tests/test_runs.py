@@ -410,7 +410,7 @@ def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trai
         runs.train_run(same, cache.load_data(same.resolved()), ctrl_c)
     assert (again / "seed-2.state.pt").is_file() and not (again / "seed-1.state.pt").exists()
     assert [(r["seed"], r["epoch"]) for r in read_log(again)[1]] == [("1", "1"), ("1", "2"), ("2", "1")]
-    assert run_folder.epochs_done(again, same.resolved()) == (3, 0)
+    assert run_folder.RunFolder(again).epochs_done(same.resolved()) == (3, 0)
     console, epochs = quiet_console(), []
 
     def count(*a, on_epoch, **kw):
@@ -427,7 +427,7 @@ def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trai
     assert (header, [{**r, "seconds": ""} for r in rows]) == \
         (read_log(run)[0], [{**r, "seconds": ""} for r in read_log(run)[1]])
     assert not (again / "seed-2.state.pt").exists()
-    assert run_folder.epochs_done(again, same.resolved()) == (4, 0)
+    assert run_folder.RunFolder(again).epochs_done(same.resolved()) == (4, 0)
 
 
 def test_the_saved_state_rewrites_the_log_rows_of_its_seed(trained, tmp_path):
