@@ -38,6 +38,7 @@ import pickle
 import socket
 import subprocess
 import time
+import zipfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -335,6 +336,9 @@ class RunFolder:
     def _load(self, path: Path):
         """torch.load of plain tensors and numbers only (weights_only); anything else is refused in
         one line naming the file: a file that needs more than that to load is not one we wrote."""
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own error would say otherwise
+            raise UserError(f"{path} is corrupt (not a checkpoint torch.save wrote): replace it with the run's own, or "
+                            "train again")
         try:
             return torch.load(path, map_location=device(), weights_only=True)
         except pickle.UnpicklingError:
