@@ -22,6 +22,8 @@ the last): those epochs are not retrained. Their rows are what `--epochs K` cann
 A complete replay of any seed is written to the run's `replay.json` and vouches for the current
 code: `results`, resume and the grids then accept the run although its recorded fingerprint is
 another. `--epochs K` is a quicker partial check, recorded as partial; it vouches for nothing.
+A replay writes the run folder, so it holds the folder's writer lock (`RunFolder.writer`) while it
+runs: never beside a `train` of the same folder, nor beside another replay of it.
 """
 
 from __future__ import annotations
