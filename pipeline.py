@@ -97,13 +97,14 @@ def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = Jo
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
     from train.config import TrainConfig
+    from train.run_folder import RunFolder
     from train.runs import train as run_train
 
     cfg = TrainConfig.from_cli(ctx.meta["fields"], set_)
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
     run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust)
-    _show(json.loads((run / "metrics.json").read_text()), f"{run}")
+    _show(RunFolder(run).metrics(), f"{run}")
 
 
 def _grid(ctx: typer.Context, set_: list[str], jobs: Optional[int], threads: Optional[int]):

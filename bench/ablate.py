@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
 
 def main() -> None:
@@ -49,8 +52,7 @@ def main() -> None:
         if row["folder"] in cells:
             continue
         cells.add(row["folder"])
-        with open(ROOT / row["folder"] / "log.csv") as f:
-            epochs += sum(1 for _ in csv.DictReader(f))
+        epochs += len(RunFolder(ROOT / row["folder"]).log_rows())
     per_epoch = json.loads((OUT / "train.json").read_text())["encoders_in_loop"]["paper"]["seconds_per_epoch"]
     result = {
         "command": " ".join(cmd[1:]), "head": a.head, "rows": [r["run"] for r in table], "cells_trained": len(cells),

@@ -22,7 +22,6 @@ new default trains two seeds at once (`--seeds 1,2`). Run it on an otherwise idl
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import shutil
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import save  # noqa: E402
 from core import threads  # noqa: E402
+from train.run_folder import RunFolder  # noqa: E402
 
 # name -> (environment, the seeds its `train` command trains)
 POLICIES = {"old (torch defaults, one process)": ({threads.LEGACY_ENV: "legacy"}, "1"),
@@ -54,9 +54,8 @@ def env_for(policy: dict) -> dict:
 def seconds_per_epoch(run: Path) -> tuple[float, dict]:
     """Wall seconds per epoch trained (epochs after each seed's first), and each seed's epoch times."""
     per_seed: dict[str, list[float]] = {}
-    with open(run / "log.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            per_seed.setdefault(r["seed"], []).append(float(r["seconds"]))
+    for r in RunFolder(run).log_rows():
+        per_seed.setdefault(r["seed"], []).append(float(r["seconds"]))
     later = {s: v[1:] or v for s, v in per_seed.items()}
     return max(sum(v) for v in later.values()) / sum(len(v) for v in later.values()), per_seed
 

@@ -12,11 +12,15 @@ then. Reports, per P, how often the selected epoch moves, and the epochs saved.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "bench" / "results"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
 
 def replay(dev: list[float], patience: int | None) -> tuple[int, int]:
@@ -37,9 +41,9 @@ def main() -> None:
     a = ap.parse_args()
     seeds = []
     for run in a.runs:
-        select = json.loads((run / "config.json").read_text())["train"]["select"]
-        with open(run / "log.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        folder = RunFolder(run)
+        select = folder.config()["train"]["select"]
+        rows = folder.log_rows()
         for s in sorted({int(r["seed"]) for r in rows}):
             seeds.append((str(run), s, [float(r[f"dev_{select}"]) for r in rows if int(r["seed"]) == s]))
     result = {"runs": [str(r) for r in a.runs], "seeds": len(seeds), "per_patience": {}}

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from core import store  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_data  # noqa: E402
+from train.run_folder import RunFolder  # noqa: E402
 from train.trainer import train_seed  # noqa: E402
 
 TRAIN_ITEMS = 3611
@@ -151,7 +152,7 @@ def full_run(cache_dir: Path, epochs: int) -> dict:
                     str(cache_dir), "--epochs", str(epochs), "--seeds", "1", "--out", str(out / "run")],
                    check=True, capture_output=True, cwd=ROOT)
     wall = time.perf_counter() - t0
-    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    metrics = RunFolder(out / "run").metrics()
     return {"epochs": epochs, "seeds": 1, "wall_seconds": wall, "test": {k: v["mean"] for k, v in metrics["test"].items()}}
 
 

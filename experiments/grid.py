@@ -16,7 +16,6 @@ than reading tea leaves. A sweep shows no comparison: it is chosen on dev, not t
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 from concurrent.futures import as_completed
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from experiments import results
 from train import data as cache
 from train import run_folder, runs
 from train.config import METRICS, TrainConfig
+from train.run_folder import RunFolder
 from train.progress import EpochClock, EtaColumn
 
 
@@ -44,6 +44,11 @@ class Cell:
     name: str  # row label, or "alpha=0.5" in a sweep
     cfg: TrainConfig  # resolved, `out` set from its hash
     values: dict  # what the row changes (for sweeps: field -> value)
+
+    @property
+    def folder(self) -> RunFolder:
+        """The cell's run folder (named from its config's hash), read through `RunFolder` alone."""
+        return RunFolder(self.cfg.out)
 
 
 def cell(name: str, base: TrainConfig, head: str, values: dict, runs_dir: Path) -> Cell:
@@ -106,12 +111,12 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     unique = [c for c in mine if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
     # a cell, finished or not, is only ever reused by the code and settings that trained it: a table
     # never mixes code versions silently (found now, not after the other cells have trained for an hour)
-    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := run_folder.mismatch(c.cfg.out, c.cfg))]
+    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := c.folder.mismatch(c.cfg))]
     if stale:
         raise UserError("cells were trained or started by other code or settings and cannot be reused: "
                         + ", ".join(stale) + ". Delete those folders to retrain them, or check out the "
                         "commit that trained them")
-    todo = [c for c in unique if not (c.cfg.out / "metrics.json").is_file()]
+    todo = [c for c in unique if not c.folder.is_finished()]
     same = len(mine) - len(unique)
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
                   + (f" (shard {i}/{n})" if n > 1 else "") + (f", {same} the same run as another row" if same else "")
@@ -133,14 +138,14 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
                         progress.update(task, last=futures[f].name)
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
-            if c not in todo and (c.cfg.out / "metrics.json").is_file():
+            if c not in todo and c.folder.is_finished():
                 _train_cell(c.cfg, robust)
     return mine
 
 
 def _epochs(cells: list[Cell]) -> tuple[int, int]:
     """(epochs trained, epochs --patience skipped) over the cells' run folders."""
-    counts = [run_folder.epochs_done(c.cfg.out, c.cfg) for c in cells]
+    counts = [c.folder.epochs_done(c.cfg) for c in cells]
     return sum(d for d, _ in counts), sum(s for _, s in counts)
 
 
@@ -187,7 +192,7 @@ def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> results.T
     """table.csv + table.md: `results`' table of the cells (rows named by the ablation row, against the
     full model, the paper's numbers beside them), so `ablate` and `results` print one set of statistics.
     None (nothing written) until every cell is done."""
-    if not all((c.cfg.out / "metrics.json").is_file() for c in cells):
+    if not all(c.folder.is_finished() for c in cells):
         return None
     rows = []
     for c in cells:
@@ -209,7 +214,7 @@ def _title(cells: list[Cell], dataset: str) -> str:
 
 def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
     """A PNG per sweep: each metric against the swept value(s), error bars = sample std over seeds."""
-    if not all((c.cfg.out / "metrics.json").is_file() for c in cells):
+    if not all(c.folder.is_finished() for c in cells):
         return None
     import matplotlib
 
@@ -219,7 +224,7 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
 
     rows = []
     for c in cells:
-        m = json.loads((c.cfg.out / "metrics.json").read_text())
+        m = c.folder.metrics()
         rows.append({"cell": c.name, **{f"{k}_mean": m["test"][k]["mean"] for k in METRICS},
                      **{f"{k}_std": m["test"][k]["std"] for k in METRICS},
                      **{f"dev_{k}_mean": m["dev"][k]["mean"] for k in METRICS},  # choose on these, never on test
@@ -267,6 +272,6 @@ def grid_out(kind: str, base: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Pat
 
 
 def wait_note(cells: list[Cell]) -> str:
-    missing = [c.name for c in cells if not (c.cfg.out / "metrics.json").is_file()]
+    missing = [c.name for c in cells if not c.folder.is_finished()]
     return f"{len(missing)} cell(s) not finished yet ({', '.join(missing[:4])}...): the table is written by the process that finds them all"
 

@@ -82,15 +82,17 @@ class Row:
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
     """Run folders from folders, parents of run folders (sorted by name) or glob patterns, in the order given."""
+    from train.run_folder import RunFolder
+
     found: list[Path] = []
     for item in paths:
         matches = sorted(glob.glob(str(item))) if glob.has_magic(str(item)) else [str(item)]
         if not matches or not all(Path(m).exists() for m in matches):
             raise UserError(f"{item}: no such file or folder")
         for m in map(Path, matches):
-            if (m / "config.json").is_file():
+            if RunFolder(m).is_run():
                 found.append(m)
-            elif m.is_dir() and (kids := sorted(p.parent for p in m.glob("*/config.json"))):
+            elif m.is_dir() and (kids := [f.path for f in RunFolder.under(m)]):
                 found.extend(kids)
             else:
                 raise UserError(f"{m} is neither a run folder (config.json) nor a folder of run folders")
@@ -98,19 +100,18 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_row(folder: Path) -> Row:
+    """A finished run as a row, read only when its files agree (metrics.json with each seed-<s>.json,
+    each seed file with log.csv: `RunFolder.check_evidence`): a table never shows a hand-edited number."""
     from train import fingerprint
-    from train.run_folder import read_config, vouched
+    from train.run_folder import RunFolder
 
-    config = read_config(folder)
+    run = RunFolder(folder)
+    config = dict(run.config())
     # the code identity is what the run computes: the current code's once a replay says so
-    config["code_identity"] = ("current code" if vouched(folder, config) else
+    config["code_identity"] = ("current code" if run.vouched() else
                                f"{config.get('code_fingerprint', 'unrecorded')} (not replayed with {fingerprint.code_fingerprint()})")
-    try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder} is not finished (no metrics.json): finish it with the command that started it") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{folder}/metrics.json is corrupt ({e.msg}, line {e.lineno}): restore it or train again") from None
+    metrics = run.metrics()
+    run.check_evidence(metrics)
     return Row(folder.name, folder, config, metrics)
 
 

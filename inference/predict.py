@@ -34,7 +34,7 @@ from core.device import device
 from core.errors import UserError
 from heads.base import Batch, Dims
 from train.data import CacheProvenance, Split
-from train.run_folder import load_head, open_run, read_run
+from train.run_folder import RunFolder
 
 
 @dataclass
@@ -94,7 +94,8 @@ class Predictor:
     """A run's heads and its encoders, ready to score new items one at a time."""
 
     def __init__(self, run: Path, seed: int | None = None, cache_dir: Path | None = None):
-        saved, cfg = read_run(run)
+        self.folder = RunFolder(run)
+        saved, cfg = self.folder.read_run()
         self.run = Path(run)
         self.cfg = cfg.resolved()
         if cache_dir is not None:
@@ -106,7 +107,7 @@ class Predictor:
         if seed is not None and seed not in self.cfg.seeds:
             raise UserError(f"--seed {seed}: run {run} has seeds {', '.join(map(str, self.cfg.seeds))}")
         dims = Dims(**saved["dims"])
-        self.heads = [load_head(self.run, self.cfg, dims, s) for s in seeds]
+        self.heads = [self.folder.load_head(self.cfg, dims, s) for s in seeds]
         self.context = self._context() if any(h.batch_dependent for h in self.heads) else None
         self._encoders: dict = {}  # loaded on first use, after the request's items are checked
 
@@ -148,7 +149,7 @@ class Predictor:
 
     def _context(self) -> Batch:
         """The fixed batch mates of a batch-scope head: eval_batch_size - 1 train items drawn with eval_seed."""
-        _, _, data = open_run(self.run, self.cfg.cache_dir)  # refused if the cache was rebuilt since
+        _, _, data = self.folder.open(self.cfg.cache_dir)  # refused if the cache was rebuilt since
         train = data.splits["train"]
         k = min(self.cfg.eval_batch_size - 1, len(train))
         g = torch.Generator().manual_seed(self.cfg.eval_seed)

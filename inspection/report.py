@@ -10,7 +10,7 @@ What it shows and why:
   tsne.png        t-SNE of the image, text and fused embeddings of test, coloured by label;
   confusion.png   the confusion matrix of each seed on test, per-class F1 in report.md.
 Embeddings come from the first seed's head and are computed label-blind: test is fed in the
-first seeded random order of `trainer.eval_orders` (a batch-scope head attends over its batch
+first seeded random order of `scoring.eval_orders` (a batch-scope head attends over its batch
 mates, so the stored label-sorted order would show a geometry the scores never see).
 """
 
@@ -32,8 +32,8 @@ from sklearn.metrics.pairwise import cosine_distances  # noqa: E402
 from core.device import device  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from train.data import Split  # noqa: E402
-from train.run_folder import load_head, open_run  # noqa: E402
-from train.trainer import eval_orders, forward, predict  # noqa: E402
+from train.run_folder import RunFolder, write_atomic  # noqa: E402
+from train.scoring import eval_orders, forward, predict  # noqa: E402
 
 KINDS = ("image", "text", "fused")
 
@@ -129,13 +129,13 @@ def _luminance(rgba) -> float:
 def write_report(run: Path, cache_dir: Path | None = None) -> Path:
     """Write `report.md` and its PNGs into run folder `run`; return the path of report.md."""
     run = Path(run)
-    saved, cfg, data = open_run(run, cache_dir)
+    folder = RunFolder(run)
+    saved, cfg, data = folder.open(cache_dir)
     # an interrupted or still-running train: report the seeds that have weights, and say so
-    seeds = [s for s in cfg.seeds if (run / f"seed-{s}.pt").is_file()]
+    seeds = [s for s in cfg.seeds if folder.has_weights(s)]
     if not seeds:
         raise UserError(f"{run} has no seed-<s>.pt yet: wait for train to finish a seed, or train again")
-    if not (run / "log.csv").is_file():
-        raise UserError(f"{run}/log.csv missing: the run did not finish an epoch; train it again")
+    log = folder.log_frame()
     test, classes = data.splits["test"], data.classes
     y = test.labels.numpy()
     order = eval_orders(len(test), cfg, 1)[0]
@@ -144,7 +144,6 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
           f"Test is fed label-blind, in the first seeded random order (eval_seed {cfg.eval_seed}), "
           f"batches of {cfg.eval_batch_size}.", ""]
 
-    log = pd.read_csv(run / "log.csv")
     cols = plot_losses(log, run / "losses.png")
     last = log.sort_values(["seed", "epoch"]).groupby("seed").tail(1).set_index("seed")[cols]
     md += ["## Loss terms and step-two firing rate per epoch", "", "![losses](losses.png)", "",
@@ -154,7 +153,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
         md += [f"Seeds without weights yet (train interrupted or still running), left out below: "
                f"{', '.join(str(s) for s in cfg.seeds if s not in seeds)}.", ""]
     first = seeds[0]
-    emb = embeddings(load_head(run, cfg, data.dims, first), test, cfg.eval_batch_size, order)
+    emb = embeddings(folder.load_head(cfg, data.dims, first), test, cfg.eval_batch_size, order)
     md += [f"## Embedding distances on test (seed {first}, cosine)", ""]
     pairs = {"intra-image (IID)": ("image", "image", False), "intra-text (TTD)": ("text", "text", False),
              "image-text (ITD)": ("image", "text", True)}
@@ -181,7 +180,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
 
     matrices, f1s = {}, []
     for seed in seeds:
-        pred = predict(load_head(run, cfg, data.dims, seed), test, cfg.eval_batch_size, device(), order)
+        pred = predict(folder.load_head(cfg, data.dims, seed), test, cfg.eval_batch_size, device(), order)
         matrices[seed] = confusion_matrix(y, pred, labels=list(range(len(classes))))
         f1s.append([seed, *(f"{v:.4f}" for v in f1_score(y, pred, labels=list(range(len(classes))),
                                                           average=None, zero_division=0))])
@@ -189,7 +188,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
     md += ["## Confusion matrix and per-class F1 on test", "", "Rows: true label, columns: predicted.", "",
            "![confusion](confusion.png)", "", _table(["seed", *classes], f1s), ""]
     out = run / "report.md"
-    out.write_text("\n".join(md))
+    write_atomic(out, "\n".join(md))
     return out
 
 

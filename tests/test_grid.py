@@ -234,5 +234,5 @@ def test_the_grid_bar_counts_epochs_and_drops_those_patience_skips(synth_cache, 
     cells = grid.ablation_cells(base(synth_cache, epochs=4, patience=1), tmp_path / "runs", ["one-step"])
     console = quiet_console()
     grid.run_cells(cells, console=console)
-    assert [run_folder.epochs_done(c.cfg.out, c.cfg) for c in cells] == [(4, 4), (4, 4)]
+    assert [c.folder.epochs_done(c.cfg) for c in cells] == [(4, 4), (4, 4)]
     assert "8/8 epochs" in console.file.getvalue()

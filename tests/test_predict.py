@@ -61,7 +61,7 @@ def test_batch_scope_predict_of_a_views_run(views_run):
 
 def test_features_are_what_the_cache_holds(predictor, run):
     """A shipped test item encoded by predict equals its row in the cache (float16 either way)."""
-    _, _, data = run_folder.open_run(run)
+    _, _, data = run_folder.RunFolder(run).open()
     test = data.splits["test"]
     item = _test_items(1)[0]
     i = test.ids.index(item.id)

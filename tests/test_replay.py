@@ -73,12 +73,12 @@ def test_a_refactor_that_keeps_the_numbers_is_refused_until_replayed(copy, new_c
     with pytest.raises(UserError, match=rf"pipeline.py replay {copy}`"):
         results.build([copy])
     c = TrainConfig.from_json(json.loads((copy / "probe" / "config.json").read_text())["train"])
-    assert any("pipeline.py replay" in d for d in run_folder.mismatch(copy / "probe", c))  # resume and grids too
+    assert any("pipeline.py replay" in d for d in run_folder.RunFolder(copy / "probe").mismatch(c))  # resume and grids too
     for run in ("spp_scl", "probe"):
         assert replay(copy / run).complete
     table = results.build([copy], against="probe")
     assert [r.name for r in table.rows] == ["probe", "spp_scl"]
-    assert run_folder.mismatch(copy / "probe", c) == []
+    assert run_folder.RunFolder(copy / "probe").mismatch(c) == []
     # config.json keeps its fingerprint as a record
     assert json.loads((copy / "probe" / "config.json").read_text())["code_fingerprint"] != "feedfacecafe"
 

@@ -61,9 +61,9 @@ def test_text_only_head_skips_image_plots_and_says_so(synth_cache, tmp_path):
 
 def test_embeddings_are_in_index_order_whatever_the_feed_order(synth_run):
     """Embeddings fed in a random order come back in the split's order (sample-scope parts agree)."""
-    _, cfg, data = run_folder.open_run(synth_run)
+    _, cfg, data = run_folder.RunFolder(synth_run).open()
     test = data.splits["test"]
-    head = run_folder.load_head(synth_run, cfg, data.dims, 1)
+    head = run_folder.RunFolder(synth_run).load_head(cfg, data.dims, 1)
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(3))
     a = report.embeddings(head, test, len(test), torch.arange(len(test)))
     b = report.embeddings(head, test, len(test), perm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -31,16 +32,26 @@ def make_run(root: Path, name: str, accs: dict[int, float], head: str = "spp_scl
     config = {"train": cfg, "provenance": train.pop("provenance", PROV), "sizes": {"train": 10, "dev": 5, "test": 5},
               "code_fingerprint": fingerprint.code_fingerprint()}
     (folder / "config.json").write_text(json.dumps(config))
-    per_seed = [{"seed": s, "best_epoch": 10 + s, "test": {"accuracy": a, "weighted_f1": a - 0.01, "macro_f1": a - 0.1}}
-                for s, a in accs.items()]
+    dev = dict.fromkeys(METRICS, 0.6)
+    per_seed = [{"seed": s, "best_epoch": 10 + s, "dev": dev,
+                 "test": {"accuracy": a, "weighted_f1": a - 0.01, "macro_f1": a - 0.1}} for s, a in accs.items()]
 
-    def ms(key):
+    def ms(split, key):
         import numpy as np
 
-        v = [p["test"][key] for p in per_seed]
+        v = [p[split][key] for p in per_seed]
         return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
 
-    (folder / "metrics.json").write_text(json.dumps({"test": {m: ms(m) for m in METRICS}, "per_seed": per_seed}))
+    # the files `results` checks metrics.json against: each seed's scores, and log.csv (best dev at best_epoch)
+    rows = []
+    for p in per_seed:
+        (folder / f"seed-{p['seed']}.json").write_text(json.dumps({k: p[k] for k in ("seed", "best_epoch", "dev", "test")}))
+        rows += [[p["seed"], e, *(["0.6000"] * 3 if e == p["best_epoch"] else ["0.5000"] * 3)]
+                 for e in range(1, p["best_epoch"] + 3)]
+    with open(folder / "log.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["seed", "epoch", *(f"dev_{m}" for m in METRICS)], *rows])
+    (folder / "metrics.json").write_text(json.dumps({split: {m: ms(split, m) for m in METRICS}
+                                                     for split in ("dev", "test")} | {"per_seed": per_seed}))
     return folder
 
 

@@ -9,8 +9,8 @@ from core.device import device
 from train import robustness, runs
 from train.config import TrainConfig
 from train.data import load_data
-from train.run_folder import load_head
-from train.trainer import eval_orders, score_split
+from train.run_folder import RunFolder
+from train.scoring import eval_orders, score_split
 
 from conftest import quiet_console
 
@@ -26,7 +26,7 @@ def run(synth_cache, tmp_path_factory):
     runs.train(cfg, quiet_console())
     cfg = cfg.resolved()
     data = load_data(cfg)
-    return cfg, data, load_head(cfg.out, cfg, data.dims, 1)
+    return cfg, data, RunFolder(cfg.out).load_head(cfg, data.dims, 1)
 
 
 def test_drop_replaces_one_modality_by_its_train_mean(run):

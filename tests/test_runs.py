@@ -24,7 +24,7 @@ from core import store
 from core.device import device
 from core.errors import Interrupted, UserError
 from train import data as cache
-from train import run_folder, runs, trainer
+from train import run_folder, runs, scoring, trainer
 from train.config import METRICS, TrainConfig
 from train.metrics import scores
 
@@ -169,10 +169,10 @@ def test_checkpoint_round_trip_gives_the_same_predictions(trained):
         assert all(torch.equal(saved[k], r.state[k]) for k in saved)
         head, cfg = fresh_head(run, r.seed)
         test = cache.load_data(cfg).splits["test"]
-        orders = trainer.eval_orders(len(test), cfg)
-        pred = trainer.predict(head, test, cfg.eval_batch_size, device(), orders[0])
+        orders = scoring.eval_orders(len(test), cfg)
+        pred = scoring.predict(head, test, cfg.eval_batch_size, device(), orders[0])
         assert pred.tolist() == r.test_pred
-        assert trainer.score_split(head, test, cfg, 3, device(), orders)[0] == r.test
+        assert scoring.score_split(head, test, cfg, 3, device(), orders)[0] == r.test
 
 
 def test_report_has_each_seed_and_a_line_per_class(trained):
@@ -410,7 +410,7 @@ def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trai
         runs.train_run(same, cache.load_data(same.resolved()), ctrl_c)
     assert (again / "seed-2.state.pt").is_file() and not (again / "seed-1.state.pt").exists()
     assert [(r["seed"], r["epoch"]) for r in read_log(again)[1]] == [("1", "1"), ("1", "2"), ("2", "1")]
-    assert run_folder.epochs_done(again, same.resolved()) == (3, 0)
+    assert run_folder.RunFolder(again).epochs_done(same.resolved()) == (3, 0)
     console, epochs = quiet_console(), []
 
     def count(*a, on_epoch, **kw):
@@ -427,7 +427,7 @@ def test_ctrl_c_mid_seed_then_the_same_command_ends_as_an_uninterrupted_run(trai
     assert (header, [{**r, "seconds": ""} for r in rows]) == \
         (read_log(run)[0], [{**r, "seconds": ""} for r in read_log(run)[1]])
     assert not (again / "seed-2.state.pt").exists()
-    assert run_folder.epochs_done(again, same.resolved()) == (4, 0)
+    assert run_folder.RunFolder(again).epochs_done(same.resolved()) == (4, 0)
 
 
 def test_the_saved_state_rewrites_the_log_rows_of_its_seed(trained, tmp_path):

@@ -25,7 +25,7 @@ from core.errors import UserError
 from heads import spp_scl
 from heads.spp_scl import SppSclConfig
 from train import data as train_data
-from train import runs, trainer
+from train import runs, scoring, trainer
 from train.config import TrainConfig
 
 from conftest import quiet_console
@@ -310,18 +310,18 @@ def test_official_step_two_moves_parameters_l_clm_does_not_reach(official, synth
 def test_scoring_never_follows_the_stored_order(synth_cache, synth_data, monkeypatch):
     """Dev (every epoch) and test are fed in seeded random orders; only leak_check uses file order."""
     seen = []
-    real = trainer.forward
+    real = scoring.forward
 
     def spy_forward(head, split, batch_size, device_, order):
         seen.append((len(split), order))
         return real(head, split, batch_size, device_, order)
 
-    monkeypatch.setattr(trainer, "forward", spy_forward)
+    monkeypatch.setattr(scoring, "forward", spy_forward)
     cfg = synth_config(synth_cache, None, epochs=2, eval_orders=3).resolved()
     r = trainer.train_seed(cfg, synth_data, seed=1)
-    stored = [o for _, o in seen if torch.equal(o, trainer.file_order(len(o)))]
+    stored = [o for _, o in seen if torch.equal(o, scoring.file_order(len(o)))]
     assert len(stored) == 1 and r.leak_check is not None  # the leak check alone, batch scope
-    orders = [o for _, o in seen if not torch.equal(o, trainer.file_order(len(o)))]
+    orders = [o for _, o in seen if not torch.equal(o, scoring.file_order(len(o)))]
     assert len(orders) == 2 + 3  # dev per epoch, then 3 test orders
     for o in orders:
         assert not torch.equal(o, torch.arange(len(o)))
@@ -337,9 +337,9 @@ def test_sample_scope_predictions_do_not_depend_on_the_order(synth_cache, synth_
     head = trainer.build_head(cfg, synth_data)
     head.load_state_dict(r.state)
     test = synth_data.splits["test"]
-    stored = trainer.forward(head, test, 4, torch.device("cpu"), trainer.file_order(len(test))).logits
-    for order in trainer.eval_orders(len(test), cfg, 3):
-        torch.testing.assert_close(trainer.forward(head, test, 4, torch.device("cpu"), order).logits, stored)
+    stored = scoring.forward(head, test, 4, torch.device("cpu"), scoring.file_order(len(test))).logits
+    for order in scoring.eval_orders(len(test), cfg, 3):
+        torch.testing.assert_close(scoring.forward(head, test, 4, torch.device("cpu"), order).logits, stored)
     assert r.leak_check is None and not head.batch_dependent
 
 
@@ -349,8 +349,8 @@ def test_batch_scope_predictions_depend_on_the_order(synth_cache, synth_data):
     head = trainer.build_head(cfg, synth_data)
     head.load_state_dict(r.state)
     test = synth_data.splits["test"]
-    a, b = (trainer.forward(head, test, 6, torch.device("cpu"), o).logits
-            for o in (trainer.file_order(len(test)), trainer.eval_orders(len(test), cfg, 1)[0]))
+    a, b = (scoring.forward(head, test, 6, torch.device("cpu"), o).logits
+            for o in (scoring.file_order(len(test)), scoring.eval_orders(len(test), cfg, 1)[0]))
     assert not torch.allclose(a, b, atol=1e-4)
 
 
@@ -584,7 +584,7 @@ def test_protocol_check_scores_test_in_file_order_and_changes_nothing_else(scope
     the run is the one without it, epoch for epoch (a sample-scope head takes the same path)."""
     cfg = synth_config(synth_cache, None, {"cmf_scope": scope}, epochs=4, lr=3e-3, patience=2).resolved()
     plain = trainer.train_seed(cfg, synth_data, seed=1)
-    rng_moved, real = [], trainer.predict
+    rng_moved, real = [], scoring.predict
 
     def watch(head, split, batch_size, dev, order):
         before = torch.get_rng_state()
@@ -592,7 +592,7 @@ def test_protocol_check_scores_test_in_file_order_and_changes_nothing_else(scope
         rng_moved.append(order is None and not torch.equal(before, torch.get_rng_state()))
         return out
 
-    monkeypatch.setattr(trainer, "predict", watch)
+    monkeypatch.setattr(scoring, "predict", watch)
     checked = trainer.train_seed(replace(cfg, protocol_check=True), synth_data, seed=1)
     assert same_seed_result(checked, plain) and checked.last_epoch_test == plain.last_epoch_test
     assert not any(rng_moved) and len(rng_moved) > len(checked.log)

@@ -83,7 +83,7 @@ class TrainConfig:
     patience: int | None = option(10, "stop a seed once dev has not improved for P epochs; 0: train every epoch",
                                   min=0)
     # label-blind scoring: dev and test are scored in seeded random orders, never in the stored
-    # (label-sorted) order; test is the mean over `eval_orders` of them (see trainer.eval_orders)
+    # (label-sorted) order; test is the mean over `eval_orders` of them (see scoring.eval_orders)
     eval_orders: int = option(5, "test is the mean over this many seeded random orders (label-blind)", min=1)
     eval_seed: int = 0
     eval_batch_size: int | None = None  # [default: batch_size]

@@ -22,6 +22,8 @@ the last): those epochs are not retrained. Their rows are what `--epochs K` cann
 A complete replay of any seed is written to the run's `replay.json` and vouches for the current
 code: `results`, resume and the grids then accept the run although its recorded fingerprint is
 another. `--epochs K` is a quicker partial check, recorded as partial; it vouches for nothing.
+A replay writes the run folder, so it holds the folder's writer lock (`RunFolder.writer`) while it
+runs: never beside a `train` of the same folder, nor beside another replay of it.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
-from train import run_folder
 from train import fingerprint
-from train.run_folder import LogCsv, ProtocolCsv
+from train.run_folder import LogCsv, ProtocolCsv, RunFolder
 from train.trainer import EpochLog, SeedResult, train_seed
 
 # the numbers of seed-<s>.json that the epochs up to the selected one decide
@@ -64,20 +65,28 @@ def replay(run: Path, seed: int | None = None, epochs: int | None = None, cache_
     """Retrain `seed` (default: the run's first) of the finished run in `run` and compare; raise
     `Difference` at the first number that differs, else record the replay in `replay.json`."""
     run = Path(run)
-    saved, cfg = run_folder.read_run(run)
-    seeds = [s for s in cfg.seeds if (run / f"seed-{s}.json").is_file()]
+    folder = RunFolder(run)
+    folder.read_run()  # not a run folder: refused before the lock file is made in it
+    with folder.writer():  # one writer: not while a train of this folder runs, nor two replays at once
+        return _replay(folder, seed, epochs, cache_dir, on_epoch)
+
+
+def _replay(folder: RunFolder, seed: int | None, epochs: int | None, cache_dir: Path | None, on_epoch) -> Replayed:
+    run = folder.path
+    saved, cfg = folder.read_run()
+    seeds = [s for s in cfg.seeds if folder.finished(s)]
     if not seeds:
         raise UserError(f"{run} has no finished seed to replay: finish it first with the command that started it")
     seed = seeds[0] if seed is None else seed
     if seed not in seeds:
         raise UserError(f"{run}: seed {seed} is not a finished seed of this run; pick one of {seeds} with --seed")
-    recorded = json.loads((run / f"seed-{seed}.json").read_text())
-    log_rows = run_folder.read_csv_rows(run / "log.csv", seed)
-    protocol_rows = run_folder.read_csv_rows(run / "protocol.csv", seed) if cfg.protocol_check else []
+    recorded = folder.seed_record(seed)
+    log_rows = folder.log_rows(seed)
+    protocol_rows = folder.protocol_rows(seed) if cfg.protocol_check else []
     best = int(recorded["best_epoch"])
     through = best if epochs is None else min(epochs, best)
     if len(log_rows) < best:
-        raise UserError(f"{run}/log.csv has {len(log_rows)} rows for seed {seed}, its selected epoch is {best}: "
+        raise UserError(f"{run}/{folder.LOG} has {len(log_rows)} rows for seed {seed}, its selected epoch is {best}: "
                         "the run folder is incomplete")
     if cache_dir is not None:
         cfg = replace(cfg, cache_dir=Path(cache_dir))
@@ -98,8 +107,8 @@ def replay(run: Path, seed: int | None = None, epochs: int | None = None, cache_
                          f"now {got}{where}; the current code does not compute this run's numbers")
 
     def each(log: EpochLog) -> None:
-        for name, rows, row in (("log.csv", log_rows, LogCsv._row(log)),
-                                ("protocol.csv", protocol_rows, ProtocolCsv._row(log) if protocol_rows else None)):
+        for name, rows, row in ((folder.LOG, log_rows, LogCsv._row(log)),
+                                (folder.PROTOCOL, protocol_rows, ProtocolCsv._row(log) if protocol_rows else None)):
             if row is None:
                 continue
             want = rows[log.epoch - 1]
@@ -124,10 +133,10 @@ def replay(run: Path, seed: int | None = None, epochs: int | None = None, cache_
             fields.append("last_epoch_test")
         for k in fields:
             for path, a, b in _leaves(recorded.get(k), now[k], k):
-                check(f"seed-{seed}.json", "final", path, a, b)
+                check(folder.seed_file(seed), "final", path, a, b)
         compared["final"] = fields
     out = Replayed(run, seed, through, complete, worst[0], compared)
-    run_folder.record_replay(run, {
+    folder.record_replay({
         "code_fingerprint": fingerprint.code_fingerprint(), "seed": seed, "epochs": through, "complete": complete,
         "largest_difference": worst[0], "compared": compared, "machine": here, "recorded_machine": then,
         "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -73,7 +73,7 @@ def conditions(reads: tuple[str, ...], drops: list[str], noises: list[float]) ->
 def score(head, data, cfg, conds: dict[str, dict], device_) -> dict[str, dict]:
     """Test metrics of `head` under each condition (mean over the run's label-blind orders)."""
     from train.config import METRICS
-    from train.trainer import eval_orders, score_split
+    from train.scoring import eval_orders, score_split
 
     moments = train_moments(data.splits["train"])
     test = data.splits["test"]
@@ -89,20 +89,20 @@ def score(head, data, cfg, conds: dict[str, dict], device_) -> dict[str, dict]:
 def evaluate_run(run, cfg, data, conds: dict[str, dict], device_) -> dict:
     """Score every finished seed's dev-selected weights of `run` under `conds`; merged into the
     run's robustness.json (conditions scored before are kept) and returned."""
-    from train import run_folder
     from train.config import METRICS
     from train.metrics import mean_std
+    from train.run_folder import RunFolder
 
-    saved = run_folder.read_robustness(run)
-    per_seed = {p["seed"]: p for p in saved.get("per_seed", [])}
+    folder = RunFolder(run)
+    per_seed = {p["seed"]: p for p in folder.robustness().get("per_seed", [])}
     for seed in cfg.seeds:
-        head = run_folder.load_head(run, cfg, data.dims, seed)
+        head = folder.load_head(cfg, data.dims, seed)
         per_seed.setdefault(seed, {"seed": seed}).update(score(head, data, cfg, conds, device_))
     rows = [per_seed[s] for s in cfg.seeds]
     names = [k for k in rows[0] if k != "seed"]
     result = {"about": ABOUT, "summary": {c: {m: mean_std([r[c][m] for r in rows]) for m in METRICS} for c in names},
               "per_seed": rows}
-    run_folder.write_robustness(run, result)
+    folder.write_robustness(result)
     return result
 
 

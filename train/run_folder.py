@@ -1,5 +1,6 @@
-"""A run folder, read and written here only: what `train` writes and what `eval`, `report`,
-`predict` and the grids read back.
+"""A run folder, read and written here only (ARCHITECTURE.md rule 4): what `train` writes and what
+`eval`, `report`, `predict`, `replay`, `results` and the grids read back, all through one object,
+`RunFolder`, opened once per command.
 
     runs/<name>/config.json    the TrainConfig as used (with the head's own config), cache provenance,
                                dims, classes, git commit and whether the working tree was dirty
@@ -17,16 +18,29 @@
     runs/<name>/replay.json    `pipeline.py replay`: which code reproduced which seed of the run (train/replay.py)
     runs/<name>/report.txt     per-class report and confusion matrix of each seed on test, in the first
                                label-blind order (metrics.json: the mean over the orders)
+    runs/<name>/writer.lock    while a train, grid cell or replay writes the folder: who (pid, host); held
+                               with flock, so a leftover of a process that died blocks nothing
+
+Trust (ARCHITECTURE.md rule 9): one writer at a time (`RunFolder.writer`), every file a reader may
+see written to a temporary file and renamed, `train --out` never writes into a folder of other
+files (`check_out`), and `results` reads a run only when its files agree (`check_evidence`).
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
+import math
 import os
+import pickle
+import socket
 import subprocess
+import time
+import zipfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -35,11 +49,12 @@ import torch
 import heads
 from core.device import device
 from core.errors import UserError
-from core.paths import DEFAULT_RUNS, REPO
+from core.paths import DEFAULT_RUNS, REPO, make_dir
 from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
 from train import fingerprint
+from train.metrics import mean_std
 from train.trainer import SeedResult
 
 
@@ -70,31 +85,31 @@ def default_out(cfg: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Path:
     return Path(runs_dir) / f"{cfg.dataset}-{cfg.head}-{config_hash(cfg)}"
 
 
-def write_config(out: Path, cfg: TrainConfig, data: cache.Data) -> None:
-    """config.json: enough to rebuild the run (settings, cache provenance, dims, classes, code)."""
-    sizes = {s: len(v) for s, v in data.splits.items()}
-    (out / "config.json").write_text(json.dumps({
-        "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance.to_json(),
-        "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
-        "git_dirty": git_dirty(), "code_fingerprint": fingerprint.code_fingerprint(), "device": str(device()),
-        "machine": fingerprint.machine(),
-    }, indent=1))
-
-
-def save_seed(out: Path, r: SeedResult) -> None:
-    torch.save(r.state, out / f"seed-{r.seed}.pt")
-    (out / f"seed-{r.seed}.json").write_text(json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))  # last: done
-
-
 SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred", "leak_check", "last_epoch_test",
                "protocol_check")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 class LogCsv:
     """log.csv: one row per seed and epoch, a `loss_<name>` column per term the head returned.
 
-    A head's terms are known only as it trains (a gated step may first fire in epoch 7), so a
-    new column rewrites the file with the wider header; otherwise a row is appended and flushed.
+    A head's terms are known only as it trains (a gated step may first fire in epoch 7), so the
+    header is made from every row so far. Each epoch rewrites the whole file to a temporary one and
+    renames it (a few hundred rows): a grid following the run from another process never reads
+    half a row.
     """
 
     def __init__(self, path: Path, done: dict, resumed: list):
@@ -117,13 +132,8 @@ class LogCsv:
                 **{f"dev_{m}": f"{log.dev[m]:.4f}" for m in METRICS}}
 
     def add(self, log) -> None:
-        row = self._row(log)
-        self.rows.append(row)
-        if set(row) - set(self.header):
-            self._rewrite()
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.header, restval="").writerow(row)
+        self.rows.append(self._row(log))
+        self._rewrite()
 
     @staticmethod
     def _header(keys: set[str]) -> list[str]:
@@ -137,7 +147,7 @@ class LogCsv:
             w = csv.DictWriter(f, self.header, restval="")
             w.writeheader()
             w.writerows(self.rows)
-        tmp.replace(self.path)
+        os.replace(tmp, self.path)
 
 
 class ProtocolCsv(LogCsv):
@@ -154,179 +164,458 @@ class ProtocolCsv(LogCsv):
         return ["seed", "epoch", *(f"test_file_order_{m}" for m in METRICS)]
 
 
-def finished_seeds(out: Path, cfg: TrainConfig, provenance: cache.CacheProvenance) -> dict[int, SeedResult]:
-    """Seeds a previous, interrupted `train --out` of the same configuration completed.
+class RunFolder:
+    """One run folder and every read and write of its files (the names are known here alone).
 
-    Resuming is per seed: a seed is done once its `seed-<s>.json` exists (written after its
-    weights, so it is the mark of a finished seed; evidence in `results/` keeps the JSON and
-    not the weights, and is never trained again). A folder that holds another configuration,
-    features from a rebuilt cache or other code (fingerprint) is refused rather than mixed.
+    Opened once per command and passed along: `train` plans and writes through it, `eval`,
+    `report`, `predict`, `replay`, `results` and the grids read through it. Cheap to make (a path;
+    config.json is read on first use and kept), and picklable, so a worker process gets it too.
     """
-    diff = mismatch(out, cfg, provenance)
-    if diff:
-        raise UserError(f"{out} holds a run with other settings ({'; '.join(diff)}): "
-                        "pass another --out, or the same options, cache and code to resume it")
-    done = {}
-    for seed in cfg.seeds:
-        js = out / f"seed-{seed}.json"
-        if js.is_file():
-            done[seed] = SeedResult(state={}, log=[], **json.loads(js.read_text()))
-    return done
+
+    CONFIG, METRICS, LOG, PROTOCOL = "config.json", "metrics.json", "log.csv", "protocol.csv"
+    REPORT, REPLAY, LOCK, ROBUSTNESS = "report.txt", "replay.json", "writer.lock", "robustness.json"
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._saved: dict | None = None  # config.json, once read or written
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def _file(self, name: str) -> Path:
+        return self.path / name
+
+    @staticmethod
+    def seed_file(seed: int) -> str:
+        """The name of a seed's scores, the mark of a finished seed (for messages that name it)."""
+        return f"seed-{seed}.json"
+
+    def _weights(self, seed: int) -> Path:
+        return self.path / f"seed-{seed}.pt"
+
+    def _state(self, seed: int) -> Path:
+        """A seed's resumable state after its last finished epoch (deleted once the seed is done)."""
+        return self.path / f"seed-{seed}.state.pt"
+
+    @classmethod
+    def under(cls, parent: Path, depth: int = 1) -> list[RunFolder]:
+        """The run folders `depth` levels below `parent` (a set of runs, or results/<set>/<run>), by name."""
+        return [cls(p.parent) for p in sorted(Path(parent).glob("*/" * depth + cls.CONFIG))]
+
+    # --- config.json ------------------------------------------------------------------------
+
+    def is_run(self) -> bool:
+        return self._file(self.CONFIG).is_file()
+
+    def config(self) -> dict:
+        """config.json, refused in one line if it is missing or not JSON."""
+        if self._saved is None:
+            path = self._file(self.CONFIG)
+            if not path.is_file():
+                raise UserError(f"{self.path} is not a run folder (no config.json): pass --run runs/<name>")
+            try:
+                saved = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{path} is corrupt ({e}): restore it, or delete the run folder and train again") from None
+            if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+                raise UserError(f"{path} is not a run's config (no 'train' settings): delete the run folder and "
+                                "train again")
+            self._saved = saved
+        return self._saved
+
+    def read_run(self) -> tuple[dict, TrainConfig]:
+        """config.json and the TrainConfig rebuilt from it, without touching the cache."""
+        saved = self.config()
+        return saved, TrainConfig.from_json(saved["train"])
+
+    def write_config(self, cfg: TrainConfig, data: cache.Data) -> None:
+        """config.json: enough to rebuild the run (settings, cache provenance, dims, classes, code)."""
+        sizes = {s: len(v) for s, v in data.splits.items()}
+        saved = {
+            "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance.to_json(),
+            "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
+            "git_dirty": git_dirty(), "code_fingerprint": fingerprint.code_fingerprint(), "device": str(device()),
+            "machine": fingerprint.machine(),
+        }
+        write_atomic(self._file(self.CONFIG), json.dumps(saved, indent=1))
+        self._saved = json.loads(json.dumps(saved))  # as a reader would see it
+
+    def open(self, cache_dir: Path | None = None) -> tuple[dict, TrainConfig, cache.Data]:
+        """config.json, the TrainConfig rebuilt from it and the cache it was trained on, refused with
+        the difference spelled out if the cache was rebuilt since (eval, report and predict read runs so)."""
+        saved, cfg = self.read_run()
+        if cache_dir is not None:
+            cfg.cache_dir = Path(cache_dir)
+        data = cache.load_data(replace(cfg, text_views=False))  # test is scored on the clean states only
+        recorded = cache.CacheProvenance.from_json(saved["provenance"])
+        # the views the run trained on are not loaded, so not compared
+        differs = replace(recorded, text_views=0).differences(data.provenance)
+        if differs:
+            kind, diff = next(iter(differs.items()))
+            raise UserError(
+                f"the {kind} cache in {cfg.cache_dir} differs from the one this run was trained on "
+                f"({'; '.join(diff)}): re-extract with `python pipeline.py extract {cache.extract_source(cfg.dataset)} "
+                f"--{kind}-encoder {getattr(recorded, kind).encoder}` or pass the right --cache-dir"
+            )
+        return saved, cfg, data
+
+    def mismatch(self, cfg: TrainConfig, provenance: cache.CacheProvenance | None = None) -> list[str]:
+        """What differs between the run already here and `cfg` (settings, code and, given the loaded
+        cache's provenance, the cache): a run is only ever resumed by what started it."""
+        if not self.is_run():
+            return []
+        saved = self.config()
+        before, now = saved.get("train", {}), cfg.to_json()
+        diff = [k for k in now if k != "out" and before.get(k) != now[k]]
+        if provenance is not None:
+            recorded = cache.CacheProvenance.from_json(saved.get("provenance", {}))
+            diff += [f"{kind} cache ({'; '.join(d)})" for kind, d in recorded.differences(provenance).items()]
+        # the code that trains and scores, decided by what it computes (a replay), not the commit
+        if "code_fingerprint" in saved:
+            if not self.vouched():
+                diff.append(f"code (fingerprint {saved['code_fingerprint']}, now {fingerprint.code_fingerprint()}; "
+                            f"commit {str(saved.get('git_commit'))[:10]}: if the code still computes its numbers, "
+                            f"`python pipeline.py replay {self.path}` says so)")
+        elif saved.get("git_commit") not in (None, git_commit()):
+            diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
+        return diff
+
+    def vouched(self) -> bool:
+        """Whether the run's numbers are the current code's: it was trained by code of the current
+        fingerprint, or a complete replay by such code is recorded in its replay.json."""
+        now = fingerprint.code_fingerprint()
+        return self.config().get("code_fingerprint") == now or any(
+            r.get("complete") and r.get("code_fingerprint") == now for r in self.replays())
+
+    # --- seeds: seed-<s>.json, seed-<s>.pt ---------------------------------------------------
+
+    def finished(self, seed: int) -> bool:
+        """Whether seed `seed` is done: its seed-<s>.json (written after its weights) exists."""
+        return self._file(self.seed_file(seed)).is_file()
+
+    def seed_record(self, seed: int) -> dict:
+        """A finished seed's scores (seed-<s>.json), refused in one line if missing or corrupt."""
+        path = self._file(self.seed_file(seed))
+        if not path.is_file():
+            raise UserError(f"{path} is missing: seed {seed} did not finish or the file was removed; "
+                            "run the command that started the run again")
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is corrupt ({e}): restore it, or delete it to train seed {seed} again") from None
+        if not isinstance(record, dict) or set(record) - set(SEED_FIELDS) or "best_epoch" not in record:
+            raise UserError(f"{path} is not a seed's scores: restore it, or delete it to train seed {seed} again")
+        return record
+
+    def finished_seeds(self, cfg: TrainConfig, provenance: cache.CacheProvenance) -> dict[int, SeedResult]:
+        """Seeds a previous, interrupted run of the same configuration completed.
+
+        Resuming is per seed: a seed is done once its `seed-<s>.json` exists (written after its
+        weights, so it is the mark of a finished seed; evidence in `results/` keeps the JSON and
+        not the weights, and is never trained again). A folder that holds another configuration,
+        features from a rebuilt cache or other code (fingerprint) is refused rather than mixed.
+        """
+        diff = self.mismatch(cfg, provenance)
+        if diff:
+            raise UserError(f"{self.path} holds a run with other settings ({'; '.join(diff)}): "
+                            "pass another --out, or the same options, cache and code to resume it")
+        return {seed: SeedResult(state={}, log=[], **self.seed_record(seed)) for seed in cfg.seeds
+                if self.finished(seed)}
+
+    def save_seed(self, r: SeedResult) -> None:
+        """The seed's weights, then its scores: the scores last, since they mark the seed done."""
+        save_atomic(r.state, self._weights(r.seed))
+        write_atomic(self._file(self.seed_file(r.seed)), json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))
+
+    def has_weights(self, seed: int) -> bool:
+        return self._weights(seed).is_file()
+
+    def _load(self, path: Path):
+        """torch.load of plain tensors and numbers only (weights_only); anything else is refused in
+        one line naming the file: a file that needs more than that to load is not one we wrote."""
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own error would say otherwise
+            raise UserError(f"{path} is corrupt (not a checkpoint torch.save wrote): replace it with the run's own, or "
+                            "train again")
+        try:
+            return torch.load(path, map_location=device(), weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"{path} holds more than plain tensors and numbers, so it is not loaded: it is not a "
+                            "file train wrote; replace it with the run's own, or train again") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            raise UserError(f"{path} is corrupt ({type(e).__name__}): replace it with the run's own, or train "
+                            "again") from None
+
+    def load_head(self, cfg: TrainConfig, dims: Dims, seed: int) -> heads.Head:
+        """Seed `seed`'s dev-selected head, in eval mode."""
+        path = self._weights(seed)
+        if not path.is_file():
+            done = [s for s in cfg.seeds if self.has_weights(s)]
+            raise UserError(f"{path} missing: the run was interrupted, is still training or files were removed; "
+                            + (f"pick a finished seed with --seed {done[0]}" if done else "train again"))
+        state = self._load(path)
+        head = heads.create(cfg.head, dims, cfg.head_config).to(device())
+        if not isinstance(state, dict):
+            raise UserError(f"{path} is not a state dict of weights: replace it with the run's own, or train again")
+        try:
+            head.load_state_dict(state)
+        except RuntimeError:
+            raise UserError(f"{path} does not fit the {cfg.head} head that config.json describes (other weights "
+                            "names or shapes): replace it with the run's own, or train again") from None
+        return head.eval()
+
+    # --- seed-<s>.state.pt: the resumable state of a seed cut off mid-way ---------------------
+
+    def save_state(self, seed: int, state: dict) -> None:
+        save_atomic(state, self._state(seed))
+
+    def drop_state(self, seed: int) -> None:
+        self._state(seed).unlink(missing_ok=True)
+
+    def has_state(self, seed: int) -> bool:
+        return self._state(seed).is_file()
+
+    def load_states(self, cfg: TrainConfig, done: dict) -> dict[int, dict]:
+        """The saved states of seeds that were cut off mid-way (checked like finished seeds, by
+        `finished_seeds`, whose settings check covers the whole folder)."""
+        return {seed: self._load(self._state(seed)) for seed in cfg.seeds if seed not in done and self.has_state(seed)}
+
+    def kept_epochs(self, seeds: list[int]) -> dict[int, int]:
+        """The epoch each seed's saved state holds, read from the files (0: none): what an interrupted
+        run really kept, whatever the process that saved it managed to report."""
+        return {seed: int(self._load(self._state(seed))["epoch"]) if self.has_state(seed) else 0 for seed in seeds}
+
+    # --- log.csv, protocol.csv ---------------------------------------------------------------
+
+    def logs(self, done: dict, resumed: list, protocol: bool) -> list[LogCsv]:
+        """The writers of log.csv (and protocol.csv with --protocol-check), rebuilt for a resumed run."""
+        logs = [LogCsv(self._file(self.LOG), done, resumed)]
+        if protocol:
+            logs.append(ProtocolCsv(self._file(self.PROTOCOL), done, resumed))
+        return logs
+
+    def _rows(self, name: str, seed: int | None = None) -> list[dict]:
+        path = self._file(name)
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the run folder is incomplete (no epoch finished, or the file was "
+                            "removed); train it again")
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if seed is None or r.get("seed") == str(seed)]
+        try:
+            return sorted(rows, key=lambda r: (int(r["seed"]), int(r["epoch"])))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} is not a run's log (a row without seed or epoch): restore it or train "
+                            "again") from None
+
+    def log_rows(self, seed: int | None = None) -> list[dict]:
+        """The log.csv rows of one seed (None: every seed), in epoch order, as the strings written."""
+        return self._rows(self.LOG, seed)
+
+    def protocol_rows(self, seed: int) -> list[dict]:
+        """The protocol.csv rows of one seed, in epoch order, as the strings written."""
+        return self._rows(self.PROTOCOL, seed)
+
+    def log_frame(self):
+        """log.csv as a pandas DataFrame (numbers parsed), for plots."""
+        import pandas as pd
+
+        self._rows(self.LOG)  # refused in one line if missing or not a log
+        return pd.read_csv(self._file(self.LOG))
+
+    def epochs_done(self, cfg: TrainConfig) -> tuple[int, int]:
+        """(epochs trained, epochs `--patience` skipped) of the run, from its files alone, so a grid
+        can follow runs in other processes: log.csv rows of finished seeds and of a seed with a
+        saved state."""
+        path = self._file(self.LOG)
+        if not path.is_file():
+            return 0, 0
+        with open(path, newline="") as f:
+            rows = Counter(r["seed"] for r in csv.DictReader(f))
+        trained = skipped = 0
+        for seed in cfg.seeds:
+            n = rows[str(seed)]
+            if self.finished(seed):
+                trained, skipped = trained + n, skipped + cfg.epochs - n
+            elif self.has_state(seed):
+                trained += n
+        return trained, skipped
+
+    # --- metrics.json, report.txt ------------------------------------------------------------
+
+    def is_finished(self) -> bool:
+        """Every seed done and summed up: metrics.json exists (written last)."""
+        return self._file(self.METRICS).is_file()
+
+    def metrics(self) -> dict:
+        """metrics.json, refused in one line if the run is not finished or the file is not JSON."""
+        path = self._file(self.METRICS)
+        try:
+            metrics = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{self.path} is not finished (no metrics.json): finish it with the command that "
+                            "started it") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is corrupt ({e}): restore it or train again") from None
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("per_seed"), list):
+            raise UserError(f"{path} is not a run's metrics (no per_seed list): restore it or train again")
+        return metrics
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_atomic(self._file(self.METRICS), json.dumps(metrics, indent=1))
+
+    def write_report(self, text: str) -> None:
+        write_atomic(self._file(self.REPORT), text)
+
+    # --- replay.json --------------------------------------------------------------------------
+
+    def replays(self) -> list[dict]:
+        """The replays recorded in replay.json, oldest first ([] when there is none)."""
+        path = self._file(self.REPLAY)
+        if not path.is_file():
+            return []
+        try:
+            replays = json.loads(path.read_text()).get("replays", [])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise UserError(f"{path} is corrupt ({e}): delete it and run `python pipeline.py replay {self.path}` "
+                            "again") from None
+        return [r for r in replays if isinstance(r, dict)]
+
+    def robustness(self) -> dict:
+        """robustness.json ({} when the run was never scored so): `eval --drop/--noise`, `train --robustness`."""
+        path = self._file(self.ROBUSTNESS)
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is corrupt ({e}): delete it and score again with `pipeline.py eval --run "
+                            f"{self.path} --drop image`") from None
+
+    def write_robustness(self, result: dict) -> None:
+        write_atomic(self._file(self.ROBUSTNESS), json.dumps(result, indent=1) + "\n")
+
+    def record_replay(self, entry: dict) -> None:
+        """Add a replay to replay.json (one entry per code fingerprint and seed: a newer one replaces it)."""
+        keep = [r for r in self.replays() if (r.get("code_fingerprint"), r.get("seed"), r.get("complete"))
+                != (entry["code_fingerprint"], entry["seed"], entry["complete"])]
+        write_atomic(self._file(self.REPLAY), json.dumps({"replays": keep + [entry]}, indent=1) + "\n")
+
+    # --- trust: one writer, our own folder, files that agree ---------------------------------
+
+    @contextmanager
+    def writer(self):
+        """Hold the folder's writer lock for the block (a train, a grid cell, a replay): a second
+        writer is refused in one line naming the holder (pid and host, in the lock file).
+
+        `fcntl.flock` on writer.lock: the kernel drops it when its process ends, however it ends, so
+        the lock of a dead process never blocks. The file is removed on release while still held;
+        a process that opened the removed file before then finds it is no longer the folder's lock
+        file and opens the new one (so two processes can never hold two different files).
+        """
+        make_dir(self.path)
+        path = self._file(self.LOCK)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 400, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise UserError(f"{self.path} is being written by another process ({holder or 'starting'}): wait "
+                                "for it to end, or use another folder") from None
+            try:
+                now = os.stat(path)
+                same = (now.st_dev, now.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed this file as it let go: take the folder's current one
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                      .encode(), 0)
+            yield self
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    def check_out(self) -> None:
+        """`train --out` writes only into a folder that is absent, empty, or holds a run (whose
+        settings `finished_seeds` then checks): never into the root, or among someone's own files."""
+        path = self.path
+        if path.resolve() == Path(path.resolve().anchor):
+            raise UserError(f"--out {path} is the root folder: give a folder of its own, e.g. runs/<name>")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file, not a folder: give a folder path (or move the file)")
+        if not path.is_dir() or self.is_run():
+            return
+        others = sorted(p.name for p in path.iterdir() if p.name != self.LOCK)
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise UserError(f"--out {path} holds other files ({shown}) and no run (no config.json): train writes "
+                            "only into an empty folder or its own run; give another --out")
+
+    def check_evidence(self, metrics: dict) -> None:
+        """`results` reads a run only when its files agree: metrics.json with every seed-<s>.json
+        (the same selected epoch and scores), and each seed file with log.csv (its best_epoch is an
+        argmax row of the dev `select` column, whose dev values it holds to 4 digits). A hand-edited
+        or half-copied run is refused naming the file that disagrees."""
+        saved = self.config()
+        select = metrics.get("select") or saved["train"].get("select")
+        metrics_path, log_path = self._file(self.METRICS), self._file(self.LOG)
+
+        def refuse(path: Path, what: str, other: Path) -> UserError:
+            return UserError(f"{path} disagrees with {other.name} ({what}): the run folder was edited or mixed "
+                             "from two runs; restore it from the run that wrote it, or train again")
+
+        records = {}
+        for p in metrics["per_seed"]:
+            seed = p.get("seed")
+            record = records[seed] = self.seed_record(seed)
+            path = self._file(self.seed_file(seed))
+            if record.get("seed", seed) != seed or record["best_epoch"] != p.get("best_epoch"):
+                raise refuse(path, f"best_epoch {record['best_epoch']} here, {p.get('best_epoch')} there", metrics_path)
+            for split in ("dev", "test"):
+                for m in METRICS:
+                    a, b = (record.get(split) or {}).get(m), (p.get(split) or {}).get(m)
+                    if a != b:
+                        raise refuse(path, f"{split} {m} {a} here, {b} there", metrics_path)
+        for split in ("dev", "test"):
+            for m in METRICS:
+                recorded = (metrics.get(split) or {}).get(m) or {}
+                now = mean_std([r[split][m] for r in records.values()])
+                if not all(_close(recorded.get(k), now[k]) for k in ("mean", "std")):
+                    raise UserError(f"{metrics_path} disagrees with its seed files ({split} {m} mean/std "
+                                    f"{recorded.get('mean')}/{recorded.get('std')}, the seeds give {now['mean']}/"
+                                    f"{now['std']}): restore it from the run that wrote it, or train again")
+        for seed, record in records.items():
+            path, best = self._file(self.seed_file(seed)), record["best_epoch"]
+            rows = self.log_rows(seed)
+            try:
+                column = [float(r[f"dev_{select}"]) for r in rows]
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{log_path} has no dev_{select} values for seed {seed}: restore it or train "
+                                "again") from None
+            if not 1 <= best <= len(rows) or int(rows[best - 1]["epoch"]) != best:
+                raise refuse(path, f"best_epoch {best}, log.csv has epochs 1-{len(rows)} of seed {seed}", log_path)
+            # the selection compares exact values, the file holds them to 4 digits: an argmax row, not the first
+            if column[best - 1] != max(column):
+                raise refuse(path, f"best_epoch {best}, but dev {select} of seed {seed} is higher in epoch "
+                                   f"{column.index(max(column)) + 1}", log_path)
+            for m in METRICS:
+                if f"{record['dev'][m]:.4f}" != rows[best - 1][f"dev_{m}"]:
+                    raise refuse(path, f"dev {m} {record['dev'][m]:.4f}, log.csv epoch {best} of seed {seed} "
+                                       f"holds {rows[best - 1][f'dev_{m}']}", log_path)
 
 
-def state_path(out: Path, seed: int) -> Path:
-    """A seed's resumable state after its last finished epoch (deleted once the seed is done)."""
-    return out / f"seed-{seed}.state.pt"
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def unfinished_seeds(out: Path, cfg: TrainConfig, done: dict) -> dict[int, dict]:
-    """The saved states of seeds that were cut off mid-way (checked like finished seeds, by
-    `finished_seeds`, whose settings check covers the whole folder)."""
-    return {seed: torch.load(state_path(out, seed), map_location=device(), weights_only=True)
-            for seed in cfg.seeds if seed not in done and state_path(out, seed).is_file()}
-
-
-def epochs_done(out: Path, cfg: TrainConfig) -> tuple[int, int]:
-    """(epochs trained, epochs `--patience` skipped) of the run in `out`, from its files alone,
-    so a grid can follow runs in other processes: log.csv rows of finished seeds and of a seed
-    with a saved state."""
-    if not (out / "log.csv").is_file():
-        return 0, 0
-    with open(out / "log.csv", newline="") as f:
-        rows = Counter(r["seed"] for r in csv.DictReader(f))
-    trained = skipped = 0
-    for seed in cfg.seeds:
-        n = rows[str(seed)]
-        if (out / f"seed-{seed}.json").is_file():
-            trained, skipped = trained + n, skipped + cfg.epochs - n
-        elif state_path(out, seed).is_file():
-            trained += n
-    return trained, skipped
-
-
-def mismatch(out: Path, cfg: TrainConfig, provenance: cache.CacheProvenance | None = None) -> list[str]:
-    """What differs between the run already in `out` and `cfg` (settings, code commit and, given
-    the loaded cache's provenance, the cache): a run is only ever resumed by what started it."""
-    if not (out / "config.json").is_file():
-        return []
-    saved = read_config(out)
-    before, now = saved.get("train", {}), cfg.to_json()
-    diff = [k for k in now if k != "out" and before.get(k) != now[k]]
-    if provenance is not None:
-        recorded = cache.CacheProvenance.from_json(saved.get("provenance", {}))
-        diff += [f"{kind} cache ({'; '.join(d)})" for kind, d in recorded.differences(provenance).items()]
-    # the code that trains and scores, decided by what it computes (a replay), not the commit
-    if "code_fingerprint" in saved:
-        if not vouched(out, saved):
-            diff.append(f"code (fingerprint {saved['code_fingerprint']}, now {fingerprint.code_fingerprint()}; "
-                        f"commit {str(saved.get('git_commit'))[:10]}: if the code still computes its numbers, "
-                        f"`python pipeline.py replay {out}` says so)")
-    elif saved.get("git_commit") not in (None, git_commit()):
-        diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
-    return diff
-
-
-def vouched(run: Path, saved: dict | None = None) -> bool:
-    """Whether a run's numbers are the current code's: it was trained by code of the current
-    fingerprint, or a complete replay by such code is recorded in its replay.json."""
-    saved = saved if saved is not None else read_config(run)
-    now = fingerprint.code_fingerprint()
-    return saved.get("code_fingerprint") == now or any(
-        r.get("complete") and r.get("code_fingerprint") == now for r in read_replays(run))
-
-
-def read_replays(run: Path) -> list[dict]:
-    """The replays recorded in a run's replay.json, oldest first ([] when there is none)."""
-    path = Path(run) / "replay.json"
-    if not path.is_file():
-        return []
-    try:
-        replays = json.loads(path.read_text()).get("replays", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise UserError(f"{path} is corrupt ({e}): delete it and run `python pipeline.py replay {run}` again") from None
-    return [r for r in replays if isinstance(r, dict)]
-
-
-def record_replay(run: Path, entry: dict) -> None:
-    """Add a replay to replay.json (one entry per code fingerprint and seed: a newer one replaces it)."""
-    keep = [r for r in read_replays(run) if (r.get("code_fingerprint"), r.get("seed"), r.get("complete"))
-            != (entry["code_fingerprint"], entry["seed"], entry["complete"])]
-    write_atomic(Path(run) / "replay.json", json.dumps({"replays": keep + [entry]}, indent=1) + "\n")
-
-
-def read_csv_rows(path: Path, seed: int) -> list[dict]:
-    """The rows of one seed in log.csv or protocol.csv, in epoch order, as the strings written."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the run folder is incomplete")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("seed") == str(seed)]
-    return sorted(rows, key=lambda r: int(r["epoch"]))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_config(run: Path) -> dict:
-    """A run folder's config.json, refused in one line if it is missing or not JSON."""
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{run} is not a run folder (no config.json): pass --run runs/<name>")
-    try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}): restore it, or delete the run folder and train again") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
-        raise UserError(f"{path} is not a run's config (no 'train' settings): delete the run folder and train again")
-    return saved
-
-
-def read_run(run: Path) -> tuple[dict, TrainConfig]:
-    """config.json and the TrainConfig rebuilt from it, without touching the cache."""
-    saved = read_config(run)
-    return saved, TrainConfig.from_json(saved["train"])
-
-
-def load_head(run: Path, cfg: TrainConfig, dims: Dims, seed: int) -> heads.Head:
-    """Seed `seed`'s dev-selected head of run folder `run`, in eval mode."""
-    path = Path(run) / f"seed-{seed}.pt"
-    if not path.is_file():
-        done = [s for s in cfg.seeds if (Path(run) / f"seed-{s}.pt").is_file()]
-        raise UserError(f"{path} missing: the run was interrupted, is still training or files were removed; "
-                        + (f"pick a finished seed with --seed {done[0]}" if done else "train again"))
-    head = heads.create(cfg.head, dims, cfg.head_config).to(device())
-    head.load_state_dict(torch.load(path, map_location=device(), weights_only=True))
-    return head.eval()
-
-
-def open_run(run: Path, cache_dir: Path | None = None) -> tuple[dict, TrainConfig, cache.Data]:
-    """config.json, the TrainConfig rebuilt from it and the cache it was trained on, refused with
-    the difference spelled out if the cache was rebuilt since (eval, report and predict read runs so)."""
-    saved, cfg = read_run(run)
-    if cache_dir is not None:
-        cfg.cache_dir = Path(cache_dir)
-    data = cache.load_data(replace(cfg, text_views=False))  # test is scored on the clean states only
-    recorded = cache.CacheProvenance.from_json(saved["provenance"])
-    # the views the run trained on are not loaded, so not compared
-    differs = replace(recorded, text_views=0).differences(data.provenance)
-    if differs:
-        kind, diff = next(iter(differs.items()))
-        raise UserError(
-            f"the {kind} cache in {cfg.cache_dir} differs from the one this run was trained on "
-            f"({'; '.join(diff)}): re-extract with `python pipeline.py extract {cache.extract_source(cfg.dataset)} "
-            f"--{kind}-encoder {getattr(recorded, kind).encoder}` or pass the right --cache-dir"
-        )
-    return saved, cfg, data
+def _close(recorded, now: float) -> bool:
+    """A recorded summary number against the one recomputed from the seeds (NaN equals NaN)."""
+    if not isinstance(recorded, (int, float)):
+        return False
+    return (math.isnan(recorded) and math.isnan(now)) or math.isclose(recorded, now, rel_tol=1e-9, abs_tol=1e-12)
 
 
 # --- the same configuration among the committed evidence ---------------------------------------
@@ -343,19 +632,19 @@ def _numbers_key(saved: dict) -> str:
 def evidence_twins(out: Path, evidence: Path = EVIDENCE) -> list[str]:
     """One line for each evidence run in `evidence` trained with the configuration of the finished
     run in `out`: whether the seeds they share have the same numbers (selected epoch, test metrics)."""
-    saved = read_config(out)
-    key = _numbers_key(saved)
-    mine = {p["seed"]: p for p in json.loads((Path(out) / "metrics.json").read_text())["per_seed"]}
+    mine_folder = RunFolder(out)
+    key = _numbers_key(mine_folder.config())
+    mine = {p["seed"]: p for p in mine_folder.metrics()["per_seed"]}
     lines = []
-    for path in sorted(Path(evidence).glob("*/*/config.json")):
-        other = path.parent
-        if other.resolve() == Path(out).resolve() or not (other / "metrics.json").is_file():
+    for folder in RunFolder.under(evidence, depth=2):
+        other = folder.path
+        if other.resolve() == Path(out).resolve() or not folder.is_finished():
             continue
         try:
-            if _numbers_key(json.loads(path.read_text())) != key:
+            if _numbers_key(folder.config()) != key:
                 continue
-            theirs = {p["seed"]: p for p in json.loads((other / "metrics.json").read_text())["per_seed"]}
-        except (json.JSONDecodeError, KeyError, TypeError):
+            theirs = {p["seed"]: p for p in folder.metrics()["per_seed"]}
+        except (UserError, KeyError, TypeError):
             continue
         common = sorted(set(mine) & set(theirs))
         if not common:
@@ -371,19 +660,3 @@ def evidence_twins(out: Path, evidence: Path = EVIDENCE) -> list[str]:
                          f"{', '.join(map(str, differ))} differ, test metrics by up to {max(differ.values()):.4f}"
                          " (numbers depend on the CPU and the threads per process; `pipeline.py replay` checks the code)")
     return lines
-
-
-def read_robustness(run: Path) -> dict:
-    """robustness.json ({} when the run was never scored so): `eval --drop/--noise`, `train --robustness`."""
-    path = Path(run) / "robustness.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}): delete it and score again with `pipeline.py eval --run {run} "
-                        "--drop image`") from None
-
-
-def write_robustness(run: Path, result: dict) -> None:
-    write_atomic(Path(run) / "robustness.json", json.dumps(result, indent=1) + "\n")

@@ -4,10 +4,12 @@ write of it, is `train/run_folder.py`."""
 
 from __future__ import annotations
 
-import json
+import functools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from rich.console import Console
@@ -15,23 +17,50 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core.device import device
 from core.errors import Interrupted, UserError
-from core.paths import make_dir
 from train import data as cache
 from train import robustness
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
-from train.run_folder import (LogCsv, ProtocolCsv, default_out, epochs_done, evidence_twins, finished_seeds, load_head,
-                              open_run, read_robustness, save_atomic,
-                              save_seed, state_path, unfinished_seeds, write_config)
+from train.run_folder import RunFolder, default_out, evidence_twins
 from train.progress import EpochClock, EtaColumn
-from train.trainer import SeedResult, build_head, eval_orders, saved_logs, score_split, train_seed
+from train.scoring import eval_orders, score_split
+from train.trainer import EpochLog, SeedResult, build_head, saved_logs, train_seed
 
 
 @dataclass
 class RunResult:
     out: Path  # the run folder
     metrics: dict  # what metrics.json holds
+
+
+@dataclass
+class Plan:
+    """A run as planned once, under its folder's writer lock: what `train` shows and `run` trains
+    (resolving the config, finding the finished seeds and loading the saved states once)."""
+    cfg: TrainConfig  # resolved, `out` set
+    folder: RunFolder
+    done: dict[int, SeedResult]  # finished seeds, from their seed-<s>.json
+    partial: dict[int, dict]  # saved states (weights, optimizer, ...) of seeds cut off mid-way
+
+    @property
+    def todo(self) -> list[int]:
+        return [seed for seed in self.cfg.seeds if seed not in self.done]
+
+
+@contextmanager
+def planned(cfg: TrainConfig, data: cache.Data) -> Iterator[Plan]:
+    """Plan the run of `cfg` on `data` in `cfg.out` (default: named from the config's hash) and hold
+    its folder's writer lock for the block: one writer per run folder, from the first read of its
+    finished seeds to the last file written. A folder of other files, or of a run with other
+    settings, cache or code, is refused before anything is written."""
+    cfg = cfg.resolved()
+    cfg = replace(cfg, out=Path(cfg.out or default_out(cfg)))
+    folder = RunFolder(cfg.out)
+    folder.check_out()
+    with folder.writer():
+        done = folder.finished_seeds(cfg, data.provenance)
+        yield Plan(cfg, folder, done, folder.load_states(cfg, done))
 
 
 ROBUSTNESS = {"drop": ["text", "image"], "noise": [0.5, 1.0]}  # what `train --robustness` scores
@@ -47,43 +76,43 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
     t0 = time.time()
     data = load_data(cfg)
     build_head(cfg, data)  # a bad --head or --text-layers fails here, before a run folder is written
-    cfg = replace(cfg, out=Path(cfg.out or default_out(cfg)))
-    done = finished_seeds(cfg.out, cfg, data.provenance)
-    kept = {seed: state["epoch"] for seed, state in unfinished_seeds(cfg.out, cfg, done).items()}
-    sizes = {s: len(v) for s, v in data.splits.items()}
-    console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
-                  + (f" ({data.dropped} items without image left out)" if data.dropped else "")
-                  + (f"; resuming {cfg.out}, seeds {sorted(done)} already done" if done else ""))
-    for seed, epoch in kept.items():
-        console.print(f"seed {seed}: resuming after epoch {epoch} of {cfg.epochs}")
-    clock = EpochClock(len(cfg.seeds) * cfg.epochs, *epochs_done(cfg.out, cfg))
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        EtaColumn(), TextColumn("{task.fields[status]}"), console=console,
-    ) as progress:
-        overall = progress.add_task("all seeds", status="", **clock.fields())
-        tasks = {seed: progress.add_task(f"seed {seed}", total=cfg.epochs,
-                                         completed=cfg.epochs if seed in done else kept.get(seed, 0),
-                                         status="done earlier" if seed in done else "") for seed in cfg.seeds}
-        best: dict[int, tuple[float, int]] = {}
+    with planned(cfg, data) as plan:
+        cfg, done = plan.cfg, plan.done
+        kept = {seed: state["epoch"] for seed, state in plan.partial.items()}
+        sizes = {s: len(v) for s, v in data.splits.items()}
+        console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
+                      + (f" ({data.dropped} items without image left out)" if data.dropped else "")
+                      + (f"; resuming {cfg.out}, seeds {sorted(done)} already done" if done else ""))
+        for seed, epoch in kept.items():
+            console.print(f"seed {seed}: resuming after epoch {epoch} of {cfg.epochs}")
+        clock = EpochClock(len(cfg.seeds) * cfg.epochs, *plan.folder.epochs_done(cfg))
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            EtaColumn(), TextColumn("{task.fields[status]}"), console=console,
+        ) as progress:
+            overall = progress.add_task("all seeds", status="", **clock.fields())
+            tasks = {seed: progress.add_task(f"seed {seed}", total=cfg.epochs,
+                                             completed=cfg.epochs if seed in done else kept.get(seed, 0),
+                                             status="done earlier" if seed in done else "") for seed in cfg.seeds}
+            best: dict[int, tuple[float, int]] = {}
 
-        def on_epoch(entry):
-            if entry.dev[cfg.select] > best.get(entry.seed, (-1.0, 0))[0]:
-                best[entry.seed] = (entry.dev[cfg.select], entry.epoch)
-            v, e = best[entry.seed]
-            losses = "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())
-            progress.update(tasks[entry.seed], completed=entry.epoch, status=(
-                f"{losses}  step two {entry.step_two_rate:.0%}  dev {cfg.select} {entry.dev[cfg.select]:.4f} "
-                f"(best {v:.4f} @ {e})  {entry.seconds:.1f} s/epoch"))
-            clock.update(clock.done + 1, clock.skipped)
-            progress.update(overall, **clock.fields())
+            def on_epoch(entry):
+                if entry.dev[cfg.select] > best.get(entry.seed, (-1.0, 0))[0]:
+                    best[entry.seed] = (entry.dev[cfg.select], entry.epoch)
+                v, e = best[entry.seed]
+                losses = "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())
+                progress.update(tasks[entry.seed], completed=entry.epoch, status=(
+                    f"{losses}  step two {entry.step_two_rate:.0%}  dev {cfg.select} {entry.dev[cfg.select]:.4f} "
+                    f"(best {v:.4f} @ {e})  {entry.seconds:.1f} s/epoch"))
+                clock.update(clock.done + 1, clock.skipped)
+                progress.update(overall, **clock.fields())
 
-        def on_seed_end(r):
-            progress.update(tasks[r.seed], completed=cfg.epochs)
-            clock.update(clock.done, clock.skipped + cfg.epochs - len(r.log))  # --patience stopped it early
-            progress.update(overall, **clock.fields())
+            def on_seed_end(r):
+                progress.update(tasks[r.seed], completed=cfg.epochs)
+                clock.update(clock.done, clock.skipped + cfg.epochs - len(r.log))  # --patience stopped it early
+                progress.update(overall, **clock.fields())
 
-        result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
+            result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
     if robust:
         score_default_robustness(result.out, cfg, data)
     for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
@@ -94,97 +123,105 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
 def score_default_robustness(out: Path, cfg: TrainConfig, data: cache.Data) -> None:
     """`--robustness`: every seed's selected weights without each modality and with noise
     (ROBUSTNESS), unless robustness.json has those conditions already (a resumed grid)."""
+    cfg = cfg.resolved()
     conds = robustness.conditions(cfg.head_config.reads(), ROBUSTNESS["drop"], ROBUSTNESS["noise"])
-    if set(conds) - set(read_robustness(out).get("summary", {})):
+    if set(conds) - set(RunFolder(out).robustness().get("summary", {})):
         robustness.evaluate_run(out, cfg, data, conds, device())
 
 
 def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
               t0: float | None = None, jobs: int = 1, threads: int | None = None) -> RunResult:
-    """The library call under every command: train every seed of `cfg` on already loaded `data`
-    into `cfg.out` (default: named from the config's hash), resuming finished seeds and the
-    unfinished one after its last finished epoch; no UI. Ctrl-C raises `Interrupted` saying what
-    was kept. A grid calls it once per cell with the same `data`, so the cache is loaded once.
+    """The library call under every command: plan the run of `cfg` on already loaded `data` and
+    train it (`run`), holding its folder's writer lock throughout; no UI. A grid calls it once
+    per cell with the same `data`, so the cache is loaded once."""
+    with planned(cfg, data) as plan:
+        return run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
+
+
+def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
+        t0: float | None = None, jobs: int = 1, threads: int | None = None) -> RunResult:
+    """Train every seed of a plan into its folder, finished seeds kept and the unfinished ones
+    resumed after their last finished epoch. Ctrl-C raises `Interrupted` saying what was kept.
     `jobs` > 1 trains the seeds in that many worker processes (`threads` each), with the same
     numbers: a seed's training depends on its seed alone."""
     t0 = t0 or time.time()
-    cfg = cfg.resolved()
-    out = Path(cfg.out or default_out(cfg))
-    cfg = replace(cfg, out=out)
-    done = finished_seeds(out, cfg, data.provenance)
-    partial = unfinished_seeds(out, cfg, done)
-    make_dir(out)
-    write_config(out, cfg, data)
-    resumed = [entry for state in partial.values() for entry in saved_logs(state)]
-    logs = [LogCsv(out / "log.csv", done, resumed)]
-    if cfg.protocol_check:
-        logs.append(ProtocolCsv(out / "protocol.csv", done, resumed))
-    kept = {seed: state["epoch"] for seed, state in partial.items()}  # the last saved epoch of each seed
+    cfg, folder, done = plan.cfg, plan.folder, dict(plan.done)
+    folder.write_config(cfg, data)
+    resumed = [entry for state in plan.partial.values() for entry in saved_logs(state)]
+    logs = folder.logs(done, resumed, cfg.protocol_check)
     for seed in done:
-        state_path(out, seed).unlink(missing_ok=True)  # Ctrl-C came between seed-<s>.json and this
-    todo = [seed for seed in cfg.seeds if seed not in done]
+        folder.drop_state(seed)  # Ctrl-C came between seed-<s>.json and this
+    todo = plan.todo
 
-    def each(entry):
+    def each(entry: EpochLog) -> None:
         for log in logs:
             log.add(entry)
         on_epoch(entry)
 
     def finish(r: SeedResult) -> None:
-        save_seed(out, r)
-        state_path(out, r.seed).unlink(missing_ok=True)
+        folder.save_seed(r)
+        folder.drop_state(r.seed)
         on_seed_end(r)
         done[r.seed] = r
 
     try:
         if jobs > 1 and len(todo) > 1:
-            _train_seeds_in_pool(cfg, todo, partial, jobs, threads, each, finish, kept)
+            _train_seeds_in_pool(plan, todo, jobs, threads, each, finish)
         else:
             for seed in todo:
-                def save(state, seed=seed):
-                    save_atomic(state, state_path(out, seed))
-                    kept[seed] = state["epoch"]
-
-                finish(train_seed(cfg, data, seed, on_epoch=each, resume=partial.get(seed), save=save))
+                finish(train_seed(cfg, data, seed, on_epoch=each, resume=plan.partial.get(seed),
+                                  save=functools.partial(folder.save_state, seed)))
     except KeyboardInterrupt:
         finished = [s for s in cfg.seeds if s in done]
         unfinished = [s for s in todo if s not in done]
-        cut = [s for s in unfinished if kept.get(s)] or unfinished[:1]  # seeds with epochs kept, else the one cut
-        raise Interrupted(interrupt_note(out, finished, {s: kept.get(s, 0) for s in cut})) from None
+        kept = folder.kept_epochs(unfinished)  # what the state files on disk hold, wherever they were written
+        cut = [s for s in unfinished if kept[s]] or unfinished[:1]  # seeds with epochs kept, else the one cut
+        raise Interrupted(interrupt_note(folder.path, finished, {s: kept.get(s, 0) for s in cut})) from None
     results = [done[seed] for seed in cfg.seeds]
     metrics = summarize(cfg, results)
     orders = "the only label-blind order" if cfg.eval_orders == 1 else (
         f"the first of {cfg.eval_orders} label-blind orders; metrics.json holds the mean over the orders")
-    (out / "report.txt").write_text("".join(
+    folder.write_report("".join(
         f"seed {r.seed} (best dev epoch {r.best_epoch}), test in {orders}\n"
         + report(data.splits["test"].labels.numpy(), r.test_pred, data.classes) + "\n"
         for r in results
     ))
     metrics["wall_seconds"] = time.time() - t0
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return RunResult(out, metrics)
+    folder.write_metrics(metrics)
+    return RunResult(folder.path, metrics)
 
 
 # --- seeds in worker processes (`train --jobs N`) ---------------------------------------------
 
-_WORKER: dict = {}  # a worker's queue of epoch logs and its copy of the cache
+@dataclass(frozen=True)
+class EpochDone:
+    """What a worker sends the main process (which alone writes log.csv and shows progress): a
+    seed finished an epoch. A worker's saved states go straight to the run folder, and what they
+    hold is read from there (`RunFolder.kept_epochs`), so no other message is needed."""
+    log: EpochLog
+
+
+_WORKER: dict = {}  # a worker's queue of messages and its copy of the cache
 
 
 def _keep_queue(queue) -> None:
     _WORKER["queue"] = queue
 
 
-def _seed_job(cfg: TrainConfig, seed: int, resume: dict | None) -> SeedResult:
+def _send_epoch(log: EpochLog) -> None:
+    _WORKER["queue"].put(EpochDone(log))
+
+
+def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None) -> SeedResult:
     """One seed in a worker: the cache is loaded once per worker; epoch logs go back to the main
-    process (which alone writes log.csv), the resumable state straight to the run folder."""
+    process, the resumable state after each epoch straight to the run folder."""
     if "data" not in _WORKER:
         _WORKER["data"] = load_data(cfg)
-    queue = _WORKER["queue"]
-    return train_seed(cfg, _WORKER["data"], seed, on_epoch=queue.put, resume=resume,
-                      save=lambda state: (save_atomic(state, state_path(cfg.out, seed)), queue.put(("saved", seed,
-                                                                                                   state["epoch"]))))
+    return train_seed(cfg, _WORKER["data"], seed, on_epoch=_send_epoch, resume=resume,
+                      save=functools.partial(folder.save_state, seed))
 
 
-def _train_seeds_in_pool(cfg, seeds, partial, jobs, threads, each, finish, kept) -> None:
+def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int | None, each, finish) -> None:
     """Train `seeds` in `jobs` pinned workers; the epoch logs they send are handed to `each` here,
     in the order they arrive, and a seed is finished only after its last epoch's log."""
     import multiprocessing
@@ -193,25 +230,23 @@ def _train_seeds_in_pool(cfg, seeds, partial, jobs, threads, each, finish, kept)
     from core import threads as core_threads
 
     q = multiprocessing.get_context().Queue()
+    partial = plan.partial
     seen = {seed: len(saved_logs(partial[seed])) if seed in partial else 0 for seed in seeds}
 
     def drain(wait: float) -> None:
-        """Hand on everything the workers sent, waiting up to `wait` s for the first item."""
+        """Hand on everything the workers sent, waiting up to `wait` s for the first message."""
         try:
-            item = q.get(timeout=wait)
+            message: EpochDone = q.get(timeout=wait)
             while True:
-                if isinstance(item, tuple):  # ("saved", seed, epoch): its state file is on disk
-                    kept[item[1]] = item[2]
-                else:
-                    seen[item.seed] += 1
-                    each(item)
-                item = q.get_nowait()
+                seen[message.log.seed] += 1
+                each(message.log)
+                message = q.get_nowait()
         except queue_lib.Empty:
             pass
 
     pool = core_threads.worker_pool(min(jobs, len(seeds)), threads, _keep_queue, (q,))
     try:
-        pending = {pool.submit(_seed_job, cfg, seed, partial.get(seed)): seed for seed in seeds}
+        pending = {pool.submit(_seed_job, plan.cfg, plan.folder, seed, partial.get(seed)): seed for seed in seeds}
         while pending:
             drain(0.2)
             for f in [f for f in pending if f.done()]:
@@ -258,7 +293,7 @@ def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
 
 
 def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
-    """`--protocol-check` over seeds (mean and sample std of each seed's `trainer.protocol_check`):
+    """`--protocol-check` over seeds (mean and sample std of each seed's `scoring.protocol_check`):
     what the authors' protocol (test in file order after every epoch, the best or the last epoch
     reported) would have said, beside the run's label-blind dev-selected `test`. Nothing is
     selected on it; `inflation` is how far the best epoch's file-order accuracy overstates `test`."""
@@ -275,22 +310,22 @@ def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
 def evaluate(run: Path, cache_dir: Path | None = None, drop: list[str] = (), noise: list[float] = ()) -> dict:
     """Recompute test metrics from the checkpoints and the cache; compare with metrics.json. With
     `drop`/`noise`, also score the robustness conditions (train/robustness.py) into robustness.json."""
-    run = Path(run)
-    saved, cfg, data = open_run(run, cache_dir)
+    folder = RunFolder(run)
+    saved, cfg, data = folder.open(cache_dir)
     test = data.splits["test"]
     per_seed = []
     for seed in cfg.seeds:
-        head = load_head(run, cfg, data.dims, seed)
+        head = folder.load_head(cfg, data.dims, seed)
         s, _ = score_split(head, test, cfg, data.dims.n_classes, device(), eval_orders(len(test), cfg))
         per_seed.append({"seed": seed, **{m: s[m] for m in METRICS}})
     result = {"test": {m: mean_std([p[m] for p in per_seed]) for m in METRICS}, "per_seed": per_seed}
-    if (run / "metrics.json").is_file():
-        recorded = json.loads((run / "metrics.json").read_text())
+    if folder.is_finished():
+        recorded = folder.metrics()
         result["matches_metrics_json"] = all(
             abs(p[m] - r["test"][m]) < 1e-9 for p, r in zip(per_seed, recorded["per_seed"]) for m in METRICS
         )
     if drop or noise:
-        result["robustness"] = score_robustness(run, cfg, data, list(drop), list(noise))
+        result["robustness"] = score_robustness(Path(run), cfg, data, list(drop), list(noise))
     return result
 
 
