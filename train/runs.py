@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from core.device import device
 from core.errors import Interrupted
 from core.paths import make_dir
+from core.terminal import Screen
 from train import data as cache
 from train.config import METRICS, TrainConfig
 from train.data import load_data
@@ -23,7 +23,7 @@ from train.metrics import mean_std, report
 from train.run_folder import (LogCsv, ProtocolCsv, default_out, epochs_done, evidence_twins, finished_seeds, load_head,
                               open_run, save_atomic,
                               save_seed, state_path, unfinished_seeds, write_config)
-from train.progress import EpochClock, EtaColumn
+from train.progress import Board, EpochClock, ItemRow, epoch_fields, plain
 from train.trainer import SeedResult, build_head, eval_orders, saved_logs, score_split, train_seed
 
 
@@ -40,42 +40,52 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
     cfg = cfg.resolved()
     t0 = time.time()
     data = load_data(cfg)
-    build_head(cfg, data)  # a bad --head or --text-layers fails here, before a run folder is written
+    # a bad --head or --text-layers fails here, before a run folder is written; "step two" shows
+    # only for heads that have one
+    step_two = build_head(cfg, data).has_second_step
     cfg = replace(cfg, out=Path(cfg.out or default_out(cfg)))
     done = finished_seeds(cfg.out, cfg, data.provenance)
-    kept = {seed: state["epoch"] for seed, state in unfinished_seeds(cfg.out, cfg, done).items()}
+    partial = unfinished_seeds(cfg.out, cfg, done)
+    kept = {seed: state["epoch"] for seed, state in partial.items()}
     sizes = {s: len(v) for s, v in data.splits.items()}
     console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
                   + (f" ({data.dropped} items without image left out)" if data.dropped else "")
                   + (f"; resuming {cfg.out}, seeds {sorted(done)} already done" if done else ""))
     for seed, epoch in kept.items():
         console.print(f"seed {seed}: resuming after epoch {epoch} of {cfg.epochs}")
-    clock = EpochClock(len(cfg.seeds) * cfg.epochs, *epochs_done(cfg.out, cfg))
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        EtaColumn(), TextColumn("{task.fields[status]}"), console=console,
-    ) as progress:
-        overall = progress.add_task("all seeds", status="", **clock.fields())
-        tasks = {seed: progress.add_task(f"seed {seed}", total=cfg.epochs,
-                                         completed=cfg.epochs if seed in done else kept.get(seed, 0),
-                                         status="done earlier" if seed in done else "") for seed in cfg.seeds}
-        best: dict[int, tuple[float, int]] = {}
-
+    todo = [seed for seed in cfg.seeds if seed not in done]
+    lanes = min(jobs, len(todo)) if jobs > 1 and len(todo) > 1 else 1
+    clock = EpochClock(dict.fromkeys(todo, cfg.epochs), lanes, kept, earlier=sum(len(r.log) for r in done.values()))
+    # the best dev epoch so far, as the trainer selects it (the first of equals), from what a
+    # finished or resumed seed saved: a resumed seed's earlier epochs count
+    best: dict[int, tuple[float, int]] = {seed: (r.dev[cfg.select], r.best_epoch) for seed, r in done.items()}
+    best.update({seed: (state["best"]["dev"][cfg.select], state["best"]["epoch"])
+                 for seed, state in partial.items() if state.get("best")})
+    rows = {seed: ItemRow(f"seed {seed}", len(done[seed].log), len(done[seed].log),
+                          f"done earlier, best {best[seed][0]:.4f} @ {best[seed][1]}") if seed in done else
+            ItemRow(f"seed {seed}", cfg.epochs, kept.get(seed, 0), "waiting") for seed in cfg.seeds}
+    board = Board("all seeds", clock, rows)
+    with Screen(console, board.render) as screen:
         def on_epoch(entry):
-            if entry.dev[cfg.select] > best.get(entry.seed, (-1.0, 0))[0]:
-                best[entry.seed] = (entry.dev[cfg.select], entry.epoch)
-            v, e = best[entry.seed]
-            losses = "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())
-            progress.update(tasks[entry.seed], completed=entry.epoch, status=(
-                f"{losses}  step two {entry.step_two_rate:.0%}  dev {cfg.select} {entry.dev[cfg.select]:.4f} "
-                f"(best {v:.4f} @ {e})  {entry.seconds:.1f} s/epoch"))
-            clock.update(clock.done + 1, clock.skipped)
-            progress.update(overall, **clock.fields())
+            with screen.lock:
+                if entry.dev[cfg.select] > best.get(entry.seed, (-1.0, 0))[0]:
+                    best[entry.seed] = (entry.dev[cfg.select], entry.epoch)
+                clock.update(entry.seed, entry.epoch, seconds=entry.seconds)
+                row = rows[entry.seed]
+                row.done, row.status = entry.epoch, ""
+                row.fields = epoch_fields(entry, cfg.select, best[entry.seed], step_two)
+                screen.log(plain(f"seed {entry.seed} epoch {entry.epoch}/{cfg.epochs}", row.fields,
+                                 "| all seeds", clock.figures()))
+            screen.refresh()
 
         def on_seed_end(r):
-            progress.update(tasks[r.seed], completed=cfg.epochs)
-            clock.update(clock.done, clock.skipped + cfg.epochs - len(r.log))  # --patience stopped it early
-            progress.update(overall, **clock.fields())
+            with screen.lock:
+                clock.finish(r.seed)  # --patience may have stopped it early
+                row = rows[r.seed]
+                row.planned = row.done = len(r.log)
+                row.status, row.fields = f"done, best {r.dev[cfg.select]:.4f} @ {r.best_epoch}", []
+                screen.log(plain(f"seed {r.seed} {row.status} ({len(r.log)} epochs)", "| all seeds", clock.figures()))
+            screen.refresh()
 
         result = train_run(cfg, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
     for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
