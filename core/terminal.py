@@ -139,3 +139,83 @@ class Screen:
         if self.live is not None:
             self.live.stop()  # leaves the last drawing on screen
             self.live = None
+
+
+class Pass:
+    """One pass of `extract` over items (the texts, a dropout view, the images), cut in shards."""
+
+    def __init__(self, label: str, total: int, unit: str, shards: int, cached: int = 0):
+        self.label, self.total, self.unit, self.shards, self.cached = label, total, unit, shards, cached
+        self.done = self.shards_done = 0
+        self.started: float | None = None
+        self.finished: float | None = None
+
+    def figures(self, now: float) -> tuple[list[str], list[str]]:
+        """(count, elapsed, ETA), then the rate and the shards: what the line must and may show."""
+        spent = 0.0 if self.started is None else (self.finished or now) - self.started
+        rate = self.done / spent if spent > 0 and self.done else None
+        eta = 0.0 if self.done >= self.total else (None if rate is None else (self.total - self.done) / rate)
+        must = [f"{self.done}/{self.total} {self.unit}", hms(spent), f"ETA {hms(eta)}"]
+        may = [f"{rate:.1f} {self.unit}/s" if rate is not None else "", f"shard {self.shards_done}/{self.shards}"]
+        return must, [m for m in may if m]
+
+
+class Passes:
+    """`extract`'s lines, one per pass: a bar of items, the count, elapsed and ETA, the rate; a pass
+    whose shards are all on disk already is one line of words, not a bar. Off a terminal: a plain
+    line per shard written."""
+
+    def __init__(self, console: Console):
+        self.passes: list[Pass] = []
+        self.screen = Screen(console, self.render)
+
+    def __enter__(self) -> Passes:
+        self.screen.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.screen.__exit__(*exc)
+
+    def add(self, label: str, total: int, unit: str, shards: int, cached: int = 0) -> Pass:
+        p = Pass(label, total, unit, shards, cached)
+        with self.screen.lock:
+            self.passes.append(p)
+            if not shards:
+                self.screen.log(f"{label}: cached ({cached} shard(s) on disk)")
+        self.screen.refresh()
+        return p
+
+    def advance(self, p: Pass, n: int) -> None:
+        import time
+
+        with self.screen.lock:
+            p.started = p.started or time.monotonic()
+            p.done += n
+        self.screen.refresh()
+
+    def shard_written(self, p: Pass) -> None:
+        import time
+
+        with self.screen.lock:
+            p.shards_done += 1
+            if p.done >= p.total:
+                p.finished = time.monotonic()
+            must, may = p.figures(time.monotonic())
+            self.screen.log(f"{p.label}: shard {p.shards_done}/{p.shards} written  " + "  ".join(must + may[:1]))
+        self.screen.refresh()
+
+    def render(self, width: int) -> list[Text]:
+        import time
+
+        now = time.monotonic()
+        label_width = min(24, max((len(p.label) for p in self.passes), default=0))
+        lines = []
+        for p in self.passes:
+            if not p.shards:
+                lines.append(fit_line(p.label, None, [f"cached ({p.cached} shard(s) on disk)"], (), width,
+                                      label_width=label_width))
+                continue
+            must, may = p.figures(now)
+            bar_width = room_for_bar(label_width, must, width)
+            lines.append(fit_line(p.label, p.done / p.total if p.total else 1.0, must, may, width, bar_width, label_width))
+        return lines

@@ -13,11 +13,12 @@ from core.terminal import Screen, fit_line, hms
 from train.progress import RECENT, Board, EpochClock, ItemRow
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+BAR = re.compile("[━─]{3,}")  # done part, then the rest
 
 
 def screen_lines(render, width: int) -> list[str]:
     console = Console(file=StringIO(), width=width, force_terminal=True, color_system="truecolor")
-    console.print(Board.__new__(Board) if False else _Render(render))
+    console.print(_Render(render))
     return [ANSI.sub("", line) for line in console.file.getvalue().splitlines()]
 
 
@@ -110,10 +111,10 @@ def test_every_line_fits_and_the_bar_count_and_eta_stay_on_screen(width):
     assert len(lines) == 6  # no line wrapped
     assert all(len(line) <= width for line in lines)
     top = lines[0]
-    assert top.startswith("all seeds") and "━" in top and "121/750 epochs" in top and "ETA " in top
+    assert top.startswith("all seeds") and BAR.search(top) and "121/750 epochs" in top and "ETA " in top
     assert re.search(r"ETA \d:\d\d:\d\d", top) and re.search(r"\d:\d\d:\d\d  ETA", top)  # elapsed, then ETA
     seed1 = lines[1]
-    assert seed1.startswith("seed 1") and "━" in seed1 and "61/150" in seed1 and "dev wF1 0.6796" in seed1
+    assert seed1.startswith("seed 1") and BAR.search(seed1) and "61/150" in seed1 and "dev wF1 0.6796" in seed1
     if width >= 120:
         assert "s/epoch" in seed1
     if width >= 200:
@@ -124,7 +125,7 @@ def test_every_line_fits_and_the_bar_count_and_eta_stay_on_screen(width):
 def test_a_very_narrow_terminal_shortens_the_label_never_the_figures():
     line = fit_line("a grid with a very long name indeed", 0.5, ["12/40 epochs", "0:01:02", "ETA 0:03:00"],
                     ["last: w/o CMF"], 60).plain
-    assert len(line) <= 60 and "━" in line and "12/40 epochs" in line and "ETA 0:03:00" in line
+    assert len(line) <= 60 and BAR.search(line) and "12/40 epochs" in line and "ETA 0:03:00" in line
     assert "…" in line and "last" not in line
 
 
@@ -138,3 +139,85 @@ def test_off_a_terminal_the_screen_prints_one_plain_line_per_event():
         screen.log("seed 1 epoch 1/2  dev wF1 0.5000")
         screen.refresh()
     assert console.file.getvalue() == "seed 1 epoch 1/2  dev wF1 0.5000\n"  # no bars, no escape codes
+
+
+def _grid_board():
+    clock = EpochClock({"full": 750, "w/o CMF": 750, "text only": 750}, lanes=2, now=0.0)
+    rows = {k: ItemRow(k, 750, 0, "waiting") for k in clock.planned}
+    clock.begin("full", now=0.0)
+    clock.update("full", 20, now=40.0)
+    rows["full"].done, rows["full"].status, rows["full"].fields = 20, "training", ["2.0 s/epoch"]
+    return Board("grid", clock, rows, note="last done: a cell with a long name")
+
+
+def _extract_lines(width):
+    from core.terminal import Passes
+
+    console = Console(file=StringIO(), width=width, force_terminal=False)
+    passes = Passes(console)
+    text = passes.add("text  sentence-transformers/all-MiniLM-L6-v2", 4511, "texts", 9)
+    passes.add("image efficientnet-lite0", 0, "images", 0, cached=9)
+    passes.advance(text, 1000)
+    passes.shard_written(text)
+    return passes.render
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_grid_and_extract_lines_fit_with_bar_count_and_eta(width):
+    lines = screen_lines(_grid_board().render, width)
+    assert len(lines) == 4 and all(len(line) <= width for line in lines)
+    assert lines[0].startswith("grid") and BAR.search(lines[0]) and "20/2250 epochs" in lines[0] and "ETA" in lines[0]
+    assert "20/750" in lines[1] and "training" in lines[1]
+    lines = screen_lines(_extract_lines(width), width)
+    assert len(lines) == 2 and all(len(line) <= width for line in lines)
+    assert BAR.search(lines[0]) and "1000/4511 texts" in lines[0] and "ETA" in lines[0]
+    assert "cached (9 shard(s) on disk)" in lines[1] and not BAR.search(lines[1]) and "-:--:--" not in lines[1]
+
+
+def test_extract_off_a_terminal_prints_a_line_per_shard():
+    from core.terminal import Passes
+
+    console = Console(file=StringIO(), width=80, force_terminal=False)
+    with Passes(console) as passes:
+        text = passes.add("text  minilm", 10, "texts", 2)
+        passes.add("image lite0", 0, "images", 0, cached=2)
+        for _ in range(2):
+            passes.advance(text, 5)
+            passes.shard_written(text)
+    out = console.file.getvalue().splitlines()
+    assert out[0] == "image lite0: cached (2 shard(s) on disk)"
+    assert out[1].startswith("text  minilm: shard 1/2 written  5/10 texts") and "ETA" in out[1]
+    assert out[2].startswith("text  minilm: shard 2/2 written  10/10 texts") and "ETA 0:00:00" in out[2]
+
+
+def _synth_cfg(c, out, **kw):
+    from train.config import TrainConfig
+
+    return TrainConfig(**{**dict(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder,
+                                 image_encoder=c.image_encoder, epochs=2, seeds=(1,), batch_size=12, out=out), **kw})
+
+
+def test_train_off_a_terminal_prints_a_line_per_epoch_and_seed(synth_cache, tmp_path, one_thread):
+    from train import runs
+
+    console = Console(file=StringIO(), width=80, force_terminal=False)
+    runs.train(_synth_cfg(synth_cache, tmp_path / "run"), console)
+    lines = console.file.getvalue().splitlines()
+    epochs = [line for line in lines if line.startswith("seed 1 epoch ")]
+    assert [line.split()[3] for line in epochs] == ["1/2", "2/2"]
+    assert all("dev wF1" in line and "| all seeds" in line and "ETA" in line for line in epochs)
+    assert "step two" in epochs[0]  # spp_scl has a step two
+    assert any(line.startswith("seed 1 done, best") for line in lines)
+    assert "\x1b[" not in console.file.getvalue()
+
+
+def test_train_on_an_80_column_terminal_keeps_the_bar_count_and_eta(synth_cache, tmp_path, one_thread):
+    from train import runs
+
+    console = Console(file=StringIO(), width=80, force_terminal=True, color_system=None)
+    runs.train(_synth_cfg(synth_cache, tmp_path / "run", head="probe"), console)
+    frames = ANSI.sub("", console.file.getvalue()).splitlines()
+    tops = [line for line in frames if line.startswith("all seeds")]
+    assert tops and all(len(line) <= 80 for line in frames)
+    assert BAR.search(tops[-1]) and "2/2 epochs" in tops[-1] and "ETA 0:00:00" in tops[-1]
+    assert not any("step two" in line for line in frames)  # the probe has no step two
