@@ -176,7 +176,7 @@ def train(
     eval_orders: int = typer.Option(5, min=1, help="test is the mean over this many seeded random orders (label-blind)"),
     text_views: bool = typer.Option(False, "--text-views", help="train on the cached dropout views of the texts (extract --text-views K)"),
     select: Optional[Metric] = typer.Option(None, help=f"dev metric that picks the epoch {default_help('select')}"),
-    out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<time>]"),
+    out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<dataset>-<head>-<hash of the settings>: the same settings resume the same folder]"),
     splits: Optional[Path] = typer.Option(None, help="folder of split files {train,dev,test}.txt (ids) from `audit --write-clean`"),
     jobs: Optional[int] = JobsOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -314,6 +314,9 @@ def _show(metrics: dict, title: str) -> None:
     table.add_column("split")
     for m in ("accuracy", "weighted_f1", "macro_f1"):
         table.add_column(m)
+    from train.metrics import shown
+
+    n = len(metrics.get("per_seed", [])) or 2
     protocol = metrics.get("protocol_check", {})
     rows = {"dev": metrics.get("dev"), "test (label-blind)": metrics.get("test"),
             "test in file order (leak check)": metrics.get("leak_check"),
@@ -322,12 +325,11 @@ def _show(metrics: dict, title: str) -> None:
             "test, file order, last epoch (authors' protocol)": protocol.get("last_epoch")}
     for label, values in rows.items():
         if values is not None:
-            table.add_row(label, *(f"{values[m]['mean']:.4f} ± {values[m]['std']:.4f}"
-                                   for m in ("accuracy", "weighted_f1", "macro_f1")))
+            table.add_row(label, *(shown(values[m], n) for m in ("accuracy", "weighted_f1", "macro_f1")))
     if protocol:
         inflation = protocol["inflation"]
         table.caption = (f"inflation (best epoch in file order minus label-blind test accuracy): "
-                         f"{inflation['mean']:.4f} ± {inflation['std']:.4f}; nothing is selected on test")
+                         f"{shown(inflation, n)}; nothing is selected on test")
     console.print(table)
 
 
@@ -335,13 +337,14 @@ def _show(metrics: dict, title: str) -> None:
 def evaluate(
     run: Path = typer.Option(..., help="run folder written by train"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
+    seed: Optional[int] = typer.Option(None, help="one seed's weights [default: every seed of the run]"),
     threads: Optional[int] = ThreadsOpt,
 ):
     """Recompute test metrics from a run's checkpoints and the cache (must match metrics.json)."""
     _threads.use(threads)
     from train.runs import evaluate as run_eval
 
-    result = run_eval(run, cache_dir)
+    result = run_eval(run, cache_dir, seed)
     _show(result, f"{run} (recomputed)")
     if result.get("matches_metrics_json") is False:
         raise UserError(f"recomputed test metrics differ from {run}/metrics.json: was the cache rebuilt?")
@@ -445,7 +448,9 @@ def predict_cmd(
         for p in preds:
             print(json.dumps(p.to_json()))
         return
-    table = Table(title=f"{run}" + (f" (seed {seed})" if seed is not None else " (mean over seeds)"))
+    seeds = predictor.seeds
+    table = Table(title=f"{run}" + (f" (seed {seed})" if seed is not None else f" (seed {seeds[0]}, the run's only seed)"
+                                    if len(seeds) == 1 else f" (mean over seeds {', '.join(map(str, seeds))})"))
     for col in ("id", "label", *predictor.classes):
         table.add_column(col)
     for p in preds:

@@ -33,6 +33,7 @@ from core.shards import parse_shard
 from train import data as cache
 from train import run_folder, runs
 from train.config import METRICS, TrainConfig, family
+from train.metrics import shown
 from core.terminal import Screen
 from train.progress import Board, EpochClock, ItemRow, plain
 
@@ -261,7 +262,8 @@ def markdown(frame, dataset: str, head: str, cells: list[Cell]) -> str:
         delta = "" if "delta_accuracy" not in r or r["delta_accuracy"] != r["delta_accuracy"] else f"{r['delta_accuracy']:+.4f}"
         p = "" if "p_paired" not in r or r["p_paired"] != r["p_paired"] else f"{r['p_paired']:.3f}"
         noise = "" if not p else ("yes" if r["beyond_noise"] else "no")
-        lines.append(f"| {r['row']} | " + " | ".join(f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}" for m in METRICS)
+        lines.append(f"| {r['row']} | " + " | ".join(shown({"mean": r[f"{m}_mean"], "std": r[f"{m}_std"]}, len(seeds))
+                                                    for m in METRICS)
                      + f" | {paper} | {delta} | {p} | {noise} |")
     return "\n".join(lines) + "\n"
 
@@ -323,7 +325,8 @@ def _sweep_markdown(frame, cells: list[Cell]) -> str:
     lines = [_sweep_title(cells) + ".", "", "| cell | accuracy | weighted F1 | macro F1 | dev accuracy | dev weighted F1 | dev macro F1 |",
              "|---|---|---|---|---|---|---|"]
     for r in frame.to_dict("records"):
-        cols = [f"{r[f'{p}{m}_mean']:.4f} ± {r[f'{p}{m}_std']:.4f}" for p in ("", "dev_") for m in METRICS]
+        cols = [shown({"mean": r[f"{p}{m}_mean"], "std": r[f"{p}{m}_std"]}, len(cells[0].cfg.seeds))
+                for p in ("", "dev_") for m in METRICS]
         lines.append(f"| {r['cell']} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 

@@ -117,15 +117,29 @@ def _flat(config: dict) -> dict:
     return out
 
 
+def _defaults(config: dict) -> dict:
+    """The settings a run of this data set and head has when nothing is set (resolved as a run's
+    are), flattened as `_flat` does; {} when they cannot be built (a head no longer registered)."""
+    from train.config import TrainConfig
+
+    try:
+        train = config["train"]
+        return _flat({"train": TrainConfig(dataset=train["dataset"], head=train["head"]).resolved().to_json()})
+    except Exception:  # an old or foreign config: every setting may then show
+        return {}
+
+
 def settings_apart(rows: list[Row]) -> None:
     """Each row's settings that set it apart: a value other than the one most rows share (among the
     rows that have the field at all, so a head's own fields compare within that head), or, where
-    no two rows share a value (a sweep), every row's."""
+    no two rows share a value (a sweep), every row's. A value equal to the default of the row's
+    head and data set never sets it apart: a row of defaults reads `defaults`."""
     flats = [_flat(r.config) for r in rows]
     for r, flat in zip(rows, flats):
         apart = {}
+        default = _defaults(r.config)
         for k, v in flat.items():
-            if k == "head":
+            if k == "head" or (k in default and json.dumps(default[k], sort_keys=True) == json.dumps(v, sort_keys=True)):
                 continue
             counts = Counter(json.dumps(f[k], sort_keys=True) for f in flats if k in f)
             common, n = counts.most_common(1)[0]  # ties: the first row's value
@@ -296,8 +310,11 @@ def build(paths: list[str | Path], against: str | None = None, allow_mixed: bool
     return table
 
 
-def _ms(m: dict) -> str:
-    return f"{m['mean']:.4f} ± {m['std']:.4f}"
+def _ms(m: dict, n: int) -> str:
+    """mean ± sample std over `n` seeds (one seed: the std is undefined, "n/a")."""
+    from train.metrics import shown
+
+    return shown(m, n)
 
 
 def _settings(r: Row) -> str:
@@ -310,7 +327,8 @@ def _protocol(r: Row) -> list[str]:
     p = r.metrics.get("protocol_check")
     if p is None:
         return ["", ""]
-    return [f"{_ms(p['best_epoch']['accuracy'])} / {_ms(p['last_epoch']['accuracy'])}", f"{p['inflation']['mean']:+.4f}"]
+    n = len(r.seeds)
+    return [f"{_ms(p['best_epoch']['accuracy'], n)} / {_ms(p['last_epoch']['accuracy'], n)}", f"{p['inflation']['mean']:+.4f}"]
 
 
 def markdown(table: Table) -> str:
@@ -330,7 +348,7 @@ def markdown(table: Table) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.rows:
         epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
-        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m]) for m in METRICS), epochs]
+        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m], len(r.seeds)) for m in METRICS), epochs]
         if protocol:
             cells += _protocol(r)
         if table.reference is not None:
@@ -375,7 +393,7 @@ def _gain_cells(table: Table, r: Row) -> list[str]:
     if g is None:
         return ["(none)"] + [""] * (n - 1)
     p = "" if math.isnan(g["p_gain_holm"]) else f", p {g['p_gain_holm']:.3f}"
-    cells = [_ms(b.metrics["test"]["accuracy"]), f"{g['gain']:+.4f}{p}"]
+    cells = [_ms(b.metrics["test"]["accuracy"], len(b.seeds)), f"{g['gain']:+.4f}{p}"]
     if table.reference is not None:
         if r is table.reference:
             cells += ["(reference)", "", ""]

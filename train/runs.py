@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 
 from core.device import device
-from core.errors import Interrupted
+from core.errors import Interrupted, UserError
 from core.paths import make_dir
 from core.terminal import Screen
 from train import data as cache
@@ -266,20 +266,24 @@ def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
     return out
 
 
-def evaluate(run: Path, cache_dir: Path | None = None) -> dict:
-    """Recompute test metrics from the checkpoints and the cache; compare with metrics.json."""
+def evaluate(run: Path, cache_dir: Path | None = None, seed: int | None = None) -> dict:
+    """Recompute test metrics from the checkpoints (every seed's, or `seed`'s) and the cache;
+    compare with metrics.json."""
     run = Path(run)
     saved, cfg, data = open_run(run, cache_dir)
+    if seed is not None and seed not in cfg.seeds:
+        raise UserError(f"--seed {seed}: run {run} has seeds {', '.join(map(str, cfg.seeds))}")
     test = data.splits["test"]
     per_seed = []
-    for seed in cfg.seeds:
+    for seed in cfg.seeds if seed is None else (seed,):
         head = load_head(run, cfg, data.dims, seed)
         s, _ = score_split(head, test, cfg, data.dims.n_classes, device(), eval_orders(len(test), cfg))
         per_seed.append({"seed": seed, **{m: s[m] for m in METRICS}})
     result = {"test": {m: mean_std([p[m] for p in per_seed]) for m in METRICS}, "per_seed": per_seed}
     if (run / "metrics.json").is_file():
         recorded = json.loads((run / "metrics.json").read_text())
+        by_seed = {r["seed"]: r for r in recorded["per_seed"]}
         result["matches_metrics_json"] = all(
-            abs(p[m] - r["test"][m]) < 1e-9 for p, r in zip(per_seed, recorded["per_seed"]) for m in METRICS
+            p["seed"] in by_seed and abs(p[m] - by_seed[p["seed"]]["test"][m]) < 1e-9 for p in per_seed for m in METRICS
         )
     return result
