@@ -478,7 +478,7 @@ def results_cmd(
     if not runs:
         raise UserError("give run folders (or a folder of them), e.g. `pipeline.py results results/mvsa_s-heads --against probe`")
     table = results.build(runs, against, allow_mixed, baseline)
-    console.print(results.markdown(table), highlight=False, markup=False, soft_wrap=True)
+    console.print(results.screen_table(table, console.width), highlight=False)
     if out is not None:
         console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))
 
