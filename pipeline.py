@@ -171,6 +171,9 @@ def _show(metrics: dict, title: str) -> None:
     table.add_column("split")
     for m in ("accuracy", "weighted_f1", "macro_f1"):
         table.add_column(m)
+    from train.metrics import shown
+
+    n = len(metrics.get("per_seed", [])) or 2
     protocol = metrics.get("protocol_check", {})
     rows = {"dev": metrics.get("dev"), "test (label-blind)": metrics.get("test"),
             "test in file order (leak check)": metrics.get("leak_check"),
@@ -179,12 +182,11 @@ def _show(metrics: dict, title: str) -> None:
             "test, file order, last epoch (authors' protocol)": protocol.get("last_epoch")}
     for label, values in rows.items():
         if values is not None:
-            table.add_row(label, *(f"{values[m]['mean']:.4f} ± {values[m]['std']:.4f}"
-                                   for m in ("accuracy", "weighted_f1", "macro_f1")))
+            table.add_row(label, *(shown(values[m], n) for m in ("accuracy", "weighted_f1", "macro_f1")))
     if protocol:
         inflation = protocol["inflation"]
         table.caption = (f"inflation (best epoch in file order minus label-blind test accuracy): "
-                         f"{inflation['mean']:.4f} ± {inflation['std']:.4f}; nothing is selected on test")
+                         f"{shown(inflation, n)}; nothing is selected on test")
     console.print(table)
 
 
@@ -194,6 +196,7 @@ def evaluate(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
     drop: list[str] = typer.Option([], help="also score test with this modality replaced by its train mean: text or image (repeatable); written to robustness.json"),
     noise: list[float] = typer.Option([], help="also score test with Gaussian noise of SIGMA train stds on every feature (repeatable); written to robustness.json"),
+    seed: Optional[int] = typer.Option(None, help="one seed's weights [default: every seed of the run]"),
     threads: Optional[int] = ThreadsOpt,
 ):
     """Recompute test metrics from a run's checkpoints and the cache (must match metrics.json); with
@@ -201,7 +204,7 @@ def evaluate(
     _threads.use(threads)
     from train.runs import evaluate as run_eval
 
-    result = run_eval(run, cache_dir, drop, noise)
+    result = run_eval(run, cache_dir, seed, drop, noise)
     _show(result, f"{run} (recomputed)")
     if result.get("matches_metrics_json") is False:
         raise UserError(f"recomputed test metrics differ from {run}/metrics.json: was the cache rebuilt?")
@@ -294,7 +297,9 @@ def predict_cmd(
         for p in preds:
             print(json.dumps(p.to_json()))
         return
-    table = Table(title=f"{run}" + (f" (seed {seed})" if seed is not None else " (mean over seeds)"))
+    seeds = predictor.seeds
+    table = Table(title=f"{run}" + (f" (seed {seed})" if seed is not None else f" (seed {seeds[0]}, the run's only seed)"
+                                    if len(seeds) == 1 else f" (mean over seeds {', '.join(map(str, seeds))})"))
     for col in ("id", "label", *predictor.classes):
         table.add_column(col)
     for p in preds:
@@ -324,7 +329,7 @@ def results_cmd(
     if not runs:
         raise UserError("give run folders (or a folder of them), e.g. `pipeline.py results results/mvsa_s-heads --against probe`")
     table = results.build(runs, against, allow_mixed, baseline, paper)
-    console.print(results.markdown(table), highlight=False, markup=False, soft_wrap=True)
+    console.print(results.screen_table(table, console.width), highlight=False)
     if out is not None:
         console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import heads
 from core import threads as core_threads
@@ -35,8 +34,10 @@ from experiments import results
 from train import data as cache
 from train import run_folder, runs
 from train.config import METRICS, TrainConfig
+from train.metrics import shown
 from train.run_folder import RunFolder
-from train.progress import EpochClock, EtaColumn
+from core.terminal import Screen
+from train.progress import Board, EpochClock, ItemRow, plain
 
 
 @dataclass
@@ -121,21 +122,48 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
                   + (f" (shard {i}/{n})" if n > 1 else "") + (f", {same} the same run as another row" if same else "")
                   + f", {len(unique) - len(todo)} done earlier, {len(todo)} to train with {jobs} job(s)")
-    clock = EpochClock(sum(len(c.cfg.seeds) * c.cfg.epochs for c in todo), *_epochs(todo))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                  TimeElapsedColumn(), EtaColumn(), TextColumn("{task.fields[last]}"), console=console) as progress:
-        task = progress.add_task("grid", last="", **clock.fields())
-        with _following(todo, clock, lambda: progress.update(task, **clock.fields())):
-            if jobs <= 1:
-                for c in todo:  # the cache is loaded once per modality set for the whole grid
-                    _train_cell(c.cfg, robust)
-                    progress.update(task, last=c.name)
-            else:
-                with core_threads.worker_pool(jobs, threads) as pool:
-                    futures = {pool.submit(_train_cell, c.cfg, robust): c for c in todo}
-                    for f in as_completed(futures):
-                        f.result()
-                        progress.update(task, last=futures[f].name)
+    counts = {id(c): c.folder.epochs_done(c.cfg) for c in todo}
+    clock = EpochClock({id(c): len(c.cfg.seeds) * c.cfg.epochs for c in todo}, min(jobs, len(todo)) if jobs > 1 else 1,
+                       {k: d for k, (d, _) in counts.items()})
+    for k, (_, skipped) in counts.items():
+        clock.update(k, clock.done[k], skipped)
+    rows = {id(c): ItemRow(c.name, len(c.cfg.seeds) * c.cfg.epochs, clock.done[id(c)], "waiting") for c in todo}
+    board = Board("grid", clock, rows)
+    finished: list[str] = []
+
+    def show():
+        with screen.lock:
+            for c in todo:
+                row = rows[id(c)]
+                row.planned, row.done = clock.planned[id(c)] - clock.skipped[id(c)], clock.done[id(c)]
+                if row.status == "waiting" and id(c) in clock.last:
+                    row.status = "training"
+                if speed := clock.speed(id(c)):
+                    row.fields = [f"{speed:.1f} s/epoch"]
+        screen.refresh()
+
+    def cell_done(c: Cell):
+        with screen.lock:
+            _poll(todo, clock)
+            clock.finish(id(c))
+            rows[id(c)].status = "done"
+            finished.append(c.name)
+            board.note = f"last done: {c.name}"
+            screen.log(plain(f"cell {c.name} done ({len(finished)}/{len(todo)} cells)", "| grid", clock.figures()))
+        show()
+
+    with Screen(console, board.render) as screen, _following(todo, clock, show):
+        if jobs <= 1:
+            for c in todo:  # the cache is loaded once per modality set for the whole grid
+                clock.begin(id(c))
+                _train_cell(c.cfg, robust)
+                cell_done(c)
+        else:
+            with core_threads.worker_pool(jobs, threads) as pool:
+                futures = {pool.submit(_train_cell, c.cfg, robust): c for c in todo}
+                for f in as_completed(futures):
+                    f.result()
+                    cell_done(futures[f])
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
             if c not in todo and c.folder.is_finished():
@@ -143,10 +171,11 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     return mine
 
 
-def _epochs(cells: list[Cell]) -> tuple[int, int]:
-    """(epochs trained, epochs --patience skipped) over the cells' run folders."""
-    counts = [c.folder.epochs_done(c.cfg) for c in cells]
-    return sum(d for d, _ in counts), sum(s for _, s in counts)
+def _poll(cells: list[Cell], clock: EpochClock) -> None:
+    """Epochs trained and skipped (--patience) of each cell, from its run folder."""
+    for c in cells:
+        if id(c) not in clock.finished:
+            clock.update(id(c), *c.folder.epochs_done(c.cfg))
 
 
 @contextmanager
@@ -157,7 +186,7 @@ def _following(cells: list[Cell], clock: EpochClock, show, every: float = 1.0):
 
     def poll():
         while not stop.wait(every):
-            clock.update(*_epochs(cells))
+            _poll(cells, clock)
             show()
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -167,7 +196,7 @@ def _following(cells: list[Cell], clock: EpochClock, show, every: float = 1.0):
     finally:
         stop.set()
         thread.join()
-        clock.update(*_epochs(cells))
+        _poll(cells, clock)
         show()
 
 
@@ -262,7 +291,8 @@ def _sweep_markdown(frame, cells: list[Cell]) -> str:
     lines = [_sweep_title(cells) + ".", "", "| cell | accuracy | weighted F1 | macro F1 | dev accuracy | dev weighted F1 | dev macro F1 |",
              "|---|---|---|---|---|---|---|"]
     for r in frame.to_dict("records"):
-        cols = [f"{r[f'{p}{m}_mean']:.4f} ± {r[f'{p}{m}_std']:.4f}" for p in ("", "dev_") for m in METRICS]
+        cols = [shown({"mean": r[f"{p}{m}_mean"], "std": r[f"{p}{m}_std"]}, len(cells[0].cfg.seeds))
+                for p in ("", "dev_") for m in METRICS]
         lines.append(f"| {r['cell']} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 

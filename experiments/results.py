@@ -123,15 +123,34 @@ def _flat(config: dict) -> dict:
     return out
 
 
+def _defaults(config: dict) -> dict:
+    """The settings a run of this data set and head has when nothing is set (resolved as a run's
+    are), flattened as `_flat` does; {} when they cannot be built (a head no longer registered)."""
+    from train.config import TrainConfig
+
+    try:
+        train = config["train"]
+        return _flat({"train": TrainConfig(dataset=train["dataset"], head=train["head"]).resolved().to_json()})
+    except Exception:  # an old or foreign config: every setting may then show
+        return {}
+
+
 def settings_apart(rows: list[Row]) -> None:
     """Each row's settings that set it apart: a value other than the one most rows share (among the
     rows that have the field at all, so a head's own fields compare within that head), or, where
-    no two rows share a value (a sweep), every row's."""
+    no two rows share a value (a sweep), every row's. A value equal to the default of the row's
+    head and data set never sets it apart (a row of defaults reads `defaults`), and a head field
+    off its default always does."""
     flats = [_flat(r.config) for r in rows]
     for r, flat in zip(rows, flats):
         apart = {}
+        default = _defaults(r.config)
+        own = set(r.config["train"].get("head_config") or {})
         for k, v in flat.items():
-            if k == "head":
+            if k == "head" or (k in default and json.dumps(default[k], sort_keys=True) == json.dumps(v, sort_keys=True)):
+                continue
+            if k in own and k in default:  # a head's field off its default sets the row apart, alone or not
+                apart[k] = v
                 continue
             counts = Counter(json.dumps(f[k], sort_keys=True) for f in flats if k in f)
             common, n = counts.most_common(1)[0]  # ties: the first row's value
@@ -299,8 +318,11 @@ def compare(rows: list[Row], against: str | None = None, allow_mixed: bool = Fal
     return table
 
 
-def _ms(m: dict) -> str:
-    return f"{m['mean']:.4f} ± {m['std']:.4f}"
+def _ms(m: dict, n: int) -> str:
+    """mean ± sample std over `n` seeds (one seed: the std is undefined, "n/a")."""
+    from train.metrics import shown
+
+    return shown(m, n)
 
 
 def _settings(r: Row) -> str:
@@ -313,10 +335,59 @@ def _protocol(r: Row) -> list[str]:
     p = r.metrics.get("protocol_check")
     if p is None:
         return ["", ""]
-    return [f"{_ms(p['best_epoch']['accuracy'])} / {_ms(p['last_epoch']['accuracy'])}", f"{p['inflation']['mean']:+.4f}"]
+    n = len(r.seeds)
+    return [f"{_ms(p['best_epoch']['accuracy'], n)} / {_ms(p['last_epoch']['accuracy'], n)}", f"{p['inflation']['mean']:+.4f}"]
 
 
 def markdown(table: Table) -> str:
+    head, _, rows, notes = _layout(table)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+
+
+def screen_table(table: Table, width: int):
+    """The table for the terminal (a rich Table at most `width` columns wide): the same cells as the
+    markdown, with the least needed columns left out when they do not fit (the caption names them;
+    `--out` and --readme write every column)."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    head, rank, rows, notes = _layout(table)
+
+    def cell(k: int) -> int:  # the widest cell (settings wrap beyond 24 columns); headers wrap
+        widest = max((len(r[k]) for r in rows), default=0)
+        return min(widest, 24) if head[k] == "settings" else widest
+
+    def make(shown: list[int]) -> RichTable:
+        left_out = [head[k] for k in range(len(head)) if k not in shown]
+        out = RichTable(caption=" ".join(notes) + (f" Left out at this width: {', '.join(left_out)} (a wider "
+                                                   "terminal, or --out DIR, shows them)." if left_out else ""),
+                        caption_justify="left")
+        for k in sorted(shown):
+            out.add_column(head[k], overflow="fold", min_width=max(cell(k), max(len(w) for w in head[k].split())))
+        for cells in rows:
+            out.add_row(*(cells[k] for k in sorted(shown)))
+        return out
+
+    def fits(t: RichTable) -> bool:  # drawn at `width`, the right border is there: nothing was cut
+        console = Console(width=width, file=io.StringIO(), legacy_windows=False)
+        console.print(t)
+        return console.file.getvalue().splitlines()[0].rstrip().endswith("┓")
+
+    by_rank = sorted(range(len(head)), key=lambda k: rank[k])
+    shown = by_rank[:1]
+    for k in by_rank[1:]:  # the most needed columns first, as many as fit without cutting a cell
+        if not fits(make(shown + [k])):
+            break  # a less needed column never shows when a more needed one does not
+        shown.append(k)
+    return make(shown)
+
+
+def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[str]]:
+    """(headers, each column's rank: 0 is kept longest on a narrow terminal, rows of cells, notes)."""
     mixed_col = bool(table.mixed)
     protocol = any("protocol_check" in r.metrics for r in table.rows)
     head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1",
@@ -331,10 +402,10 @@ def markdown(table: Table) -> str:
             head += [f"gain minus {table.reference.name}'s", "p (Holm)", "beyond noise"]
     if mixed_col:
         head.append("differs in")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in table.rows:
         epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
-        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m]) for m in METRICS)]
+        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m], len(r.seeds)) for m in METRICS)]
         if table.paper:
             cells.append("{:.4f} / {:.4f}".format(*table.paper_numbers[r.name]) if r.name in table.paper_numbers else "")
         cells.append(epochs)
@@ -352,7 +423,7 @@ def markdown(table: Table) -> str:
         if mixed_col:
             base = table.reference or table.rows[0]
             cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds."]
     if table.paper:
         notes.append(f"Paper acc / F1: the paper's test numbers of the row ({table.paper}'s PAPER table, "
@@ -377,7 +448,13 @@ def markdown(table: Table) -> str:
             notes.append("Warning: a row with 2 seeds gives its t-test 1 degree of freedom: its p-value says little.")
         if any(len(r.seeds) == 1 for r in table.rows):
             notes.append("Warning: a row with 1 seed cannot be tested (no p): use 5 seeds.")
-    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+    order = ["run", "accuracy", "Δacc", "p (Holm)", "beyond noise", "weighted F1", "macro F1", "seeds", "settings",
+             "gain, p (Holm)", "gain minus", "differs in", "baseline acc", "selected epochs", "head", "test",
+             "file-order", "best minus"]
+    rank = [next((i for i, name in enumerate(order) if h.startswith(name)), len(order)) for h in head]
+    gain = next((k for k, h in enumerate(head) if h.startswith("gain minus")), len(head))
+    rank = [rank[gain] if k > gain else r for k, r in enumerate(rank)]  # its p and verdict go with it
+    return head, rank, rows, notes
 
 
 def _gain_cells(table: Table, r: Row) -> list[str]:
@@ -386,7 +463,7 @@ def _gain_cells(table: Table, r: Row) -> list[str]:
     if g is None:
         return ["(none)"] + [""] * (n - 1)
     p = "" if math.isnan(g["p_gain_holm"]) else f", p {g['p_gain_holm']:.3f}"
-    cells = [_ms(b.metrics["test"]["accuracy"]), f"{g['gain']:+.4f}{p}"]
+    cells = [_ms(b.metrics["test"]["accuracy"], len(b.seeds)), f"{g['gain']:+.4f}{p}"]
     if table.reference is not None:
         if r is table.reference:
             cells += ["(reference)", "", ""]

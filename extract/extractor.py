@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from core import store
 from core.cli_fields import option
 from core.errors import UserError
+from core.terminal import Passes
 from core.shards import parse_shard  # noqa: F401  (re-exported: extract splits shards with it)
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, default_data_root
@@ -115,10 +115,7 @@ def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
 
     summary = Summary(ds.name, ds.counts(), text_fallbacks=ds.text_fallbacks)
     summary.rare_labels = ds.rare_labels
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=False,
-    ) as progress:
+    with Passes(console) as progress:
         summary.text_items, done_t = _extract_text(cfg, ds, rank, world, progress, summary.work_seconds)
         summary.folders["text"] = str(done_t[0])
         complete = done_t[1]
@@ -157,11 +154,10 @@ def _plan(folder: Path, prov: store.Provenance, force: bool, rank: int, world: i
     return [k for k in range(prov.n_shards) if k % world == rank and k not in done]
 
 
-def _task(progress: Progress, label: str, shards, todo, unit: str):
-    if not todo:  # every shard of this process is on disk already
-        return progress.add_task(f"{label} (cached)", total=1, completed=1, rate="")
+def _task(progress: Passes, label: str, shards, todo, unit: str):
+    """The pass's line: the items of this process's shards still to encode (none: cached)."""
     total = sum(len(s) for k, s in enumerate(shards) if k in set(todo))
-    return progress.add_task(label, total=total, rate=f"0 {unit}/s")
+    return progress.add(label, total, unit, len(todo), cached=len(shards) - len(todo))
 
 
 def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Path, bool]]:
@@ -174,7 +170,7 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
     folder = store.cache_folder(cfg.cache_dir, ds.name, store.TEXT, cfg.text_encoder)
     todo = _plan(folder, prov, cfg.force, rank, world)
     task = _task(progress, f"text  {cfg.text_encoder}", shards, todo, "texts")
-    t0, n = time.time(), 0
+    t0 = time.time()
     for k in todo:
         items = shards[k]
         cls, tokens = encode_texts(enc, [it.text for it in items], cfg.batch_size,
@@ -185,8 +181,7 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
             [it.label for it in items], [it.split for it in items], cls,
             np.concatenate(tokens) if tokens else np.zeros((0, cfg.text_layers, enc.width)), offsets,
         )
-        n += len(items)
-        progress.update(task, rate=f"{n / (time.time() - t0):.0f} texts/s")
+        progress.shard_written(task)
     timing["text"] = time.time() - t0
     complete = store.finish(folder, prov)
     for v in range(1, cfg.text_views + 1):
@@ -223,6 +218,7 @@ def _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timi
             [it.label for it in items], [it.split for it in items], cls,
             np.concatenate(tokens) if tokens else empty, offsets,
         )
+        progress.shard_written(task)
     timing[f"text view {v}"] = time.time() - t0
     return store.finish(vfolder, vprov)
 
@@ -281,7 +277,7 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
     )
     pending: dict[int, list] = {}
     left = {k: sum(1 for kk, _ in batches if kk == k) for k in todo}
-    t0, n = time.time(), 0
+    t0 = time.time()
     for (k, _), (good, x, bad) in zip(batches, loader):
         acc = pending.setdefault(k, [[], [], []])
         if x is not None:
@@ -291,8 +287,6 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
             console.print(f"[yellow]image problem[/] {b[0]}: {b[2]}", highlight=False)
         acc[2] += bad
         progress.advance(task, len(good) + len(bad))
-        n += len(good) + len(bad)
-        progress.update(task, rate=f"{n / (time.time() - t0):.1f} images/s")
         left[k] -= 1
         if left[k] == 0:
             got, maps, bad_all = pending.pop(k)
@@ -301,5 +295,6 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
                 [it.label for it in got], [it.split for it in got],
                 np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1)), bad_all,
             )
+            progress.shard_written(task)
     timing["image"] = time.time() - t0
     return len(items), (folder, store.finish(folder, prov))

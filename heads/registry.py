@@ -91,9 +91,18 @@ class Flag:
 
     @property
     def summary(self) -> str:
-        """The field's help and what the flag sets, for `train --help`."""
-        sets = f"{self.field}={str(self.switch_to).lower()}" if self.kind is bool else self.field
-        return f"{self.help} ({', '.join(self.heads)}: {sets})"  # no [...]: rich reads it as markup
+        """What the flag does and the field it sets, for `train --help`. A bool field's help reads
+        "false: what false means"; a switch to false says what it does without that prefix."""
+        if self.kind is not bool:
+            return f"{self.help} ({', '.join(self.heads)}: {self.field})"  # no [...]: rich reads it as markup
+        value = str(self.switch_to).lower()
+        sets = f"{', '.join(self.heads)}: {self.field}={value}"
+        said, colon, does = self.help.partition(": ")
+        if colon and said == value:
+            return f"{does} ({sets})"
+        if colon and said in ("true", "false"):  # the help tells the other value: say the value first
+            return f"sets {self.field}={value}; {self.help} ({', '.join(self.heads)})"
+        return f"{self.help} ({sets})"
 
 
 def flags() -> list[Flag]:

@@ -86,7 +86,7 @@ class SppSclConfig(ModalitiesConfig):
         if not self.temperature > 0:
             raise UserError(f"temperature={self.temperature}: must be > 0 (SupCon divides by it)")
         if not self.alpha > 0:  # c < alpha * c_mask never holds for alpha <= 0: step two would silently never run
-            raise UserError(f"alpha={self.alpha}: must be > 0 (to switch the gated step off, use --one-step)")
+            raise UserError(f"alpha={self.alpha}: must be > 0 (to switch the gated step off, set two_step=false: `train --one-step`)")
         if self.lambda_ce is not None and self.lambda_ce < 0:
             raise UserError(f"lambda_ce={self.lambda_ce}: must be >= 0")
 

@@ -107,6 +107,7 @@ class Predictor:
         if seed is not None and seed not in self.cfg.seeds:
             raise UserError(f"--seed {seed}: run {run} has seeds {', '.join(map(str, self.cfg.seeds))}")
         dims = Dims(**saved["dims"])
+        self.seeds = tuple(seeds)
         self.heads = [self.folder.load_head(self.cfg, dims, s) for s in seeds]
         self.context = self._context() if any(h.batch_dependent for h in self.heads) else None
         self._encoders: dict = {}  # loaded on first use, after the request's items are checked
@@ -226,4 +227,5 @@ def items_from_args(image: Path | None, text: str | None, manifest: Path | None,
         return read_manifest(manifest)
     if image is None and text is None:
         raise UserError("nothing to predict: give --text \"...\" and/or --image FILE, or --manifest FILE (.csv/.jsonl)")
-    return [_checked(NewItem(id_ or "", text, image))]
+    # an item needs a name on screen and in --json: its image file's, else "text"
+    return [_checked(NewItem(id_ or (Path(image).name if image is not None else "text"), text, image))]

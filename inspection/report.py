@@ -37,6 +37,31 @@ from train.scoring import eval_orders, forward, predict  # noqa: E402
 
 KINDS = ("image", "text", "fused")
 
+# what each loss term and distance distribution is, for report.md (a head's terms: heads/<head>.py)
+TERMS = {
+    "ce": "cross-entropy of the head's logits against the labels (weighted by lambda_ce in SPP-SCL)",
+    "cli": "intra-image supervised contrastive loss (SupCon over the image embeddings I_a: same label pulled "
+           "together)",
+    "clt": "intra-text supervised contrastive loss (SupCon over the text embeddings T_a)",
+    "clm": "cross-modal supervised contrastive loss L_clm between text and image embeddings (in step one: "
+           "the one-step ablation)",
+    "step2_clm": "L_clm in SPP-SCL's gated second step, averaged over the batches where the step ran",
+    "clip": "CLIP-style contrastive loss between the projected image and text features (CLIP-CA-CG)",
+    "aux": "auxiliary cross-entropy of the branch classifiers (hybrid fusion)",
+    "step_two_rate": "share of batches in which the gated second step ran (gate: c < alpha * c_mask)",
+}
+DISTANCES = {
+    "IID": "intra-image distance: cosine distance between the image embeddings of two test items",
+    "TTD": "intra-text distance: the same between text embeddings",
+    "ITD": "image-text distance: between the image embedding of one item and the text embedding of another "
+           "(or the same) item",
+}
+
+
+def _mean(a: np.ndarray) -> float:
+    """The mean, NaN for no values (a tiny split may have no pair of a kind), without a warning."""
+    return float(a.mean()) if a.size else float("nan")
+
 
 def embeddings(head, split: Split, batch_size: int, order: torch.Tensor) -> dict[str, np.ndarray | None]:
     """HeadOutput.image / .text / .fused of every item in the split's index order, fed in `order`
@@ -57,7 +82,7 @@ def distance_groups(a: np.ndarray, b: np.ndarray, labels: np.ndarray, cross: boo
     return d[keep & same], d[keep & ~same]
 
 
-def plot_losses(log: pd.DataFrame, path: Path) -> list[str]:
+def plot_losses(log: pd.DataFrame, path: Path, title: str = "") -> list[str]:
     """One panel per loss term and one for the step-two rate, a line per seed; returns the columns drawn."""
     cols = [c for c in log.columns if c.startswith("loss_")] + ["step_two_rate"]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3), squeeze=False)
@@ -66,31 +91,39 @@ def plot_losses(log: pd.DataFrame, path: Path) -> list[str]:
             ax.plot(rows["epoch"], rows[col], marker=".", label=f"seed {seed}")
         ax.set_title(col.removeprefix("loss_"))
         ax.set_xlabel("epoch")
+        ax.set_ylabel("share of batches" if col == "step_two_rate" else "loss (mean over batches)")
     axes[0][-1].set_ylim(-0.05, 1.05)
     axes[0][0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return cols
 
 
-def plot_distances(groups: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+def plot_distances(groups: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False)
     for ax, (name, (same, diff)) in zip(axes[0], groups.items()):
         both = np.concatenate([same, diff])  # cosine distance lies in [0, 2]; trained embeddings use a sliver of it
         lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 2.0)
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 41)
-        ax.hist(same, bins=bins, density=True, alpha=0.6, label="same label")
-        ax.hist(diff, bins=bins, density=True, alpha=0.6, label="different label")
+        for values, label in ((same, "same label"), (diff, "different label")):
+            if values.size:  # a tiny split may have no pair of a kind: no density to draw
+                ax.hist(values, bins=bins, density=True, alpha=0.6, label=label)
         ax.set_title(name)
         ax.set_xlabel("cosine distance")
-    axes[0][0].legend(fontsize="small")
+        ax.set_ylabel("density (pairs)")
+    axes[0][0].legend(fontsize="small") if axes[0][0].get_legend_handles_labels()[0] else None
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_tsne(emb: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path, seed: int) -> None:
+def plot_tsne(emb: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path, seed: int,
+              title: str = "") -> None:
     fig, axes = plt.subplots(1, len(emb), figsize=(4 * len(emb), 4), squeeze=False)
     # perplexity must stay below the number of points (tiny test splits)
     perplexity = float(min(30, max(2, (len(labels) - 1) // 3)))
@@ -102,13 +135,17 @@ def plot_tsne(emb: dict[str, np.ndarray], labels: np.ndarray, classes: list[str]
         ax.set_title(f"{name} ({x.shape[1]}-d)")
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
     axes[0][0].legend(fontsize="small", markerscale=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_confusions(matrices: dict[int, np.ndarray], classes: list[str], path: Path) -> None:
+def plot_confusions(matrices: dict[int, np.ndarray], classes: list[str], path: Path, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
     for ax, (seed, cm) in zip(axes[0], matrices.items()):
         shown = ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45,
@@ -116,6 +153,8 @@ def plot_confusions(matrices: dict[int, np.ndarray], classes: list[str], path: P
         for (i, j), text in np.ndenumerate(shown.text_):  # white on dark cells, black on light ones
             text.set_color("white" if _luminance(shown.im_.cmap(shown.im_.norm(cm[i, j]))) < 0.5 else "black")
         ax.set_title(f"seed {seed}")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -144,9 +183,13 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
           f"Test is fed label-blind, in the first seeded random order (eval_seed {cfg.eval_seed}), "
           f"batches of {cfg.eval_batch_size}.", ""]
 
-    cols = plot_losses(log, run / "losses.png")
+    who = f"{run.name} ({cfg.head} on {cfg.dataset})"  # every figure's title names the run
+    cols = plot_losses(log, run / "losses.png", f"{who}: loss terms per epoch, seeds "
+                                                 f"{', '.join(map(str, sorted(log['seed'].unique())))}")
     last = log.sort_values(["seed", "epoch"]).groupby("seed").tail(1).set_index("seed")[cols]
     md += ["## Loss terms and step-two firing rate per epoch", "", "![losses](losses.png)", "",
+           *[f"- `{c.removeprefix('loss_')}`: {TERMS.get(c.removeprefix('loss_'), f'a loss term of head {cfg.head} (heads/)')}"
+             for c in cols], "",
            "Last epoch of each seed:", "", _table(["seed", *cols], [[s, *(f"{v:.4f}" for v in r)] for s, r in last.iterrows()]), ""]
 
     if len(seeds) < len(cfg.seeds):
@@ -164,17 +207,19 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
             continue
         groups[name] = distance_groups(emb[a], emb[b], y, cross)
     if groups:
-        plot_distances(groups, run / "distances.png")
+        plot_distances(groups, run / "distances.png", f"{who}, seed {first}: cosine distances of test embeddings")
         md += ["![distances](distances.png)", "",
+               *[f"- {k}: {v}; same label vs different label." for k, v in DISTANCES.items()
+                 if any(k in n for n in groups)], "",
                _table(["distribution", "same label: mean", "different label: mean", "gap"],
-                      [[n, f"{s.mean():.4f}", f"{d.mean():.4f}", f"{d.mean() - s.mean():.4f}"]
+                      [[n, f"{_mean(s):.4f}", f"{_mean(d):.4f}", f"{_mean(d) - _mean(s):.4f}"]
                        for n, (s, d) in groups.items()]), ""]
     md += skipped + ([""] if skipped else [])
 
     present = {k: v for k, v in emb.items() if v is not None}
     md += [f"## t-SNE of the test embeddings (seed {first})", ""]
     if present:
-        plot_tsne(present, y, classes, run / "tsne.png", cfg.eval_seed)
+        plot_tsne(present, y, classes, run / "tsne.png", cfg.eval_seed, f"{who}, seed {first}: t-SNE of test embeddings")
         md += ["![t-SNE](tsne.png)", ""]
     md += [f"- {k}: skipped, the head returns no {k} embedding." for k in KINDS if emb[k] is None] + [""]
 
@@ -184,7 +229,7 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
         matrices[seed] = confusion_matrix(y, pred, labels=list(range(len(classes))))
         f1s.append([seed, *(f"{v:.4f}" for v in f1_score(y, pred, labels=list(range(len(classes))),
                                                           average=None, zero_division=0))])
-    plot_confusions(matrices, classes, run / "confusion.png")
+    plot_confusions(matrices, classes, run / "confusion.png", f"{who}: confusion on test")
     md += ["## Confusion matrix and per-class F1 on test", "", "Rows: true label, columns: predicted.", "",
            "![confusion](confusion.png)", "", _table(["seed", *classes], f1s), ""]
     out = run / "report.md"

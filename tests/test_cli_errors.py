@@ -8,6 +8,7 @@ One run is trained once on the synthetic cache (1 epoch, 1 seed); broken copies 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,7 @@ CASES = [
     ("eval-not-a-run", ("eval", "--run", "{tmp}"), ["not a run folder"]),
     ("eval-corrupt-config", ("eval", "--run", "{corrupt}"), ["config.json is corrupt"]),
     ("eval-unfinished-run", ("eval", "--run", "{unfinished}"), ["seed-1.pt missing"]),
+    ("eval-unknown-seed", ("eval", "--run", "{run}", "--seed", "9"), ["--seed 9", "has seeds 1"]),
     ("eval-empty-cache", ("eval", "--run", "{run}", "--cache-dir", "{tmp}/empty_cache"), ["no cache"]),
     # replay
     ("replay-missing-folder", ("replay", "{tmp}/nope"), ["nope: no such file or folder"]),
@@ -94,7 +96,7 @@ CASES = [
     ("report-missing-run", ("report", "--run", "{tmp}/nope"), ["not a run folder"]),
     # predict
     ("predict-missing-image", ("predict", "--run", "{run}", "--text", "hi", "--image", "{tmp}/gone.jpg"),
-     ["the item: image file", "gone.jpg not found"]),
+     ["item gone.jpg: image file", "gone.jpg not found"]),
     ("predict-manifest-missing-image", ("predict", "--run", "{run}", "--manifest", "{tmp}/missing_image.jsonl"),
      ["item x7: image file", "gone.jpg not found"]),
     ("predict-manifest-missing-text-file", ("predict", "--run", "{run}", "--manifest", "{tmp}/missing_text.csv"),
@@ -128,6 +130,8 @@ CASES = [
     ("results-missing-folder", ("results", "{tmp}/nope"), ["nope: no such file or folder"]),
     ("results-unfinished-run", ("results", "{unfinished}"), ["is not finished"]),
     ("results-corrupt-config", ("results", "{corrupt}"), ["config.json is corrupt"]),
+    # replay
+    ("replay-missing-folder", ("replay", "{tmp}/nope"), ["nope: no such file or folder"]),
     # heads
     ("heads-no-such-option", ("heads", "--verbose"), ["No such option: --verbose"]),
 ]
@@ -145,6 +149,46 @@ def test_bad_input_is_one_line(args, fragments, places, run_main, monkeypatch):
         assert fragment in problem[0], (fragment, problem[0])
     if r.code == 1:  # a UserError: that one line is all
         assert r.err.strip() == problem[0], r.err
+    if "No such option" not in problem[0]:  # there the option is the user's mistake, quoted
+        given = {a for a in args if a.startswith("--")}
+        for command, option in suggested_options(args[0], problem[0]):
+            assert option in given or option in options_of(command), (
+                f"the message suggests `{command} {option}`, which `{command}` does not take: {problem[0]}")
+
+
+COMMAND = re.compile(r"(?:pipeline\.py |`)(extract|train|eval|replay|audit|report|predict|ablate|sweep|results|heads)\b")
+
+
+def suggested_options(invoked: str, message: str) -> list[tuple[str, str]]:
+    """(command, --option) for every option a message names: of the command named just before it
+    (`pipeline.py replay ...`, `extract --text-views`), else of the command that printed it."""
+    out = []
+    for m in re.finditer(r"(?<![\w-])--[a-z][a-z-]*", message):
+        named = list(COMMAND.finditer(message[: m.start()]))
+        near = [n for n in named if not re.search(r"[;.]\s", message[n.end(): m.start()])]  # the same clause
+        out.append((near[-1].group(1) if near else invoked, m.group()))
+    return out
+
+
+def options_of(command: str) -> set[str]:
+    """Every option `pipeline.py <command>` takes (train: with the heads' own flags)."""
+    import typer
+
+    import pipeline
+
+    cmd = typer.main.get_command(pipeline.app).commands[command]
+    ctx = cmd.make_context(command, [], resilient_parsing=True)
+    return {o for p in cmd.get_params(ctx) for o in (*p.opts, *p.secondary_opts)}
+
+
+def test_every_option_a_message_suggests_exists_there():
+    """The messages that name an option of another command, checked the same way as the cases."""
+    assert suggested_options("eval", "error: x: pick a finished seed with --seed 1") == [("eval", "--seed")]
+    assert suggested_options("train", "run `python pipeline.py replay r --epochs 2`") == [("replay", "--epochs")]
+    assert "--seed" in options_of("eval") and "--no-ha" in options_of("train")
+
+    for command in ("eval", "predict"):
+        assert "--seed" in options_of(command)
 
 
 def test_every_command_is_covered():

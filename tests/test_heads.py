@@ -346,3 +346,13 @@ def test_batch_to_moves_tensors_and_keeps_none():
     for name in ("labels", "cls", "tokens", "lengths"):
         assert getattr(moved, name).device.type == "meta"
         assert getattr(moved, name).dtype == getattr(batch, name).dtype
+
+
+def test_a_switchs_help_says_what_the_flag_does():
+    """`--no-ha` reads "plain last cached layer, no HA", not "false: ..." (the field's wording)."""
+    for f in heads.flags():
+        if f.kind is bool:
+            assert not f.summary.startswith(("false:", "true:")), f.summary
+            assert f"{f.field}={str(f.switch_to).lower()}" in f.summary
+    no_ha = {f.flag: f for f in heads.flags()}["--no-ha"]
+    assert no_ha.summary.startswith("plain last cached layer, no HA")

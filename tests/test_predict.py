@@ -157,7 +157,7 @@ def test_an_extract_manifest_with_text_files_and_non_utf8_text(predictor, tmp_pa
 
 
 def test_a_missing_image_is_refused_before_any_run_is_read(tmp_path):
-    with pytest.raises(UserError, match="^the item: image file .*gone.jpg not found"):
+    with pytest.raises(UserError, match="^item gone.jpg: image file .*gone.jpg not found"):
         items_from_args(tmp_path / "gone.jpg", "hi", None)
     with pytest.raises(UserError, match="^item x: image file"):
         items_from_args(tmp_path / "gone.jpg", "hi", None, "x")

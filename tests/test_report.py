@@ -138,3 +138,25 @@ def test_report_on_a_run_without_weights_is_one_error_and_no_warning(synth_run, 
         with pytest.raises(UserError, match="no seed-<s>.pt yet"):
             report.write_report(copy)
     assert not (copy / "losses.png").exists()
+
+
+def test_figures_name_their_run_and_seed_and_label_every_axis(synth_run, monkeypatch):
+    """Every figure is titled with the run (and seed where one seed's embeddings are shown), every
+    axis of a plot labelled, and report.md explains each loss term and distance it names."""
+    import matplotlib.figure
+
+    saved = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append((fig, path))
+                        or real(fig, path, **kw))
+    text = report.write_report(synth_run).read_text()
+    for fig, path in saved:
+        title = fig._suptitle.get_text() if fig._suptitle else ""
+        assert synth_run.name in title, (path, title)
+        if path.name in ("distances.png", "tsne.png"):
+            assert "seed 1" in title
+        for ax in fig.axes:
+            if path.name != "confusion.png" and ax.has_data():
+                assert ax.get_xlabel() and ax.get_ylabel(), (path, ax.get_title())
+    for term in ("`cli`:", "`clt`:", "`step2_clm`:", "IID: intra-image", "TTD: intra-text", "ITD: image-text"):
+        assert term in text, term

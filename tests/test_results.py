@@ -128,9 +128,9 @@ def test_runs_that_do_not_compare_are_refused_with_the_difference_named(tmp_path
 
 
 def test_settings_column_shows_what_sets_a_row_apart(tmp_path):
-    make_run(tmp_path, "a", REF, head_config={"alpha": 0.667, "cmf": True})
-    make_run(tmp_path, "b", OTHER, head_config={"alpha": 0.667, "cmf": False})
-    make_run(tmp_path, "c", OTHER, head_config={"alpha": 0.667, "cmf": True}, official=True)
+    make_run(tmp_path, "a", REF, head_config={"alpha": 2 / 3, "cmf": True})
+    make_run(tmp_path, "b", OTHER, head_config={"alpha": 2 / 3, "cmf": False})
+    make_run(tmp_path, "c", OTHER, head_config={"alpha": 2 / 3, "cmf": True}, official=True)
     t = results.build([tmp_path])
     assert [r.settings for r in t.rows] == [{}, {"cmf": False}, {"official": True}]
 
@@ -255,3 +255,40 @@ def test_the_slugs_of_every_ablation_row_are_the_folder_names_of_the_ablation_ev
     for head, slugs in expect.items():
         rows = {"full": {}, **heads.config_class(head).ABLATIONS}
         assert [v.get("slug") or results.slug(k) for k, v in rows.items()] == slugs
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_on_screen_the_table_fits_the_terminal_and_keeps_the_needed_columns(tmp_path, width):
+    import re
+    from io import StringIO
+
+    from rich.console import Console
+
+    make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path, "spp", OTHER, head_config={"alpha": 0.5})
+    console = Console(file=StringIO(), width=width, force_terminal=True)
+    console.print(results.screen_table(results.build([tmp_path], against="probe"), width))
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in console.file.getvalue().splitlines()]
+    assert all(len(line) <= width for line in lines) and lines[0].rstrip().endswith("┓")  # nothing cut
+    text = "\n".join(lines)
+    for needed in ("run", "accuracy", "Δacc vs probe", "p (Holm)", "0.7040 ± 0.0114", "(reference)"):
+        assert needed in text, needed
+    if width >= 200:
+        assert "alpha=0.5" in text and "Left out" not in text
+
+
+def test_a_row_of_the_heads_defaults_reads_defaults(tmp_path):
+    """Two SPP-SCL rows, one official: the other's supcon_official=False is the default, not a difference."""
+    from train.config import TrainConfig
+
+    default = TrainConfig(dataset="mvsa_s", head="spp_scl").resolved().to_json()["head_config"]
+    make_run(tmp_path, "spp", REF, head_config=default)
+    make_run(tmp_path, "official", OTHER, head_config={**default, "supcon_official": True, "gate_floor": True})
+    t = results.build([tmp_path])
+    settings = {r.name: results._settings(r) for r in t.rows}
+    assert settings == {"spp": "defaults", "official": "supcon_official=True, gate_floor=True"}
+
+
+def test_one_seed_prints_no_std():
+    assert results._ms({"mean": 0.66, "std": 0.0}, 1) == "0.6600 ± n/a"
+    assert results._ms({"mean": 0.66, "std": 0.01}, 2) == "0.6600 ± 0.0100"

@@ -27,6 +27,11 @@ def report(y_true, y_pred, classes: list[str]) -> str:
     return text + "\n" + "\n".join(rows) + "\n"
 
 
+def shown(m: dict, n: int) -> str:
+    """A `mean_std` for a person: "mean ± std"; over one seed the sample std is undefined: "± n/a"."""
+    return f"{m['mean']:.4f} ± {m['std']:.4f}" if n > 1 else f"{m['mean']:.4f} ± n/a"
+
+
 def mean_std(values: list[float]) -> dict:
     """Mean and the sample standard deviation (ddof=1; 0 for a single value)."""
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}

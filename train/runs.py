@@ -13,17 +13,17 @@ from typing import Iterator
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from core.device import device
 from core.errors import Interrupted, UserError
+from core.terminal import Screen
 from train import data as cache
 from train import robustness
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
 from train.run_folder import RunFolder, default_out, evidence_twins
-from train.progress import EpochClock, EtaColumn
+from train.progress import Board, EpochClock, ItemRow, epoch_fields, plain
 from train.scoring import eval_orders, score_split
 from train.trainer import EpochLog, SeedResult, build_head, saved_logs, train_seed
 
@@ -75,42 +75,52 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
     cfg = cfg.resolved()
     t0 = time.time()
     data = load_data(cfg)
-    build_head(cfg, data)  # a bad --head or --text-layers fails here, before a run folder is written
+    # a bad --head or --text-layers fails here, before a run folder is written; "step two" shows
+    # only for heads that have one
+    step_two = build_head(cfg, data).has_second_step
     with planned(cfg, data) as plan:
-        cfg, done = plan.cfg, plan.done
-        kept = {seed: state["epoch"] for seed, state in plan.partial.items()}
+        cfg, done, partial = plan.cfg, plan.done, plan.partial
+        kept = {seed: state["epoch"] for seed, state in partial.items()}
         sizes = {s: len(v) for s, v in data.splits.items()}
         console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
                       + (f" ({data.dropped} items without image left out)" if data.dropped else "")
                       + (f"; resuming {cfg.out}, seeds {sorted(done)} already done" if done else ""))
         for seed, epoch in kept.items():
             console.print(f"seed {seed}: resuming after epoch {epoch} of {cfg.epochs}")
-        clock = EpochClock(len(cfg.seeds) * cfg.epochs, *plan.folder.epochs_done(cfg))
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            EtaColumn(), TextColumn("{task.fields[status]}"), console=console,
-        ) as progress:
-            overall = progress.add_task("all seeds", status="", **clock.fields())
-            tasks = {seed: progress.add_task(f"seed {seed}", total=cfg.epochs,
-                                             completed=cfg.epochs if seed in done else kept.get(seed, 0),
-                                             status="done earlier" if seed in done else "") for seed in cfg.seeds}
-            best: dict[int, tuple[float, int]] = {}
-
+        todo = plan.todo
+        lanes = min(jobs, len(todo)) if jobs > 1 and len(todo) > 1 else 1
+        clock = EpochClock(dict.fromkeys(todo, cfg.epochs), lanes, kept, earlier=sum(len(r.log) for r in done.values()))
+        # the best dev epoch so far, as the trainer selects it (the first of equals), from what a
+        # finished or resumed seed saved: a resumed seed's earlier epochs count
+        best: dict[int, tuple[float, int]] = {seed: (r.dev[cfg.select], r.best_epoch) for seed, r in done.items()}
+        best.update({seed: (state["best"]["dev"][cfg.select], state["best"]["epoch"])
+                     for seed, state in partial.items() if state.get("best")})
+        rows = {seed: ItemRow(f"seed {seed}", len(done[seed].log), len(done[seed].log),
+                              f"done earlier, best {best[seed][0]:.4f} @ {best[seed][1]}") if seed in done else
+                ItemRow(f"seed {seed}", cfg.epochs, kept.get(seed, 0), "waiting") for seed in cfg.seeds}
+        board = Board("all seeds", clock, rows)
+        with Screen(console, board.render) as screen:
             def on_epoch(entry):
-                if entry.dev[cfg.select] > best.get(entry.seed, (-1.0, 0))[0]:
-                    best[entry.seed] = (entry.dev[cfg.select], entry.epoch)
-                v, e = best[entry.seed]
-                losses = "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())
-                progress.update(tasks[entry.seed], completed=entry.epoch, status=(
-                    f"{losses}  step two {entry.step_two_rate:.0%}  dev {cfg.select} {entry.dev[cfg.select]:.4f} "
-                    f"(best {v:.4f} @ {e})  {entry.seconds:.1f} s/epoch"))
-                clock.update(clock.done + 1, clock.skipped)
-                progress.update(overall, **clock.fields())
+                with screen.lock:
+                    if entry.dev[cfg.select] > best.get(entry.seed, (-1.0, 0))[0]:
+                        best[entry.seed] = (entry.dev[cfg.select], entry.epoch)
+                    clock.update(entry.seed, entry.epoch, seconds=entry.seconds)
+                    row = rows[entry.seed]
+                    row.done, row.status = entry.epoch, ""
+                    row.fields = epoch_fields(entry, cfg.select, best[entry.seed], step_two)
+                    screen.log(plain(f"seed {entry.seed} epoch {entry.epoch}/{cfg.epochs}", row.fields,
+                                     "| all seeds", clock.figures()))
+                screen.refresh()
 
             def on_seed_end(r):
-                progress.update(tasks[r.seed], completed=cfg.epochs)
-                clock.update(clock.done, clock.skipped + cfg.epochs - len(r.log))  # --patience stopped it early
-                progress.update(overall, **clock.fields())
+                with screen.lock:
+                    clock.finish(r.seed)  # --patience may have stopped it early
+                    row = rows[r.seed]
+                    row.planned = row.done = len(r.log)
+                    row.status, row.fields = f"done, best {r.dev[cfg.select]:.4f} @ {r.best_epoch}", []
+                    screen.log(plain(f"seed {r.seed} {row.status} ({len(r.log)} epochs)", "| all seeds",
+                                     clock.figures()))
+                screen.refresh()
 
             result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
     if robust:
@@ -307,22 +317,26 @@ def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
     return out
 
 
-def evaluate(run: Path, cache_dir: Path | None = None, drop: list[str] = (), noise: list[float] = ()) -> dict:
-    """Recompute test metrics from the checkpoints and the cache; compare with metrics.json. With
-    `drop`/`noise`, also score the robustness conditions (train/robustness.py) into robustness.json."""
+def evaluate(run: Path, cache_dir: Path | None = None, seed: int | None = None, drop: list[str] = (),
+             noise: list[float] = ()) -> dict:
+    """Recompute test metrics from the checkpoints (every seed's, or `seed`'s) and the cache; compare
+    with metrics.json. With `drop`/`noise`, also score the robustness conditions (train/robustness.py)
+    into robustness.json."""
     folder = RunFolder(run)
     saved, cfg, data = folder.open(cache_dir)
+    if seed is not None and seed not in cfg.seeds:
+        raise UserError(f"--seed {seed}: run {run} has seeds {', '.join(map(str, cfg.seeds))}")
     test = data.splits["test"]
     per_seed = []
-    for seed in cfg.seeds:
-        head = folder.load_head(cfg, data.dims, seed)
+    for s_ in cfg.seeds if seed is None else (seed,):
+        head = folder.load_head(cfg, data.dims, s_)
         s, _ = score_split(head, test, cfg, data.dims.n_classes, device(), eval_orders(len(test), cfg))
-        per_seed.append({"seed": seed, **{m: s[m] for m in METRICS}})
+        per_seed.append({"seed": s_, **{m: s[m] for m in METRICS}})
     result = {"test": {m: mean_std([p[m] for p in per_seed]) for m in METRICS}, "per_seed": per_seed}
     if folder.is_finished():
-        recorded = folder.metrics()
+        by_seed = {r["seed"]: r for r in folder.metrics()["per_seed"]}
         result["matches_metrics_json"] = all(
-            abs(p[m] - r["test"][m]) < 1e-9 for p, r in zip(per_seed, recorded["per_seed"]) for m in METRICS
+            p["seed"] in by_seed and abs(p[m] - by_seed[p["seed"]]["test"][m]) < 1e-9 for p in per_seed for m in METRICS
         )
     if drop or noise:
         result["robustness"] = score_robustness(Path(run), cfg, data, list(drop), list(noise))
