@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -36,6 +37,7 @@ import heads
 from core.device import device
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, REPO
+from core.paths import write_atomic as write_atomic_bytes
 from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
@@ -82,7 +84,7 @@ def write_config(out: Path, cfg: TrainConfig, data: cache.Data) -> None:
 
 
 def save_seed(out: Path, r: SeedResult) -> None:
-    torch.save(r.state, out / f"seed-{r.seed}.pt")
+    save_atomic(r.state, out / f"seed-{r.seed}.pt")
     (out / f"seed-{r.seed}.json").write_text(json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))  # last: done
 
 
@@ -180,10 +182,11 @@ def state_path(out: Path, seed: int) -> Path:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file. Serialized in
+    memory first: torch writing to a full disk says only "unexpected pos", Python's write names it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic_bytes(path, buf.getvalue(), tmp=path.with_name(path.name + ".tmp"))
 
 
 def unfinished_seeds(out: Path, cfg: TrainConfig, done: dict) -> dict[int, dict]:
