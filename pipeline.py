@@ -2,7 +2,9 @@
 """Command line: `extract` once (stage one), then `train`, `eval` from the cache (stage two).
 
 Thin on purpose: each command maps its flags onto a config dataclass and calls one
-library function. A `UserError` anywhere becomes one line on stderr and exit code 1.
+library function. A `UserError` anywhere becomes one line on stderr and exit code 1, and
+so does a disk that refused a write (full, over quota, not ours to write, read-only);
+Ctrl-C and SIGTERM keep finished work and say so in one line (exit codes 130 and 143).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from rich.table import Table  # noqa: E402
 from typer.core import TyperCommand  # noqa: E402
 
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER  # noqa: E402
-from core.errors import Interrupted, UserError  # noqa: E402
+from core.errors import Interrupted, UserError, disk_problem  # noqa: E402
 from core.paths import DEFAULT_CACHE, default_data_root  # noqa: E402
 from train.defaults import default_help  # noqa: E402
 
@@ -493,20 +495,29 @@ def list_heads():
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        sys.exit(1)
-    except (KeyboardInterrupt, SystemExit) as e:
-        cut = _ctrl_c(e)
-        if cut is None:
-            raise
-        note = str(cut) if isinstance(cut, Interrupted) else (  # a run says what it kept
-            "finished work is kept (extract: whole shards; train: every finished epoch, in the run folder it "
-            "printed); run the same command again to resume")
-        err.print(f"[yellow]interrupted:[/] {note}", highlight=False)
-        sys.exit(130)
+    """Every command: a `UserError` or a disk that refused (full, quota, permissions, read-only) is
+    one line and exit code 1; Ctrl-C (exit 130) and SIGTERM (exit 143) keep finished work and say so."""
+    with _threads.sigterm_as_ctrl_c() as stop:
+        try:
+            app()
+        except UserError as e:
+            err.print(f"[red]error:[/] {e}", highlight=False)
+            sys.exit(1)
+        except (KeyboardInterrupt, SystemExit) as e:
+            cut = _ctrl_c(e)
+            if cut is None:
+                raise
+            note = str(cut) if isinstance(cut, Interrupted) else (  # a run says what it kept
+                "finished work is kept (extract: whole shards; train: every finished epoch, in the run folder it "
+                "printed); run the same command again to resume")
+            err.print(f"[yellow]{'terminated' if stop['signal'] else 'interrupted'}:[/] {note}", highlight=False)
+            sys.exit(143 if stop["signal"] else 130)
+        except (OSError, RuntimeError) as e:
+            line = disk_problem(e)
+            if line is None:
+                raise
+            err.print(f"[red]error:[/] {line}", highlight=False)
+            sys.exit(1)
 
 
 def _ctrl_c(e: BaseException | None) -> KeyboardInterrupt | None:

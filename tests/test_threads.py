@@ -93,3 +93,82 @@ def test_a_pool_ends_its_workers_when_the_main_process_stops(tmp_path):
     assert time.time() - t0 < 30
     time.sleep(0.5)
     assert not marker.exists()
+
+
+# --- how a process ends ---------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie no init has reaped yet counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _gone(pids, within: float = 10.0) -> bool:
+    import time
+
+    end = time.time() + within
+    while any(_alive(p) for p in pids) and time.time() < end:
+        time.sleep(0.05)
+    return not any(_alive(p) for p in pids)
+
+
+# a parent that starts a child, says both pids, and waits to be killed
+_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {child!r}], stdout=subprocess.PIPE, text=True)
+print(child.stdout.readline().strip(), flush=True)
+time.sleep(600)
+"""
+_CHILD = """
+import os, time
+from core import threads
+{before}
+how = threads.die_with_parent(os.getppid(), every=0.1)
+print(os.getpid(), how, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how, before", [("prctl", ""), ("thread", "threads._pdeathsig = lambda sig: False")])
+def test_a_process_dies_with_its_parent(how, before):
+    """kill -9 of the parent: the kernel (prctl) or the watching thread (elsewhere) ends the child."""
+    import signal
+
+    code = _PARENT.format(child=_CHILD.format(before=before))
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        pid, said = parent.stdout.readline().split()
+        assert said == how
+        assert _alive(int(pid))
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        assert _gone([int(pid)]), f"child {pid} outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_worker_started_after_its_parent_died_ends_at_once():
+    code = ("import os; from core import threads; threads.die_with_parent(os.getppid() + 10**6); print('survived')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert r.returncode == -9 and "survived" not in r.stdout
+
+
+def test_sigterm_is_ctrl_c_inside_and_the_old_handler_is_back_after():
+    import os
+    import signal
+
+    from core.errors import Terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as cut:
+        with threads.sigterm_as_ctrl_c() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between two bytecodes of the main thread
+                pass
+    assert isinstance(cut.value, Terminated) and stop["signal"] == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -130,6 +130,8 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
 
                 finish(train_seed(cfg, data, seed, on_epoch=each, resume=partial.get(seed), save=save))
     except KeyboardInterrupt:
+        # what is on disk: a worker's last "saved" message may not have reached this process
+        kept.update({s: state["epoch"] for s, state in unfinished_seeds(out, cfg, done).items()})
         finished = [s for s in cfg.seeds if s in done]
         unfinished = [s for s in todo if s not in done]
         cut = [s for s in unfinished if kept.get(s)] or unfinished[:1]  # seeds with epochs kept, else the one cut
