@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -676,7 +678,10 @@ def _assert_gone(workers: list[int], within: float = 15.0) -> None:
     end = time.time() + within
     while any(_alive(p) for p in workers) and time.time() < end:
         time.sleep(0.05)
-    assert not [p for p in workers if _alive(p)], "workers outlived the main process"
+    left = [p for p in workers if _alive(p)]
+    for pid in left:  # a failed test leaves no worker behind either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers outlived the main process"
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -690,8 +695,6 @@ def _assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_of_the_main_process_leaves_no_worker_and_the_same_command_continues(synth_cache, cli, tmp_path,
                                                                                      pool_reference):
-    import signal
-
     out = tmp_path / "run"
     args = _pool_args(synth_cache, out)
     proc, workers = _cut_when_a_seed_is_saved(cli, args, out, signal.SIGKILL)
@@ -707,8 +710,6 @@ def test_kill_9_of_the_main_process_leaves_no_worker_and_the_same_command_contin
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_is_ctrl_c_exit_143_and_the_same_command_continues(synth_cache, cli, tmp_path, pool_reference):
     """What a cluster scheduler sends: finished work kept, one line saying so, exit code 143."""
-    import signal
-
     out = tmp_path / "run"
     args = _pool_args(synth_cache, out)
     proc, workers = _cut_when_a_seed_is_saved(cli, args, out, signal.SIGTERM)

@@ -172,3 +172,35 @@ def test_sigterm_is_ctrl_c_inside_and_the_old_handler_is_back_after():
                 pass
     assert isinstance(cut.value, Terminated) and stop["signal"] == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+_POOL = """
+import os, time
+from core import threads
+if __name__ == "__main__":
+    pool = threads.worker_pool(2, 1)
+    futures = [pool.submit(time.sleep, 600) for _ in range(2)]
+    time.sleep(0.5)
+    print(*pool._processes, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_pool_workers_end_when_the_main_process_is_killed():
+    """`train --jobs`, `ablate`, `sweep`: kill -9 of the main process ends its workers too."""
+    import signal
+
+    main = subprocess.Popen([sys.executable, "-c", _POOL], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        workers = [int(p) for p in main.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        main.send_signal(signal.SIGKILL)
+        main.wait(timeout=30)
+        assert _gone(workers), "workers outlived the main process"
+    finally:
+        main.kill()
+        main.wait()
+        for pid in [p for p in workers if _alive(p)]:  # a failed test leaves no sleeper behind
+            os.kill(pid, signal.SIGKILL)
