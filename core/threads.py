@@ -166,7 +166,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def die_with_parent(parent: int | None = None, every: float = 1.0) -> str:
-    """End this process (SIGKILL) as soon as its parent process ends, however that ends.
+    """End this process as soon as its parent process ends, however that ends.
 
     On Linux the kernel does it (`prctl(PR_SET_PDEATHSIG, SIGKILL)`). It fires when the *thread*
     that forked this process ends: a `ProcessPoolExecutor` starts its workers in the thread that
@@ -177,22 +177,22 @@ def die_with_parent(parent: int | None = None, every: float = 1.0) -> str:
 
     `parent`: the pid the parent should have; if it has already gone (it died before this ran,
     and the process was handed to init), the process ends now. Returns "prctl" or "thread"."""
-    how = "prctl" if _pdeathsig(signal.SIGKILL) else "thread"
+    how = "prctl" if _pdeathsig() else "thread"
     start = os.getppid()
     if parent is not None and start != parent:
-        os.kill(os.getpid(), signal.SIGKILL)  # orphaned already
+        os._exit(1)  # orphaned already
     if how == "thread":
         threading.Thread(target=_watch_parent, args=(start, every), daemon=True, name="die-with-parent").start()
     return how
 
 
-def _pdeathsig(sig: int) -> bool:
-    """Ask the Linux kernel to send `sig` to this process when its parent ends; False elsewhere."""
+def _pdeathsig() -> bool:
+    """Ask the Linux kernel to SIGKILL this process when its parent ends; False elsewhere."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
@@ -201,7 +201,7 @@ def _watch_parent(parent: int, every: float) -> None:
     """The portable way: the parent is gone once this process has another one (init, a subreaper)."""
     while os.getppid() == parent:
         time.sleep(every)
-    os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(1)  # at once, from this thread: no cleanup waits on a pipe nobody reads
 
 
 @contextlib.contextmanager

@@ -133,7 +133,7 @@ time.sleep(600)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("how, before", [("prctl", ""), ("thread", "threads._pdeathsig = lambda sig: False")])
+@pytest.mark.parametrize("how, before", [("prctl", ""), ("thread", "threads._pdeathsig = lambda: False")])
 def test_a_process_dies_with_its_parent(how, before):
     """kill -9 of the parent: the kernel (prctl) or the watching thread (elsewhere) ends the child."""
     import signal
@@ -155,7 +155,7 @@ def test_a_process_dies_with_its_parent(how, before):
 def test_a_worker_started_after_its_parent_died_ends_at_once():
     code = ("import os; from core import threads; threads.die_with_parent(os.getppid() + 10**6); print('survived')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
-    assert r.returncode == -9 and "survived" not in r.stdout
+    assert r.returncode == 1 and "survived" not in r.stdout
 
 
 def test_sigterm_is_ctrl_c_inside_and_the_old_handler_is_back_after():
