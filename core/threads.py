@@ -20,8 +20,8 @@ torch's threads, libgomp's spinning), for benchmarks that measure the old behavi
 
 How a process ends (ARCHITECTURE rule 9: a process that dies leaves no worker behind):
 
-- a pool worker dies with the process that started it, however that one ends (Ctrl-C,
-  SIGTERM, `kill -9`, a crash): the kernel kills it (`die_with_parent`);
+- a pool worker dies with the main process, however that one ends (Ctrl-C, SIGTERM,
+  `kill -9`, a crash), whatever multiprocessing's start method (`die_with_parent`);
 - SIGTERM, what a cluster scheduler or `kill` sends, is Ctrl-C for a command
   (`sigterm_as_ctrl_c`): the same one line on what was kept, then exit code 143
   (128 + SIGTERM, where Ctrl-C exits 130). Workers ignore Ctrl-C and die at once on
@@ -35,6 +35,7 @@ import ctypes
 import ctypes.util
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import threading
@@ -103,11 +104,11 @@ def pin(worker: int, jobs: int) -> None:
     os.sched_setaffinity(0, mine[worker % jobs * per:(worker % jobs + 1) * per])
 
 
-def _init_worker(parent: int | None, threads: int | None, jobs: int, slot, init, initargs) -> None:
+def _init_worker(main: int, threads: int | None, jobs: int, slot, init, initargs) -> None:
     """A pool worker computes on its own share of the cores: pinned there, with that many threads.
     It ignores Ctrl-C and dies on SIGTERM (the handler the main process installed is not its own):
     the main process decides, and ends the workers (`_Pool`); it dies with the main process."""
-    die_with_parent(parent)
+    die_with_parent(main)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with slot.get_lock():
@@ -154,10 +155,8 @@ def worker_pool(jobs: int, threads: int | None = None, init=None, initargs: tupl
     (default: that share); `init(*initargs)` then runs in each (e.g. to keep a queue)."""
     ctx = multiprocessing.get_context()
     slot = ctx.Value("i", 0)  # which share of the cores the next worker takes
-    # a fork or spawn worker is this process's child; a forkserver's is the server's (which ends with us)
-    parent = os.getpid() if ctx.get_start_method() in ("fork", "spawn") else None
     return _Pool(jobs, mp_context=ctx, initializer=_init_worker,
-                 initargs=(parent, threads, jobs, slot, init, initargs))
+                 initargs=(os.getpid(), threads, jobs, slot, init, initargs))
 
 
 # --- how a process ends ---------------------------------------------------------------------
@@ -165,24 +164,34 @@ def worker_pool(jobs: int, threads: int | None = None, init=None, initargs: tupl
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def die_with_parent(parent: int | None = None, every: float = 1.0) -> str:
-    """End this process as soon as its parent process ends, however that ends.
+def die_with_parent(main: int | None = None, every: float = 1.0) -> str:
+    """End this process as soon as the process `main` (default: its parent) ends, however that ends.
 
-    On Linux the kernel does it (`prctl(PR_SET_PDEATHSIG, SIGKILL)`). It fires when the *thread*
-    that forked this process ends: a `ProcessPoolExecutor` starts its workers in the thread that
-    calls `submit` (all of them at the first submit with 'fork'; one per submit with 'spawn'; only
+    A child of `main` ('fork' and 'spawn' workers): on Linux the kernel ends it
+    (`prctl(PR_SET_PDEATHSIG, SIGKILL)`), elsewhere a daemon thread that checks every `every`
+    seconds whether its parent changed (`os.getppid()`). PDEATHSIG fires when the *thread* that
+    forked the child ends: a `ProcessPoolExecutor` starts its workers in the thread that calls
+    `submit` (all at the first submit with 'fork', one per submit with 'spawn'; only
     `max_tasks_per_child`, unused here, makes its manager thread start more), and every caller of
-    `worker_pool` submits from the main thread, which lives as long as the process. Elsewhere a
-    daemon thread checks every `every` seconds whether the parent changed (`os.getppid()`).
+    `worker_pool` submits from the main thread, which lives as long as the process.
 
-    `parent`: the pid the parent should have; if it has already gone (it died before this ran,
-    and the process was handed to init), the process ends now. Returns "prctl" or "thread"."""
-    how = "prctl" if _pdeathsig() else "thread"
-    start = os.getppid()
-    if parent is not None and start != parent:
-        os._exit(1)  # orphaned already
-    if how == "thread":
-        threading.Thread(target=_watch_parent, args=(start, every), daemon=True, name="die-with-parent").start()
+    A 'forkserver' worker is the server's child, and the server lives on while any worker holds
+    its pipe: a thread waits for `main` itself to end (a pidfd on Linux, else polling).
+
+    If `main` is gone already (it died before this ran) the process ends now.
+    Returns how: "prctl", "thread" or "watch"."""
+    parent = os.getppid()
+    main = parent if main is None else main
+    if main == parent:
+        how = "prctl" if _pdeathsig() else "thread"
+        if how == "thread":
+            threading.Thread(target=_watch_parent, args=(parent, every), daemon=True, name="die-with-parent").start()
+        if os.getppid() != parent:  # it died before prctl took effect
+            os._exit(1)
+    else:
+        how = "watch"
+        _pdeathsig()  # the server ending ends us too
+        threading.Thread(target=_watch_pid, args=(main, every), daemon=True, name="die-with-main").start()
     return how
 
 
@@ -202,6 +211,26 @@ def _watch_parent(parent: int, every: float) -> None:
     while os.getppid() == parent:
         time.sleep(every)
     os._exit(1)  # at once, from this thread: no cleanup waits on a pipe nobody reads
+
+
+def _watch_pid(pid: int, every: float) -> None:
+    """Wait for process `pid` (not our parent) to end, then end this process."""
+    try:
+        fd = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has exited, whatever reuses its pid
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        try:
+            while True:
+                os.kill(pid, 0)
+                time.sleep(every)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # a pid reused by another user's process: ours is gone
+            pass
+    os._exit(1)
 
 
 @contextlib.contextmanager

@@ -152,8 +152,11 @@ def test_a_process_dies_with_its_parent(how, before):
         parent.wait()
 
 
-def test_a_worker_started_after_its_parent_died_ends_at_once():
-    code = ("import os; from core import threads; threads.die_with_parent(os.getppid() + 10**6); print('survived')")
+def test_a_worker_started_after_its_main_process_died_ends_at_once():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    code = (f"import os, time; from core import threads; threads.die_with_parent({gone.pid}); time.sleep(5); "
+            "print('survived')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert r.returncode == 1 and "survived" not in r.stdout
 
@@ -175,23 +178,30 @@ def test_sigterm_is_ctrl_c_inside_and_the_old_handler_is_back_after():
 
 
 _POOL = """
-import os, time
+import multiprocessing, os, sys, time
 from core import threads
 if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
     pool = threads.worker_pool(2, 1)
     futures = [pool.submit(time.sleep, 600) for _ in range(2)]
-    time.sleep(0.5)
+    while len(pool._processes) < 2 or not all(f.running() for f in futures):
+        time.sleep(0.05)
     print(*pool._processes, flush=True)
     time.sleep(600)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_pool_workers_end_when_the_main_process_is_killed():
-    """`train --jobs`, `ablate`, `sweep`: kill -9 of the main process ends its workers too."""
+@pytest.mark.parametrize("start", ["fork", "spawn", "forkserver"])
+def test_pool_workers_end_when_the_main_process_is_killed(start, tmp_path):
+    """`train --jobs`, `ablate`, `sweep`: kill -9 of the main process ends its workers too, however
+    multiprocessing starts them (a forkserver's workers die with the server, which dies with us)."""
     import signal
 
-    main = subprocess.Popen([sys.executable, "-c", _POOL], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    script = tmp_path / "pool.py"  # spawn and forkserver import the main module again: a file, not -c
+    script.write_text(_POOL)
+    main = subprocess.Popen([sys.executable, str(script), start], cwd=REPO, env=_env(PYTHONPATH=str(REPO)),
+                            stdout=subprocess.PIPE, text=True)
     workers: list[int] = []
     try:
         workers = [int(p) for p in main.stdout.readline().split()]
@@ -204,3 +214,25 @@ def test_pool_workers_end_when_the_main_process_is_killed():
         main.wait()
         for pid in [p for p in workers if _alive(p)]:  # a failed test leaves no sleeper behind
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("before", ["", "del os.pidfd_open"], ids=["pidfd", "polling"])
+def test_a_process_dies_with_a_main_process_that_is_not_its_parent(before):
+    """A forkserver's worker: its parent (the server) outlives the main process, so it watches that."""
+    import signal
+
+    main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    code = (f"import os, sys, time\nfrom core import threads\n{before}\n"
+            f"print(threads.die_with_parent({main.pid}, every=0.1), flush=True)\ntime.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "watch"
+        assert child.poll() is None
+        main.send_signal(signal.SIGKILL)
+        main.wait(timeout=30)
+        assert child.wait(timeout=15) == 1
+    finally:
+        for p in (main, child):
+            p.kill()
+            p.wait()
