@@ -193,7 +193,7 @@ def test_train_on_a_full_disk_is_one_line(places, run_main, monkeypatch, tmp_pat
     assert not list(out.glob("*.tmp*")) and not list(out.glob("*.pt"))
 
 
-def test_extract_on_a_full_disk_is_one_line_and_leaves_no_half_shard(tiny_cache, cli, run_main, monkeypatch, tmp_path):
+def test_extract_on_a_full_disk_is_one_line_and_leaves_no_half_shard(data_root, cli, run_main, monkeypatch, tmp_path):
     _full_for(monkeypatch, ".h5.tmp")
     cache = tmp_path / "cache"
     r = run_main("extract", *cli.tiny_args, "--cache-dir", cache)
@@ -220,7 +220,7 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def test_extract_onto_a_really_full_disk_is_one_line_and_no_crash(tiny_cache, cli, full_disk):
+def test_extract_onto_a_really_full_disk_is_one_line_and_no_crash(data_root, cli, full_disk):
     """HDF5 writing to a full disk was seen to segfault: the shard is built in memory, Python writes it."""
     cache = full_disk / "cache"
     r = cli.run("extract", *cli.tiny_args, "--cache-dir", cache)
