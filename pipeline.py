@@ -4,7 +4,9 @@
 Thin on purpose: each command builds a config dataclass and calls one library function. The
 options that set a config's fields are made from the fields themselves (core/cli_fields.py), so
 no default or help of a config is repeated here; the options declared here are the process's own
-(--jobs, --threads, --shard, --runs-dir) and what is not a field (--set, --vary, --rows). A `UserError` anywhere becomes one line on stderr and exit code 1.
+(--jobs, --threads, --shard, --runs-dir) and what is not a field (--set, --vary, --rows). A `UserError` anywhere becomes one line on stderr and exit code 1, and so does a disk
+that refused a write (full, over quota, not ours to write, read-only); Ctrl-C and SIGTERM keep
+finished work and say so in one line (exit codes 130 and 143).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from core import cli_fields  # noqa: E402
-from core.errors import Interrupted, UserError  # noqa: E402
+from core.errors import Interrupted, UserError, disk_problem  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="SPP-SCL and friends: extract frozen features once, train light heads from the cache.")
@@ -349,20 +351,29 @@ def list_heads():
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        sys.exit(1)
-    except (KeyboardInterrupt, SystemExit) as e:
-        cut = _ctrl_c(e)
-        if cut is None:
-            raise
-        note = str(cut) if isinstance(cut, Interrupted) else (  # a run says what it kept
-            "finished work is kept (extract: whole shards; train: every finished epoch, in the run folder it "
-            "printed); run the same command again to resume")
-        err.print(f"[yellow]interrupted:[/] {note}", highlight=False)
-        sys.exit(130)
+    """Every command: a `UserError` or a disk that refused (full, quota, permissions, read-only) is
+    one line and exit code 1; Ctrl-C (exit 130) and SIGTERM (exit 143) keep finished work and say so."""
+    with _threads.sigterm_as_ctrl_c() as stop:
+        try:
+            app()
+        except UserError as e:
+            err.print(f"[red]error:[/] {e}", highlight=False)
+            sys.exit(1)
+        except (KeyboardInterrupt, SystemExit) as e:
+            cut = _ctrl_c(e)
+            if cut is None:
+                raise
+            note = str(cut) if isinstance(cut, Interrupted) else (  # a run says what it kept
+                "finished work is kept (extract: whole shards; train: every finished epoch, in the run folder it "
+                "printed); run the same command again to resume")
+            err.print(f"[yellow]{'terminated' if stop['signal'] else 'interrupted'}:[/] {note}", highlight=False)
+            sys.exit(143 if stop["signal"] else 130)
+        except (OSError, RuntimeError) as e:
+            line = disk_problem(e)
+            if line is None:
+                raise
+            err.print(f"[red]error:[/] {line}", highlight=False)
+            sys.exit(1)
 
 
 def _ctrl_c(e: BaseException | None) -> KeyboardInterrupt | None:

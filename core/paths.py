@@ -29,3 +29,20 @@ def make_dir(path: Path) -> Path:
         in_the_way = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
         raise UserError(f"{in_the_way} is a file, not a folder: give a folder path (or move the file)") from None
     return path
+
+
+def write_atomic(path: Path, data: bytes | str, tmp: Path | None = None) -> None:
+    """Write `data` to a temp file (default `<file>.tmp<pid>`) and rename it to `path`: a reader
+    never sees half a file. If the write fails (a full disk) the temp file is deleted and the
+    OSError names `path`; a file already at `path` is left as it was."""
+    path = Path(path)
+    tmp = Path(tmp) if tmp is not None else path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() or close() names no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise

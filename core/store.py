@@ -26,6 +26,7 @@ disk is always whole: that is what makes resuming after a kill safe.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
-from core.paths import make_dir
+from core.paths import make_dir, write_atomic
 
 FORMAT_VERSION = 1
 TEXT, IMAGE = "text", "image"
@@ -153,11 +154,16 @@ def _common(f: h5py.File, ids, labels, splits) -> None:
 
 
 def _atomic(path: Path, fill) -> None:
-    """Write via a temp file and rename, so a shard on disk is never half-written."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with h5py.File(tmp, "w", track_order=True) as f:
+    """Write via a temp file and rename, so a shard on disk is never half-written.
+
+    HDF5 builds the file in memory (the file it would write to disk, bar up to a few KB of unused
+    space it trims when closing a file on disk) and Python writes it out: HDF5 itself writing to a full disk was seen to crash the process (a segfault), leaving the
+    temp file behind. A failed write deletes its temp file and raises an OSError naming the shard."""
+    with h5py.File(f"{path.name}.in-memory", "w", driver="core", backing_store=False, track_order=True) as f:
         fill(f)
-    os.replace(tmp, path)
+        f.flush()
+        image = f.id.get_file_image()
+    write_atomic(path, image)
 
 
 def write_text_shard(path, prov, ids, labels, splits, cls, tokens, offsets, problems=()) -> None:
@@ -197,19 +203,18 @@ def finish(folder: Path, prov: Provenance) -> bool:
         per_split = {s: [int((split == s).sum()), int(lengths[split == s].sum())] for s in np.unique(split)}
         entries.append({"file": p.name, "n": len(split), "splits": per_split})
     index = {"provenance": asdict(prov), "shards": entries, "n_items": sum(e["n"] for e in entries)}
-    tmp = folder / f"index.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, folder / "index.json")
+    write_atomic(folder / "index.json", json.dumps(index, indent=1))
     return True
 
 
 def write_dataset_info(root: Path, info: dict, problems: list[tuple[str, str, str]]) -> None:
     make_dir(root)
-    (root / "dataset.json").write_text(json.dumps(info, indent=1))
-    with open(root / "problems.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "stage", "reason"])
-        w.writerows(problems)
+    write_atomic(root / "dataset.json", json.dumps(info, indent=1))
+    rows = io.StringIO(newline="")
+    w = csv.writer(rows)
+    w.writerow(["id", "stage", "reason"])
+    w.writerows(problems)
+    write_atomic(root / "problems.csv", rows.getvalue())
 
 
 # --- reading ---------------------------------------------------------------------------

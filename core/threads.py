@@ -17,14 +17,32 @@ each one waits for a sleeping thread to wake up. So:
 
 `SPP_THREADS=legacy` in the environment leaves torch's own defaults alone (one process,
 torch's threads, libgomp's spinning), for benchmarks that measure the old behaviour.
+
+How a process ends (ARCHITECTURE rule 9: a process that dies leaves no worker behind):
+
+- a pool worker dies with the main process, however that one ends (Ctrl-C, SIGTERM,
+  `kill -9`, a crash), whatever multiprocessing's start method (`die_with_parent`);
+- SIGTERM, what a cluster scheduler or `kill` sends, is Ctrl-C for a command
+  (`sigterm_as_ctrl_c`): the same one line on what was kept, then exit code 143
+  (128 + SIGTERM, where Ctrl-C exits 130). Workers ignore Ctrl-C and die at once on
+  SIGTERM: the main process alone decides what was kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
+import select
 import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+
+from core.errors import Terminated
 
 LEGACY_ENV = "SPP_THREADS"
 
@@ -86,10 +104,13 @@ def pin(worker: int, jobs: int) -> None:
     os.sched_setaffinity(0, mine[worker % jobs * per:(worker % jobs + 1) * per])
 
 
-def _init_worker(threads: int | None, jobs: int, slot, init, initargs) -> None:
+def _init_worker(main: int, threads: int | None, jobs: int, slot, init, initargs) -> None:
     """A pool worker computes on its own share of the cores: pinned there, with that many threads.
-    It ignores Ctrl-C: the main process decides, and ends the workers (`_Pool`)."""
+    It ignores Ctrl-C and dies on SIGTERM (the handler the main process installed is not its own):
+    the main process decides, and ends the workers (`_Pool`); it dies with the main process."""
+    die_with_parent(main)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with slot.get_lock():
         k, slot.value = slot.value, slot.value + 1
     n = threads or default_threads(jobs)  # the share, counted before pinning narrows the view
@@ -134,4 +155,102 @@ def worker_pool(jobs: int, threads: int | None = None, init=None, initargs: tupl
     (default: that share); `init(*initargs)` then runs in each (e.g. to keep a queue)."""
     ctx = multiprocessing.get_context()
     slot = ctx.Value("i", 0)  # which share of the cores the next worker takes
-    return _Pool(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, jobs, slot, init, initargs))
+    return _Pool(jobs, mp_context=ctx, initializer=_init_worker,
+                 initargs=(os.getpid(), threads, jobs, slot, init, initargs))
+
+
+# --- how a process ends ---------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(main: int | None = None, every: float = 1.0) -> str:
+    """End this process as soon as the process `main` (default: its parent) ends, however that ends.
+
+    A child of `main` ('fork' and 'spawn' workers): on Linux the kernel ends it
+    (`prctl(PR_SET_PDEATHSIG, SIGKILL)`), elsewhere a daemon thread that checks every `every`
+    seconds whether its parent changed (`os.getppid()`). PDEATHSIG fires when the *thread* that
+    forked the child ends: a `ProcessPoolExecutor` starts its workers in the thread that calls
+    `submit` (all at the first submit with 'fork', one per submit with 'spawn'; only
+    `max_tasks_per_child`, unused here, makes its manager thread start more), and every caller of
+    `worker_pool` submits from the main thread, which lives as long as the process.
+
+    A 'forkserver' worker is the server's child, and the server lives on while any worker holds
+    its pipe: a thread waits for `main` itself to end (a pidfd on Linux, else polling).
+
+    If `main` is gone already (it died before this ran) the process ends now.
+    Returns how: "prctl", "thread" or "watch"."""
+    parent = os.getppid()
+    main = parent if main is None else main
+    if main == parent:
+        how = "prctl" if _pdeathsig() else "thread"
+        if how == "thread":
+            threading.Thread(target=_watch_parent, args=(parent, every), daemon=True, name="die-with-parent").start()
+        if os.getppid() != parent:  # it died before prctl took effect
+            os._exit(1)
+    else:
+        how = "watch"
+        _pdeathsig()  # the server ending ends us too
+        threading.Thread(target=_watch_pid, args=(main, every), daemon=True, name="die-with-main").start()
+    return how
+
+
+def _pdeathsig() -> bool:
+    """Ask the Linux kernel to SIGKILL this process when its parent ends; False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int, every: float) -> None:
+    """The portable way: the parent is gone once this process has another one (init, a subreaper)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)  # at once, from this thread: no cleanup waits on a pipe nobody reads
+
+
+def _watch_pid(pid: int, every: float) -> None:
+    """Wait for process `pid` (not our parent) to end, then end this process."""
+    try:
+        fd = os.pidfd_open(pid)  # Linux 5.3+: readable once the process has exited, whatever reuses its pid
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        try:
+            while True:
+                os.kill(pid, 0)
+                time.sleep(every)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # a pid reused by another user's process: ours is gone
+            pass
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """While inside, SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread, so a
+    command ends as on Ctrl-C: work saved, one line on what was kept. A second SIGTERM during that
+    is ignored (the scheduler's SIGKILL follows anyway). Yields a dict whose "signal" is set once
+    one came; the previous handler is back afterwards. Outside the main thread it does nothing."""
+    got: dict = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def on_sigterm(signum, frame):
+        if got["signal"] is None:
+            got["signal"] = signum
+            raise Terminated(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, before)

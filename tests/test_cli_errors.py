@@ -7,11 +7,13 @@ One run is trained once on the synthetic cache (1 epoch, 1 seed); broken copies 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
 from pathlib import Path
 
+import h5py
 import pytest
 
 import heads
@@ -198,3 +200,85 @@ def test_every_command_is_covered():
 
     commands = set(typer.main.get_command(pipeline.app).commands)
     assert len(commands) >= 9 and commands <= {args[0] for _, args, _ in CASES}
+
+
+# --- a disk that refuses a write: one line naming the file, exit 1, nothing half-written left ----------
+
+class _FullDisk:
+    """An open file on a full disk: the first write() fails with ENOSPC after writing a little."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _full_for(monkeypatch, fragment: str) -> None:
+    """Writes through core.paths.write_atomic to a file whose name holds `fragment` meet a full disk."""
+    from core import paths
+
+    real = open
+    monkeypatch.setattr(paths, "open", lambda p, *a, **k: _FullDisk(real(p, *a, **k)) if fragment in str(p)
+                        else real(p, *a, **k), raising=False)
+
+
+def _one_disk_line(r, path: Path) -> None:
+    assert r.code == 1, r.out + r.err
+    assert r.err.strip() == (f"error: no space left on the device: {path}: free some space there (or give another "
+                             "--cache-dir or --out) and run the same command again; finished work is kept"), r.err
+
+
+def test_train_on_a_full_disk_is_one_line(places, run_main, monkeypatch, tmp_path):
+    _full_for(monkeypatch, "state.pt")
+    out = tmp_path / "run"
+    r = run_main(*(a.format(**places) for a in TRAIN), "--out", out)
+    _one_disk_line(r, out / "seed-1.state.pt")
+    assert not list(out.glob("*.tmp*")) and not list(out.glob("*.pt"))
+
+
+def test_extract_on_a_full_disk_is_one_line_and_leaves_no_half_shard(data_root, cli, run_main, monkeypatch, tmp_path):
+    _full_for(monkeypatch, ".h5.tmp")
+    cache = tmp_path / "cache"
+    r = run_main("extract", *cli.tiny_args, "--cache-dir", cache)
+    first = sorted(cache.rglob("*.h5"))
+    assert not first, first
+    shard = next(Path(p) for p in re.findall(r"device: (\S+\.h5):", r.err))  # the shard it was writing
+    _one_disk_line(r, shard)
+    assert shard.parent.is_dir() and not list(cache.rglob("*.tmp*"))
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs (root only: skipped where it cannot be mounted)."""
+    import subprocess
+
+    where = tmp_path / "full"
+    where.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_extract_onto_a_really_full_disk_is_one_line_and_no_crash(data_root, cli, full_disk):
+    """HDF5 writing to a full disk was seen to segfault: the shard is built in memory, Python writes it."""
+    cache = full_disk / "cache"
+    r = cli.run("extract", *cli.tiny_args, "--cache-dir", cache)
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert r.stderr.strip().startswith(f"error: no space left on the device: {cache}/"), r.stderr
+    assert "\n" not in r.stderr.strip(), r.stderr
+    assert not list(cache.rglob("*.tmp*"))
+    for shard in cache.rglob("*.h5"):  # every shard left is whole
+        with h5py.File(shard, "r") as f:
+            assert len(f["ids"]) > 0

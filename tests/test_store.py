@@ -4,6 +4,7 @@ checks, atomic writes and the index written only once every shard is there."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import subprocess
@@ -201,16 +202,20 @@ def test_killed_write_leaves_no_shard_and_its_temp_is_removed(tmp_path):
     p = prov(n_shards=1)
     s = text_shard(rng, ["a", "b"], ["train", "dev"], [2, 3])
     path = tmp_path / store.shard_name(0, 1)
-    # a writer killed half-way through: a real process, SIGKILLed while it holds the temp file
+    # a writer killed half-way through: a real process, SIGKILLed with half the temp file written
     code = (
-        "import sys, os, signal, h5py\n"
+        "import sys, os, signal\n"
         "from pathlib import Path\n"
-        "from core import store\n"
-        "def fill(f):\n"
-        "    f.create_dataset('ids', data=[1, 2])\n"
-        "    f.flush()\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "store._atomic(Path(sys.argv[1]), fill)\n"
+        "from core import paths, store\n"
+        "class Half:\n"
+        "    def __init__(self, f): self.f = f\n"
+        "    def __enter__(self): return self\n"
+        "    def __exit__(self, *a): self.f.close()\n"
+        "    def write(self, data):\n"
+        "        self.f.write(data[:len(data) // 2]); self.f.flush()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "paths.open = lambda *a, **k: Half(open(*a, **k))\n"
+        "store._atomic(Path(sys.argv[1]), lambda f: f.create_dataset('ids', data=[1, 2]))\n"
     )
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=repo, stderr=subprocess.PIPE)
@@ -239,8 +244,41 @@ def test_failed_write_keeps_the_previous_shard(tmp_path):
     with pytest.raises(RuntimeError):
         store._atomic(tmp_path / store.shard_name(0, 1), fill)
     assert (tmp_path / store.shard_name(0, 1)).read_bytes() == before
-    assert len(list(tmp_path.glob("*.tmp*"))) == 1
-    assert store.prepare(tmp_path, p, force=False) == {0}  # our own stale temp file goes
+    assert not list(tmp_path.glob("*.tmp*"))  # the shard was built in memory: nothing was written
+    assert store.prepare(tmp_path, p, force=False) == {0}
+
+
+class _Full:
+    """A file on a full disk: write() fails with ENOSPC, as Python's own write would."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_deletes_the_temp_file_keeps_the_previous_shard_and_names_it(tmp_path, monkeypatch):
+    from core import paths
+
+    rng = np.random.default_rng(5)
+    p = prov(n_shards=1)
+    s = text_shard(rng, ["a"], ["train"], [2])
+    write_text(tmp_path, 0, p, s)
+    shard = tmp_path / store.shard_name(0, 1)
+    before = shard.read_bytes()
+    monkeypatch.setattr(paths, "open", lambda *a, **k: _Full(open(*a, **k)), raising=False)
+    with pytest.raises(OSError) as e:
+        write_text(tmp_path, 0, p, s)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(shard)
+    assert shard.read_bytes() == before
     assert not list(tmp_path.glob("*.tmp*"))
 
 

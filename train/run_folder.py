@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -50,6 +51,7 @@ import heads
 from core.device import device
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, REPO, make_dir
+from core.paths import write_atomic as write_atomic_bytes
 from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
@@ -90,17 +92,17 @@ SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred"
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write text to a temporary file, then rename: a reader never sees half a file (a failed
+    write, a full disk, leaves none and names `path`)."""
+    write_atomic_bytes(path, text, tmp=path.with_name(path.name + ".tmp"))
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file. Serialized in
+    memory first: torch writing to a full disk says only "unexpected pos", Python's write names it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic_bytes(path, buf.getvalue(), tmp=path.with_name(path.name + ".tmp"))
 
 
 class LogCsv:
