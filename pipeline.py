@@ -478,6 +478,22 @@ def results_cmd(
         console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))
 
 
+@app.command("verify")
+def verify_cmd(
+    cache_dir: Path = CacheOpt,
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="data set name in the cache [default: every one]"),
+):
+    """Check a cache's shards and indexes against their checksums; name each damaged file and the
+    `extract` command that repairs it (exit 1 if any)."""
+    from core import store
+
+    checks = store.verify(cache_dir, dataset)
+    for line in (line for d in checks for line in d.lines()):
+        console.print(line, highlight=False, soft_wrap=True)
+    if problem := store.damage_summary(checks):
+        raise UserError(problem)
+
+
 @app.command("heads")
 def list_heads():
     """List the registered heads with their config fields (set any with `train --set key=value`, or its flag)."""
