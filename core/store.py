@@ -301,10 +301,12 @@ def write_image_shard(path, prov, ids, labels, splits, maps, problems=()) -> Non
     _atomic(Path(path), fill)
 
 
-def finish(folder: Path, prov: Provenance) -> bool:
+def finish(folder: Path, prov: Provenance, flags: list[str] | None = None) -> bool:
     """Write index.json once every shard is on disk and passes its checksum (any rank may call
-    it; the result is the same). With a checksum beside every shard, the index says so and
-    carries its own SHA-256; over shards of the older format it is the older index."""
+    it; the result is the same). With a checksum beside every shard, the index says so, keeps
+    `flags` (the data-set and batching flags of the `extract` that made it, for the command
+    that repairs it) and carries its own SHA-256; over shards of the older format it is the
+    older index."""
     folder = Path(folder)
     shards = [folder / shard_name(k, prov.n_shards) for k in range(prov.n_shards)]
     checked = all(sidecar(p).is_file() for p in shards)
@@ -319,10 +321,21 @@ def finish(folder: Path, prov: Provenance) -> bool:
         entries.append({"file": p.name, "n": len(split), "splits": per_split})
     index = {"provenance": asdict(prov), "shards": entries, "n_items": sum(e["n"] for e in entries)}
     if checked:
+        index["extract_flags"] = list(flags or [])
         index["checksums"] = CHECKSUM
         index["sha256"] = _index_digest(index)
     _replace_text(folder / "index.json", json.dumps(index, indent=1))
     return True
+
+
+def read_dataset_info(root: Path) -> dict:
+    """dataset.json of a cached data set (classes, counts, how it was made); a damaged one is
+    one UserError naming the command that rewrites it."""
+    path = Path(root) / "dataset.json"
+    info = _json_or_empty(path)
+    if not isinstance(info.get("classes"), list):
+        raise UserError(damage_message(path, "unreadable, or without its list of classes"))
+    return info
 
 
 def write_dataset_info(root: Path, info: dict, problems: list[tuple[str, str, str]]) -> None:
@@ -367,7 +380,7 @@ def _read_shard(path: Path):
 def damage_message(path: Path, reason: str) -> str:
     """One line: which cache file is damaged, why, and the `extract` that repairs it."""
     path = Path(path)
-    redo = "rebuild it" if path.name == "index.json" else "re-encode it (only damaged shards are redone)"
+    redo = "re-encode it (only damaged shards are redone)" if _SHARD.search(path.name) else "rewrite it"
     return f"cache file {path} is damaged: {reason}. Run `{repair_command(path.parent)}` to {redo}"
 
 
@@ -579,12 +592,15 @@ def repair_command(folder: Path) -> str:
     view = re.fullmatch(r"view-\d+", folder.name)
     enc_folder = folder.parent if view else folder
     kind, root = enc_folder.parent.name, enc_folder.parent.parent
+    if kind not in (TEXT, IMAGE):  # a data set's own folder (dataset.json): every modality it has
+        kind, root, enc_folder = None, folder, folder / "none"
     info = _json_or_empty(root / "dataset.json")
-    flags = info.get("extract_flags")
-    if not (isinstance(flags, list) and all(isinstance(x, str) for x in flags)):
-        flags = _flags_from_name(root.name, info.get("source"))
-    flags = list(flags)
-    prov = _json_or_empty(enc_folder / "index.json").get("provenance")
+    own = _json_or_empty(enc_folder / "index.json")
+    known = [own, info] + [_json_or_empty(p) for p in sorted(root.glob("*/*/index.json"))]  # whichever survived
+    flags = next((d["extract_flags"] for d in known if isinstance(d.get("extract_flags"), list)
+                  and all(isinstance(x, str) for x in d["extract_flags"])), None)
+    flags = list(flags) if flags is not None else _flags_from_name(root.name, info.get("source"))
+    prov = own.get("provenance")
     prov = prov if isinstance(prov, dict) else {}
     encoder = str(prov.get("encoder", enc_folder.name))
     if kind == TEXT:
@@ -594,8 +610,10 @@ def repair_command(folder: Path) -> str:
         flags += ["--text-only"] if not (root / IMAGE).is_dir() else []
         views = view_folders(enc_folder)
         flags += ["--text-views", str(len(views))] if views else []
-    elif encoder != IMAGE_ENCODER:
+    elif kind == IMAGE and encoder != IMAGE_ENCODER:
         flags += ["--image-encoder", encoder]
+    elif kind is None:
+        flags += ["--text-only"] if not (root / IMAGE).is_dir() else []
     if root.parent != DEFAULT_CACHE:
         flags += ["--cache-dir", str(root.parent)]
     return "python pipeline.py extract " + " ".join(shlex.quote(x) for x in flags)
@@ -643,7 +661,7 @@ class DatasetCheck:
 
     def lines(self) -> list[str]:
         """What `verify` prints: one line per folder that is whole, one per damaged file."""
-        out = [f"{self.root.name}/{path.name}: DAMAGED: {why}; repair: rerun the `extract` that made this cache"
+        out = [f"{self.root.name}/{path.name}: DAMAGED: {why}; repair: `{repair_command(self.root)}`"
                for path, why in self.damaged]
         for c in self.folders:
             where = c.folder.relative_to(self.root)
@@ -659,7 +677,7 @@ class DatasetCheck:
 def damage_summary(checks: list[DatasetCheck]) -> str | None:
     """One line for the end of `verify` when anything is damaged, else None."""
     bad = [(path, c.repair) for d in checks for c in d.folders for path, _ in c.damaged]
-    bad += [(path, "the `extract` that made it") for d in checks for path, _ in d.damaged]
+    bad += [(path, repair_command(d.root)) for d in checks for path, _ in d.damaged]
     if not bad:
         return None
     return (f"{len(bad)} damaged file{'s' * (len(bad) > 1)} (listed above, each with the command that repairs it), "
@@ -685,7 +703,8 @@ def verify(cache_dir: Path, dataset: str | None = None) -> list[DatasetCheck]:
     out = []
     for root in roots:
         info = root / "dataset.json"
-        damaged = [] if _json_or_empty(info) else [(info, "missing" if not info.exists() else "unreadable or not a JSON object")]
+        damaged = [] if isinstance(_json_or_empty(info).get("classes"), list) else [
+            (info, "missing" if not info.exists() else "unreadable, or without its list of classes")]
         folders = []
         for kind in (TEXT, IMAGE):
             for enc in sorted(p for p in (root / kind).glob("*") if p.is_dir()):

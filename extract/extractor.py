@@ -206,7 +206,7 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
         n += len(items)
         progress.update(task, rate=f"{n / (time.time() - t0):.0f} texts/s")
     timing["text"] = time.time() - t0
-    complete = store.finish(folder, prov)
+    complete = store.finish(folder, prov, data_flags(cfg))
     for v in range(1, cfg.text_views + 1):
         complete = _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timing) and complete
     return len(ds.items), (folder, complete)
@@ -242,7 +242,7 @@ def _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timi
             np.concatenate(tokens) if tokens else empty, offsets,
         )
     timing[f"text view {v}"] = time.time() - t0
-    return store.finish(vfolder, vprov)
+    return store.finish(vfolder, vprov, data_flags(cfg))
 
 
 def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None):
@@ -320,4 +320,4 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
                 np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1)), bad_all,
             )
     timing["image"] = time.time() - t0
-    return len(items), (folder, store.finish(folder, prov))
+    return len(items), (folder, store.finish(folder, prov, data_flags(cfg)))
