@@ -515,3 +515,31 @@ def test_an_older_cache_without_checksums_is_kept_and_noted(tmp_path, tiny_cache
 
 
 TINY_ARGS_CLI = ("--dataset", "mvsa_s", "--limit", "12", "--shard-size", "8", "--batch-size", "4")
+
+
+def test_odd_images_and_unstorable_ids_are_listed_by_id_and_the_run_completes(tmp_path, make_config, console):
+    from PIL import Image
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGBA", (64, 64), (200, 10, 10, 0)).save(pics / "rgba.png")
+    Image.new("I;16", (64, 64), 30000).save(pics / "deep.png")
+    Image.new("F", (64, 64), 7.5).save(pics / "float.tif")  # no way to tell its brightness
+    rows = [("rgba", "rgba.png", "train"), ("deep", "deep.png", "dev"), ("float", "float.tif", "test"),
+            ("nul\u0000id", "rgba.png", "train"), ("\ud800x", "rgba.png", "dev"), ("é漢🙂 a,b", "deep.png", "test")]
+    with open(tmp_path / "m.jsonl", "w") as f:  # JSON escapes: a NUL and a lone surrogate in ids
+        for k, (id_, image, split) in enumerate(rows):
+            f.write(json.dumps({"id": id_, "text": f"tweet {k}", "image": f"pics/{image}",
+                                "label": "pos" if k % 2 else "neg", "split": split}) + "\n")
+    cfg = make_config(tmp_path / "cache", manifest=tmp_path / "m.jsonl", name="odd", random_weights=True)
+    s = run(cfg, console)
+    assert s.complete and s.text_items == 4 and s.image_items == 4
+    with open(tmp_path / "cache" / "odd" / "problems.csv", newline="", encoding="utf-8") as f:
+        problems = {p[0]: p for p in list(csv.reader(f))[1:]}
+    assert sorted(problems) == ["\\ud800x", "float", "nul\\x00id"]
+    assert "NUL" in problems["nul\\x00id"][2] and "surrogate" in problems["\\ud800x"][2]
+    assert problems["float"][1] == "image" and "not within [0, 1]" in problems["float"][2]
+    image = store.load_image(tmp_path / "cache" / "odd" / "image" / "efficientnet-lite0")
+    assert sorted(i for f in image.values() for i in f.ids) == sorted(["rgba", "deep", "é漢🙂 a,b"])
+    text = store.load_text(tmp_path / "cache" / "odd" / "text" / "minilm")
+    assert sorted(i for f in text.values() for i in f.ids) == sorted(["rgba", "deep", "float", "é漢🙂 a,b"])
