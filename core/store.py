@@ -266,7 +266,7 @@ def shard_damage(path: Path, required: bool) -> str | None:
     return None
 
 
-def _index_digest(index: dict) -> str:
+def index_digest(index: dict) -> str:
     """SHA-256 of an index's content (all but its own `sha256`), independent of layout."""
     body = {k: v for k, v in index.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -321,9 +321,10 @@ def finish(folder: Path, prov: Provenance, flags: list[str] | None = None) -> bo
         entries.append({"file": p.name, "n": len(split), "splits": per_split})
     index = {"provenance": asdict(prov), "shards": entries, "n_items": sum(e["n"] for e in entries)}
     if checked:
-        index["extract_flags"] = list(flags or [])
+        if flags:
+            index["extract_flags"] = list(flags)
         index["checksums"] = CHECKSUM
-        index["sha256"] = _index_digest(index)
+        index["sha256"] = index_digest(index)
     _replace_text(folder / "index.json", json.dumps(index, indent=1))
     return True
 
@@ -405,7 +406,7 @@ def _index_problem(path: Path) -> tuple[str | None, dict]:
     if not isinstance(index, dict):
         return "not a JSON object", {}
     if "checksums" in index or "sha256" in index:
-        if index.get("checksums") != CHECKSUM or index.get("sha256") != _index_digest(index):
+        if index.get("checksums") != CHECKSUM or index.get("sha256") != index_digest(index):
             return "its content does not match its SHA-256 (altered bytes)", index
     try:  # the older format has no checksum: check its shape at least
         entries = index["shards"]
@@ -598,7 +599,7 @@ def repair_command(folder: Path) -> str:
     own = _json_or_empty(enc_folder / "index.json")
     known = [own, info] + [_json_or_empty(p) for p in sorted(root.glob("*/*/index.json"))]  # whichever survived
     flags = next((d["extract_flags"] for d in known if isinstance(d.get("extract_flags"), list)
-                  and all(isinstance(x, str) for x in d["extract_flags"])), None)
+                  and d["extract_flags"] and all(isinstance(x, str) for x in d["extract_flags"])), None)
     flags = list(flags) if flags is not None else _flags_from_name(root.name, info.get("source"))
     prov = own.get("provenance")
     prov = prov if isinstance(prov, dict) else {}

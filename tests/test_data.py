@@ -274,6 +274,8 @@ def test_text_and_image_caches_must_agree_on_labels_and_splits(field, message, t
             split[0] = "dev"
             del f["split"]
             f.create_dataset("split", data=split, dtype=h5py.string_dtype("utf-8"))
+    # a cache made so (from other data), not damaged: its checksum is the new bytes'
+    store.sidecar(shard).write_text(f"{store.sha256_file(shard)}  {shard.name}\n")
     store.finish(shard.parent, store.read_provenance(shard))  # the index counts the new split
     with pytest.raises(UserError, match=r"item 'train-0' of synth .*" + message):
         cache.load(c.cache_dir, c.dataset, "both", c.text_encoder, c.image_encoder)
