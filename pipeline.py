@@ -26,6 +26,7 @@ from rich.table import Table  # noqa: E402
 
 from core import cli_fields  # noqa: E402
 from core.errors import Interrupted, UserError, disk_problem  # noqa: E402
+from core.paths import DEFAULT_CACHE  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="SPP-SCL and friends: extract frozen features once, train light heads from the cache.")
@@ -334,6 +335,22 @@ def results_cmd(
     console.print(results.screen_table(table, console.width), highlight=False)
     if out is not None:
         console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))
+
+
+@app.command("verify")
+def verify_cmd(
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="the cache to check"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="data set name in the cache [default: every one]"),
+):
+    """Check a cache's shards and indexes against their checksums; name each damaged file and the
+    `extract` command that repairs it (exit 1 if any)."""
+    from core import store
+
+    checks = store.verify(cache_dir, dataset)
+    for line in (line for d in checks for line in d.lines()):
+        console.print(line, highlight=False, soft_wrap=True)
+    if problem := store.damage_summary(checks):
+        raise UserError(problem)
 
 
 @app.command("heads")

@@ -21,31 +21,45 @@ on, seeded per shard and view. It sits inside the clean folder so that rebuildin
 clean cache (`--force`) also drops views made from it, yet adding views never rewrites
 a clean shard. Shards are written to a temp file and renamed, so a shard on
 disk is always whole: that is what makes resuming after a kill safe.
+
+What we write, we can check: beside each shard, `<shard>.sha256` (sha256sum's format) holds
+the SHA-256 of the shard's bytes, written before the shard is renamed into place; index.json
+carries `"checksums": "sha256"` and the SHA-256 of its own content. Every load hashes each
+shard before a number is read from it, so flipped, lost or truncated bytes anywhere in a
+shard are one UserError naming the file and the `extract` command that re-encodes it
+(`extract` redoes exactly the shards that fail). A cache made before checksums (no
+`"checksums"` in its index) loads unverified; `verify` says so.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import re
+import shlex
 import shutil
-from dataclasses import asdict, dataclass, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
+from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.errors import UserError
-from core.paths import make_dir, write_atomic
+from core.paths import DEFAULT_CACHE, make_dir, write_atomic
 
 FORMAT_VERSION = 1
 TEXT, IMAGE = "text", "image"
 _SHARD = re.compile(r"shard-(\d{5})-of-(\d{5})\.h5$")
 _STR = h5py.string_dtype("utf-8")
 MAP_COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+CHECKSUM = "sha256"  # index.json "checksums": every shard has a `<shard>.sha256` beside it
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, UnicodeError)  # h5py on bad bytes
 
 
 @dataclass(frozen=True)
@@ -96,16 +110,39 @@ def view_folders(text_folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def check_name(name: str, flag: str = "--name") -> str:
+    """A data set's name is one folder inside the cache: never a path that leaves it."""
+    seps = {"/", os.sep, os.altsep or "/", "\x00"}
+    if not name.strip() or name in (".", "..") or any(c in name for c in seps):
+        raise UserError(f"{flag} {name!r}: give a plain folder name for the data set (no '/', not '.' or '..', "
+                        "not empty), e.g. my_tweets")
+    return name
+
+
+def id_problem(id_: str) -> str | None:
+    """Why an item id cannot be stored in a shard (HDF5 UTF-8 strings), or None."""
+    if "\x00" in id_:
+        return "id holds a NUL character, which HDF5 strings cannot store: fix the id"
+    try:
+        id_.encode("utf-8")
+    except UnicodeEncodeError:
+        return "id is not valid Unicode (a lone surrogate), which HDF5 strings cannot store: fix the id"
+    return None
+
+
 def shard_name(k: int, n: int) -> str:
     return f"shard-{k:05d}-of-{n:05d}.h5"
 
 
 # --- writing ---------------------------------------------------------------------------
 
-def prepare(folder: Path, prov: Provenance, force: bool) -> set[int]:
+def prepare(folder: Path, prov: Provenance, force: bool, on_damage=lambda path, reason: None) -> set[int]:
     """Check an existing cache against what is asked; return the shard numbers already done.
 
-    A cache built differently is refused (never silently mixed): `force` wipes it.
+    A cache built differently is refused (never silently mixed): `force` wipes it. A shard
+    that fails its checksum or cannot be read is not done: `on_damage(path, reason)` hears of
+    it and the caller re-encodes it (the new shard replaces it by rename; nothing is deleted
+    here, so a rank never removes a shard another rank has just rewritten).
     """
     folder = Path(folder)
     if force and folder.exists():
@@ -114,9 +151,20 @@ def prepare(folder: Path, prov: Provenance, force: bool) -> set[int]:
     for tmp in folder.glob("*.tmp*"):  # half-written shards of a killed run
         if not _writer_alive(tmp):  # another rank may be writing this one right now
             tmp.unlink(missing_ok=True)
+    required = _promises_checksums(folder)
+    if (folder / "index.json").is_file() and (problem := _index_problem(folder / "index.json")[0]):
+        on_damage(folder / "index.json", problem)  # rewritten once every shard is whole
     done = set()
     for path in sorted(folder.glob("shard-*.h5")):
-        found = read_provenance(path)
+        damage = shard_damage(path, required)
+        if damage is None:
+            try:
+                found = read_provenance(path)
+            except _READ_ERRORS as e:
+                damage = f"unreadable ({_why(e)})"
+        if damage is not None:
+            on_damage(path, damage)
+            continue
         diff = prov.differences(found)
         if diff:
             raise UserError(
@@ -125,6 +173,21 @@ def prepare(folder: Path, prov: Provenance, force: bool) -> set[int]:
             )
         done.add(int(_SHARD.search(path.name).group(1)))
     return done
+
+
+def _promises_checksums(folder: Path) -> bool:
+    """Whether every shard of this folder must have a checksum: its index says so, or (no
+    readable index yet: a build in progress) the writer that makes them has been at work. An
+    index of the older format keeps its shards unverified, even beside a re-encoded one."""
+    index = _json_or_empty(Path(folder) / "index.json")
+    if index:
+        return index.get("checksums") == CHECKSUM
+    return any(Path(folder).glob("shard-*.h5.sha256"))
+
+
+def unverified(folder: Path) -> bool:
+    """A finished cache folder of the older format: its shards carry no checksums."""
+    return (Path(folder) / "index.json").is_file() and not _promises_checksums(folder)
 
 
 def _writer_alive(tmp: Path) -> bool:
@@ -154,16 +217,65 @@ def _common(f: h5py.File, ids, labels, splits) -> None:
 
 
 def _atomic(path: Path, fill) -> None:
-    """Write via a temp file and rename, so a shard on disk is never half-written.
+    """Write via a temp file and rename, so a shard on disk is never half-written. Its checksum
+    file is written first: a shard under its real name always has one beside it.
 
     HDF5 builds the file in memory (the file it would write to disk, bar up to a few KB of unused
-    space it trims when closing a file on disk) and Python writes it out: HDF5 itself writing to a full disk was seen to crash the process (a segfault), leaving the
-    temp file behind. A failed write deletes its temp file and raises an OSError naming the shard."""
+    space it trims when closing a file on disk) and Python writes it out: HDF5 itself writing to a
+    full disk was seen to crash the process (a segfault), leaving the temp file behind. A failed
+    write deletes its temp file and raises an OSError naming the shard."""
     with h5py.File(f"{path.name}.in-memory", "w", driver="core", backing_store=False, track_order=True) as f:
         fill(f)
         f.flush()
         image = f.id.get_file_image()
+    write_atomic(sidecar(path), f"{hashlib.sha256(image).hexdigest()}  {path.name}\n")
     write_atomic(path, image)
+
+
+# --- checksums -------------------------------------------------------------------------
+
+def sidecar(shard: Path) -> Path:
+    """`shard-00000-of-00009.h5.sha256`: the shard's SHA-256, in sha256sum's format."""
+    return Path(shard).with_name(Path(shard).name + ".sha256")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_damage(path: Path, required: bool) -> str | None:
+    """Why the shard at `path` cannot be trusted, or None. `required`: its folder promises a
+    checksum for every shard (a shard of the older format has none and passes unverified)."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    side = sidecar(path)
+    if not side.is_file():
+        return f"its checksum file {side.name} is missing" if required else None
+    try:
+        want = side.read_text().split()[0]
+        got = sha256_file(path)
+    except (OSError, UnicodeError, IndexError) as e:
+        return f"unreadable ({_why(e)})"
+    if got != want:
+        return f"its bytes differ from the SHA-256 in {side.name} (flipped, lost or truncated bytes)"
+    return None
+
+
+def index_digest(index: dict) -> str:
+    """SHA-256 of an index's content (all but its own `sha256`), independent of layout."""
+    body = {k: v for k, v in index.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _why(e: BaseException) -> str:
+    """An exception as a short, one-line reason."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def write_text_shard(path, prov, ids, labels, splits, cls, tokens, offsets, problems=()) -> None:
@@ -189,22 +301,42 @@ def write_image_shard(path, prov, ids, labels, splits, maps, problems=()) -> Non
     _atomic(Path(path), fill)
 
 
-def finish(folder: Path, prov: Provenance) -> bool:
-    """Write index.json once every shard is on disk (any rank may call it; the result is the same)."""
+def finish(folder: Path, prov: Provenance, flags: list[str] | None = None) -> bool:
+    """Write index.json once every shard is on disk and passes its checksum (any rank may call
+    it; the result is the same). With a checksum beside every shard, the index says so, keeps
+    `flags` (the data-set and batching flags of the `extract` that made it, for the command
+    that repairs it) and carries its own SHA-256; over shards of the older format it is the
+    older index."""
     folder = Path(folder)
     shards = [folder / shard_name(k, prov.n_shards) for k in range(prov.n_shards)]
-    if not all(p.exists() for p in shards):
-        return False
+    checked = all(sidecar(p).is_file() for p in shards)
+    if any(shard_damage(p, checked) for p in shards):
+        return False  # missing, or another rank has yet to re-encode a damaged one
     entries = []
     for p in shards:
-        with h5py.File(p, "r") as f:
+        with _read_shard(p) as f:
             split = np.array(_strings(f["split"]))
             lengths = np.diff(f["offsets"][()]) if "offsets" in f else np.zeros(len(split), np.int64)
         per_split = {s: [int((split == s).sum()), int(lengths[split == s].sum())] for s in np.unique(split)}
         entries.append({"file": p.name, "n": len(split), "splits": per_split})
     index = {"provenance": asdict(prov), "shards": entries, "n_items": sum(e["n"] for e in entries)}
+    if checked:
+        if flags:
+            index["extract_flags"] = list(flags)
+        index["checksums"] = CHECKSUM
+        index["sha256"] = index_digest(index)
     write_atomic(folder / "index.json", json.dumps(index, indent=1))
     return True
+
+
+def read_dataset_info(root: Path) -> dict:
+    """dataset.json of a cached data set (classes, counts, how it was made); a damaged one is
+    one UserError naming the command that rewrites it."""
+    path = Path(root) / "dataset.json"
+    info = _json_or_empty(path)
+    if not isinstance(info.get("classes"), list):
+        raise UserError(damage_message(path, "unreadable, or without its list of classes"))
+    return info
 
 
 def write_dataset_info(root: Path, info: dict, problems: list[tuple[str, str, str]]) -> None:
@@ -229,16 +361,74 @@ def read_provenance(path: Path) -> Provenance:
 def shard_problems(folder: Path) -> list[tuple[str, str, str]]:
     out = []
     for path in sorted(Path(folder).glob("shard-*.h5")):
-        with h5py.File(path, "r") as f:
+        with _read_shard(path) as f:
             out += [tuple(p) for p in json.loads(f.attrs.get("problems", "[]"))]
     return out
 
 
+@contextmanager
+def _read_shard(path: Path):
+    """An open shard; any error while reading it (truncated file, a filter failing on damaged
+    bytes, a dataset gone) is one UserError naming the file and the command that repairs it."""
+    try:
+        with h5py.File(path, "r") as f:
+            yield f
+    except _READ_ERRORS as e:
+        raise UserError(damage_message(path, f"unreadable ({_why(e)})")) from None
+
+
+def damage_message(path: Path, reason: str) -> str:
+    """One line: which cache file is damaged, why, and the `extract` that repairs it."""
+    path = Path(path)
+    redo = "re-encode it (only damaged shards are redone)" if _SHARD.search(path.name) else "rewrite it"
+    return f"cache file {path} is damaged: {reason}. Run `{repair_command(path.parent)}` to {redo}"
+
+
 def open_index(folder: Path, extract_hint: str) -> dict:
-    index = Path(folder) / "index.json"
-    if not index.is_file():
+    """A cache folder's index, checked: a missing one names `extract_hint` (the cache was never
+    finished); an unreadable, altered or malformed one names the command that rebuilds it."""
+    path = Path(folder) / "index.json"
+    if not path.is_file():
         raise UserError(f"no complete cache at {folder}: run `{extract_hint}` (it resumes if it was interrupted)")
-    return json.loads(index.read_text())
+    problem, index = _index_problem(path)
+    if problem:
+        raise UserError(damage_message(path, problem))
+    return index
+
+
+def _index_problem(path: Path) -> tuple[str | None, dict]:
+    """(why index.json at `path` cannot be used or None, its content)."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeError, ValueError) as e:
+        return f"unreadable ({_why(e)})", {}
+    if not isinstance(index, dict):
+        return "not a JSON object", {}
+    if "checksums" in index or "sha256" in index:
+        if index.get("checksums") != CHECKSUM or index.get("sha256") != index_digest(index):
+            return "its content does not match its SHA-256 (altered bytes)", index
+    try:  # the older format has no checksum: check its shape at least
+        entries = index["shards"]
+        assert isinstance(index["provenance"], dict) and isinstance(entries, list) and entries
+        for e in entries:
+            assert _SHARD.fullmatch(e["file"]) and isinstance(e["n"], int) and e["n"] >= 0
+            assert all(isinstance(n, int) and isinstance(t, int) and 0 <= n <= e["n"] and t >= 0
+                       for n, t in e["splits"].values())
+        assert index["n_items"] == sum(e["n"] for e in entries)
+    except (KeyError, TypeError, ValueError, AttributeError, AssertionError):
+        return "malformed (fields missing or inconsistent)", index
+    return None, index
+
+
+def _shards(folder: Path, index: dict):
+    """(entry, path) of every shard an index lists, each checked against its checksum first."""
+    required = index.get("checksums") == CHECKSUM
+    for entry in index["shards"]:
+        path = Path(folder) / entry["file"]
+        damage = shard_damage(path, required)
+        if damage:
+            raise UserError(damage_message(path, damage))
+        yield entry, path
 
 
 @dataclass
@@ -285,22 +475,30 @@ def _load(folder: Path, splits, hint: str, allocate, read, place) -> dict:
     and returns the new counts."""
     index = open_index(folder, hint)
     out, fill = {}, {}
-    for entry in index["shards"]:
-        with h5py.File(Path(folder) / entry["file"], "r") as f:
+    for entry, path in _shards(folder, index):
+        with _read_shard(path) as f:
             split = np.array(_strings(f["split"]))
             ids, labels = _strings(f["ids"]), f["labels"][()]
             if not out and len(split):
                 out = _allocate(index, splits, allocate(f))
                 fill = {s: (0, 0) for s in out}
             arrays = read(f) if len(split) else None
-        for s, feats in out.items():
-            rows = np.flatnonzero(split == s)
-            if not len(rows):
-                continue
-            i = fill[s][0]
-            feats.ids += [ids[r] for r in rows]
-            feats.labels[i : i + len(rows)] = torch.from_numpy(labels[rows])
-            fill[s] = place(feats, fill[s], rows, arrays)
+        if len(split) != entry["n"] or len(ids) != len(split) or len(labels) != len(split):
+            raise UserError(damage_message(path, f"{len(split)} items where index.json lists {entry['n']}"))
+        try:
+            for s, feats in out.items():
+                rows = np.flatnonzero(split == s)
+                if not len(rows):
+                    continue
+                i = fill[s][0]
+                feats.ids += [ids[r] for r in rows]
+                feats.labels[i : i + len(rows)] = torch.from_numpy(labels[rows])
+                fill[s] = place(feats, fill[s], rows, arrays)
+        except (RuntimeError, IndexError, ValueError):  # more rows than the index counted
+            raise UserError(damage_message(Path(folder) / "index.json", "its split counts disagree with the shards")) from None
+    for s, feats in out.items():  # never a preallocated row left unread (an older index has no checksum)
+        if fill[s] != (len(feats.labels), len(getattr(feats, "tokens", ()))):
+            raise UserError(damage_message(Path(folder) / "index.json", "its split counts disagree with the shards"))
     return out
 
 
@@ -362,8 +560,8 @@ def read_meta(folder: Path, hint: str = "pipeline.py extract") -> tuple[list[str
     needs who is where, not the tensors; reading only these keeps it fast on big caches)."""
     index = open_index(folder, hint)
     ids, labels, splits = [], [], []
-    for entry in index["shards"]:
-        with h5py.File(Path(folder) / entry["file"], "r") as f:
+    for _, path in _shards(folder, index):
+        with _read_shard(path) as f:
             ids += _strings(f["ids"])
             labels.append(f["labels"][()])
             splits += _strings(f["split"])
@@ -375,10 +573,181 @@ def pooled_maps(folder: Path, hint: str = "pipeline.py extract") -> tuple[list[s
     a time: near-duplicate search needs one vector per image, never the whole maps in memory."""
     index = open_index(folder, hint)
     ids, pooled = [], []
-    for entry in index["shards"]:
-        with h5py.File(Path(folder) / entry["file"], "r") as f:
+    for _, path in _shards(folder, index):
+        with _read_shard(path) as f:
             ids += _strings(f["ids"])
             maps = f["maps"]
             for start in range(0, len(maps), 256):
                 pooled.append(maps[start : start + 256].astype(np.float32).mean(axis=(2, 3)))
     return ids, np.concatenate(pooled) if pooled else np.zeros((0, 0), np.float32)
+
+
+# --- checking a whole cache, and the command that repairs it ----------------------------
+
+def repair_command(folder: Path) -> str:
+    """The `extract` command that (re)builds cache folder `folder` (text, image or a view) as it
+    was built: the data-set flags dataset.json recorded, this folder's encoder settings. It
+    re-encodes only the shards that are missing or fail their checksum."""
+    folder = Path(folder)
+    view = re.fullmatch(r"view-\d+", folder.name)
+    enc_folder = folder.parent if view else folder
+    kind, root = enc_folder.parent.name, enc_folder.parent.parent
+    if kind not in (TEXT, IMAGE):  # a data set's own folder (dataset.json): every modality it has
+        kind, root, enc_folder = None, folder, folder / "none"
+    info = _json_or_empty(root / "dataset.json")
+    own = _json_or_empty(enc_folder / "index.json")
+    known = [own, info] + [_json_or_empty(p) for p in sorted(root.glob("*/*/index.json"))]  # whichever survived
+    flags = next((d["extract_flags"] for d in known if isinstance(d.get("extract_flags"), list)
+                  and d["extract_flags"] and all(isinstance(x, str) for x in d["extract_flags"])), None)
+    flags = list(flags) if flags is not None else _flags_from_name(root.name, info.get("source"))
+    prov = own.get("provenance")
+    prov = prov if isinstance(prov, dict) else {}
+    encoder = str(prov.get("encoder", enc_folder.name))
+    if kind == TEXT:
+        flags += ["--text-encoder", encoder] if encoder != TEXT_ENCODER else []
+        flags += ["--text-layers", str(prov["layers"])] if prov.get("layers", 4) != 4 else []
+        flags += ["--max-length", str(prov["max_length"])] if prov.get("max_length", 202) != 202 else []
+        flags += ["--text-only"] if not (root / IMAGE).is_dir() else []
+        views = view_folders(enc_folder)
+        flags += ["--text-views", str(len(views))] if views else []
+    elif kind == IMAGE and encoder != IMAGE_ENCODER:
+        flags += ["--image-encoder", encoder]
+    elif kind is None:
+        flags += ["--text-only"] if not (root / IMAGE).is_dir() else []
+    if root.parent != DEFAULT_CACHE:
+        flags += ["--cache-dir", str(root.parent)]
+    return "python pipeline.py extract " + " ".join(shlex.quote(x) for x in flags)
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _flags_from_name(dataset: str, source) -> list[str]:
+    """A cache's data-set flags when dataset.json does not record them (older caches)."""
+    limited = re.fullmatch(r"(.+)-first(\d+)", dataset)
+    base = limited.group(1) if limited else dataset
+    flags = ["--manifest", str(source), "--name", base] if source and source != base else ["--dataset", base]
+    return flags + (["--limit", limited.group(2)] if limited else [])
+
+
+@dataclass
+class FolderCheck:
+    """What `verify` found in one cache folder (text, image or a text view)."""
+
+    folder: Path
+    shards: int  # shards the folder should hold
+    verified: bool  # checked against checksums; False: a cache of the older format, read through instead
+    damaged: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+
+    @property
+    def repair(self) -> str:
+        return repair_command(self.folder)
+
+
+@dataclass
+class DatasetCheck:
+    root: Path
+    damaged: list[tuple[Path, str]]  # dataset.json
+    folders: list[FolderCheck]
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not any(f.damaged for f in self.folders)
+
+    def lines(self) -> list[str]:
+        """What `verify` prints: one line per folder that is whole, one per damaged file."""
+        out = [f"{self.root.name}/{path.name}: DAMAGED: {why}; repair: `{repair_command(self.root)}`"
+               for path, why in self.damaged]
+        for c in self.folders:
+            where = c.folder.relative_to(self.root)
+            if not c.damaged:
+                out.append(f"{self.root.name}/{where}: {c.shards} shards, checksums ok" if c.verified else
+                           f"{self.root.name}/{where}: {c.shards} shards readable, but unverified: made before "
+                           f"checksums (older format); `{c.repair} --force` rebuilds it with them")
+            out += [f"{self.root.name}/{where}/{path.name}: DAMAGED: {why}; repair: `{c.repair}`"
+                    for path, why in c.damaged]
+        return out
+
+
+def damage_summary(checks: list[DatasetCheck]) -> str | None:
+    """One line for the end of `verify` when anything is damaged, else None."""
+    bad = [(path, c.repair) for d in checks for c in d.folders for path, _ in c.damaged]
+    bad += [(path, repair_command(d.root)) for d in checks for path, _ in d.damaged]
+    if not bad:
+        return None
+    return (f"{len(bad)} damaged file{'s' * (len(bad) > 1)} (listed above, each with the command that repairs it), "
+            f"the first {bad[0][0]}: repair with `{bad[0][1]}`")
+
+
+def verify(cache_dir: Path, dataset: str | None = None) -> list[DatasetCheck]:
+    """Check every file of a cache (or of one data set in it): index.json against its SHA-256
+    and shape, every shard against its checksum; a shard of the older format, which has none,
+    is read through (every dataset decoded). Nothing is changed."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise UserError(f"no cache at {cache_dir}: give the --cache-dir that extract wrote")
+    roots = sorted(p for p in cache_dir.iterdir() if p.is_dir() and (
+        (p / "dataset.json").exists() or (p / TEXT).is_dir() or (p / IMAGE).is_dir()))
+    if dataset is not None:
+        if cache_dir / dataset not in roots:
+            names = ", ".join(p.name for p in roots) or "none"
+            raise UserError(f"no cache for data set {dataset!r} in {cache_dir} (caches there: {names})")
+        roots = [cache_dir / dataset]
+    if not roots:
+        raise UserError(f"no caches in {cache_dir}: give the --cache-dir that extract wrote")
+    out = []
+    for root in roots:
+        info = root / "dataset.json"
+        damaged = [] if isinstance(_json_or_empty(info).get("classes"), list) else [
+            (info, "missing" if not info.exists() else "unreadable, or without its list of classes")]
+        folders = []
+        for kind in (TEXT, IMAGE):
+            for enc in sorted(p for p in (root / kind).glob("*") if p.is_dir()):
+                folders.append(check_folder(enc))
+                folders += [check_folder(v) for v in view_folders(enc)] if kind == TEXT else []
+        out.append(DatasetCheck(root, damaged, folders))
+    return out
+
+
+def check_folder(folder: Path) -> FolderCheck:
+    """Every file of one cache folder, as `verify` checks them."""
+    folder = Path(folder)
+    index_path = folder / "index.json"
+    problem, index = (_index_problem(index_path) if index_path.is_file()
+                      else ("missing (an extract that did not finish, or a deleted file)", {}))
+    damaged = [(index_path, problem)] if problem else []
+    if problem is None:
+        names, required = [e["file"] for e in index["shards"]], index.get("checksums") == CHECKSUM
+    else:  # the shards that are there, and any missing from their numbering
+        found = [m for p in folder.glob("shard-*.h5") if (m := _SHARD.fullmatch(p.name))]
+        n = max((int(m.group(2)) for m in found), default=0)
+        names, required = [shard_name(k, n) for k in range(n)], _promises_checksums(folder)
+    for name in names:
+        path = folder / name
+        damage = shard_damage(path, required)
+        if damage is None and not sidecar(path).is_file():
+            damage = _read_through(path)
+        if damage:
+            damaged.append((path, damage))
+    return FolderCheck(folder, len(names), required, damaged)
+
+
+def _read_through(path: Path) -> str | None:
+    """Decode every dataset and attribute of a shard that has no checksum: what can be checked
+    of the older format (flipped bytes in an uncompressed dataset go unseen)."""
+    try:
+        with h5py.File(path, "r") as f:
+            dict(f.attrs)
+            for name in f:
+                ds = f[name]
+                step = ds.chunks[0] if ds.chunks else len(ds) or 1
+                for start in range(0, len(ds), step):
+                    ds[start : start + step]
+    except _READ_ERRORS as e:
+        return f"unreadable ({_why(e)})"
+    return None

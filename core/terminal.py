@@ -176,6 +176,11 @@ class Passes:
     def __exit__(self, *exc) -> None:
         self.screen.__exit__(*exc)
 
+    @property
+    def console(self) -> Console:
+        """For notes that show on a terminal too (a damaged shard): rich prints them above the bars."""
+        return self.screen.console
+
     def add(self, label: str, total: int, unit: str, shards: int, cached: int = 0) -> Pass:
         p = Pass(label, total, unit, shards, cached)
         with self.screen.lock:

@@ -179,7 +179,7 @@ def run(cfg: AuditConfig) -> AuditResult:
     if not info_file.is_file():
         raise UserError(f"no cache for data set {cfg.dataset!r} in {cfg.cache_dir}: run "
                         f"`python pipeline.py extract --dataset {cfg.dataset}` first, or pass --cache-dir")
-    info = json.loads(info_file.read_text())
+    info = store.read_dataset_info(root)
     classes = info["classes"]
     text_dir = store.cache_folder(cfg.cache_dir, cfg.dataset, store.TEXT, cfg.text_encoder)
     image_dir = store.cache_folder(cfg.cache_dir, cfg.dataset, store.IMAGE, cfg.image_encoder)

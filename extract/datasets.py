@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from core import store
 from core.errors import UserError
 
 SPLITS = ("train", "dev", "test")
@@ -146,6 +147,9 @@ class _Collector:
             text = str(text)
         if not id_:
             self.problems.append(Problem("?", "read", "row without an id: give every row an id"))
+            return
+        if why := store.id_problem(id_):  # listed escaped: the id itself cannot be written anywhere
+            self.problems.append(Problem(id_.encode("unicode_escape").decode("ascii"), "read", why))
             return
         if id_ in self.seen:
             self.problems.append(Problem(id_, "read", "duplicate id: kept the first row, dropped this one"))

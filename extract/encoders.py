@@ -214,7 +214,7 @@ class ImageEncoder:
         from torchvision.transforms import functional as TF
 
         with Image.open(path) as im:
-            im = TF.center_crop(TF.resize(im.convert("RGB"), self.resize, antialias=True), self.size)
+            im = TF.center_crop(TF.resize(to_rgb(im), self.resize, antialias=True), self.size)
         x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return (x - self._mean) / self._std
 
@@ -226,6 +226,47 @@ class ImageEncoder:
     def channels(self) -> int:
         with torch.inference_mode():
             return self.body(torch.zeros(1, 3, self.size, self.size, device=self.device)).shape[1]
+
+
+_PIL_TO_RGB = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "HSV")  # modes PIL converts without loss of meaning
+_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of a decoded image whatever its mode and bit depth, else ValueError saying why
+    (the extractor lists it by id in problems.csv): never silently wrong pixels.
+
+    RGB, L, 1, P, CMYK (multiplicative, no colour profile), YCbCr, HSV: PIL's conversion.
+    Transparency (an alpha channel, or a transparent palette index or colour) is laid over
+    white, as the image shows on a white page: dropping the alpha would show whatever colour
+    hides under transparent pixels. 16-bit images (I;16*) are scaled to 8 bits, as are 32-bit
+    integer ones (I) whose values exceed 255 (PIL's own conversion clips every value above 255
+    to white); floating-point ones (F) with values in [0, 1] are scaled by 255. Other ranges
+    and modes (LAB, ...) are refused. RGB and L images, all that the shipped data sets hold,
+    give the same pixels as before."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == "F":
+            if not np.isfinite(a).all() or lo < 0 or hi > 1:
+                raise ValueError(f"floating-point image with values {lo:g}..{hi:g}, not within [0, 1]: "
+                                 "cannot tell its brightness; save it as an 8- or 16-bit image")
+            a = a * 255
+        elif lo < 0 or hi > 65535:
+            raise ValueError(f"32-bit integer image with values {lo:.0f}..{hi:.0f}: cannot tell its bit depth; "
+                             "save it as an 8- or 16-bit image")
+        elif mode != "I" or hi > 255:  # 16 bits: 65535 -> 255
+            a = a / 257
+        return Image.fromarray(np.rint(a).astype(np.uint8), "L").convert("RGB")
+    if mode in _ALPHA or "transparency" in im.info:
+        if mode not in _ALPHA and mode not in _PIL_TO_RGB:
+            raise ValueError(f"image mode {mode} with transparency is not supported: save it as RGB or RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    if mode in _PIL_TO_RGB:
+        return im.convert("RGB")
+    raise ValueError(f"image mode {mode} is not supported: save it as RGB")
 
 
 _IMAGE: dict[str, Callable[..., ImageEncoder]] = {}  # exact names

@@ -10,7 +10,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,8 @@ class Summary:
 
 
 def load_dataset(cfg: ExtractConfig) -> Dataset:
+    if cfg.name is not None:
+        store.check_name(cfg.name, "--name")
     ds = datasets.load(cfg.dataset, cfg.data_root, cfg.manifest, cfg.name, cfg.image_dir, cfg.seed,
                        cfg.classes, cfg.keep_rare_labels)
     if cfg.limit:
@@ -136,16 +138,43 @@ def _info(ds: Dataset, cfg: ExtractConfig) -> dict:
     return {
         "name": ds.name, "classes": list(ds.classes), "counts": ds.counts(), "split_rule": ds.split_rule,
         "text_fallbacks": ds.text_fallbacks, "text_hash": ds.text_hash(),
-        "source": cfg.manifest and str(cfg.manifest) or cfg.dataset,
+        "source": cfg.manifest and str(cfg.manifest) or cfg.dataset, "extract_flags": data_flags(cfg),
     }
+
+
+# The settings a cache's bytes depend on besides its encoders (those are in each folder's
+# provenance): recorded in dataset.json, so a damaged shard is named with the command that
+# re-encodes it exactly as it was.
+_DATA_FLAGS = ("dataset", "manifest", "name", "data_root", "image_dir", "seed", "limit", "classes",
+               "keep_rare_labels", "random_weights", "image_weights", "batch_size", "shard_size")
+
+
+def data_flags(cfg: ExtractConfig) -> list[str]:
+    """`cfg`'s data-set and batching settings as `extract` flags, defaults left out."""
+    out = []
+    for f in fields(ExtractConfig):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if f.name not in _DATA_FLAGS or value is None or value == default or value is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        out += [flag] if value is True else [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+    return out
 
 
 def _shards(items: list[Item], size: int) -> list[list[Item]]:
     return [items[k : k + size] for k in range(0, len(items), size)] or [[]]
 
 
-def _plan(folder: Path, prov: store.Provenance, force: bool, rank: int, world: int):
-    done = store.prepare(folder, prov, force and world == 1)
+def _plan(folder: Path, prov: store.Provenance, force: bool, rank: int, world: int, console: Console):
+    def damaged(path, reason):
+        redo = "rewritten" if path.name == "index.json" else "re-encoded"
+        console.print(f"[yellow]damaged[/] {path}: {reason}; {redo} now", highlight=False, soft_wrap=True)
+
+    done = store.prepare(folder, prov, force and world == 1, on_damage=damaged)
+    if store.unverified(folder) and not force:
+        console.print(f"[yellow]note[/] {folder} was made before checksums (older format): used unverified; "
+                      "`extract --force` rebuilds it with them", highlight=False, soft_wrap=True)
     if force and world > 1:  # each rank rebuilds only its own shards
         for k in [k for k in done if k % world == rank]:
             (folder / store.shard_name(k, prov.n_shards)).unlink()
@@ -168,7 +197,7 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
         len(shards), cfg.text_layers, cfg.max_length,
     )
     folder = store.cache_folder(cfg.cache_dir, ds.name, store.TEXT, cfg.text_encoder)
-    todo = _plan(folder, prov, cfg.force, rank, world)
+    todo = _plan(folder, prov, cfg.force, rank, world, progress.console)
     task = _task(progress, f"text  {cfg.text_encoder}", shards, todo, "texts")
     t0 = time.time()
     for k in todo:
@@ -183,7 +212,7 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
         )
         progress.shard_written(task)
     timing["text"] = time.time() - t0
-    complete = store.finish(folder, prov)
+    complete = store.finish(folder, prov, data_flags(cfg))
     for v in range(1, cfg.text_views + 1):
         complete = _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timing) and complete
     return len(ds.items), (folder, complete)
@@ -200,7 +229,7 @@ def _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timi
     shard numbering as the clean cache, hence the same token counts."""
     vprov = replace(prov, view=v)
     vfolder = store.view_folder(folder, v)
-    todo = _plan(vfolder, vprov, cfg.force, rank, world)
+    todo = _plan(vfolder, vprov, cfg.force, rank, world, progress.console)
     train = [[it for it in items if it.split == "train"] for items in shards]
     task = _task(progress, f"text  {cfg.text_encoder} view {v}", train, todo, "texts")
     t0 = time.time()
@@ -220,7 +249,7 @@ def _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timi
         )
         progress.shard_written(task)
     timing[f"text view {v}"] = time.time() - t0
-    return store.finish(vfolder, vprov)
+    return store.finish(vfolder, vprov, data_flags(cfg))
 
 
 def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None):
@@ -267,7 +296,7 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
         store.IMAGE, cfg.image_encoder, enc.fingerprint, enc.preprocessing, ds.name, ds.image_hash(), len(shards),
     )
     folder = store.cache_folder(cfg.cache_dir, ds.name, store.IMAGE, cfg.image_encoder)
-    todo = _plan(folder, prov, cfg.force, rank, world)
+    todo = _plan(folder, prov, cfg.force, rank, world, progress.console)
     task = _task(progress, f"image {cfg.image_encoder}", shards, todo, "images")
     # Batches never cross a shard, so a shard's output never depends on its neighbours.
     batches = [(k, shards[k][b : b + cfg.batch_size]) for k in todo for b in range(0, len(shards[k]), cfg.batch_size)]
@@ -297,4 +326,4 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
             )
             progress.shard_written(task)
     timing["image"] = time.time() - t0
-    return len(items), (folder, store.finish(folder, prov))
+    return len(items), (folder, store.finish(folder, prov, data_flags(cfg)))

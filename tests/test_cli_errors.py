@@ -67,6 +67,15 @@ CASES = [
                                    "--text-only", "--random-weights"), ["no usable items", "1: blank split cell"]),
     ("extract-bad-shard", ("extract", "-d", "mvsa_s", "--shard", "3/2", "--cache-dir", "{tmp}/c5"), ["--shard '3/2'"]),
     ("extract-bad-value", ("extract", "-d", "mvsa_s", "--batch-size", "0"), ["--batch-size"]),
+    ("extract-name-with-slash", ("extract", "--manifest", "{tmp}/blank_split.csv", "--name", "a/b", "--cache-dir", "{tmp}/c6"),
+     ["--name 'a/b'", "plain folder name"]),
+    ("extract-name-dotdot", ("extract", "--manifest", "{tmp}/blank_split.csv", "--name", "..", "--cache-dir", "{tmp}/c7"),
+     ["--name '..'"]),
+    ("extract-name-empty", ("extract", "--manifest", "{tmp}/blank_split.csv", "--name", "", "--cache-dir", "{tmp}/c8"),
+     ["--name ''"]),
+    # verify
+    ("verify-no-cache", ("verify", "--cache-dir", "{tmp}/nope"), ["no cache at", "nope"]),
+    ("verify-unknown-dataset", ("verify", "--cache-dir", "{cache}", "-d", "synht"), ["no cache for data set 'synht'", "synth"]),
     # train
     ("train-misspelled-dataset", ("train", "-d", "synht", *SYNTH[:2]), ["did you mean synth?", "caches in"]),
     ("train-empty-cache", ("train", "-d", "mvsa_s", "--cache-dir", "{tmp}/empty_cache"), ["no caches in", "extract"]),

@@ -65,3 +65,84 @@ def test_image_preprocessing_is_resize_short_side_then_center_crop(tmp_path):
     assert rgb[0].min() > 0.95 and rgb[1].max() < 0.05  # red everywhere: no green edge survived
     assert json.loads(enc.preprocessing)["resize_short_side"] == 256
     assert json.loads(enc.preprocessing)["center_crop"] == 224
+
+
+def _pixels(tmp_path, im, name):
+    """What the image encoder reads from `im` saved as `name`: (3, 224, 224) floats in [0, 1]."""
+    from extract.encoders import IMAGENET, ImageEncoder
+
+    im.save(tmp_path / name)
+    enc = ImageEncoder("t", torch.nn.Identity(), 224, *IMAGENET, "x")
+    x = enc.load(tmp_path / name)
+    return x * np.array(IMAGENET[1]).reshape(3, 1, 1) + np.array(IMAGENET[0]).reshape(3, 1, 1)
+
+
+def _two_halves(mode, left, right, size=(448, 224)):
+    from PIL import Image
+
+    im = Image.new(mode, size, left)
+    im.paste(Image.new(mode, (size[0] // 2, size[1]), right), (size[0] // 2, 0))
+    return im
+
+
+@pytest.mark.parametrize("mode, file, left, right, want_left, want_right", [
+    ("RGBA", "a.png", (10, 20, 30, 0), (10, 20, 30, 255), (255, 255, 255), (10, 20, 30)),  # transparent: white page
+    ("LA", "a.png", (50, 0), (50, 255), (255, 255, 255), (50, 50, 50)),
+    ("I;16", "a.png", 65535, 257 * 100, (255, 255, 255), (100, 100, 100)),  # PIL alone: both white
+    ("I", "a.tif", 40000, 257 * 60, (156, 156, 156), (60, 60, 60)),  # 16-bit values in a 32-bit image
+    ("I", "b.tif", 200, 10, (200, 200, 200), (10, 10, 10)),  # 8-bit values in a 32-bit image
+    ("F", "a.tif", 1.0, 0.5, (255, 255, 255), (128, 128, 128)),  # PIL alone: 1 and 0 (black)
+    ("CMYK", "a.tif", (0, 0, 0, 0), (255, 0, 0, 0), (255, 255, 255), (0, 255, 255)),
+    ("CMYK", "a.jpg", (0, 0, 0, 0), (0, 0, 0, 255), (255, 255, 255), (0, 0, 0)),
+    ("1", "a.png", 1, 0, (255, 255, 255), (0, 0, 0)),
+    ("L", "a.png", 77, 200, (77, 77, 77), (200, 200, 200)),
+])
+def test_images_of_any_mode_and_bit_depth_become_the_right_rgb(tmp_path, mode, file, left, right, want_left, want_right):
+    rgb = _pixels(tmp_path, _two_halves(mode, left, right), file) * 255
+    # the center crop keeps 56 columns of each half around the middle
+    for got, want in ((rgb[:, :, 20], want_left), (rgb[:, :, -20], want_right)):
+        np.testing.assert_allclose(got.reshape(3, -1).mean(axis=1), want, atol=2.5 if file.endswith("jpg") else 0.51)
+
+
+def test_a_palette_image_with_a_transparent_index_is_laid_on_white(tmp_path):
+    from PIL import Image
+
+    im = Image.new("P", (448, 224), 0)
+    im.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red (transparent), 1 blue
+    im.paste(1, (224, 0, 448, 224))
+    im.info["transparency"] = 0
+    rgb = _pixels(tmp_path, im, "p.png") * 255
+    np.testing.assert_allclose(rgb[:, :, 20].reshape(3, -1).mean(axis=1), (255, 255, 255), atol=0.51)
+    np.testing.assert_allclose(rgb[:, :, -20].reshape(3, -1).mean(axis=1), (0, 0, 255), atol=0.51)
+
+
+def test_rgb_images_give_the_same_pixels_as_before(data_root):
+    """The shipped data sets hold RGB JPEGs only: their features must not move."""
+    from PIL import Image
+
+    from extract.encoders import to_rgb
+
+    for path in sorted((data_root / "mvsa_single" / "images").glob("*.jpg"))[:3]:
+        with Image.open(path) as im:
+            assert np.array_equal(np.asarray(to_rgb(im)), np.asarray(im.convert("RGB")))
+
+
+@pytest.mark.parametrize("mode, value, file, why", [
+    ("F", 2.0, "a.tif", r"not within \[0, 1\]"),
+    ("I", -5, "a.tif", "cannot tell its bit depth"),
+    ("I", 70000, "b.tif", "cannot tell its bit depth"),
+])
+def test_images_that_cannot_be_mapped_to_rgb_are_refused(tmp_path, mode, value, file, why):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match=why):
+        _pixels(tmp_path, Image.new(mode, (8, 8), value), file)
+
+
+def test_an_unsupported_mode_is_refused():
+    from PIL import Image
+
+    from extract.encoders import to_rgb
+
+    with pytest.raises(ValueError, match="image mode LAB is not supported"):
+        to_rgb(Image.new("LAB", (4, 4)))

@@ -414,3 +414,132 @@ def test_text_views_resume_to_the_same_bytes(tmp_path, tiny_views_cache, make_co
         assert_same_shards(store.view_folder(text, v), store.view_folder(tiny_views_cache.text, v))
         assert (json.loads((store.view_folder(text, v) / "index.json").read_text())
                 == json.loads((store.view_folder(tiny_views_cache.text, v) / "index.json").read_text()))
+
+
+# --- damage: detected, named, repaired ------------------------------------------------------
+
+def flip(path: Path, offset: int, n: int) -> None:
+    b = bytearray(path.read_bytes())
+    b[offset : offset + n] = bytes(x ^ 0xFF for x in b[offset : offset + n])
+    path.write_bytes(bytes(b))
+
+
+def cache_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_damage_is_one_line_naming_the_file_and_the_repair_where_a_user_meets_it(tmp_path, tiny_cache, run_main):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache.cache_dir, cache)
+    text = store.cache_folder(cache, tiny_cache.dataset, store.TEXT, tiny_cache.text_encoder)
+    image = store.cache_folder(cache, tiny_cache.dataset, store.IMAGE, tiny_cache.image_encoder)
+    repair = (f"Run `python pipeline.py extract --dataset mvsa_s --batch-size 4 --shard-size 8 --limit 12 "
+              f"--cache-dir {cache}`")
+
+    def in_middle(path):  # 100 bytes in the middle of the file: in the feature data
+        flip(path, path.stat().st_size // 2, 100)
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+    cases = [
+        (text / store.shard_name(1, 5), in_middle, "its bytes differ from the SHA-256"),
+        (image / store.shard_name(2, 5), in_middle, "its bytes differ from the SHA-256"),
+        (image / store.shard_name(4, 5), truncate, "its bytes differ from the SHA-256"),
+        (text / store.shard_name(0, 5), Path.unlink, "missing"),
+        (image / "index.json", lambda p: p.write_text(p.read_text()[:-40]), "unreadable"),
+        (text / "index.json", lambda p: p.write_text(p.read_text().replace('"n": 8', '"n": 9', 1)), "SHA-256"),
+        (cache / tiny_cache.dataset / "dataset.json", lambda p: p.write_text("{"), "without its list of classes"),
+    ]
+    train = ("train", "-d", tiny_cache.dataset, "--cache-dir", cache, "--epochs", "1", "--seeds", "1",
+             "--out", tmp_path / "run")
+    for path, damage, why in cases:
+        clean = path.read_bytes()
+        damage(path)
+        for args in (train, ("verify", "--cache-dir", cache)):
+            r = run_main(*args)
+            assert r.code == 1 and "Traceback" not in r.err, r.err
+            line = r.err.strip()
+            assert len(line.splitlines()) == 1 and line.startswith("error: "), r.err
+            assert str(path) in line, line
+            if args[0] == "train":
+                assert why in line and line.endswith(repair.replace("Run ", "", 1)[:-1] + "` to " + (
+                    "re-encode it (only damaged shards are redone)" if path.suffix == ".h5" else "rewrite it")), line
+            else:
+                assert "DAMAGED: " in r.out and why in r.out and f"repair: `{repair[5:-1]}`" in " ".join(r.out.split())
+        path.write_bytes(clean)
+    r = run_main("verify", "--cache-dir", cache, "-d", tiny_cache.dataset)
+    assert r.code == 0 and r.out.count("5 shards, checksums ok") == 2, r.out + r.err
+
+
+def test_extract_re_encodes_exactly_the_damaged_shards_to_the_clean_bytes(tmp_path, tiny_cache, run_main):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache.cache_dir, cache)
+    root = cache / tiny_cache.dataset
+    text, image = root / "text" / "minilm", root / "image" / "efficientnet-lite0"
+    flip(text / store.shard_name(1, 5), (text / store.shard_name(1, 5)).stat().st_size // 2, 100)
+    flip(image / store.shard_name(3, 5), 5000, 3)
+    (image / store.shard_name(0, 5)).unlink()
+    (text / "index.json").write_text("{ not json")
+    kept = {p: p.stat().st_mtime_ns for p in [*text.glob("shard-*.h5"), *image.glob("shard-*.h5")]
+            if p.name not in (store.shard_name(1, 5), store.shard_name(3, 5))}
+
+    r = run_main("extract", *TINY_ARGS_CLI, "--cache-dir", cache)
+    assert r.code == 0, r.err
+    out = " ".join(r.out.split())
+    for path in (text / store.shard_name(1, 5), image / store.shard_name(3, 5)):
+        assert f"damaged {path}: its bytes differ from the SHA-256" in out and "re-encoded now" in out
+    assert f"damaged {text / 'index.json'}: unreadable" in out
+    assert cache_files(root) == cache_files(tiny_cache.cache_dir / tiny_cache.dataset)  # bytes of a clean build
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # the whole shards were not rewritten
+    again = run_main("extract", *TINY_ARGS_CLI, "--cache-dir", cache)
+    assert again.code == 0 and "damaged" not in again.out and again.out.count(": cached (") == 2
+
+
+def test_an_older_cache_without_checksums_is_kept_and_noted(tmp_path, tiny_cache, run_main):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache.cache_dir, cache)
+    text = cache / tiny_cache.dataset / "text" / "minilm"
+    for side in text.glob("*.sha256"):
+        side.unlink()
+    index = json.loads((text / "index.json").read_text())
+    index = {k: index[k] for k in ("provenance", "shards", "n_items")}
+    (text / "index.json").write_text(json.dumps(index, indent=1))  # byte for byte what the older writer made
+    before = cache_files(text)
+    r = run_main("verify", "--cache-dir", cache)
+    assert r.code == 0, r.err
+    assert "text/minilm: 5 shards readable, but unverified: made before checksums" in " ".join(r.out.split())
+    r = run_main("extract", *TINY_ARGS_CLI, "--cache-dir", cache)
+    assert r.code == 0 and "made before checksums" in r.out and r.out.count(": cached (") == 2, r.out + r.err
+    assert cache_files(text) == before  # kept as it is: never refused, never silently changed
+
+
+TINY_ARGS_CLI = ("--dataset", "mvsa_s", "--limit", "12", "--shard-size", "8", "--batch-size", "4")
+
+
+def test_odd_images_and_unstorable_ids_are_listed_by_id_and_the_run_completes(tmp_path, make_config, console):
+    from PIL import Image
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGBA", (64, 64), (200, 10, 10, 0)).save(pics / "rgba.png")
+    Image.new("I;16", (64, 64), 30000).save(pics / "deep.png")
+    Image.new("F", (64, 64), 7.5).save(pics / "float.tif")  # no way to tell its brightness
+    rows = [("rgba", "rgba.png", "train"), ("deep", "deep.png", "dev"), ("float", "float.tif", "test"),
+            ("nul\u0000id", "rgba.png", "train"), ("\ud800x", "rgba.png", "dev"), ("é漢🙂 a,b", "deep.png", "test")]
+    with open(tmp_path / "m.jsonl", "w") as f:  # JSON escapes: a NUL and a lone surrogate in ids
+        for k, (id_, image, split) in enumerate(rows):
+            f.write(json.dumps({"id": id_, "text": f"tweet {k}", "image": f"pics/{image}",
+                                "label": "pos" if k % 2 else "neg", "split": split}) + "\n")
+    cfg = make_config(tmp_path / "cache", manifest=tmp_path / "m.jsonl", name="odd", random_weights=True)
+    s = run(cfg, console)
+    assert s.complete and s.text_items == 4 and s.image_items == 4
+    with open(tmp_path / "cache" / "odd" / "problems.csv", newline="", encoding="utf-8") as f:
+        problems = {p[0]: p for p in list(csv.reader(f))[1:]}
+    assert sorted(problems) == ["\\ud800x", "float", "nul\\x00id"]
+    assert "NUL" in problems["nul\\x00id"][2] and "surrogate" in problems["\\ud800x"][2]
+    assert problems["float"][1] == "image" and "not within [0, 1]" in problems["float"][2]
+    image = store.load_image(tmp_path / "cache" / "odd" / "image" / "efficientnet-lite0")
+    assert sorted(i for f in image.values() for i in f.ids) == sorted(["rgba", "deep", "é漢🙂 a,b"])
+    text = store.load_text(tmp_path / "cache" / "odd" / "text" / "minilm")
+    assert sorted(i for f in text.values() for i in f.ids) == sorted(["rgba", "deep", "float", "é漢🙂 a,b"])

@@ -319,6 +319,7 @@ def test_evaluate_refuses_a_cache_built_differently(trained, tiny_cache, tmp_pat
     index = store.cache_folder(cache, tiny_cache.dataset, store.IMAGE, tiny_cache.image_encoder) / "index.json"
     data = read_json(index)
     data["provenance"]["preprocessing"] = '{"resize": 300}'
+    data["sha256"] = store.index_digest(data)  # a whole index, of another build
     index.write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"image cache .* differs .*\(preprocessing .*pipeline\.py extract "
                                         r".*--image-encoder efficientnet-lite0"):
@@ -351,6 +352,7 @@ def test_cli(trained, tiny_cache, cli, tmp_path, monkeypatch):
     index = store.cache_folder(rebuilt, tiny_cache.dataset, store.TEXT, tiny_cache.text_encoder) / "index.json"
     data = read_json(index)
     data["provenance"]["fingerprint"] = "0123456789abcdef"  # as if extracted again with other weights
+    data["sha256"] = store.index_digest(data)  # a whole index, of another build
     index.write_text(json.dumps(data))
     (tmp_path / "not_a_run").mkdir()
     tiny = ("--dataset", tiny_cache.dataset, "--cache-dir", tiny_cache.cache_dir, "--epochs", "1", "--seeds", "1",

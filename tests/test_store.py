@@ -214,7 +214,8 @@ def test_killed_write_leaves_no_shard_and_its_temp_is_removed(tmp_path):
         "    def write(self, data):\n"
         "        self.f.write(data[:len(data) // 2]); self.f.flush()\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "paths.open = lambda *a, **k: Half(open(*a, **k))\n"
+        "paths.open = lambda p, *a, **k: (Half(open(p, *a, **k)) if str(p).endswith('.h5.tmp%d' % os.getpid())\n"
+        "                                else open(p, *a, **k))\n"
         "store._atomic(Path(sys.argv[1]), lambda f: f.create_dataset('ids', data=[1, 2]))\n"
     )
     repo = Path(__file__).resolve().parent.parent
@@ -277,7 +278,8 @@ def test_a_full_disk_deletes_the_temp_file_keeps_the_previous_shard_and_names_it
     monkeypatch.setattr(paths, "open", lambda *a, **k: _Full(open(*a, **k)), raising=False)
     with pytest.raises(OSError) as e:
         write_text(tmp_path, 0, p, s)
-    assert e.value.errno == errno.ENOSPC and e.value.filename == str(shard)
+    # the checksum is written first: the disk refuses it, naming it; the previous shard stays whole
+    assert e.value.errno == errno.ENOSPC and e.value.filename in (str(shard), str(store.sidecar(shard)))
     assert shard.read_bytes() == before
     assert not list(tmp_path.glob("*.tmp*"))
 
@@ -315,3 +317,174 @@ def test_image_maps_load_channels_last(tmp_path):
     got = st.load_image(tmp_path)["train"].maps
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, torch.from_numpy(maps))
+
+
+# --- checksums: damage is detected, named and repairable -------------------------------------
+
+def flip(path: Path, offset: int, n: int = 1) -> None:
+    """Invert n bytes of a file from `offset` (negative: from the end)."""
+    b = bytearray(path.read_bytes())
+    start = offset % len(b)
+    b[start : start + n] = bytes(x ^ 0xFF for x in b[start : start + n])
+    path.write_bytes(bytes(b))
+
+
+def as_older_format(folder: Path) -> None:
+    """What the writer before checksums left: no sidecars, an index without `checksums`/`sha256`."""
+    for side in folder.glob("*.sha256"):
+        side.unlink()
+    index = json.loads((folder / "index.json").read_text())
+    index = {k: index[k] for k in ("provenance", "shards", "n_items")}
+    (folder / "index.json").write_text(json.dumps(index, indent=1))
+
+
+def test_every_shard_has_its_sha256_beside_it_and_the_index_its_own(two_text_shards):
+    import hashlib
+
+    folder, _, _ = two_text_shards
+    for k in range(2):
+        shard = folder / store.shard_name(k, 2)
+        digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+        assert (folder / f"{shard.name}.sha256").read_text() == f"{digest}  {shard.name}\n"  # sha256sum -c reads it
+    index = json.loads((folder / "index.json").read_text())
+    assert index["checksums"] == "sha256"
+    body = {k: v for k, v in index.items() if k != "sha256"}
+    assert index["sha256"] == hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", [store.TEXT, store.IMAGE])
+def test_a_flipped_byte_anywhere_is_caught_before_a_number_is_read(tmp_path, kind):
+    from conftest import write_synth_cache
+
+    c = write_synth_cache(tmp_path / "cache")
+    folder = store.cache_folder(c.cache_dir, c.dataset, kind, c.text_encoder if kind == store.TEXT else c.image_encoder)
+    load = store.load_text if kind == store.TEXT else store.load_image
+    shard = folder / store.shard_name(0, 1)
+    clean = shard.read_bytes()
+    size = len(clean)
+    for offset in (0, 100, 2048, size // 3, size // 2, size - 700, size - 1):  # header, metadata, ids, features, end
+        flip(shard, offset)
+        with pytest.raises(UserError) as e:
+            load(folder)
+        msg = str(e.value)
+        assert str(shard) in msg and "differ from the SHA-256" in msg and "\n" not in msg
+        assert "python pipeline.py extract --dataset synth" in msg and f"--cache-dir {c.cache_dir}" in msg
+        shard.write_bytes(clean)
+    assert load(folder)["train"].ids  # whole again
+
+
+def test_a_truncated_or_missing_shard_names_the_file(two_text_shards):
+    folder, _, _ = two_text_shards
+    shard = folder / store.shard_name(1, 2)
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match=f"cache file {shard} is damaged: .*Run `python pipeline.py extract"):
+        store.load_text(folder)
+    shard.unlink()
+    with pytest.raises(UserError, match=f"cache file {shard} is damaged: missing"):
+        store.load_text(folder)
+    shard.write_bytes(raw)
+    (folder / f"{shard.name}.sha256").unlink()
+    with pytest.raises(UserError, match=f"{shard} is damaged: its checksum file {shard.name}.sha256 is missing"):
+        store.load_text(folder)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda t: t[: len(t) // 2], "unreadable"),  # cut off
+    (lambda t: t.replace('"n": 4', '"n": 5', 1), "does not match its SHA-256"),  # still valid JSON
+    (lambda t: t.replace('"checksums"', '"checksumz"', 1), "does not match its SHA-256"),
+    (lambda t: "[]", "not a JSON object"),
+    (lambda t: "\xff\xfe", "unreadable"),
+])
+def test_a_damaged_index_names_the_file_and_the_command(two_text_shards, damage, why):
+    folder, _, _ = two_text_shards
+    index = folder / "index.json"
+    index.write_text(damage(index.read_text()), encoding="latin-1")
+    for read in (store.load_text, store.provenance, store.read_meta):
+        with pytest.raises(UserError) as e:
+            read(folder)
+        assert f"cache file {index} is damaged" in str(e.value) and why in str(e.value)
+        assert "to rewrite it" in str(e.value)
+
+
+def test_the_older_format_loads_unverified_and_its_damage_is_still_one_line(two_text_shards):
+    folder, p, shards = two_text_shards
+    want = store.load_text(folder)
+    as_older_format(folder)
+    assert store.unverified(folder)
+    got = store.load_text(folder)  # the same numbers, bit for bit
+    for split in want:
+        for name in ("cls", "tokens", "offsets", "labels"):
+            assert torch.equal(getattr(got[split], name), getattr(want[split], name))
+    assert store.prepare(folder, p, force=False) == {0, 1}  # kept, never refused
+    check = store.check_folder(folder)
+    assert not check.verified and not check.damaged and check.shards == 2
+
+    shard = folder / store.shard_name(0, 2)
+    shard.write_bytes(shard.read_bytes()[:3000])  # truncated: h5py's own error becomes one line
+    with pytest.raises(UserError, match=f"cache file {shard} is damaged: unreadable .*truncated"):
+        store.load_text(folder)
+    assert [path for path, _ in store.check_folder(folder).damaged] == [shard]
+    seen = []
+    assert store.prepare(folder, p, force=False, on_damage=lambda path, why: seen.append(path)) == {1}
+    assert seen == [shard]
+
+
+def test_an_older_index_whose_counts_disagree_is_refused_not_read_into_garbage(two_text_shards):
+    folder, _, _ = two_text_shards
+    as_older_format(folder)
+    index = json.loads((folder / "index.json").read_text())
+    for change in ({"train": [3, 8]}, {"train": [2, 9]}, {"train": [1, 8]}):
+        bad = json.loads(json.dumps(index))
+        bad["shards"][0]["splits"].update(change)
+        (folder / "index.json").write_text(json.dumps(bad))
+        with pytest.raises(UserError, match="index.json is damaged: its split counts disagree with the shards"):
+            store.load_text(folder)
+
+
+def test_prepare_leaves_damaged_shards_out_of_the_done_ones(two_text_shards):
+    folder, p, _ = two_text_shards
+    flip(folder / store.shard_name(1, 2), 500, 100)
+    (folder / "index.json").write_text("{")
+    seen = []
+    assert store.prepare(folder, p, force=False, on_damage=lambda path, why: seen.append((path.name, why))) == {0}
+    assert [name for name, _ in seen] == ["index.json", store.shard_name(1, 2)]
+    assert (folder / store.shard_name(1, 2)).exists()  # replaced by the re-encoded one's rename, never deleted here
+    assert store.finish(folder, p) is False  # no index over a damaged shard
+
+
+def test_verify_names_each_damaged_file(tmp_path):
+    from conftest import write_synth_cache
+
+    c = write_synth_cache(tmp_path / "cache")
+    text = store.cache_folder(c.cache_dir, c.dataset, store.TEXT, c.text_encoder)
+    image = store.cache_folder(c.cache_dir, c.dataset, store.IMAGE, c.image_encoder)
+    [check] = store.verify(c.cache_dir)
+    assert check.ok and [f.folder for f in check.folders] == [text, image]
+    assert store.damage_summary([check]) is None
+    flip(image / store.shard_name(0, 1), -100)
+    (text / "index.json").unlink()
+    [check] = store.verify(c.cache_dir, c.dataset)
+    assert not check.ok
+    assert [(f.folder, [p.name for p, _ in f.damaged]) for f in check.folders] == [
+        (text, ["index.json"]), (image, [store.shard_name(0, 1)])]
+    lines = check.lines()
+    assert len(lines) == 2 and all("DAMAGED" in line and "repair: `python pipeline.py extract" in line for line in lines)
+    assert "2 damaged files" in store.damage_summary([check])
+    with pytest.raises(UserError, match="no cache for data set 'nope'.*caches there: synth"):
+        store.verify(c.cache_dir, "nope")
+    with pytest.raises(UserError, match="no cache at"):
+        store.verify(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["", " ", ".", "..", "a/b", "../up", "/abs", "a\x00b"])
+def test_a_data_set_name_must_be_one_folder(name):
+    with pytest.raises(UserError, match="--name .*plain folder name"):
+        store.check_name(name)
+
+
+def test_ids_hdf5_can_store_and_those_it_cannot():
+    for ok in ("17", "é漢字🙂", "a b", "a,b", "x" * 10_000, "a/b"):
+        assert store.id_problem(ok) is None
+    assert "NUL" in store.id_problem("a\x00b")
+    assert "surrogate" in store.id_problem("\ud800x")

@@ -12,7 +12,6 @@ Dev and test have no views: they are always scored on the clean (eval-mode) stat
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -167,7 +166,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
     info_file = root / "dataset.json"
     if not info_file.is_file():
         raise UserError(_no_cache(cache_dir, dataset))
-    classes = json.loads(info_file.read_text())["classes"]
+    classes = store.read_dataset_info(root)["classes"]
     prov, text, image, n_views = {}, None, None, 0
     if modalities in ("text", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.TEXT, text_encoder)
