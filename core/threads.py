@@ -55,7 +55,12 @@ SPIN = "1000"  # GOMP_SPINCOUNT: libgomp's default is 300,000 spins before a wai
 
 
 def policy() -> None:
-    """Set how OpenMP workers wait; call before torch is imported (libgomp reads it once, at load)."""
+    """Set how OpenMP workers wait, and that glibc keeps freed memory (`core/memory.py`); call before
+    torch is imported (libgomp reads its settings once, at load; large buffers mapped before
+    `keep_freed` keep glibc's old rules)."""
+    from core import memory
+
+    memory.keep_freed()
     if not legacy() and "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", SPIN)
 
