@@ -9,7 +9,12 @@ For each encoder pair, on the first N items of MVSA-Single, in one run:
   (c) cache bytes on disk vs a padded-to-202 float32 cache of the same encoders, and
       the loader's time to read the whole cache into tensors;
   (d) the same for bert-base + ResNet-50 shapes (random weights: the same architectures,
-      so the same cost; their maps' sparsity differs from trained weights).
+      so the same cost; their maps' sparsity differs from trained weights);
+  (e) where the CPU time goes: user and kernel (sys) seconds and minor page faults of the
+      end-to-end extraction (decode worker included) and of the bare forward, both with
+      glibc keeping freed memory (core/memory.py; SPP_MALLOC=default measures glibc's own
+      behaviour), and the encoders' FLOPs (counted by torch on the same batches) at the
+      machine's measured dense matmul rate: the floor no extraction can beat.
 
     python bench/extract.py                 # defaults: 1024 items offline encoders, 256 paper shapes
     python bench/extract.py --items 4511    # the whole MVSA-Single
@@ -18,8 +23,10 @@ For each encoder pair, on the first N items of MVSA-Single, in one run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -31,12 +38,52 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import store  # noqa: E402
+from core import threads  # noqa: E402
+
+threads.policy()  # as pipeline.py: glibc keeps freed memory (unless SPP_MALLOC=default)
+
+from core import memory, store  # noqa: E402
+from core.device import device  # noqa: E402
 from core.paths import default_data_root  # noqa: E402
 from extract.encoders import create_image_encoder, create_text_encoder  # noqa: E402
 from extract.extractor import ExtractConfig, load_dataset, run  # noqa: E402
 
 OFFICIAL_LENGTH = 202
+
+
+@contextlib.contextmanager
+def usage(into: dict):
+    """CPU seconds (user, kernel) and minor page faults of this process and its finished
+    children (the decode worker) while the block runs, and the kernel's share of CPU time."""
+    def now():
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + b.ru_utime, a.ru_stime + b.ru_stime, a.ru_minflt + b.ru_minflt, time.perf_counter()
+
+    u0, s0, f0, t0 = now()
+    yield into
+    u1, s1, f1, t1 = now()
+    into.update(wall_s=t1 - t0, user_s=u1 - u0, sys_s=s1 - s0, minor_faults=f1 - f0,
+                kernel_share=(s1 - s0) / max(1e-9, (u1 - u0) + (s1 - s0)))
+
+
+def matmul_rate(seconds: float = 1.0, n: int = 1024) -> float:
+    """Dense float32 matmul FLOP/s on this machine with the current threads (the compute ceiling)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of the matmuls and convolutions `fn()` runs (torch's counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def folder_bytes(folder: Path) -> int:
@@ -101,11 +148,17 @@ def measure(label: str, text_encoder: str, image_encoder: str, items: int, rando
         # set-up; both timed paths below run warm, so neither is charged for it.
         bare_text(tenc, texts, batch_size, cfg.shard_size)
         bare_image(ienc, paths[:batch_size], batch_size)
-        summary = run(cfg)
+        cpu = {"end_to_end": {}, "bare_forward": {}}
+        with usage(cpu["end_to_end"]):
+            summary = run(cfg)
         text_folder = Path(summary.folders["text"])
         image_folder = Path(summary.folders["image"])
-        t_bare = bare_text(tenc, texts, batch_size, cfg.shard_size)
-        i_bare = bare_image(ienc, paths, batch_size)
+        with usage(cpu["bare_forward"]):
+            t_bare = bare_text(tenc, texts, batch_size, cfg.shard_size)
+            i_bare = bare_image(ienc, paths, batch_size)
+        flops_text = count_flops(lambda: bare_text(tenc, texts, batch_size, cfg.shard_size))
+        flops_image = count_flops(lambda: bare_image(ienc, paths, batch_size))
+        rate = matmul_rate()
         t_padded = padded_text(tenc, texts, batch_size, padded_batches)
 
         t0 = time.perf_counter()
@@ -139,6 +192,13 @@ def measure(label: str, text_encoder: str, image_encoder: str, items: int, rando
                 "end_to_end_per_s": n / (e2e_text + e2e_image), "bare_forward_per_s": n / (t_bare + i_bare),
                 "ratio_end_to_end_vs_bare": (t_bare + i_bare) / (e2e_text + e2e_image),
             },
+            "cpu": cpu,  # end_to_end includes encoder loading and writing; bare_forward the forward alone
+            "flops": {
+                "text": flops_text, "image": flops_image, "matmul_flop_per_s": rate,
+                "floor_seconds": (flops_text + flops_image) / rate,
+                "bare_forward_vs_floor": (t_bare + i_bare) / ((flops_text + flops_image) / rate),
+                "end_to_end_vs_floor": (e2e_text + e2e_image) / ((flops_text + flops_image) / rate),
+            },
             "cache": {
                 "text_bytes": text_b, "image_bytes": image_b, "total_bytes": text_b + image_b,
                 "padded_float32_bytes": padded, "ratio_vs_padded": (text_b + image_b) / padded,
@@ -163,6 +223,17 @@ def markdown(results: list[dict]) -> str:
             f"{100 * k['ratio_vs_padded']:.1f}% ({k['per_item_bytes'] / 1e3:.0f} vs {k['padded_per_item_bytes'] / 1e3:.0f} kB/item) | "
             f"{k['load_seconds_text'] + k['load_seconds_image']:.2f} s |"
         )
+    rows += ["", "| encoders | phase | wall s | user s | kernel s | kernel share | minor faults |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for phase, u in r["cpu"].items():
+            rows.append(f"| {r['label']} | {phase.replace('_', ' ')} | {u['wall_s']:.1f} | {u['user_s']:.1f} | "
+                        f"{u['sys_s']:.1f} | {100 * u['kernel_share']:.0f}% | {u['minor_faults'] / 1e6:.2f} M |")
+    rows += ["", "| encoders | GFLOP (text, image) | matmul rate | floor | bare forward / floor | e2e / floor |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        f = r["flops"]
+        rows.append(f"| {r['label']} | {f['text'] / 1e9:.0f}, {f['image'] / 1e9:.0f} | {f['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s | "
+                    f"{f['floor_seconds']:.1f} s | {f['bare_forward_vs_floor']:.2f}x | {f['end_to_end_vs_floor']:.2f}x |")
     return "\n".join(rows) + "\n"
 
 
@@ -180,12 +251,15 @@ def main() -> None:
         results.append(measure("bert-base + ResNet-50 (random weights)", str(bert), "resnet50",
                                args.paper_items, True, padded_batches=2, batch_size=32))
     out = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+                       "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "device": str(device()),
+                       "glibc_keeps_freed_memory": memory.keep_freed()},
            "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    note = (f"Device {device()}, {torch.get_num_threads()} torch thread(s), glibc keeps freed memory: "
+            f"{memory.keep_freed()}.\n\n")
+    args.out.with_suffix(".md").write_text(note + markdown(results))
+    print(note + markdown(results))
 
 
 def make_bert_base_folder() -> Path:
