@@ -67,6 +67,7 @@ class Row:
     config: dict
     metrics: dict
     settings: dict = field(default_factory=dict)  # filled by `settings_apart`
+    robustness: dict = field(default_factory=dict)  # robustness.json's summary: condition -> metric -> mean/std
 
     @property
     def head(self) -> str:
@@ -112,7 +113,7 @@ def load_row(folder: Path) -> Row:
                                f"{config.get('code_fingerprint', 'unrecorded')} (not replayed with {fingerprint.code_fingerprint()})")
     metrics = run.metrics()
     run.check_evidence(metrics)
-    return Row(folder.name, folder, config, metrics)
+    return Row(folder.name, folder, config, metrics, robustness=run.robustness().get("summary", {}))
 
 
 def _flat(config: dict) -> dict:
@@ -400,6 +401,9 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
         head += ["baseline acc", "gain, p (Holm)"]
         if table.reference is not None:
             head += [f"gain minus {table.reference.name}'s", "p (Holm)", "beyond noise"]
+    # robustness.json (`train --robustness`, `eval --drop/--noise`): test accuracy under each condition
+    robust = list(dict.fromkeys(c for r in table.rows for c in r.robustness))
+    head += [f"acc {c.replace('_', ' ')}" for c in robust]
     if mixed_col:
         head.append("differs in")
     rows = []
@@ -420,11 +424,15 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
                 cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"], stats.beyond_noise(c["p_holm"])]
         if table.baseline:
             cells += _gain_cells(table, r)
+        cells += [_ms(r.robustness[c]["accuracy"], len(r.seeds)) if c in r.robustness else "" for c in robust]
         if mixed_col:
             base = table.reference or table.rows[0]
             cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
         rows.append(cells)
     notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds."]
+    if robust:
+        notes.append("acc drop text / drop image: test accuracy with that modality replaced by its train mean; acc "
+                     "noise S: with Gaussian noise of S train stds on every feature (robustness.json, train/robustness.py).")
     if table.paper:
         notes.append(f"Paper acc / F1: the paper's test numbers of the row ({table.paper}'s PAPER table, "
                      "matched by row or folder name).")
@@ -448,7 +456,8 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
             notes.append("Warning: a row with 2 seeds gives its t-test 1 degree of freedom: its p-value says little.")
         if any(len(r.seeds) == 1 for r in table.rows):
             notes.append("Warning: a row with 1 seed cannot be tested (no p): use 5 seeds.")
-    order = ["run", "accuracy", "Δacc", "p (Holm)", "beyond noise", "weighted F1", "macro F1", "seeds", "settings",
+    order = ["run", "accuracy", "Δacc", "p (Holm)", "beyond noise", "acc drop", "weighted F1", "macro F1", "seeds",
+             "settings", "acc noise",
              "gain, p (Holm)", "gain minus", "differs in", "baseline acc", "selected epochs", "head", "test",
              "file-order", "best minus"]
     rank = [next((i for i, name in enumerate(order) if h.startswith(name)), len(order)) for h in head]

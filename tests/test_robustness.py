@@ -108,3 +108,14 @@ def test_a_grid_scores_every_cell_with_robustness(synth_cache, tmp_path, run_mai
     for cell in cells:
         assert set(json.loads((cell / "robustness.json").read_text())["summary"]) == {
             "drop_text", "drop_image", "noise_0.5", "noise_1"}
+
+
+def test_results_shows_the_robustness_columns(run):
+    from experiments import results
+
+    cfg, data, _ = run
+    conds = robustness.conditions(("text", "image"), ["image"], [1.0])
+    scored = robustness.evaluate_run(cfg.out, cfg, data, conds, device())
+    md = results.markdown(results.build([cfg.out]))
+    assert "| acc drop image |" in md and "| acc noise 1 |" in md
+    assert f"{scored['summary']['drop_image']['accuracy']['mean']:.4f}" in md
