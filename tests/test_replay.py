@@ -138,3 +138,29 @@ def test_train_says_whether_it_matches_an_evidence_run_of_the_same_configuration
     (shelf / "spp_scl" / "metrics.json").write_text(json.dumps(seed))
     [line] = run_folder.evidence_twins(tmp_path / "again", tmp_path / "results")
     assert line.startswith(f"compared with {shelf / 'spp_scl'}: seed 2 differ, test metrics by up to 0.2500")
+
+
+def test_numbers_recorded_on_another_machine_are_compared_with_the_runs_own_code_here(copy):
+    """A run whose machine is unrecorded and whose numbers this machine does not give (simulated: one
+    log value edited): the code that trained it (its commit, here HEAD) is run beside the current code,
+    and the two must agree bit for bit; the replay says so and vouches, naming the recorded difference."""
+    import subprocess
+
+    run = copy / "probe"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "core", "heads", "train"], capture_output=True,
+                           text=True, cwd=Path(__file__).parent).stdout.strip()
+    if dirty:
+        pytest.skip("the reference is the committed code: commit core/, heads/ and train/ first")
+    saved = json.loads((run / "config.json").read_text())
+    del saved["machine"]
+    saved["git_commit"] = head
+    (run / "config.json").write_text(json.dumps(saved))
+    log = (run / "log.csv").read_text().splitlines()
+    cells = log[1].split(",")
+    cells[3] = f"{float(cells[3]) + 0.0001:.4f}"  # the first loss of seed 1, epoch 1
+    (run / "log.csv").write_text("\n".join([log[0], ",".join(cells), *log[2:]]) + "\n")
+    r = replay(run)
+    assert r.complete and r.reference["commit"] == head and "epoch 1" in r.reference["recorded_differs"]
+    entry = json.loads((run / "replay.json").read_text())["replays"][-1]
+    assert entry["reference"]["commit"] == head and entry["recorded_machine"] is None

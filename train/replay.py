@@ -58,6 +58,7 @@ class Replayed:
     complete: bool  # through the selected epoch and the final scoring
     largest_difference: float
     compared: dict  # what was compared: log rows, protocol rows, final fields
+    reference: dict | None = None  # set when the numbers were recorded elsewhere: compared with the run's own code here
 
 
 def replay(run: Path, seed: int | None = None, epochs: int | None = None, cache_dir: Path | None = None,
@@ -91,57 +92,171 @@ def _replay(folder: RunFolder, seed: int | None, epochs: int | None, cache_dir: 
     if cache_dir is not None:
         cfg = replace(cfg, cache_dir=Path(cache_dir))
     threads = (saved.get("machine") or {}).get("threads", 1)  # runs before it was recorded: one thread (results/*.sh)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     here, then = fingerprint.machine(), saved.get("machine")
-    where = _where(then, here)
+    here["threads"] = threads
+    last = best == len(log_rows) and recorded.get("last_epoch_test") is not None  # the selected epoch was the last
+    target = Target(log_rows, protocol_rows, recorded, "recorded")
     from train.data import load_data
 
     data = load_data(cfg)
+    t0 = time.time()
+    reference = None
+    try:
+        worst, compared = _compare(folder, cfg, data, seed, through, epochs is None or through == best, last, threads,
+                                   target, _where(then, here), on_epoch)
+    except Difference as e:
+        if then and _same_machine(then, here):
+            raise
+        # Numbers recorded on another (or an unrecorded) machine: what the run's own code computes on this
+        # one is the reference; the current code must give exactly that.
+        pending = reference_numbers(saved, cfg, seed, through, last, threads, cfg.protocol_check)  # runs beside
+        reference = {"commit": saved.get("git_commit"), "recorded_differs": str(e).split(": ", 1)[1]}
+        worst, compared = _compare(folder, cfg, data, seed, through, epochs is None or through == best, last, threads,
+                                   pending, "", on_epoch)
+    complete = epochs is None or through == best
+    out = Replayed(run, seed, through, complete, worst, compared, reference)
+    folder.record_replay({
+        "code_fingerprint": fingerprint.code_fingerprint(), "seed": seed, "epochs": through, "complete": complete,
+        "largest_difference": worst, "compared": compared, "machine": here, "recorded_machine": then,
+        **({"reference": reference} if reference else {}),
+        "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
+    return out
+
+
+@dataclass
+class Target:
+    """What a replay must reproduce: the run's recorded numbers, or those the run's own code computes here."""
+    log_rows: list[dict]
+    protocol_rows: list[dict]
+    final: dict
+    what: str  # "recorded", or "the reference"
+
+
+def _compare(folder: RunFolder, cfg, data, seed: int, through: int, complete: bool, last: bool, threads: int,
+             target, where: str, on_epoch) -> tuple[float, dict]:
+    """Train `seed` through epoch `through` with the current code and compare every number with `target`:
+    a Target (compared epoch by epoch, stopping at the first difference), or a callable that gives
+    the Target once the current code has trained (a reference computed beside it)."""
+    run = folder.path
     worst = [0.0]
+    later = [] if callable(target) else None  # epoch logs kept until the reference is there
 
     def check(name: str, epoch, column: str, want, got) -> None:
         if want == got:
             return
-        raise Difference(f"{run}: replay of seed {seed} differs in {name}, {column}, epoch {epoch}: recorded {want}, "
-                         f"now {got}{where}; the current code does not compute this run's numbers")
+        raise Difference(f"{run}: replay of seed {seed} differs in {name}, {column}, epoch {epoch}: {target.what} "
+                         f"{want}, now {got}{where}; the current code does not compute this run's numbers")
 
     def each(log: EpochLog) -> None:
-        for name, rows, row in ((folder.LOG, log_rows, LogCsv._row(log)),
-                                (folder.PROTOCOL, protocol_rows, ProtocolCsv._row(log) if protocol_rows else None)):
+        if later is not None:
+            later.append(log)
+            on_epoch(log)
+            return
+        compare(log)
+
+    def compare(log: EpochLog) -> None:
+        for name, rows, row in ((folder.LOG, target.log_rows, LogCsv._row(log)),
+                                (folder.PROTOCOL, target.protocol_rows,
+                                 ProtocolCsv._row(log) if target.protocol_rows else None)):
             if row is None:
                 continue
             want = rows[log.epoch - 1]
             for column in sorted((set(want) | set(row)) - NOT_COMPARED):
-                a, b = want.get(column, ""), str(row.get(column, ""))
+                a, b = str(want.get(column, "")), str(row.get(column, ""))
                 check(name, log.epoch, column, a, b)
                 worst[0] = max(worst[0], _gap(a, b))
-        on_epoch(log)
+        if later is None:
+            on_epoch(log)
 
-    t0 = time.time()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         result: SeedResult = train_seed(replace(cfg, epochs=through), data, seed, on_epoch=each)
     finally:
         torch.set_num_threads(before)
-    complete = epochs is None or through == best
-    compared = {"log_rows": through, "protocol_rows": through if protocol_rows else 0, "final": []}
+    if later is not None:
+        target = target()
+        for log in later:
+            compare(log)
+    compared = {"log_rows": through, "protocol_rows": through if target.protocol_rows else 0, "final": []}
     if complete:
-        now = json.loads(json.dumps({k: getattr(result, k) for k in FINAL_FIELDS}))
-        fields = list(FINAL_FIELDS)
-        if best == len(log_rows) and recorded.get("last_epoch_test") is not None:  # the selected epoch was the last
-            now["last_epoch_test"] = json.loads(json.dumps(result.last_epoch_test))
-            fields.append("last_epoch_test")
+        fields = list(FINAL_FIELDS) + (["last_epoch_test"] if last else [])
+        now = json.loads(json.dumps({k: getattr(result, k) for k in fields}))
         for k in fields:
-            for path, a, b in _leaves(recorded.get(k), now[k], k):
+            for path, a, b in _leaves(target.final.get(k), now[k], k):
                 check(folder.seed_file(seed), "final", path, a, b)
         compared["final"] = fields
-    out = Replayed(run, seed, through, complete, worst[0], compared)
-    folder.record_replay({
-        "code_fingerprint": fingerprint.code_fingerprint(), "seed": seed, "epochs": through, "complete": complete,
-        "largest_difference": worst[0], "compared": compared, "machine": here, "recorded_machine": then,
-        "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    })
-    return out
+    return worst[0], compared
+
+
+def _same_machine(then: dict, here: dict) -> bool:
+    return (then.get("cpu"), then.get("torch")) == (here["cpu"], here["torch"])
+
+
+# What the reference process runs: the run's own code (its commit, unpacked), this machine, the run's
+# cache, settings and threads; it prints the numbers a replay compares, as JSON.
+REFERENCE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from core import threads
+threads.policy()
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+from dataclasses import replace
+from train.config import TrainConfig
+from train.data import load_data
+from train.run_folder import LogCsv, ProtocolCsv
+from train.trainer import train_seed
+job = json.loads(sys.stdin.read())
+cfg = TrainConfig.from_json(job["train"])
+rows = []
+r = train_seed(replace(cfg, epochs=job["epochs"]), load_data(cfg), job["seed"], on_epoch=lambda log: rows.append(
+    {"log": LogCsv._row(log), "protocol": ProtocolCsv._row(log) if job["protocol"] else None}))
+print(json.dumps({"rows": rows, "final": {k: getattr(r, k) for k in job["fields"]}}))
+"""
+
+
+def reference_numbers(saved: dict, cfg, seed: int, through: int, last: bool, threads: int, protocol: bool):
+    """Start computing the numbers the code that trained the run (config.json's git_commit, unpacked
+    from this repository's history) gives on this machine for `seed` through epoch `through`, in a
+    process of its own; returns a function that waits for them (a Target)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from core.paths import REPO
+
+    commit = str(saved.get("git_commit") or "")
+    src = Path(tempfile.gettempdir()) / f"spp-scl-code-{commit[:12]}"
+    if not (src / "train").is_dir():
+        src.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "core", "heads", "train"],
+                                 capture_output=True)
+        if archive.returncode != 0:
+            raise UserError(f"the run's numbers were recorded on another machine, and its code (commit {commit[:10]}) "
+                            "is not in this repository's history to compute them here: replay it on a machine "
+                            "like the one that trained it")
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    fields = list(FINAL_FIELDS) + (["last_epoch_test"] if last else [])
+    job = {"train": {**saved["train"], "cache_dir": str(cfg.cache_dir)}, "epochs": through, "seed": seed,
+           "protocol": protocol, "fields": fields}
+    proc = subprocess.Popen([sys.executable, "-c", REFERENCE, str(src), str(threads)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc.stdin.write(json.dumps(job))
+    proc.stdin.close()
+
+    def wait() -> Target:
+        out, err = proc.stdout.read(), proc.stderr.read()
+        if proc.wait() != 0:
+            tail = (err.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"the reference run of commit {commit[:10]} failed ({tail}): replay on a machine like the "
+                            "one that trained the run")
+        got = json.loads(out.strip().splitlines()[-1])
+        return Target([r["log"] for r in got["rows"]], [r["protocol"] for r in got["rows"] if r["protocol"]],
+                      got["final"], f"the run's own code (commit {commit[:10]}) here")
+
+    return wait
 
 
 def _where(then: dict | None, here: dict) -> str:
