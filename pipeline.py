@@ -238,7 +238,10 @@ def replay(
                            on_epoch=lambda log: status.update(f"replay {k}/{len(folders)}: {folder}, seed {log.seed}, "
                                                              f"epoch {log.epoch} identical"))
         what = "complete: vouches for the current code" if r.complete else "partial: vouches for nothing"
-        console.print(f"{folder}: seed {r.seed}, {r.epochs} epoch(s) identical, largest difference "
+        against = "" if r.reference is None else (
+            f" with the run's own code (commit {str(r.reference['commit'])[:10]}) on this machine; its recorded numbers "
+            f"were made on another machine ({r.reference['recorded_differs']})")
+        console.print(f"{folder}: seed {r.seed}, {r.epochs} epoch(s) identical{against}, largest difference "
                       f"{r.largest_difference:g} ({what}; replay.json)", highlight=False, soft_wrap=True)
 
 
