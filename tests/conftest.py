@@ -269,3 +269,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class FullDisk:
+    """An open file on a full disk: the first write() fails with ENOSPC after writing a little, as
+    Python's own write would (tests of the one-line disk errors)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+    def write(self, data):
+        import errno
+
+        self.f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")

@@ -7,7 +7,6 @@ One run is trained once on the synthetic cache (1 epoch, 1 seed); broken copies 
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -20,7 +19,7 @@ import heads
 from train import runs
 from train.config import TrainConfig
 
-from conftest import DATA, quiet_console
+from conftest import DATA, FullDisk, quiet_console
 
 IMAGE = DATA / "mvsa_single" / "images" / "17.jpg"
 
@@ -213,21 +212,6 @@ def test_every_command_is_covered():
 
 # --- a disk that refuses a write: one line naming the file, exit 1, nothing half-written left ----------
 
-class _FullDisk:
-    """An open file on a full disk: the first write() fails with ENOSPC after writing a little."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.f.close()
-
-    def write(self, data):
-        self.f.write(data[:10])
-        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def _full_for(monkeypatch, fragment: str) -> None:
@@ -235,7 +219,7 @@ def _full_for(monkeypatch, fragment: str) -> None:
     from core import paths
 
     real = open
-    monkeypatch.setattr(paths, "open", lambda p, *a, **k: _FullDisk(real(p, *a, **k)) if fragment in str(p)
+    monkeypatch.setattr(paths, "open", lambda p, *a, **k: FullDisk(real(p, *a, **k)) if fragment in str(p)
                         else real(p, *a, **k), raising=False)
 
 

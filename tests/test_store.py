@@ -20,6 +20,8 @@ import torch
 from core import store
 from core.errors import UserError
 
+from conftest import FullDisk
+
 L, H = 3, 5  # layers, width of the synthetic text features
 
 
@@ -249,21 +251,6 @@ def test_failed_write_keeps_the_previous_shard(tmp_path):
     assert store.prepare(tmp_path, p, force=False) == {0}
 
 
-class _Full:
-    """A file on a full disk: write() fails with ENOSPC, as Python's own write would."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.f.close()
-
-    def write(self, data):
-        self.f.write(data[:10])
-        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_a_full_disk_deletes_the_temp_file_keeps_the_previous_shard_and_names_it(tmp_path, monkeypatch):
@@ -275,7 +262,7 @@ def test_a_full_disk_deletes_the_temp_file_keeps_the_previous_shard_and_names_it
     write_text(tmp_path, 0, p, s)
     shard = tmp_path / store.shard_name(0, 1)
     before = shard.read_bytes()
-    monkeypatch.setattr(paths, "open", lambda *a, **k: _Full(open(*a, **k)), raising=False)
+    monkeypatch.setattr(paths, "open", lambda *a, **k: FullDisk(open(*a, **k)), raising=False)
     with pytest.raises(OSError) as e:
         write_text(tmp_path, 0, p, s)
     # the checksum is written first: the disk refuses it, naming it; the previous shard stays whole
