@@ -31,6 +31,20 @@ def make_dir(path: Path) -> Path:
     return path
 
 
+def output_dir(path: Path, owns: tuple[str, ...], what: str) -> Path:
+    """`make_dir` for a command's output folder that may hold only the files it writes (`owns`):
+    an existing folder with anything else in it is someone's, and is refused rather than written into."""
+    path = Path(path)
+    if path.resolve() == Path(path.resolve().anchor):
+        raise UserError(f"{what} {path}: the file system's root; give a folder of its own")
+    if path.is_dir():
+        other = sorted(p.name for p in path.iterdir() if p.name not in owns)
+        if other:
+            raise UserError(f"{what} {path} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): "
+                            "give an empty or new folder")
+    return make_dir(path)
+
+
 def write_atomic(path: Path, data: bytes | str, tmp: Path | None = None) -> None:
     """Write `data` to a temp file (default `<file>.tmp<pid>`) and rename it to `path`: a reader
     never sees half a file. If the write fails (a full disk) the temp file is deleted and the

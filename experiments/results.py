@@ -525,9 +525,11 @@ def plot(table: Table, path: Path) -> Path:
 
 
 def write(table: Table, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown(table))
-    csv_frame(table).to_csv(out / "results.csv", index=False)
+    from core.paths import output_dir, write_atomic
+
+    output_dir(out, ("results.md", "results.csv", "results.png"), "--out")
+    write_atomic(out / "results.md", markdown(table))
+    write_atomic(out / "results.csv", csv_frame(table).to_csv(index=False))
     return [out / "results.md", out / "results.csv", plot(table, out / "results.png")]
 
 

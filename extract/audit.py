@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -37,7 +37,7 @@ from core import store
 from core.cli_fields import option
 from core.errors import UserError
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
-from core.paths import DEFAULT_CACHE, default_data_root, make_dir
+from core.paths import DEFAULT_CACHE, default_data_root, make_dir, output_dir
 
 SPLIT_ORDER = {"train": 0, "dev": 1, "test": 2}
 # (split, other_split) as written in leaks.csv: the later split first, its earlier partner second
@@ -284,7 +284,7 @@ def write_clean(folder: Path, leaks: pd.DataFrame, ids, labels, splits, classes,
     from_train = leaks[leaks["other_split"].eq("train") & leaks["split"].isin(["dev", "test"])]
     why = from_train.groupby("id").agg(kind=("kind", lambda k: "+".join(sorted(set(k)))),
                                        train_id=("other_id", "first"))
-    make_dir(folder)
+    output_dir(folder, ("train.txt", "dev.txt", "test.txt", "dropped.csv", "clean.json"), "--write-clean")
     kept = {s: [] for s in SPLIT_ORDER}
     dropped_rows, per_class = [], {s: {c: 0 for c in classes} for s in ("dev", "test")}
     for id_, label, split in zip(ids, labels, splits):

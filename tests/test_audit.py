@@ -196,6 +196,21 @@ def test_write_clean_drops_dev_and_test_leaks_per_class(toy, tmp_path):
     assert dict(zip(dropped["id"], dropped["kind"])) == {"d1": "text_exact", "d2": "image", "e1": "text_normalised"}
 
 
+def test_write_clean_refuses_a_folder_of_other_files_and_rewrites_its_own(toy, tmp_path):
+    from core.errors import UserError
+
+    toy.write_clean = tmp_path / "mine"
+    toy.write_clean.mkdir()
+    (toy.write_clean / "notes.txt").write_text("someone's")
+    with pytest.raises(UserError, match="holds other files \\(notes.txt\\)"):
+        audit.run(toy)
+    assert (toy.write_clean / "notes.txt").read_text() == "someone's"
+    toy.write_clean = tmp_path / "clean"
+    audit.run(toy)
+    audit.run(toy)  # its own files again: rewritten, not refused
+    assert (tmp_path / "clean" / "train.txt").is_file()
+
+
 def test_split_files_reassign_items_with_their_features(tmp_path):
     cache_dir, name = make_cache(tmp_path)
     before = cache.load(cache_dir, name, "both", "minilm", "efficientnet-lite0")

@@ -140,6 +140,8 @@ CASES = [
     ("results-missing-folder", ("results", "{tmp}/nope"), ["nope: no such file or folder"]),
     ("results-unfinished-run", ("results", "{unfinished}"), ["is not finished"]),
     ("results-corrupt-config", ("results", "{corrupt}"), ["config.json is corrupt"]),
+    ("results-out-of-other-files", ("results", "{run}", "--out", "{tmp}"), ["holds other files"]),
+    ("results-out-root", ("results", "{run}", "--out", "/"), ["root"]),
     # replay
     ("replay-missing-folder", ("replay", "{tmp}/nope"), ["nope: no such file or folder"]),
     # heads
