@@ -445,8 +445,9 @@ def test_patience_stops_a_seed_once_dev_stops_improving(synth_cache, synth_data,
     scripted_dev(monkeypatch, [0.2, 0.5, 0.4, 0.45, 0.9, 0.1])
     r = trainer.train_seed(synth_config(synth_cache, None, epochs=6, patience=2).resolved(), synth_data, seed=1)
     assert [log.epoch for log in r.log] == [1, 2, 3, 4] and r.best_epoch == 2  # epoch 5's 0.9 is never seen
-    with pytest.raises(UserError, match="--patience 0"):
-        synth_config(synth_cache, None, patience=0).resolved()
+    with pytest.raises(UserError, match="--patience -1"):
+        synth_config(synth_cache, None, patience=-1).resolved()
+    assert synth_config(synth_cache, None, patience=0).resolved().patience is None  # 0: every epoch
 
 
 # --- dropout views of the train texts (--text-views) ---------------------------------------
