@@ -166,8 +166,8 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
                     cell_done(futures[f])
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
-            if c not in todo and c.folder.is_finished():
-                _train_cell(c.cfg, robust)
+            if c not in todo and c.folder.is_finished():  # scored only: its run files stay as they are
+                runs.score_default_robustness(c.cfg.out, c.cfg, _data(c.cfg))
     return mine
 
 
@@ -206,13 +206,19 @@ _DATA: dict = {}
 def _train_cell(cfg: TrainConfig, robust: bool = False) -> str:
     """Train one cell (and `--robustness`: score it); the cache is loaded once per process (the
     grid's, or a worker's) and modality set."""
+    data = _data(cfg)
+    out = runs.train_run(cfg, data).out
+    if robust:
+        runs.score_default_robustness(out, cfg, data)
+    return str(out)
+
+
+def _data(cfg: TrainConfig) -> cache.Data:
+    """The cache, loaded once per process and modality set."""
     key = (str(cfg.cache_dir), cfg.dataset, cache.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
     if key not in _DATA:
         _DATA[key] = cache.load_data(cfg)
-    out = runs.train_run(cfg, _DATA[key]).out
-    if robust:
-        runs.score_default_robustness(out, cfg, _DATA[key])
-    return str(out)
+    return _DATA[key]
 
 
 # --- the table ----------------------------------------------------------------------------
