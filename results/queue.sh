@@ -6,6 +6,7 @@
 #   LANES=1 bash results/x.sh   runs one at a time
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A line that fails (its error is printed) does not stop the others; the exit code says whether any failed.
 grep -v '^\s*\(#\|$\)' | xargs -P "${LANES:-2}" -L 1 bash -c \
-  'echo "[$(date +%T)] start: $*"; python pipeline.py train --jobs 1 --threads 1 "$@" > /dev/null \
-     && echo "[$(date +%T)] done: $*" || { echo "[$(date +%T)] FAILED ($?): $*"; exit 255; }' _
+  'echo "[$(date +%T)] start: $*"; python pipeline.py train --jobs 1 --threads 1 "$@" > /dev/null; code=$?
+   if [ $code -eq 0 ]; then echo "[$(date +%T)] done: $*"; else echo "[$(date +%T)] FAILED (exit $code): $*"; exit 1; fi' _
