@@ -66,14 +66,16 @@ def out_of_range(value, meta: Mapping) -> str | None:
 
 def check_fields(config, as_options: bool = True) -> None:
     """UserError for the first field of dataclass instance `config` whose value is `out_of_range`,
-    named as an option (`--weight-decay -1.0: must be >= 0`) or, `as_options=False`, as a config
-    key (`alpha=inf: give a finite number`, as `--set` spells it). For a config made in code or
-    read from JSON; the options made by `params` refuse such values as they are parsed."""
+    named as its option (`--weight-decay -1.0: must be >= 0`) or, for a field that is none (an
+    internal knob) or `as_options=False`, as a config key (`alpha=inf: give a finite number`, as
+    `--set` spells it). For a config made in code or read from JSON, and for values no option
+    parsed (`--set`); the options made by `params` refuse such values as they are parsed."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         why = out_of_range(value, f.metadata)
         if why:
-            raise UserError(f"{flag_name(f.name)} {value}: {why}" if as_options else f"{f.name}={value}: {why}")
+            named = as_options and "help" in f.metadata
+            raise UserError(f"{flag_name(f.name)} {value}: {why}" if named else f"{f.name}={value}: {why}")
 
 
 def flag_name(field: str) -> str:

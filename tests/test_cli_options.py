@@ -158,6 +158,7 @@ def test_check_fields_names_the_option_or_the_key():
     class Config:
         rate: float = cli_fields.option(0.1, "a rate", min=0, min_open=True)
         steps: int = cli_fields.option(1, "steps", min=1)
+        knob: float = dataclasses.field(default=0.5, metadata={"max": 1})  # no option: named as a key
 
     cli_fields.check_fields(Config())
     with pytest.raises(UserError, match=r"^--rate 0\.0: must be > 0$"):
@@ -166,3 +167,7 @@ def test_check_fields_names_the_option_or_the_key():
         cli_fields.check_fields(Config(rate=float("nan")), as_options=False)
     with pytest.raises(UserError, match=r"^steps=0: must be >= 1$"):
         cli_fields.check_fields(Config(steps=0), as_options=False)
+    with pytest.raises(UserError, match=r"^knob=2\.0: must be <= 1$"):
+        cli_fields.check_fields(Config(knob=2.0))
+    with pytest.raises(UserError, match=r"^knob=inf: give a finite number$"):
+        cli_fields.check_fields(Config(knob=float("inf")))
