@@ -30,8 +30,13 @@ from extract.encoders import create_image_encoder, create_text_encoder
 
 
 def _names(text: str) -> tuple[str, ...] | None:
-    """`positive,neutral,negative` -> a tuple of the names; nothing given: None (the labels that occur)."""
-    return tuple(c.strip() for c in text.split(",") if c.strip()) or None
+    """`positive,neutral,negative` -> a tuple of the names; nothing given: None (the labels that occur).
+    A name given twice is refused: it would be two classes, one of which no item ever has."""
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    twice = [c for k, c in enumerate(names) if c in names[:k]]
+    if twice:
+        raise ValueError(f"{text!r}: {twice[0]} given twice; give each class once")
+    return names or None
 
 
 @dataclass

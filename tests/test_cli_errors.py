@@ -189,6 +189,8 @@ NUMBERS = [
     ("audit-hash-distance-65", ("audit", "-d", "{ds}", *SYNTH, "--hash-distance", "65"), 2, ["'--hash-distance'"]),
     ("extract-seed-negative", ("extract", "-d", "mvsa_s", "--seed", "-1", "--cache-dir", "{tmp}/c9"), 2, ["'--seed'"]),
     ("extract-seed-2^32", ("extract", "-d", "mvsa_s", "--seed", str(2**32), "--cache-dir", "{tmp}/c9"), 2, ["'--seed'"]),
+    ("extract-class-twice", ("extract", "--manifest", "{tmp}/blank_split.csv", "--classes", "positive,negative,positive",
+                             "--cache-dir", "{tmp}/c10"), 2, ["'--classes'", "positive given twice"]),
     ("eval-noise-twice", ("eval", "--run", "{run}", "--noise", "0.5", "--noise", "0.50"), 2,
      ["'--noise'", "0.5 given twice"]),
     ("eval-drop-twice", ("eval", "--run", "{run}", "--drop", "text", "--drop", "text"), 2, ["'--drop'", "text given twice"]),
