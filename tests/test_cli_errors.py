@@ -198,6 +198,17 @@ NUMBERS = [
     ("sweep-field-twice", ("sweep", *GRID, "--vary", "alpha=0.5", "--vary", "alpha=0.6"), 1,
      ["--vary 'alpha=0.6'", "alpha is varied twice"]),
     ("ablate-row-twice", ("ablate", *GRID, "--rows", "one-step,w/o CMF,one-step"), 1, ["--rows", "'one-step' given twice"]),
+    # ranges declared on the fields of train/config.py and checked by HeadConfig.validate
+    ("train-lr-0", (*TRAIN, "--lr", "0"), 2, ["'--lr'", "must be > 0"]),
+    ("train-weight-decay-negative", (*TRAIN, "--weight-decay", "-1"), 2, ["'--weight-decay'", "must be >= 0"]),
+    ("train-seed-negative", (*TRAIN[:-4], "--seeds", "1,-1"), 2, ["'--seeds'", "seed -1: give seeds from 0 to 4294967295"]),
+    ("train-seed-2^32", (*TRAIN[:-4], "--seeds", str(2**32)), 2, ["'--seeds'", f"seed {2**32}: give seeds from 0"]),
+    *((f"train-set-{key}-{v}", (*TRAIN, *head, "--set", f"{key}={v}"), 1, [f"{key}={v}: {FINITE}"])
+      for head, key, v in (((), "alpha", "inf"), ((), "lambda_ce", "nan"), ((), "temperature", "inf"), ((), "dropout", "nan"),
+                           (("--head", "clip_ca_cg"), "clip_weight", "inf"), (("--head", "clip_ca_cg"), "temperature", "inf"),
+                           (("--head", "hybrid_fusion"), "aux_weight", "nan"))),
+    ("sweep-value-inf", ("sweep", *GRID, "--vary", "alpha=0.5,inf"), 1, [f"alpha=inf: {FINITE}"]),
+    ("ablate-set-nan", ("ablate", *GRID, "--set", "temperature=nan"), 1, [f"temperature=nan: {FINITE}"]),
 ]
 
 
