@@ -197,8 +197,8 @@ def _show(metrics: dict, title: str) -> None:
 def evaluate(
     run: Path = typer.Option(..., help="run folder written by train"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
-    drop: list[str] = typer.Option([], help="also score test with this modality replaced by its train mean: text or image (repeatable); written to robustness.json"),
-    noise: list[float] = typer.Option([], help="also score test with Gaussian noise of SIGMA train stds on every feature (repeatable); written to robustness.json"),
+    drop: list[str] = typer.Option([], callback=cli_fields.each_once, help="also score test with this modality replaced by its train mean: text or image (repeatable); written to robustness.json"),
+    noise: list[float] = typer.Option([], callback=cli_fields.each_once, help="also score test with Gaussian noise of SIGMA train stds on every feature (repeatable); written to robustness.json"),
     seed: Optional[int] = typer.Option(None, help="one seed's weights [default: every seed of the run]"),
     threads: Optional[int] = ThreadsOpt,
 ):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Ablation-grid benchmark -> bench/results/ablate.json (+ .md).
+"""Ablation-grid benchmark -> bench/results/ablate.json (+ .md; `--out` another file).
 
 Runs `pipeline.py ablate` on MVSA-Single (the rows of SPEC.md's Tables 4-7 + the linear
 probe) as a user would, with `--jobs` and `--patience`, and times it. Beside it, the same
@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, cli, out_file, save  # noqa: E402
 from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
 
+@cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", default="cache")
@@ -38,8 +39,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--rows", default=None)
     ap.add_argument("--head", default="spp_scl")
-    ap.add_argument("--name", default="ablate")
+    ap.add_argument("--out", type=Path, default=RESULTS / "ablate.json")
     a = ap.parse_args()
+    out_file(a.out)
     cmd = [sys.executable, "pipeline.py", "ablate", "--dataset", "mvsa_s", "--head", a.head, "--cache-dir", a.cache_dir,
            "--seeds", a.seeds, "--epochs", str(a.epochs), "--patience", str(a.patience), "--jobs", str(a.jobs),
            "--runs-dir", a.runs_dir, "--out", f"{a.runs_dir}/table"] + (["--rows", a.rows] if a.rows else [])
@@ -53,7 +55,7 @@ def main() -> None:
             continue
         cells.add(row["folder"])
         epochs += len(RunFolder(ROOT / row["folder"]).log_rows())
-    per_epoch = json.loads((OUT / "train.json").read_text())["encoders_in_loop"]["paper"]["seconds_per_epoch"]
+    per_epoch = json.loads((RESULTS / "train.json").read_text())["encoders_in_loop"]["paper"]["seconds_per_epoch"]
     result = {
         "command": " ".join(cmd[1:]), "head": a.head, "rows": [r["run"] for r in table], "cells_trained": len(cells),
         "seeds": a.seeds, "max_epochs": a.epochs, "patience": a.patience, "jobs": a.jobs,
@@ -62,13 +64,10 @@ def main() -> None:
         "encoders_in_loop_estimate_seconds": epochs * per_epoch,
         "ratio": epochs * per_epoch / wall,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{a.name}.json").write_text(json.dumps(result, indent=1))
-    (OUT / f"{a.name}.md").write_text(
-        f"| grid | cells | epochs trained | wall | encoders in the loop (est.) | ratio |\n|---|---|---|---|---|---|\n"
-        f"| {len(table)} rows, seeds {a.seeds}, <= {a.epochs} epochs, patience {a.patience}, jobs {a.jobs} | "
-        f"{len(cells)} | {epochs} | {wall / 3600:.2f} h | {epochs * per_epoch / 3600:.0f} h | {result['ratio']:.0f}x |\n")
-    print(json.dumps(result, indent=1))
+    save(a.out, result,
+         f"| grid | cells | epochs trained | wall | encoders in the loop (est.) | ratio |\n|---|---|---|---|---|---|\n"
+         f"| {len(table)} rows, seeds {a.seeds}, <= {a.epochs} epochs, patience {a.patience}, jobs {a.jobs} | "
+         f"{len(cells)} | {epochs} | {wall / 3600:.2f} h | {epochs * per_epoch / 3600:.0f} h | {result['ratio']:.0f}x |\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ search never holds an N x N matrix (peak memory is the features plus one block^2
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -22,6 +21,7 @@ import typer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import RESULTS, cli, out_file, save  # noqa: E402
 from core import store  # noqa: E402
 from extract import audit  # noqa: E402
 
@@ -47,8 +47,10 @@ def search(x: np.ndarray, threshold: float, block: int) -> dict:
             "block_matrix_MB": round(block**2 * 4 / 2**20, 1), "n_x_n_float32_MB": round(len(x) ** 2 * 4 / 2**20, 1)}
 
 
-def main(cache_dir: Path = typer.Option(Path("cache")), n: int = typer.Option(200_000), dim: int = typer.Option(128),
-         block: int = typer.Option(2048), out: Path = typer.Option(REPO / "bench" / "results" / "audit.json")):
+def measure(cache_dir: Path = typer.Option(Path("cache")), n: int = typer.Option(200_000), dim: int = typer.Option(128),
+            block: int = typer.Option(2048), out: Path = typer.Option(RESULTS / "audit.json")):
+    """Both searches -> `out` (checked first: a refused --out costs no search)."""
+    out_file(out)
     import torch
 
     results = {"block": block, "threshold": audit.IMAGE_THRESHOLD, "torch_threads": torch.get_num_threads(),
@@ -66,10 +68,13 @@ def main(cache_dir: Path = typer.Option(Path("cache")), n: int = typer.Option(20
         results["mvsa_s"] = {"items": len(ids), "dim": int(x.shape[1]), "read_pooled_seconds": round(read, 2),
                              **search(x, audit.IMAGE_THRESHOLD, block)}
     results["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+    save(out, results)
+
+
+@cli
+def main() -> None:
+    typer.run(measure)
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    main()

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save  # noqa: E402
+from bench.common import RESULTS, cli, out_file, save  # noqa: E402
 from core import threads  # noqa: E402
 from train.run_folder import RunFolder  # noqa: E402
 
@@ -112,14 +112,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=ROOT / "cache")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--beside", type=int, default=2, help="up to this many identical jobs beside the first")
     ap.add_argument("--grid-values", default="0.5,0.6,0.75,0.9", help="alpha values of the grid-split sweep")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "contention.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "contention.json")
     args = ap.parse_args()
+    out_file(args.out)
     cache_dir = args.cache_dir.resolve()
     n = len(threads.cores())
     result = {"machine": {"python": platform.python_version(), "cores": n,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import resource
 import shutil
@@ -42,6 +41,7 @@ from core import threads  # noqa: E402
 
 threads.policy()  # as pipeline.py: glibc keeps freed memory (unless SPP_MALLOC=default)
 
+from bench.common import RESULTS, cli, out_file, save  # noqa: E402
 from core import memory, store  # noqa: E402
 from core.device import device  # noqa: E402
 from core.paths import default_data_root  # noqa: E402
@@ -237,12 +237,14 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+@cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=1024, help="MVSA-Single items, offline encoders")
     ap.add_argument("--paper-items", type=int, default=192, help="items for bert-base + resnet50 (0: skip)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "extract.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "extract.json")
     args = ap.parse_args()
+    out_file(args.out)
     torch.manual_seed(0)
     results = [measure("MiniLM-L6 + EfficientNet-lite0 (pretrained)", "minilm", "efficientnet-lite0",
                        args.items, False, padded_batches=6, batch_size=64)]
@@ -254,12 +256,9 @@ def main() -> None:
                        "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "device": str(device()),
                        "glibc_keeps_freed_memory": memory.keep_freed()},
            "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
     note = (f"Device {device()}, {torch.get_num_threads()} torch thread(s), glibc keeps freed memory: "
             f"{memory.keep_freed()}.\n\n")
-    args.out.with_suffix(".md").write_text(note + markdown(results))
-    print(note + markdown(results))
+    save(args.out, out, note + markdown(results))
 
 
 def make_bert_base_folder() -> Path:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What `--patience P` changes -> bench/results/patience.json (+ .md).
+"""What `--patience P` changes -> bench/results/patience.json (+ .md; `--out` another file).
 
 Replays early stopping on the dev column of finished runs' log.csv (the dev metric of
 every epoch is logged, so no training is needed): with patience P a seed stops once dev
@@ -12,14 +12,13 @@ then. Reports, per P, how often the selected epoch moves, and the epochs saved.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, cli, out_file, save  # noqa: E402
 from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
 
@@ -34,11 +33,14 @@ def replay(dev: list[float], patience: int | None) -> tuple[int, int]:
     return best_epoch, len(dev)
 
 
+@cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--patience", default="3,5,10")
+    ap.add_argument("--out", type=Path, default=RESULTS / "patience.json")
     a = ap.parse_args()
+    out_file(a.out)
     seeds = []
     for run in a.runs:
         folder = RunFolder(run)
@@ -57,14 +59,11 @@ def main() -> None:
             total += len(dev)
         result["per_patience"][p] = {"selected_epoch_moved": moved, "of_seeds": len(seeds),
                                      "epochs_saved": saved, "epochs_total": total, "share_saved": saved / total}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "patience.json").write_text(json.dumps(result, indent=1))
     lines = ["| patience | selected epoch moved | epochs saved |", "|---|---|---|"]
     for p, r in result["per_patience"].items():
         lines.append(f"| {p} | {r['selected_epoch_moved']} of {r['of_seeds']} seeds | {r['epochs_saved']} of "
                      f"{r['epochs_total']} ({r['share_saved']:.0%}) |")
-    (OUT / "patience.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(a.out, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

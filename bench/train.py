@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save  # noqa: E402
+from bench.common import RESULTS, cli, out_file, save  # noqa: E402
 from core import threads  # noqa: E402
 
 threads.policy()  # the project's thread policy, as pipeline.py sets it, before torch loads
@@ -181,14 +181,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=ROOT / "cache")
     ap.add_argument("--epochs", type=int, default=4, help="epochs timed for s/epoch")
     ap.add_argument("--full-epochs", type=int, default=150, help="full run length (0: skip)")
     ap.add_argument("--encoder-batches", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "train.json")
     args = ap.parse_args()
+    out_file(args.out)
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}}
     result["head_by_threads"] = {n: head_epochs(args.cache_dir, args.epochs, n) for n in (1, 2)}

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import typing
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Literal, Mapping, Optional
 
 from core.errors import UserError
 
@@ -24,21 +25,57 @@ MISSING = dataclasses.MISSING
 
 
 def option(default=MISSING, help: str = "", *, short: str | None = None, min: int | float | None = None,
+           max: int | float | None = None, min_open: bool = False, finite: bool = True,
            parse: Callable[[str], object] | None = None, choices: Iterable[str] = (), default_factory=MISSING):
     """A config field that is also the option `--field-name` of the commands built on its dataclass.
 
-    `short`: a one-letter alias ("-d"). `min`: the least value the option takes. `parse`: text to
-    value, for what a command line cannot spell as one typed value (seeds "1,2,3" -> (1, 2, 3));
-    it raises ValueError or UserError on bad text. `choices`: the only values the option takes.
-    A `default_factory` field's option defaults to None (the factory decides), so say the default
-    in `help`."""
+    `short`: a one-letter alias ("-d"). `min`, `max`: the least and the greatest value the option
+    takes; `min_open`: `min` itself is not taken (a learning rate > 0). A float must be finite
+    unless `finite=False` (nan and inf mean nothing as a rate, a weight or a threshold).
+    `parse`: text to value, for what a command line cannot spell as one typed value (seeds "1,2,3"
+    -> (1, 2, 3)); it raises ValueError or UserError on bad text. `choices`: the only values the
+    option takes. A `default_factory` field's option defaults to None (the factory decides), so
+    say the default in `help`."""
     meta = {"help": help}
-    for key, value in (("short", short), ("min", min), ("parse", parse)):
+    for key, value in (("short", short), ("min", min), ("max", max), ("parse", parse)):
         if value is not None:
             meta[key] = value
+    if min_open:
+        meta["min_open"] = True
+    if not finite:
+        meta["finite"] = False
     if choices:
         meta["choices"] = tuple(choices)
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def out_of_range(value, meta: Mapping) -> str | None:
+    """Why `value` cannot be the value of a field with these metadata (`option`'s `min`, `max`,
+    `min_open`, `finite`), or None. Only numbers are judged (None, a bool, a text: None)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and meta.get("finite", True) and not math.isfinite(value):
+        return "give a finite number"
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and (value <= low if meta.get("min_open") else value < low):
+        return f"must be {'>' if meta.get('min_open') else '>='} {low}"
+    if high is not None and value > high:
+        return f"must be <= {high}"
+    return None
+
+
+def check_fields(config, as_options: bool = True) -> None:
+    """UserError for the first field of dataclass instance `config` whose value is `out_of_range`,
+    named as its option (`--weight-decay -1.0: must be >= 0`) or, for a field that is none (an
+    internal knob) or `as_options=False`, as a config key (`alpha=inf: give a finite number`, as
+    `--set` spells it). For a config made in code or read from JSON, and for values no option
+    parsed (`--set`); the options made by `params` refuse such values as they are parsed."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        why = out_of_range(value, f.metadata)
+        if why:
+            named = as_options and "help" in f.metadata
+            raise UserError(f"{flag_name(f.name)} {value}: {why}" if named else f"{f.name}={value}: {why}")
 
 
 def flag_name(field: str) -> str:
@@ -72,8 +109,10 @@ def params(config: type, skip: Iterable[str] = ()) -> list:
             continue
         kind, default = _base(hints[f.name]), cli_default(f)
         kw = {"help": meta["help"]}
-        if "min" in meta:
-            kw["min"] = meta["min"]
+        if kind in (int, float) and "parse" not in meta:
+            kw["callback"] = _in_range(meta)
+            if kind is int:  # typer's range, shown in --help too (a float's would judge nan before `finite`)
+                kw.update({k: meta[k] for k in ("min", "max") if k in meta and not (k == "min" and meta.get("min_open"))})
         if kind is bool:
             if default:
                 raise ValueError(f"{config.__name__}.{f.name}: an on/off option must default to False")
@@ -101,8 +140,33 @@ def flag_params(flags) -> list:
     return _typer_params([
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                           annotation=bool if f.kind is bool else Optional[Literal[f.choices] if f.choices else f.kind],
-                          default=typer.Option(False if f.kind is bool else None, f.flag, help=f.summary))
+                          default=typer.Option(False if f.kind is bool else None, f.flag, help=f.summary,
+                                               **({"callback": _in_range({})} if f.kind is float else {})))
         for f in flags])
+
+
+def _in_range(meta: Mapping) -> Callable[[object], object]:
+    """A typer callback refusing what `out_of_range` refuses: click's one line `Invalid value for '--lr': ...`."""
+    import typer
+
+    def check(value):
+        why = out_of_range(value, meta)
+        if why:
+            raise typer.BadParameter(f"{value}: {why}")
+        return value
+
+    return check
+
+
+def each_once(values: list) -> list:
+    """A typer callback for a repeatable option whose values must differ (`eval --noise 0.5 --noise 0.5`
+    would score one condition twice under one name): a value given twice is click's one line."""
+    import typer
+
+    twice = [v for k, v in enumerate(values) if v in values[:k]]
+    if twice:
+        raise typer.BadParameter(f"{twice[0]} given twice; give each value once")
+    return values
 
 
 def _typer_params(specs: list[inspect.Parameter]) -> list:

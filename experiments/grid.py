@@ -64,6 +64,9 @@ def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = N
         unknown = [r for r in rows if r not in table]
         if unknown:
             raise UserError(f"--rows {', '.join(unknown)}: {base.head} has rows {', '.join(table)}")
+        twice = [r for k, r in enumerate(rows) if r in rows[:k]]
+        if twice:
+            raise UserError(f"--rows: {twice[0]!r} given twice; give each row once")
         table = {k: v for k, v in table.items() if k == "full" or k in rows}  # the full model is the reference
     cells = []
     for name, values in table.items():
@@ -77,12 +80,21 @@ def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = N
 
 def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell]:
     """`--vary alpha=0.5,0.6 --vary cmf=true,false` -> one cell per combination (a grid for two fields)."""
-    axes = []
+    axes, keys = [], []
     for item in vary:
         key, eq, values = item.partition("=")
+        key = key.strip().replace("-", "_")
         if not eq or not values:
             raise UserError(f"--vary {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
-        axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",") if v.strip()])
+        if key in keys:  # the second would silently win in every cell
+            raise UserError(f"--vary {item!r}: {key} is varied twice; give all its values in one --vary {key}=v1,v2")
+        keys.append(key)
+        axis = [f"{key}={v.strip()}" for v in values.split(",") if v.strip()]
+        parsed = [heads.parse_sets(base.head, [a], "--vary")[key] for a in axis]
+        twice = [a for k, a in enumerate(axis) if parsed[k] in parsed[:k]]  # 0.5 and 0.50: one cell, trained once
+        if twice:
+            raise UserError(f"--vary {item!r}: {twice[0]} given twice; give each value once")
+        axes.append(axis)
     cells = []
     for combo in itertools.product(*axes):
         values = {**_base_values(base), **heads.parse_sets(base.head, combo, "--vary")}

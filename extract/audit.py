@@ -66,9 +66,11 @@ class AuditConfig:
                              default_factory=default_data_root)
     text_encoder: str = option(TEXT_ENCODER, "which text cache gives ids, labels and splits")
     image_encoder: str = option(IMAGE_ENCODER, "which image cache to search for near-duplicates")
+    # a cosine: above 1 nothing is found, and at 0 or below every pair of (non-negative) pooled maps is one
     image_threshold: float = option(IMAGE_THRESHOLD, "cosine of pooled maps for an image candidate "
-                                    "(calibrated on MVSA-Single)")
-    hash_distance: int = option(HASH_DISTANCE, "max pHash Hamming distance that confirms an image pair", min=0)
+                                    "(calibrated on MVSA-Single)", min=0, min_open=True, max=1)
+    # the hash has 64 bits: a larger distance confirms every pair, as 64 does
+    hash_distance: int = option(HASH_DISTANCE, "max pHash Hamming distance that confirms an image pair", min=0, max=64)
     block: int = 2048  # rows per block of the similarity search
     write_clean: Path | None = option(None, "write split files without the dev/test items leaking from train here")
     out: Path | None = option(None, "[default: <cache>/<dataset>/audit]")

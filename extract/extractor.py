@@ -30,8 +30,13 @@ from extract.encoders import create_image_encoder, create_text_encoder
 
 
 def _names(text: str) -> tuple[str, ...] | None:
-    """`positive,neutral,negative` -> a tuple of the names; nothing given: None (the labels that occur)."""
-    return tuple(c.strip() for c in text.split(",") if c.strip()) or None
+    """`positive,neutral,negative` -> a tuple of the names; nothing given: None (the labels that occur).
+    A name given twice is refused: it would be two classes, one of which no item ever has."""
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    twice = [c for k, c in enumerate(names) if c in names[:k]]
+    if twice:
+        raise ValueError(f"{text!r}: {twice[0]} given twice; give each class once")
+    return names or None
 
 
 @dataclass
@@ -56,7 +61,7 @@ class ExtractConfig:
     shard_size: int = option(512, "items per shard (the unit of resuming)", min=1)
     shard: str | None = option(None, "i/N: do only this process's share of the shards")  # shards k with k % N == i
     force: bool = option(False, "rebuild a cache that was built differently")
-    seed: int = option(0, "seed of the 8:1:1 split for manifests without one")
+    seed: int = option(0, "seed of the 8:1:1 split for manifests without one", min=0, max=2**32 - 1)  # numpy's seeds
     limit: int | None = option(None, "only the first N items of each split (quick looks and tests)", min=1)
     classes: tuple[str, ...] | None = option(None, "a manifest's label set, e.g. positive,neutral,negative "
                                              "(other labels are problems) [default: the labels that occur]",

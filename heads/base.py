@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.cli_fields import check_fields
 from core.errors import UserError
 
 
@@ -74,6 +75,7 @@ class HeadConfig:
 
     def validate(self) -> None:
         """Raise UserError naming the field and the fix if a value has no meaning."""
+        check_fields(self, as_options=False)  # every float finite: nan or inf is no weight, rate or temperature
         if self.dim < 1 or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dim={self.dim}, dropout={self.dropout}: need dim >= 1, 0 <= dropout < 1")
         for f in fields(self):

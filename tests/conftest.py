@@ -289,3 +289,61 @@ class FullDisk:
 
         self.f.write(data[:10])
         raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# --- processes: a main process killed mid-run leaves no worker behind (Linux: reads /proc) ---------------
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`: its children, theirs, ... (a scan of /proc; a forkserver's workers too)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        up = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == up]
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie not reaped yet counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cut_when_saved(cli: Cli, args, folder: Path, pattern: str, sig) -> tuple[subprocess.Popen, list[int]]:
+    """Start `pipeline.py args`; once a file matching `pattern` is in `folder` (an epoch saved), send `sig`
+    to the main process alone (not its group). Returns the process and its workers at that moment (two at least)."""
+    import time
+
+    proc = cli.popen(*args)
+    end = time.time() + 240
+    while not list(folder.glob(pattern)):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < end, "no epoch was saved"
+        time.sleep(0.02)
+    workers = descendants(proc.pid)
+    assert len(workers) >= 2, workers
+    proc.send_signal(sig)
+    return proc, workers
+
+
+def assert_gone(workers: list[int], within: float = 15.0) -> None:
+    """Every one of `workers` ends within `within` seconds (those left are killed, and the test fails)."""
+    import signal
+    import time
+
+    end = time.time() + within
+    while any(alive(p) for p in workers) and time.time() < end:
+        time.sleep(0.05)
+    left = [p for p in workers if alive(p)]
+    for pid in left:  # a failed test leaves no worker behind either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers outlived the main process"

@@ -149,10 +149,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, fragments", [pytest.param(a, f, id=i) for i, a, f in CASES])
-def test_bad_input_is_one_line(args, fragments, places, run_main, monkeypatch):
-    monkeypatch.chdir(places["tmp"])  # default folders (cache/, runs/) land in the test's folder
-    r = run_main(*(a.format(**places) for a in args))
+def one_error_line(r, fragments) -> str:
+    """The one `error: ...` (UserError) or `Error: ...` (click) line of a failed command, holding every fragment."""
     assert r.code != 0, r.out + r.err
     assert "Traceback" not in r.out + r.err and "Warning" not in r.err, r.err
     problem = [line for line in r.err.splitlines() if line.lower().startswith("error")]
@@ -161,11 +159,68 @@ def test_bad_input_is_one_line(args, fragments, places, run_main, monkeypatch):
         assert fragment in problem[0], (fragment, problem[0])
     if r.code == 1:  # a UserError: that one line is all
         assert r.err.strip() == problem[0], r.err
-    if "No such option" not in problem[0]:  # there the option is the user's mistake, quoted
+    return problem[0]
+
+
+@pytest.mark.parametrize("args, fragments", [pytest.param(a, f, id=i) for i, a, f in CASES])
+def test_bad_input_is_one_line(args, fragments, places, run_main, monkeypatch):
+    monkeypatch.chdir(places["tmp"])  # default folders (cache/, runs/) land in the test's folder
+    r = run_main(*(a.format(**places) for a in args))
+    problem = one_error_line(r, fragments)
+    if "No such option" not in problem:  # there the option is the user's mistake, quoted
         given = {a for a in args if a.startswith("--")}
-        for command, option in suggested_options(args[0], problem[0]):
+        for command, option in suggested_options(args[0], problem):
             assert option in given or option in options_of(command), (
-                f"the message suggests `{command} {option}`, which `{command}` does not take: {problem[0]}")
+                f"the message suggests `{command} {option}`, which `{command}` does not take: {problem}")
+
+
+# --- numbers: every numeric option finite and in the range its meaning gives; lists without repeats ----------
+
+FINITE = "give a finite number"
+# (id, arguments, exit code: 2 click's parsing, 1 a UserError; fragments of the one error line, the option first)
+NUMBERS = [
+    *((f"train-{flag[2:]}-{v}", (*TRAIN, flag, v), 2, [f"'{flag}'", f"{v}: {FINITE}"])
+      for flag in ("--lr", "--weight-decay", "--alpha", "--temperature", "--lambda-ce") for v in ("nan", "inf", "-inf")),
+    ("ablate-lr-inf", ("ablate", *GRID, "--lr", "inf"), 2, ["'--lr'", FINITE]),
+    ("sweep-weight-decay-nan", ("sweep", *GRID, "--vary", "alpha=0.5", "--weight-decay", "nan"), 2,
+     ["'--weight-decay'", FINITE]),
+    *((f"audit-threshold-{v}", ("audit", "-d", "{ds}", *SYNTH, "--image-threshold", v), 2, ["'--image-threshold'", why])
+      for v, why in (("nan", FINITE), ("inf", FINITE), ("0", "must be > 0"), ("-1", "must be > 0"), ("1.5", "must be <= 1"))),
+    ("audit-hash-distance-65", ("audit", "-d", "{ds}", *SYNTH, "--hash-distance", "65"), 2, ["'--hash-distance'"]),
+    ("extract-seed-negative", ("extract", "-d", "mvsa_s", "--seed", "-1", "--cache-dir", "{tmp}/c9"), 2, ["'--seed'"]),
+    ("extract-seed-2^32", ("extract", "-d", "mvsa_s", "--seed", str(2**32), "--cache-dir", "{tmp}/c9"), 2, ["'--seed'"]),
+    ("extract-class-twice", ("extract", "--manifest", "{tmp}/blank_split.csv", "--classes", "positive,negative,positive",
+                             "--cache-dir", "{tmp}/c10"), 2, ["'--classes'", "positive given twice"]),
+    ("eval-noise-twice", ("eval", "--run", "{run}", "--noise", "0.5", "--noise", "0.50"), 2,
+     ["'--noise'", "0.5 given twice"]),
+    ("eval-drop-twice", ("eval", "--run", "{run}", "--drop", "text", "--drop", "text"), 2, ["'--drop'", "text given twice"]),
+    ("sweep-value-twice", ("sweep", *GRID, "--vary", "alpha=0.5,0.50"), 1, ["--vary 'alpha=0.5,0.50'", "alpha=0.50 given twice"]),
+    ("sweep-field-twice", ("sweep", *GRID, "--vary", "alpha=0.5", "--vary", "alpha=0.6"), 1,
+     ["--vary 'alpha=0.6'", "alpha is varied twice"]),
+    ("ablate-row-twice", ("ablate", *GRID, "--rows", "one-step,w/o CMF,one-step"), 1, ["--rows", "'one-step' given twice"]),
+    # ranges declared on the fields of train/config.py and checked by HeadConfig.validate
+    ("train-lr-0", (*TRAIN, "--lr", "0"), 2, ["'--lr'", "must be > 0"]),
+    ("train-weight-decay-negative", (*TRAIN, "--weight-decay", "-1"), 2, ["'--weight-decay'", "must be >= 0"]),
+    ("train-seed-negative", (*TRAIN[:-4], "--seeds", "1,-1"), 2, ["'--seeds'", "seed -1: give seeds from 0 to 4294967295"]),
+    ("train-seed-2^32", (*TRAIN[:-4], "--seeds", str(2**32)), 2, ["'--seeds'", f"seed {2**32}: give seeds from 0"]),
+    *((f"train-set-{key}-{v}", (*TRAIN, *head, "--set", f"{key}={v}"), 1, [f"{key}={v}: {FINITE}"])
+      for head, key, v in (((), "alpha", "inf"), ((), "lambda_ce", "nan"), ((), "temperature", "inf"), ((), "dropout", "nan"),
+                           (("--head", "clip_ca_cg"), "clip_weight", "inf"), (("--head", "clip_ca_cg"), "temperature", "inf"),
+                           (("--head", "hybrid_fusion"), "aux_weight", "nan"))),
+    ("sweep-value-inf", ("sweep", *GRID, "--vary", "alpha=0.5,inf"), 1, [f"alpha=inf: {FINITE}"]),
+    ("ablate-set-nan", ("ablate", *GRID, "--set", "temperature=nan"), 1, [f"temperature=nan: {FINITE}"]),
+]
+
+
+@pytest.mark.parametrize("args, code, fragments", [pytest.param(a, c, f, id=i) for i, a, c, f in NUMBERS])
+def test_a_number_out_of_its_range_is_one_line_naming_the_option(args, code, fragments, places, run_main, monkeypatch):
+    """nan, inf, a value outside the range the option's meaning gives, a value given twice: refused
+    before any work (nothing trained: the grids' runs folder stays empty)."""
+    monkeypatch.chdir(places["tmp"])
+    r = run_main(*(a.format(**places) for a in args))
+    one_error_line(r, fragments)
+    assert r.code == code, r.err
+    assert not list((places["tmp"] / "grid").glob("*/log.csv"))
 
 
 COMMAND = re.compile(r"(?:pipeline\.py |`)(extract|train|eval|replay|audit|report|predict|ablate|sweep|results|heads)\b")

@@ -132,3 +132,42 @@ def test_an_option_declared_twice_is_a_coding_bug():
     cmd = typer.main.get_command(app)
     with typer.Context(cmd) as ctx, pytest.raises(ValueError, match="twice: cache_dir, data_root, dataset"):
         cmd.get_params(ctx)
+
+
+# --- numbers: finite, in the field's range ------------------------------------------------------------
+
+@pytest.mark.parametrize("value, meta, why", [
+    (float("nan"), {}, "give a finite number"),
+    (float("-inf"), {"min": 0}, "give a finite number"),
+    (float("inf"), {"finite": False}, None),  # a field may say otherwise
+    (0.0, {"min": 0, "min_open": True}, "must be > 0"),
+    (0.0, {"min": 0}, None),
+    (-1, {"min": 0}, "must be >= 0"),
+    (1.5, {"max": 1}, "must be <= 1"),
+    (None, {"min": 1}, None),  # not given: the default decides
+    (True, {"min": 2}, None),  # a switch is no number
+])
+def test_out_of_range(value, meta, why):
+    assert cli_fields.out_of_range(value, meta) == why
+
+
+def test_check_fields_names_the_option_or_the_key():
+    from core.errors import UserError
+
+    @dataclasses.dataclass
+    class Config:
+        rate: float = cli_fields.option(0.1, "a rate", min=0, min_open=True)
+        steps: int = cli_fields.option(1, "steps", min=1)
+        knob: float = dataclasses.field(default=0.5, metadata={"max": 1})  # no option: named as a key
+
+    cli_fields.check_fields(Config())
+    with pytest.raises(UserError, match=r"^--rate 0\.0: must be > 0$"):
+        cli_fields.check_fields(Config(rate=0.0))
+    with pytest.raises(UserError, match=r"^rate=nan: give a finite number$"):
+        cli_fields.check_fields(Config(rate=float("nan")), as_options=False)
+    with pytest.raises(UserError, match=r"^steps=0: must be >= 1$"):
+        cli_fields.check_fields(Config(steps=0), as_options=False)
+    with pytest.raises(UserError, match=r"^knob=2\.0: must be <= 1$"):
+        cli_fields.check_fields(Config(knob=2.0))
+    with pytest.raises(UserError, match=r"^knob=inf: give a finite number$"):
+        cli_fields.check_fields(Config(knob=float("inf")))

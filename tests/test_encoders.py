@@ -1,4 +1,5 @@
-"""extract/encoders.py pieces that need no model: the split-zip model folder (MPNet-base), image preprocessing."""
+"""extract/encoders.py pieces that need no trained model: the split-zip model folder (MPNet-base), image
+preprocessing, the text encoder's limits (the packaged MiniLM's shape, random weights)."""
 
 import json
 import zipfile
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from extract.encoders import create_image_encoder, join_split_zip
+from extract.encoders import create_image_encoder, create_text_encoder, join_split_zip
 
 
 def split_zip(tmp_path, files: dict[str, bytes], parts: int) -> list:
@@ -41,6 +42,20 @@ def test_split_zip_without_the_model_folder_is_a_user_error(tmp_path):
     pieces = split_zip(tmp_path, {"other/config.json": b"{}"}, 2)
     with pytest.raises(UserError, match="no model folder named mpnet"):
         join_split_zip(pieces, tmp_path / "cache" / "mpnet")
+
+
+@pytest.mark.parametrize("layers, max_length, refused", [
+    (7, 202, r"--text-layers 7: minilm has 6 layers; pick 1\.\.6"),
+    (4, 513, r"--max-length 513: minilm reads at most 512 tokens; pick 2\.\.512"),  # past its position embeddings
+    (6, 512, None),
+])
+def test_text_settings_beyond_the_model_are_refused(layers, max_length, refused):
+    if refused:
+        with pytest.raises(UserError, match=refused):
+            create_text_encoder("minilm", layers, max_length, random_weights=True)
+    else:
+        enc = create_text_encoder("minilm", layers, max_length, random_weights=True)
+        assert [len(ids) for ids in enc.tokenize(["word " * 600])] == [512]
 
 
 def test_unknown_image_encoder_names_the_choices():

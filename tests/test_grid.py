@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from train import data as cache
 from train import run_folder, runs, trainer
 from train.config import TrainConfig
 
-from conftest import quiet_console
+from conftest import assert_gone, cut_when_saved, quiet_console
 
 ROWS = ["one-step", "w/o CMF", "linear probe"]
 
@@ -243,3 +245,43 @@ def test_the_grid_bar_counts_epochs_and_drops_those_patience_skips(synth_cache, 
     grid.run_cells(cells, console=console)
     assert [c.folder.epochs_done(c.cfg) for c in cells] == [(4, 4), (4, 4)]
     assert "8/8 epochs" in console.file.getvalue()
+
+
+# --- the main process of `ablate --jobs 2` dies: no worker is left, the same command finishes the same table -------
+
+def _killed_grid_args(c, runs_dir: Path) -> list:
+    return ["ablate", "--dataset", c.dataset, "--cache-dir", c.cache_dir, "--text-encoder", c.text_encoder,
+            "--image-encoder", c.image_encoder, "--epochs", "4", "--seeds", "1,2", "--batch-size", "12", "--rows",
+            "one-step", "--jobs", "2", "--threads", "1", "--runs-dir", runs_dir, "--out", runs_dir / "table"]
+
+
+def _cells(runs_dir: Path) -> dict[str, Path]:
+    """Row -> run folder, from the grid's table."""
+    return dict(zip(*pd.read_csv(runs_dir / "table" / "table.csv")[["run", "folder"]].T.values))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_a_grid_leaves_no_worker_and_the_same_command_makes_the_same_table(synth_cache, cli, tmp_path):
+    cells = grid.ablation_cells(base(synth_cache, epochs=4), tmp_path / "reference", ["one-step"])
+    grid.run_cells(cells, console=quiet_console())  # uninterrupted, here (one job gives the numbers two do)
+    grid.assemble(cells, tmp_path / "reference" / "table", synth_cache.dataset, "spp_scl")
+    runs_dir = tmp_path / "cut"
+    args = _killed_grid_args(synth_cache, runs_dir)
+    proc, workers = cut_when_saved(cli, args, runs_dir, "*/seed-*.state.pt", signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert_gone(workers)  # each worker held a cell; none trains on, orphaned
+    assert not (runs_dir / "table").exists()  # cut mid-grid
+    again = cli.run(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = (pd.read_csv(d / "table" / "table.csv").drop(columns="folder") for d in (tmp_path / "reference", runs_dir))
+    pd.testing.assert_frame_equal(a, b)
+    ref, cut = _cells(tmp_path / "reference"), _cells(runs_dir)
+    assert sorted(ref) == sorted(cut) == ["full", "one-step"]
+    for row in ref:
+        x, y = (json.loads((Path(f[row]) / "metrics.json").read_text()) for f in (ref, cut))
+        assert {**x, "wall_seconds": 0} == {**y, "wall_seconds": 0}, row
+        logs = [sorted(tuple(v for k, v in r.items() if k != "seconds") for r in run_folder.RunFolder(Path(f[row])).log_rows())
+                for f in (ref, cut)]
+        assert logs[0] == logs[1] and len(logs[1]) == 2 * 4, row
+        assert not list(Path(cut[row]).glob("*.state.pt*"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import signal
 import shutil
@@ -30,7 +29,7 @@ from train import run_folder, runs, scoring, trainer
 from train.config import METRICS, TrainConfig
 from train.metrics import scores
 
-from conftest import quiet_console
+from conftest import assert_gone, cut_when_saved, quiet_console
 
 SEEDS, EPOCHS = (1, 2), 2
 LOG_HEAD, LOG_TAIL = ["seed", "epoch", "lr"], ["step_two_rate", "seconds", "dev_accuracy", "dev_weighted_f1",
@@ -637,55 +636,6 @@ def pool_reference(synth_cache, cli, tmp_path_factory) -> Path:
     return out
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (a scan of /proc)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields_ = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields_[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _cut_when_a_seed_is_saved(cli, args, out: Path, sig) -> tuple[subprocess.Popen, list[int]]:
-    """Start `args`; once an epoch of a seed is saved, send `sig` to the main process alone (not its group).
-    Returns the process and the pids of its workers at that moment."""
-    import time
-
-    proc = cli.popen(*args)
-    end = time.time() + 240
-    while not list(out.glob("seed-*.state.pt")):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.time() < end, "no epoch was saved"
-        time.sleep(0.02)
-    workers = _children(proc.pid)
-    assert len(workers) >= 2, workers
-    proc.send_signal(sig)
-    return proc, workers
-
-
-def _assert_gone(workers: list[int], within: float = 15.0) -> None:
-    import time
-
-    end = time.time() + within
-    while any(_alive(p) for p in workers) and time.time() < end:
-        time.sleep(0.05)
-    left = [p for p in workers if _alive(p)]
-    for pid in left:  # a failed test leaves no worker behind either
-        os.kill(pid, signal.SIGKILL)
-    assert not left, "workers outlived the main process"
-
-
 def _assert_same_run(a: Path, b: Path) -> None:
     """metrics.json and log.csv (wall times aside; rows in any order) as an uninterrupted run's."""
     assert {**read_json(a / "metrics.json"), "wall_seconds": 0} == {**read_json(b / "metrics.json"), "wall_seconds": 0}
@@ -699,10 +649,10 @@ def test_kill_9_of_the_main_process_leaves_no_worker_and_the_same_command_contin
                                                                                      pool_reference):
     out = tmp_path / "run"
     args = _pool_args(synth_cache, out)
-    proc, workers = _cut_when_a_seed_is_saved(cli, args, out, signal.SIGKILL)
+    proc, workers = cut_when_saved(cli, args, out, "seed-*.state.pt", signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -9
-    _assert_gone(workers)  # before: both kept training, wrote their states, then hung on a pipe forever
+    assert_gone(workers)  # before: both kept training, wrote their states, then hung on a pipe forever
     again = cli.run(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming" in again.stdout
@@ -714,14 +664,14 @@ def test_sigterm_is_ctrl_c_exit_143_and_the_same_command_continues(synth_cache, 
     """What a cluster scheduler sends: finished work kept, one line saying so, exit code 143."""
     out = tmp_path / "run"
     args = _pool_args(synth_cache, out)
-    proc, workers = _cut_when_a_seed_is_saved(cli, args, out, signal.SIGTERM)
+    proc, workers = cut_when_saved(cli, args, out, "seed-*.state.pt", signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     line = err.strip()
     assert "\n" not in line, repr(err)
     assert line.startswith(f"terminated: {out}: ") and " kept" in line, err
     assert line.endswith("; run the same command to continue"), err
-    _assert_gone(workers)
+    assert_gone(workers)
     again = cli.run(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     _assert_same_run(pool_reference, out)

@@ -180,7 +180,10 @@ def test_two_modalities_on_a_text_only_cache_is_a_user_error(synth_cache, tmp_pa
     ({"text_layers": 5}, {}, r"text_layers=5: the cache holds 4 text layers; choose 1\.\.4"),
     ({"cmf_scope": "everything"}, {}, r"cmf_scope='everything'"),
     ({"temperature": 0.0}, {}, r"temperature=0.0: must be > 0"),
-    ({}, {"lr": 0.0}, r"--lr 0.0: the learning rate must be > 0"),
+    ({}, {"lr": 0.0}, r"--lr 0\.0: must be > 0"),
+    ({}, {"weight_decay": -1.0}, r"--weight-decay -1\.0: must be >= 0"),  # AdamW's own ValueError was a traceback
+    ({}, {"lr_gamma": 2.0}, r"lr_gamma=2\.0: must be <= 1"),
+    ({"alpha": float("inf")}, {}, r"alpha=inf: give a finite number"),
 ])
 def test_bad_settings_fail_before_a_run_folder_is_written(head_cfg, kw, message, synth_cache, tmp_path):
     with pytest.raises(UserError, match=message):

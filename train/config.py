@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable
 
 import heads
-from core.cli_fields import build, option
+from core.cli_fields import build, check_fields, option
 from core.errors import UserError
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE
@@ -36,6 +36,9 @@ def family(dataset: str) -> str:
     return base if base in DEFAULTS else FALLBACK
 
 
+SEEDS = range(2**32)  # what numpy (and so the trainer) takes as a seed
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """`--seeds 1,2,3` -> (1, 2, 3). A seed given twice is refused: it would count one run twice in the
     mean and std, and in the paired tests."""
@@ -43,6 +46,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         seeds = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"{text!r}: give seeds as 1,2,3") from None
+    wrong = [s for s in seeds if s not in SEEDS]
+    if wrong:
+        raise ValueError(f"{text!r}: seed {wrong[0]}: give seeds from 0 to {SEEDS[-1]}")
     twice = sorted({s for s in seeds if seeds.count(s) > 1})
     if twice:
         raise ValueError(f"{text!r}: seed {', '.join(map(str, twice))} given twice; give each seed once")
@@ -71,10 +77,10 @@ class TrainConfig:
                                     "(a grid trains the same seeds in every cell: the paired test needs them)",
                                     parse=parse_seeds)
     batch_size: int | None = option(None, default_help("batch_size"), min=2)
-    lr: float | None = option(None, default_help("lr"))
-    weight_decay: float = option(1e-6, "AdamW weight decay")
+    lr: float | None = option(None, default_help("lr"), min=0, min_open=True)
+    weight_decay: float = option(1e-6, "AdamW weight decay", min=0)
     lr_step: int | None = option(None, f"StepLR step {default_help('lr_step')}", min=1)
-    lr_gamma: float = 0.5
+    lr_gamma: float = field(default=0.5, metadata={"min": 0, "min_open": True, "max": 1})  # StepLR's decay factor
     balanced: bool = option(False, "weight cross-entropy by inverse class frequency (not in the paper)")
     text_views: bool = option(False, "train on the cached dropout views of the texts (extract --text-views K)")
     select: str | None = option(None, f"dev metric that picks the epoch {default_help('select')}", choices=METRICS)
@@ -140,12 +146,9 @@ class TrainConfig:
             raise UserError(f"--select {self.select}: use one of {', '.join(METRICS)}")
         if self.batch_size < 2 or self.eval_batch_size < 1:
             raise UserError("--batch-size must be at least 2 (BatchNorm and SupCon need pairs)")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr}: the learning rate must be > 0")
         if self.patience is not None and self.patience < 1:
             raise UserError(f"--patience {self.patience}: give at least 1 epoch, or 0 for no early stop")
-        if self.epochs < 1 or self.eval_orders < 1:
-            raise UserError("--epochs and --eval-orders must be at least 1")
+        check_fields(self)  # each number finite and in its field's range (--lr > 0, --epochs >= 1, ...)
         if not self.seeds:
             raise UserError("--seeds: give at least one seed, e.g. 1,2,3")
         self.head_config.validate()
