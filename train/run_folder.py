@@ -50,8 +50,7 @@ import torch
 import heads
 from core.device import device
 from core.errors import UserError
-from core.paths import DEFAULT_RUNS, REPO, make_dir
-from core.paths import write_atomic as write_atomic_bytes
+from core.paths import DEFAULT_RUNS, REPO, make_dir, write_atomic
 from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
@@ -91,18 +90,14 @@ SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred"
                "protocol_check")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file, then rename: a reader never sees half a file (a failed
-    write, a full disk, leaves none and names `path`)."""
-    write_atomic_bytes(path, text, tmp=path.with_name(path.name + ".tmp"))
-
-
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file. Serialized in
-    memory first: torch writing to a full disk says only "unexpected pos", Python's write names it."""
+    memory first: torch writing to a full disk says only "unexpected pos", Python's write names it.
+    The temp file is `<file>.tmp`, not one per process: the folder has one writer at a time, so the
+    megabytes a killed one left are overwritten by the next save, never piled up."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_atomic_bytes(path, buf.getvalue(), tmp=path.with_name(path.name + ".tmp"))
+    write_atomic(path, buf.getvalue(), tmp=path.with_name(path.name + ".tmp"))
 
 
 class LogCsv:
@@ -144,12 +139,11 @@ class LogCsv:
 
     def _rewrite(self) -> None:
         self.header = self._header({k for r in self.rows for k in r})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.header, restval="")
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, self.header, restval="")
+        w.writeheader()
+        w.writerows(self.rows)
+        write_atomic(self.path, text.getvalue())
 
 
 class ProtocolCsv(LogCsv):
