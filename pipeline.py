@@ -241,6 +241,8 @@ def replay(
         against = "" if r.reference is None else (
             f" with the run's own code (commit {str(r.reference['commit'])[:10]}) on this machine; its recorded numbers "
             f"were made on another machine ({r.reference['recorded_differs']})")
+        if r.stored is not None:
+            against = f" with this machine's numbers stored in replay.json by the replay of {r.stored['date']}"
         console.print(f"{folder}: seed {r.seed}, {r.epochs} epoch(s) identical{against}, largest difference "
                       f"{r.largest_difference:g} ({what}; replay.json)", highlight=False, soft_wrap=True)
 

@@ -1,12 +1,16 @@
 """Defaults that several stages share, each stated once.
 
 The encoder names are the cache's default key in `extract`, `train`, `audit`, `ablate`
-and `sweep` alike; `per_data_set` writes a table of per-data-set defaults into a help text,
+and `sweep` alike; the built-in data set names are what stage one reads and stage two names
+in its hints; `per_data_set` writes a table of per-data-set defaults into a help text,
 so a `--help` line never restates a number that lives in a table.
 """
 
 TEXT_ENCODER = "minilm"  # the packaged offline MiniLM-L6 (extract/encoders.py)
 IMAGE_ENCODER = "efficientnet-lite0"
+# `--dataset NAME`, in the order messages list them. Here, not in extract/datasets.py (which pairs each
+# with its reader): stage two words its `extract` hints with them and never imports stage one.
+BUILTIN_DATASETS = ("mvsa_s", "mvsa_m", "hfm", "tumemo", "mmsd2")
 
 
 def per_data_set(table: dict[str, object], fallback: str = "mvsa_s") -> str:

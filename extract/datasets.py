@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from core import store
+from core.defaults import BUILTIN_DATASETS
 from core.errors import UserError
 
 SPLITS = ("train", "dev", "test")
@@ -101,7 +102,11 @@ BUILTINS = {
 
 
 def builtin(name: str, folder: str, classes: tuple[str, ...], marker: str, layout: str):
-    """Register a reader of a released layout as the built-in data set `name` (`--dataset name`)."""
+    """Register a reader of a released layout as the built-in data set `name` (`--dataset name`).
+    The name must be in core.defaults.BUILTIN_DATASETS too: stage two knows the built-ins from there."""
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"built-in data set {name!r}: add it to core.defaults.BUILTIN_DATASETS as well")
+
     def register(read):
         BUILTINS[name] = Builtin(folder, classes, None, read, marker, layout)
         return read

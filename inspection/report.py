@@ -31,8 +31,9 @@ from sklearn.metrics.pairwise import cosine_distances  # noqa: E402
 
 from core.device import device  # noqa: E402
 from core.errors import UserError  # noqa: E402
+from core.paths import write_atomic  # noqa: E402
 from train.data import Split  # noqa: E402
-from train.run_folder import RunFolder, write_atomic  # noqa: E402
+from train.run_folder import RunFolder  # noqa: E402
 from train.scoring import eval_orders, forward, predict  # noqa: E402
 
 KINDS = ("image", "text", "fused")

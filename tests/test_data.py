@@ -246,12 +246,16 @@ def test_builtin_data_set_is_named_by_dataset_flag(tmp_path):
 
 
 def test_built_in_names_agree_between_the_stages():
-    """Stage two names the built-ins without importing stage one; the two lists must agree (a built-in
-    without training defaults of its own takes MVSA-Single's)."""
-    from extract.datasets import BUILTINS
+    """Stage two names the built-ins from core.defaults without importing stage one; stage one's
+    readers are exactly those (a built-in without training defaults of its own takes MVSA-Single's)."""
+    from core.defaults import BUILTIN_DATASETS
+    from extract.datasets import BUILTINS, builtin
     from train.config import DEFAULTS
 
-    assert set(DEFAULTS) <= set(BUILTINS)
+    assert tuple(BUILTINS) == BUILTIN_DATASETS
+    assert set(DEFAULTS) <= set(BUILTIN_DATASETS)
+    with pytest.raises(ValueError, match="core.defaults.BUILTIN_DATASETS"):
+        builtin("mine", "mine", ("a", "b"), marker="x", layout="y")
 
 
 @pytest.mark.parametrize("field, message", [("labels", r"label 1\) in the image cache"), ("split", r"split dev")])

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.errors import UserError
 from experiments import results
@@ -20,7 +22,7 @@ from train import fingerprint, run_folder, runs
 from train.config import TrainConfig
 from train.replay import Difference, replay
 
-from conftest import quiet_console, write_synth_cache
+from conftest import REPO, quiet_console, write_synth_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +51,41 @@ def copy(evidence, tmp_path) -> Path:
 def new_code(monkeypatch):
     """The code fingerprint of an edited tree (a renamed local, say): every number unchanged."""
     monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "feedfacecafe")
+
+
+@pytest.fixture
+def change_a_number(monkeypatch):
+    """`change_a_number()`: an edit that changes a number, SPP-SCL's cross-entropy scaled by 1.0001."""
+    cross = spp_scl.SppSclHead.objective
+
+    def scaled(self, out, y, weight=None):
+        terms = cross(self, out, y, weight)
+        terms["ce"] = terms["ce"] * 1.0001
+        return terms
+
+    return lambda: monkeypatch.setattr(spp_scl.SppSclHead, "objective", scaled)
+
+
+def made_elsewhere(run: Path, machine: dict | None, seed: int = 1) -> None:
+    """Make `run` a run trained by the committed code (HEAD) on `machine` (None: unrecorded) whose numbers
+    this machine does not give (simulated: the loss_ce of `seed`'s epoch 1 edited by 0.0001). Skips when
+    core/, heads/ or train/ differ from HEAD: the reference a replay then runs is the committed code."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+    if git("status", "--porcelain", "--", "core", "heads", "train"):
+        pytest.skip("the reference is the committed code: commit core/, heads/ and train/ first")
+    saved = json.loads((run / "config.json").read_text())
+    saved["machine"], saved["git_commit"] = machine, git("rev-parse", "HEAD")
+    if machine is None:
+        del saved["machine"]
+    (run / "config.json").write_text(json.dumps(saved))
+    log = (run / "log.csv").read_text().splitlines()
+    row = next(i for i, line in enumerate(log) if line.startswith(f"{seed},1,"))
+    cells, column = log[row].split(","), log[0].split(",").index("loss_ce")
+    cells[column] = f"{float(cells[column]) + 0.0001:.4f}"
+    log[row] = ",".join(cells)
+    (run / "log.csv").write_text("\n".join(log) + "\n")
 
 
 def test_config_json_records_the_machine(evidence):
@@ -90,15 +127,8 @@ def test_a_partial_replay_vouches_for_nothing(copy, new_code):
         results.build([copy / "spp_scl"])
 
 
-def test_an_edit_that_changes_a_number_fails_naming_file_column_and_epoch(copy, new_code, monkeypatch):
-    cross = spp_scl.SppSclHead.objective
-
-    def scaled(self, out, y, weight=None):
-        terms = cross(self, out, y, weight)
-        terms["ce"] = terms["ce"] * 1.0001
-        return terms
-
-    monkeypatch.setattr(spp_scl.SppSclHead, "objective", scaled)
+def test_an_edit_that_changes_a_number_fails_naming_file_column_and_epoch(copy, new_code, change_a_number):
+    change_a_number()
     with pytest.raises(Difference, match=r"log\.csv, loss_ce, epoch 1: recorded [0-9.]+, now [0-9.]+"):
         replay(copy / "spp_scl")
     assert not (copy / "spp_scl" / "replay.json").exists()
@@ -144,23 +174,65 @@ def test_numbers_recorded_on_another_machine_are_compared_with_the_runs_own_code
     """A run whose machine is unrecorded and whose numbers this machine does not give (simulated: one
     log value edited): the code that trained it (its commit, here HEAD) is run beside the current code,
     and the two must agree bit for bit; the replay says so and vouches, naming the recorded difference."""
-    import subprocess
-
     run = copy / "probe"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "core", "heads", "train"], capture_output=True,
-                           text=True, cwd=Path(__file__).parent).stdout.strip()
-    if dirty:
-        pytest.skip("the reference is the committed code: commit core/, heads/ and train/ first")
-    saved = json.loads((run / "config.json").read_text())
-    del saved["machine"]
-    saved["git_commit"] = head
-    (run / "config.json").write_text(json.dumps(saved))
-    log = (run / "log.csv").read_text().splitlines()
-    cells = log[1].split(",")
-    cells[3] = f"{float(cells[3]) + 0.0001:.4f}"  # the first loss of seed 1, epoch 1
-    (run / "log.csv").write_text("\n".join([log[0], ",".join(cells), *log[2:]]) + "\n")
+    made_elsewhere(run, None)
+    head = json.loads((run / "config.json").read_text())["git_commit"]
     r = replay(run)
     assert r.complete and r.reference["commit"] == head and "epoch 1" in r.reference["recorded_differs"]
     entry = json.loads((run / "replay.json").read_text())["replays"][-1]
     assert entry["reference"]["commit"] == head and entry["recorded_machine"] is None
+
+
+def test_the_numbers_of_a_replay_are_stored_and_the_next_replay_here_runs_no_reference(copy, monkeypatch, run_main,
+                                                                                       change_a_number):
+    """Trained on another CPU: the first replay here needs the run's own code beside it, and stores the
+    numbers this machine computed with the machine; the next replay here (new code) compares with
+    those alone, one training, and still names the column and epoch of a number that changed. A
+    replay.json without stored numbers (written before they were kept) falls back to the reference."""
+    from train import replay as replaying
+
+    run = copy / "spp_scl"
+    folder = run_folder.RunFolder(run)
+    as_written = folder.log_rows(2)  # before made_elsewhere edits one value
+    recorded = json.loads((run / "seed-2.json").read_text())
+    made_elsewhere(run, {"cpu": "another CPU", "torch": torch.__version__, "threads": 1}, seed=2)
+    first = replay(run, seed=2)
+    assert first.complete and first.reference and first.stored is None
+
+    [numbers] = json.loads((run / "replay.json").read_text())["numbers"]
+    assert numbers["machine"] == {**fingerprint.machine(), "threads": 1} and numbers["seed"] == 2
+    assert numbers["epochs"] == first.epochs == recorded["best_epoch"] > 1
+
+    def text(row: dict) -> dict:  # a row as log.csv holds it, seconds aside
+        return {k: str(v) for k, v in row.items() if k != "seconds" and str(v) != ""}
+
+    # this machine's numbers (not the edited record): every compared row, the seed's scores
+    assert [text(row) for row in numbers["log_rows"]] == [text(row) for row in as_written[:first.epochs]]
+    assert [text(row) for row in numbers["protocol_rows"]] == [text(row) for row in
+                                                               folder.protocol_rows(2)[:first.epochs]]
+    assert all(numbers["final"][k] == recorded[k] for k in replaying.FINAL_FIELDS)
+
+    saved = json.loads((run / "replay.json").read_text())
+    (run / "replay.json").write_text(json.dumps({"replays": saved["replays"]}))  # an older replay.json
+    assert replay(run, seed=2).reference
+    [stored] = folder.replay_numbers()
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference process was started")
+
+    monkeypatch.setattr(replaying, "reference_numbers", no_reference)
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: "feedfacecafe")  # a refactor
+    again = replay(run, seed=2)
+    assert again.complete and again.reference is None
+    assert again.stored == {"code_fingerprint": stored["code_fingerprint"], "date": stored["date"]}
+    assert folder.replays()[-1]["stored_numbers"] == again.stored and folder.vouched()
+    r = run_main("replay", run, "--seed", "2", "--epochs", "1")  # a partial check compares with them too
+    assert r.code == 0 and "with this machine's numbers stored in replay.json by the replay of" in r.out, r.err
+    assert "partial" in r.out
+    assert len(folder.replay_numbers()[0]["log_rows"]) == first.epochs  # and keeps the complete set
+
+    latest = folder.replay_numbers()[0]["date"]  # the newest replay that reached as far
+    change_a_number()
+    with pytest.raises(Difference, match=r"log\.csv, loss_ce, epoch 1: this machine's numbers stored in replay\.json "
+                                         rf"by the replay of {latest} [0-9.]+, now [0-9.]+; the current code does not"):
+        replay(run, seed=2)

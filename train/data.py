@@ -20,6 +20,7 @@ import torch
 
 import heads
 from core import store
+from core.defaults import BUILTIN_DATASETS
 from core.errors import UserError
 from heads.base import Batch, Dims
 from train.config import TrainConfig
@@ -121,12 +122,10 @@ class Data:
 
 def extract_source(dataset: str) -> str:
     """The `extract` flags that name this data set: a built-in (maybe `--limit`ed) or a manifest."""
-    from extract.datasets import BUILTINS  # every built-in name (a light module: no encoder, no torch)
-
     limited = re.fullmatch(r"(.+)-first(\d+)", dataset)
-    if limited and limited.group(1) in BUILTINS:
+    if limited and limited.group(1) in BUILTIN_DATASETS:
         return f"--dataset {limited.group(1)} --limit {limited.group(2)}"
-    return f"--dataset {dataset}" if dataset in BUILTINS else f"--manifest PATH --name {dataset}"
+    return f"--dataset {dataset}" if dataset in BUILTIN_DATASETS else f"--manifest PATH --name {dataset}"
 
 
 def modalities(cfg: TrainConfig) -> str:

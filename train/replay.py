@@ -12,8 +12,16 @@ then scores it as `train` does. Every number the run recorded for that seed is c
 
 Tolerance: none. A refactor that keeps the numbers gives bit-identical results on the same kind
 of CPU and thread count; anything else is a change. Float kernels differ between CPUs and thread
-counts, so the machine is recorded with the run and in `replay.json`, and a difference found on
-another kind of CPU is reported as such.
+counts, so the machine is recorded with the run and in `replay.json`. What a replay compares with:
+
+- on the machine that trained the run: the numbers the run recorded;
+- on a machine an earlier replay ran on: the numbers it computed there, stored in `replay.json`
+  with that machine (cpu, torch, threads) by every replay that succeeds;
+- on a machine seen nowhere: the recorded numbers, and if they differ, those the run's own code (its
+  git commit, unpacked to a temp folder) computes on this machine in a process beside the replay.
+
+So each replay pass after a code change costs one training per run, but the first one on a new
+machine, which costs two. A file written before numbers were stored falls back to the reference.
 
 Not compared: the seconds, and what only the epochs after the selected one decide (the seed's
 step-two rate over the whole run, the authors' "last epoch" numbers unless the selected epoch was
@@ -59,6 +67,7 @@ class Replayed:
     largest_difference: float
     compared: dict  # what was compared: log rows, protocol rows, final fields
     reference: dict | None = None  # set when the numbers were recorded elsewhere: compared with the run's own code here
+    stored: dict | None = None  # set when compared with numbers an earlier replay computed here (its code, date)
 
 
 def replay(run: Path, seed: int | None = None, epochs: int | None = None, cache_dir: Path | None = None,
@@ -95,52 +104,92 @@ def _replay(folder: RunFolder, seed: int | None, epochs: int | None, cache_dir: 
     here, then = fingerprint.machine(), saved.get("machine")
     here["threads"] = threads
     last = best == len(log_rows) and recorded.get("last_epoch_test") is not None  # the selected epoch was the last
+    complete = epochs is None or through == best
+    fields = (list(FINAL_FIELDS) + (["last_epoch_test"] if last else [])) if complete else []  # scored at the end
     target = Target(log_rows, protocol_rows, recorded, "recorded")
+    stored = None  # numbers an earlier replay computed on this machine, when it is not the run's own
+    if not (then and _same_machine(then, here)):
+        stored = next((n for n in folder.replay_numbers()
+                       if _reaches(n, seed, here, through, fields, cfg.protocol_check)), None)
     from train.data import load_data
 
     data = load_data(cfg)
     t0 = time.time()
     reference = None
-    try:
-        worst, compared = _compare(folder, cfg, data, seed, through, epochs is None or through == best, last, threads,
-                                   target, _where(then, here), on_epoch)
-    except Difference as e:
-        if then and _same_machine(then, here):
-            raise
-        # Numbers recorded on another (or an unrecorded) machine: what the run's own code computes on this
-        # one is the reference; the current code must give exactly that.
-        pending = reference_numbers(saved, cfg, seed, through, last, threads, cfg.protocol_check)  # runs beside
-        reference = {"commit": saved.get("git_commit"), "recorded_differs": str(e).split(": ", 1)[1]}
-        worst, compared = _compare(folder, cfg, data, seed, through, epochs is None or through == best, last, threads,
-                                   pending, "", on_epoch)
-    complete = epochs is None or through == best
-    out = Replayed(run, seed, through, complete, worst, compared, reference)
+    if stored is not None:
+        # This machine's own numbers, which an earlier replay found equal to the run's code's: one training.
+        target = Target(stored["log_rows"], stored.get("protocol_rows") or [], stored.get("final") or {},
+                        f"this machine's numbers stored in {folder.REPLAY} by the replay of {stored.get('date')}")
+        worst, compared, now = _compare(folder, cfg, data, seed, through, fields, threads, target, "", on_epoch)
+    else:
+        try:
+            worst, compared, now = _compare(folder, cfg, data, seed, through, fields, threads, target,
+                                            _where(then, here), on_epoch)
+        except Difference as e:
+            if then and _same_machine(then, here):
+                raise
+            # Numbers recorded on another (or an unrecorded) machine: what the run's own code computes on this
+            # one is the reference; the current code must give exactly that.
+            pending = reference_numbers(saved, cfg, seed, through, fields, threads, cfg.protocol_check)  # runs beside
+            reference = {"commit": saved.get("git_commit"), "recorded_differs": str(e).split(": ", 1)[1]}
+            worst, compared, now = _compare(folder, cfg, data, seed, through, fields, threads, pending, "", on_epoch)
+    date, code = time.strftime("%Y-%m-%d %H:%M:%S"), fingerprint.code_fingerprint()
+    against = None if stored is None else {k: stored.get(k) for k in ("code_fingerprint", "date")}
+    out = Replayed(run, seed, through, complete, worst, compared, reference, against)
+    # what this machine computed, for the next replay here: every number compared, as compared
+    numbers = {"seed": seed, "machine": here, "epochs": through, "code_fingerprint": code, "date": date, **now}
     folder.record_replay({
-        "code_fingerprint": fingerprint.code_fingerprint(), "seed": seed, "epochs": through, "complete": complete,
+        "code_fingerprint": code, "seed": seed, "epochs": through, "complete": complete,
         "largest_difference": worst, "compared": compared, "machine": here, "recorded_machine": then,
-        **({"reference": reference} if reference else {}),
-        "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    })
+        **({"reference": reference} if reference else {}), **({"stored_numbers": against} if against else {}),
+        "seconds": round(time.time() - t0, 1), "date": date,
+    }, _keep(folder.replay_numbers(), numbers))
     return out
+
+
+def _reaches(numbers: dict, seed: int, machine: dict, through: int, fields: list[str], protocol: bool) -> bool:
+    """Whether stored `numbers` are of `seed` on `machine` and hold every number a replay through
+    epoch `through` compares (the final `fields`, the protocol rows if the run has them)."""
+    return (numbers.get("seed") == seed and numbers.get("machine") == machine
+            and len(numbers.get("log_rows") or []) >= through
+            and (not protocol or len(numbers.get("protocol_rows") or []) >= through)
+            and all(k in (numbers.get("final") or {}) for k in fields))
+
+
+def _keep(stored: list[dict], new: dict) -> list[dict]:
+    """The stored numbers with `new` in: one set per seed and machine, the newest unless an older one
+    reaches further (a partial replay after a complete one). Two sets of one machine agree where both
+    reach: each replay matched its target exactly."""
+    def same(n: dict) -> bool:
+        return n.get("seed") == new["seed"] and n.get("machine") == new["machine"]
+
+    if any(same(n) and not _reaches(new, new["seed"], new["machine"], len(n.get("log_rows") or []),
+                                    list(n.get("final") or {}), bool(n.get("protocol_rows"))) for n in stored):
+        return stored
+    return [n for n in stored if not same(n)] + [new]
 
 
 @dataclass
 class Target:
-    """What a replay must reproduce: the run's recorded numbers, or those the run's own code computes here."""
+    """What a replay must reproduce: the run's recorded numbers, those an earlier replay computed on this
+    machine (stored in replay.json), or those the run's own code computes here."""
     log_rows: list[dict]
     protocol_rows: list[dict]
     final: dict
-    what: str  # "recorded", or "the reference"
+    what: str  # how a difference names it: "recorded", "this machine's numbers stored ...", "the run's own code ..."
 
 
-def _compare(folder: RunFolder, cfg, data, seed: int, through: int, complete: bool, last: bool, threads: int,
-             target, where: str, on_epoch) -> tuple[float, dict]:
+def _compare(folder: RunFolder, cfg, data, seed: int, through: int, fields: list[str], threads: int,
+             target, where: str, on_epoch) -> tuple[float, dict, dict]:
     """Train `seed` through epoch `through` with the current code and compare every number with `target`:
     a Target (compared epoch by epoch, stopping at the first difference), or a callable that gives
-    the Target once the current code has trained (a reference computed beside it)."""
+    the Target once the current code has trained (a reference computed beside it). The final `fields`
+    are compared after the last epoch ([]: a partial replay). Returns the largest difference, what was
+    compared, and the numbers compared (log and protocol rows, final fields) as the current code gave them."""
     run = folder.path
     worst = [0.0]
     later = [] if callable(target) else None  # epoch logs kept until the reference is there
+    now = {"log_rows": [], "protocol_rows": [], "final": {}}
 
     def check(name: str, epoch, column: str, want, got) -> None:
         if want == got:
@@ -156,16 +205,18 @@ def _compare(folder: RunFolder, cfg, data, seed: int, through: int, complete: bo
         compare(log)
 
     def compare(log: EpochLog) -> None:
-        for name, rows, row in ((folder.LOG, target.log_rows, LogCsv._row(log)),
-                                (folder.PROTOCOL, target.protocol_rows,
-                                 ProtocolCsv._row(log) if target.protocol_rows else None)):
+        protocol = ProtocolCsv._row(log) if target.protocol_rows else None
+        for name, key, row in ((folder.LOG, "log_rows", LogCsv._row(log)),
+                               (folder.PROTOCOL, "protocol_rows", protocol)):
             if row is None:
                 continue
+            rows = getattr(target, key)
             want = rows[log.epoch - 1]
             for column in sorted((set(want) | set(row)) - NOT_COMPARED):
                 a, b = str(want.get(column, "")), str(row.get(column, ""))
                 check(name, log.epoch, column, a, b)
                 worst[0] = max(worst[0], _gap(a, b))
+            now[key].append({k: v for k, v in row.items() if k not in NOT_COMPARED})
         if later is None:
             on_epoch(log)
 
@@ -179,15 +230,13 @@ def _compare(folder: RunFolder, cfg, data, seed: int, through: int, complete: bo
         target = target()
         for log in later:
             compare(log)
-    compared = {"log_rows": through, "protocol_rows": through if target.protocol_rows else 0, "final": []}
-    if complete:
-        fields = list(FINAL_FIELDS) + (["last_epoch_test"] if last else [])
-        now = json.loads(json.dumps({k: getattr(result, k) for k in fields}))
-        for k in fields:
-            for path, a, b in _leaves(target.final.get(k), now[k], k):
-                check(folder.seed_file(seed), "final", path, a, b)
-        compared["final"] = fields
-    return worst[0], compared
+    final = json.loads(json.dumps({k: getattr(result, k) for k in fields}))  # as a file holds them
+    for k in fields:
+        for path, a, b in _leaves(target.final.get(k), final[k], k):
+            check(folder.seed_file(seed), "final", path, a, b)
+    now["final"] = final
+    compared = {"log_rows": through, "protocol_rows": through if target.protocol_rows else 0, "final": fields}
+    return worst[0], compared, now
 
 
 def _same_machine(then: dict, here: dict) -> bool:
@@ -217,7 +266,7 @@ print(json.dumps({"rows": rows, "final": {k: getattr(r, k) for k in job["fields"
 """
 
 
-def reference_numbers(saved: dict, cfg, seed: int, through: int, last: bool, threads: int, protocol: bool):
+def reference_numbers(saved: dict, cfg, seed: int, through: int, fields: list[str], threads: int, protocol: bool):
     """Start computing the numbers the code that trained the run (config.json's git_commit, unpacked
     from this repository's history) gives on this machine for `seed` through epoch `through`, in a
     process of its own; returns a function that waits for them (a Target)."""
@@ -238,7 +287,6 @@ def reference_numbers(saved: dict, cfg, seed: int, through: int, last: bool, thr
                             "is not in this repository's history to compute them here: replay it on a machine "
                             "like the one that trained it")
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
-    fields = list(FINAL_FIELDS) + (["last_epoch_test"] if last else [])
     job = {"train": {**saved["train"], "cache_dir": str(cfg.cache_dir)}, "epochs": through, "seed": seed,
            "protocol": protocol, "fields": fields}
     proc = subprocess.Popen([sys.executable, "-c", REFERENCE, str(src), str(threads)], stdin=subprocess.PIPE,

@@ -15,7 +15,8 @@
     runs/<name>/seed-<s>.state.pt  while seed s trains: its resumable state after the last finished epoch
                                (weights, optimizer, scheduler, random streams, best epoch, logs; plain
                                tensors and numbers, loads with weights_only); deleted when the seed ends
-    runs/<name>/replay.json    `pipeline.py replay`: which code reproduced which seed of the run (train/replay.py)
+    runs/<name>/replay.json    `pipeline.py replay`: which code reproduced which seed of the run, and the
+                               numbers each machine computed for the seed (train/replay.py)
     runs/<name>/report.txt     per-class report and confusion matrix of each seed on test, in the first
                                label-blind order (metrics.json: the mean over the orders)
     runs/<name>/writer.lock    while a train, grid cell or replay writes the folder: who (pid, host); held
@@ -48,10 +49,10 @@ from pathlib import Path
 import torch
 
 import heads
+from core import pretty_json
 from core.device import device
 from core.errors import UserError
-from core.paths import DEFAULT_RUNS, REPO, make_dir
-from core.paths import write_atomic as write_atomic_bytes
+from core.paths import DEFAULT_RUNS, REPO, make_dir, write_atomic
 from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
@@ -91,18 +92,14 @@ SEED_FIELDS = ("seed", "best_epoch", "dev", "test", "step_two_rate", "test_pred"
                "protocol_check")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file, then rename: a reader never sees half a file (a failed
-    write, a full disk, leaves none and names `path`)."""
-    write_atomic_bytes(path, text, tmp=path.with_name(path.name + ".tmp"))
-
-
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: Ctrl-C never leaves half a file. Serialized in
-    memory first: torch writing to a full disk says only "unexpected pos", Python's write names it."""
+    memory first: torch writing to a full disk says only "unexpected pos", Python's write names it.
+    The temp file is `<file>.tmp`, not one per process: the folder has one writer at a time, so the
+    megabytes a killed one left are overwritten by the next save, never piled up."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_atomic_bytes(path, buf.getvalue(), tmp=path.with_name(path.name + ".tmp"))
+    write_atomic(path, buf.getvalue(), tmp=path.with_name(path.name + ".tmp"))
 
 
 class LogCsv:
@@ -144,12 +141,11 @@ class LogCsv:
 
     def _rewrite(self) -> None:
         self.header = self._header({k for r in self.rows for k in r})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.header, restval="")
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, self.header, restval="")
+        w.writeheader()
+        w.writerows(self.rows)
+        write_atomic(self.path, text.getvalue())
 
 
 class ProtocolCsv(LogCsv):
@@ -472,17 +468,27 @@ class RunFolder:
 
     # --- replay.json --------------------------------------------------------------------------
 
-    def replays(self) -> list[dict]:
-        """The replays recorded in replay.json, oldest first ([] when there is none)."""
+    def _replay_file(self) -> dict:
         path = self._file(self.REPLAY)
         if not path.is_file():
-            return []
+            return {}
         try:
-            replays = json.loads(path.read_text()).get("replays", [])
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise UserError(f"{path} is corrupt ({e}): delete it and run `python pipeline.py replay {self.path}` "
                             "again") from None
-        return [r for r in replays if isinstance(r, dict)]
+        return saved
+
+    def replays(self) -> list[dict]:
+        """The replays recorded in replay.json, oldest first ([] when there is none)."""
+        return [r for r in self._replay_file().get("replays", []) if isinstance(r, dict)]
+
+    def replay_numbers(self) -> list[dict]:
+        """The numbers replays computed, with the machine that computed them (replay.json's `numbers`;
+        [] in a file written before they were kept): what a later replay there compares with."""
+        return [n for n in self._replay_file().get("numbers", []) if isinstance(n, dict)]
 
     def robustness(self) -> dict:
         """robustness.json ({} when the run was never scored so): `eval --drop/--noise`, `train --robustness`."""
@@ -498,11 +504,14 @@ class RunFolder:
     def write_robustness(self, result: dict) -> None:
         write_atomic(self._file(self.ROBUSTNESS), json.dumps(result, indent=1) + "\n")
 
-    def record_replay(self, entry: dict) -> None:
-        """Add a replay to replay.json (one entry per code fingerprint and seed: a newer one replaces it)."""
+    def record_replay(self, entry: dict, numbers: list[dict] | None = None) -> None:
+        """Add a replay to replay.json (one entry per code fingerprint and seed: a newer one replaces it),
+        and write `numbers` as its stored numbers (None: keep those it holds)."""
         keep = [r for r in self.replays() if (r.get("code_fingerprint"), r.get("seed"), r.get("complete"))
                 != (entry["code_fingerprint"], entry["seed"], entry["complete"])]
-        write_atomic(self._file(self.REPLAY), json.dumps({"replays": keep + [entry]}, indent=1) + "\n")
+        numbers = self.replay_numbers() if numbers is None else numbers
+        saved = {"replays": keep + [entry], **({"numbers": numbers} if numbers else {})}
+        write_atomic(self._file(self.REPLAY), pretty_json.dumps(saved) + "\n")
 
     # --- trust: one writer, our own folder, files that agree ---------------------------------
 
