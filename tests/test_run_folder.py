@@ -181,8 +181,12 @@ def test_train_out_on_an_empty_folder_or_its_own_run_is_fine(synth_cache, run_ma
     out = tmp_path / "empty"
     out.mkdir()
     assert run_main(*train_args(synth_cache, out)).code == 0
-    r = run_main(*train_args(synth_cache, out))  # the same run again: found finished, nothing trained
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_main(*train_args(synth_cache, out), "--robustness")  # the same run again: found finished, nothing trained
     assert r.code == 0 and "seeds [1] already done" in " ".join(r.out.split())
+    # its record of the code, machine and wall time that made it is kept; only robustness.json is new
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "robustness.json"} == before
+    assert (out / "robustness.json").is_file()
 
 
 # --- evidence is self-consistent --------------------------------------------------------------

@@ -156,6 +156,10 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
     numbers: a seed's training depends on its seed alone."""
     t0 = t0 or time.time()
     cfg, folder, done = plan.cfg, plan.folder, dict(plan.done)
+    if not plan.todo and folder.is_finished():
+        # finished earlier (a resumed grid, `train --robustness` on a done run): its record of the
+        # code, the machine and the wall time that made it stays as it is
+        return RunResult(folder.path, folder.metrics())
     folder.write_config(cfg, data)
     resumed = [entry for state in plan.partial.values() for entry in saved_logs(state)]
     logs = folder.logs(done, resumed, cfg.protocol_check)
