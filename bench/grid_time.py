@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save  # noqa: E402
+from bench.common import cli, out_file, save  # noqa: E402
 from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
 
@@ -58,6 +58,7 @@ def runs_of(paths: list[Path]) -> list[RunFolder]:
     return out
 
 
+@cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grids", nargs="+", type=Path, help="grid folders (their run folders) or run folders, in run order")
@@ -67,6 +68,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.lanes < 1 or not a.outlier > 1:
         ap.error("--lanes must be >= 1 and --outlier > 1")
+    out_file(a.out)  # refused before reading anything
     cells = [cell_seconds(f, a.outlier) for f in runs_of(a.grids)]
     if not cells:
         ap.error(f"no run folder in {', '.join(map(str, a.grids))}")

@@ -30,7 +30,7 @@ def fake_run(folder: Path, seconds: list[float]) -> None:
 def test_a_paused_epoch_counts_at_its_runs_median(tmp_path):
     fake_run(tmp_path / "grid" / "a", [10, 10, 10, 500])  # the last epoch ran through a SIGSTOP pause
     fake_run(tmp_path / "grid" / "b", [20, 20])
-    out = tmp_path / "t.json"
+    out = tmp_path / "bench" / "t.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "grid_time.py"), str(tmp_path / "grid"), "--lanes", "2",
                     "--out", str(out)], check=True, capture_output=True)
     r = json.loads(out.read_text())
