@@ -751,3 +751,112 @@ def _read_through(path: Path) -> str | None:
     except _READ_ERRORS as e:
         return f"unreadable ({_why(e)})"
     return None
+
+
+# --- reading items by index (caches larger than memory) --------------------------------------
+
+def feature_bytes(folder: Path, splits=("train", "dev", "test"), hint: str = "pipeline.py extract") -> int:
+    """Bytes that `load_text` / `load_image` would hold in memory for these splits of a cache
+    (features, float16, as stored uncompressed), from index.json and one shard's shapes."""
+    index = open_index(folder, hint)
+    n = t = 0
+    for entry in index["shards"]:
+        for s, (ni, ti) in entry["splits"].items():
+            if s in splits:
+                n, t = n + ni, t + ti
+    if not n:
+        return 0
+    with h5py.File(Path(folder) / index["shards"][0]["file"], "r") as f:
+        if "maps" in f:
+            return n * int(np.prod(f["maps"].shape[1:])) * 2
+        row = int(np.prod(f["cls"].shape[1:])) * 2
+    return (n + t) * row + 8 * (n + 1)
+
+
+class ItemReader:
+    """The items of one cache folder by index, read from its shards on demand: what stage two
+    uses when the splits it needs do not fit in memory.
+
+    Items are numbered 0..n_items-1 in shard order, then row order within a shard (the order in
+    which `load_text` / `load_image` fill a split). `ids`, `labels`, `splits` (and `lengths`,
+    the token count of each text) are read once, at construction; features are read per call,
+    bit for bit as stored. The HDF5 handles are opened by the first read and used by whichever
+    thread reads: give each reading thread its own reader (h5py serialises calls anyway).
+    """
+
+    def __init__(self, folder: Path, hint: str = "pipeline.py extract"):
+        self.folder = Path(folder)
+        index = open_index(folder, hint)
+        self.files = [entry["file"] for entry in index["shards"]]
+        ids, labels, splits, shard, row, starts, lengths = [], [], [], [], [], [], []
+        self.shape: tuple[int, ...] = ()
+        for k, name in enumerate(self.files):
+            with h5py.File(self.folder / name, "r") as f:
+                n = len(f["ids"])
+                ids += _strings(f["ids"])
+                labels.append(f["labels"][()])
+                splits += _strings(f["split"])
+                if "offsets" in f:
+                    off = f["offsets"][()]
+                    starts.append(off[:-1])
+                    lengths.append(np.diff(off))
+                    feats = f["cls"]
+                else:
+                    feats = f["maps"]
+                if n and not self.shape:
+                    self.shape = tuple(feats.shape[1:])
+            shard.append(np.full(n, k, np.int64))
+            row.append(np.arange(n, dtype=np.int64))
+        self.kind = TEXT if starts else IMAGE
+        self.ids, self.splits = ids, np.array(splits, dtype=object)
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        self.shard = np.concatenate(shard) if shard else np.zeros(0, np.int64)
+        self.row = np.concatenate(row) if row else np.zeros(0, np.int64)
+        self.starts = np.concatenate(starts) if starts else None  # text: first token row of each item in its shard
+        self.lengths = np.concatenate(lengths) if lengths else None
+        self._files: dict[int, h5py.File] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _file(self, k: int) -> h5py.File:
+        if k not in self._files:
+            self._files[k] = h5py.File(self.folder / self.files[k], "r")
+        return self._files[k]
+
+    def _by_shard(self, idx: np.ndarray):
+        """(shard, positions in idx, sorted rows) per shard touched: h5py reads increasing rows."""
+        idx = np.asarray(idx, dtype=np.int64)
+        for k in np.unique(self.shard[idx]):
+            pos = np.flatnonzero(self.shard[idx] == k)
+            order = np.argsort(self.row[idx[pos]], kind="stable")
+            yield int(k), pos[order], self.row[idx[pos[order]]]
+
+    def _rows(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Dataset `name` (one row per item) at items `idx`, in that order (repeats allowed)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), *self.shape), dtype=np.float16)
+        for k, pos, rows in self._by_shard(idx):
+            unique, back = np.unique(rows, return_inverse=True)
+            out[pos] = self._file(k)[name][unique][back]
+        return out
+
+    def text(self, idx) -> tuple[np.ndarray, list[np.ndarray]]:
+        """CLS states (n, L, H) float16 of items `idx` and each one's token states (n_i, L, H)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        tokens: list = [None] * len(idx)
+        for k, pos, rows in self._by_shard(idx):
+            ds = self._file(k)["tokens"]
+            for p in pos:
+                a = int(self.starts[idx[p]])
+                tokens[p] = ds[a : a + int(self.lengths[idx[p]])]
+        return self._rows("cls", idx), tokens
+
+    def maps(self, idx) -> np.ndarray:
+        """Feature maps (n, C, h, w) float16 of items `idx`."""
+        return self._rows("maps", idx)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
