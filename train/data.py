@@ -134,9 +134,6 @@ class Source:
         from concurrent.futures import ThreadPoolExecutor
 
         if _READING.get("pid") != os.getpid() or "thread" not in _READING:  # first read, or a forked child
-            for r in (self.text, self.image, *self.views):
-                if r is not None:
-                    r._files = {}  # a parent's handles are not ours to use (nor to close)
             _READING["pid"] = os.getpid()
             _READING["thread"] = ThreadPoolExecutor(1, thread_name_prefix="cache-reader")
         return _READING["thread"].submit(fn, *args)
@@ -172,21 +169,20 @@ class StreamedSplit:
         text = {"cls": None, "tokens": None, "lengths": None}
         if self.text_rows is not None:
             rows = self.text_rows[idx].numpy()
+            lengths = torch.from_numpy(self.source.text.lengths[rows])
             if view is None:
                 cls, tokens = self.source.text.text(rows)
-            else:  # each row from its view's reader (views number items alike)
+            else:  # each text from its view's reader (views number items alike), tokens in the clean places
                 vrows, v = self.view_rows[idx].numpy(), view.numpy()
-                cls, tokens = np.empty((len(rows), *self.source.text.shape), np.float16), [None] * len(rows)
+                cls = np.empty((len(rows), *self.source.text.shape), np.float16)
+                tokens = np.empty((int(lengths.sum()), *self.source.text.shape), np.float16)
                 for k in np.unique(v):
                     pos = np.flatnonzero(v == k)
-                    c, t = self.source.views[k].text(vrows[pos])
-                    cls[pos] = c
-                    for p, x in zip(pos, t):
-                        tokens[p] = x
-            text = {"cls": torch.from_numpy(cls).float(), "tokens": torch.from_numpy(np.concatenate(tokens)).float(),
-                    "lengths": torch.from_numpy(self.source.text.lengths[rows])}
+                    cls[pos], tokens[_rows(_offsets(lengths), torch.from_numpy(pos)).numpy()] = \
+                        self.source.views[k].text(vrows[pos])
+            text = {"cls": torch.from_numpy(cls).float(), "tokens": torch.from_numpy(tokens).float(), "lengths": lengths}
         maps = None
-        if self.image_rows is not None:  # channels-last, as the in-memory maps are
+        if self.image_rows is not None:  # channels-last, as the in-memory maps are (transposed while still float16)
             maps = torch.from_numpy(self.source.image.maps(self.image_rows[idx].numpy()))
             maps = maps.contiguous(memory_format=torch.channels_last).float()
         batch = Batch(labels=self.labels[idx], maps=maps, **text)

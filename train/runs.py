@@ -79,6 +79,8 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
     cfg = cfg.resolved()
     t0 = time.time()
     data = load_data(cfg, core_memory.budget(memory, jobs))
+    if robust:
+        robustness.check_in_memory(data)  # before any training
     # a bad --head or --text-layers fails here, before a run folder is written; "step two" shows
     # only for heads that have one
     step_two = build_head(cfg, data).has_second_step
