@@ -33,7 +33,7 @@ from core.paths import DEFAULT_RUNS, make_dir
 from core.shards import parse_shard
 from experiments import results
 from train import data as cache
-from train import run_folder, runs
+from train import robustness, run_folder, runs
 from train.config import METRICS, TrainConfig
 from train.metrics import shown
 from train.run_folder import RunFolder
@@ -210,6 +210,8 @@ def _train_cell(cfg: TrainConfig, robust: bool = False, memory: int | None = Non
     """Train one cell (and `--robustness`: score it); the cache is loaded once per process (the
     grid's, or a worker's) and modality set (streamed: one reader thread per process serves every cell)."""
     data = _data(cfg, memory)
+    if robust:
+        robustness.check_in_memory(data)  # before this cell trains
     out = runs.train_run(cfg, data).out
     if robust:
         runs.score_default_robustness(out, cfg, data)

@@ -591,7 +591,8 @@ def test_train_protocol_check_prints_the_authors_protocol_rows(synth_cache, cli,
 
 def test_seeds_in_two_processes_give_the_same_run_as_one(synth_cache, tmp_path):
     """`train --jobs 2`: the seeds train in two worker processes, and the run folder says exactly
-    what one process says (a seed depends on its seed alone); log.csv has every epoch once."""
+    what one process says (a seed depends on its seed alone); log.csv has every epoch once. So
+    does a streamed cache, each worker reading through the readers it forked with."""
     import torch
 
     before = torch.get_num_threads()
@@ -606,6 +607,11 @@ def test_seeds_in_two_processes_give_the_same_run_as_one(synth_cache, tmp_path):
     rows = lambda run: sorted((r["seed"], r["epoch"], r["dev_accuracy"]) for r in read_log(run)[1])  # noqa: E731
     assert rows(one) == rows(two) and len(rows(two)) == 2 * 3
     assert not list(two.glob("*.state.pt"))
+    streamed = runs.train(synth_train_config(synth_cache, tmp_path / "streamed"), quiet_console(), jobs=2, threads=1,
+                          memory=1)
+    c = read_json(streamed / "metrics.json")
+    assert c["cost"]["cache_streamed"] and not a["cost"]["cache_streamed"]
+    assert run_numbers(c) == run_numbers(a) and rows(streamed) == rows(one)
 
 
 def test_a_finished_seed_kept_as_evidence_without_weights_is_not_trained_again(synth_cache, tmp_path, monkeypatch):
