@@ -3,8 +3,8 @@
 Features stay float16 in RAM (half the bytes) and become float32 one batch at a time.
 When the splits a run needs are larger than its memory budget (`core/memory.py`: `--memory`,
 by default half of the memory available divided by --jobs), a split is a `StreamedSplit`:
-the same batches, bit for bit and in the same order, read from the shards by one reader
-thread per process (`Source`, its own HDF5 handles) a few batches ahead of the head.
+the same batches, bit for bit and in the same order, read from the shards (`store.ItemReader`)
+by one reader thread per process (`Source`) a few batches ahead of the head.
 Text and image caches are joined by id, so an item whose image could not be read is
 simply absent from a two-modality run (and counted).
 
@@ -122,8 +122,8 @@ def _reader(folder: Path, hint: str) -> store.ItemReader:
 
 class Source:
     """The readers of a streamed cache. Every read of a process goes through one reader thread
-    (started at the first read; it alone uses the readers' HDF5 handles), which reads batches
-    while the head trains on earlier ones; `depth` batches ahead at most."""
+    (started at the first read), which reads, inflates and converts batches while the head trains
+    on earlier ones (the inflate releases the GIL); `depth` batches ahead at most."""
 
     def __init__(self, text: store.ItemReader | None, image: store.ItemReader | None,
                  views: list[store.ItemReader] = (), depth: int = 4):
