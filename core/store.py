@@ -586,7 +586,7 @@ def pooled_maps(folder: Path, hint: str = "pipeline.py extract") -> tuple[list[s
 
 def feature_bytes(folder: Path, splits=("train", "dev", "test"), hint: str = "pipeline.py extract") -> int:
     """Bytes that `load_text` / `load_image` would hold in memory for these splits of a cache
-    (features, float16, as stored uncompressed), from index.json and one shard's shapes."""
+    (features, float16, as stored uncompressed), from index.json and one non-empty shard's shapes."""
     index = open_index(folder, hint)
     n = t = 0
     for entry in index["shards"]:
@@ -595,7 +595,7 @@ def feature_bytes(folder: Path, splits=("train", "dev", "test"), hint: str = "pi
                 n, t = n + ni, t + ti
     if not n:
         return 0
-    with _read_shard(Path(folder) / index["shards"][0]["file"]) as f:
+    with _read_shard(Path(folder) / next(e["file"] for e in index["shards"] if e["n"])) as f:
         if "maps" in f:
             return n * int(np.prod(f["maps"].shape[1:])) * 2
         row = int(np.prod(f["cls"].shape[1:])) * 2
@@ -652,7 +652,7 @@ class _Feature:
                 table[:] = -1
             if (table[:, 0] >= 0).all():  # else a chunk never written (fill values): h5py knows what to give
                 self.chunks, self.filters = table, filters
-        self._open: dict = {}  # the memory map and file descriptor (a forked child reads through them too), h5py's
+        self._open: dict = {}  # memory map, file descriptor (a forked child reads through both), h5py's per process
 
     def _handle(self, kind: str):
         key = ("h5", os.getpid()) if kind == "h5" else kind  # an h5py handle serves the process that opened it
@@ -743,8 +743,8 @@ class ItemReader:
                 raise UserError(damage_message(path, f"{n} items where index.json lists {entry['n']}"))
             counts.append(n)
         self.kind = TEXT if starts else IMAGE
-        first = self._features[0]["cls" if starts else "maps"] if self._features else None
-        self.shape: tuple[int, ...] = tuple(first.shape[1:]) if first else ()
+        full = [f["cls" if starts else "maps"] for f, n in zip(self._features, counts) if n]
+        self.shape: tuple[int, ...] = tuple(full[0].shape[1:]) if full else ()  # an empty shard may have none
         self.ids, self.splits = ids, np.array(splits, dtype=object)
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.shard = np.repeat(np.arange(len(counts)), counts)
