@@ -480,14 +480,15 @@ def test_ids_hdf5_can_store_and_those_it_cannot():
 # --- reading items by index (a cache larger than memory) --------------------------------------
 
 def image_shards(folder: Path, rng) -> np.ndarray:
-    """Three image shards (the first empty) of post-ReLU-like maps; returns every map, in item order."""
+    """Three image shards (the first empty, without a map shape, as extract writes a shard whose every image
+    failed) of post-ReLU-like maps; returns every map, in item order."""
     p = prov(store.IMAGE, n_shards=3)
-    maps = [np.zeros((0, 4, 3, 3)), np.maximum(rng.standard_normal((3, 4, 3, 3)), 0), rng.standard_normal((2, 4, 3, 3))]
+    maps = [np.zeros((0, 1, 1, 1)), np.maximum(rng.standard_normal((3, 4, 3, 3)), 0), rng.standard_normal((2, 4, 3, 3))]
     ids, splits = [[], ["a", "b", "c"], ["d", "e"]], [[], ["train", "test", "train"], ["dev", "train"]]
     for k in range(3):
         store.write_image_shard(folder / store.shard_name(k, 3), p, ids[k], [0] * len(ids[k]), splits[k], maps[k])
     assert store.finish(folder, p)
-    return np.concatenate(maps).astype(np.float16)
+    return np.concatenate(maps[1:]).astype(np.float16)
 
 
 IDX = np.array([4, 0, 2, 2, 1, 3])  # across shards, out of order, one item twice
@@ -508,6 +509,7 @@ def test_the_item_reader_gives_any_items_bit_for_bit(two_text_shards, tmp_path):
     assert r.shape == (4, 3, 3) and r.ids == list("abcde")
     assert [f["maps"].chunks is not None for f in r._features[1:]] == [True, True]  # the writer's maps: read without h5py
     assert r.maps(IDX).tobytes() == maps[IDX].tobytes() and r.maps([]).shape == (0, 4, 3, 3)
+    assert store.feature_bytes(tmp_path) == maps.nbytes and store.feature_bytes(tmp_path, ("dev",)) == maps[0].nbytes
 
 
 @pytest.mark.parametrize("layout", [{}, {"compression": "gzip"}, {"shuffle": True}, {"compression": "lzf"},
