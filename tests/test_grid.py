@@ -198,10 +198,14 @@ def test_two_shards_make_the_same_table_as_one_process(synth_cache, cli, tmp_pat
     if not (tmp_path / "two-table" / "table.csv").is_file():  # both finished at once: either may assemble; run again
         proc = cli.run("ablate", *cli_args(synth_cache, tmp_path / "two", *rows, "--out", tmp_path / "two-table"))
         assert proc.returncode == 0, proc.stderr
-    one = cli.run("ablate", *cli_args(synth_cache, tmp_path / "one", *rows, "--jobs", "2", "--out", tmp_path / "one-table"))
+    # one process, its cells in two workers that stream the cache from its shards (--memory 1): the same table
+    one = cli.run("ablate", *cli_args(synth_cache, tmp_path / "one", *rows, "--jobs", "2", "--memory", "1",
+                                      "--out", tmp_path / "one-table"))
     assert one.returncode == 0, one.stderr
     a, b = (table_numbers(tmp_path / d / "table.csv").drop(columns="folder") for d in ("two-table", "one-table"))
     pd.testing.assert_frame_equal(a, b)
+    assert [set(pd.read_csv(tmp_path / d / "table.csv")["cost_cache_streamed"]) for d in ("two-table", "one-table")] \
+        == [{False}, {True}]
 
 
 def test_sweep_writes_csv_and_plot(synth_cache, cli, tmp_path):
