@@ -4,7 +4,7 @@
 Thin on purpose: each command builds a config dataclass and calls one library function. The
 options that set a config's fields are made from the fields themselves (core/cli_fields.py), so
 no default or help of a config is repeated here; the options declared here are the process's own
-(--jobs, --threads, --shard, --runs-dir) and what is not a field (--set, --vary, --rows). A `UserError` anywhere becomes one line on stderr and exit code 1, and so does a disk
+(--jobs, --threads, --memory, --shard, --runs-dir) and what is not a field (--set, --vary, --rows). A `UserError` anywhere becomes one line on stderr and exit code 1, and so does a disk
 that refused a write (full, over quota, not ours to write, read-only); Ctrl-C and SIGTERM keep
 finished work and say so in one line (exit codes 130 and 143).
 """
@@ -38,6 +38,7 @@ ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per proc
 SetOpt = typer.Option([], "--set", help="head config field, key=value (repeatable; `pipeline.py heads` lists them)")
 ShardOpt = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE, a Slurm array task)")
 RobustnessOpt = typer.Option(False, "--robustness", help="then score each seed's selected weights without its text, without its image and with noise (robustness.json; `eval --drop/--noise` does it later)")
+MemoryOpt = typer.Option(None, "--memory", help="RAM each training process may hold of the cache, e.g. 3G; beyond it batches are read from the shards, with the same numbers [default: half of the memory available (MemAvailable, or the cgroup's headroom), divided by --jobs]")
 RunsDirOpt = typer.Option(Path("runs"), help="where the cells' run folders live (named from each config's hash)")
 
 
@@ -95,7 +96,7 @@ def extract(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
 
 @app.command(cls=TRAIN_OPTIONS)
 def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = JobsOpt,
-          threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt):
+          threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt):
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
@@ -106,7 +107,7 @@ def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = Jo
     cfg = TrainConfig.from_cli(ctx.meta["fields"], set_)
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
-    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust)
+    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory)
     _show(RunFolder(run).metrics(), f"{run}")
 
 
@@ -126,7 +127,7 @@ def ablate(
     set_: list[str] = SetOpt,
     out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: runs/ablate-<dataset>-<head>]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
-    threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt,
+    threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
 ):
     """The paper's ablation rows for a head (any head with an ablation list, `pipeline.py heads`), one
     command: table.csv + table.md with seed noise. Takes every `train` option but --out."""
@@ -134,7 +135,7 @@ def ablate(
 
     base, jobs = _grid(ctx, set_, jobs, threads)
     cells = grid.ablation_cells(base, runs_dir, [r.strip() for r in rows.split(",")] if rows else None)
-    grid.run_cells(cells, jobs, shard, console, threads, robust)
+    grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
     target = out or grid.grid_out("ablate", base, runs_dir)
     if grid.assemble(cells, target, base.dataset, base.head) is None:
         console.print(grid.wait_note(cells))
@@ -150,7 +151,7 @@ def sweep(
     set_: list[str] = SetOpt,
     out: Optional[Path] = typer.Option(None, help="where sweep.csv / sweep.png go [default: runs/sweep-<dataset>-<head>-<fields>]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
-    threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt,
+    threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
 ):
     """Any head field over any list of values: a table on screen, sweep.csv/.md + a PNG of each metric
     with seed error bars. Takes every `train` option but --out."""
@@ -158,7 +159,7 @@ def sweep(
 
     base, jobs = _grid(ctx, set_, jobs, threads)
     cells = grid.sweep_cells(base, vary, runs_dir)
-    grid.run_cells(cells, jobs, shard, console, threads, robust)
+    grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
     fields = "-".join(s.partition("=")[0] for s in vary)
     target = out or Path(f"{grid.grid_out('sweep', base, runs_dir)}-{fields}")
     png = grid.sweep_plot(cells, target)

@@ -38,6 +38,7 @@ threads.policy()  # the project's thread policy, as pipeline.py sets it, before 
 import torch  # noqa: E402
 
 from core import store  # noqa: E402
+from core.device import device  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_data  # noqa: E402
 from train.run_folder import RunFolder  # noqa: E402
@@ -160,6 +161,7 @@ def markdown(r: dict) -> str:
     h, paper, off = r["head"], r["encoders_in_loop"]["paper"], r["encoders_in_loop"]["offline"]
     lines = [
         "| measure | value |", "|---|---|",
+        f"| device | {r['machine'].get('device', 'cpu')} |",
         *(f"| SPP-SCL head from the cache, s/epoch, {n} thread(s) (MiniLM + EfficientNet-lite0 features) "
           f"| {t['seconds_per_epoch']:.2f} |" for n, t in r["head_by_threads"].items()),
         f"| bert-base + ResNet-50 in the loop (official design), s/epoch, forward only | {paper['seconds_per_epoch']:.0f} |",
@@ -192,7 +194,8 @@ def main() -> None:
     args = ap.parse_args()
     out_file(args.out)
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}}
+                          "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+                          "device": str(device())}}
     result["head_by_threads"] = {n: head_epochs(args.cache_dir, args.epochs, n) for n in (1, 2)}
     result["head"] = min(result["head_by_threads"].values(), key=lambda h: h["seconds_per_epoch"])
     torch.set_num_threads(threads.default_threads())  # the encoders get every core too

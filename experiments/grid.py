@@ -26,13 +26,14 @@ import numpy as np
 from rich.console import Console
 
 import heads
+from core import memory as core_memory
 from core import threads as core_threads
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, make_dir
 from core.shards import parse_shard
 from experiments import results
 from train import data as cache
-from train import run_folder, runs
+from train import robustness, run_folder, runs
 from train.config import METRICS, TrainConfig
 from train.metrics import shown
 from train.run_folder import RunFolder
@@ -113,11 +114,13 @@ def _base_values(base: TrainConfig) -> dict:
 # --- running ----------------------------------------------------------------------------
 
 def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None,
-              threads: int | None = None, robust: bool = False) -> list[Cell]:
+              threads: int | None = None, robust: bool = False, memory: str | int | None = None) -> list[Cell]:
     """Train this process's share of `cells` (cell k goes to shard k % N), `jobs` at a time,
     with one progress bar counting epochs and an ETA over the grid. Finished cells are skipped. Returns the
-    cells this process ran or found done."""
+    cells this process ran or found done. `memory`: each process's budget for the cache in RAM
+    (`--memory`; beyond it the cache is streamed, with one reader per process for all its cells)."""
     console = console or Console()
+    budget = core_memory.budget(memory, jobs)
     i, n = parse_shard(shard)
     mine = [c for k, c in enumerate(cells) if k % n == i]
     seen = set()
@@ -168,18 +171,18 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
         if jobs <= 1:
             for c in todo:  # the cache is loaded once per modality set for the whole grid
                 clock.begin(id(c))
-                _train_cell(c.cfg, robust)
+                _train_cell(c.cfg, robust, budget)
                 cell_done(c)
         else:
             with core_threads.worker_pool(jobs, threads) as pool:
-                futures = {pool.submit(_train_cell, c.cfg, robust): c for c in todo}
+                futures = {pool.submit(_train_cell, c.cfg, robust, budget): c for c in todo}
                 for f in as_completed(futures):
                     f.result()
                     cell_done(futures[f])
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
             if c not in todo and c.folder.is_finished():  # scored only: its run files stay as they are
-                runs.score_default_robustness(c.cfg.out, c.cfg, _data(c.cfg))
+                runs.score_default_robustness(c.cfg.out, c.cfg, _data(c.cfg, budget))
     return mine
 
 
@@ -215,21 +218,23 @@ def _following(cells: list[Cell], clock: EpochClock, show, every: float = 1.0):
 _DATA: dict = {}
 
 
-def _train_cell(cfg: TrainConfig, robust: bool = False) -> str:
+def _train_cell(cfg: TrainConfig, robust: bool = False, memory: int | None = None) -> str:
     """Train one cell (and `--robustness`: score it); the cache is loaded once per process (the
-    grid's, or a worker's) and modality set."""
-    data = _data(cfg)
+    grid's, or a worker's) and modality set (streamed: one reader thread per process serves every cell)."""
+    data = _data(cfg, memory)
+    if robust:
+        robustness.check_in_memory(data)  # before this cell trains
     out = runs.train_run(cfg, data).out
     if robust:
         runs.score_default_robustness(out, cfg, data)
     return str(out)
 
 
-def _data(cfg: TrainConfig) -> cache.Data:
-    """The cache, loaded once per process and modality set."""
+def _data(cfg: TrainConfig, memory: int | None = None) -> cache.Data:
+    """The cache, loaded once per process and modality set, within `memory` bytes (else streamed)."""
     key = (str(cfg.cache_dir), cfg.dataset, cache.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
     if key not in _DATA:
-        _DATA[key] = cache.load_data(cfg)
+        _DATA[key] = cache.load_data(cfg, memory)
     return _DATA[key]
 
 

@@ -340,6 +340,19 @@ def _protocol(r: Row) -> list[str]:
     return [f"{_ms(p['best_epoch']['accuracy'], n)} / {_ms(p['last_epoch']['accuracy'], n)}", f"{p['inflation']['mean']:+.4f}"]
 
 
+COST_HEAD = ["s/epoch (median)", "peak RSS", "trainable parameters", "device"]
+
+
+def _cost(r: Row) -> list[str]:
+    """The optional cost columns (metrics.json `cost`; runs trained before it have none)."""
+    c = r.metrics.get("cost")
+    if not c:
+        return [""] * len(COST_HEAD)
+    sec, params = c.get("seconds_per_epoch_median"), c.get("trainable_parameters")
+    return ["" if sec is None else f"{sec:.2f}", f"{c['peak_rss_bytes'] / 2**30:.2f} GiB",
+            "" if params is None else f"{params:,}", c.get("device", "")]
+
+
 def markdown(table: Table) -> str:
     head, _, rows, notes = _layout(table)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -391,6 +404,7 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
     """(headers, each column's rank: 0 is kept longest on a narrow terminal, rows of cells, notes)."""
     mixed_col = bool(table.mixed)
     protocol = any("protocol_check" in r.metrics for r in table.rows)
+    cost = any(r.metrics.get("cost") for r in table.rows)
     head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1",
             *(["paper acc / F1"] if table.paper else []), "selected epochs"]
     if protocol:
@@ -404,6 +418,8 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
     # robustness.json (`train --robustness`, `eval --drop/--noise`): test accuracy under each condition
     robust = list(dict.fromkeys(c for r in table.rows for c in r.robustness))
     head += [f"acc {c.replace('_', ' ')}" for c in robust]
+    if cost:
+        head += COST_HEAD
     if mixed_col:
         head.append("differs in")
     rows = []
@@ -425,6 +441,8 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
         if table.baseline:
             cells += _gain_cells(table, r)
         cells += [_ms(r.robustness[c]["accuracy"], len(r.seeds)) if c in r.robustness else "" for c in robust]
+        if cost:
+            cells += _cost(r)
         if mixed_col:
             base = table.reference or table.rows[0]
             cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
@@ -496,6 +514,8 @@ def csv_frame(table: Table):
             rec["paper_accuracy"], rec["paper_f1"] = table.paper_numbers.get(r.name, (None, None))
         rec.update(table.comparisons.get(r.name, {}))
         rec.update(table.gains.get(r.name, {}))
+        for k, v in (r.metrics.get("cost") or {}).items():  # optional: runs trained before it have none
+            rec[f"cost_{k}"] = v
         records.append(rec)
     return pd.DataFrame(records)
 

@@ -102,6 +102,17 @@ TEXT_ALIASES: dict[str, Callable[[], str]] = {
 }
 
 
+def autocast(device_: torch.device):
+    """Mixed precision on a GPU (float16 matmuls and convolutions; the cache stores float16
+    anyway); on the CPU the encoders run in float32 as before, so CPU caches keep their bytes."""
+    return torch.autocast("cuda", dtype=torch.float16) if device_.type == "cuda" else contextlib.nullcontext()
+
+
+def autocast_note(device_: torch.device) -> dict:
+    """What `autocast` changes, for a cache's provenance: a GPU cache is not silently mixed with a CPU one."""
+    return {"autocast": "cuda float16"} if device_.type == "cuda" else {}
+
+
 class TextEncoder:
     """A frozen HF encoder that returns, per text, the CLS and real-token states of its last layers."""
 
@@ -134,7 +145,7 @@ class TextEncoder:
         self.model.eval().to(self.device)
         self.preprocessing = json.dumps(
             {"tokenizer": type(self.tokenizer).__name__, "vocab": len(self.tokenizer), "truncation": max_length,
-             "lowercase": bool(getattr(self.tokenizer, "do_lower_case", False))},
+             "lowercase": bool(getattr(self.tokenizer, "do_lower_case", False)), **autocast_note(self.device)},
             sort_keys=True,
         )
 
@@ -159,7 +170,8 @@ class TextEncoder:
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([x + [pad] * (n - len(x)) for x in batch], device=self.device)
         mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in batch], device=self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        with autocast(self.device):
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         states = torch.stack(out.hidden_states[-self.layers :], dim=2).half().cpu().numpy()  # (B, n, L, H)
         return states[:, 0], [states[i, 1 : len(x)] for i, x in enumerate(batch)]
 
@@ -212,7 +224,7 @@ class ImageEncoder:
     def preprocessing(self) -> str:
         # Official code and torchvision eval: Resize(256) (short side), CenterCrop(224), ImageNet mean/std.
         return json.dumps({"resize_short_side": self.resize, "center_crop": self.size, "mode": "bilinear antialias",
-                           "mean": self.mean, "std": self.std}, sort_keys=True)
+                           "mean": self.mean, "std": self.std, **autocast_note(self.device)}, sort_keys=True)
 
     def load(self, path: Path) -> np.ndarray:
         """Decode, resize the short side, center-crop and normalise; raises on a corrupt or truncated file."""
@@ -225,7 +237,8 @@ class ImageEncoder:
 
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> np.ndarray:
-        return self.body(batch.to(self.device)).half().cpu().numpy()
+        with autocast(self.device):
+            return self.body(batch.to(self.device, non_blocking=True)).half().cpu().numpy()
 
     @property
     def channels(self) -> int:

@@ -136,12 +136,18 @@ class Batch:
     lengths: Tensor | None  # (B,) int64 tokens per sample, sum == T, each >= 1
     maps: Tensor | None  # (B, C, h, w) image feature maps
 
-    def to(self, device) -> "Batch":
-        """A Batch with every tensor moved to `device` (None stays None)."""
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """A Batch with every tensor moved to `device` (None stays None); `non_blocking` copies
+        from pinned memory without waiting (the trainer's batches on a GPU)."""
         return replace(self, **{
-            f.name: getattr(self, f.name).to(device=device)  # device only: labels stay int64
+            f.name: getattr(self, f.name).to(device=device, non_blocking=non_blocking)  # device only: labels stay int64
             for f in fields(self) if getattr(self, f.name) is not None
         })
+
+    def pin(self) -> "Batch":
+        """The Batch in pinned (page-locked) host memory, for a non-blocking copy to a GPU."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory()
+                                for f in fields(self) if getattr(self, f.name) is not None})
 
     def require(self, text: bool, image: bool) -> None:
         """Raise UserError if a modality the head needs is missing from the cache."""

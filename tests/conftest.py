@@ -56,6 +56,12 @@ def quiet_console() -> Console:
     return Console(file=io.StringIO(), width=200, force_terminal=False)
 
 
+def run_numbers(metrics: dict) -> dict:
+    """metrics.json without what the run took (wall clock, `cost`): what two runs that compute the
+    same numbers share, however long they ran, on whatever memory."""
+    return {**metrics, "wall_seconds": 0, "cost": None}
+
+
 def small_config(cache_dir: Path, **overrides) -> ExtractConfig:
     """An ExtractConfig with test-sized settings on the real data root."""
     kw = dict(data_root=DATA, cache_dir=Path(cache_dir), batch_size=TINY_BATCH, shard_size=TINY_SHARD)

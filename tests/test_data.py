@@ -285,3 +285,104 @@ def test_text_and_image_caches_must_agree_on_labels_and_splits(field, message, t
     with pytest.raises(UserError, match=r"item 'train-0' of synth .*" + message):
         cache.load(c.cache_dir, c.dataset, "both", c.text_encoder, c.image_encoder)
     cache.load(c.cache_dir, c.dataset, "text", c.text_encoder, c.image_encoder)  # one modality: nothing to join
+
+
+# --- streamed from the shards (a cache larger than the memory budget) ----------------------
+
+def _same_batch(a, b) -> None:
+    """Two Batches hold the same values, dtypes and memory layout (a conv reads the strides)."""
+    for name in ("labels", "cls", "tokens", "lengths", "maps"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("modalities", ["both", "text", "image"])
+def test_a_streamed_cache_gives_the_in_memory_batches(tmp_path, modalities):
+    items = make_items({"train": 9, "dev": 4, "test": 5})
+    missing = {"i01", "i06", "i14"}
+    write_cache(tmp_path, items, [it for it in reversed(items) if it["id"] not in missing])  # join drops three
+    ram = data.load(tmp_path, DATASET, modalities, ENC, ENC, memory=1 << 40)
+    streamed = data.load(tmp_path, DATASET, modalities, ENC, ENC, memory=1)
+    assert not ram.streamed and streamed.streamed and streamed.needs > 1 and streamed.budget == 1
+    assert (ram.dims, ram.dropped, ram.provenance) == (streamed.dims, streamed.dropped, streamed.provenance)
+    for s in ("train", "dev", "test"):
+        a, b = ram.splits[s], streamed.splits[s]
+        assert a.ids == b.ids and torch.equal(a.labels, b.labels)
+        order = torch.randperm(len(a), generator=torch.Generator().manual_seed(1))
+        chunks = [order[i : i + 3] for i in range(0, len(order), 3)] + [torch.tensor([0, 0, 2])]
+        pairs = list(zip(a.batches(chunks), b.batches(chunks), strict=True))
+        for x, y in pairs:
+            _same_batch(x, y)
+        _same_batch(a.batch(chunks[0]), b.batch(chunks[0]))
+        sub = torch.tensor([2, 0])
+        _same_batch(a.subset(sub).batch(torch.tensor([1, 0])), b.subset(sub).batch(torch.tensor([1, 0])))
+
+
+def test_the_budget_decides_between_memory_and_streaming(tmp_path):
+    items = make_items({"train": 4, "dev": 2, "test": 2})
+    write_cache(tmp_path, items, items)
+    needs = data.load(tmp_path, DATASET, "both", ENC, ENC, memory=1).needs
+    text = store.feature_bytes(store.cache_folder(tmp_path, DATASET, store.TEXT, ENC))
+    assert needs == text + len(items) * C * HW * HW * 2  # float16 maps, as load_image holds them
+    assert not data.load(tmp_path, DATASET, "both", ENC, ENC, memory=needs).streamed
+    assert data.load(tmp_path, DATASET, "both", ENC, ENC, memory=needs - 1).streamed
+    assert not data.load(tmp_path, DATASET, "both", ENC, ENC).streamed  # default budget: half the free memory
+
+
+def test_split_files_reassign_streamed_items_as_in_memory(tmp_path):
+    items = make_items({"train": 6, "dev": 3, "test": 3})
+    write_cache(tmp_path, items, items)
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train.txt").write_text("i00\ni07\ni03\ni11\n")
+    (folder / "dev.txt").write_text("i01\ni09\n")
+    (folder / "test.txt").write_text("i02\ni10\n")
+    kw = dict(split_files=folder)
+    ram = data.load(tmp_path, DATASET, "both", ENC, ENC, memory=1 << 40, **kw)
+    streamed = data.load(tmp_path, DATASET, "both", ENC, ENC, memory=1, **kw)
+    for s in ("train", "dev", "test"):
+        assert ram.splits[s].ids == streamed.splits[s].ids
+        idx = torch.arange(len(ram.splits[s])).flip(0)
+        _same_batch(ram.splits[s].batch(idx), streamed.splits[s].batch(idx))
+
+
+def test_streamed_text_views_give_the_in_memory_batches(tiny_views_cache):
+    c = tiny_views_cache
+    args = (c.cache_dir, c.dataset, "both", c.text_encoder, c.image_encoder)
+    ram, streamed = data.load(*args, text_views=True, memory=1 << 40), data.load(*args, text_views=True, memory=1)
+    assert streamed.streamed and ram.provenance == streamed.provenance
+    a, b = ram.splits["train"], streamed.splits["train"]
+    views = a.draw_views(1, 3)
+    assert torch.equal(views, b.draw_views(1, 3)) and len(set(views.tolist())) > 1
+    order = torch.randperm(len(a), generator=torch.Generator().manual_seed(2))
+    chunks = [order[i : i + 4] for i in range(0, len(order), 4)]
+    for x, y in zip(a.batches(chunks, views), b.batches(chunks, views), strict=True):
+        _same_batch(x, y)
+
+
+def test_training_from_a_streamed_cache_is_bit_identical(synth_cache, tmp_path):
+    """metrics.json and log.csv of a run trained from RAM and streamed (a 1-byte budget) agree, seconds aside."""
+    import csv
+
+    from conftest import quiet_console, run_numbers
+    from train import runs
+    from train.config import TrainConfig
+
+    c = synth_cache
+    cfg = TrainConfig(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder,
+                      image_encoder=c.image_encoder, epochs=3, seeds=(1, 2), batch_size=8, eval_orders=2)
+    consoles = [quiet_console(), quiet_console()]
+    folders = [runs.train(cfg.__class__(**{**vars(cfg), "out": tmp_path / name}), console, memory=memory)
+               for console, (name, memory) in zip(consoles, (("ram", 1 << 40), ("streamed", 1)))]
+    assert "streamed from the shards" in consoles[1].file.getvalue()
+    assert "streamed" not in consoles[0].file.getvalue()
+
+    def strip(folder):
+        m = json.loads((folder / "metrics.json").read_text())
+        with open(folder / "log.csv") as f:
+            rows = [{**r, "seconds": ""} for r in csv.DictReader(f)]
+        return run_numbers(m), rows
+
+    assert strip(folders[0]) == strip(folders[1])

@@ -292,3 +292,22 @@ def test_a_row_of_the_heads_defaults_reads_defaults(tmp_path):
 def test_one_seed_prints_no_std():
     assert results._ms({"mean": 0.66, "std": 0.0}, 1) == "0.6600 ± n/a"
     assert results._ms({"mean": 0.66, "std": 0.01}, 2) == "0.6600 ± 0.0100"
+
+
+def test_cost_columns_appear_when_a_run_recorded_its_cost(tmp_path):
+    """metrics.json `cost` (seconds per epoch, peak RSS, parameters, device) gives optional columns;
+    a run trained before it leaves them blank, and without any cost they are not shown."""
+    make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
+    assert "peak RSS" not in results.markdown(results.build([tmp_path]))
+    run = make_run(tmp_path, "spp", OTHER)
+    m = json.loads((run / "metrics.json").read_text())
+    m["cost"] = {"seconds_per_epoch_median": 7.456, "peak_rss_bytes": 3 << 29, "trainable_parameters": 123456,
+                 "device": "cpu"}
+    (run / "metrics.json").write_text(json.dumps(m))
+    table = results.build([tmp_path])
+    md = results.markdown(table)
+    assert "| s/epoch (median) | peak RSS | trainable parameters | device |" in md
+    assert "| 7.46 | 1.50 GiB | 123,456 | cpu |" in md
+    assert "|  |  |  |  |" in md  # the probe has no cost recorded
+    frame = results.csv_frame(table)
+    assert frame.loc[frame["run"] == "spp", "cost_trainable_parameters"].item() == 123456

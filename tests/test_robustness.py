@@ -112,6 +112,19 @@ def test_a_grid_scores_every_cell_with_robustness(synth_cache, tmp_path, run_mai
             "drop_text", "drop_image", "noise_0.5", "noise_1"}
 
 
+def test_robustness_on_a_streamed_cache_is_refused_before_training(synth_cache, tmp_path):
+    """Its train moments and degraded test features need whole splits: one line naming the budget,
+    before a run folder is made."""
+    from core.errors import UserError
+
+    c = synth_cache
+    cfg = TrainConfig(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder, image_encoder=c.image_encoder,
+                      epochs=1, seeds=(1,), out=tmp_path / "run")
+    with pytest.raises(UserError, match=r"needs the cache in memory: .* exceed the memory budget of 0\.00 GiB .*--memory 1G"):
+        runs.train(cfg, quiet_console(), robust=True, memory=1)
+    assert not (tmp_path / "run").exists()
+
+
 def test_results_shows_the_robustness_columns(run):
     from experiments import results
 

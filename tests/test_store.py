@@ -475,3 +475,74 @@ def test_ids_hdf5_can_store_and_those_it_cannot():
         assert store.id_problem(ok) is None
     assert "NUL" in store.id_problem("a\x00b")
     assert "surrogate" in store.id_problem("\ud800x")
+
+
+# --- reading items by index (a cache larger than memory) --------------------------------------
+
+def image_shards(folder: Path, rng) -> np.ndarray:
+    """Three image shards (the first empty, without a map shape, as extract writes a shard whose every image
+    failed) of post-ReLU-like maps; returns every map, in item order."""
+    p = prov(store.IMAGE, n_shards=3)
+    maps = [np.zeros((0, 1, 1, 1)), np.maximum(rng.standard_normal((3, 4, 3, 3)), 0), rng.standard_normal((2, 4, 3, 3))]
+    ids, splits = [[], ["a", "b", "c"], ["d", "e"]], [[], ["train", "test", "train"], ["dev", "train"]]
+    for k in range(3):
+        store.write_image_shard(folder / store.shard_name(k, 3), p, ids[k], [0] * len(ids[k]), splits[k], maps[k])
+    assert store.finish(folder, p)
+    return np.concatenate(maps[1:]).astype(np.float16)
+
+
+IDX = np.array([4, 0, 2, 2, 1, 3])  # across shards, out of order, one item twice
+
+
+def test_the_item_reader_gives_any_items_bit_for_bit(two_text_shards, tmp_path):
+    folder, _, shards = two_text_shards
+    r = store.ItemReader(folder)
+    assert r.ids == list("abcdefg") and r.splits.tolist() == sum((s["splits"] for s in shards), [])
+    assert r.lengths.tolist() == [3, 1, 5, 2, 4, 2, 1] and r.shape == (L, H)
+    items = [(s, i) for s in shards for i in range(len(s["ids"]))]
+    cls, tokens = r.text(IDX)
+    assert cls.tobytes() == np.stack([items[i][0]["cls"][items[i][1]] for i in IDX]).tobytes()
+    assert tokens.tobytes() == np.concatenate([items[i][0]["per_item"][items[i][1]] for i in IDX]).tobytes()
+
+    maps = image_shards(tmp_path, np.random.default_rng(3))
+    r = store.ItemReader(tmp_path)
+    assert r.shape == (4, 3, 3) and r.ids == list("abcde")
+    assert [f["maps"].chunks is not None for f in r._features[1:]] == [True, True]  # the writer's maps: read without h5py
+    assert r.maps(IDX).tobytes() == maps[IDX].tobytes() and r.maps([]).shape == (0, 4, 3, 3)
+    assert store.feature_bytes(tmp_path) == maps.nbytes and store.feature_bytes(tmp_path, ("dev",)) == maps[0].nbytes
+
+
+@pytest.mark.parametrize("layout", [{}, {"compression": "gzip"}, {"shuffle": True}, {"compression": "lzf"},
+                                    {"compression": "gzip", "shuffle": True, "fletcher32": True}])
+def test_maps_stored_another_way_read_the_same(tmp_path, monkeypatch, layout):
+    """Without filters, deflate alone or shuffle alone: decoded here; a filter this reader does not
+    decode (lzf, a checksum filter): read through h5py. The same bytes either way."""
+    monkeypatch.setattr(store, "MAP_COMPRESSION", layout)
+    maps = image_shards(tmp_path, np.random.default_rng(4))
+    r = store.ItemReader(tmp_path)
+    assert (r._features[1]["maps"].chunks is None) == ("lzf" in layout.values() or "fletcher32" in layout)
+    assert r.maps(IDX).tobytes() == maps[IDX].tobytes()
+
+
+def test_maps_inflate_alike_with_zlib(tmp_path, monkeypatch):
+    """ISA-L is optional: without it zlib inflates the same maps."""
+    import zlib
+
+    maps = image_shards(tmp_path, np.random.default_rng(5))
+    monkeypatch.setattr(store, "_inflate", zlib.decompress)
+    assert store.ItemReader(tmp_path).maps(IDX).tobytes() == maps[IDX].tobytes()
+
+
+def test_the_item_reader_checks_every_shard_and_a_map_damaged_later_is_one_line(tmp_path):
+    image_shards(tmp_path, np.random.default_rng(6))
+    shard = tmp_path / store.shard_name(1, 3)
+    clean = shard.read_bytes()
+    flip(shard, len(clean) // 2, 50)
+    with pytest.raises(UserError, match=f"cache file {shard} is damaged: .*differ from the SHA-256"):
+        store.ItemReader(tmp_path)
+    shard.write_bytes(clean)
+    r = store.ItemReader(tmp_path)
+    offset, size, _ = r._features[1]["maps"].chunks[0]
+    flip(shard, int(offset), int(size))  # after the check: the inflate fails, named
+    with pytest.raises(UserError, match=f"cache file {shard} is damaged: map 0 "):
+        r.maps([0])

@@ -1,6 +1,10 @@
-"""The cache in memory: every split as tensors, batches cut by indexing, never by disk reads.
+"""The cache for stage two: every split as tensors in RAM when they fit, else read from the shards.
 
 Features stay float16 in RAM (half the bytes) and become float32 one batch at a time.
+When the splits a run needs are larger than its memory budget (`core/memory.py`: `--memory`,
+by default half of the memory available divided by --jobs), a split is a `StreamedSplit`:
+the same batches, bit for bit and in the same order, read from the shards (`store.ItemReader`)
+by one reader thread per process (`Source`) a few batches ahead of the head.
 Text and image caches are joined by id, so an item whose image could not be read is
 simply absent from a two-modality run (and counted).
 
@@ -16,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import heads
@@ -36,9 +41,18 @@ class Split:
     maps: torch.Tensor | None = None  # (N, C, h, w) f16
     view_cls: torch.Tensor | None = None  # (K, N, L, H) f16: dropout views (train split only)
     view_tokens: torch.Tensor | None = None  # (K, T, L, H) f16, same offsets as the clean tokens
+    pin: bool = False  # batches in pinned memory (a GPU the cache does not fit on; Data.place)
+
+    FEATURES = ("cls", "tokens", "maps", "view_cls", "view_tokens")
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def to_device(self, device_: torch.device) -> None:
+        """Features onto `device_` (labels and offsets stay on the CPU: they index from there)."""
+        for name in self.FEATURES:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device_))
 
     def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
         """Rows `idx` as a float32 Batch; the tokens of the chosen texts are gathered back to back.
@@ -57,6 +71,17 @@ class Split:
         maps = self.maps[idx].float() if self.maps is not None else None
         return Batch(labels=self.labels[idx], maps=maps, **text)
 
+    def batches(self, chunks: list[torch.Tensor], views: torch.Tensor | None = None):
+        """`batch` of each index chunk in turn (`views`: one view number per item of the split)."""
+        for idx in chunks:
+            batch = self.batch(idx, None if views is None else views[idx])
+            yield batch.pin() if self.pin else batch
+
+    def feature_dims(self) -> tuple[int, int, int]:
+        """(text layers, text width, image channels); 0 for a modality it does not hold."""
+        return (*(self.cls.shape[1:] if self.cls is not None else (0, 0)),
+                self.maps.shape[1] if self.maps is not None else 0)
+
     def subset(self, idx: torch.Tensor) -> "Split":
         """Items `idx` (in that order) as a Split of their own, features still float16."""
         text = {}
@@ -71,8 +96,133 @@ class Split:
         order is the same with and without views."""
         if self.view_cls is None:
             raise UserError("this split has no text views (dev and test never do)")
-        g = torch.Generator().manual_seed(100_003 * seed + epoch)
-        return torch.randint(len(self.view_cls), (len(self),), generator=g)
+        return _draw_views(len(self.view_cls), len(self), seed, epoch)
+
+
+def _draw_views(k: int, n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100_003 * seed + epoch)
+    return torch.randint(k, (n,), generator=g)
+
+
+_READING: dict = {}  # this process's reader thread and its readers by folder (see `Source`)
+
+
+def _reader(folder: Path, hint: str) -> store.ItemReader:
+    """One `store.ItemReader` per cache folder and process (a grid's cells share it)."""
+    import os
+
+    if _READING.get("pid") != os.getpid():  # a forked child opens its own
+        _READING.clear()
+        _READING["pid"] = os.getpid()
+    index = Path(folder) / "index.json"
+    key = ("reader", str(index.resolve()), index.stat().st_mtime_ns)  # a rebuilt cache is read anew
+    if key not in _READING:
+        _READING[key] = store.ItemReader(folder, hint)
+    return _READING[key]
+
+
+class Source:
+    """The readers of a streamed cache. Every read of a process goes through one reader thread
+    (started at the first read), which reads, inflates and converts batches while the head trains
+    on earlier ones (the inflate releases the GIL); `depth` batches ahead at most."""
+
+    def __init__(self, text: store.ItemReader | None, image: store.ItemReader | None,
+                 views: list[store.ItemReader] = (), depth: int = 4):
+        self.text, self.image, self.views, self.depth = text, image, list(views), depth
+
+    def submit(self, fn, *args):
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        if _READING.get("pid") != os.getpid() or "thread" not in _READING:  # first read, or a forked child
+            _READING["pid"] = os.getpid()
+            _READING["thread"] = ThreadPoolExecutor(1, thread_name_prefix="cache-reader")
+        return _READING["thread"].submit(fn, *args)
+
+
+@dataclass
+class StreamedSplit:
+    """A split read from the shards batch by batch (see `Source`); the same interface and the
+    same Batch values as `Split`. Rows point at items of the source's readers."""
+
+    ids: list[str]
+    labels: torch.Tensor  # (N,)
+    source: Source
+    text_rows: torch.Tensor | None = None  # (N,) items of source.text
+    image_rows: torch.Tensor | None = None  # (N,) items of source.image
+    view_rows: torch.Tensor | None = None  # (N,) items of every view reader (train split only)
+    pin: bool = False  # batches pinned in the reader thread (on a GPU; Data.place)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.from_numpy(self.source.text.lengths[self.text_rows.numpy()])
+
+    def feature_dims(self) -> tuple[int, int, int]:
+        s = self.source
+        return (*(s.text.shape if self.text_rows is not None else (0, 0)),
+                s.image.shape[0] if self.image_rows is not None else 0)
+
+    def _read(self, idx: torch.Tensor, view: torch.Tensor | None) -> Batch:
+        """Rows `idx` as `Split.batch` makes them (runs in the reader thread)."""
+        text = {"cls": None, "tokens": None, "lengths": None}
+        if self.text_rows is not None:
+            rows = self.text_rows[idx].numpy()
+            lengths = torch.from_numpy(self.source.text.lengths[rows])
+            if view is None:
+                cls, tokens = self.source.text.text(rows)
+            else:  # each text from its view's reader (views number items alike), tokens in the clean places
+                vrows, v = self.view_rows[idx].numpy(), view.numpy()
+                cls = np.empty((len(rows), *self.source.text.shape), np.float16)
+                tokens = np.empty((int(lengths.sum()), *self.source.text.shape), np.float16)
+                for k in np.unique(v):
+                    pos = np.flatnonzero(v == k)
+                    cls[pos], tokens[_rows(_offsets(lengths), torch.from_numpy(pos)).numpy()] = \
+                        self.source.views[k].text(vrows[pos])
+            text = {"cls": torch.from_numpy(cls).float(), "tokens": torch.from_numpy(tokens).float(), "lengths": lengths}
+        maps = None
+        if self.image_rows is not None:  # channels-last, as the in-memory maps are (transposed while still float16)
+            maps = torch.from_numpy(self.source.image.maps(self.image_rows[idx].numpy()))
+            maps = maps.contiguous(memory_format=torch.channels_last).float()
+        batch = Batch(labels=self.labels[idx], maps=maps, **text)
+        return batch.pin() if self.pin else batch
+
+    def batch(self, idx: torch.Tensor, view: torch.Tensor | None = None) -> Batch:
+        return self.source.submit(self._read, idx, view).result()
+
+    def batches(self, chunks: list[torch.Tensor], views: torch.Tensor | None = None):
+        """`batch` of each chunk in turn, the next `source.depth` ones read ahead."""
+        from collections import deque
+
+        ahead, todo = deque(), iter(chunks)
+
+        def more():
+            for idx in todo:
+                ahead.append(self.source.submit(self._read, idx, None if views is None else views[idx]))
+                if len(ahead) >= self.source.depth:
+                    return
+
+        try:
+            more()
+            while ahead:
+                batch = ahead.popleft().result()
+                more()
+                yield batch
+        finally:  # stopped early (an error, Ctrl-C): reads not started yet are dropped
+            for f in ahead:
+                f.cancel()
+
+    def subset(self, idx: torch.Tensor) -> "StreamedSplit":
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return StreamedSplit([self.ids[i] for i in idx.tolist()], self.labels[idx], self.source,
+                             pick(self.text_rows), pick(self.image_rows), pick(self.view_rows), self.pin)
+
+    def draw_views(self, seed: int, epoch: int) -> torch.Tensor:
+        if self.view_rows is None:
+            raise UserError("this split has no text views (dev and test never do)")
+        return _draw_views(len(self.source.views), len(self), seed, epoch)
 
 
 @dataclass(frozen=True)
@@ -113,11 +263,33 @@ class CacheProvenance:
 
 @dataclass
 class Data:
-    splits: dict[str, Split]
+    splits: dict[str, Split | StreamedSplit]
     dims: Dims
     classes: list[str]
     provenance: CacheProvenance
     dropped: int  # items in the text cache with no image (two-modality runs)
+    needs: int = 0  # bytes the splits' features take in memory (float16)
+    budget: int | None = None  # bytes they were allowed (None: no limit)
+
+    @property
+    def streamed(self) -> bool:
+        """Read from the shards batch by batch (the splits did not fit the budget)."""
+        return any(isinstance(s, StreamedSplit) for s in self.splits.values())
+
+    def place(self, device_: torch.device) -> None:
+        """On a GPU, once: the cache moves to the device when it fits in half its free memory
+        (batches are then cut there); else batches are pinned for non-blocking copies. On the
+        CPU nothing changes."""
+        if device_.type != "cuda" or getattr(self, "_placed", False):
+            return
+        free, _ = torch.cuda.mem_get_info(device_)
+        on_device = not self.streamed and self.needs < free // 2
+        for split in self.splits.values():
+            if on_device:
+                split.to_device(device_)
+            else:
+                split.pin = True
+        self._placed = True
 
 
 def extract_source(dataset: str) -> str:
@@ -134,10 +306,10 @@ def modalities(cfg: TrainConfig) -> str:
     return "both" if len(reads) == 2 else reads[0]
 
 
-def load_data(cfg: TrainConfig) -> Data:
-    """The caches a run of `cfg` reads, as `load` gives them."""
+def load_data(cfg: TrainConfig, memory: int | None = None) -> Data:
+    """The caches a run of `cfg` reads, as `load` gives them (`memory`: the budget in bytes)."""
     return load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder,
-                split_files=cfg.splits, text_views=cfg.text_views)
+                split_files=cfg.splits, text_views=cfg.text_views, memory=memory)
 
 
 def _hint(dataset: str, kind: str, encoder: str) -> str:
@@ -159,22 +331,27 @@ def _no_cache(cache_dir: Path, dataset: str) -> str:
 
 
 def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, image_encoder: str,
-         split_files: Path | None = None, text_views: bool = False) -> Data:
-    """Load what a run needs; a missing cache names the extract command that makes it."""
+         split_files: Path | None = None, text_views: bool = False, memory: int | None = None) -> Data:
+    """Load what a run needs; a missing cache names the extract command that makes it.
+
+    In RAM when the splits' features fit `memory` bytes (None: `core.memory.budget()`, half of
+    what is available), else streamed from the shards (`StreamedSplit`): the same batches."""
+    from core import memory as core_memory
+
     root = Path(cache_dir) / dataset
     info_file = root / "dataset.json"
     if not info_file.is_file():
         raise UserError(_no_cache(cache_dir, dataset))
     classes = store.read_dataset_info(root)["classes"]
-    prov, text, image, n_views = {}, None, None, 0
+    prov, folders, needs = {}, {}, 0
     if modalities in ("text", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.TEXT, text_encoder)
         hint = _hint(dataset, store.TEXT, text_encoder)
-        prov["text"] = store.provenance(folder, hint)
-        text = store.load_text(folder, hint=hint)
+        prov["text"], folders["text"] = store.provenance(folder, hint), folder
+        needs += store.feature_bytes(folder, hint=hint)
         if text_views:
-            views = _load_views(folder, prov["text"], text.get("train"), dataset, text_encoder)
-            n_views = len(views[0])
+            needs += sum(store.feature_bytes(vf, ("train",), hint) for vf in store.view_folders(folder)
+                         if (vf / "index.json").is_file())
     if modalities in ("image", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.IMAGE, image_encoder)
         if not (folder / "index.json").is_file():
@@ -183,8 +360,32 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
                 f"`python pipeline.py extract {extract_source(dataset)} --image-encoder {image_encoder} --image-dir DIR`, "
                 "or train with --modalities text"
             )
-        prov["image"] = store.provenance(folder, "")
-        image = store.load_image(folder)
+        prov["image"], folders["image"] = store.provenance(folder, ""), folder
+        needs += store.feature_bytes(folder, hint="")
+    budget = core_memory.budget() if memory is None else memory
+    read = _streamed if needs > budget else _in_memory
+    splits, dropped, n_views = read(folders, prov, dataset, text_encoder, text_views, hint if "text" in folders else "")
+    if split_files is not None:
+        if text_views:
+            raise UserError("--text-views with --splits is not supported yet: the views follow the cache's own "
+                            "train split; train on the clean split without --text-views")
+        splits = reassign(splits, Path(split_files))
+    layers, width, channels = splits["train"].feature_dims()
+    dims = Dims(text_layers=layers, text_width=width, image_channels=channels, n_classes=len(classes))
+    return Data(splits, dims, classes, CacheProvenance(**prov, text_views=n_views), dropped, needs, budget)
+
+
+def _in_memory(folders: dict, prov: dict, dataset: str, encoder: str, text_views: bool, hint: str):
+    """Every split as tensors in RAM; returns (splits, items dropped by the join, views)."""
+    text = image = None
+    n_views = 0
+    if "text" in folders:
+        text = store.load_text(folders["text"], hint=hint)
+        if text_views:
+            views = _load_views(folders["text"], prov["text"], text.get("train"), dataset, encoder)
+            n_views = len(views[0])
+    if "image" in folders:
+        image = store.load_image(folders["image"])
     if text is not None and image is not None:
         _check_agree(text, image, dataset)
     splits, dropped = {}, 0
@@ -196,19 +397,79 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
         dropped += d
         if s == "train" and text_views and t is not None:
             _attach_views(splits[s], t, *views)
-    if split_files is not None:
-        if text_views:
-            raise UserError("--text-views with --splits is not supported yet: the views follow the cache's own "
-                            "train split; train on the clean split without --text-views")
-        splits = reassign(splits, Path(split_files))
-    any_split = splits["train"]
-    dims = Dims(
-        text_layers=any_split.cls.shape[1] if any_split.cls is not None else 0,
-        text_width=any_split.cls.shape[2] if any_split.cls is not None else 0,
-        image_channels=any_split.maps.shape[1] if any_split.maps is not None else 0,
-        n_classes=len(classes),
-    )
-    return Data(splits, dims, classes, CacheProvenance(**prov, text_views=n_views), dropped)
+    return splits, dropped, n_views
+
+
+def _streamed(folders: dict, prov: dict, dataset: str, encoder: str, text_views: bool, hint: str):
+    """Every split as a `StreamedSplit` over one `Source`: the same items, order and joins as
+    `_in_memory`, with only ids, labels and token counts in RAM."""
+    from types import SimpleNamespace
+
+    readers = {k: _reader(f, hint if k == "text" else "") for k, f in folders.items()}
+    text, image = readers.get("text"), readers.get("image")
+
+    def by_split(r):  # split -> ids, labels and item numbers, in the order load_text/_image fill it
+        out = {}
+        for s in ("train", "dev", "test"):
+            rows = np.flatnonzero(r.splits == s)
+            if len(rows):
+                out[s] = SimpleNamespace(ids=[r.ids[i] for i in rows], labels=torch.from_numpy(r.labels[rows]),
+                                         rows=torch.from_numpy(rows))
+        return out
+
+    tsplits, isplits = (by_split(text) if text else None), (by_split(image) if image else None)
+    if tsplits is not None and isplits is not None:
+        _check_agree(tsplits, isplits, dataset)
+    views, n_views = [], 0
+    if text_views:
+        views = _stream_views(folders["text"], prov["text"], text, tsplits.get("train"), dataset, encoder)
+        n_views = len(views)
+    source = Source(text, image, views)
+    splits, dropped = {}, 0
+    for s in ("train", "dev", "test"):
+        t, im = (tsplits or {}).get(s), (isplits or {}).get(s)
+        if (tsplits is not None and t is None) or (isplits is not None and im is None):
+            raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
+        if t is None:
+            splits[s] = StreamedSplit(im.ids, im.labels, source, image_rows=im.rows)
+            continue
+        view_rows = torch.arange(len(t.ids)) if s == "train" and views else None  # views hold train items alone
+        split = StreamedSplit(t.ids, t.labels, source, text_rows=t.rows, view_rows=view_rows)
+        if im is not None:
+            where = {id_: i for i, id_ in enumerate(im.ids)}
+            keep = [i for i, id_ in enumerate(t.ids) if id_ in where]
+            if len(keep) < len(t.ids):
+                split = split.subset(torch.tensor(keep, dtype=torch.long))
+            split.image_rows = im.rows[torch.tensor([where[id_] for id_ in split.ids], dtype=torch.long)]
+            dropped += len(t.ids) - len(keep)
+        splits[s] = split
+    return splits, dropped, n_views
+
+
+def _stream_views(folder: Path, clean: store.Provenance, text: store.ItemReader, train, dataset: str,
+                  encoder: str) -> list[store.ItemReader]:
+    """A reader per dropout view, checked as `_load_views` checks them; a view's train items are
+    numbered 0..N-1 in the clean train split's order."""
+    hint = f"python pipeline.py extract {extract_source(dataset)} --text-encoder {encoder} --text-views K"
+    folders = store.view_folders(folder)
+    if not folders:
+        raise UserError(f"the text cache {folder} has no dropout views: run `{hint}` (e.g. K=4; the clean "
+                        "states are kept), or train without --text-views")
+    if train is None:
+        raise UserError(f"the {dataset} cache has no train split to draw text views for")
+    out = []
+    for vf in folders:
+        differs = clean.differences(replace(store.provenance(vf, hint), view=clean.view))
+        if differs:
+            raise UserError(f"text views {vf} were made from another cache: {'; '.join(differs)}. "
+                            f"Run `{hint} --force` to rebuild both")
+        v = _reader(vf, hint)
+        rows = np.flatnonzero(v.splits == "train")
+        if ([v.ids[i] for i in rows] != train.ids or len(rows) != len(v)
+                or not np.array_equal(v.lengths[rows], text.lengths[train.rows.numpy()])):
+            raise UserError(f"text views {vf} do not hold the clean cache's train texts: run `{hint} --force`")
+        out.append(v)
+    return out
 
 
 def _check_agree(text: dict, image: dict, dataset: str) -> None:
@@ -323,6 +584,10 @@ def _cat(parts: list[Split]) -> Split:
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
+    if isinstance(first, StreamedSplit):
+        cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return StreamedSplit(sum((p.ids for p in parts), []), torch.cat([p.labels for p in parts]), first.source,
+                             cat("text_rows"), cat("image_rows"), cat("view_rows"))
     text = {}
     if first.cls is not None:
         lengths = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in parts])

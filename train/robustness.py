@@ -22,9 +22,21 @@ from dataclasses import replace
 
 import torch
 
+from core.errors import UserError
 from train.data import Split
 
 DROPS = ("text", "image")
+
+
+def check_in_memory(data) -> None:
+    """Scoring under these conditions needs whole splits in RAM (the train moments, the degraded
+    test features): refused, before any training, for a cache streamed from its shards."""
+    if data.streamed:
+        gib = 2 ** 30
+        raise UserError(f"robustness scoring (--robustness, eval --drop/--noise) needs the cache in memory: its "
+                        f"{data.needs / gib:.2f} GiB of features exceed the memory budget of {data.budget / gib:.2f} GiB "
+                        f"per process; give train --memory {-(-data.needs // gib)}G if the machine has it, or score "
+                        "without it")
 
 
 def _moments(x: torch.Tensor, std_dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +105,7 @@ def evaluate_run(run, cfg, data, conds: dict[str, dict], device_) -> dict:
     from train.metrics import mean_std
     from train.run_folder import RunFolder
 
+    check_in_memory(data)
     folder = RunFolder(run)
     per_seed = {p["seed"]: p for p in folder.robustness().get("per_seed", [])}
     for seed in cfg.seeds:

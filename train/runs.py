@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from rich.console import Console
 
+from core import memory as core_memory
 from core.device import device
 from core.errors import Interrupted, UserError
 from core.terminal import Screen
@@ -67,14 +69,18 @@ ROBUSTNESS = {"drop": ["text", "image"], "noise": [0.5, 1.0]}  # what `train --r
 
 
 def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threads: int | None = None,
-          robust: bool = False) -> Path:
+          robust: bool = False, memory: str | int | None = None) -> Path:
     """`pipeline.py train`: load the cache, train every seed with a progress bar (`jobs` seeds at a
     time in worker processes), return the run folder. `robust`: then score each seed's selected
-    weights without each modality and with noise (ROBUSTNESS, into robustness.json)."""
+    weights without each modality and with noise (ROBUSTNESS, into robustness.json). `memory`: the
+    budget of each process for the cache in RAM (`--memory`; None: core.memory.budget's default);
+    beyond it batches are streamed from the shards."""
     console = console or Console()
     cfg = cfg.resolved()
     t0 = time.time()
-    data = load_data(cfg)
+    data = load_data(cfg, core_memory.budget(memory, jobs))
+    if robust:
+        robustness.check_in_memory(data)  # before any training
     # a bad --head or --text-layers fails here, before a run folder is written; "step two" shows
     # only for heads that have one
     step_two = build_head(cfg, data).has_second_step
@@ -84,6 +90,8 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
         sizes = {s: len(v) for s, v in data.splits.items()}
         console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
                       + (f" ({data.dropped} items without image left out)" if data.dropped else "")
+                      + (f"; streamed from the shards ({data.needs / 2**30:.2f} GiB of features, memory budget "
+                         f"{data.budget / 2**30:.2f} GiB per process)" if data.streamed else "")
                       + (f"; resuming {cfg.out}, seeds {sorted(done)} already done" if done else ""))
         for seed, epoch in kept.items():
             console.print(f"seed {seed}: resuming after epoch {epoch} of {cfg.epochs}")
@@ -153,7 +161,8 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
     """Train every seed of a plan into its folder, finished seeds kept and the unfinished ones
     resumed after their last finished epoch. Ctrl-C raises `Interrupted` saying what was kept.
     `jobs` > 1 trains the seeds in that many worker processes (`threads` each), with the same
-    numbers: a seed's training depends on its seed alone."""
+    numbers: a seed's training depends on its seed alone (each worker loads the cache within
+    `data.budget`, else streams it, as `data` was loaded)."""
     t0 = t0 or time.time()
     cfg, folder, done = plan.cfg, plan.folder, dict(plan.done)
     if not plan.todo and folder.is_finished():
@@ -180,7 +189,7 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
 
     try:
         if jobs > 1 and len(todo) > 1:
-            _train_seeds_in_pool(plan, todo, jobs, threads, each, finish)
+            _train_seeds_in_pool(plan, todo, jobs, threads, each, finish, data.budget)
         else:
             for seed in todo:
                 finish(train_seed(cfg, data, seed, on_epoch=each, resume=plan.partial.get(seed),
@@ -192,7 +201,7 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
         cut = [s for s in unfinished if kept[s]] or unfinished[:1]  # seeds with epochs kept, else the one cut
         raise Interrupted(interrupt_note(folder.path, finished, {s: kept.get(s, 0) for s in cut})) from None
     results = [done[seed] for seed in cfg.seeds]
-    metrics = summarize(cfg, results)
+    metrics = summarize(cfg, results, data)
     orders = "the only label-blind order" if cfg.eval_orders == 1 else (
         f"the first of {cfg.eval_orders} label-blind orders; metrics.json holds the mean over the orders")
     folder.write_report("".join(
@@ -226,16 +235,18 @@ def _send_epoch(log: EpochLog) -> None:
     _WORKER["queue"].put(EpochDone(log))
 
 
-def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None) -> SeedResult:
+def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None,
+              memory: int | None = None) -> SeedResult:
     """One seed in a worker: the cache is loaded once per worker; epoch logs go back to the main
     process, the resumable state after each epoch straight to the run folder."""
     if "data" not in _WORKER:
-        _WORKER["data"] = load_data(cfg)
+        _WORKER["data"] = load_data(cfg, memory)
     return train_seed(cfg, _WORKER["data"], seed, on_epoch=_send_epoch, resume=resume,
                       save=functools.partial(folder.save_state, seed))
 
 
-def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int | None, each, finish) -> None:
+def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int | None, each, finish,
+                         memory: int | None = None) -> None:
     """Train `seeds` in `jobs` pinned workers; the epoch logs they send are handed to `each` here,
     in the order they arrive, and a seed is finished only after its last epoch's log."""
     import multiprocessing
@@ -260,7 +271,8 @@ def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int |
 
     pool = core_threads.worker_pool(min(jobs, len(seeds)), threads, _keep_queue, (q,))
     try:
-        pending = {pool.submit(_seed_job, plan.cfg, plan.folder, seed, partial.get(seed)): seed for seed in seeds}
+        pending = {pool.submit(_seed_job, plan.cfg, plan.folder, seed, partial.get(seed), memory): seed
+                   for seed in seeds}
         while pending:
             drain(0.2)
             for f in [f for f in pending if f.done()]:
@@ -281,8 +293,9 @@ def interrupt_note(out: Path, finished: list[int], cut: dict[int, int]) -> str:
     return f"{out}: {' and '.join(kept)}; run the same command to continue"
 
 
-def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
-    """Mean and sample std over seeds; test per seed is already the mean over label-blind orders."""
+def summarize(cfg: TrainConfig, results: list[SeedResult], data: cache.Data | None = None) -> dict:
+    """Mean and sample std over seeds; test per seed is already the mean over label-blind orders;
+    `cost`: what the run took (see `run_cost`)."""
     out = {}
     for split in ("dev", "test"):
         out[split] = {m: mean_std([getattr(r, split)[m] for r in results]) for m in METRICS}
@@ -300,10 +313,28 @@ def summarize(cfg: TrainConfig, results: list[SeedResult]) -> dict:
     ]
     if all(r.protocol_check is not None for r in results):
         out["protocol_check"] = summarize_protocol([r.protocol_check for r in results], [r.seed for r in results])
+    out["cost"] = run_cost(cfg, results, data)
     out["select"] = cfg.select
     out["scoring"] = (f"label-blind: dev in one seeded random order, test the mean over {cfg.eval_orders} "
                       f"seeded random orders (eval_seed {cfg.eval_seed}, batches of {cfg.eval_batch_size})")
     return out
+
+
+def run_cost(cfg: TrainConfig, results: list[SeedResult], data: cache.Data | None = None) -> dict:
+    """What a run cost: the median train seconds per epoch over every seed's epochs, the peak
+    resident memory (this process, and the largest --jobs worker, from getrusage), the head's
+    trainable parameters, the device, and whether the cache was streamed from the shards."""
+    seconds = [log.seconds for r in results for log in r.log]
+    rss = core_memory.peak_rss()
+    cost = {"seconds_per_epoch_median": float(np.median(seconds)) if seconds else None,
+            "peak_rss_bytes": max(rss.values()), "peak_rss_main_bytes": rss["self"],
+            "peak_rss_workers_bytes": rss["children"], "device": str(device())}
+    if data is not None:
+        with torch.random.fork_rng(devices=[]):  # building a head draws its initial weights: leave the streams alone
+            head = build_head(cfg, data)
+        cost["trainable_parameters"] = sum(p.numel() for p in head.parameters() if p.requires_grad)
+        cost["cache_streamed"] = data.streamed
+    return cost
 
 
 def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:

@@ -48,8 +48,8 @@ def forward(head: heads.Head, split: Split, batch_size: int, device_: torch.devi
     """
     head.eval()
     parts: dict[str, list] = {k: [] for k in FORWARD_FIELDS}
-    for b in range(0, len(order), batch_size):
-        out = head(split.batch(order[b : b + batch_size]).to(device_))
+    for batch in split.batches([order[b : b + batch_size] for b in range(0, len(order), batch_size)]):
+        out = head(batch.to(device_, non_blocking=True))
         for k in FORWARD_FIELDS:
             parts[k].append(None if getattr(out, k) is None else getattr(out, k).float().cpu())
     result = {}

@@ -1,4 +1,4 @@
-"""The one trainer: any registered head, from the in-memory cache.
+"""The one trainer: any registered head, from the cache (in memory, or streamed: train/data.py).
 
 Per batch the head's own objective is the loss (ARCHITECTURE.md rule 3: the trainer
 names no loss and no head):
@@ -97,6 +97,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     if len(train) < 2:
         raise UserError(f"the train split of {cfg.dataset} has {len(train)} item(s): training needs at least 2 "
                         "(BatchNorm and SupCon need pairs); extract more data or check the split column")
+    data.place(device_)  # a GPU: the cache moves there once when it fits
     head = build_head(cfg, data).to(device_)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
@@ -119,11 +120,10 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         fired = n_batches = 0
-        for b in range(0, len(order), cfg.batch_size):
-            idx = order[b : b + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on one sample
-                continue
-            batch = train.batch(idx, view=None if views is None else views[idx]).to(device_)
+        chunks = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
+        chunks = [idx for idx in chunks if len(idx) >= 2]  # BatchNorm cannot train on one sample
+        for batch in train.batches(chunks, views):  # streamed from the shards: read ahead meanwhile
+            batch = batch.to(device_, non_blocking=True)  # pinned on a GPU (Data.place); else a plain copy
             y = batch.labels
             terms = head.objective(head(batch), y, weight)
             opt.zero_grad(set_to_none=not keep_zero_grads)
