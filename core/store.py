@@ -595,7 +595,10 @@ def feature_bytes(folder: Path, splits=("train", "dev", "test"), hint: str = "pi
                 n, t = n + ni, t + ti
     if not n:
         return 0
-    with _read_shard(Path(folder) / next(e["file"] for e in index["shards"] if e["n"])) as f:
+    path = Path(folder) / next(e["file"] for e in index["shards"] if e["n"])
+    if not path.is_file():  # named as the load names it; the load verifies every shard's bytes
+        raise UserError(damage_message(path, "missing"))
+    with _read_shard(path) as f:
         if "maps" in f:
             return n * int(np.prod(f["maps"].shape[1:])) * 2
         row = int(np.prod(f["cls"].shape[1:])) * 2
