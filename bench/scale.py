@@ -20,7 +20,6 @@ are then warm): the machine's memory and the cache's size are recorded beside th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from bench import synth_cache  # noqa: E402
 from bench.common import save  # noqa: E402
 from core import memory, store  # noqa: E402
+from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
 TUMEMO_ITEMS = 195_000
 
@@ -53,10 +53,11 @@ def train(cache_dir: Path, dataset: str, out: Path, budget: str, epochs: int, th
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    metrics = json.loads((out / "metrics.json").read_text())
+    folder = RunFolder(out)
+    metrics = folder.metrics()
     return {"command": " ".join(cmd[1:]), "wall_seconds": time.time() - t0, "cost": metrics["cost"],
             "test": {m: metrics["test"][m]["mean"] for m in ("accuracy", "weighted_f1", "macro_f1")},
-            "log": (out / "log.csv").read_text()}
+            "log": _without_seconds(folder.log_rows())}
 
 
 def read_rate(cache_dir: Path, dataset: str, batches: int, batch_size: int = 64, seed: int = 0) -> dict:
@@ -142,7 +143,7 @@ def main() -> None:
         ram = train(work / "cache", "synth-fits", work / "runs" / "ram", str(1 << 50), args.epochs, args.threads)
         streamed = train(work / "cache", "synth-fits", work / "runs" / "streamed", "1", args.epochs, args.threads)
         assert big["cost"]["cache_streamed"] and streamed["cost"]["cache_streamed"] and not ram["cost"]["cache_streamed"]
-        identical = ram["test"] == streamed["test"] and _without_seconds(ram["log"]) == _without_seconds(streamed["log"])
+        identical = ram["test"] == streamed["test"] and ram["log"] == streamed["log"]
         print("reading")
         reads = read_rate(work / "cache", "synth-big", args.read_batches)
         spe = big["cost"]["seconds_per_epoch_median"]
@@ -171,12 +172,9 @@ def main() -> None:
             print(f"kept {work}")
 
 
-def _without_seconds(log: str) -> list[list[str]]:
-    rows = [line.split(",") for line in log.splitlines()]
-    if not rows:
-        return rows
-    at = rows[0].index("seconds")
-    return [r[:at] + r[at + 1:] for r in rows]
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    """log.csv rows without the one column that differs between identical runs."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
 if __name__ == "__main__":
