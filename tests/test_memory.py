@@ -44,9 +44,13 @@ def _forward(**env) -> tuple[str, int]:
 @glibc
 def test_the_cli_keeps_freed_memory_so_batches_fault_far_less():
     kept, faults = _forward()
-    legacy, legacy_faults = _forward(**{memory.ENV: "default"})
+    legacy, _ = _forward(**{memory.ENV: "default"})
     assert (kept, legacy) == ("True", "False")
-    assert faults * 4 < legacy_faults, (faults, legacy_faults)
+    # every buffer handed back to the OS and faulted in again, page by page, in each of the 4 timed
+    # passes: 8 x (64x112x112 + 2 x 64x56x56) floats a pass. glibc's own behaviour is not compared:
+    # its adaptive mmap threshold makes it fault anywhere from ~0 to a full storm from run to run
+    storm = 4 * 8 * (64 * 112 * 112 + 2 * 64 * 56 * 56) * 4 // os.sysconf("SC_PAGE_SIZE")
+    assert faults * 4 < storm, (faults, storm)
 
 
 def test_sizes_parse_in_binary_units():
