@@ -7,9 +7,14 @@ so each batch they were returned to the kernel and faulted in again page by page
 spent ~40% of its CPU time in the kernel (8.5 M minor faults for 150 items; PERFORMANCE.md,
 "Where stage one's time goes"). `keep_freed()` sets glibc's `mallopt` knobs for the running
 process (the MALLOC_*_ environment variables are read only at process start, too late for
-Python): buffers up to 32 MB (glibc's ceiling for the mmap threshold) come from the heap, and
-freed memory stays there for the next batch. The cost: resident memory stays at its peak
-instead of shrinking between batches, which it would reach again in the next batch anyway.
+Python): every buffer comes from the heap, and freed memory stays there for the next batch.
+The mmap threshold alone is not enough: glibc caps it at 32 MB, and EfficientNet-lite0's first
+maps at the extraction batch (32 x 32 x 112 x 112 floats, 51 MB) are above it, so they were still
+mmapped and faulted in every batch (41% of the CPU time in the kernel, 13.8 M faults for 1,026
+items, bench/results/extract.json before this); with mmap off (M_MMAP_MAX = 0) a 5-batch loop of
+its forward went from 2.87 s to 0.15 s of kernel time and 4.1 s to 2.5 s of wall time. The cost:
+resident memory stays at its peak instead of shrinking between batches, which it would reach
+again in the next batch anyway.
 
 `SPP_MALLOC=default` in the environment leaves glibc's defaults alone (benchmarks compare).
 
@@ -31,8 +36,9 @@ from pathlib import Path
 ENV = "SPP_MALLOC"
 
 # mallopt parameter numbers (glibc malloc.h)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -3, -4, -8
 MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
+MMAP_MAX = 0  # no block is mmapped, however large: the heap serves (and keeps) them all
 TRIM_THRESHOLD = 1 << 30  # trim the heap's top only when a whole GiB is free there
 TOP_PAD = 64 << 20  # grow the heap 64 MB beyond each request: fewer brk calls
 
@@ -52,8 +58,8 @@ def keep_freed() -> bool:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             arenas = max(2, len(os.sched_getaffinity(0)))  # one per core: threads beyond that share
             ok = all(libc.mallopt(p, v) == 1 for p, v in (
-                (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD),
-                (M_ARENA_MAX, arenas)))
+                (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_MMAP_MAX, MMAP_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                (M_TOP_PAD, TOP_PAD), (M_ARENA_MAX, arenas)))
         except (OSError, AttributeError):
             ok = False
     _done["set"] = ok
