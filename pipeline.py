@@ -135,8 +135,8 @@ def ablate(
 
     base, jobs = _grid(ctx, set_, jobs, threads)
     cells = grid.ablation_cells(base, runs_dir, [r.strip() for r in rows.split(",")] if rows else None)
+    target = grid.out_folder("ablate", base, runs_dir, out)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
-    target = out or grid.grid_out("ablate", base, runs_dir)
     if grid.assemble(cells, target, base.dataset, base.head) is None:
         console.print(grid.wait_note(cells))
         return
@@ -159,9 +159,8 @@ def sweep(
 
     base, jobs = _grid(ctx, set_, jobs, threads)
     cells = grid.sweep_cells(base, vary, runs_dir)
+    target = grid.out_folder("sweep", base, runs_dir, out, vary)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
-    fields = "-".join(s.partition("=")[0] for s in vary)
-    target = out or Path(f"{grid.grid_out('sweep', base, runs_dir)}-{fields}")
     png = grid.sweep_plot(cells, target)
     if png is None:
         console.print(grid.wait_note(cells))

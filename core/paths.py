@@ -60,3 +60,14 @@ def write_atomic(path: Path, data: bytes | str, tmp: Path | None = None) -> None
         if isinstance(e, OSError) and e.filename is None:  # a failed write() or close() names no file
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def write_png(path: Path, fig, **savefig) -> Path:
+    """A matplotlib figure as a PNG through `write_atomic`: rendered to bytes first, so neither a
+    reader nor a full disk ever leaves half an image at `path`."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    write_atomic(path, buf.getvalue())
+    return path

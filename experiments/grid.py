@@ -29,7 +29,7 @@ import heads
 from core import memory as core_memory
 from core import threads as core_threads
 from core.errors import UserError
-from core.paths import DEFAULT_RUNS, make_dir
+from core.paths import DEFAULT_RUNS, make_dir, output_dir, write_atomic, write_png
 from core.shards import parse_shard
 from experiments import results
 from train import data as cache
@@ -253,8 +253,8 @@ def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> results.T
         rows.append(row)
     table = results.compare(rows, against=cells[0].name, paper=head)
     make_dir(out)
-    results.csv_frame(table).to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(f"{_title(cells, dataset)}.\n\n{results.markdown(table)}")
+    write_atomic(out / "table.csv", results.csv_frame(table).to_csv(index=False))
+    write_atomic(out / "table.md", f"{_title(cells, dataset)}.\n\n{results.markdown(table)}")
     return table
 
 
@@ -283,8 +283,8 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
                      **{f"dev_{k}_std": m["dev"][k]["std"] for k in METRICS}, "run": str(c.cfg.out)})
     frame = pd.DataFrame(rows)
     make_dir(out)
-    frame.to_csv(out / "sweep.csv", index=False)
-    (out / "sweep.md").write_text(_sweep_markdown(frame, cells))
+    write_atomic(out / "sweep.csv", frame.to_csv(index=False))
+    write_atomic(out / "sweep.md", _sweep_markdown(frame, cells))
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
     x = np.arange(len(frame))
     for ax, metric in zip(axes, METRICS):
@@ -297,7 +297,7 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{_sweep_title(cells)}; pick a value on dev, report its test", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=110)
+    write_png(out / "sweep.png", fig, dpi=110)
     plt.close(fig)
     return out / "sweep.png"
 
@@ -320,8 +320,25 @@ def _sweep_markdown(frame, cells: list[Cell]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the files each grid writes in its `--out` folder, and nothing else
+WRITES = {"ablate": ("table.csv", "table.md"), "sweep": ("sweep.csv", "sweep.md", "sweep.png")}
+
+
 def grid_out(kind: str, base: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Path:
     return Path(runs_dir) / f"{kind}-{base.dataset}-{base.head}"
+
+
+def out_folder(kind: str, base: TrainConfig, runs_dir: Path, out: Path | None, vary: list[str] = ()) -> Path:
+    """The grid's table folder (`--out`, else runs/<kind>-<dataset>-<head>[-<swept fields>]), made and
+    checked before any cell trains: a folder holding files the grid does not write is someone's and is
+    refused now (`output_dir`, as `results --out`), not after the cells have trained for an hour."""
+    fields = "-".join(v.partition("=")[0] for v in vary)
+    target = out or (Path(f"{grid_out(kind, base, runs_dir)}-{fields}") if fields else grid_out(kind, base, runs_dir))
+    folder = output_dir(target, WRITES[kind], "--out")
+    runs = Path(runs_dir).resolve()
+    if folder.resolve() in (runs, *runs.parents):  # its cells would be "other files" at the next run
+        raise UserError(f"--out {target} holds the cells' --runs-dir {runs_dir}: give the table a folder of its own")
+    return folder
 
 
 def wait_note(cells: list[Cell]) -> str:

@@ -526,6 +526,8 @@ def plot(table: Table, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from core.paths import write_png
+
     names = [r.name for r in table.rows]
     means = [r.metrics["test"]["accuracy"]["mean"] for r in table.rows]
     stds = [r.metrics["test"]["accuracy"]["std"] for r in table.rows]
@@ -539,7 +541,7 @@ def plot(table: Table, path: Path) -> Path:
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_png(path, fig, dpi=110)
     plt.close(fig)
     return path
 

@@ -223,6 +223,42 @@ def test_a_number_out_of_its_range_is_one_line_naming_the_option(args, code, fra
     assert not list((places["tmp"] / "grid").glob("*/log.csv"))
 
 
+GRID_OUT = {"ablate": ("ablate", *GRID, "--rows", "one-step"), "sweep": ("sweep", *GRID, "--vary", "alpha=0.5")}
+
+
+@pytest.mark.parametrize("command", GRID_OUT)
+def test_a_grid_out_of_other_files_is_refused_before_any_training(command, places, run_main, monkeypatch, tmp_path):
+    """`ablate/sweep --out` as `results --out`: a folder of someone's files (even beside the grid's own
+    table) is refused in one line before a cell trains, and its files are left as they were; the file
+    system's root and the cells' own --runs-dir are refused too."""
+    monkeypatch.chdir(places["tmp"])
+    runs = tmp_path / "runs"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    files = {"notes.txt": b"mine", "table.csv": b"an old table", "sweep.png": b"an old plot"}
+    for name, data in files.items():
+        (theirs / name).write_bytes(data)
+    for out, fragments in ((theirs, ["--out", "holds other files", "notes.txt", "give an empty or new folder"]),
+                           ("/", ["root"]), (runs, ["holds the cells' --runs-dir"]), (tmp_path, ["holds other files"])):
+        args = [a.format(**places) for a in GRID_OUT[command]]
+        r = run_main(*args, "--runs-dir", runs, "--out", out)
+        one_error_line(r, fragments)
+        assert r.code == 1
+        assert "grid:" not in r.out  # run_cells never started
+        assert not list(runs.glob("*/log.csv")), "a cell trained before --out was refused"
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == files
+
+
+def test_a_sweep_table_on_a_full_disk_is_one_line_and_leaves_no_half_file(places, run_main, monkeypatch, tmp_path):
+    """The grids' tables and plot are written whole or not at all (core.paths.write_atomic)."""
+    monkeypatch.chdir(places["tmp"])
+    _full_for(monkeypatch, "sweep.png")
+    out = tmp_path / "sw"
+    r = run_main(*(a.format(**places) for a in GRID_OUT["sweep"]), "--runs-dir", tmp_path / "runs", "--out", out)
+    _one_disk_line(r, out / "sweep.png")
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "sweep.md"]  # no half PNG, no temp file
+
+
 COMMAND = re.compile(r"(?:pipeline\.py |`)(extract|train|eval|replay|audit|report|predict|ablate|sweep|results|heads)\b")
 
 
