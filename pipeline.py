@@ -35,7 +35,7 @@ err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narr
 
 JobsOpt = typer.Option(None, min=1, help="processes training at once, one seed (train) or cell (ablate, sweep) each [default: one per core available, one thread each]")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per process [default: the cores this process may use, divided by --jobs]")
-SetOpt = typer.Option([], "--set", help="head config field, key=value (repeatable; `pipeline.py heads` lists them)")
+SetOpt = typer.Option([], "--set", callback=cli_fields.keys_once, help="head config field, key=value (repeatable; `pipeline.py heads` lists them)")
 ShardOpt = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE, a Slurm array task)")
 RobustnessOpt = typer.Option(False, "--robustness", help="then score each seed's selected weights without its text, without its image and with noise (robustness.json; `eval --drop/--noise` does it later)")
 MemoryOpt = typer.Option(None, "--memory", help="RAM each training process may hold of the cache, e.g. 3G; beyond it batches are read from the shards, with the same numbers [default: half of the memory available (MemAvailable, or the cgroup's headroom), divided by --jobs]")

@@ -169,6 +169,21 @@ def each_once(values: list) -> list:
     return values
 
 
+def keys_once(values: list[str]) -> list[str]:
+    """A typer callback for `--set key=value` (repeatable): a key set twice (`--set alpha=0.5 --set alpha=0.6`)
+    would silently keep its last value, so it is click's one line naming the key. Keys are read as the
+    heads' `parse_sets` reads them (`cmf-scope` is `cmf_scope`); a malformed item is left to it."""
+    import typer
+
+    keys = [v.partition("=")[0].strip().replace("-", "_") for v in values]
+    twice = [k for i, k in enumerate(keys) if k in keys[:i]]
+    if twice:
+        given = ", ".join(v for v, k in zip(values, keys) if k == twice[0])
+        raise typer.BadParameter(f"{twice[0]} set twice ({given}); set each key once "
+                                 "(`sweep --vary key=v1,v2` tries several values)")
+    return values
+
+
 def _typer_params(specs: list[inspect.Parameter]) -> list:
     """The click parameters typer makes for a function with this signature (so generated options
     look, parse and convert exactly as the hand-written ones of `pipeline.py`)."""

@@ -198,6 +198,12 @@ NUMBERS = [
     ("sweep-field-twice", ("sweep", *GRID, "--vary", "alpha=0.5", "--vary", "alpha=0.6"), 1,
      ["--vary 'alpha=0.6'", "alpha is varied twice"]),
     ("ablate-row-twice", ("ablate", *GRID, "--rows", "one-step,w/o CMF,one-step"), 1, ["--rows", "'one-step' given twice"]),
+    ("train-set-key-twice", (*TRAIN, "--set", "alpha=0.5", "--set", "alpha=0.6"), 2,
+     ["'--set'", "alpha set twice (alpha=0.5, alpha=0.6)"]),
+    ("ablate-set-key-twice", ("ablate", *GRID, "--set", "cmf_scope=batch", "--set", "cmf-scope=sample"), 2,
+     ["'--set'", "cmf_scope set twice"]),
+    ("sweep-set-key-twice", ("sweep", *GRID, "--vary", "alpha=0.5", "--set", "lambda_ce=1", "--set", "lambda_ce=1"), 2,
+     ["'--set'", "lambda_ce set twice"]),
     # ranges declared on the fields of train/config.py and checked by HeadConfig.validate
     ("train-lr-0", (*TRAIN, "--lr", "0"), 2, ["'--lr'", "must be > 0"]),
     ("train-weight-decay-negative", (*TRAIN, "--weight-decay", "-1"), 2, ["'--weight-decay'", "must be >= 0"]),
