@@ -38,7 +38,9 @@ def output_dir(path: Path, owns: tuple[str, ...], what: str) -> Path:
     if path.resolve() == Path(path.resolve().anchor):
         raise UserError(f"{what} {path}: the file system's root; give a folder of its own")
     if path.is_dir():
-        other = sorted(p.name for p in path.iterdir() if p.name not in owns)
+        # `<owned>.tmp<pid>`: what write_atomic leaves when a writer is killed mid-write is its own
+        other = sorted(p.name for p in path.iterdir()
+                       if p.name not in owns and not any(p.name.startswith(f"{o}.tmp") for o in owns))
         if other:
             raise UserError(f"{what} {path} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): "
                             "give an empty or new folder")

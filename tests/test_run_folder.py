@@ -259,3 +259,17 @@ def test_ctrl_c_note_reads_what_the_state_files_hold(finished, tmp_path):
     (folder.path / "seed-2.json").unlink()
     folder.save_state(2, {"epoch": 2})
     assert folder.kept_epochs([1, 2, 3]) == {1: 0, 2: 2, 3: 0}
+
+
+def test_an_output_folder_keeps_accepting_its_own_half_written_files(tmp_path):
+    """A writer killed mid-write leaves `<owned>.tmp<pid>` (core.paths.write_atomic): the folder is
+    still the command's own; anything else in it is someone's."""
+    from core.paths import output_dir
+
+    out = tmp_path / "tables"
+    out.mkdir()
+    (out / "table.csv.tmp4242").write_text("half")
+    assert output_dir(out, ("table.csv", "table.md"), "--out") == out
+    (out / "table.csv.bak").write_text("mine")
+    with pytest.raises(UserError, match=r"holds other files \(table.csv.bak\)"):
+        output_dir(out, ("table.csv", "table.md"), "--out")
