@@ -89,6 +89,8 @@ def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell
             raise UserError(f"--vary {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
         if key in keys:  # the second would silently win in every cell
             raise UserError(f"--vary {item!r}: {key} is varied twice; give all its values in one --vary {key}=v1,v2")
+        if key in _base_values(base):  # set for the whole grid too: --vary would silently win in every cell
+            raise UserError(f"--vary {item!r}: {key} is also set for the whole grid (--set or a flag); drop one of them")
         keys.append(key)
         axis = [f"{key}={v.strip()}" for v in values.split(",") if v.strip()]
         parsed = [heads.parse_sets(base.head, [a], "--vary")[key] for a in axis]

@@ -135,6 +135,9 @@ CASES = [
     ("sweep-no-values", ("sweep", *GRID, "--vary", "alpha"), ["give key=v1,v2"]),
     ("sweep-several-fixed", ("sweep", *GRID, "--vary", "alpha=0.5", "--set", "lambda_ce=1,2"), ["one value", "--vary"]),
     ("sweep-unknown-fixed", ("sweep", *GRID, "--vary", "alpha=0.5", "--set", "alpah=0.5"), ["--set 'alpah=0.5'"]),
+    ("sweep-set-and-varied", ("sweep", *GRID, "--vary", "alpha=0.5,0.75", "--set", "alpha=0.6"),
+     ["--vary 'alpha=0.5,0.75'", "also set for the whole grid"]),
+    ("sweep-flag-and-varied", ("sweep", *GRID, "--vary", "alpha=0.5,0.75", "--alpha", "0.6"), ["also set for the whole grid"]),
     # results
     ("results-nothing", ("results",), ["give run folders"]),
     ("results-missing-folder", ("results", "{tmp}/nope"), ["nope: no such file or folder"]),
