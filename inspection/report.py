@@ -31,7 +31,7 @@ from sklearn.metrics.pairwise import cosine_distances  # noqa: E402
 
 from core.device import device  # noqa: E402
 from core.errors import UserError  # noqa: E402
-from core.paths import write_atomic  # noqa: E402
+from core.paths import write_atomic, write_png  # noqa: E402
 from train.data import Split  # noqa: E402
 from train.run_folder import RunFolder  # noqa: E402
 from train.scoring import eval_orders, forward, predict  # noqa: E402
@@ -98,7 +98,7 @@ def plot_losses(log: pd.DataFrame, path: Path, title: str = "") -> list[str]:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_png(path, fig, dpi=100)
     plt.close(fig)
     return cols
 
@@ -119,7 +119,7 @@ def plot_distances(groups: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_png(path, fig, dpi=100)
     plt.close(fig)
 
 
@@ -142,7 +142,7 @@ def plot_tsne(emb: dict[str, np.ndarray], labels: np.ndarray, classes: list[str]
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_png(path, fig, dpi=100)
     plt.close(fig)
 
 
@@ -157,7 +157,7 @@ def plot_confusions(matrices: dict[int, np.ndarray], classes: list[str], path: P
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_png(path, fig, dpi=100)
     plt.close(fig)
 
 

@@ -3,6 +3,8 @@ synthetic cache (2 epochs, 2 seeds, batch 12), label-blind embeddings, skipped p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 import matplotlib.axes
 import numpy as np
@@ -143,12 +145,10 @@ def test_report_on_a_run_without_weights_is_one_error_and_no_warning(synth_run, 
 def test_figures_name_their_run_and_seed_and_label_every_axis(synth_run, monkeypatch):
     """Every figure is titled with the run (and seed where one seed's embeddings are shown), every
     axis of a plot labelled, and report.md explains each loss term and distance it names."""
-    import matplotlib.figure
-
     saved = []
-    real = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append((fig, path))
-                        or real(fig, path, **kw))
+    real = report.write_png
+    monkeypatch.setattr(report, "write_png", lambda path, fig, **kw: saved.append((fig, Path(path)))
+                        or real(path, fig, **kw))
     text = report.write_report(synth_run).read_text()
     for fig, path in saved:
         title = fig._suptitle.get_text() if fig._suptitle else ""
