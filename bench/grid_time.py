@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import cli, out_file, save  # noqa: E402
+from experiments.results import find_runs  # noqa: E402
 from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
 
@@ -49,19 +50,10 @@ def makespan(durations: list[float], lanes: int) -> float:
     return max(free)
 
 
-def runs_of(paths: list[Path]) -> list[RunFolder]:
-    """Run folders given, or the run folders inside a grid folder given, in name order."""
-    out = []
-    for p in paths:
-        folder = RunFolder(p)
-        out += [folder] if folder.is_run() else RunFolder.under(p)
-    return out
-
-
 @cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("grids", nargs="+", type=Path, help="grid folders (their run folders) or run folders, in run order")
+    ap.add_argument("grids", nargs="+", type=Path, help="run folders, folders of them or glob patterns, in run order (as `results` takes them)")
     ap.add_argument("--lanes", type=int, default=2)
     ap.add_argument("--outlier", type=float, default=3.0, help="an epoch over this x its run's median was disturbed")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "grid_time.json")
@@ -69,9 +61,7 @@ def main() -> None:
     if a.lanes < 1 or not a.outlier > 1:
         ap.error("--lanes must be >= 1 and --outlier > 1")
     out_file(a.out)  # refused before reading anything
-    cells = [cell_seconds(f, a.outlier) for f in runs_of(a.grids)]
-    if not cells:
-        ap.error(f"no run folder in {', '.join(map(str, a.grids))}")
+    cells = [cell_seconds(RunFolder(p), a.outlier) for p in find_runs(a.grids)]  # a bad path: one line
     total = sum(c["seconds"] for c in cells)
     result = {"grids": [str(g) for g in a.grids], "lanes": a.lanes, "outlier": a.outlier, "cells": cells,
               "epochs": sum(c["epochs"] for c in cells), "lane_seconds": total,
