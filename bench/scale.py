@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import synth_cache  # noqa: E402
-from bench.common import save  # noqa: E402
+from bench.common import cli, out_file, save  # noqa: E402
 from core import memory, store  # noqa: E402
 from train.run_folder import RunFolder  # noqa: E402  (a run folder is read there alone)
 
@@ -111,6 +111,7 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--big-gib", type=float, default=8.0, help="size of the big cache's features in memory")
@@ -120,15 +121,23 @@ def main() -> None:
     ap.add_argument("--shapes", choices=sorted(synth_cache.SHAPES), default="paper")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of each training [default: the CLI's]")
     ap.add_argument("--read-batches", type=int, default=50)
-    ap.add_argument("--work-dir", type=Path, default=None, help="where the caches go [default: a temp folder]")
-    ap.add_argument("--keep", action="store_true", help="keep the caches and runs")
+    ap.add_argument("--work-dir", type=Path, default=None,
+                    help="where the caches and runs go, kept, and caches already there reused (write them with "
+                         "--write-only while the cores are busy, measure later) [default: a temp folder, removed]")
+    ap.add_argument("--write-only", action="store_true", help="write the caches into --work-dir and stop")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = ap.parse_args()
+    out_file(args.out)
 
     shapes = synth_cache.SHAPES[args.shapes]
     per_item = synth_cache.item_bytes(shapes)
     big_items = max(50, int(args.big_gib * 2 ** 30 / per_item))
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.work_dir))
+    if args.write_only and not args.work_dir:
+        raise SystemExit("--write-only needs --work-dir (where the caches are kept for the measuring run)")
+    keep = args.work_dir is not None
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "runs", ignore_errors=True)  # runs of an earlier measurement; caches are reused
     need = 1.1 * (big_items + args.fits_items) * per_item
     if shutil.disk_usage(work).free < need:
         raise SystemExit(f"{work}: {need / 2**30:.1f} GiB of disk needed, {shutil.disk_usage(work).free / 2**30:.1f} free")
@@ -137,6 +146,8 @@ def main() -> None:
         big_cache = synth_cache.write(work / "cache", "synth-big", big_items, shapes)
         print(f"writing the cache that fits: {args.fits_items} items")
         fits_cache = synth_cache.write(work / "cache", "synth-fits", args.fits_items, shapes, seed=1)
+        if args.write_only:
+            return
         print("training from the big cache, streamed")
         big = train(work / "cache", "synth-big", work / "runs" / "big", args.budget, args.epochs, args.threads)
         print("training from the cache that fits, in RAM and streamed")
@@ -166,7 +177,7 @@ def main() -> None:
         }
         save(args.out, result, markdown(result))
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept {work}")

@@ -18,7 +18,8 @@ from core import paths
 
 from conftest import FullDisk, quiet_console
 
-SCRIPTS = {"ablate": (), "audit": (), "contention": (), "extract": (), "patience": ("some-run",), "train": ()}
+SCRIPTS = {"ablate": (), "audit": (), "contention": (), "extract": (), "patience": ("some-run",), "scale": (),
+           "train": ()}
 
 
 def run_script(name: str, *args, monkeypatch, capsys) -> tuple[int, str, str]:
@@ -117,3 +118,21 @@ def test_a_full_disk_leaves_the_previous_result_whole_and_is_one_line(tmp_path, 
     assert err.count("\n") == 1 and err.startswith(f"error: no space left on the device: {out}"), err
     assert json.loads(out.read_text()) == {"seconds": 1} and out.with_suffix(".md").read_text() == "| old |\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.json", "x.md"]
+
+
+def test_synth_cache_keeps_a_finished_cache_of_the_same_arguments_and_rewrites_another(tmp_path):
+    """bench/scale.py writes its caches while the cores are busy and measures later: a finished
+    cache written with the same arguments is reused untouched; other arguments write anew."""
+    from bench import synth_cache
+    small = synth_cache.SHAPES["default"]
+    first = synth_cache.write(tmp_path, "s", 30, small, shard_size=16, log=None)
+    shards = sorted(tmp_path.rglob("*.h5"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    again = synth_cache.write(tmp_path, "s", 30, small, shard_size=16, log=None)
+    assert again["write_seconds"] is None and first["write_seconds"] is not None
+    assert {k: v for k, v in again.items() if k != "write_seconds"} == \
+        {k: v for k, v in first.items() if k != "write_seconds"}
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
+    other = synth_cache.write(tmp_path, "s", 30, small, shard_size=16, seed=3, log=None)
+    assert other["write_seconds"] is not None
+    assert [p.stat().st_mtime_ns for p in sorted(tmp_path.rglob("*.h5"))] != stamps
