@@ -12,7 +12,10 @@ The mmap threshold alone is not enough: glibc caps it at 32 MB, and EfficientNet
 maps at the extraction batch (32 x 32 x 112 x 112 floats, 51 MB) are above it, so they were still
 mmapped and faulted in every batch (41% of the CPU time in the kernel, 13.8 M faults for 1,026
 items, bench/results/extract.json before this); with mmap off (M_MMAP_MAX = 0) a 5-batch loop of
-its forward went from 2.87 s to 0.15 s of kernel time and 4.1 s to 2.5 s of wall time. The cost:
+its forward went from 2.87 s to 0.15 s of kernel time and 4.1 s to 2.5 s of wall time. Trimming is
+off too (M_TRIM_THRESHOLD -1): with a 1 GiB threshold, one extraction of 1,026 items in three still
+took 3.1 M faults instead of 0.3-0.4 M, a batch's transient GiB at the heap's top being handed back
+and faulted in again. The cost:
 resident memory stays at its peak instead of shrinking between batches, which it would reach
 again in the next batch anyway.
 
@@ -39,7 +42,7 @@ ENV = "SPP_MALLOC"
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -3, -4, -8
 MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
 MMAP_MAX = 0  # no block is mmapped, however large: the heap serves (and keeps) them all
-TRIM_THRESHOLD = 1 << 30  # trim the heap's top only when a whole GiB is free there
+TRIM_THRESHOLD = -1  # never trim the heap: glibc reads -1 as "trimming off" (mallopt(3))
 TOP_PAD = 64 << 20  # grow the heap 64 MB beyond each request: fewer brk calls
 
 _done: dict[str, bool] = {}

@@ -10,6 +10,8 @@ uninterrupted run.
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -272,26 +274,37 @@ def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None
     return np.stack(cls) if cls else np.zeros((0,)), tokens
 
 
-class _ImageBatches(torch.utils.data.Dataset):
-    """Decodes one batch per index in a worker process, so decoding overlaps the forward."""
+def _decode_batch(enc, items: list[Item]):
+    """(items decoded, their batch tensor or None, (id, stage, reason) of each unreadable file)."""
+    good, arrays, bad = [], [], []
+    for it in items:
+        try:
+            arrays.append(enc.load(it.image))
+            good.append(it)
+        except Exception as e:  # any decoder error means this one file is unusable
+            bad.append((it.id, "image", f"unreadable image {it.image.name}: {type(e).__name__}: {e}; "
+                                       "replace the file or drop the item"))
+    return good, (torch.from_numpy(np.stack(arrays)) if arrays else None), bad
 
-    def __init__(self, enc, batches: list[list[Item]]):
-        self.enc, self.batches = enc, batches
 
-    def __len__(self):
-        return len(self.batches)
+def _decoded(enc, batches: list[list[Item]], ahead: int = 2):
+    """The batches decoded, in order, by a thread that runs `ahead` batches before the forward.
 
-    def __getitem__(self, i):
-        good, arrays, bad = [], [], []
-        for it in self.batches[i]:
-            try:
-                arrays.append(self.enc.load(it.image))
-                good.append(it)
-            except Exception as e:  # any decoder error means this one file is unusable
-                bad.append((it.id, "image", f"unreadable image {it.image.name}: {type(e).__name__}: {e}; "
-                                           "replace the file or drop the item"))
-        x = torch.from_numpy(np.stack(arrays)) if arrays else None
-        return good, x, bad
+    Why a thread, not a DataLoader worker process: PIL decodes and resizes without the GIL, while
+    a forked worker shares the parent's heap copy-on-write (pages the forward writes into get
+    copied while it lives) and hands each batch over in a fresh shared-memory segment, faulted
+    in on both sides: kernel time that the forward does not need."""
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+        pending = deque(pool.submit(_decode_batch, enc, b) for b in batches[:ahead])
+        try:
+            for b in batches[ahead:] + [None] * min(ahead, len(batches)):
+                done = pending.popleft().result()
+                if b is not None:
+                    pending.append(pool.submit(_decode_batch, enc, b))
+                yield done
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tuple[int, tuple[Path, bool]]:
@@ -305,14 +318,10 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
     task = _task(progress, f"image {cfg.image_encoder}", shards, todo, "images")
     # Batches never cross a shard, so a shard's output never depends on its neighbours.
     batches = [(k, shards[k][b : b + cfg.batch_size]) for k in todo for b in range(0, len(shards[k]), cfg.batch_size)]
-    loader = torch.utils.data.DataLoader(
-        _ImageBatches(enc, [b for _, b in batches]), batch_size=None, num_workers=1 if batches else 0,
-        prefetch_factor=2 if batches else None,
-    )
     pending: dict[int, list] = {}
     left = {k: sum(1 for kk, _ in batches if kk == k) for k in todo}
     t0 = time.time()
-    for (k, _), (good, x, bad) in zip(batches, loader):
+    for (k, _), (good, x, bad) in zip(batches, _decoded(enc, [b for _, b in batches])):
         acc = pending.setdefault(k, [[], [], []])
         if x is not None:
             acc[0] += good
