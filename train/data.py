@@ -446,10 +446,9 @@ def _streamed(folders: dict, prov: dict, dataset: str, encoder: str, text_views:
     return splits, dropped, n_views
 
 
-def _stream_views(folder: Path, clean: store.Provenance, text: store.ItemReader, train, dataset: str,
-                  encoder: str) -> list[store.ItemReader]:
-    """A reader per dropout view, checked as `_load_views` checks them; a view's train items are
-    numbered 0..N-1 in the clean train split's order."""
+def _view_folders(folder: Path, clean: store.Provenance, train, dataset: str, encoder: str) -> tuple[str, list[Path]]:
+    """The command that makes the dropout views, and their folders, each made from this clean cache
+    (else one UserError: no views, no train split, or views of another cache)."""
     hint = f"python pipeline.py extract {extract_source(dataset)} --text-encoder {encoder} --text-views K"
     folders = store.view_folders(folder)
     if not folders:
@@ -457,12 +456,21 @@ def _stream_views(folder: Path, clean: store.Provenance, text: store.ItemReader,
                         "states are kept), or train without --text-views")
     if train is None:
         raise UserError(f"the {dataset} cache has no train split to draw text views for")
-    out = []
     for vf in folders:
         differs = clean.differences(replace(store.provenance(vf, hint), view=clean.view))
         if differs:
             raise UserError(f"text views {vf} were made from another cache: {'; '.join(differs)}. "
                             f"Run `{hint} --force` to rebuild both")
+    return hint, folders
+
+
+def _stream_views(folder: Path, clean: store.Provenance, text: store.ItemReader, train, dataset: str,
+                  encoder: str) -> list[store.ItemReader]:
+    """A reader per dropout view, checked as `_load_views` checks them; a view's train items are
+    numbered 0..N-1 in the clean train split's order."""
+    hint, folders = _view_folders(folder, clean, train, dataset, encoder)
+    out = []
+    for vf in folders:
         v = _reader(vf, hint)
         rows = np.flatnonzero(v.splits == "train")
         if ([v.ids[i] for i in rows] != train.ids or len(rows) != len(v)
@@ -492,19 +500,9 @@ def _load_views(folder: Path, clean: store.Provenance, train: store.TextFeatures
 
     Refused, never silently replaced by clean states: no views, an unfinished view, or
     views made from another clean cache."""
-    hint = f"python pipeline.py extract {extract_source(dataset)} --text-encoder {encoder} --text-views K"
-    folders = store.view_folders(folder)
-    if not folders:
-        raise UserError(f"the text cache {folder} has no dropout views: run `{hint}` (e.g. K=4; the clean "
-                        "states are kept), or train without --text-views")
-    if train is None:
-        raise UserError(f"the {dataset} cache has no train split to draw text views for")
+    hint, folders = _view_folders(folder, clean, train, dataset, encoder)
     cls = tokens = None
     for k, vf in enumerate(folders):
-        differs = clean.differences(replace(store.provenance(vf, hint), view=clean.view))
-        if differs:
-            raise UserError(f"text views {vf} were made from another cache: {'; '.join(differs)}. "
-                            f"Run `{hint} --force` to rebuild both")
         v = store.load_text(vf, splits=("train",), hint=hint).get("train")
         if v is None or v.ids != train.ids or not torch.equal(v.offsets, train.offsets):
             raise UserError(f"text views {vf} do not hold the clean cache's train texts: run `{hint} --force`")
