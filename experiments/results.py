@@ -406,7 +406,7 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
     protocol = any("protocol_check" in r.metrics for r in table.rows)
     cost = any(r.metrics.get("cost") for r in table.rows)
     head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1",
-            *(["paper acc / F1"] if table.paper else []), "selected epochs"]
+            *(["paper acc / F1"] if table.paper else []), "selected epochs", "dev acc"]
     if protocol:
         head += ["file-order test acc, best / last epoch", "best minus label-blind"]
     if table.reference is not None:
@@ -428,7 +428,7 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
         cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m], len(r.seeds)) for m in METRICS)]
         if table.paper:
             cells.append("{:.4f} / {:.4f}".format(*table.paper_numbers[r.name]) if r.name in table.paper_numbers else "")
-        cells.append(epochs)
+        cells += [epochs, _ms(r.metrics["dev"]["accuracy"], len(r.seeds))]
         if protocol:
             cells += _protocol(r)
         if table.reference is not None:
@@ -447,7 +447,8 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
             base = table.reference or table.rows[0]
             cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
         rows.append(cells)
-    notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds."]
+    notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds. Dev acc: dev accuracy at the "
+             "selected epoch, beside test so that a setting chosen on dev can be read as it was chosen."]
     if robust:
         notes.append("acc drop text / drop image: test accuracy with that modality replaced by its train mean; acc "
                      "noise S: with Gaussian noise of S train stds on every feature (robustness.json, train/robustness.py).")
@@ -476,7 +477,7 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
             notes.append("Warning: a row with 1 seed cannot be tested (no p): use 5 seeds.")
     order = ["run", "accuracy", "Δacc", "p (Holm)", "beyond noise", "acc drop", "weighted F1", "macro F1", "seeds",
              "settings", "acc noise",
-             "gain, p (Holm)", "gain minus", "differs in", "baseline acc", "selected epochs", "head", "test",
+             "gain, p (Holm)", "gain minus", "differs in", "baseline acc", "dev acc", "selected epochs", "head", "test",
              "file-order", "best minus"]
     rank = [next((i for i, name in enumerate(order) if h.startswith(name)), len(order)) for h in head]
     gain = next((k for k, h in enumerate(head) if h.startswith("gain minus")), len(head))
@@ -510,6 +511,7 @@ def csv_frame(table: Table):
                "selected_epochs": " ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])}
         for m in METRICS:
             rec[f"{m}_mean"], rec[f"{m}_std"] = r.metrics["test"][m]["mean"], r.metrics["test"][m]["std"]
+        rec["dev_accuracy_mean"], rec["dev_accuracy_std"] = r.metrics["dev"]["accuracy"]["mean"], r.metrics["dev"]["accuracy"]["std"]
         if table.paper:
             rec["paper_accuracy"], rec["paper_f1"] = table.paper_numbers.get(r.name, (None, None))
         rec.update(table.comparisons.get(r.name, {}))

@@ -311,3 +311,19 @@ def test_cost_columns_appear_when_a_run_recorded_its_cost(tmp_path):
     assert "|  |  |  |  |" in md  # the probe has no cost recorded
     frame = results.csv_frame(table)
     assert frame.loc[frame["run"] == "spp", "cost_trainable_parameters"].item() == 123456
+
+
+def test_dev_accuracy_stands_beside_test_in_tables_and_csv(tmp_path):
+    """A setting chosen on dev (alpha) is read from the dev column; test stays beside it, never used to choose."""
+    for name in ("a", "b"):
+        make_run(tmp_path / "runs", name, REF)
+    t = results.build([tmp_path / "runs"])
+    head, _, rows, notes = results._layout(t)
+    k = head.index("dev acc")
+    assert head[k - 1] == "selected epochs"
+    for r, cells in zip(t.rows, rows):
+        assert cells[k] == results._ms(r.metrics["dev"]["accuracy"], len(r.seeds)) != ""
+        assert cells[k] != cells[head.index("accuracy")] or r.metrics["dev"]["accuracy"] == r.metrics["test"]["accuracy"]
+    frame = results.csv_frame(t)
+    assert list(frame["dev_accuracy_mean"]) == [r.metrics["dev"]["accuracy"]["mean"] for r in t.rows]
+    assert any("Dev acc" in n for n in notes)
