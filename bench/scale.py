@@ -55,7 +55,8 @@ def train(cache_dir: Path, dataset: str, out: Path, budget: str, epochs: int, th
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     folder = RunFolder(out)
     metrics = folder.metrics()
-    return {"command": " ".join(cmd[1:]), "wall_seconds": time.time() - t0, "cost": metrics["cost"],
+    shown = " ".join(cmd[1:]).replace(str(REPO) + "/", "").replace(str(cache_dir.parent), "<work-dir>")
+    return {"command": shown, "wall_seconds": time.time() - t0, "cost": metrics["cost"],
             "test": {m: metrics["test"][m]["mean"] for m in ("accuracy", "weighted_f1", "macro_f1")},
             "log": _without_seconds(folder.log_rows())}
 
@@ -146,6 +147,8 @@ def main() -> None:
         big_cache = synth_cache.write(work / "cache", "synth-big", big_items, shapes)
         print(f"writing the cache that fits: {args.fits_items} items")
         fits_cache = synth_cache.write(work / "cache", "synth-fits", args.fits_items, shapes, seed=1)
+        for c in (big_cache, fits_cache):  # no path of this machine in the results
+            c["cache_dir"] = "<work-dir>/cache"
         if args.write_only:
             return
         print("training from the big cache, streamed")
