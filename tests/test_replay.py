@@ -236,3 +236,18 @@ def test_the_numbers_of_a_replay_are_stored_and_the_next_replay_here_runs_no_ref
     with pytest.raises(Difference, match=r"log\.csv, loss_ce, epoch 1: this machine's numbers stored in replay\.json "
                                          rf"by the replay of {latest} [0-9.]+, now [0-9.]+; the current code does not"):
         replay(run, seed=2)
+
+
+def test_a_run_resumed_here_after_seeds_made_elsewhere_replays_its_first_seed_against_this_machines_numbers(copy):
+    """Seeds 1-3 trained on another CPU, seeds 4-5 here: the resume wrote this machine into config.json,
+    so the recorded numbers of seed 1 are not this machine's. A replay that stored this machine's numbers
+    of seed 1 earlier is the target, not the record (it failed, naming epoch 1, before)."""
+    run = copy / "probe"
+    made_elsewhere(run, None)
+    first = replay(run)  # against the run's own code here; stores this machine's numbers
+    assert first.complete and first.reference
+    saved = json.loads((run / "config.json").read_text())
+    saved["machine"] = {**fingerprint.machine(), "threads": 1}  # what a resume here writes
+    (run / "config.json").write_text(json.dumps(saved))
+    again = replay(run)
+    assert again.complete and again.stored is not None and not again.reference

@@ -107,10 +107,10 @@ def _replay(folder: RunFolder, seed: int | None, epochs: int | None, cache_dir: 
     complete = epochs is None or through == best
     fields = (list(FINAL_FIELDS) + (["last_epoch_test"] if last else [])) if complete else []  # scored at the end
     target = Target(log_rows, protocol_rows, recorded, "recorded")
-    stored = None  # numbers an earlier replay computed on this machine, when it is not the run's own
-    if not (then and _same_machine(then, here)):
-        stored = next((n for n in folder.replay_numbers()
-                       if _reaches(n, seed, here, through, fields, cfg.protocol_check)), None)
+    # Numbers an earlier replay computed on this machine come first, even where config.json names this
+    # machine: a run resumed here records this machine, while its first seeds may have been made elsewhere.
+    stored = next((n for n in folder.replay_numbers()
+                   if _reaches(n, seed, here, through, fields, cfg.protocol_check)), None)
     from train.data import load_data
 
     data = load_data(cfg)
