@@ -611,6 +611,13 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return first + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
+def _runs(rows: np.ndarray, at: np.ndarray):
+    """(rows, at) cut where either stops going up by one: each piece is one read of consecutive
+    rows into consecutive places."""
+    cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(at) != 1)) + 1
+    return zip(np.split(rows, cut), np.split(at, cut))
+
+
 _F16 = np.dtype("<f2")  # how every feature dataset is stored
 try:  # ISA-L inflates the same deflate streams about twice as fast as zlib; both release the GIL
     from isal.isal_zlib import decompress as _inflate, error as _InflateError
@@ -675,8 +682,7 @@ class _Feature:
         if self.offset is not None:
             flat = out.reshape(len(out), -1)
             fd, row_bytes = self._handle("fd"), 2 * self.width
-            cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(at) != 1)) + 1
-            for r, a in zip(np.split(rows, cut), np.split(at, cut)):
+            for r, a in _runs(rows, at):
                 buf = memoryview(flat[int(a[0]) : int(a[-1]) + 1]).cast("B")
                 if os.preadv(fd, [buf], self.offset + int(r[0]) * row_bytes) != len(buf):
                     raise UserError(damage_message(self.path, f"shorter than its {self.name} rows need"))
@@ -687,10 +693,8 @@ class _Feature:
                 self._inflate(r, os.pread(fd, int(self.chunks[r, 1]), int(self.chunks[r, 0])), flat[a])
         else:
             order = np.argsort(rows, kind="stable")
-            rows, at = rows[order], at[order]
-            cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(at) != 1)) + 1
             ds = self._handle("h5")
-            for r, a in zip(np.split(rows, cut), np.split(at, cut)):
+            for r, a in _runs(rows[order], at[order]):
                 ds.read_direct(out, np.s_[int(r[0]) : int(r[-1]) + 1], np.s_[int(a[0]) : int(a[-1]) + 1])
 
     def _inflate(self, r: int, raw: bytes, out: np.ndarray) -> None:
