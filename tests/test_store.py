@@ -524,13 +524,20 @@ def test_maps_stored_another_way_read_the_same(tmp_path, monkeypatch, layout):
     assert r.maps(IDX).tobytes() == maps[IDX].tobytes()
 
 
-def test_maps_inflate_alike_with_zlib(tmp_path, monkeypatch):
-    """ISA-L is optional: without it zlib inflates the same maps."""
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_maps_deflate_and_inflate_alike_with_zlib(tmp_path, monkeypatch, deflate):
+    """ISA-L is optional: without it zlib deflates and inflates the same maps, and HDF5's own filters
+    (h5py) read the chunks this writer deflated, whichever deflated them."""
     import zlib
 
+    if deflate == "zlib":
+        monkeypatch.setattr(store, "_deflate", zlib.compress)
     maps = image_shards(tmp_path, np.random.default_rng(5))
     monkeypatch.setattr(store, "_inflate", zlib.decompress)
     assert store.ItemReader(tmp_path).maps(IDX).tobytes() == maps[IDX].tobytes()
+    with h5py.File(tmp_path / store.shard_name(1, 3), "r") as f:
+        assert f["maps"].compression == "gzip" and f["maps"].shuffle and f["maps"].compression_opts == 1
+        assert f["maps"][()].tobytes() == maps[:3].tobytes()
 
 
 def test_the_item_reader_checks_every_shard_and_a_map_damaged_later_is_one_line(tmp_path):
