@@ -184,7 +184,8 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
             if c not in todo and c.folder.is_finished():  # scored only: its run files stay as they are
-                runs.score_default_robustness(c.cfg.out, c.cfg, _data(c.cfg, budget))
+                with c.folder.writer():
+                    runs.score_default_robustness(c.cfg.out, c.cfg, _data(c.cfg, budget))
     return mine
 
 
@@ -226,10 +227,7 @@ def _train_cell(cfg: TrainConfig, robust: bool = False, memory: int | None = Non
     data = _data(cfg, memory)
     if robust:
         robustness.check_in_memory(data)  # before this cell trains
-    out = runs.train_run(cfg, data).out
-    if robust:
-        runs.score_default_robustness(out, cfg, data)
-    return str(out)
+    return str(runs.train_run(cfg, data, robust=robust).out)
 
 
 def _data(cfg: TrainConfig, memory: int | None = None) -> cache.Data:

@@ -134,3 +134,33 @@ def test_results_shows_the_robustness_columns(run):
     md = results.markdown(results.build([cfg.out]))
     assert "| acc drop image |" in md and "| acc noise 1 |" in md
     assert f"{scored['summary']['drop_image']['accuracy']['mean']:.4f}" in md
+
+
+def test_robustness_json_is_written_under_the_folders_writer_lock(run, synth_cache, tmp_path, monkeypatch):
+    """Scoring robustness is the last write of a run: a second process that found the run finished but
+    unscored (two grid lanes on one cell) scored it too, beside the first. Whoever scores it, `train
+    --robustness`, a grid cell, or `eval --drop/--noise`, holds the folder's writer lock while it does."""
+    from core.errors import UserError
+    from train.runs import evaluate
+
+    held = []
+    real = robustness.evaluate_run
+
+    def scoring(out, *a, **k):
+        with pytest.raises(UserError, match="is being written by another process"):
+            with RunFolder(out).writer():  # what a second writer would meet
+                pass
+        held.append(out)
+        return real(out, *a, **k)
+
+    monkeypatch.setattr(robustness, "evaluate_run", scoring)
+    c = synth_cache
+    cfg = TrainConfig(dataset=c.dataset, cache_dir=c.cache_dir, text_encoder=c.text_encoder, image_encoder=c.image_encoder,
+                      head="late_concat", epochs=1, seeds=(1,), batch_size=8, eval_orders=1, out=tmp_path / "a")
+    runs.train(cfg, quiet_console(), robust=True)
+    from dataclasses import replace
+
+    runs.train_run(replace(cfg, out=tmp_path / "b"), load_data(cfg.resolved()), robust=True)
+    evaluate(run[0].out, drop=["image"])
+    assert held == [tmp_path / "a", tmp_path / "b", run[0].out]
+    assert not (tmp_path / "a" / RunFolder.LOCK).exists()  # and let go of it after

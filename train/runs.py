@@ -131,8 +131,8 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
                 screen.refresh()
 
             result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
-    if robust:
-        score_default_robustness(result.out, cfg, data)
+        if robust:
+            score_default_robustness(result.out, cfg, data)
     for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
         console.print(line, highlight=False, soft_wrap=True)
     return result.out
@@ -140,7 +140,9 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
 
 def score_default_robustness(out: Path, cfg: TrainConfig, data: cache.Data) -> None:
     """`--robustness`: every seed's selected weights without each modality and with noise
-    (ROBUSTNESS), unless robustness.json has those conditions already (a resumed grid)."""
+    (ROBUSTNESS), unless robustness.json has those conditions already (a resumed grid). The caller
+    holds the folder's writer lock: robustness.json is the run's last file, and a second process
+    that found the run finished but unscored would score it too."""
     cfg = cfg.resolved()
     conds = robustness.conditions(cfg.head_config.reads(), ROBUSTNESS["drop"], ROBUSTNESS["noise"])
     if set(conds) - set(RunFolder(out).robustness().get("summary", {})):
@@ -148,12 +150,15 @@ def score_default_robustness(out: Path, cfg: TrainConfig, data: cache.Data) -> N
 
 
 def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
-              t0: float | None = None, jobs: int = 1, threads: int | None = None) -> RunResult:
+              t0: float | None = None, jobs: int = 1, threads: int | None = None, robust: bool = False) -> RunResult:
     """The library call under every command: plan the run of `cfg` on already loaded `data` and
-    train it (`run`), holding its folder's writer lock throughout; no UI. A grid calls it once
-    per cell with the same `data`, so the cache is loaded once."""
+    train it (`run`; `robust`: then score its robustness), holding its folder's writer lock
+    throughout; no UI. A grid calls it once per cell with the same `data`, so the cache is loaded once."""
     with planned(cfg, data) as plan:
-        return run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
+        result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
+        if robust:
+            score_default_robustness(result.out, cfg, data)
+        return result
 
 
 def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
@@ -374,7 +379,8 @@ def evaluate(run: Path, cache_dir: Path | None = None, seed: int | None = None, 
             p["seed"] in by_seed and abs(p[m] - by_seed[p["seed"]]["test"][m]) < 1e-9 for p in per_seed for m in METRICS
         )
     if drop or noise:
-        result["robustness"] = score_robustness(Path(run), cfg, data, list(drop), list(noise))
+        with folder.writer():  # robustness.json: one writer, as for training
+            result["robustness"] = score_robustness(Path(run), cfg, data, list(drop), list(noise))
     return result
 
 
