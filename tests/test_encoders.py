@@ -161,3 +161,27 @@ def test_an_unsupported_mode_is_refused():
 
     with pytest.raises(ValueError, match="image mode LAB is not supported"):
         to_rgb(Image.new("LAB", (4, 4)))
+
+
+def test_normalising_by_lookup_gives_the_values_of_the_arithmetic(tmp_path):
+    """The cache's features depend on every bit of the input: the table must give, for all 256
+    pixel values of each channel, exactly ((v / 255) - mean) / std in float32, in the memory
+    layout (channels last) the batches always had."""
+    from PIL import Image
+
+    from extract.encoders import IMAGENET, ImageEncoder
+
+    i, j = np.mgrid[:256, :256]
+    rgb = np.stack([(7 * i + j) % 256, (i + 7 * j) % 256, (5 * i + 3 * j) % 256], -1)  # all 256 values in each channel
+    Image.fromarray(rgb.astype(np.uint8)).save(tmp_path / "all.png")
+    enc = ImageEncoder("t", torch.nn.Identity(), 224, *IMAGENET, "x")
+    x = enc.load(tmp_path / "all.png")
+    from torchvision.transforms import functional as TF
+
+    with Image.open(tmp_path / "all.png") as im:  # the pixels the encoder sees: resized, cropped
+        pixels = np.asarray(TF.center_crop(TF.resize(im.convert("RGB"), 256, antialias=True), 224))
+    assert all(len(np.unique(pixels[..., c])) == 256 for c in range(3))
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1) for v in IMAGENET)
+    want = (pixels.astype(np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    assert x.dtype == np.float32 and np.array_equal(x, want)
+    assert x.strides == want.strides  # pixel-major: a batch of them is a channels-last tensor

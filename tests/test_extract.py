@@ -543,3 +543,34 @@ def test_odd_images_and_unstorable_ids_are_listed_by_id_and_the_run_completes(tm
     assert sorted(i for f in image.values() for i in f.ids) == sorted(["rgba", "deep", "é漢🙂 a,b"])
     text = store.load_text(tmp_path / "cache" / "odd" / "text" / "minilm")
     assert sorted(i for f in text.values() for i in f.ids) == sorted(["rgba", "deep", "float", "é漢🙂 a,b"])
+
+
+def test_a_shard_written_behind_the_encoder_is_on_disk_before_extraction_goes_on_or_stops():
+    """Shards are written on a thread while the next one is encoded: Ctrl-C still waits for the
+    shard in flight (finished work is kept), and a failed write surfaces, naming its shard."""
+    from extract.extractor import _written_behind
+
+    seen = []
+
+    class Progress:
+        def shard_written(self, task):
+            seen.append(f"counted {task}")
+
+    def slow(name):
+        time.sleep(0.2)
+        seen.append(f"wrote {name}")
+
+    with pytest.raises(KeyboardInterrupt):
+        with _written_behind(Progress(), "text") as write:
+            write(slow, "shard-0")
+            raise KeyboardInterrupt
+    assert seen == ["wrote shard-0", "counted text"]
+
+    def full(name):
+        raise OSError(28, "No space left on device", name)
+
+    with pytest.raises(OSError, match="shard-1"):
+        with _written_behind(Progress(), "image") as write:
+            write(full, "shard-1")
+            write(slow, "shard-2")  # the failure surfaces here, before a second shard is computed
+    assert "wrote shard-2" not in seen
