@@ -171,3 +171,19 @@ def test_check_fields_names_the_option_or_the_key():
         cli_fields.check_fields(Config(knob=2.0))
     with pytest.raises(UserError, match=r"^knob=inf: give a finite number$"):
         cli_fields.check_fields(Config(knob=float("inf")))
+
+
+def test_a_split_folder_inside_the_repository_is_recorded_relative_to_it(tmp_path, monkeypatch, tiny_cache):
+    """A committed run's config.json must not carry the path of the clone it ran in: another clone
+    resumes or replays it (and a grid finds its finished cell) only if both record the same value."""
+    from core.paths import REPO
+    from train.data import load_data
+
+    for cwd, given in ((REPO, "splits/mvsa_s_clean"), (tmp_path, str(REPO / "splits" / "mvsa_s_clean"))):
+        monkeypatch.chdir(cwd)  # the folder a command runs in does not matter
+        cfg = TrainConfig.from_cli(parsed("train", "--splits", given), [])
+        assert cfg.splits == Path("splits/mvsa_s_clean")
+    cfg = dataclasses.replace(cfg, dataset=tiny_cache.dataset, cache_dir=tiny_cache.cache_dir)
+    data = load_data(cfg)  # read from the repository's folder, not from ./splits of the working folder
+    clean = {s: set((REPO / "splits" / "mvsa_s_clean" / f"{s}.txt").read_text().split()) for s in ("train", "dev", "test")}
+    assert all(set(data.splits[s].ids) <= clean[s] for s in clean)

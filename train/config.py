@@ -18,7 +18,7 @@ import heads
 from core.cli_fields import build, check_fields, option
 from core.errors import UserError
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
-from core.paths import DEFAULT_CACHE
+from core.paths import DEFAULT_CACHE, REPO
 from heads.base import HeadConfig
 from train.defaults import DEFAULTS, FALLBACK, default_help
 
@@ -55,10 +55,18 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _absolute(text: str) -> Path:
-    """The folder as an absolute path: config.json (and a grid cell's name, hashed from it) then means
-    the same split files whatever folder a command ran in."""
-    return Path(text).resolve()
+def _split_folder(text: str) -> Path:
+    """A folder inside the repository relative to it (`splits/mvsa_s_clean`), any other folder
+    absolute: config.json (and a grid cell's name, hashed from it) then names the same split files
+    whatever folder a command ran in, and a committed run carries no path of the machine it ran on,
+    so another clone resumes or replays it as it is. `splits_path` reads it back."""
+    path = Path(text).resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
+def splits_path(folder: Path) -> Path:
+    """The split folder a config names, on this machine: a relative one is inside the repository."""
+    return REPO / folder
 
 
 @dataclass
@@ -101,7 +109,7 @@ class TrainConfig:
     out: Path | None = option(None, "run folder [default: runs/<dataset>-<head>-<time>]")
     splits: Path | None = option(None, "folder of split files {train,dev,test}.txt (ids) from `audit --write-clean` "
                                  "[default: the cache's splits]",
-                                 parse=_absolute)
+                                 parse=_split_folder)
 
     @classmethod
     def from_cli(cls, values: dict, sets: Iterable[str] = ()) -> "TrainConfig":

@@ -28,7 +28,7 @@ from core import store
 from core.defaults import BUILTIN_DATASETS
 from core.errors import UserError
 from heads.base import Batch, Dims
-from train.config import TrainConfig
+from train.config import TrainConfig, splits_path
 
 
 @dataclass
@@ -309,7 +309,7 @@ def modalities(cfg: TrainConfig) -> str:
 def load_data(cfg: TrainConfig, memory: int | None = None) -> Data:
     """The caches a run of `cfg` reads, as `load` gives them (`memory`: the budget in bytes)."""
     return load(cfg.cache_dir, cfg.dataset, modalities(cfg), cfg.text_encoder, cfg.image_encoder,
-                split_files=cfg.splits, text_views=cfg.text_views, memory=memory)
+                split_files=cfg.splits and splits_path(cfg.splits), text_views=cfg.text_views, memory=memory)
 
 
 def _hint(dataset: str, kind: str, encoder: str) -> str:
