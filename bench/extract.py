@@ -15,7 +15,10 @@ For each encoder pair, on the first N items of MVSA-Single, in one run:
       end-to-end extraction (decode thread included) and of the bare forward (decoded before), both with
       glibc keeping freed memory (core/memory.py; SPP_MALLOC=default measures glibc's own
       behaviour), and the encoders' FLOPs (counted by torch on the same batches) at the
-      machine's measured dense matmul rate: the floor no extraction can beat.
+      machine's measured dense matmul rate: the floor no extraction can beat;
+  (f) what extraction computes besides the forward, alone on one thread: an image's decode,
+      resize and crop, its normalisation (by the table, and by the arithmetic it replaced),
+      and the writing of a text shard.
 
     python bench/extract.py                 # defaults: 1024 items offline encoders, 256 paper shapes
     python bench/extract.py --items 4511    # the whole MVSA-Single
@@ -124,6 +127,45 @@ def decoded(enc, paths: list[Path], batch_size: int) -> list[torch.Tensor]:
             for b in range(0, len(paths), batch_size)]
 
 
+def image_costs(enc, paths: list[Path]) -> dict:
+    """CPU seconds per image on one thread (alone, no forward beside it) of what extraction does
+    to an image besides the forward: decode + resize + crop, then normalise by the table, against
+    the arithmetic it replaced ((v / 255 - mean) / std over float32 arrays)."""
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1) for v in (enc.mean, enc.std))
+    out = np.empty((enc.size, enc.size, 3), np.float32)
+    enc.pixels(paths[0])  # imports torchvision's transforms, once
+    t0 = time.process_time()
+    rgb = [enc.pixels(p) for p in paths]
+    t1 = time.process_time()
+    for x in rgb:
+        enc.normalise_into(x, out)
+    t2 = time.process_time()
+    for x in rgb:
+        (np.asarray(x, dtype=np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    t3 = time.process_time()
+    n = max(1, len(paths))
+    return {"decode_resize_crop_s": (t1 - t0) / n, "normalise_table_s": (t2 - t1) / n,
+            "normalise_arithmetic_s": (t3 - t2) / n}
+
+
+def shard_write_seconds(folder: Path, n: int) -> dict:
+    """Wall seconds to write a text shard of `n` items (as extraction does: built in memory,
+    checksummed, written through a temp file) and its size: what a shard written behind the
+    encoder takes off the critical path."""
+    text = store.load_text(folder)["train"]
+    n = min(n, len(text.ids))
+    offsets = text.offsets[: n + 1].numpy()
+    out = Path(tempfile.mkdtemp(prefix="bench-shard-"))
+    try:
+        prov = store.provenance(folder, "")
+        t0 = time.perf_counter()
+        store.write_text_shard(out / "shard.h5", prov, list(text.ids[:n]), text.labels[:n].numpy(), ["train"] * n,
+                               text.cls[:n].numpy(), text.tokens[: offsets[-1]].numpy(), offsets)
+        return {"items": n, "seconds": time.perf_counter() - t0, "bytes": (out / "shard.h5").stat().st_size}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def bare_image(enc, batches: list[torch.Tensor]) -> float:
     """Seconds for the forward alone on the same batches, decoded beforehand."""
     t0 = time.perf_counter()
@@ -185,6 +227,8 @@ def measure(label: str, text_encoder: str, image_encoder: str, items: int, rando
         text_folder = Path(summary.folders["text"])
         image_folder = Path(summary.folders["image"])
         (e2e_text, e2e_image), (t_bare, i_bare) = np.median(e2e, axis=0), np.median(bare, axis=0)
+        costs = image_costs(ienc, paths)
+        costs["text_shard_write"] = shard_write_seconds(text_folder, cfg.shard_size)
         flops_text = count_flops(lambda: bare_text(tenc, texts, batch_size, cfg.shard_size))
         flops_image = count_flops(lambda: bare_image(ienc, image_batches))
         del image_batches
@@ -223,6 +267,7 @@ def measure(label: str, text_encoder: str, image_encoder: str, items: int, rando
                 "end_to_end_per_s": n / (e2e_text + e2e_image), "bare_forward_per_s": n / (t_bare + i_bare),
                 "ratio_end_to_end_vs_bare": (t_bare + i_bare) / (e2e_text + e2e_image),
             },
+            "besides_the_forward": costs,
             # per repeat; end_to_end includes encoder loading and writing, bare_forward the forward alone
             "cpu": cpu, "cpu_median": {k: {f: float(np.median([u[f] for u in v])) for f in v[0]} for k, v in cpu.items()},
             "flops": {
@@ -269,6 +314,14 @@ def markdown(results: list[dict]) -> str:
         f = r["flops"]
         rows.append(f"| {r['label']} | {f['text'] / 1e9:.0f}, {f['image'] / 1e9:.0f} | {f['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s | "
                     f"{f['floor_seconds']:.1f} s | {f['bare_forward_vs_floor']:.2f}x | {f['end_to_end_vs_floor']:.2f}x |")
+    rows += ["", "| encoders | per image: decode + resize + crop | normalise: table (arithmetic) | a text shard written |",
+             "|---|---|---|---|"]
+    for r in results:
+        b = r["besides_the_forward"]
+        w = b["text_shard_write"]
+        rows.append(f"| {r['label']} | {1e3 * b['decode_resize_crop_s']:.2f} ms | {1e3 * b['normalise_table_s']:.2f} ms "
+                    f"({1e3 * b['normalise_arithmetic_s']:.2f} ms) | {w['seconds']:.2f} s ({w['items']} items, "
+                    f"{w['bytes'] / 1e6:.0f} MB) |")
     return "\n".join(rows) + "\n"
 
 

@@ -213,8 +213,8 @@ class ImageEncoder:
         self.device = device()
         self.body.eval().to(self.device)
         # uint8 -> normalised float32 by channel, ((v / 255) - mean) / std in float32 for the 256
-        # values a pixel can take: the values arithmetic on every pixel gives, looked up in a third of
-        # its time (stage one decodes beside the forward, on the cores the forward uses)
+        # values a pixel can take: the values arithmetic on every pixel gives, looked up in half its
+        # time (bench/extract.py); stage one decodes beside the forward, on the cores the forward uses
         v = np.arange(256, dtype=np.float32) / 255.0
         self._lut = np.stack([(v - m) / s for m, s in zip(np.float32(self.mean), np.float32(self.std))])
 
@@ -240,11 +240,16 @@ class ImageEncoder:
         batch's rows are written in place, its tensor is their (B, 3, size, size) view, pixel-major in
         memory (channels last), the layout whose convolutions run fastest on a CPU and that every cache
         was extracted with. Raises on a corrupt or truncated file."""
+        self.normalise_into(self.pixels(path), out)
+
+    def pixels(self, path: Path) -> np.ndarray:
+        """The image decoded, its short side resized, center-cropped: (size, size, 3) uint8."""
         from torchvision.transforms import functional as TF
 
         with Image.open(path) as im:
-            im = TF.center_crop(TF.resize(to_rgb(im), self.resize, antialias=True), self.size)
-        rgb = np.asarray(im)
+            return np.asarray(TF.center_crop(TF.resize(to_rgb(im), self.resize, antialias=True), self.size))
+
+    def normalise_into(self, rgb: np.ndarray, out: np.ndarray) -> None:
         for c in range(3):
             np.take(self._lut[c], rgb[:, :, c], out=out[:, :, c])
 

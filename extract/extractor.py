@@ -195,8 +195,8 @@ def _plan(folder: Path, prov: store.Provenance, force: bool, rank: int, world: i
 def _written_behind(progress: Passes, task):
     """`write(fn, *args)` writes a shard on a thread while the encoder computes the next one; the
     block ends once every shard is on disk (an interrupted pass too: a shard computed is never lost
-    to Ctrl-C). Why: a shard's file (its bytes, their checksum, the copy into the page cache) took
-    7% of the text pass's time (35 MB in 0.13 s) with the encoder idle. At most one write is in
+    to Ctrl-C). Why: making a shard's file (its bytes, their checksum, the copy into the page cache)
+    took about 5% of the text pass's time with the encoder idle (bench/extract.py). At most one write is in
     flight, so memory holds two shards' outputs at most; a failed write (a full disk) raises at the
     next write or at the end, naming its shard."""
     with ThreadPoolExecutor(1, thread_name_prefix="write") as pool:
