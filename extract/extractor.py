@@ -236,16 +236,14 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
     folder = store.cache_folder(cfg.cache_dir, ds.name, store.TEXT, cfg.text_encoder)
     todo = _plan(folder, prov, cfg.force, rank, world, progress.console)
     task = _task(progress, f"text  {cfg.text_encoder}", shards, todo, "texts")
+    empty = np.zeros((0, cfg.text_layers, enc.width), np.float16)
     t0 = time.time()
     with _written_behind(progress, task) as write:
         for k in todo:
             items = shards[k]
             cls, tokens = encode_texts(enc, [it.text for it in items], cfg.batch_size,
                                        on_batch=lambda b: progress.advance(task, b))
-            offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
-            write(store.write_text_shard, folder / store.shard_name(k, prov.n_shards), prov, [it.id for it in items],
-                  [it.label for it in items], [it.split for it in items], cls,
-                  np.concatenate(tokens) if tokens else np.zeros((0, cfg.text_layers, enc.width)), offsets)
+            _write_text_shard(write, folder / store.shard_name(k, prov.n_shards), prov, items, cls, tokens, empty)
     timing["text"] = time.time() - t0
     complete = store.finish(folder, prov, data_flags(cfg))
     for v in range(1, cfg.text_views + 1):
@@ -267,22 +265,27 @@ def _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timi
     todo = _plan(vfolder, vprov, cfg.force, rank, world, progress.console)
     train = [[it for it in items if it.split == "train"] for items in shards]
     task = _task(progress, f"text  {cfg.text_encoder} view {v}", train, todo, "texts")
+    empty = np.zeros((0, cfg.text_layers, enc.width), np.float16)
     t0 = time.time()
     with _written_behind(progress, task) as write:
         for k in todo:
             items = train[k]
-            empty = np.zeros((0, cfg.text_layers, enc.width), np.float16)
             cls, tokens = empty, []  # a shard of dev/test items only: an empty view shard
             if items:
                 with enc.dropout(view_seed(k, v)):
                     cls, tokens = encode_texts(enc, [it.text for it in items], cfg.batch_size,
                                                on_batch=lambda b: progress.advance(task, b))
-            offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
-            write(store.write_text_shard, vfolder / store.shard_name(k, vprov.n_shards), vprov, [it.id for it in items],
-                  [it.label for it in items], [it.split for it in items], cls,
-                  np.concatenate(tokens) if tokens else empty, offsets)
+            _write_text_shard(write, vfolder / store.shard_name(k, vprov.n_shards), vprov, items, cls, tokens, empty)
     timing[f"text view {v}"] = time.time() - t0
     return store.finish(vfolder, vprov, data_flags(cfg))
+
+
+def _write_text_shard(write, path: Path, prov: store.Provenance, items: list[Item], cls, tokens: list, empty) -> None:
+    """The shard of `items` through `write` (`_written_behind`): their CLS rows, and their token
+    states back to back with the offsets where each text's start (`empty` when there are none)."""
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
+    write(store.write_text_shard, path, prov, [it.id for it in items], [it.label for it in items],
+          [it.split for it in items], cls, np.concatenate(tokens) if tokens else empty, offsets)
 
 
 def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None):
@@ -300,12 +303,10 @@ def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None
     return np.stack(cls) if cls else np.zeros((0,)), tokens
 
 
-def _decode_batch(enc, items: list[Item], rows: np.ndarray | None = None):
+def _decode_batch(enc, items: list[Item], rows: np.ndarray):
     """(items decoded, their batch tensor or None, (id, stage, reason) of each unreadable file);
-    `rows`: the (>= len(items), size, size, 3) float32 buffer to decode into (default: a new one)."""
+    `rows`: the (>= len(items), size, size, 3) float32 buffer to decode into."""
     good, bad = [], []
-    if rows is None:
-        rows = np.empty((len(items), enc.size, enc.size, 3), np.float32)
     for it in items:
         try:
             enc.load_into(it.image, rows[len(good)])
