@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -243,11 +244,15 @@ class ImageEncoder:
         self.normalise_into(self.pixels(path), out)
 
     def pixels(self, path: Path) -> np.ndarray:
-        """The image decoded, its short side resized, center-cropped: (size, size, 3) uint8."""
+        """The image decoded, its short side resized, center-cropped: (size, size, 3) uint8 (a view
+        of the decoded image when its short side is already `resize`, as most of MVSA's are)."""
         from torchvision.transforms import functional as TF
 
-        with Image.open(path) as im:
-            return np.asarray(TF.center_crop(TF.resize(to_rgb(im), self.resize, antialias=True), self.size))
+        rgb = decode_rgb(path)
+        if min(rgb.shape[:2]) != self.resize:  # at the size already, PIL's resize would copy it unchanged
+            rgb = np.asarray(TF.resize(Image.fromarray(rgb), self.resize, antialias=True))
+        top, left = (int(round((n - self.size) / 2.0)) for n in rgb.shape[:2])  # TF.center_crop's offsets
+        return rgb[top : top + self.size, left : left + self.size]
 
     def normalise_into(self, rgb: np.ndarray, out: np.ndarray) -> None:
         for c in range(3):
@@ -262,6 +267,25 @@ class ImageEncoder:
     def channels(self) -> int:
         with torch.inference_mode():
             return self.body(torch.zeros(1, 3, self.size, self.size, device=self.device)).shape[1]
+
+
+def decode_rgb(path: Path) -> np.ndarray:
+    """A file's pixels as (H, W, 3) 8-bit RGB, else an exception saying why (see `to_rgb`).
+
+    A colour or grey JPEG, all that MVSA holds, is decoded by simplejpeg: the libjpeg-turbo that
+    PIL decodes with, called without PIL's per-file Python work and with the GIL released: 0.44
+    against 0.67+ ms an image (bench/extract.py), the same pixels (tests/test_encoders.py). Anything
+    else, or a JPEG libjpeg-turbo only warns about (corrupt data, a truncated file), goes through
+    PIL as before, with PIL's own errors, size limit and tolerance."""
+    data = Path(path).read_bytes()
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace in ("YCbCr", "Gray") and h * w <= (Image.MAX_IMAGE_PIXELS or h * w):
+            return simplejpeg.decode_jpeg(data, "RGB", strict=True)
+    except ValueError:  # not a JPEG, or not one libjpeg-turbo decodes without a warning
+        pass
+    with Image.open(path) as im:
+        return np.asarray(to_rgb(im))
 
 
 _PIL_TO_RGB = ("RGB", "L", "1", "P", "CMYK", "YCbCr", "HSV")  # modes PIL converts without loss of meaning

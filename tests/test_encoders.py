@@ -142,6 +142,75 @@ def test_rgb_images_give_the_same_pixels_as_before(data_root):
             assert np.array_equal(np.asarray(to_rgb(im)), np.asarray(im.convert("RGB")))
 
 
+def _pil_pixels(path):
+    """The pixels PIL alone gives (decode, resize the short side to 256, center-crop 224): what
+    every cache was extracted from before JPEGs were decoded by simplejpeg."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from extract.encoders import to_rgb
+
+    with Image.open(path) as im:
+        return np.asarray(TF.center_crop(TF.resize(to_rgb(im), 256, antialias=True), 224))
+
+
+def _encoder():
+    from extract.encoders import IMAGENET, ImageEncoder
+
+    return ImageEncoder("t", torch.nn.Identity(), 224, *IMAGENET, "x")
+
+
+@pytest.mark.parametrize("mode, size, save", [
+    ("RGB", (341, 256), {}),  # 4:2:0, short side 256 already: cropped without a resize
+    ("RGB", (300, 500), {"subsampling": 0, "quality": 95}),  # 4:4:4, resized down
+    ("RGB", (200, 150), {"subsampling": 1}),  # 4:2:2, resized up
+    ("RGB", (257, 640), {"progressive": True}),
+    ("RGB", (230, 231), {"optimize": True, "quality": 60}),
+    ("L", (400, 256), {}),  # grey: the same value in all three channels
+    ("CMYK", (300, 300), {}),  # not decoded by simplejpeg: PIL's conversion, as before
+])
+def test_jpegs_give_the_pixels_pil_gives(tmp_path, mode, size, save):
+    """JPEGs are decoded by simplejpeg (libjpeg-turbo without PIL's per-file overhead): every
+    pixel must be the one PIL gave, or every cache made before would no longer match."""
+    from PIL import Image
+
+    rng = np.random.default_rng(sum(size))
+    y, x = np.mgrid[: size[1], : size[0]]
+    base = np.stack([x * 255 // size[0], y * 255 // size[1], (x + y) % 256], -1)
+    noisy = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)  # edges and texture
+    im = Image.fromarray(noisy).convert(mode)
+    im.save(tmp_path / "a.jpg", **save)
+    got = _encoder().pixels(tmp_path / "a.jpg")
+    assert got.shape == (224, 224, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, _pil_pixels(tmp_path / "a.jpg"))
+
+
+def test_a_jpeg_with_corrupt_data_gives_what_pil_gives(tmp_path):
+    """libjpeg-turbo only warns about corrupt data inside a JPEG; PIL decodes such a file anyway,
+    and so does the encoder (through PIL): it is not refused, nor are its pixels different."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(tmp_path / "ok.jpg")
+    raw = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "bad.jpg").write_bytes(raw[:4000] + bytes(rng.integers(0, 256, 300, dtype=np.uint8)) + raw[4300:])
+    assert np.array_equal(_encoder().pixels(tmp_path / "bad.jpg"), _pil_pixels(tmp_path / "bad.jpg"))
+
+
+def test_shipped_jpegs_give_the_pixels_pil_gives(data_root):
+    """MVSA-Single's images (the first of them, and ones that need a resize), every pixel as PIL's."""
+    from PIL import Image
+
+    kinds = {True: [], False: []}  # needs a resize or not: both paths of `pixels`, 20 images each
+    for path in sorted((data_root / "mvsa_single" / "images").glob("*.jpg")):
+        with Image.open(path) as im:
+            kinds[min(im.size) != 256].append(path)
+        if min(len(k) for k in kinds.values()) >= 20:
+            break
+    for path in kinds[True][:20] + kinds[False][:20]:
+        assert np.array_equal(_encoder().pixels(path), _pil_pixels(path)), path.name
+
+
 @pytest.mark.parametrize("mode, value, file, why", [
     ("F", 2.0, "a.tif", r"not within \[0, 1\]"),
     ("I", -5, "a.tif", "cannot tell its bit depth"),
