@@ -235,7 +235,7 @@ def _atomic(path: Path, fill) -> None:
         f.flush()
         image = f.id.get_file_image()
     write_atomic(sidecar(path), f"{hashlib.sha256(image).hexdigest()}  {path.name}\n")
-    write_atomic(path, image)
+    write_atomic(path, image, uncached=True)
 
 
 # --- checksums -------------------------------------------------------------------------
@@ -307,32 +307,35 @@ def write_image_shard(path, prov, ids, labels, splits, maps, problems=()) -> Non
             return
         ds = f.create_dataset("maps", maps.shape, maps.dtype, chunks=(1, *maps.shape[1:]), track_times=False,
                               **MAP_COMPRESSION)
+        # each map's chunk as MAP_COMPRESSION's filters store it, made here rather than by HDF5
+        raw = np.ascontiguousarray(maps).view(np.uint8).reshape(len(maps), -1, 2)
+        shuffled = np.ascontiguousarray(raw.transpose(0, 2, 1))  # every value's low bytes, then its high bytes
         with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="deflate") as pool:
-            for i, blob in enumerate(pool.map(_shuffled_deflate, maps)):
+            for i, blob in enumerate(pool.map(_deflate_1, shuffled)):
                 ds.id.write_direct_chunk((i,) + (0,) * (maps.ndim - 1), blob)
 
     _atomic(Path(path), fill)
 
 
-def _shuffled_deflate(row: np.ndarray) -> bytes:
-    """One map's chunk as MAP_COMPRESSION's filters store it (shuffle: every value's low bytes,
-    then its high bytes; then deflate at level 1), made here rather than by HDF5. Why: HDF5 runs
-    zlib on one thread under h5py's lock; ISA-L's level 1 writes a standard deflate stream (zlib
-    and HDF5 read it) in about a quarter of zlib's time, and the maps of a shard deflate on every core."""
-    raw = np.ascontiguousarray(row).view(np.uint8).reshape(-1, 2).T.tobytes()
-    return _deflate(raw, 1)
+def _deflate_1(chunk: np.ndarray) -> bytes:
+    """Deflate at level 1, by ISA-L where installed. Why not HDF5's own filter: HDF5 runs zlib on
+    one thread under h5py's lock; ISA-L's level 1 writes a standard deflate stream (zlib and HDF5
+    read it) in about a quarter of zlib's time, and the maps of a shard deflate on every core."""
+    return _deflate(chunk, 1)
 
 
-def finish(folder: Path, prov: Provenance, flags: list[str] | None = None) -> bool:
+def finish(folder: Path, prov: Provenance, flags: list[str] | None = None, written: set[int] = frozenset()) -> bool:
     """Write index.json once every shard is on disk and passes its checksum (any rank may call
-    it; the result is the same). With a checksum beside every shard, the index says so, keeps
+    it; the result is the same). The shards numbered in `written`, which this process has just
+    written with checksums of the bytes it wrote, are not read back to check them again (that
+    read would cost what writing past the page cache saved). With a checksum beside every shard, the index says so, keeps
     `flags` (the data-set and batching flags of the `extract` that made it, for the command
     that repairs it) and carries its own SHA-256; over shards of the older format it is the
     older index."""
     folder = Path(folder)
     shards = [folder / shard_name(k, prov.n_shards) for k in range(prov.n_shards)]
     checked = all(sidecar(p).is_file() for p in shards)
-    if any(shard_damage(p, checked) for p in shards):
+    if any(not p.is_file() if k in written else shard_damage(p, checked) for k, p in enumerate(shards)):
         return False  # missing, or another rank has yet to re-encode a damaged one
     entries = []
     for p in shards:

@@ -195,7 +195,7 @@ def _plan(folder: Path, prov: store.Provenance, force: bool, rank: int, world: i
 def _written_behind(progress: Passes, task):
     """`write(fn, *args)` writes a shard on a thread while the encoder computes the next one; the
     block ends once every shard is on disk (an interrupted pass too: a shard computed is never lost
-    to Ctrl-C). Why: making a shard's file (its bytes, their checksum, the copy into the page cache)
+    to Ctrl-C). Why: making a shard's file (its bytes, their checksum, their way to the disk)
     took about 5% of the text pass's time with the encoder idle (bench/extract.py). At most one write is in
     flight, so memory holds two shards' outputs at most; a failed write (a full disk) raises at the
     next write or at the end, naming its shard."""
@@ -245,7 +245,7 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
                                        on_batch=lambda b: progress.advance(task, b))
             _write_text_shard(write, folder / store.shard_name(k, prov.n_shards), prov, items, cls, tokens, empty)
     timing["text"] = time.time() - t0
-    complete = store.finish(folder, prov, data_flags(cfg))
+    complete = store.finish(folder, prov, data_flags(cfg), written=set(todo))
     for v in range(1, cfg.text_views + 1):
         complete = _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timing) and complete
     return len(ds.items), (folder, complete)
@@ -277,7 +277,7 @@ def _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timi
                                                on_batch=lambda b: progress.advance(task, b))
             _write_text_shard(write, vfolder / store.shard_name(k, vprov.n_shards), vprov, items, cls, tokens, empty)
     timing[f"text view {v}"] = time.time() - t0
-    return store.finish(vfolder, vprov, data_flags(cfg))
+    return store.finish(vfolder, vprov, data_flags(cfg), written=set(todo))
 
 
 def _write_text_shard(write, path: Path, prov: store.Provenance, items: list[Item], cls, tokens: list, empty) -> None:
@@ -375,4 +375,4 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
                       [it.label for it in got], [it.split for it in got],
                       np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1)), bad_all)
     timing["image"] = time.time() - t0
-    return len(items), (folder, store.finish(folder, prov, data_flags(cfg)))
+    return len(items), (folder, store.finish(folder, prov, data_flags(cfg), written=set(todo)))
