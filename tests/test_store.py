@@ -584,16 +584,7 @@ def test_a_file_system_without_o_direct_gets_a_plain_write(tmp_path, monkeypatch
 
     real = open
 
-    class Refusing:  # took O_DIRECT at open, refuses its writes
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
+    class Refusing(FullDisk):  # took O_DIRECT at open, refuses its writes
         def write(self, data):
             raise OSError(errno.EINVAL, "Invalid argument")
 
