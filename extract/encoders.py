@@ -274,7 +274,7 @@ def decode_rgb(path: Path) -> np.ndarray:
 
     A colour or grey JPEG, all that MVSA holds, is decoded by simplejpeg: the libjpeg-turbo that
     PIL decodes with, called without PIL's per-file Python work and with the GIL released: 0.44
-    against 0.67+ ms an image (bench/extract.py), the same pixels (tests/test_encoders.py). Anything
+    against 0.65-0.91 ms an image (bench/extract.py), the same pixels (tests/test_encoders.py). Anything
     else, or a JPEG libjpeg-turbo only warns about (corrupt data, a truncated file), goes through
     PIL as before, with PIL's own errors, size limit and tolerance."""
     data = Path(path).read_bytes()
