@@ -245,10 +245,7 @@ def test_normalising_by_lookup_gives_the_values_of_the_arithmetic(tmp_path):
     Image.fromarray(rgb.astype(np.uint8)).save(tmp_path / "all.png")
     enc = ImageEncoder("t", torch.nn.Identity(), 224, *IMAGENET, "x")
     x = enc.load(tmp_path / "all.png")
-    from torchvision.transforms import functional as TF
-
-    with Image.open(tmp_path / "all.png") as im:  # the pixels the encoder sees: resized, cropped
-        pixels = np.asarray(TF.center_crop(TF.resize(im.convert("RGB"), 256, antialias=True), 224))
+    pixels = _pil_pixels(tmp_path / "all.png")  # the pixels the encoder sees: resized, cropped
     assert all(len(np.unique(pixels[..., c])) == 256 for c in range(3))
     mean, std = (np.array(v, np.float32).reshape(3, 1, 1) for v in IMAGENET)
     want = (pixels.astype(np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
