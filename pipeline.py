@@ -52,10 +52,10 @@ def _config(module: str, name: str, skip: tuple[str, ...] = ()):
 
 
 def _head_flags() -> list:
-    """One option per shorthand flag a registered head declares (`heads.base.opt(flag=...)`)."""
-    import heads
+    """One option per shorthand flag a registered head declares (`option(flag=...)` on its config)."""
+    from train.config import head_flags
 
-    return cli_fields.flag_params(heads.flags())
+    return cli_fields.flag_params(head_flags())
 
 
 TRAIN_OPTIONS = cli_fields.fields_command(_config("train.config", "TrainConfig"), _head_flags)

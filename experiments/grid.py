@@ -28,6 +28,7 @@ from rich.console import Console
 import heads
 from core import memory as core_memory
 from core import threads as core_threads
+from core.cli_fields import parse_sets
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, make_dir, output_dir, write_atomic, write_png
 from core.shards import parse_shard
@@ -93,16 +94,21 @@ def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell
             raise UserError(f"--vary {item!r}: {key} is also set for the whole grid (--set or a flag); drop one of them")
         keys.append(key)
         axis = [f"{key}={v.strip()}" for v in values.split(",") if v.strip()]
-        parsed = [heads.parse_sets(base.head, [a], "--vary")[key] for a in axis]
+        parsed = [_parse_sets(base.head, [a])[key] for a in axis]
         twice = [a for k, a in enumerate(axis) if parsed[k] in parsed[:k]]  # 0.5 and 0.50: one cell, trained once
         if twice:
             raise UserError(f"--vary {item!r}: {twice[0]} given twice; give each value once")
         axes.append(axis)
     cells = []
     for combo in itertools.product(*axes):
-        values = {**_base_values(base), **heads.parse_sets(base.head, combo, "--vary")}
+        values = {**_base_values(base), **_parse_sets(base.head, combo)}
         cells.append(cell(", ".join(combo), base, base.head, values, runs_dir))
     return cells
+
+
+def _parse_sets(head: str, items) -> dict:
+    """`--vary` items (key=value) as typed field values of `head`'s config."""
+    return parse_sets(heads.config_class(head), items, "--vary", f"head {head!r}")
 
 
 def _base_values(base: TrainConfig) -> dict:

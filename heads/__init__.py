@@ -6,7 +6,7 @@ are in `heads.losses`.
 """
 from . import baselines, clip_ca_cg, hybrid_fusion, probe, spp_scl  # noqa: F401  (imported so their heads register)
 from .base import Batch, Dims, Head, HeadConfig, HeadOutput
-from .registry import Flag, available, build_config, config_class, create, describe, flag_values, flags, parse_sets, register
+from .registry import available, build_config, config_class, configs, create, describe, register
 
-__all__ = ["Batch", "Dims", "Flag", "Head", "HeadConfig", "HeadOutput", "available", "build_config", "config_class",
-           "create", "describe", "flag_values", "flags", "parse_sets", "register"]
+__all__ = ["Batch", "Dims", "Head", "HeadConfig", "HeadOutput", "available", "build_config", "config_class", "configs",
+           "create", "describe", "register"]

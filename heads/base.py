@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.cli_fields import check_fields
+from core.cli_fields import check_fields, option
 from core.errors import UserError
 
 
@@ -29,30 +29,14 @@ class Dims:
     n_classes: int
 
 
-def opt(default, help: str, flag: str | None = None, choices: tuple[str, ...] = ()):
-    """A config field with a one-line help that `pipeline.py heads` and `train --help` print.
-
-    `flag`: a shorthand of `pipeline.py train` for the field (`--set` reaches every field
-    anyway). On a value field it takes the value (`flag="--alpha"`); on a bool field it is
-    a switch to the value that is not the default (`flag="--no-clm"` on `clm=True`).
-    `choices`: the only values the field takes; `validate()` and the CLI check them.
-    """
-    meta = {"help": help}
-    if flag:
-        meta["flag"] = flag
-    if choices:
-        meta["choices"] = tuple(choices)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class HeadConfig:
     """Fields every head has. A head subclasses it with its own hyper-parameters and
     registers the subclass with it (`@register("name", config=MyConfig)`): `--set k=v`,
     `pipeline.py heads` and `config.json` then know the new fields with no edit elsewhere."""
 
-    dim: int = opt(32, "D, the width of the embeddings the losses see")
-    dropout: float = opt(0.2, "dropout probability everywhere in the head")
+    dim: int = option(32, "D, the width of the embeddings the losses see")
+    dropout: float = option(0.2, "dropout probability everywhere in the head")
 
     # Fields that `train --official` sets (the authors' training step); none by default.
     OFFICIAL: ClassVar[dict] = {}
@@ -105,7 +89,7 @@ READS = {"text": ("text",), "image": ("image",), "both": ("text", "image")}  # m
 class ModalitiesConfig(HeadConfig):
     """Base of a head that reads text, image or both as the user picks (SPP-SCL, the probe)."""
 
-    modalities: str = opt("both", "which cached features the head reads (the text-only and image-only rows)",
+    modalities: str = option("both", "which cached features the head reads (the text-only and image-only rows)",
                           flag="--modalities", choices=tuple(READS))
 
     def reads(self) -> tuple[str, ...]:

@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.cli_fields import option
 from core.errors import UserError
 
-from .base import Batch, Dims, Head, HeadConfig, HeadOutput, opt
+from .base import Batch, Dims, Head, HeadConfig, HeadOutput
 from .bigru import RaggedBiGRU
 from .ragged import pad, segment_mean
 from .registry import register
@@ -59,15 +60,15 @@ from .registry import register
 class ClipCaCgConfig(HeadConfig):
     """CLIP-CA-CG hyper-parameters; the paper's ablations are `clip`, `ca`, `cg`."""
 
-    dim: int = opt(128, "D, the shared width (BiGRU: D/2 per direction); divisible by `heads`")
-    clip: bool = opt(True, "false: no CLIP projections nor contrastive loss, F_IT = F_I * F_T (w/o CLIP)")
-    ca: bool = opt(True, "false: no multi-head cross attention (w/o CA)")
-    cg: bool = opt(True, "false: concatenation + encoder instead of the cross-modal gate (w/o CG)")
-    heads: int = opt(4, "attention heads of CA")
-    lam: float = opt(0.5, "lambda of Eq. 15: F = lam F1 + (1 - lam) F2")
-    clip_weight: float = opt(1.0, "weight of the CLIP contrastive term in the objective")
-    temperature: float = opt(0.07, "CLIP temperature (the initial value if learn_temperature)")
-    learn_temperature: bool = opt(True, "learn the CLIP temperature (CLIP's logit scale, clamped at 100)")
+    dim: int = option(128, "D, the shared width (BiGRU: D/2 per direction); divisible by `heads`")
+    clip: bool = option(True, "false: no CLIP projections nor contrastive loss, F_IT = F_I * F_T (w/o CLIP)")
+    ca: bool = option(True, "false: no multi-head cross attention (w/o CA)")
+    cg: bool = option(True, "false: concatenation + encoder instead of the cross-modal gate (w/o CG)")
+    heads: int = option(4, "attention heads of CA")
+    lam: float = option(0.5, "lambda of Eq. 15: F = lam F1 + (1 - lam) F2")
+    clip_weight: float = option(1.0, "weight of the CLIP contrastive term in the objective")
+    temperature: float = option(0.07, "CLIP temperature (the initial value if learn_temperature)")
+    learn_temperature: bool = option(True, "learn the CLIP temperature (CLIP's logit scale, clamped at 100)")
 
     ABLATIONS = {"w/o CLIP": {"clip": False}, "w/o CA": {"ca": False}, "w/o CG": {"cg": False},
                  "linear probe": {"head": "probe"}}

@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.cli_fields import option
 from core.errors import UserError
 
-from .base import Batch, Dims, Head, HeadConfig, HeadOutput, opt
+from .base import Batch, Dims, Head, HeadConfig, HeadOutput
 from .ragged import pad
 from .registry import register
 
@@ -58,15 +59,15 @@ from .registry import register
 class HybridFusionConfig(HeadConfig):
     """Hybrid fusion hyper-parameters; each part of the model can be switched off."""
 
-    dim: int = opt(64, "D, the width of every feature; divisible by `heads`")
-    heads: int = opt(4, "attention heads of every attention block")
-    self_attention: bool = opt(True, "false: unimodal features are the globals, no self-attention")
-    cross_attention: bool = opt(True, "false: no image<->text cross-attention")
-    birau: bool = opt(True, "false: mean of the locals instead of the bidirectional recurrent attention unit")
-    rau_steps: int = opt(2, "recurrent steps of each BiRAU direction")
-    dynamic_weights: bool = opt(True, "false: equal decision weights 1/3 instead of learned per-sample ones")
-    decision_fusion: bool = opt(True, "false: the multimodal classifier alone decides")
-    aux_weight: float = opt(0.5, "weight of the mean auxiliary CE of the three branch classifiers")
+    dim: int = option(64, "D, the width of every feature; divisible by `heads`")
+    heads: int = option(4, "attention heads of every attention block")
+    self_attention: bool = option(True, "false: unimodal features are the globals, no self-attention")
+    cross_attention: bool = option(True, "false: no image<->text cross-attention")
+    birau: bool = option(True, "false: mean of the locals instead of the bidirectional recurrent attention unit")
+    rau_steps: int = option(2, "recurrent steps of each BiRAU direction")
+    dynamic_weights: bool = option(True, "false: equal decision weights 1/3 instead of learned per-sample ones")
+    decision_fusion: bool = option(True, "false: the multimodal classifier alone decides")
+    aux_weight: float = option(0.5, "weight of the mean auxiliary CE of the three branch classifiers")
 
     ABLATIONS = {"w/o self-attention": {"self_attention": False}, "w/o cross-attention": {"cross_attention": False},
                  "w/o BiRAU": {"birau": False}, "equal decision weights": {"dynamic_weights": False},

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.cli_fields import option
 from core.defaults import per_data_set
 from core.errors import UserError
 
-from .base import Batch, Dims, Head, HeadOutput, ModalitiesConfig, opt
+from .base import Batch, Dims, Head, HeadOutput, ModalitiesConfig
 from .bilstm import RaggedBiLSTM
 from .blocks import align, classifier, projection, qkv
 from .losses import cross_supcon, should_pull, supcon
@@ -33,20 +34,20 @@ LAMBDA_CE = {"mvsa_s": 5.0, "mvsa_m": 5.0, "hfm": 10.0}
 class SppSclConfig(ModalitiesConfig):
     """SPP-SCL hyper-parameters; every paper ablation (Tables 4-7) is one field (`modalities`: Table 7)."""
 
-    text_layers: int = opt(4, "hierarchical attention over the last k cached layers (Table 6)", flag="--text-layers")
-    hierarchical_attention: bool = opt(True, "false: plain last cached layer, no HA (Table 6)", flag="--no-ha")
-    cmf: bool = opt(True, "false: concatenate I_a, T_a instead of cross-modal fusion (Table 7)", flag="--no-cmf")
-    cmf_scope: str = opt("batch", "batch: B x B attention across the batch (paper); sample: per item",
+    text_layers: int = option(4, "hierarchical attention over the last k cached layers (Table 6)", flag="--text-layers")
+    hierarchical_attention: bool = option(True, "false: plain last cached layer, no HA (Table 6)", flag="--ha/--no-ha")
+    cmf: bool = option(True, "false: concatenate I_a, T_a instead of cross-modal fusion (Table 7)", flag="--cmf")
+    cmf_scope: str = option("batch", "batch: B x B attention across the batch (paper); sample: per item",
                          flag="--cmf-scope", choices=("batch", "sample"))
-    lambda_ce: float | None = opt(None, f"weight of cross-entropy {per_data_set(LAMBDA_CE)}", flag="--lambda-ce")
-    temperature: float = opt(0.07, "SupCon temperature tau", flag="--temperature")
-    alpha: float = opt(2 / 3, "step-two gate: pull when c < alpha * c_mask", flag="--alpha")
-    two_step: bool = opt(True, "false: L_clm joins step one every batch, no gated step (Table 4)", flag="--one-step")
-    clm: bool = opt(True, "false: no cross-modal loss L_clm (Table 5)", flag="--no-clm")
-    intra: bool = opt(True, "false: no intra-modal SupCon L_cli, L_clt (Table 5)", flag="--no-intra")
-    supcon_official: bool = opt(False, "SupCon as the official code: self logit 0, kept in the denominator",
+    lambda_ce: float | None = option(None, f"weight of cross-entropy {per_data_set(LAMBDA_CE)}", flag="--lambda-ce")
+    temperature: float = option(0.07, "SupCon temperature tau", flag="--temperature")
+    alpha: float = option(2 / 3, "step-two gate: pull when c < alpha * c_mask", flag="--alpha")
+    two_step: bool = option(True, "false: L_clm joins step one every batch, no gated step (Table 4)", flag="--two-step/--one-step")
+    clm: bool = option(True, "false: no cross-modal loss L_clm (Table 5)", flag="--clm")
+    intra: bool = option(True, "false: no intra-modal SupCon L_cli, L_clt (Table 5)", flag="--intra")
+    supcon_official: bool = option(False, "SupCon as the official code: self logit 0, kept in the denominator",
                                 flag="--supcon-official")
-    gate_floor: bool = opt(False, "the official gate's rounding: pull when c < int(alpha * c_mask)")
+    gate_floor: bool = option(False, "the official gate's rounding: pull when c < int(alpha * c_mask)")
 
     # `train --official`: the authors' code (SPEC.md "More behaviours of the official code")
     OFFICIAL = {"supcon_official": True, "gate_floor": True, "lambda_ce": 5.0, "alpha": 2 / 3}

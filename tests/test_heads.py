@@ -277,33 +277,39 @@ def test_bad_config_is_a_user_error(cfg, word):
 
 
 def test_train_flags_come_from_the_head_configs():
-    by_flag = {f.flag: f for f in heads.flags()}
+    from train.config import head_flags, head_values
+
+    by_flag = {o: f for f in head_flags() for o in f.opts}
     assert (by_flag["--alpha"].field, by_flag["--alpha"].kind) == ("alpha", float)
-    assert (by_flag["--one-step"].field, by_flag["--one-step"].switch_to) == ("two_step", False)
+    assert by_flag["--one-step"] is by_flag["--two-step"] and by_flag["--one-step"].field == "two_step"
     assert by_flag["--cmf-scope"].choices == ("batch", "sample")
-    assert {"spp_scl", "probe"} <= set(by_flag["--modalities"].heads)  # declared once, in ModalitiesConfig
-    given = {"alpha": 0.5, "one_step": True, "no_clm": False, "modalities": None}  # no_clm, modalities: not given
-    assert heads.flag_values("spp_scl", given) == {"alpha": 0.5, "two_step": False}
-    assert heads.flag_values("probe", {"modalities": "text"}) == {"modalities": "text"}
+    assert {"spp_scl", "probe"} <= set(by_flag["--modalities"].owners)  # declared once, in ModalitiesConfig
+    given = {"alpha": 0.5, "two_step": False, "clm": None, "modalities": None}  # clm, modalities: not given
+    assert head_values("spp_scl", given) == {"alpha": 0.5, "two_step": False}
+    assert head_values("spp_scl", {"cmf": True}) == {"cmf": True}  # the on side, given, is a value too
+    assert head_values("probe", {"modalities": "text"}) == {"modalities": "text"}
     with pytest.raises(UserError, match=r"head 'probe' has no option --alpha \(a flag of spp_scl\)"):
-        heads.flag_values("probe", {"alpha": 0.5})
+        head_values("probe", {"alpha": 0.5})
+    with pytest.raises(UserError, match=r"head 'probe' has no option --no-cmf \(a flag of spp_scl\)"):
+        head_values("probe", {"cmf": False})
 
 
 def test_a_flag_with_two_meanings_is_refused(monkeypatch):
     from dataclasses import dataclass
 
+    from core.cli_fields import option
     from heads import registry
-    from heads.base import opt
+    from train.config import head_flags
 
     monkeypatch.setattr(registry, "_HEADS", dict(registry._HEADS))  # this head leaves with the test
 
     @dataclass
     class OtherAlpha(HeadConfig):
-        beta: float = opt(1.0, "not SPP-SCL's alpha", flag="--alpha")
+        beta: float = option(1.0, "not SPP-SCL's alpha", flag="--alpha")
 
     register("other_alpha", config=OtherAlpha)(nn.Module)
     with pytest.raises(ValueError, match="--alpha"):
-        heads.flags()
+        head_flags()
 
 
 def test_one_modality_caches():
@@ -349,10 +355,13 @@ def test_batch_to_moves_tensors_and_keeps_none():
 
 
 def test_a_switchs_help_says_what_the_flag_does():
-    """`--no-ha` reads "plain last cached layer, no HA", not "false: ..." (the field's wording)."""
-    for f in heads.flags():
+    """`--ha / --no-ha` reads "--no-ha: plain last cached layer, no HA", not "false: ..." (the field's
+    wording), and shows its default: the side that is on unless given."""
+    from train.config import head_flags
+
+    for f in head_flags():
         if f.kind is bool:
             assert not f.summary.startswith(("false:", "true:")), f.summary
-            assert f"{f.field}={str(f.switch_to).lower()}" in f.summary
-    no_ha = {f.flag: f for f in heads.flags()}["--no-ha"]
-    assert no_ha.summary.startswith("plain last cached layer, no HA")
+            assert f.shown_default == f.opts[not f.default].lstrip("-")
+    ha = {o: f for f in head_flags() for o in f.opts}["--no-ha"]
+    assert ha.summary.startswith("--no-ha: plain last cached layer, no HA") and ha.shown_default == "ha"

@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 import heads
 from core.errors import UserError
-from heads import HeadOutput, build_config, create, parse_sets
+from heads import HeadOutput, build_config, create
 from heads.bigru import RaggedBiGRU
 from heads.ragged import pad
 from test_heads import MINILM_EFFNET, SMALL, make_batch, sub_batch
@@ -270,6 +270,13 @@ def test_probe_reads_pooled_last_layer_and_image():
 
 
 # --- registry ----------------------------------------------------------------------------
+
+
+def parse_sets(head: str, items: list[str]) -> dict:
+    """`--set` items as head `head`'s field values (train.config.head_values with no flag given)."""
+    from train.config import head_values
+
+    return head_values(head, {}, items)
 
 
 def test_registered_with_their_configs():

@@ -21,14 +21,14 @@ TOY = textwrap.dedent('''
     from torch import nn
 
     from heads import Head, HeadConfig, HeadOutput, register
-    from heads.base import opt
+    from core.cli_fields import option
     from heads.ragged import segment_mean
 
 
     @dataclass
     class ToyConfig(HeadConfig):
-        shrink: float = opt(0.0, "weight of an L2 penalty on the logits", flag="--shrink")
-        bias: bool = opt(True, "false: a linear layer without bias", flag="--no-bias")
+        shrink: float = option(0.0, "weight of an L2 penalty on the logits", flag="--shrink")
+        bias: bool = option(True, "false: a linear layer without bias", flag="--bias")
 
         def reads(self):
             return ("text",)
@@ -116,7 +116,7 @@ def test_a_head_in_its_own_file_trains_end_to_end_with_set(synth_cache, tmp_path
 
 
 def test_a_field_with_a_flag_is_declared_once_and_known_everywhere(synth_cache, tmp_path):
-    """The toy head's `opt(..., flag=...)` is its fields' only declaration: `train --help`, `train
+    """The toy head's `option(..., flag=...)` is its fields' only declaration: `train --help`, `train
     --shrink`/`--no-bias`, `--set`, `pipeline.py heads` and config.json all know them, and a flag
     of another head is one UserError."""
     (tmp_path / "toy_head.py").write_text(TOY)
@@ -145,7 +145,7 @@ def test_a_field_with_a_flag_is_declared_once_and_known_everywhere(synth_cache, 
     code, text, _ = out["help"]
     text = " ".join(text.split())  # click wraps help at its own width
     assert code == 0 and "--shrink" in text and "weight of an L2 penalty on the logits" in text
-    assert "--no-bias" in text and "toy: bias=false" in text
+    assert "--bias / --no-bias --no-bias: a linear layer without bias (toy: bias)" in text
     assert "--alpha" in text and "step-two gate" in text  # SPP-SCL's flags come from its config the same way
     code, text, _ = out["heads"]
     assert code == 0 and "toy  (reads text)" in text

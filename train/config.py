@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 import heads
-from core.cli_fields import build, check_fields, option
+from core.cli_fields import Flag, build, check_fields, flag_values, flags, option, parse_sets
 from core.errors import UserError
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, REPO
@@ -69,6 +69,19 @@ def splits_path(folder: Path) -> Path:
     return REPO / folder
 
 
+def head_flags() -> list[Flag]:
+    """The options of `train` that the registered heads declare on their config fields (`--alpha`)."""
+    return flags(heads.configs())
+
+
+def head_values(head: str, values: dict, sets: Iterable[str] = ()) -> dict:
+    """Head `head`'s field values from the heads' flags given in `values` (None: not given) and
+    `--set key=value` items (which win over a flag)."""
+    config = heads.config_class(head)  # an unknown head is its own error
+    return {**flag_values(head, heads.configs(), values),
+            **parse_sets(config, sets, owner=f"head {head!r}")}
+
+
 @dataclass
 class TrainConfig:
     """What `train` (and every cell of `ablate` and `sweep`) trains; each `option(...)` field is
@@ -113,13 +126,10 @@ class TrainConfig:
 
     @classmethod
     def from_cli(cls, values: dict, sets: Iterable[str] = ()) -> "TrainConfig":
-        """The config a command's options give: its fields, a head's shorthand flags (`heads.flags()`)
+        """The config a command's options give: its fields, a head's shorthand flags (`head_flags()`)
         and `--set key=value` (which wins over a flag)."""
         head = values.get("head") or cls.head
-        flags = {f.name for f in heads.flags()}
-        chosen = {**heads.flag_values(head, {k: v for k, v in values.items() if k in flags}),
-                  **heads.parse_sets(head, sets)}
-        return build(cls, values, head_config=heads.build_config(head, chosen))
+        return build(cls, values, head_config=heads.build_config(head, head_values(head, values, sets)))
 
     def resolved(self) -> "TrainConfig":
         d = DEFAULTS[family(self.dataset)]
