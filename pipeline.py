@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -34,12 +35,16 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, however narrow the terminal
 
 JobsOpt = typer.Option(None, min=1, help="processes training at once, one seed (train) or cell (ablate, sweep) each [default: one per core available, one thread each]")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per process [default: the cores this process may use, divided by --jobs]")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads [default: the cores this process may use]")
+JobThreadsOpt = typer.Option(None, "--threads", min=1, help="torch threads per process [default: the cores this process may use, divided by --jobs]")
 SetOpt = typer.Option([], "--set", callback=cli_fields.keys_once, help="head config field, key=value (repeatable; `pipeline.py heads` lists them)")
-ShardOpt = typer.Option(None, help="i/N: this process's share of the cells (else torchrun's RANK/WORLD_SIZE, a Slurm array task)")
+ShardOpt = typer.Option(None, help="i/N: this process's share of the cells [default: set by torchrun (RANK/WORLD_SIZE) and by a Slurm array task; else every cell]")
 RobustnessOpt = typer.Option(False, "--robustness", help="then score each seed's selected weights without its text, without its image and with noise (robustness.json; `eval --drop/--noise` does it later)")
 MemoryOpt = typer.Option(None, "--memory", help="RAM each training process may hold of the cache, e.g. 3G; beyond it batches are read from the shards, with the same numbers [default: half of the memory available (MemAvailable, or the cgroup's headroom), divided by --jobs]")
-RunsDirOpt = typer.Option(Path("runs"), help="where the cells' run folders live (named from each config's hash)")
+RunsDirOpt = typer.Option(Path("runs"), help="where run folders are made, each named <dataset>-<head>-<hash of its settings> (train: unless --out)")
+RunOpt = typer.Argument(None, metavar="RUN", show_default=False, help="run folder written by train (required)")
+# a command whose run folder is its argument RUN, as replay and results take theirs; `--run RUN` still works
+RUN_COMMAND = cli_fields.fields_command(lambda: cli_fields.renamed("--run", "run", Path, required=True))
 
 
 def _config(module: str, name: str, skip: tuple[str, ...] = ()):
@@ -95,16 +100,18 @@ def extract(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
 
 
 @app.command(cls=TRAIN_OPTIONS)
-def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = JobsOpt,
-          threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt):
+def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = JobsOpt, runs_dir: Path = RunsDirOpt,
+          threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt):
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
     from train.config import TrainConfig
-    from train.run_folder import RunFolder
+    from train.run_folder import RunFolder, default_out
     from train.runs import train as run_train
 
     cfg = TrainConfig.from_cli(ctx.meta["fields"], set_)
+    if cfg.out is None:  # named from the settings' hash, as a grid's cells are
+        cfg = replace(cfg, out=default_out(cfg.resolved(), runs_dir))
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
     run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory)
@@ -125,9 +132,9 @@ def ablate(
     ctx: typer.Context,
     rows: Optional[str] = typer.Option(None, help="comma-separated rows to run (the full model always runs)"),
     set_: list[str] = SetOpt,
-    out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: runs/ablate-<dataset>-<head>]"),
+    out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: <runs-dir>/ablate-<dataset>-<head>]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
-    threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
+    threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
 ):
     """The paper's ablation rows for a head (any head with an ablation list, `pipeline.py heads`), one
     command: table.csv + table.md with seed noise. Takes every `train` option but --out."""
@@ -149,9 +156,10 @@ def sweep(
     ctx: typer.Context,
     vary: list[str] = typer.Option(..., help="head field=v1,v2,... to sweep (repeat for a grid of two fields)"),
     set_: list[str] = SetOpt,
-    out: Optional[Path] = typer.Option(None, help="where sweep.csv / sweep.png go [default: runs/sweep-<dataset>-<head>-<fields>]"),
+    out: Optional[Path] = typer.Option(None, help="where sweep.csv, sweep.md and a PNG per metric go "
+                                       "[default: <runs-dir>/sweep-<dataset>-<head>-<the fields varied, joined by ->]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
-    threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
+    threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
 ):
     """Any head field over any list of values: a table on screen, sweep.csv/.md + a PNG of each metric
     with seed error bars. Takes every `train` option but --out."""
@@ -193,9 +201,9 @@ def _show(metrics: dict, title: str) -> None:
     console.print(table)
 
 
-@app.command("eval")
+@app.command("eval", cls=RUN_COMMAND)
 def evaluate(
-    run: Path = typer.Option(..., help="run folder written by train"),
+    run: Optional[Path] = RunOpt,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
     drop: list[str] = typer.Option([], callback=cli_fields.each_once, help="also score test with this modality replaced by its train mean: text or image (repeatable); written to robustness.json"),
     noise: list[float] = typer.Option([], callback=cli_fields.each_once, help="also score test with Gaussian noise of SIGMA train stds on every feature (repeatable); written to robustness.json"),
@@ -269,9 +277,9 @@ def audit(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
                       f"{r.clean['dropped_per_class']}", highlight=False)
 
 
-@app.command("report")
+@app.command("report", cls=RUN_COMMAND)
 def report_cmd(
-    run: Path = typer.Option(..., help="run folder written by train"),
+    run: Optional[Path] = RunOpt,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
     threads: Optional[int] = ThreadsOpt,
 ):
@@ -282,9 +290,9 @@ def report_cmd(
     console.print(f"wrote {write_report(run, cache_dir)}")
 
 
-@app.command("predict")
+@app.command("predict", cls=RUN_COMMAND)
 def predict_cmd(
-    run: Path = typer.Option(..., help="run folder written by train"),
+    run: Optional[Path] = RunOpt,
     image: Optional[Path] = typer.Option(None, help="image file of one item"),
     text: Optional[str] = typer.Option(None, help="text of one item"),
     id_: Optional[str] = typer.Option(None, "--id", help="id of the one item"),
@@ -324,8 +332,8 @@ def results_cmd(
     readme: Optional[Path] = typer.Option(None, help="regenerate the results tables between the markers of this README"),
     baseline: Optional[list[str]] = typer.Option(None, help="runs to set each row against, by run name (the same heads "
                                                  "on other encoders): the gain, and the gain minus --against's gain"),
-    paper: Optional[str] = typer.Option(None, help="a head whose ablation rows these runs are (e.g. results/mvsa_s-ablate-spp_scl): "
-                                        "the paper's accuracy / F1 of each row beside it"),
+    paper: Optional[str] = typer.Option(None, help="the head whose ablation rows these runs are (e.g. spp_scl, for the "
+                                        "folders of results/mvsa_s-ablate-spp_scl): the paper's accuracy / F1 of each row beside it"),
 ):
     """One table from finished runs: mean ± std over seeds, selected epochs, paired or Welch t-test, Holm-corrected."""
     from experiments import results
@@ -345,7 +353,8 @@ def results_cmd(
 @app.command("verify")
 def verify_cmd(
     cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="the cache to check"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="data set name in the cache [default: every one]"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="data set name in the cache [default: every "
+                                          "data set in it; the one command whose --dataset is not mvsa_s by default]"),
 ):
     """Check a cache's shards and indexes against their checksums; name each damaged file and the
     `extract` command that repairs it (exit 1 if any)."""

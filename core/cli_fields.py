@@ -214,8 +214,8 @@ def _take_renamed(ctx, params: list) -> None:
         if given(ctx, p.name) and not ctx.resilient_parsing:
             if given(ctx, target.name):
                 raise typer.BadParameter(f"{p.opts[0]} is the former name of {new}: give it once", ctx, p)
-            now = new if target.param_type_name == "option" else f"the argument {new} (no option name)"
-            typer.echo(f"deprecated: {p.opts[0]} is now {now}; the old name works for now", err=True)
+            now = new if target.param_type_name == "option" else f"the argument {new} (`{ctx.command_path} {new}`)"
+            typer.echo(f"deprecated: {p.opts[0]} is now {now}; {p.opts[0]} works for now", err=True)
             ctx.params[target.name] = value
             ctx.set_parameter_source(target.name, ctx.get_parameter_source(p.name))
         elif p.renamed_required and ctx.params.get(target.name) is None and not ctx.resilient_parsing:

@@ -11,6 +11,7 @@ IMAGE_ENCODER = "efficientnet-lite0"
 # `--dataset NAME`, in the order messages list them. Here, not in extract/datasets.py (which pairs each
 # with its reader): stage two words its `extract` hints with them and never imports stage one.
 BUILTIN_DATASETS = ("mvsa_s", "mvsa_m", "hfm", "tumemo", "mmsd2")
+DATASET = "mvsa_s"  # `--dataset` not given: extract (without --manifest), train, ablate, sweep and audit alike
 
 
 def per_data_set(table: dict[str, object], fallback: str = "mvsa_s") -> str:

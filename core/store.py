@@ -846,11 +846,11 @@ def repair_command(folder: Path) -> str:
     encoder = str(prov.get("encoder", enc_folder.name))
     if kind == TEXT:
         flags += ["--text-encoder", encoder] if encoder != TEXT_ENCODER else []
-        flags += ["--text-layers", str(prov["layers"])] if prov.get("layers", 4) != 4 else []
+        flags += ["--cache-text-layers", str(prov["layers"])] if prov.get("layers", 4) != 4 else []
         flags += ["--max-length", str(prov["max_length"])] if prov.get("max_length", 202) != 202 else []
         flags += ["--text-only"] if not (root / IMAGE).is_dir() else []
         views = view_folders(enc_folder)
-        flags += ["--text-views", str(len(views))] if views else []
+        flags += ["--cache-text-views", str(len(views))] if views else []
     elif kind == IMAGE and encoder != IMAGE_ENCODER:
         flags += ["--image-encoder", encoder]
     elif kind is None:

@@ -36,7 +36,7 @@ import pandas as pd
 from core import store
 from core.cli_fields import option
 from core.errors import UserError
-from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
+from core.defaults import DATASET, IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, default_data_root, make_dir, output_dir
 
 SPLIT_ORDER = {"train": 0, "dev": 1, "test": 2}
@@ -60,7 +60,7 @@ HASH_DISTANCE = 8
 class AuditConfig:
     """What `audit` checks; each `option(...)` field is also an option of it (core/cli_fields.py)."""
 
-    dataset: str = option("mvsa_s", "data set name in the cache", short="-d")
+    dataset: str = option(DATASET, "data set name in the cache", short="-d")
     cache_dir: Path = option(DEFAULT_CACHE, "where caches live")
     data_root: Path = option(help="folder with the built-in data sets [default: $SPP_DATA_ROOT or ../shared/data]",
                              default_factory=default_data_root)

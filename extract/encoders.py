@@ -135,7 +135,7 @@ class TextEncoder:
             self.fingerprint = fingerprint(self.model)
         n_layers = self.model.config.num_hidden_layers
         if not 1 <= layers <= n_layers:
-            raise UserError(f"--text-layers {layers}: {spec} has {n_layers} layers; pick 1..{n_layers}")
+            raise UserError(f"--cache-text-layers {layers}: {spec} has {n_layers} layers; pick 1..{n_layers}")
         # a longer text would index past the position embeddings (RoBERTa's tokenizer knows they hold 2 fewer)
         most = min(n for n in (getattr(self.model.config, "max_position_embeddings", None),
                                getattr(self.tokenizer, "model_max_length", None), max_length) if n)

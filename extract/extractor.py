@@ -21,11 +21,11 @@ import torch
 from rich.console import Console
 
 from core import store
-from core.cli_fields import option
+from core.cli_fields import flag_of, option
 from core.errors import UserError
 from core.terminal import Passes
 from core.shards import parse_shard  # noqa: F401  (re-exported: extract splits shards with it)
-from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
+from core.defaults import DATASET, IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, default_data_root
 from extract import datasets
 from extract.datasets import Dataset, Item
@@ -46,7 +46,8 @@ def _names(text: str) -> tuple[str, ...] | None:
 class ExtractConfig:
     """What `extract` caches; each `option(...)` field is also an option of it (core/cli_fields.py)."""
 
-    dataset: str | None = option(None, "built-in data set: mvsa_s, mvsa_m, hfm, tumemo or mmsd2", short="-d")
+    dataset: str | None = option(None, "built-in data set: mvsa_s, mvsa_m, hfm, tumemo or mmsd2 "
+                                 "[default: mvsa_s, unless --manifest]", short="-d")
     manifest: Path | None = option(None, "CSV/JSONL manifest or raw MVSA release folder")
     name: str | None = option(None, "name of the data set a manifest makes")
     data_root: Path = option(help="folder with the built-in data sets [default: $SPP_DATA_ROOT or ../shared/data]",
@@ -55,22 +56,28 @@ class ExtractConfig:
     cache_dir: Path = option(DEFAULT_CACHE, "where caches live")
     text_encoder: str = option(TEXT_ENCODER, "HF name or local path; 'minilm' is the packaged offline model")
     image_encoder: str = option(IMAGE_ENCODER, "efficientnet-lite0..4, a torchvision name (resnet50), or timm:<name>")
-    text_layers: int = option(4, "keep the CLS and tokens of this many last layers", min=1)
+    text_layers: int = option(4, "keep the CLS and tokens of this many last layers (`train --text-layers` picks "
+                              "among them)", flag="--cache-text-layers", was=("--text-layers",), min=1)
     max_length: int = option(202, "tokenizer truncation", min=2)
     text_only: bool = option(False, "cache text alone (no images at hand)")
     random_weights: bool = option(False, "untrained encoders of the same shape (tests, benchmarks)")
     image_weights: Path | None = option(None, "state dict file for the image encoder")
-    batch_size: int = option(64, "items per encoder batch", min=1)
+    batch_size: int = option(64, "items per encoder batch", flag="--encoder-batch-size", was=("--batch-size",), min=1)
     shard_size: int = option(512, "items per shard (the unit of resuming)", min=1)
-    shard: str | None = option(None, "i/N: do only this process's share of the shards")  # shards k with k % N == i
+    shard: str | None = option(None, "i/N: do only this process's share of the shards [default: set by torchrun "
+                               "(RANK/WORLD_SIZE) and by a Slurm array task; else every shard]")  # shards k with k % N == i
     force: bool = option(False, "rebuild a cache that was built differently")
-    seed: int = option(0, "seed of the 8:1:1 split for manifests without one", min=0, max=2**32 - 1)  # numpy's seeds
-    limit: int | None = option(None, "only the first N items of each split (quick looks and tests)", min=1)
+    seed: int = option(0, "seed of the stratified 8:1:1 split of data without one: TumEmo, a manifest without a "
+                       "split column, a raw MVSA release folder", flag="--split-seed", was=("--seed",),
+                       min=0, max=2**32 - 1)  # numpy's seeds
+    limit: int | None = option(None, "only the first N items of each split (quick looks and tests); the cache is "
+                               "then named <name>-first<N> (train -d mvsa_s-first<N>)", min=1)
     classes: tuple[str, ...] | None = option(None, "a manifest's label set, e.g. positive,neutral,negative "
                                              "(other labels are problems) [default: the labels that occur]",
                                              parse=_names)
     keep_rare_labels: bool = option(False, "keep a manifest label seen only a few times (else dropped as a likely typo)")
-    text_views: int = option(0, "also store K dropout views of the train texts (train --text-views)", min=0)
+    text_views: int = option(0, "also store K dropout views of the train texts (`train --text-views` uses them)",
+                             flag="--cache-text-views", was=("--text-views",), min=0)
 
 
 @dataclass
@@ -112,6 +119,8 @@ def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
     console = console or Console()
     t0 = time.time()
     rank, world = parse_shard(cfg.shard)
+    if cfg.dataset is None and cfg.manifest is None:  # as every command that names a data set
+        cfg = replace(cfg, dataset=DATASET)
     ds = load_dataset(cfg)
     with_images = [it for it in ds.items if it.image is not None]
     if not cfg.text_only and not with_images:
@@ -165,7 +174,7 @@ def data_flags(cfg: ExtractConfig) -> list[str]:
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         if f.name not in _DATA_FLAGS or value is None or value == default or value is False:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f)
         out += [flag] if value is True else [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
     return out
 

@@ -34,7 +34,7 @@ DATA = default_data_root()
 # The tiny cache's settings; a CLI run with TINY_ARGS writes the very same cache.
 TINY_LIMIT, TINY_SHARD, TINY_BATCH = 12, 8, 4
 TINY_ARGS = ("--dataset", "mvsa_s", "--limit", str(TINY_LIMIT), "--shard-size", str(TINY_SHARD),
-             "--batch-size", str(TINY_BATCH))
+             "--encoder-batch-size", str(TINY_BATCH))
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ TINY_VIEWS = 2
 
 @pytest.fixture(scope="session")
 def tiny_views_cache(tiny_cache, tmp_path_factory) -> TinyCache:
-    """The tiny cache plus TINY_VIEWS dropout views of its train texts (`extract --text-views 2`
+    """The tiny cache plus TINY_VIEWS dropout views of its train texts (`extract --cache-text-views 2`
     on a copy: the clean text shards are found finished and kept, only the views are encoded)."""
     import shutil
 

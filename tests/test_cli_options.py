@@ -45,7 +45,7 @@ def test_each_field_option_is_the_fields_own(name):
             continue
         p = params[f.name]
         assert p.help == f.metadata["help"], f.name
-        assert cli_fields.flag_name(f.name) in p.opts, f.name
+        assert cli_fields.flag_of(f) == p.opts[0] and p.opts[0] == (f.metadata.get("flag") or cli_fields.flag_name(f.name)).partition("/")[0], f.name
         assert p.default == cli_fields.cli_default(f), f.name
         if "parse" in f.metadata and p.default is not None:  # typed as text, parsed to the field's value
             assert f.metadata["parse"](p.default) == f.default, f.name
@@ -84,7 +84,7 @@ def parsed(name: str, *args: str) -> dict:
     cmd = command(name)
     ctx = cmd.make_context(name, list(args))
     before, after = cmd._made()
-    return {p.name: ctx.params[p.name] for p in (*before, *after)}
+    return {p.name: ctx.params[p.name] for p in (*before, *after) if not hasattr(p, "renamed_to")}
 
 
 def test_a_grid_config_gets_what_train_only_had(tmp_path):
@@ -187,3 +187,88 @@ def test_a_split_folder_inside_the_repository_is_recorded_relative_to_it(tmp_pat
     data = load_data(cfg)  # read from the repository's folder, not from ./splits of the working folder
     clean = {s: set((REPO / "splits" / "mvsa_s_clean" / f"{s}.txt").read_text().split()) for s in ("train", "dev", "test")}
     assert all(set(data.splits[s].ids) <= clean[s] for s in clean)
+
+
+# --- one meaning per option name, across every command ------------------------------------------------
+
+# Flags that several configs or commands declare with one meaning (the allow-list), and why.
+SHARED = {
+    "--dataset": "the data set's name in the cache (extract: the one it writes; verify: every one by default)",
+    "-d": "--dataset",
+    "--cache-dir": "the folder caches live in",
+    "--text-encoder": "the text encoder, and so the text cache: extract writes it, train and audit read it",
+    "--image-encoder": "the image encoder, and so the image cache: extract writes it, train and audit read it",
+    "--data-root": "the folder of the built-in data sets",
+    "--out": "the command's output folder",
+    "--shard": "i/N: this process's share of the work (extract's shards, a grid's cells)",
+    "--manifest": "a CSV/JSONL manifest as extract reads it (predict: of new items)",
+    "--epochs": "how many epochs to train (replay: of the seed it retrains)",
+}
+# Former names: hidden, still taken with a one-line notice. command -> {old: new}
+RENAMED = {
+    "extract": {"--batch-size": "--encoder-batch-size", "--seed": "--split-seed", "--text-layers": "--cache-text-layers",
+                "--text-views": "--cache-text-views"},
+    **{name: {"--run": "RUN"} for name in ("eval", "report", "predict")},
+}
+
+
+def meanings() -> dict[str, set[tuple[str, str]]]:
+    """Each flag of every command -> what it sets: (config, field) for an option made from a config
+    field, ("heads", field) for a head's flag, ("process", name) for a command's own option."""
+    from train.config import head_flags
+
+    from_heads = {f.name: f.field for f in head_flags()}
+    found: dict[str, set] = {}
+    for name in typer.main.get_command(pipeline.app).commands:
+        config = CONFIGS.get(name)
+        fields = {f.name for f in cli_fields_of(config)} - (GRID_OWN if name in ("ablate", "sweep") else set()) if config else set()
+        for p in options(name).values():
+            if hasattr(p, "renamed_to") or p.name == "help":
+                continue
+            what = ((config.__name__, p.name) if p.name in fields else ("heads", from_heads[p.name])
+                    if name in CONFIGS and p.name in from_heads else ("process", p.name))
+            for flag in (*p.opts, *p.secondary_opts):
+                if flag.startswith("-"):
+                    found.setdefault(flag, set()).add(what)
+    return found
+
+
+def test_a_flag_name_means_one_thing_in_every_command():
+    """`--batch-size` is train's batch, never also extract's encoder batch: a flag name sets one config
+    field, or is one command-level option, wherever it appears, unless SHARED says why it is shared."""
+    found = meanings()
+    several = {flag: sorted(what) for flag, what in found.items() if len(what) > 1}
+    assert set(several) <= set(SHARED), {f: w for f, w in several.items() if f not in SHARED}
+    assert set(SHARED) <= set(several), "SHARED names a flag that is no longer shared"
+
+
+@pytest.mark.parametrize("name", sorted(RENAMED))
+def test_a_former_name_still_works_with_one_line(name, capsys):
+    """Each renamed flag keeps its old name hidden: it still sets what the new one does, says so on stderr
+    once, and is listed in RENAMED (the README may still use it)."""
+    cmd = command(name)
+    with typer.Context(cmd) as ctx:
+        hidden = {p.opts[0]: p for p in cmd.get_params(ctx) if hasattr(p, "renamed_to")}
+    assert {old: (p.renamed_to, p.hidden) for old, p in hidden.items()} == {
+        old: (hidden[old].renamed_to, True) for old in RENAMED[name]}
+    for old, new in RENAMED[name].items():
+        value = "7" if old != "--run" else "runs/x"
+        ctx = cmd.make_context(name, [old, value])
+        target = hidden[old].renamed_to
+        assert str(ctx.params[target]) == value and target not in ctx.params.get(old, ())
+        assert target in ctx.meta["given"]
+        assert capsys.readouterr().err.strip() == (
+            f"deprecated: {old} is now {new}; {old} works for now" if new.startswith("--") else
+            f"deprecated: {old} is now the argument {new} (`{name} {new}`); {old} works for now")
+        with pytest.raises(typer.BadParameter, match="give it once"):
+            cmd.make_context(name, [old, value, *([new, value] if new.startswith("--") else [value])])
+    ctx = cmd.make_context(name, [*(["runs/x"] if name != "extract" else [])])
+    assert capsys.readouterr().err == ""  # the new spelling: no notice
+
+
+@pytest.mark.parametrize("name", ["eval", "report", "predict"])
+def test_a_run_is_named_as_replay_and_results_name_theirs(name, run_main):
+    """RUN is an argument, as `replay RUN...` and `results RUN...` take theirs; missing, it is click's one line."""
+    r = run_main(name)
+    assert r.code == 2 and "Missing argument 'RUN'" in r.err
+    assert "[RUN]" in run_main(name, "--help").out

@@ -45,7 +45,7 @@ def test_split_zip_without_the_model_folder_is_a_user_error(tmp_path):
 
 
 @pytest.mark.parametrize("layers, max_length, refused", [
-    (7, 202, r"--text-layers 7: minilm has 6 layers; pick 1\.\.6"),
+    (7, 202, r"--cache-text-layers 7: minilm has 6 layers; pick 1\.\.6"),
     (4, 513, r"--max-length 513: minilm reads at most 512 tokens; pick 2\.\.512"),  # past its position embeddings
     (6, 512, None),
 ])

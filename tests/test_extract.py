@@ -299,7 +299,7 @@ def test_provenance_refusal_and_force(tmp_path, cli, tiny_cache, make_config, co
     text = store.cache_folder(cache, tiny_cache.dataset, store.TEXT, tiny_cache.text_encoder)
     before = {p.name: p.read_bytes() for p in text.iterdir()}
 
-    r = cli.run("extract", *cli.tiny_args, "--cache-dir", cache, "--text-only", "--text-layers", "2")
+    r = cli.run("extract", *cli.tiny_args, "--cache-dir", cache, "--text-only", "--cache-text-layers", "2")
     assert_one_line_error(r, "was built differently", "layers 4 (asked 2)", "--force")
     assert {p.name: p.read_bytes() for p in text.iterdir()} == before  # refused means untouched
 
@@ -324,7 +324,7 @@ def test_paper_configuration_shapes_at_random_weights(tmp_path, cli):
     folder = tokenizer_files(tmp_path / "bert-base-random")
     BertConfig().save_pretrained(folder)  # bert-base-uncased's shape: 12 layers, 768 wide
     cache = tmp_path / "cache"
-    r = cli.run("extract", "--dataset", "mvsa_s", "--limit", "1", "--shard-size", "2", "--batch-size", "4",
+    r = cli.run("extract", "--dataset", "mvsa_s", "--limit", "1", "--shard-size", "2", "--encoder-batch-size", "4",
                 "--cache-dir", cache, "--text-encoder", folder, "--random-weights", "--image-encoder", "resnet50")
     assert r.returncode == 0, r.stderr
     root = cache / "mvsa_s-first1"
@@ -433,7 +433,7 @@ def test_damage_is_one_line_naming_the_file_and_the_repair_where_a_user_meets_it
     shutil.copytree(tiny_cache.cache_dir, cache)
     text = store.cache_folder(cache, tiny_cache.dataset, store.TEXT, tiny_cache.text_encoder)
     image = store.cache_folder(cache, tiny_cache.dataset, store.IMAGE, tiny_cache.image_encoder)
-    repair = (f"Run `python pipeline.py extract --dataset mvsa_s --batch-size 4 --shard-size 8 --limit 12 "
+    repair = (f"Run `python pipeline.py extract --dataset mvsa_s --encoder-batch-size 4 --shard-size 8 --limit 12 "
               f"--cache-dir {cache}`")
 
     def in_middle(path):  # 100 bytes in the middle of the file: in the feature data
@@ -514,7 +514,7 @@ def test_an_older_cache_without_checksums_is_kept_and_noted(tmp_path, tiny_cache
     assert cache_files(text) == before  # kept as it is: never refused, never silently changed
 
 
-TINY_ARGS_CLI = ("--dataset", "mvsa_s", "--limit", "12", "--shard-size", "8", "--batch-size", "4")
+TINY_ARGS_CLI = ("--dataset", "mvsa_s", "--limit", "12", "--shard-size", "8", "--encoder-batch-size", "4")
 
 
 def test_odd_images_and_unstorable_ids_are_listed_by_id_and_the_run_completes(tmp_path, make_config, console):

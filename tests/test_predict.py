@@ -195,11 +195,11 @@ def test_cli_json_and_errors(cli, run, tmp_path):
     m = tmp_path / "m.jsonl"
     shutil.copy(IMAGES / "17.jpg", tmp_path / "17.jpg")
     m.write_text("\n".join(json.dumps({"id": i, "text": "so happy today", "image": "17.jpg"}) for i in ("a", "b")))
-    r = cli.run("predict", "--run", run, "--manifest", m, "--json")
+    r = cli.run("predict", run, "--manifest", m, "--json")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert [x["id"] for x in lines] == ["a", "b"] and lines[0]["probabilities"] == lines[1]["probabilities"]
     assert set(lines[0]) == {"id", "label", "probabilities"}
-    r = cli.run("predict", "--run", run, "--text", "hi", "--image", tmp_path / "nope.jpg")
+    r = cli.run("predict", run, "--text", "hi", "--image", tmp_path / "nope.jpg")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "nope.jpg not found" in r.stderr

@@ -84,7 +84,7 @@ def test_distance_groups_pairs():
 
 
 def test_cli_report_not_a_run_is_one_line(cli, tmp_path):
-    r = cli.run("report", "--run", tmp_path)
+    r = cli.run("report", tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "not a run folder" in r.stderr
 

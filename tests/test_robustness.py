@@ -68,14 +68,14 @@ def test_scores_under_each_condition(run):
 
 def test_eval_drop_and_noise_write_robustness_json(run, run_main):
     cfg, _, _ = run
-    r = run_main("eval", "--run", cfg.out, "--drop", "image", "--noise", "0.5")
+    r = run_main("eval", cfg.out, "--drop", "image", "--noise", "0.5")
     assert r.code == 0, r.err
     assert "drop_image: test accuracy" in r.out and "noise_0.5: test accuracy" in r.out
     import json
 
     saved = json.loads((cfg.out / "robustness.json").read_text())
     assert set(saved["summary"]) == {"drop_image", "noise_0.5"} and saved["per_seed"][0]["seed"] == 1
-    r = run_main("eval", "--run", cfg.out, "--drop", "audio")
+    r = run_main("eval", cfg.out, "--drop", "audio")
     assert r.code == 1 and "--drop audio: give text or image" in r.err and "Traceback" not in r.err
 
 

@@ -243,13 +243,13 @@ def test_results_refuses_a_dev_value_edited_in_log_csv(copy, run_main):
 
 def test_a_checkpoint_that_is_more_than_plain_weights_is_refused_naming_it(copy, run_main):
     torch.save(torch.nn.Linear(2, 2), copy / "seed-2.pt")  # a pickled module: weights_only refuses it
-    line = one_line(run_main("eval", "--run", copy), f"{copy / 'seed-2.pt'} holds more than plain tensors")
+    line = one_line(run_main("eval", copy), f"{copy / 'seed-2.pt'} holds more than plain tensors")
     assert "weights_only" not in line
 
 
 def test_a_corrupt_checkpoint_is_one_line(copy, run_main):
     (copy / "seed-1.pt").write_bytes(b"not a checkpoint")
-    one_line(run_main("eval", "--run", copy), f"{copy / 'seed-1.pt'} is corrupt")
+    one_line(run_main("eval", copy), f"{copy / 'seed-1.pt'} is corrupt")
 
 
 def test_ctrl_c_note_reads_what_the_state_files_hold(finished, tmp_path):

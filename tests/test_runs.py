@@ -357,12 +357,12 @@ def test_cli(trained, tiny_cache, cli, tmp_path, monkeypatch):
     tiny = ("--dataset", tiny_cache.dataset, "--cache-dir", tiny_cache.cache_dir, "--epochs", "1", "--seeds", "1",
             "--batch-size", "8")
     cases = {
-        "eval": ("eval", "--run", run),
+        "eval": ("eval", run),
         "heads": ("heads",),
         "no cache": ("train", "--dataset", "mvsa_x", "--cache-dir", tmp_path / "empty", "--out", tmp_path / "r1"),
         "text-only cache": ("train", *tiny, "--cache-dir", text_only, "--out", tmp_path / "r2"),
-        "rebuilt cache": ("eval", "--run", run, "--cache-dir", rebuilt),
-        "not a run": ("eval", "--run", tmp_path / "not_a_run"),
+        "rebuilt cache": ("eval", run, "--cache-dir", rebuilt),
+        "not a run": ("eval", tmp_path / "not_a_run"),
         "unknown head": ("train", *tiny, "--head", "sppscl", "--out", tmp_path / "r3"),
         "bad modalities": ("train", *tiny, "--modalities", "foo", "--out", tmp_path / "r4"),
         "bad scope": ("train", *tiny, "--cmf-scope", "foo", "--out", tmp_path / "r5"),
@@ -385,7 +385,7 @@ def test_cli(trained, tiny_cache, cli, tmp_path, monkeypatch):
                    "or train with --modalities text")
     one_line_error(done["rebuilt cache"], "text cache", "differs", "fingerprint",
                    "`python pipeline.py extract --dataset mvsa_s --limit 12 --text-encoder minilm`")
-    one_line_error(done["not a run"], "is not a run folder", "--run")
+    one_line_error(done["not a run"], "is not a run folder", "give one that train wrote")
     line = one_line_error(done["unknown head"], "unknown head 'sppscl'")
     assert all(name in line for name in heads.available())
     for k, option in (("bad modalities", "--modalities"), ("bad scope", "--cmf-scope")):

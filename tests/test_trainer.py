@@ -457,14 +457,14 @@ def test_patience_stops_a_seed_once_dev_stops_improving(synth_cache, synth_data,
 
 def test_text_views_on_a_cache_without_them_is_a_user_error(tiny_cache, tiny_views_cache, tmp_path):
     with pytest.raises(UserError, match=r"no dropout views: run `python pipeline.py extract --dataset mvsa_s "
-                                        r"--limit 12 --text-encoder minilm --text-views K`"):
+                                        r"--limit 12 --text-encoder minilm --cache-text-views K`"):
         runs.train(synth_config(tiny_cache, tmp_path / "run", text_views=True), quiet_console())
     assert not (tmp_path / "run").exists()
     cache = tmp_path / "cache"
     shutil.copytree(tiny_views_cache.cache_dir, cache)
     unfinished = cache / tiny_cache.dataset / "text" / "minilm" / "view-02"
     (unfinished / "index.json").unlink()  # an interrupted extract --text-views
-    with pytest.raises(UserError, match=r"no complete cache at .*view-02: run .*--text-views K"):
+    with pytest.raises(UserError, match=r"no complete cache at .*view-02: run .*--cache-text-views K"):
         train_data.load_data(synth_config(tiny_cache, None, cache_dir=cache, text_views=True))
     with pytest.raises(UserError, match="--text-views needs a head that reads text"):
         synth_config(tiny_cache, None, {"modalities": "image"}, text_views=True).resolved()

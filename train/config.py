@@ -17,7 +17,7 @@ from typing import Iterable
 import heads
 from core.cli_fields import Flag, build, check_fields, flag_values, flags, option, parse_sets
 from core.errors import UserError
-from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
+from core.defaults import DATASET, IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, REPO
 from heads.base import HeadConfig
 from train.defaults import DEFAULTS, FALLBACK, default_help
@@ -87,7 +87,7 @@ class TrainConfig:
     """What `train` (and every cell of `ablate` and `sweep`) trains; each `option(...)` field is
     also a command-line option of those commands (core/cli_fields.py)."""
 
-    dataset: str = option("mvsa_s", "data set name in the cache (built-in or --name of a manifest)", short="-d")
+    dataset: str = option(DATASET, "data set name in the cache (built-in or --name of a manifest)", short="-d")
     cache_dir: Path = option(DEFAULT_CACHE, "where caches live")
     text_encoder: str = option(TEXT_ENCODER, "which text cache to read")
     image_encoder: str = option(IMAGE_ENCODER, "which image cache to read")
@@ -103,7 +103,7 @@ class TrainConfig:
     lr_step: int | None = option(None, f"StepLR step {default_help('lr_step')}", min=1)
     lr_gamma: float = field(default=0.5, metadata={"min": 0, "min_open": True, "max": 1})  # StepLR's decay factor
     balanced: bool = option(False, "weight cross-entropy by inverse class frequency (not in the paper)")
-    text_views: bool = option(False, "train on the cached dropout views of the texts (extract --text-views K)")
+    text_views: bool = option(False, "train on the cached dropout views of the texts (extract --cache-text-views K)")
     select: str | None = option(None, f"dev metric that picks the epoch {default_help('select')}", choices=METRICS)
     # 0 (None once resolved): never. 10 by default: on 20 full-length seeds it moved no test figure beyond noise and saved 71% of the
     # epochs (README, "Early stopping"); every evidence run in results/ uses it
@@ -119,7 +119,8 @@ class TrainConfig:
     # never read by the epoch selection or --patience
     protocol_check: bool = option(False, "also score test in file order after every epoch (protocol.csv): "
                                   "what the authors' protocol would report; never selects")
-    out: Path | None = option(None, "run folder [default: runs/<dataset>-<head>-<time>]")
+    out: Path | None = option(None, "run folder [default: <runs-dir>/<dataset>-<head>-<hash of the settings>: the same "
+                              "settings find their folder again and resume it]")
     splits: Path | None = option(None, "folder of split files {train,dev,test}.txt (ids) from `audit --write-clean` "
                                  "[default: the cache's splits]",
                                  parse=_split_folder)

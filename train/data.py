@@ -9,7 +9,7 @@ Text and image caches are joined by id, so an item whose image could not be read
 simply absent from a two-modality run (and counted).
 
 With `text_views` the train split also holds K dropout views of its text states
-(`extract --text-views K`): each epoch draws one view per item, so the head, like the
+(`extract --cache-text-views K`): each epoch draws one view per item, so the head, like the
 official code's with BERT in train mode, never sees the same text features twice.
 Dev and test have no views: they are always scored on the clean (eval-mode) states.
 """
@@ -449,7 +449,7 @@ def _streamed(folders: dict, prov: dict, dataset: str, encoder: str, text_views:
 def _view_folders(folder: Path, clean: store.Provenance, train, dataset: str, encoder: str) -> tuple[str, list[Path]]:
     """The command that makes the dropout views, and their folders, each made from this clean cache
     (else one UserError: no views, no train split, or views of another cache)."""
-    hint = f"python pipeline.py extract {extract_source(dataset)} --text-encoder {encoder} --text-views K"
+    hint = f"python pipeline.py extract {extract_source(dataset)} --text-encoder {encoder} --cache-text-views K"
     folders = store.view_folders(folder)
     if not folders:
         raise UserError(f"the text cache {folder} has no dropout views: run `{hint}` (e.g. K=4; the clean "

@@ -213,7 +213,7 @@ class RunFolder:
         if self._saved is None:
             path = self._file(self.CONFIG)
             if not path.is_file():
-                raise UserError(f"{self.path} is not a run folder (no config.json): pass --run runs/<name>")
+                raise UserError(f"{self.path} is not a run folder (no config.json): give one that train wrote, e.g. runs/<name>")
             try:
                 saved = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -498,7 +498,7 @@ class RunFolder:
         try:
             return json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is corrupt ({e}): delete it and score again with `pipeline.py eval --run "
+            raise UserError(f"{path} is corrupt ({e}): delete it and score again with `pipeline.py eval "
                             f"{self.path} --drop image`") from None
 
     def write_robustness(self, result: dict) -> None:
