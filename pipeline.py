@@ -130,7 +130,8 @@ def _grid(ctx: typer.Context, set_: list[str], jobs: Optional[int], threads: Opt
 @app.command(cls=GRID_OPTIONS)
 def ablate(
     ctx: typer.Context,
-    rows: Optional[str] = typer.Option(None, help="comma-separated rows to run (the full model always runs)"),
+    rows: list[str] = typer.Option([], help="a row to run, by name ('w/o L_cli,L_clt') or folder name (wo-intra); "
+                                   "repeatable, or several in one joined by commas (the full model always runs)"),
     set_: list[str] = SetOpt,
     out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: <runs-dir>/ablate-<dataset>-<head>]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
@@ -141,7 +142,7 @@ def ablate(
     from experiments import grid
 
     base, jobs = _grid(ctx, set_, jobs, threads)
-    cells = grid.ablation_cells(base, runs_dir, [r.strip() for r in rows.split(",")] if rows else None)
+    cells = grid.ablation_cells(base, runs_dir, rows or None)
     target = grid.out_folder("ablate", base, runs_dir, out)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
     if grid.assemble(cells, target, base.dataset, base.head) is None:

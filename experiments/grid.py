@@ -60,16 +60,11 @@ def cell(name: str, base: TrainConfig, head: str, values: dict, runs_dir: Path) 
 
 
 def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = None) -> list[Cell]:
-    """The full model, then each row of the head config's ABLATIONS (`--rows` picks some)."""
+    """The full model, then each row of the head config's ABLATIONS (`--rows` picks some: `pick_rows`)."""
     table = {"full": {}, **heads.config_class(base.head).ABLATIONS}
     if rows:
-        unknown = [r for r in rows if r not in table]
-        if unknown:
-            raise UserError(f"--rows {', '.join(unknown)}: {base.head} has rows {', '.join(table)}")
-        twice = [r for k, r in enumerate(rows) if r in rows[:k]]
-        if twice:
-            raise UserError(f"--rows: {twice[0]!r} given twice; give each row once")
-        table = {k: v for k, v in table.items() if k == "full" or k in rows}  # the full model is the reference
+        chosen = pick_rows(base.head, rows)
+        table = {k: v for k, v in table.items() if k == "full" or k in chosen}  # the full model is the reference
     cells = []
     for name, values in table.items():
         values = dict(values)
@@ -78,6 +73,39 @@ def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = N
         head_values = {} if head != base.head else {**_base_values(base), **values}
         cells.append(cell(name, base, head, head_values, runs_dir))
     return cells
+
+
+def pick_rows(head: str, given: list[str]) -> list[str]:
+    """The ablation rows of `head` that `--rows` values name: each value a row's name ('w/o L_cli,L_clt',
+    commas and all) or its folder name ('wo-intra', `results.row_slug`), or several of them joined by
+    commas ('one-step,w/o CMF'). Unknown or twice: one UserError."""
+    config = heads.config_class(head)
+    names = ["full", *config.ABLATIONS]
+    known = {**{results.row_slug(config, n): n for n in names}, **{n: n for n in names}}
+    chosen = []
+    for value in given:
+        found = _split_rows(value.split(","), known)
+        if found is None:
+            raise UserError(f"--rows {value}: {head} has rows {', '.join(names)} "
+                            f"(or their folder names: {', '.join(results.row_slug(config, n) for n in names)})")
+        chosen += found
+    twice = [r for k, r in enumerate(chosen) if r in chosen[:k]]
+    if twice:
+        raise UserError(f"--rows: {twice[0]!r} given twice; give each row once")
+    return chosen
+
+
+def _split_rows(parts: list[str], known: dict[str, str]) -> list[str] | None:
+    """`parts` (a value split at its commas) as known row names, the longest name first where commas
+    are part of one ('w/o L_cli', 'L_clt' -> 'w/o L_cli,L_clt'); None if they cannot all be."""
+    if not parts:
+        return []
+    for k in range(len(parts), 0, -1):
+        name = ",".join(parts[:k]).strip()
+        rest = _split_rows(parts[k:], known) if name in known else None
+        if rest is not None:
+            return [known[name], *rest]
+    return None
 
 
 def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell]:

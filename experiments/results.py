@@ -221,16 +221,18 @@ def slug(name: str) -> str:
     return re.sub(r"[ ,]+", "-", name.lower().replace("w/o ", "wo-"))
 
 
+def row_slug(config: type, name: str) -> str:
+    """The folder name of ablation row `name` of a head config (`config.ABLATIONS`): its own "slug" when
+    its name makes no good folder name ('w/o L_cli,L_clt' -> 'wo-intra'), else `slug(name)`."""
+    return config.ABLATIONS.get(name, {}).get("slug") or slug(name)
+
+
 def paper_numbers(head: str, dataset: str, row: str) -> tuple[float, float] | None:
     """The paper's (accuracy, F1) of `head`'s ablation row `row` (its name or its folder's) on `dataset`."""
     import heads
 
     cls = heads.config_class(head)
-
-    def key(name: str) -> str:  # a row whose name makes no good folder name carries its own slug
-        return cls.ABLATIONS.get(name, {}).get("slug") or slug(name)
-
-    return {key(k): v for k, v in cls.PAPER.get(family(dataset), {}).items()}.get(key(row))
+    return {row_slug(cls, k): v for k, v in cls.PAPER.get(family(dataset), {}).items()}.get(row_slug(cls, row))
 
 
 def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool = False) -> None:

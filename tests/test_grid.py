@@ -121,6 +121,35 @@ def test_unknown_rows_are_a_user_error(synth_cache, tmp_path):
         ["full", "w/o CLIP", "w/o CA", "w/o CG"]
 
 
+def test_rows_are_named_as_the_table_or_the_folders_name_them(synth_cache, tmp_path):
+    """A row's name may hold commas (SPP-SCL's 'w/o L_cli,L_clt'); --rows takes it whole, split at the
+    commas only where the pieces are rows, and by its folder name (wo-intra) too."""
+    from core.errors import UserError
+
+    assert grid.pick_rows("spp_scl", ["w/o L_cli,L_clt"]) == ["w/o L_cli,L_clt"]
+    assert grid.pick_rows("spp_scl", ["wo-intra", "one-step,w/o CMF", "ha-last-1"]) == \
+        ["w/o L_cli,L_clt", "one-step", "w/o CMF", "HA last 1"]
+    assert grid.pick_rows("spp_scl", ["w/o L_clm,w/o L_cli,L_clt, no HA"]) == ["w/o L_clm", "w/o L_cli,L_clt", "no HA"]
+    with pytest.raises(UserError, match="--rows: 'w/o L_cli,L_clt' given twice"):
+        grid.pick_rows("spp_scl", ["wo-intra", "w/o L_cli,L_clt"])
+    with pytest.raises(UserError, match=r"--rows w/o L_cli,nope: spp_scl has rows .*\(or their folder names: .*wo-intra"):
+        grid.pick_rows("spp_scl", ["w/o L_cli,nope"])
+    cells = grid.ablation_cells(base(synth_cache), tmp_path, ["w/o L_cli,L_clt"])
+    assert [c.name for c in cells] == ["full", "w/o L_cli,L_clt"] and cells[1].cfg.head_config.intra is False
+
+
+def test_ablate_rows_on_the_command_line(synth_cache, tmp_path, run_main, monkeypatch):
+    """`ablate --rows "w/o L_cli,L_clt"` selects that row (repeatable, folder names too); nothing trains here."""
+    ran = []
+    monkeypatch.setattr(grid, "run_cells", lambda cells, *a, **k: ran.append([c.name for c in cells]))
+    for rows, names in ((["w/o L_cli,L_clt"], ["full", "w/o L_cli,L_clt"]),
+                        (["wo-clm", "one-step,w/o CMF"], ["full", "one-step", "w/o L_clm", "w/o CMF"])):
+        args = [a for r in rows for a in ("--rows", r)]
+        r = run_main("ablate", *cli_args(synth_cache, tmp_path / "runs", *args, "--out", tmp_path / "table"))
+        assert r.code == 0, r.err
+        assert ran.pop() == names
+
+
 def table_numbers(csv: Path) -> pd.DataFrame:
     """A table.csv without what each cell took (the cost_* columns: seconds, memory): two grids that
     compute the same numbers give the same frame."""
