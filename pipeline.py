@@ -41,6 +41,10 @@ SetOpt = typer.Option([], "--set", callback=cli_fields.keys_once, help="head con
 ShardOpt = typer.Option(None, help="i/N: this process's share of the cells [default: set by torchrun (RANK/WORLD_SIZE) and by a Slurm array task; else every cell]")
 RobustnessOpt = typer.Option(False, "--robustness", help="then score each seed's selected weights without its text, without its image and with noise (robustness.json; `eval --drop/--noise` does it later)")
 MemoryOpt = typer.Option(None, "--memory", help="RAM each training process may hold of the cache, e.g. 3G; beyond it batches are read from the shards, with the same numbers [default: half of the memory available (MemAvailable, or the cgroup's headroom), divided by --jobs]")
+ConfigOpt = typer.Option(None, "--config", metavar="FILE", help="start from the settings in FILE: a run's config.json "
+                         "(its train section) or a JSON/YAML file of train's fields (a head's under head_config). "
+                         "Only options given here override it; --out never comes from it; a --dataset or --head "
+                         "other than the file's is refused (its settings were resolved for its own)")
 RunsDirOpt = typer.Option(Path("runs"), help="where run folders are made, each named <dataset>-<head>-<hash of its settings> (train: unless --out)")
 RunOpt = typer.Argument(None, metavar="RUN", show_default=False, help="run folder written by train (required)")
 # a command whose run folder is its argument RUN, as replay and results take theirs; `--run RUN` still works
@@ -100,8 +104,9 @@ def extract(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
 
 
 @app.command(cls=TRAIN_OPTIONS)
-def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = JobsOpt, runs_dir: Path = RunsDirOpt,
-          threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt):
+def train(ctx: typer.Context, config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt, jobs: Optional[int] = JobsOpt,
+          runs_dir: Path = RunsDirOpt, threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt,
+          memory: Optional[str] = MemoryOpt):
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
@@ -109,7 +114,7 @@ def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = Jo
     from train.run_folder import RunFolder, default_out
     from train.runs import train as run_train
 
-    cfg = TrainConfig.from_cli(ctx.meta["fields"], set_)
+    cfg = TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"])
     if cfg.out is None:  # named from the settings' hash, as a grid's cells are
         cfg = replace(cfg, out=default_out(cfg.resolved(), runs_dir))
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
@@ -118,13 +123,13 @@ def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = Jo
     _show(RunFolder(run).metrics(), f"{run}")
 
 
-def _grid(ctx: typer.Context, set_: list[str], jobs: Optional[int], threads: Optional[int]):
+def _grid(ctx: typer.Context, config: Optional[Path], set_: list[str], jobs: Optional[int], threads: Optional[int]):
     """The config every cell starts from (every `train` option but --out), and the jobs to train them with."""
     from train.config import TrainConfig
 
     jobs = jobs or _threads.default_jobs()
     _threads.use(threads, jobs)
-    return TrainConfig.from_cli(ctx.meta["fields"], set_), jobs
+    return TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"]), jobs
 
 
 @app.command(cls=GRID_OPTIONS)
@@ -132,7 +137,7 @@ def ablate(
     ctx: typer.Context,
     rows: list[str] = typer.Option([], help="a row to run, by name ('w/o L_cli,L_clt') or folder name (wo-intra); "
                                    "repeatable, or several in one joined by commas (the full model always runs)"),
-    set_: list[str] = SetOpt,
+    config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt,
     out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: <runs-dir>/ablate-<dataset>-<head>]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
     threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
@@ -141,7 +146,7 @@ def ablate(
     command: table.csv + table.md with seed noise. Takes every `train` option but --out."""
     from experiments import grid
 
-    base, jobs = _grid(ctx, set_, jobs, threads)
+    base, jobs = _grid(ctx, config, set_, jobs, threads)
     cells = grid.ablation_cells(base, runs_dir, rows or None)
     target = grid.out_folder("ablate", base, runs_dir, out)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
@@ -156,7 +161,7 @@ def ablate(
 def sweep(
     ctx: typer.Context,
     vary: list[str] = typer.Option(..., help="head field=v1,v2,... to sweep (repeat for a grid of two fields)"),
-    set_: list[str] = SetOpt,
+    config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt,
     out: Optional[Path] = typer.Option(None, help="where sweep.csv, sweep.md and a PNG per metric go "
                                        "[default: <runs-dir>/sweep-<dataset>-<head>-<the fields varied, joined by ->]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
@@ -166,7 +171,7 @@ def sweep(
     with seed error bars. Takes every `train` option but --out."""
     from experiments import grid
 
-    base, jobs = _grid(ctx, set_, jobs, threads)
+    base, jobs = _grid(ctx, config, set_, jobs, threads)
     cells = grid.sweep_cells(base, vary, runs_dir)
     target = grid.out_folder("sweep", base, runs_dir, out, vary)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory)

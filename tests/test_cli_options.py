@@ -272,3 +272,95 @@ def test_a_run_is_named_as_replay_and_results_name_theirs(name, run_main):
     r = run_main(name)
     assert r.code == 2 and "Missing argument 'RUN'" in r.err
     assert "[RUN]" in run_main(name, "--help").out
+
+
+# --- --config FILE: a run's config.json or a JSON/YAML file of settings to start from --------------------
+
+HEADS_RUNS = sorted(Path(pipeline.__file__).parent.glob("results/mvsa_s-heads/*/config.json"))
+
+
+def config_of(name: str, *args: str) -> TrainConfig:
+    """The TrainConfig `pipeline.py <name> *args` starts from (train: before its run folder is named)."""
+    cmd = command(name)
+    ctx = cmd.make_context(name, list(args))
+    before, after = cmd._made()
+    values = {p.name: ctx.params[p.name] for p in (*before, *after) if not hasattr(p, "renamed_to")}
+    return TrainConfig.from_cli(values, ctx.params["set_"], ctx.params["config"], ctx.meta["given"])
+
+
+def saved_train(path: Path) -> dict:
+    import json
+
+    return {k: v for k, v in json.loads(path.read_text())["train"].items() if k != "out"}
+
+
+@pytest.mark.parametrize("path", HEADS_RUNS, ids=lambda p: p.parent.name)
+def test_a_runs_config_json_gives_exactly_its_settings(path, tmp_path):
+    """`train --config results/mvsa_s-heads/probe/config.json --out DIR` trains what that run trained
+    (resolved, the folder aside); a grid starts its cells from them too."""
+    assert {"probe", "spp_scl", "spp_scl-official"} <= {p.parent.name for p in HEADS_RUNS}
+    cfg = config_of("train", "--config", str(path), "--out", str(tmp_path / "again"))
+    assert cfg.out == tmp_path / "again"
+    assert {k: v for k, v in cfg.resolved().to_json().items() if k != "out"} == saved_train(path)
+    grid = config_of("ablate", "--config", str(path))
+    assert {k: v for k, v in grid.resolved().to_json().items() if k != "out"} == saved_train(path)
+
+
+def test_only_the_options_given_override_the_file(tmp_path):
+    probe, spp = (Path(pipeline.__file__).parent / f"results/mvsa_s-heads/{n}/config.json" for n in ("probe", "spp_scl"))
+    cfg = config_of("train", "--config", str(probe), "--epochs", "3", "--seeds", "7", "--no-protocol-check")
+    assert (cfg.epochs, cfg.seeds, cfg.protocol_check) == (3, (7,), False)
+    assert (cfg.head, cfg.batch_size, cfg.patience, cfg.out) == ("probe", 64, 10, None)  # --out never from a file
+    assert config_of("train", "--config", str(probe)).protocol_check is True  # an unset switch overrides nothing
+    cfg = config_of("sweep", "--config", str(spp), "--vary", "alpha=0.5", "--no-cmf", "--set", "cmf_scope=sample")
+    saved = saved_train(spp)["head_config"]
+    assert (cfg.head_config.cmf, cfg.head_config.cmf_scope, cfg.head_config.lambda_ce) == (False, "sample", saved["lambda_ce"])
+    (tmp_path / "mine.yaml").write_text("head: probe\nepochs: 2\nseeds: [1, 2]\nhead_config: {modalities: text}\n")
+    cfg = config_of("train", "--config", str(tmp_path / "mine.yaml"), "-d", "hfm")  # no data set in the file: any
+    assert (cfg.dataset, cfg.head, cfg.epochs, cfg.seeds, cfg.head_config.modalities) == ("hfm", "probe", 2, (1, 2), "text")
+    assert cfg.resolved().batch_size == 256  # hfm's own, resolved for it
+
+
+CONFIG_REFUSED = [
+    ("other-dataset", "run", ("-d", "hfm"), "holds settings for data set 'mvsa_s', not --dataset hfm"),
+    ("other-head", "run", ("--head", "spp_scl"), "holds settings for head 'probe', not --head spp_scl"),
+    ("unknown-field", "epochs: 2\nepoks: 3\n", (), "no setting 'epoks'"),
+    ("unknown-head-field", "head: probe\nhead_config: {alpha: 0.5}\n", (), "head 'probe' has no field 'alpha'"),
+    ("wrong-type", "epochs: ten\n", (), "epochs='ten' does not fit the field's type (int)"),
+    ("wrong-head-type", "head: probe\nhead_config: {dim: wide}\n", (), "head_config.dim='wide' does not fit the field's type (int)"),
+    ("wrong-list", "seeds: 1\n", (), "seeds=1 does not fit the field's type (a list of int)"),
+    ("python-tag", "epochs: !!python/object/apply:os.system ['true']\n", (), "could not determine a constructor"),
+    ("not-a-mapping", "- 1\n- 2\n", (), "give a mapping of settings"),
+    ("missing", None, (), "no such file"),
+]
+
+
+@pytest.mark.parametrize("case, text, args, fragment", CONFIG_REFUSED, ids=[c[0] for c in CONFIG_REFUSED])
+def test_a_config_file_refused_is_one_line(case, text, args, fragment, tmp_path, run_main):
+    """Refused before anything is trained or written: one `error:` line, no traceback."""
+    path = tmp_path / "settings.yaml"
+    if text == "run":
+        path = Path(pipeline.__file__).parent / "results/mvsa_s-heads/probe/config.json"
+    elif text is not None:
+        path.write_text(text)
+    r = run_main("train", "--config", path, *args, "--out", tmp_path / "run")
+    assert r.code == 1, r.out + r.err
+    assert r.err.count("\n") == 1 and r.err.startswith("error: --config ") and fragment in r.err, r.err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_tiny_training_from_a_settings_file_and_again_from_its_config_json(synth_cache, tmp_path, run_main):
+    """A YAML file trains (its run folder named from the settings' hash in --runs-dir); the run's own
+    config.json then names the same settings, so the same folder is found finished, nothing retrained."""
+    c = synth_cache
+    (tmp_path / "s.yaml").write_text(
+        f"dataset: {c.dataset}\ncache_dir: {c.cache_dir}\ntext_encoder: {c.text_encoder}\nimage_encoder: {c.image_encoder}\n"
+        "head: probe\nepochs: 1\nseeds: [1]\nbatch_size: 12\neval_orders: 1\n")
+    r = run_main("train", "--config", tmp_path / "s.yaml", "--runs-dir", tmp_path / "runs", "--jobs", "1")
+    assert r.code == 0, r.err
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith(f"{c.dataset}-probe-") and (run / "seed-1.pt").is_file()
+    again = run_main("train", "--config", run / "config.json", "--runs-dir", tmp_path / "runs", "--jobs", "1")
+    assert again.code == 0, again.err
+    assert "seeds [1] already done" in again.out and list((tmp_path / "runs").iterdir()) == [run]

@@ -126,9 +126,15 @@ class TrainConfig:
                                  parse=_split_folder)
 
     @classmethod
-    def from_cli(cls, values: dict, sets: Iterable[str] = ()) -> "TrainConfig":
+    def from_cli(cls, values: dict, sets: Iterable[str] = (), file: Path | None = None,
+                 given: Iterable[str] = ()) -> "TrainConfig":
         """The config a command's options give: its fields, a head's shorthand flags (`head_flags()`)
-        and `--set key=value` (which wins over a flag)."""
+        and `--set key=value` (which wins over a flag). With `file` (`--config`), the settings in it,
+        with only the options `given` on the command line over them (train/settings_file.py)."""
+        if file is not None:
+            from train import settings_file
+
+            return settings_file.start(file, values, set(given), sets)
         head = values.get("head") or cls.head
         return build(cls, values, head_config=heads.build_config(head, head_values(head, values, sets)))
 
@@ -189,7 +195,8 @@ class TrainConfig:
         for k in ("cache_dir", "out", "splits"):
             if kw.get(k) is not None:
                 kw[k] = Path(kw[k])
-        kw["seeds"] = tuple(kw.get("seeds", ()))
+        if "seeds" in kw:
+            kw["seeds"] = tuple(kw["seeds"])
         if kw.get("head_config") is not None:
             kw["head_config"] = heads.build_config(kw.get("head", "spp_scl"), kw["head_config"])
         return cls(**kw)
