@@ -320,7 +320,7 @@ def results_cmd(
     runs: list[str] = typer.Argument(None, help="run folders, folders of them, or glob patterns"),
     against: Optional[str] = typer.Option(None, help="reference row (run folder name or head): Δ accuracy and p-value"),
     out: Optional[Path] = typer.Option(None, help="write results.md, results.csv and results.png here"),
-    allow_mixed: bool = typer.Option(False, "--allow-mixed", help="compare runs of other caches, splits, protocols or code (a column says which)"),
+    allow_mixed: bool = typer.Option(False, "--allow-mixed", help="compare runs of other caches, splits or protocols (a column says which); never of other numerics versions"),
     readme: Optional[Path] = typer.Option(None, help="regenerate the results tables between the markers of this README"),
     baseline: Optional[list[str]] = typer.Option(None, help="runs to set each row against, by run name (the same heads "
                                                  "on other encoders): the gain, and the gain minus --against's gain"),

@@ -21,10 +21,9 @@ minus the reference's gain, tested over seeds (a paired test of per-seed differe
 does a head gain more from better features than the probe does?
 
 Rows trained on different caches, splits or scoring protocols are refused with the difference
-named: such numbers do not compare. A row is the current code's when it was trained by it or a
-replay with it is recorded (`pipeline.py replay`, train/replay.py); any other row is refused with
-the replay command that would settle it. `--allow-mixed` compares them anyway and adds a column
-that shows what differs.
+named: such numbers do not compare; `--allow-mixed` compares them anyway and adds a column that
+shows what differs. A row of another numerics version than the current code's (train/numerics.py)
+is refused with or without it, naming what remakes it: its numbers are not this code's.
 
 The README's result tables are this module's output between markers
 (`<!-- results: ARGS -->` ... `<!-- results:end -->`); `refresh_readme` regenerates them
@@ -54,7 +53,7 @@ COMPARABLE = {
     "split": lambda c: json.dumps([str(c["train"].get("splits")), c.get("sizes")], sort_keys=True),
     "protocol": lambda c: json.dumps({k: c["train"].get(k) for k in
                                       ("eval_orders", "eval_seed", "eval_batch_size", "select")}, sort_keys=True),
-    "code": lambda c: c.get("code_identity") or c.get("code_fingerprint", "unrecorded"),
+    "numerics version": lambda c: str(c.get("numerics_version")),  # never mixed, --allow-mixed or not
 }
 # config fields that never set a row apart in the table (paths, the seeds have their own column)
 NOT_SETTINGS = {"out", "cache_dir", "seeds", "splits"}
@@ -101,16 +100,16 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_row(folder: Path) -> Row:
-    """A finished run as a row, read only when its files agree (metrics.json with each seed-<s>.json,
-    each seed file with log.csv: `RunFolder.check_evidence`): a table never shows a hand-edited number."""
-    from train import fingerprint
+    """A finished run of the current numerics version as a row, read only when its files agree
+    (metrics.json with each seed-<s>.json, each seed file with log.csv: `RunFolder.check_evidence`):
+    a table never shows a hand-edited number, nor one of other arithmetic."""
+    from train import numerics
     from train.run_folder import RunFolder
 
     run = RunFolder(folder)
-    config = dict(run.config())
-    # the code identity is what the run computes: the current code's once a replay says so
-    config["code_identity"] = ("current code" if run.vouched() else
-                               f"{config.get('code_fingerprint', 'unrecorded')} (not replayed with {fingerprint.code_fingerprint()})")
+    config = run.config()
+    if line := numerics.refusal(folder, config):
+        raise UserError(line)
     metrics = run.metrics()
     run.check_evidence(metrics)
     return Row(folder.name, folder, config, metrics, robustness=run.robustness().get("summary", {}))
@@ -178,7 +177,7 @@ def _differ(kind: str, a: dict, b: dict) -> bool:
 
 
 def differences(rows: list[Row]) -> dict[str, list[str]]:
-    """What kind of difference (cache, split, protocol, code) separates rows: kind -> row names per variant."""
+    """What kind of difference (cache, split, protocol, numerics version) separates rows: kind -> row names per variant."""
     out = {}
     for kind in COMPARABLE:
         for part in dict.fromkeys(k for r in rows for k in _parts(kind, r.config)):
@@ -236,7 +235,8 @@ def paper_numbers(head: str, dataset: str, row: str) -> tuple[float, float] | No
 def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool = False) -> None:
     """Set each row against the same-named row of the baseline runs: the gain, and the gain minus the
     reference row's gain (paired over seeds; Holm-corrected across rows). The two sets may differ in
-    cache (that is the point); split, protocol and code must agree unless `allow_mixed`."""
+    cache (that is the point); split and protocol must agree unless `allow_mixed` (the numerics version
+    always: `load_row`)."""
     base = {r.name: r for r in (load_row(f) for f in find_runs(baseline_paths))}
     table.baseline = {r.name: base[r.name] for r in table.rows if r.name in base}
     if not table.baseline:
@@ -245,7 +245,7 @@ def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool 
         raise UserError(f"--baseline holds no run named {table.reference.name!r}, the reference row")
     by_name = {r.name: r for r in table.rows}
     for name, b in table.baseline.items():
-        for kind in ("split", "protocol", "code"):
+        for kind in ("split", "protocol"):
             if COMPARABLE[kind](by_name[name].config) != COMPARABLE[kind](b.config) and not allow_mixed:
                 raise UserError(f"{by_name[name].folder} and its baseline {b.folder}: {kind} differs. Re-run them "
                                 "alike, or pass --allow-mixed")
@@ -287,15 +287,11 @@ def compare(rows: list[Row], against: str | None = None, allow_mixed: bool = Fal
             baseline: list[str | Path] | None = None, paper: str | None = None) -> Table:
     """The table of `rows` (named as they should appear): refused unless they compare, each row against
     `against` and `baseline`, and with `paper` (a head) the paper's numbers of each row beside it."""
-    stale = [r for r in rows if r.config["code_identity"] != "current code"]
-    if stale and not allow_mixed:
-        parents = {r.folder.parent for r in stale}
-        target = parents.pop() if len(stale) > 1 and len(parents) == 1 else " ".join(str(r.folder) for r in stale)
-        raise UserError(f"{len(stale)} run(s) were trained by other code ({stale[0].folder}: "
-                        f"{stale[0].config['code_identity']}): if the current code still computes their numbers, "
-                        f"`python pipeline.py replay {target}` says so; or pass --allow-mixed")
     settings_apart(rows)
     mixed = differences(rows)
+    if "numerics version" in mixed:  # rows read by `load_row` never get here: it refuses them one by one
+        raise UserError(f"these runs are of other numerics versions ({') and ('.join(mixed['numerics version'])}): "
+                        "numbers of other arithmetic never share a table, --allow-mixed or not; remake the old ones")
     if mixed and not allow_mixed:
         what = "; ".join(f"{kind} differs between ({') and ('.join(v)})" for kind, v in mixed.items())
         raise UserError(f"these runs do not compare: {what}. Re-run them alike, or pass --allow-mixed to show "

@@ -56,7 +56,7 @@ from core.paths import DEFAULT_RUNS, REPO, make_dir, write_atomic
 from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
-from train import fingerprint
+from train import fingerprint, numerics
 from train.metrics import mean_std
 from train.trainer import SeedResult
 
@@ -235,7 +235,7 @@ class RunFolder:
         saved = {
             "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance.to_json(),
             "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
-            "git_dirty": git_dirty(), "code_fingerprint": fingerprint.code_fingerprint(), "device": str(device()),
+            "git_dirty": git_dirty(), "numerics_version": numerics.NUMERICS_VERSION, "device": str(device()),
             "machine": fingerprint.machine(),
         }
         write_atomic(self._file(self.CONFIG), json.dumps(saved, indent=1))
@@ -261,8 +261,8 @@ class RunFolder:
         return saved, cfg, data
 
     def mismatch(self, cfg: TrainConfig, provenance: cache.CacheProvenance | None = None) -> list[str]:
-        """What differs between the run already here and `cfg` (settings, code and, given the loaded
-        cache's provenance, the cache): a run is only ever resumed by what started it."""
+        """What differs between the run already here and `cfg` (settings, numerics version and, given the
+        loaded cache's provenance, the cache): a run is only ever resumed by what started it."""
         if not self.is_run():
             return []
         saved = self.config()
@@ -271,14 +271,9 @@ class RunFolder:
         if provenance is not None:
             recorded = cache.CacheProvenance.from_json(saved.get("provenance", {}))
             diff += [f"{kind} cache ({'; '.join(d)})" for kind, d in recorded.differences(provenance).items()]
-        # the code that trains and scores, decided by what it computes (a replay), not the commit
-        if "code_fingerprint" in saved:
-            if not self.vouched():
-                diff.append(f"code (fingerprint {saved['code_fingerprint']}, now {fingerprint.code_fingerprint()}; "
-                            f"commit {str(saved.get('git_commit'))[:10]}: if the code still computes its numbers, "
-                            f"`python pipeline.py replay {self.path}` says so)")
-        elif saved.get("git_commit") not in (None, git_commit()):
-            diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
+        # the arithmetic that trains and scores: the numerics version, not the commit (a record only)
+        if (made := numerics.made_by(saved)) is not None:
+            diff.append(f"numerics version ({made}, now {numerics.NUMERICS_VERSION})")
         return diff
 
     def vouched(self) -> bool:
@@ -314,12 +309,14 @@ class RunFolder:
         Resuming is per seed: a seed is done once its `seed-<s>.json` exists (written after its
         weights, so it is the mark of a finished seed; evidence in `results/` keeps the JSON and
         not the weights, and is never trained again). A folder that holds another configuration,
-        features from a rebuilt cache or other code (fingerprint) is refused rather than mixed.
+        features from a rebuilt cache or another numerics version is refused rather than mixed.
         """
+        if self.is_run() and (line := numerics.refusal(self.path, self.config())):
+            raise UserError(line)
         diff = self.mismatch(cfg, provenance)
         if diff:
             raise UserError(f"{self.path} holds a run with other settings ({'; '.join(diff)}): "
-                            "pass another --out, or the same options, cache and code to resume it")
+                            "pass another --out, or the same options and cache to resume it")
         return {seed: SeedResult(state={}, log=[], **self.seed_record(seed)) for seed in cfg.seeds
                 if self.finished(seed)}
 
