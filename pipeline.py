@@ -222,29 +222,31 @@ def evaluate(
 def replay(
     runs: list[str] = typer.Argument(..., help="run folders, folders of them, or glob patterns"),
     seed: Optional[int] = typer.Option(None, help="the seed to retrain [default: the run's first finished seed]"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="a quicker partial check of the first K epochs (vouches for nothing)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="a quicker partial check of the first K epochs"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
 ):
-    """Retrain one seed of each run with the current code and compare every number it recorded
-    (log.csv, protocol.csv, the seed's scores); a complete match is written to replay.json and
-    vouches for the current code."""
+    """An audit: retrain one seed of each run with the current code and compare every number it
+    recorded (log.csv, protocol.csv, the seed's scores): identical, or the first that differs.
+    Writes nothing; what `results` and resume accept is the numerics version."""
     from experiments.results import find_runs
     from train.replay import replay as run_replay
 
     folders = find_runs(runs)
+    differ = []
     for k, folder in enumerate(folders, 1):
         with console.status(f"replay {k}/{len(folders)}: {folder}") as status:
             r = run_replay(folder, seed, epochs, cache_dir,
                            on_epoch=lambda log: status.update(f"replay {k}/{len(folders)}: {folder}, seed {log.seed}, "
                                                              f"epoch {log.epoch} identical"))
-        what = "complete: vouches for the current code" if r.complete else "partial: vouches for nothing"
-        against = "" if r.reference is None else (
-            f" with the run's own code (commit {str(r.reference['commit'])[:10]}) on this machine; its recorded numbers "
-            f"were made on another machine ({r.reference['recorded_differs']})")
-        if r.stored is not None:
-            against = f" with this machine's numbers stored in replay.json by the replay of {r.stored['date']}"
-        console.print(f"{folder}: seed {r.seed}, {r.epochs} epoch(s) identical{against}, largest difference "
-                      f"{r.largest_difference:g} ({what}; replay.json)", highlight=False, soft_wrap=True)
+        span = f"seed {r.seed}, {r.epochs} epoch(s){'' if r.complete else ' (partial)'}"
+        console.print(f"{folder}: {span}: " + ("identical" if r.identical else f"differs in {r.difference}"),
+                      highlight=False, soft_wrap=True)
+        if r.machine:
+            console.print(f"  note: {r.machine}", highlight=False, soft_wrap=True)
+        if not r.identical:
+            differ.append(str(folder))
+    if differ:
+        raise UserError(f"{len(differ)} of {len(folders)} run(s) replayed differently: {', '.join(differ)}")
 
 
 @app.command(cls=cli_fields.fields_command(_config("extract.audit", "AuditConfig")))

@@ -3,7 +3,9 @@
 `RunFolder`, opened once per command.
 
     runs/<name>/config.json    the TrainConfig as used (with the head's own config), cache provenance,
-                               dims, classes, git commit and whether the working tree was dirty
+                               dims, classes, the numerics version (train/numerics.py: what `results`,
+                               resume and the grids check), and as a record the git commit, whether
+                               the working tree was dirty, and the machine
     runs/<name>/metrics.json   dev/test accuracy, weighted F1, macro F1 as mean/std (sample std, ddof=1)
                                over seeds + per seed; test is label-blind (mean over eval orders);
                                leak_check: the same weights scored in file order (batch-scope heads)
@@ -15,12 +17,11 @@
     runs/<name>/seed-<s>.state.pt  while seed s trains: its resumable state after the last finished epoch
                                (weights, optimizer, scheduler, random streams, best epoch, logs; plain
                                tensors and numbers, loads with weights_only); deleted when the seed ends
-    runs/<name>/replay.json    `pipeline.py replay`: which code reproduced which seed of the run, and the
-                               numbers each machine computed for the seed (train/replay.py)
     runs/<name>/report.txt     per-class report and confusion matrix of each seed on test, in the first
                                label-blind order (metrics.json: the mean over the orders)
-    runs/<name>/writer.lock    while a train, grid cell or replay writes the folder: who (pid, host); held
-                               with flock, so a leftover of a process that died blocks nothing
+    runs/<name>/writer.lock    while a train or grid cell writes the folder, or a replay compares with it:
+                               who (pid, host); held with flock, so a leftover of a process that died
+                               blocks nothing
 
 Trust (ARCHITECTURE.md rule 9): one writer at a time (`RunFolder.writer`), every file a reader may
 see written to a temporary file and renamed, `train --out` never writes into a folder of other
@@ -49,7 +50,6 @@ from pathlib import Path
 import torch
 
 import heads
-from core import pretty_json
 from core.device import device
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, REPO, make_dir, write_atomic
@@ -171,7 +171,7 @@ class RunFolder:
     """
 
     CONFIG, METRICS, LOG, PROTOCOL = "config.json", "metrics.json", "log.csv", "protocol.csv"
-    REPORT, REPLAY, LOCK, ROBUSTNESS = "report.txt", "replay.json", "writer.lock", "robustness.json"
+    REPORT, LOCK, ROBUSTNESS = "report.txt", "writer.lock", "robustness.json"
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -275,13 +275,6 @@ class RunFolder:
         if (made := numerics.made_by(saved)) is not None:
             diff.append(f"numerics version ({made}, now {numerics.NUMERICS_VERSION})")
         return diff
-
-    def vouched(self) -> bool:
-        """Whether the run's numbers are the current code's: it was trained by code of the current
-        fingerprint, or a complete replay by such code is recorded in its replay.json."""
-        now = fingerprint.code_fingerprint()
-        return self.config().get("code_fingerprint") == now or any(
-            r.get("complete") and r.get("code_fingerprint") == now for r in self.replays())
 
     # --- seeds: seed-<s>.json, seed-<s>.pt ---------------------------------------------------
 
@@ -463,29 +456,7 @@ class RunFolder:
     def write_report(self, text: str) -> None:
         write_atomic(self._file(self.REPORT), text)
 
-    # --- replay.json --------------------------------------------------------------------------
-
-    def _replay_file(self) -> dict:
-        path = self._file(self.REPLAY)
-        if not path.is_file():
-            return {}
-        try:
-            saved = json.loads(path.read_text())
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise UserError(f"{path} is corrupt ({e}): delete it and run `python pipeline.py replay {self.path}` "
-                            "again") from None
-        return saved
-
-    def replays(self) -> list[dict]:
-        """The replays recorded in replay.json, oldest first ([] when there is none)."""
-        return [r for r in self._replay_file().get("replays", []) if isinstance(r, dict)]
-
-    def replay_numbers(self) -> list[dict]:
-        """The numbers replays computed, with the machine that computed them (replay.json's `numbers`;
-        [] in a file written before they were kept): what a later replay there compares with."""
-        return [n for n in self._replay_file().get("numbers", []) if isinstance(n, dict)]
+    # --- robustness.json --------------------------------------------------------------------
 
     def robustness(self) -> dict:
         """robustness.json ({} when the run was never scored so): `eval --drop/--noise`, `train --robustness`."""
@@ -500,15 +471,6 @@ class RunFolder:
 
     def write_robustness(self, result: dict) -> None:
         write_atomic(self._file(self.ROBUSTNESS), json.dumps(result, indent=1) + "\n")
-
-    def record_replay(self, entry: dict, numbers: list[dict] | None = None) -> None:
-        """Add a replay to replay.json (one entry per code fingerprint and seed: a newer one replaces it),
-        and write `numbers` as its stored numbers (None: keep those it holds)."""
-        keep = [r for r in self.replays() if (r.get("code_fingerprint"), r.get("seed"), r.get("complete"))
-                != (entry["code_fingerprint"], entry["seed"], entry["complete"])]
-        numbers = self.replay_numbers() if numbers is None else numbers
-        saved = {"replays": keep + [entry], **({"numbers": numbers} if numbers else {})}
-        write_atomic(self._file(self.REPLAY), pretty_json.dumps(saved) + "\n")
 
     # --- trust: one writer, our own folder, files that agree ---------------------------------
 
