@@ -100,6 +100,7 @@ def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = Jo
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
+    from experiments.evidence import evidence_twins
     from train.config import TrainConfig
     from train.run_folder import RunFolder
     from train.runs import train as run_train
@@ -108,6 +109,8 @@ def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = Jo
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
     run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory)
+    for line in evidence_twins(run):  # the same configuration as a committed evidence run
+        console.print(line, highlight=False, soft_wrap=True)
     _show(RunFolder(run).metrics(), f"{run}")
 
 

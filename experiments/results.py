@@ -101,8 +101,9 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 def load_row(folder: Path) -> Row:
     """A finished run of the current numerics version as a row, read only when its files agree
-    (metrics.json with each seed-<s>.json, each seed file with log.csv: `RunFolder.check_evidence`):
+    (metrics.json with each seed-<s>.json, each seed file with log.csv: `evidence.check_evidence`):
     a table never shows a hand-edited number, nor one of other arithmetic."""
+    from experiments.evidence import check_evidence
     from train import numerics
     from train.run_folder import RunFolder
 
@@ -111,7 +112,7 @@ def load_row(folder: Path) -> Row:
     if line := numerics.refusal(folder, config):
         raise UserError(line)
     metrics = run.metrics()
-    run.check_evidence(metrics)
+    check_evidence(run, metrics)
     return Row(folder.name, folder, config, metrics, robustness=run.robustness().get("summary", {}))
 
 

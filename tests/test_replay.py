@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from experiments import evidence as evidence_module
 from experiments import results
 from heads import spp_scl
-from train import fingerprint, run_folder, runs
+from train import fingerprint, runs
 from train.config import TrainConfig
 from train.replay import machine_note, replay
 
@@ -130,20 +131,26 @@ def test_replay_through_the_cli(copy, run_main, change_a_number):
     assert r.err.strip().splitlines() == [f"error: 1 of 2 run(s) replayed differently: {copy / 'spp_scl'}"]
 
 
-def test_train_says_whether_it_matches_an_evidence_run_of_the_same_configuration(evidence, tmp_path):
+def test_train_says_whether_it_matches_an_evidence_run_of_the_same_configuration(evidence, tmp_path, run_main,
+                                                                                 monkeypatch):
     """The same settings and cache as a committed run (the output folder and --protocol-check aside):
-    `train` ends by saying whether its numbers equal that run's, and which seeds differ if not."""
+    `pipeline.py train` ends by saying whether its numbers equal that run's, and which seeds differ if not
+    (experiments/evidence.py)."""
     shelf = tmp_path / "results" / "set"
     shutil.copytree(evidence / "runs" / "spp_scl", shelf / "spp_scl")
-    again = TrainConfig.from_json({**json.loads((evidence / "runs" / "spp_scl" / "config.json").read_text())["train"],
-                                   "protocol_check": False, "out": str(tmp_path / "again")})
-    runs.train(again, quiet_console())
-    assert run_folder.evidence_twins(tmp_path / "again", tmp_path / "results") == [
-        f"matches {shelf / 'spp_scl'}: identical"]
+    monkeypatch.setattr(evidence_module, "EVIDENCE", tmp_path / "results")
+    t = json.loads((evidence / "runs" / "spp_scl" / "config.json").read_text())["train"]
+    r = run_main("train", "--dataset", t["dataset"], "--cache-dir", t["cache_dir"], "--text-encoder", t["text_encoder"],
+                 "--image-encoder", t["image_encoder"], "--head", "spp_scl", "--epochs", "8", "--patience", "3",
+                 "--seeds", "1,2", "--batch-size", "8", "--eval-orders", "2", "--jobs", "1", "--threads", "1",
+                 "--out", tmp_path / "again")
+    assert r.code == 0, r.err
+    assert f"matches {shelf / 'spp_scl'}: identical" in r.out
     seed = json.loads((shelf / "spp_scl" / "metrics.json").read_text())
     seed["per_seed"][1]["test"]["accuracy"] += 0.25
     (shelf / "spp_scl" / "metrics.json").write_text(json.dumps(seed))
-    [line] = run_folder.evidence_twins(tmp_path / "again", tmp_path / "results")
+    [line] = evidence_module.evidence_twins(tmp_path / "again")
     assert line.startswith(f"compared with {shelf / 'spp_scl'}: seed 2 differ, test metrics by up to 0.2500")
-
-
+    saved = json.loads((shelf / "spp_scl" / "config.json").read_text())
+    (shelf / "spp_scl" / "config.json").write_text(json.dumps({**saved, "numerics_version": 0}))
+    assert evidence_module.evidence_twins(tmp_path / "again") == []  # other arithmetic: not the same configuration

@@ -226,8 +226,9 @@ def test_no_source_file_is_hashed_a_comment_in_the_trainer_changes_nothing(tmp_p
 
     from conftest import REPO
 
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()  # the working tree's files
+    for name in listed:
         if name.startswith(("tests/", "bench/", "docs/")) or (name.startswith("results/")
                                                               and not name.startswith("results/mvsa_s-heads/")):
             continue

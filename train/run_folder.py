@@ -25,7 +25,7 @@
 
 Trust (ARCHITECTURE.md rule 9): one writer at a time (`RunFolder.writer`), every file a reader may
 see written to a temporary file and renamed, `train --out` never writes into a folder of other
-files (`check_out`), and `results` reads a run only when its files agree (`check_evidence`).
+files (`check_out`), and `results` reads a run only when its files agree (experiments/evidence.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import fcntl
 import hashlib
 import io
 import json
-import math
 import os
 import pickle
 import socket
@@ -57,7 +56,6 @@ from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
 from train import fingerprint, numerics
-from train.metrics import mean_std
 from train.trainer import SeedResult
 
 
@@ -527,106 +525,3 @@ class RunFolder:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             raise UserError(f"--out {path} holds other files ({shown}) and no run (no config.json): train writes "
                             "only into an empty folder or its own run; give another --out")
-
-    def check_evidence(self, metrics: dict) -> None:
-        """`results` reads a run only when its files agree: metrics.json with every seed-<s>.json
-        (the same selected epoch and scores), and each seed file with log.csv (its best_epoch is an
-        argmax row of the dev `select` column, whose dev values it holds to 4 digits). A hand-edited
-        or half-copied run is refused naming the file that disagrees."""
-        saved = self.config()
-        select = metrics.get("select") or saved["train"].get("select")
-        metrics_path, log_path = self._file(self.METRICS), self._file(self.LOG)
-
-        def refuse(path: Path, what: str, other: Path) -> UserError:
-            return UserError(f"{path} disagrees with {other.name} ({what}): the run folder was edited or mixed "
-                             "from two runs; restore it from the run that wrote it, or train again")
-
-        records = {}
-        for p in metrics["per_seed"]:
-            seed = p.get("seed")
-            record = records[seed] = self.seed_record(seed)
-            path = self._file(self.seed_file(seed))
-            if record.get("seed", seed) != seed or record["best_epoch"] != p.get("best_epoch"):
-                raise refuse(path, f"best_epoch {record['best_epoch']} here, {p.get('best_epoch')} there", metrics_path)
-            for split in ("dev", "test"):
-                for m in METRICS:
-                    a, b = (record.get(split) or {}).get(m), (p.get(split) or {}).get(m)
-                    if a != b:
-                        raise refuse(path, f"{split} {m} {a} here, {b} there", metrics_path)
-        for split in ("dev", "test"):
-            for m in METRICS:
-                recorded = (metrics.get(split) or {}).get(m) or {}
-                now = mean_std([r[split][m] for r in records.values()])
-                if not all(_close(recorded.get(k), now[k]) for k in ("mean", "std")):
-                    raise UserError(f"{metrics_path} disagrees with its seed files ({split} {m} mean/std "
-                                    f"{recorded.get('mean')}/{recorded.get('std')}, the seeds give {now['mean']}/"
-                                    f"{now['std']}): restore it from the run that wrote it, or train again")
-        for seed, record in records.items():
-            path, best = self._file(self.seed_file(seed)), record["best_epoch"]
-            rows = self.log_rows(seed)
-            try:
-                column = [float(r[f"dev_{select}"]) for r in rows]
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{log_path} has no dev_{select} values for seed {seed}: restore it or train "
-                                "again") from None
-            if not 1 <= best <= len(rows) or int(rows[best - 1]["epoch"]) != best:
-                raise refuse(path, f"best_epoch {best}, log.csv has epochs 1-{len(rows)} of seed {seed}", log_path)
-            # the selection compares exact values, the file holds them to 4 digits: an argmax row, not the first
-            if column[best - 1] != max(column):
-                raise refuse(path, f"best_epoch {best}, but dev {select} of seed {seed} is higher in epoch "
-                                   f"{column.index(max(column)) + 1}", log_path)
-            for m in METRICS:
-                if f"{record['dev'][m]:.4f}" != rows[best - 1][f"dev_{m}"]:
-                    raise refuse(path, f"dev {m} {record['dev'][m]:.4f}, log.csv epoch {best} of seed {seed} "
-                                       f"holds {rows[best - 1][f'dev_{m}']}", log_path)
-
-
-def _close(recorded, now: float) -> bool:
-    """A recorded summary number against the one recomputed from the seeds (NaN equals NaN)."""
-    if not isinstance(recorded, (int, float)):
-        return False
-    return (math.isnan(recorded) and math.isnan(now)) or math.isclose(recorded, now, rel_tol=1e-9, abs_tol=1e-12)
-
-
-# --- the same configuration among the committed evidence ---------------------------------------
-
-EVIDENCE = REPO / "results"
-NUMBERLESS = ("out", "cache_dir", "protocol_check", "seeds")  # settings that change no seed's numbers
-
-
-def _numbers_key(saved: dict) -> str:
-    train = {k: v for k, v in saved.get("train", {}).items() if k not in NUMBERLESS}
-    return json.dumps({"train": train, "provenance": saved.get("provenance")}, sort_keys=True)
-
-
-def evidence_twins(out: Path, evidence: Path = EVIDENCE) -> list[str]:
-    """One line for each evidence run in `evidence` trained with the configuration of the finished
-    run in `out`: whether the seeds they share have the same numbers (selected epoch, test metrics)."""
-    mine_folder = RunFolder(out)
-    key = _numbers_key(mine_folder.config())
-    mine = {p["seed"]: p for p in mine_folder.metrics()["per_seed"]}
-    lines = []
-    for folder in RunFolder.under(evidence, depth=2):
-        other = folder.path
-        if other.resolve() == Path(out).resolve() or not folder.is_finished():
-            continue
-        try:
-            if _numbers_key(folder.config()) != key:
-                continue
-            theirs = {p["seed"]: p for p in folder.metrics()["per_seed"]}
-        except (UserError, KeyError, TypeError):
-            continue
-        common = sorted(set(mine) & set(theirs))
-        if not common:
-            continue
-        name = other.relative_to(REPO) if other.is_relative_to(REPO) else other
-        differ = {s: max(abs(mine[s]["test"][m] - theirs[s]["test"][m]) for m in METRICS) for s in common
-                  if (mine[s]["test"], mine[s]["best_epoch"]) != (theirs[s]["test"], theirs[s]["best_epoch"])}
-        seeds = "" if set(common) == set(theirs) == set(mine) else f" (seeds {', '.join(map(str, common))})"
-        if not differ:
-            lines.append(f"matches {name}: identical{seeds}")
-        else:
-            lines.append(f"compared with {name}{seeds}: seed{'s' * (len(differ) > 1)} "
-                         f"{', '.join(map(str, differ))} differ, test metrics by up to {max(differ.values()):.4f}"
-                         " (numbers depend on the CPU and the threads per process; `pipeline.py replay` checks the code)")
-    return lines

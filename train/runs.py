@@ -24,7 +24,7 @@ from train import robustness
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
-from train.run_folder import RunFolder, default_out, evidence_twins
+from train.run_folder import RunFolder, default_out
 from train.progress import Board, EpochClock, ItemRow, epoch_fields, plain
 from train.scoring import eval_orders, score_split
 from train.trainer import EpochLog, SeedResult, build_head, saved_logs, train_seed
@@ -133,8 +133,6 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
             result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
         if robust:
             score_default_robustness(result.out, cfg, data)
-    for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
-        console.print(line, highlight=False, soft_wrap=True)
     return result.out
 
 
