@@ -399,12 +399,25 @@ def screen_table(table: Table, width: int):
 
 def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[str]]:
     """(headers, each column's rank: 0 is kept longest on a narrow terminal, rows of cells, notes)."""
-    mixed_col = bool(table.mixed)
-    protocol = any("protocol_check" in r.metrics for r in table.rows)
-    cost = any(r.metrics.get("cost") for r in table.rows)
+    shown = _Shown(protocol=any("protocol_check" in r.metrics for r in table.rows),
+                   cost=any(r.metrics.get("cost") for r in table.rows),
+                   robust=list(dict.fromkeys(c for r in table.rows for c in r.robustness)))
+    head = _head(table, shown)
+    return head, _rank(head), [_cells(table, r, shown) for r in table.rows], _notes(table, shown)
+
+
+@dataclass
+class _Shown:
+    """The optional columns a table has, decided by its rows."""
+    protocol: bool  # `--protocol-check` runs: the file-order columns
+    cost: bool  # runs that recorded their cost
+    robust: list[str]  # robustness.json conditions (`train --robustness`, `eval --drop/--noise`)
+
+
+def _head(table: Table, shown: _Shown) -> list[str]:
     head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1",
             *(["paper acc / F1"] if table.paper else []), "selected epochs", "dev acc"]
-    if protocol:
+    if shown.protocol:
         head += ["file-order test acc, best / last epoch", "best minus label-blind"]
     if table.reference is not None:
         head += [f"Δacc vs {table.reference.name}", "p (Holm)", "test", "beyond noise"]
@@ -412,47 +425,50 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
         head += ["baseline acc", "gain, p (Holm)"]
         if table.reference is not None:
             head += [f"gain minus {table.reference.name}'s", "p (Holm)", "beyond noise"]
-    # robustness.json (`train --robustness`, `eval --drop/--noise`): test accuracy under each condition
-    robust = list(dict.fromkeys(c for r in table.rows for c in r.robustness))
-    head += [f"acc {c.replace('_', ' ')}" for c in robust]
-    if cost:
+    head += [f"acc {c.replace('_', ' ')}" for c in shown.robust]  # test accuracy under each condition
+    if shown.cost:
         head += COST_HEAD
-    if mixed_col:
+    if table.mixed:
         head.append("differs in")
-    rows = []
-    for r in table.rows:
-        epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
-        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m], len(r.seeds)) for m in METRICS)]
-        if table.paper:
-            cells.append("{:.4f} / {:.4f}".format(*table.paper_numbers[r.name]) if r.name in table.paper_numbers else "")
-        cells += [epochs, _ms(r.metrics["dev"]["accuracy"], len(r.seeds))]
-        if protocol:
-            cells += _protocol(r)
-        if table.reference is not None:
-            c = table.comparisons.get(r.name)
-            if c is None:
-                cells += ["(reference)" if r is table.reference else "(the reference's run)", "", "", ""]
-            else:
-                p = "" if math.isnan(c["p_holm"]) else f"{c['p_holm']:.3f}"
-                cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"], stats.beyond_noise(c["p_holm"])]
-        if table.baseline:
-            cells += _gain_cells(table, r)
-        cells += [_ms(r.robustness[c]["accuracy"], len(r.seeds)) if c in r.robustness else "" for c in robust]
-        if cost:
-            cells += _cost(r)
-        if mixed_col:
-            base = table.reference or table.rows[0]
-            cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
-        rows.append(cells)
+    return head
+
+
+def _cells(table: Table, r: Row, shown: _Shown) -> list[str]:
+    epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
+    cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m], len(r.seeds)) for m in METRICS)]
+    if table.paper:
+        cells.append("{:.4f} / {:.4f}".format(*table.paper_numbers[r.name]) if r.name in table.paper_numbers else "")
+    cells += [epochs, _ms(r.metrics["dev"]["accuracy"], len(r.seeds))]
+    if shown.protocol:
+        cells += _protocol(r)
+    if table.reference is not None:
+        c = table.comparisons.get(r.name)
+        if c is None:
+            cells += ["(reference)" if r is table.reference else "(the reference's run)", "", "", ""]
+        else:
+            p = "" if math.isnan(c["p_holm"]) else f"{c['p_holm']:.3f}"
+            cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"], stats.beyond_noise(c["p_holm"])]
+    if table.baseline:
+        cells += _gain_cells(table, r)
+    cells += [_ms(r.robustness[c]["accuracy"], len(r.seeds)) if c in r.robustness else "" for c in shown.robust]
+    if shown.cost:
+        cells += _cost(r)
+    if table.mixed:
+        base = table.reference or table.rows[0]
+        cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
+    return cells
+
+
+def _notes(table: Table, shown: _Shown) -> list[str]:
     notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds. Dev acc: dev accuracy at the "
              "selected epoch, beside test so that a setting chosen on dev can be read as it was chosen."]
-    if robust:
+    if shown.robust:
         notes.append("acc drop text / drop image: test accuracy with that modality replaced by its train mean; acc "
                      "noise S: with Gaussian noise of S train stds on every feature (robustness.json, train/robustness.py).")
     if table.paper:
         notes.append(f"Paper acc / F1: the paper's test numbers of the row ({table.paper}'s PAPER table, "
                      "matched by row or folder name).")
-    if protocol:
+    if shown.protocol:
         notes.append("File-order columns (`--protocol-check`): test scored in the stored (label-sorted) order after "
                      "every epoch, the best epoch on test and the last, as the authors' protocol reports; "
                      "nothing is selected on them.")
@@ -472,14 +488,19 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
             notes.append("Warning: a row with 2 seeds gives its t-test 1 degree of freedom: its p-value says little.")
         if any(len(r.seeds) == 1 for r in table.rows):
             notes.append("Warning: a row with 1 seed cannot be tested (no p): use 5 seeds.")
-    order = ["run", "accuracy", "Δacc", "p (Holm)", "beyond noise", "acc drop", "weighted F1", "macro F1", "seeds",
-             "settings", "acc noise",
-             "gain, p (Holm)", "gain minus", "differs in", "baseline acc", "dev acc", "selected epochs", "head", "test",
-             "file-order", "best minus"]
-    rank = [next((i for i, name in enumerate(order) if h.startswith(name)), len(order)) for h in head]
+    return notes
+
+
+# the columns a narrow terminal keeps longest first (by the start of their header)
+RANK = ["run", "accuracy", "Δacc", "p (Holm)", "beyond noise", "acc drop", "weighted F1", "macro F1", "seeds", "settings",
+        "acc noise", "gain, p (Holm)", "gain minus", "differs in", "baseline acc", "dev acc", "selected epochs", "head",
+        "test", "file-order", "best minus"]
+
+
+def _rank(head: list[str]) -> list[int]:
+    rank = [next((i for i, name in enumerate(RANK) if h.startswith(name)), len(RANK)) for h in head]
     gain = next((k for k, h in enumerate(head) if h.startswith("gain minus")), len(head))
-    rank = [rank[gain] if k > gain else r for k, r in enumerate(rank)]  # its p and verdict go with it
-    return head, rank, rows, notes
+    return [rank[gain] if k > gain else r for k, r in enumerate(rank)]  # its p and verdict go with it
 
 
 def _gain_cells(table: Table, r: Row) -> list[str]:
