@@ -170,6 +170,16 @@ def test_the_pages_with_tables_are_the_readme_and_docs_results():
 
 
 @pytest.mark.parametrize("page", _pages())
+def test_a_table_on_a_page_has_a_one_line_caption_and_the_legend_is_said_once(page):
+    """The legend of every column lives on docs/results.md; under each table one short line links there."""
+    from conftest import REPO
+
+    for m in results.BLOCK.finditer((REPO / page).read_text()):
+        caption = m.group("body").rstrip("\n").split("\n\n")[-1]
+        assert "\n" not in caption and len(caption) <= 300 and "[legend](" in caption, caption
+
+
+@pytest.mark.parametrize("page", _pages())
 def test_every_table_of_the_readme_and_docs_is_what_results_prints_from_the_committed_evidence(page):
     """Every `<!-- results: ... -->` block of README.md and docs/*.md equals `pipeline.py results` over results/."""
     from conftest import REPO
