@@ -627,7 +627,8 @@ def write(table: Table, out: Path, columns: list[str] | None = None) -> list[Pat
 
 # --- tables in markdown pages (README.md, docs/*.md) -----------------------------------------
 
-BLOCK = re.compile(r"(<!-- results: (?P<args>.+?) -->\n)(?P<body>.*?)(<!-- results:end -->)", re.S)
+# a marker starts its line, so a page may quote one in running text
+BLOCK = re.compile(r"^(<!-- results: (?P<args>.+?) -->\n)(?P<body>.*?)^(<!-- results:end -->)", re.S | re.M)
 LEGEND = "docs/results.md#legend"  # repository-relative: the one page that says what every column means
 
 

@@ -204,12 +204,15 @@ def test_columns_choose_and_order_the_columns_of_screen_markdown_and_blocks(tmp_
         results.parse_columns("run,,accuracy")
     # a block: its own --columns, a one-line caption that links to the legend, relative to the page
     block = "<!-- results: results/heads --against probe --columns run,accuracy,delta -->\nold\n<!-- results:end -->\n"
+    quoted = "A marker (`<!-- results: ARGS -->`) quoted in running text is no block.\n\n"
     for page, link in [(tmp_path / "README.md", "docs/results.md#legend"),
                        (tmp_path / "docs" / "other.md", "results.md#legend"), (tmp_path / "docs" / "results.md", "#legend")]:
         page.parent.mkdir(exist_ok=True)
         page.write_text(block)
         assert results.refresh_markdown(page, root=tmp_path) == ["results/heads --against probe --columns run,accuracy,delta"]
         body = page.read_text().split("\n")
+        page.write_text(quoted + page.read_text())
+        assert results.refresh_markdown(page, root=tmp_path, check=True) == []
         assert body[1] == "| run | accuracy | Δacc vs probe |"
         caption = body[body.index("") + 1]
         assert caption.endswith(f"Columns: [legend]({link}).") and "Holm over 1 comparison with probe" in caption
