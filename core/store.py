@@ -235,7 +235,7 @@ def _atomic(path: Path, fill) -> None:
         f.flush()
         image = f.id.get_file_image()
     write_atomic(sidecar(path), f"{hashlib.sha256(image).hexdigest()}  {path.name}\n")
-    write_atomic(path, image, uncached=True)
+    write_atomic(path, image)
 
 
 # --- checksums -------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def finish(folder: Path, prov: Provenance, flags: list[str] | None = None, writt
     """Write index.json once every shard is on disk and passes its checksum (any rank may call
     it; the result is the same). The shards numbered in `written`, which this process has just
     written with checksums of the bytes it wrote, are not read back to check them again (that
-    read would cost what writing past the page cache saved). With a checksum beside every shard, the index says so, keeps
+    read would cost as much as the write). With a checksum beside every shard, the index says so, keeps
     `flags` (the data-set and batching flags of the `extract` that made it, for the command
     that repairs it) and carries its own SHA-256; over shards of the older format it is the
     older index."""

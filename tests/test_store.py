@@ -555,52 +555,6 @@ def test_the_item_reader_checks_every_shard_and_a_map_damaged_later_is_one_line(
         r.maps([0])
 
 
-@pytest.mark.parametrize("size", [0, 100, 4096, 3 * 4096 + 17, (1 << 20) + 5])
-def test_a_file_written_past_the_page_cache_holds_exactly_its_bytes(tmp_path, size):
-    """Shards go to disk by O_DIRECT (block-aligned head, last partial block through the cache)."""
-    from core import paths
-
-    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    for k in range(2):  # the second reuses the thread's aligned buffer
-        paths.write_atomic(tmp_path / f"f{k}", data, uncached=True)
-        assert (tmp_path / f"f{k}").read_bytes() == data
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0", "f1"]
-    if size >= 4096 and _has_o_direct(tmp_path):  # the write above went past the cache, not the fallback
-        assert paths._write_uncached(tmp_path / "g", data) and (tmp_path / "g").read_bytes() == data
-
-
-def _has_o_direct(folder: Path) -> bool:
-    try:
-        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
-@pytest.mark.parametrize("refused_at", ["open", "write"])
-def test_a_file_system_without_o_direct_gets_a_plain_write(tmp_path, monkeypatch, refused_at):
-    """EINVAL at open (tmpfs before Linux 6.6, some network file systems) or at the first write."""
-    from core import paths
-
-    real = open
-
-    class Refusing(FullDisk):  # took O_DIRECT at open, refuses its writes
-        def write(self, data):
-            raise OSError(errno.EINVAL, "Invalid argument")
-
-    def fake(p, mode, *a, opener=None, **k):
-        if opener is None:
-            return real(p, mode, *a, **k)
-        if refused_at == "open":
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return Refusing(real(p, mode, *a, **k))
-
-    monkeypatch.setattr(paths, "open", fake, raising=False)
-    data = bytes(range(256)) * 100
-    paths.write_atomic(tmp_path / "f", data, uncached=True)
-    assert (tmp_path / "f").read_bytes() == data and not list(tmp_path.glob("*.tmp*"))
-
-
 def test_finish_does_not_read_back_the_shards_it_was_told_it_wrote(tmp_path, monkeypatch):
     """Their checksums are of the bytes this process wrote; the other shards are checked as ever."""
     rng = np.random.default_rng(3)
