@@ -297,7 +297,7 @@ def measure(label: str, text_encoder: str, image_encoder: str, items: int, rando
                 "padded_float32_bytes": padded, "ratio_vs_padded": (text_b + image_b) / padded,
                 "per_item_bytes": (text_b + image_b) / n, "padded_per_item_bytes": padded / n,
                 "load_seconds_text": t_load_text, "load_seconds_image": t_load_image,
-                "map_compression": store.MAP_COMPRESSION,
+                "map_compression": store.MAP_FILTERS,
             },
         }
     finally:

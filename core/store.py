@@ -58,8 +58,8 @@ FORMAT_VERSION = 1
 TEXT, IMAGE = "text", "image"
 _SHARD = re.compile(r"shard-(\d{5})-of-(\d{5})\.h5$")
 _STR = h5py.string_dtype("utf-8")
-_SHUFFLED_DEFLATE_1 = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
-MAP_COMPRESSION = _SHUFFLED_DEFLATE_1
+# the one layout of `maps`, one map per chunk: HDF5 records these filters, write_image_shard encodes as they would
+MAP_FILTERS = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 try:  # ISA-L inflates deflate streams about twice as fast as zlib and deflates about four times as fast
     from isal.isal_zlib import compress as _deflate, decompress as _inflate, error as _InflateError
 except ImportError:  # optional (requirements.txt): zlib reads and writes the same format; all release the GIL
@@ -301,13 +301,12 @@ def write_image_shard(path, prov, ids, labels, splits, maps, problems=()) -> Non
     def fill(f):
         _attrs(f, prov, list(problems))
         _common(f, ids, labels, splits)
-        if not len(maps) or MAP_COMPRESSION != _SHUFFLED_DEFLATE_1:  # (another layout: a test's)
-            chunks = (1, *maps.shape[1:]) if len(maps) else None
-            f.create_dataset("maps", data=maps, chunks=chunks, track_times=False, **(MAP_COMPRESSION if len(maps) else {}))
+        if not len(maps):  # every image of the shard failed: no map, no chunk
+            f.create_dataset("maps", data=maps, track_times=False)
             return
         ds = f.create_dataset("maps", maps.shape, maps.dtype, chunks=(1, *maps.shape[1:]), track_times=False,
-                              **MAP_COMPRESSION)
-        # each map's chunk as MAP_COMPRESSION's filters store it, made here rather than by HDF5
+                              **MAP_FILTERS)
+        # each map's chunk as MAP_FILTERS store it, made here rather than by HDF5
         raw = np.ascontiguousarray(maps).view(np.uint8).reshape(len(maps), -1, 2)
         shuffled = np.ascontiguousarray(raw.transpose(0, 2, 1))  # every value's low bytes, then its high bytes
         with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="deflate") as pool:
