@@ -539,9 +539,9 @@ def test_maps_deflate_and_inflate_alike_with_zlib(tmp_path, monkeypatch, deflate
     import zlib
 
     if deflate == "zlib":
-        monkeypatch.setattr(store, "_deflate", zlib.compress)
+        monkeypatch.setattr(store.writer, "_deflate", zlib.compress)
     maps = image_shards(tmp_path, np.random.default_rng(5))
-    monkeypatch.setattr(store, "_inflate", zlib.decompress)
+    monkeypatch.setattr(store.items, "_inflate", zlib.decompress)
     assert store.ItemReader(tmp_path).maps(IDX).tobytes() == maps[IDX].tobytes()
     with h5py.File(tmp_path / store.shard_name(1, 3), "r") as f:
         assert f["maps"].compression == "gzip" and f["maps"].shuffle and f["maps"].compression_opts == 1
@@ -571,7 +571,7 @@ def test_finish_does_not_read_back_the_shards_it_was_told_it_wrote(tmp_path, mon
         write_text(tmp_path, k, p, text_shard(rng, [f"a{k}"], ["train"], [2]))
     hashed = []
     real = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    monkeypatch.setattr(store.layout, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
     assert store.finish(tmp_path, p, written={1})
     assert hashed == [store.shard_name(0, 2)]
     (tmp_path / "index.json").unlink()
