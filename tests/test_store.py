@@ -77,6 +77,12 @@ def test_shard_names_and_folders():
     assert store.cache_folder(Path("c"), "mvsa_s", store.IMAGE, "resnet50") == Path("c/mvsa_s/image/resnet50")
 
 
+def test_a_limited_data_set_name_splits_into_its_base_and_limit():
+    assert store.split_limit("hfm-first100") == ("hfm", 100)
+    assert store.split_limit("x-first3-first5") == ("x-first3", 5)  # only the last suffix is extract's
+    assert store.split_limit("my-first-set") == ("my-first-set", None) and store.split_limit("-first7") == ("-first7", None)
+
+
 def test_text_shard_holds_the_documented_datasets(two_text_shards):
     folder, p, shards = two_text_shards
     with h5py.File(folder / store.shard_name(0, 2), "r") as f:
