@@ -1,6 +1,6 @@
 """A run's record of the code and machine that made it, in its config.json.
 
-The fingerprint (a hash of `core/store.py`, `heads/` and `train/`) is a record, not a verdict:
+The fingerprint (a hash of `core/store/`, `heads/` and `train/`) is a record, not a verdict:
 whether a run's numbers are the current code's is decided by replaying it (`train/replay.py`),
 so a refactor that keeps the numbers keeps the evidence. The machine is recorded because float
 kernels, and so the last bits of a number, differ between CPUs and thread counts.
@@ -16,7 +16,7 @@ import torch
 
 from core.paths import REPO
 
-SOURCES = ("core/store.py", "heads/*.py", "train/*.py")
+SOURCES = ("core/store/*.py", "heads/*.py", "train/*.py")
 
 
 @lru_cache(maxsize=1)
