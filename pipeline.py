@@ -322,11 +322,17 @@ def predict_cmd(
 
 @app.command("results")
 def results_cmd(
-    runs: list[str] = typer.Argument(None, help="run folders, folders of them, or glob patterns"),
+    runs: list[str] = typer.Argument(None, help="run folders, folders of them, or glob patterns (with --markdown: "
+                                     "more markdown files)"),
     against: Optional[str] = typer.Option(None, help="reference row (run folder name or head): Δ accuracy and p-value"),
     out: Optional[Path] = typer.Option(None, help="write results.md, results.csv and results.png here"),
     allow_mixed: bool = typer.Option(False, "--allow-mixed", help="compare runs of other caches, splits or protocols (a column says which); never of other numerics versions"),
-    readme: Optional[Path] = typer.Option(None, help="regenerate the results tables between the markers of this README"),
+    markdown: Optional[list[Path]] = typer.Option(None, "--markdown", "--readme", help="regenerate the results tables "
+                                                  "between the markers of this markdown file (repeatable; e.g. README.md "
+                                                  "docs/results.md)"),
+    check: bool = typer.Option(False, "--check", help="with --markdown: change nothing, exit 1 naming the tables that differ"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="only these columns, in this order, by key, e.g. "
+                                          "run,accuracy,macro_f1,delta,beyond_noise (docs/results.md lists the keys)"),
     baseline: Optional[list[str]] = typer.Option(None, help="runs to set each row against, by run name (the same heads "
                                                  "on other encoders): the gain, and the gain minus --against's gain"),
     paper: Optional[str] = typer.Option(None, help="a head whose ablation rows these runs are (e.g. results/mvsa_s-ablate-spp_scl): "
@@ -335,16 +341,26 @@ def results_cmd(
     """One table from finished runs: mean ± std over seeds, selected epochs, paired or Welch t-test, Holm-corrected."""
     from experiments import results
 
-    if readme is not None:
-        stale = results.refresh_readme(readme)
-        console.print(f"{readme}: {len(stale)} table(s) regenerated" + (f" ({'; '.join(stale)})" if stale else ""))
+    if markdown:
+        stale_pages = []
+        for page in [*markdown, *map(Path, runs or [])]:
+            stale = results.refresh_markdown(page, check=check)
+            verb = "differ" if check else "regenerated"
+            console.print(f"{page}: {len(stale)} table(s) {verb}" + (f" ({'; '.join(stale)})" if stale else ""))
+            stale_pages += [str(page)] * bool(stale)
+        if check and stale_pages:
+            raise UserError(f"{', '.join(stale_pages)}: tables differ from results/; "
+                            f"`python pipeline.py results --markdown {' '.join(stale_pages)}` regenerates them")
         return
+    if check:
+        raise UserError("--check goes with --markdown FILE: it checks the tables of a markdown file")
     if not runs:
         raise UserError("give run folders (or a folder of them), e.g. `pipeline.py results results/mvsa_s-heads --against probe`")
+    cols = results.parse_columns(columns)
     table = results.build(runs, against, allow_mixed, baseline, paper)
-    console.print(results.screen_table(table, console.width), highlight=False)
+    console.print(results.screen_table(table, console.width, cols), highlight=False)
     if out is not None:
-        console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))
+        console.print("written: " + ", ".join(str(p) for p in results.write(table, out, cols)))
 
 
 @app.command("verify")

@@ -154,11 +154,91 @@ def test_readme_blocks_are_regenerated_and_checked(tmp_path):
     assert results.refresh_readme(readme, check=True) == []
 
 
-def test_the_readme_tables_are_what_results_prints_from_the_committed_evidence():
-    """Every `<!-- results: ... -->` block of the README equals `pipeline.py results` over results/."""
+def _pages() -> list[str]:
     from conftest import REPO
 
-    assert results.refresh_readme(REPO / "README.md", check=True) == []
+    return ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
+
+
+def test_the_pages_with_tables_are_the_readme_and_docs_results():
+    from conftest import REPO
+
+    with_tables = [p for p in _pages() if results.BLOCK.search((REPO / p).read_text())]
+    assert "README.md" in with_tables and "docs/results.md" in with_tables
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_a_table_on_a_page_has_a_one_line_caption_and_the_legend_is_said_once(page):
+    """The legend of every column lives on docs/results.md; under each table one short line links there."""
+    from conftest import REPO
+
+    for m in results.BLOCK.finditer((REPO / page).read_text()):
+        caption = m.group("body").rstrip("\n").split("\n\n")[-1]
+        assert "\n" not in caption and len(caption) <= 300 and "[legend](" in caption, caption
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_every_table_of_the_readme_and_docs_is_what_results_prints_from_the_committed_evidence(page):
+    """Every `<!-- results: ... -->` block of README.md and docs/*.md equals `pipeline.py results` over results/."""
+    from conftest import REPO
+
+    assert results.refresh_markdown(REPO / page, check=True) == []
+
+
+def test_columns_choose_and_order_the_columns_of_screen_markdown_and_blocks(tmp_path):
+    make_run(tmp_path / "results" / "heads", "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path / "results" / "heads", "spp", OTHER)
+    t = results.build([tmp_path / "results" / "heads"], against="probe")
+    keys = results.parse_columns("run, accuracy,macro_f1,delta,beyond_noise")
+    md = results.markdown(t, keys)
+    assert md.splitlines()[0] == "| run | accuracy | macro F1 | Δacc vs probe | beyond noise |"
+    assert md.splitlines()[2].startswith("| probe | 0.7040 ± 0.0114 | ") and "(reference)" in md
+    assert results.markdown(t, ["delta", "run"]).splitlines()[0] == "| Δacc vs probe | run |"  # in the order given
+    with pytest.raises(UserError, match="no column 'gain'.*it has run, head"):
+        results.markdown(t, ["run", "gain"])
+    with pytest.raises(UserError, match="run is given twice"):
+        results.parse_columns("run,accuracy,run")
+    with pytest.raises(UserError, match="an empty name"):
+        results.parse_columns("run,,accuracy")
+    # a block: its own --columns, a one-line caption that links to the legend, relative to the page
+    block = "<!-- results: results/heads --against probe --columns run,accuracy,delta -->\nold\n<!-- results:end -->\n"
+    quoted = "A marker (`<!-- results: ARGS -->`) quoted in running text is no block.\n\n"
+    for page, link in [(tmp_path / "README.md", "docs/results.md#legend"),
+                       (tmp_path / "docs" / "other.md", "results.md#legend"), (tmp_path / "docs" / "results.md", "#legend")]:
+        page.parent.mkdir(exist_ok=True)
+        page.write_text(block)
+        assert results.refresh_markdown(page, root=tmp_path) == ["results/heads --against probe --columns run,accuracy,delta"]
+        body = page.read_text().split("\n")
+        page.write_text(quoted + page.read_text())
+        assert results.refresh_markdown(page, root=tmp_path, check=True) == []
+        assert body[1] == "| run | accuracy | Δacc vs probe |"
+        caption = body[body.index("") + 1]
+        assert caption.endswith(f"Columns: [legend]({link}).") and "Holm over 1 comparison with probe" in caption
+        assert results.refresh_markdown(page, root=tmp_path, check=True) == []
+    page.write_text(block.replace("--columns", "--colums"))
+    with pytest.raises(UserError, match="unknown option --colums"):
+        results.refresh_markdown(page, root=tmp_path)
+
+
+def test_results_refreshes_several_markdown_files_and_check_changes_nothing(tmp_path, run_main, monkeypatch):
+    make_run(tmp_path / "results" / "heads", "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path / "results" / "heads", "spp", OTHER)
+    block = "<!-- results: results/heads --against probe --columns run,delta -->\nold\n<!-- results:end -->\n"
+    pages = [tmp_path / "README.md", tmp_path / "more.md"]
+    for page in pages:
+        page.write_text(block)
+    monkeypatch.chdir(tmp_path)
+    r = run_main("results", "--check", "--markdown", "README.md", "more.md")
+    assert r.code == 1 and "README.md, more.md: tables differ" in r.err and "1 table(s) differ" in r.out
+    assert all(p.read_text() == block for p in pages)  # --check changes nothing
+    r = run_main("results", "--readme", "README.md", "--markdown", "more.md")  # the old name still works
+    assert r.code == 0 and "README.md: 1 table(s) regenerated" in r.out and "more.md: 1 table(s) regenerated" in r.out
+    assert all("| spp | -0.0280 |" in p.read_text() for p in pages)
+    r = run_main("results", "--markdown", "README.md", "--check")
+    assert r.code == 0 and "README.md: 0 table(s) differ" in r.out
+    assert run_main("results", "--check", "results/heads").code == 1
+    r = run_main("results", "results/heads", "--against", "probe", "--columns", "run,nope")
+    assert r.code == 1 and "no column 'nope'" in r.err
 
 
 # --- numerics versions: never mixed, and what remakes a run of another one ---------------------------

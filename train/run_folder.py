@@ -342,9 +342,11 @@ class RunFolder:
             raise UserError(f"{path} missing: the run was interrupted, is still training or files were removed; "
                             + (f"pick a finished seed with --seed {done[0]}" if done else "train again"))
         state = self._load(path)
-        head = heads.create(cfg.head, dims, cfg.head_config).to(device())
         if not isinstance(state, dict):
             raise UserError(f"{path} is not a state dict of weights: replace it with the run's own, or train again")
+        # in the dtype the run trained in (float32; float64 in the numerics tests)
+        dtype = next((v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point()), torch.float32)
+        head = heads.create(cfg.head, dims, cfg.head_config).to(device(), dtype)
         try:
             head.load_state_dict(state)
         except RuntimeError:
