@@ -179,7 +179,8 @@ def _differ(kind: str, a: dict, b: dict) -> bool:
 
 
 def differences(rows: list[Row]) -> dict[str, list[str]]:
-    """What kind of difference (cache, split, protocol, numerics version) separates rows: kind -> row names per variant."""
+    """What kind of difference (cache, split, protocol, numerics version) separates rows: kind -> row names
+    per variant."""
     out = {}
     for kind in COMPARABLE:
         for part in dict.fromkeys(k for r in rows for k in _parts(kind, r.config)):

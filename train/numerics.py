@@ -52,4 +52,5 @@ def refusal(run: Path, saved: dict) -> str | None:
     script = remaking_script(run)
     remake = (f"delete it and run `bash results/{script.name}`, which trains the runs that are missing" if script
               else "delete it and train it again with the command that made it")
-    return f"{run} was {made}, the current code is version {NUMERICS_VERSION}: its numbers are not this code's; {remake}"
+    return (f"{run} was {made}, the current code is version {NUMERICS_VERSION}: its numbers are not this code's; "
+            f"{remake}")
