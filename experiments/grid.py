@@ -161,13 +161,12 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     mine = [c for k, c in enumerate(cells) if k % n == i]
     seen = set()
     unique = [c for c in mine if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
-    # a cell, finished or not, is only ever reused by the code and settings that trained it: a table
-    # never mixes code versions silently (found now, not after the other cells have trained for an hour)
+    # a cell, finished or not, is only ever reused by the settings and numerics version that trained it: a
+    # table never mixes arithmetic silently (found now, not after the other cells have trained for an hour)
     stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := c.folder.mismatch(c.cfg))]
     if stale:
-        raise UserError("cells were trained or started by other code or settings and cannot be reused: "
-                        + ", ".join(stale) + ". Delete those folders to retrain them, or check out the "
-                        "commit that trained them")
+        raise UserError("cells were trained or started by another numerics version or other settings and cannot "
+                        "be reused: " + ", ".join(stale) + ". Delete those folders to retrain them")
     todo = [c for c in unique if not c.folder.is_finished()]
     same = len(mine) - len(unique)
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -108,7 +109,7 @@ def require_cached(dims: Dims, text: bool, image: bool) -> None:
 
 @dataclass
 class Batch:
-    """One training batch as float32 tensors, text kept ragged (no padding anywhere).
+    """One training batch, float features (float32 from the cache), text kept ragged (no padding anywhere).
 
     `tokens` holds the real tokens of all samples back to back, so a tweet of 20 tokens
     costs 20 rows whatever else is in the batch; `lengths` says where each one ends.
@@ -120,11 +121,13 @@ class Batch:
     lengths: Tensor | None  # (B,) int64 tokens per sample, sum == T, each >= 1
     maps: Tensor | None  # (B, C, h, w) image feature maps
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
-        """A Batch with every tensor moved to `device` (None stays None); `non_blocking` copies
+    def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "Batch":
+        """A Batch with every tensor moved to `device` (None stays None), the float features in
+        `dtype` (the run's training dtype; labels and lengths stay int64); `non_blocking` copies
         from pinned memory without waiting (the trainer's batches on a GPU)."""
         return replace(self, **{
-            f.name: getattr(self, f.name).to(device=device, non_blocking=non_blocking)  # device only: labels stay int64
+            f.name: getattr(self, f.name).to(device=device, non_blocking=non_blocking,
+                                             dtype=dtype if getattr(self, f.name).is_floating_point() else None)
             for f in fields(self) if getattr(self, f.name) is not None
         })
 

@@ -24,7 +24,7 @@ from train import robustness
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
-from train.run_folder import RunFolder, default_out, evidence_twins
+from train.run_folder import RunFolder, default_out
 from train.progress import Board, EpochClock, ItemRow, epoch_fields, plain
 from train.scoring import eval_orders, score_split
 from train.trainer import EpochLog, SeedResult, build_head, saved_logs, train_seed
@@ -133,8 +133,6 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
             result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
         if robust:
             score_default_robustness(result.out, cfg, data)
-    for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
-        console.print(line, highlight=False, soft_wrap=True)
     return result.out
 
 
@@ -150,19 +148,21 @@ def score_default_robustness(out: Path, cfg: TrainConfig, data: cache.Data) -> N
 
 
 def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
-              t0: float | None = None, jobs: int = 1, threads: int | None = None, robust: bool = False) -> RunResult:
+              t0: float | None = None, jobs: int = 1, threads: int | None = None, robust: bool = False,
+              dtype: torch.dtype = torch.float32) -> RunResult:
     """The library call under every command: plan the run of `cfg` on already loaded `data` and
     train it (`run`; `robust`: then score its robustness), holding its folder's writer lock
     throughout; no UI. A grid calls it once per cell with the same `data`, so the cache is loaded once."""
     with planned(cfg, data) as plan:
-        result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
+        result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads, dtype=dtype)
         if robust:
             score_default_robustness(result.out, cfg, data)
         return result
 
 
 def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
-        t0: float | None = None, jobs: int = 1, threads: int | None = None) -> RunResult:
+        t0: float | None = None, jobs: int = 1, threads: int | None = None,
+        dtype: torch.dtype = torch.float32) -> RunResult:
     """Train every seed of a plan into its folder, finished seeds kept and the unfinished ones
     resumed after their last finished epoch. Ctrl-C raises `Interrupted` saying what was kept.
     `jobs` > 1 trains the seeds in that many worker processes (`threads` each), with the same
@@ -194,11 +194,11 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
 
     try:
         if jobs > 1 and len(todo) > 1:
-            _train_seeds_in_pool(plan, todo, jobs, threads, each, finish, data.budget)
+            _train_seeds_in_pool(plan, todo, jobs, threads, each, finish, data.budget, dtype)
         else:
             for seed in todo:
                 finish(train_seed(cfg, data, seed, on_epoch=each, resume=plan.partial.get(seed),
-                                  save=functools.partial(folder.save_state, seed)))
+                                  save=functools.partial(folder.save_state, seed), dtype=dtype))
     except KeyboardInterrupt:
         finished = [s for s in cfg.seeds if s in done]
         unfinished = [s for s in todo if s not in done]
@@ -241,17 +241,17 @@ def _send_epoch(log: EpochLog) -> None:
 
 
 def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None,
-              memory: int | None = None) -> SeedResult:
+              memory: int | None = None, dtype: torch.dtype = torch.float32) -> SeedResult:
     """One seed in a worker: the cache is loaded once per worker; epoch logs go back to the main
     process, the resumable state after each epoch straight to the run folder."""
     if "data" not in _WORKER:
         _WORKER["data"] = load_data(cfg, memory)
     return train_seed(cfg, _WORKER["data"], seed, on_epoch=_send_epoch, resume=resume,
-                      save=functools.partial(folder.save_state, seed))
+                      save=functools.partial(folder.save_state, seed), dtype=dtype)
 
 
 def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int | None, each, finish,
-                         memory: int | None = None) -> None:
+                         memory: int | None = None, dtype: torch.dtype = torch.float32) -> None:
     """Train `seeds` in `jobs` pinned workers; the epoch logs they send are handed to `each` here,
     in the order they arrive, and a seed is finished only after its last epoch's log."""
     import multiprocessing
@@ -276,7 +276,7 @@ def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int |
 
     pool = core_threads.worker_pool(min(jobs, len(seeds)), threads, _keep_queue, (q,))
     try:
-        pending = {pool.submit(_seed_job, plan.cfg, plan.folder, seed, partial.get(seed), memory): seed
+        pending = {pool.submit(_seed_job, plan.cfg, plan.folder, seed, partial.get(seed), memory, dtype): seed
                    for seed in seeds}
         while pending:
             drain(0.2)

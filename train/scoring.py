@@ -40,18 +40,19 @@ FORWARD_FIELDS = ("logits", "text", "image", "fused")  # what `forward` gathers 
 def forward(head: heads.Head, split: Split, batch_size: int, device_: torch.device,
             order: torch.Tensor) -> heads.HeadOutput:
     """The one eval-mode pass of stage two: logits and embeddings (text, image, fused) of every
-    item, float32 on the CPU, in the split's index order.
+    item, on the CPU in the head's dtype, in the split's index order.
 
     The items are fed in `order`, cut into batches of `batch_size`: with `--cmf-scope batch` a
     prediction depends on its batch mates, so the order is always the caller's choice: a
     label-blind one from `eval_orders`, or `file_order` for the leak check alone.
     """
     head.eval()
+    dtype = next(head.parameters()).dtype  # the batches in the weights' dtype (float32, or a float64 test's)
     parts: dict[str, list] = {k: [] for k in FORWARD_FIELDS}
     for batch in split.batches([order[b : b + batch_size] for b in range(0, len(order), batch_size)]):
-        out = head(batch.to(device_, non_blocking=True))
+        out = head(batch.to(device_, dtype, non_blocking=True))
         for k in FORWARD_FIELDS:
-            parts[k].append(None if getattr(out, k) is None else getattr(out, k).float().cpu())
+            parts[k].append(None if getattr(out, k) is None else getattr(out, k).cpu())
     result = {}
     for k, p in parts.items():
         if any(x is None for x in p):  # an embedding the head does not return

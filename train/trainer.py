@@ -86,10 +86,12 @@ def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 
 def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: None, resume: dict | None = None,
-               save=lambda state: None) -> SeedResult:
+               save=lambda state: None, dtype: torch.dtype = torch.float32) -> SeedResult:
     """Train one seed; `save(state)` gets a resumable state at the end of every epoch, and
     `resume=state` continues after that state's epoch exactly as if training had never stopped
-    (weights, optimizer, scheduler, every random stream, the best epoch so far, the logs)."""
+    (weights, optimizer, scheduler, every random stream, the best epoch so far, the logs).
+    `dtype`: the head's weights and the batches' features (float32 for runs; float64 for the
+    numerics tests, whose goldens then do not depend on the threads or the kind of CPU)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     device_ = device()
@@ -98,7 +100,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         raise UserError(f"the train split of {cfg.dataset} has {len(train)} item(s): training needs at least 2 "
                         "(BatchNorm and SupCon need pairs); extract more data or check the split column")
     data.place(device_)  # a GPU: the cache moves there once when it fits
-    head = build_head(cfg, data).to(device_)
+    head = build_head(cfg, data).to(device_, dtype)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     # torch >= 2 zero_grad drops gradients (set_to_none); the official code's torch 1.8 kept zero
@@ -106,7 +108,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     keep_zero_grads = cfg.official
     g = torch.Generator().manual_seed(seed)
     n_classes = data.dims.n_classes
-    weight = class_weights(train.labels, n_classes).to(device_) if cfg.balanced else None
+    weight = class_weights(train.labels, n_classes).to(device_, dtype) if cfg.balanced else None
     dev_order = scoring.eval_orders(len(dev_split), cfg, 1)
     at = SeedProgress() if resume is None else restore(resume, head, opt, sched, g)
     for epoch in range(at.epoch + 1, cfg.epochs + 1):
@@ -123,7 +125,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         chunks = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
         chunks = [idx for idx in chunks if len(idx) >= 2]  # BatchNorm cannot train on one sample
         for batch in train.batches(chunks, views):  # streamed from the shards: read ahead meanwhile
-            batch = batch.to(device_, non_blocking=True)  # pinned on a GPU (Data.place); else a plain copy
+            batch = batch.to(device_, dtype, non_blocking=True)  # pinned on a GPU (Data.place); else a plain copy
             y = batch.labels
             terms = head.objective(head(batch), y, weight)
             opt.zero_grad(set_to_none=not keep_zero_grads)
