@@ -4,7 +4,8 @@
 Thin on purpose: each command builds a config dataclass and calls one library function. The
 options that set a config's fields are made from the fields themselves (core/cli_fields.py), so
 no default or help of a config is repeated here; the options declared here are the process's own
-(--jobs, --threads, --memory, --shard, --runs-dir) and what is not a field (--set, --vary, --rows). A `UserError` anywhere becomes one line on stderr and exit code 1, and so does a disk
+(--jobs, --threads, --memory, --shard, --runs-dir, --config) and what is not a field (--set, --vary,
+--rows). A `UserError` anywhere becomes one line on stderr and exit code 1, and so does a disk
 that refused a write (full, over quota, not ours to write, read-only); Ctrl-C and SIGTERM keep
 finished work and say so in one line (exit codes 130 and 143).
 """

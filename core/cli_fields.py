@@ -3,7 +3,13 @@
 Why: a setting's name, type, default and help are declared once, on its dataclass field
 (ARCHITECTURE.md rule 4), so `--help`, the config a command builds and `config.json` cannot
 drift apart, and `pipeline.py` repeats no default. A field is an option when it is declared
-with `option(...)` (it has a help); a field without one (an internal knob) is not.
+with `option(...)` (it has a help); a field without one (an internal knob) is not. This is the one
+helper that declares options: a head's config fields use it too, and those with a `flag` are options
+of `train` (`flags`, `flag_params`, `flag_values`; `--set` reaches every field through `parse_sets`).
+
+A flag name means one thing in every command (tests/test_cli_options.py holds the rule): a field whose
+`--field-name` would mean something else elsewhere gets a `flag` of its own, and a renamed option keeps
+its former name hidden (`was`, `renamed`), still taken with a one-line deprecation notice.
 
 Options are made when a command parses its arguments or prints its help, not at start-up
 (`fields_command`): a config's module may import torch, and the other commands need not pay
