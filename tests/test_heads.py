@@ -98,16 +98,20 @@ def test_pack_plan_matches_torch_pack_sequence():
     assert torch.equal(plan.backward_rows, reverse.data)
 
 
-@pytest.mark.parametrize("lengths", [[4, 9, 1, 9, 2, 6], [5], [3, 3, 3], [1, 1, 2]])
-def test_ragged_bilstm_equals_nn_lstm_on_packed_sequences(lengths):
+RAGGED_LENGTHS = [[4, 9, 1, 9, 2, 6], [5], [3, 3, 3], [1, 1, 2]]
+
+
+def assert_ragged_rnn_equals_packed(ragged, rnn: str, lengths, reference_of):
+    """A ragged RNN module (`ragged`(7, 5)) on items of `lengths` tokens gives, in float64, the
+    values and gradients of its torch RNN (attribute `rnn`) on the same items packed;
+    `reference_of(padded, lengths)`: what the module returns, from the torch RNN's padded output."""
     torch.manual_seed(0)
     lengths = torch.tensor(lengths)
-    m = RaggedBiLSTM(7, 5).double()
+    m = ragged(7, 5).double()
     x = torch.randn(int(lengths.sum()), 7, dtype=torch.float64, requires_grad=True)
-    packed = pack_sequence(list(torch.split(x, lengths.tolist())), enforce_sorted=False)
-    out, _ = m.lstm(packed)
+    out, _ = getattr(m, rnn)(pack_sequence(list(torch.split(x, lengths.tolist())), enforce_sorted=False))
     padded, _ = pad_packed_sequence(out, batch_first=True)  # zeros after each end
-    reference = padded.sum(1) / lengths[:, None]
+    reference = reference_of(padded, lengths)
     ours = m(x, lengths)
     assert torch.allclose(ours, reference, atol=1e-12)
     w = torch.randn_like(ours)  # any downstream loss
@@ -115,6 +119,11 @@ def test_ragged_bilstm_equals_nn_lstm_on_packed_sequences(lengths):
     for a, b in zip(torch.autograd.grad((ours * w).sum(), params),
                     torch.autograd.grad((reference * w).sum(), params)):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths", RAGGED_LENGTHS)
+def test_ragged_bilstm_equals_nn_lstm_on_packed_sequences(lengths):
+    assert_ragged_rnn_equals_packed(RaggedBiLSTM, "lstm", lengths, lambda padded, n: padded.sum(1) / n[:, None])
 
 
 def test_text_embedding_does_not_depend_on_batch_mates():
@@ -427,22 +436,10 @@ def test_real_sizes():
 # --- the ragged BiGRU and padding ------------------------------------------------------
 
 
-@pytest.mark.parametrize("lengths", [[4, 9, 1, 9, 2, 6], [5], [3, 3, 3], [1, 1, 2]])
+@pytest.mark.parametrize("lengths", RAGGED_LENGTHS)
 def test_ragged_bigru_equals_nn_gru_on_packed_sequences(lengths):
-    torch.manual_seed(0)
-    lengths = torch.tensor(lengths)
-    m = RaggedBiGRU(7, 5).double()
-    x = torch.randn(int(lengths.sum()), 7, dtype=torch.float64, requires_grad=True)
-    out, _ = m.gru(pack_sequence(list(torch.split(x, lengths.tolist())), enforce_sorted=False))
-    padded, _ = pad_packed_sequence(out, batch_first=True)
-    reference = torch.cat([padded[i, :n] for i, n in enumerate(lengths.tolist())])
-    ours = m(x, lengths)
-    assert torch.allclose(ours, reference, atol=1e-12)
-    w = torch.randn_like(ours)
-    params = [x, *m.parameters()]
-    for a, b in zip(torch.autograd.grad((ours * w).sum(), params),
-                    torch.autograd.grad((reference * w).sum(), params)):
-        assert torch.allclose(a, b, atol=1e-12)
+    assert_ragged_rnn_equals_packed(RaggedBiGRU, "gru", lengths,
+                                    lambda padded, n: torch.cat([padded[i, :k] for i, k in enumerate(n.tolist())]))
 
 
 def test_pad():
