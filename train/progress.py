@@ -13,7 +13,7 @@ time left is that seed's epochs at that lane's speed, not the run's work shared 
 
 The time left is shown twice: "up to" counts every planned epoch, "expected" lets the seeds still
 to finish stop where the finished ones did (with `--patience` most seeds stop long before their
-planned epochs: the README's first command plans 750 epochs and trains about 150).
+planned epochs: of the 5 x 150 epochs the README's first command plans, most seeds train 25 to 40).
 
 `Progress` builds all of it, once, for both `train` and the grids, and shows each seed's best
 epoch by the trainer's own rule (`train.trainer.improves`), so the screen and the selection
