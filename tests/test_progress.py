@@ -79,7 +79,7 @@ def test_two_lanes_play_out_the_schedule_and_the_last_seed_runs_alone():
     clock.update(5, 10, now=1030.0)
     assert clock.eta(now=1030.0) == pytest.approx(140 * 3.0)  # not 140 * 3 / 2: the other lane idles
     assert clock.idle() == 1
-    assert clock.figures(now=1030.0)[2].startswith("ETA up to 0:07") and clock.notes() == ["1 of 2 lanes idle"]
+    assert clock.figures(now=1030.0)[2].startswith("ETA up to 0:07") and clock.notes() == ["(1 of 2 lanes idle)"]
     clock.update(5, 150, now=1450.0)
     clock.finish(5)
     assert clock.eta(now=1450.0) == 0.0 and clock.idle() == 0

@@ -185,7 +185,7 @@ class EpochClock:
     def notes(self) -> list[str]:
         """What the overall line shows when there is room: lanes with nothing left to take."""
         idle = self.idle()
-        return [f"{idle} of {self.lanes} lanes idle"] if idle else []
+        return [f"({idle} of {self.lanes} lanes idle)"] if idle else []
 
 
 def hm(seconds: float | None) -> str:
