@@ -152,7 +152,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
                        fired / max(n_batches, 1), time.time() - t0, dev_scores, on_test)
         at.logs.append(log)
         at.epoch = epoch
-        if at.best is None or dev_scores[cfg.select] > at.best.dev[cfg.select]:
+        if improves(dev_scores, None if at.best is None else at.best.dev, cfg.select):
             at.best = Best(epoch, dev_scores, copy.deepcopy(head.state_dict()))
         save(snapshot(head, opt, sched, g, at))
         on_epoch(log)
@@ -168,6 +168,13 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         last_epoch_test=last,
         protocol_check=scoring.protocol_check(logs, test_scores) if cfg.protocol_check else None,
     )
+
+
+def improves(dev: dict, best_dev: dict | None, select: str) -> bool:
+    """Whether an epoch's `dev` scores make it the selected epoch over the best so far (`best_dev`,
+    None before the first epoch): strictly higher on `select`, so the first of equals stays. The
+    one rule: the progress display (train/progress.py) shows the best epoch through it too."""
+    return best_dev is None or dev[select] > best_dev[select]
 
 
 def stopped(cfg: TrainConfig, epoch: int, best_epoch: int) -> bool:
