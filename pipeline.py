@@ -40,6 +40,7 @@ ShardOpt = typer.Option(None, help="i/N: this process's share of the cells (else
 RobustnessOpt = typer.Option(False, "--robustness", help="then score each seed's selected weights without its text, without its image and with noise (robustness.json; `eval --drop/--noise` does it later)")
 MemoryOpt = typer.Option(None, "--memory", help="RAM each training process may hold of the cache, e.g. 3G; beyond it batches are read from the shards, with the same numbers [default: half of the memory available (MemAvailable, or the cgroup's headroom), divided by --jobs]")
 RunsDirOpt = typer.Option(Path("runs"), help="where the cells' run folders live (named from each config's hash)")
+ReportToOpt = typer.Option("none", "--report-to", help="trackers that follow each run, a comma list: none or tensorboard (event files in <run>/tb/; `tensorboard --logdir runs`)")
 
 
 def _config(module: str, name: str, skip: tuple[str, ...] = ()):
@@ -96,19 +97,22 @@ def extract(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
 
 @app.command(cls=TRAIN_OPTIONS)
 def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = JobsOpt,
-          threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt):
+          threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
+          report_to: str = ReportToOpt):
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
     from experiments.evidence import evidence_twins
     from train.config import TrainConfig
     from train.run_folder import RunFolder
+    from train import tracking
     from train.runs import train as run_train
 
+    trackers = tracking.parse(report_to)
     cfg = TrainConfig.from_cli(ctx.meta["fields"], set_)
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
-    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory)
+    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory, report_to=trackers)
     for line in evidence_twins(run):  # the same configuration as a committed evidence run
         console.print(line, highlight=False, soft_wrap=True)
     _show(RunFolder(run).metrics(), f"{run}")
@@ -131,15 +135,18 @@ def ablate(
     out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: runs/ablate-<dataset>-<head>]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
     threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
+    report_to: str = ReportToOpt,
 ):
     """The paper's ablation rows for a head (any head with an ablation list, `pipeline.py heads`), one
     command: table.csv + table.md with seed noise. Takes every `train` option but --out."""
     from experiments import grid
+    from train import tracking
 
+    trackers = tracking.parse(report_to)  # a missing package: one line before any work
     base, jobs = _grid(ctx, set_, jobs, threads)
     cells = grid.ablation_cells(base, runs_dir, [r.strip() for r in rows.split(",")] if rows else None)
     target = grid.out_folder("ablate", base, runs_dir, out)
-    grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
+    grid.run_cells(cells, jobs, shard, console, threads, robust, memory, trackers)
     if grid.assemble(cells, target, base.dataset, base.head) is None:
         console.print(grid.wait_note(cells))
         return
@@ -155,15 +162,18 @@ def sweep(
     out: Optional[Path] = typer.Option(None, help="where sweep.csv / sweep.png go [default: runs/sweep-<dataset>-<head>-<fields>]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
     threads: Optional[int] = ThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
+    report_to: str = ReportToOpt,
 ):
     """Any head field over any list of values: a table on screen, sweep.csv/.md + a PNG of each metric
     with seed error bars. Takes every `train` option but --out."""
     from experiments import grid
+    from train import tracking
 
+    trackers = tracking.parse(report_to)  # a missing package: one line before any work
     base, jobs = _grid(ctx, set_, jobs, threads)
     cells = grid.sweep_cells(base, vary, runs_dir)
     target = grid.out_folder("sweep", base, runs_dir, out, vary)
-    grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
+    grid.run_cells(cells, jobs, shard, console, threads, robust, memory, trackers)
     png = grid.sweep_plot(cells, target)
     if png is None:
         console.print(grid.wait_note(cells))
