@@ -182,6 +182,46 @@ def sweep(
     console.print(f"written: {target / 'sweep.csv'}, {target / 'sweep.md'}, {png}")
 
 
+@app.command(cls=GRID_OPTIONS)
+def search(
+    ctx: typer.Context,
+    space: list[str] = typer.Option([], "--space", help="field=low:high, field=low:high:log or field=a,b,c: adds a field to the search space or replaces its default range (repeatable; docs/search.md lists the defaults)"),
+    trials: int = typer.Option(20, help="trials COMPLETE or PRUNED the study ends with (failed ones are not counted); the same command with more continues the study"),
+    rescore: int = typer.Option(5, help="the best trials trained again on seeds 1002-1004, the highest mean dev chosen (0: the best trial as it is)"),
+    pruner: str = typer.Option("median", help="median (Optuna's MedianPruner on each epoch's dev) or none"),
+    sampler_seed: int = typer.Option(0, help="seed of the TPE sampler"),
+    storage: Optional[str] = typer.Option(None, help="database URL of the study, e.g. postgresql://user@host/db [default: study.journal in the search folder]"),
+    retrain_best: bool = typer.Option(False, "--retrain-best", help="no search: train best.json's settings into best/ with this code (after a numerics version bump)"),
+    set_: list[str] = SetOpt,
+    out: Optional[Path] = typer.Option(None, help="search folder [default: <runs-dir>/search-<dataset>-<head>-<hash>]"),
+    runs_dir: Path = typer.Option(Path("runs"), help="where the default search folder goes"),
+    jobs: Optional[int] = JobsOpt, threads: Optional[int] = ThreadsOpt, memory: Optional[str] = MemoryOpt,
+    report_to: str = ReportToOpt,
+):
+    """Hyper-parameter search (Optuna) on dev over any `train` settings: one seed a trial, pruned on
+    each epoch's dev, the best re-scored on more seeds, the choice trained into <out>/best/. Resumable;
+    `--jobs N` processes share the study. Takes every `train` option but --out."""
+    from experiments import search as study_search
+    from experiments import search_result
+    from train import tracking
+    from train.run_folder import RunFolder
+
+    trackers = tracking.parse(report_to)
+    base, jobs = _grid(ctx, set_, jobs, threads)
+    s = study_search.plan(base, space, out, runs_dir, trials=trials, rescore=rescore, pruner=pruner, sampler_seed=sampler_seed,
+                          storage=storage, jobs=min(jobs, max(trials, 1)), threads=threads, memory=memory,
+                          report_to=trackers)
+    if retrain_best:
+        run = search_result.retrain_best(s, console)
+    else:
+        study = study_search.start(s, console)
+        progress = search_result.Progress(s, console)
+        progress.begin(study)
+        study_search.run_trials(s, study, progress)
+        run = search_result.finish(s, study, console)
+    _show(RunFolder(run).metrics(), f"{run} (the chosen settings)")
+
+
 def _show(metrics: dict, title: str) -> None:
     table = Table(title=title)
     table.add_column("split")
