@@ -124,7 +124,9 @@ def open_study(s: Search, worker: int = 0):
         if s.storage is None:
             raise
         raise UserError(f"--storage {s.storage}: cannot open the study there ({_first_line(e)})") from None
-    study.sampler = optuna.samplers.TPESampler(seed=s.sampler_seed + 1000 * worker + len(study.trials))
+    # constant liar: with processes in parallel, a running trial counts as a poor one, so two do not draw alike
+    study.sampler = optuna.samplers.TPESampler(seed=s.sampler_seed + 1000 * worker + len(study.trials),
+                                               constant_liar=s.jobs > 1)
     return study
 
 
@@ -313,6 +315,10 @@ def run_trial(study, trial, s: Search) -> None:
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return
+    except UserError as e:  # values the run refuses (text_layers beyond the cache's): the search stops here
+        study.tell(trial, state=TrialState.FAIL)
+        values = " ".join(f"{k}={v}" for k, v in trial.params.items())
+        raise UserError(f"trial {trial.number} ({values}): {e}") from None
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise

@@ -49,10 +49,15 @@ class Progress:
     """One line per finished trial on the screen (`poll(study)` after each, or every second)."""
 
     def __init__(self, s: Search, console: Console):
-        self.s, self.console, self.shown = s, console, set()
+        self.s, self.console, self.shown, self.best = s, console, set(), None
 
     def begin(self, study) -> None:
-        self.shown = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        self.shown = {t.number for t in trials if t.state.is_finished()}
+        self.best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number),
+                        default=None)
         done, _ = counts(study)
         where = self.s.storage or self.s.out / JOURNAL
         space = ", ".join(f"{name}={dim.spec()}" for name, dim in self.s.dims.items())
@@ -63,19 +68,23 @@ class Progress:
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
-        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in self.finished(trials))
         for t in sorted((t for t in trials if t.state.is_finished() and t.number not in self.shown),
                         key=lambda t: t.number):
             self.shown.add(t.number)
-            what = _outcome(t)
+            done += t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            if t.state == TrialState.COMPLETE and (self.best is None or t.value > self.best.value):
+                self.best = t
             params = " ".join(f"{k}={_short(v)}" for k, v in t.params.items())
             seconds = _seconds(t)
-            self.console.print(f"trial {t.number}: {what} ({len(t.intermediate_values)} epochs"
-                               + (f", {seconds:.0f} s" if seconds is not None else "") + f") {params} | best: "
-                               + (f"trial {best.number} {best.value:.4f}" if best else "none yet")
+            self.console.print(f"trial {t.number}: {_outcome(t)} ({len(t.intermediate_values)} epochs"
+                               + (f", {seconds:.0f} s" if seconds is not None else "") + f") {params} | best so far: "
+                               + (f"trial {self.best.number} {self.best.value:.4f}" if self.best else "none")
                                + f" | {done}/{self.s.trials} trials", highlight=False, soft_wrap=True)
+
+    def finished(self, trials: list) -> list:
+        """The finished trials already shown."""
+        return [t for t in trials if t.number in self.shown and t.state.is_finished()]
 
 
 def _outcome(t) -> str:

@@ -227,3 +227,12 @@ def test_the_default_space_leaves_out_what_the_user_set():
         "balanced": "true,false"}
     with pytest.raises(UserError, match="nothing to search"):
         search.plan(TrainConfig(head="probe", lr=1e-3, weight_decay=0.1, batch_size=8), [])
+
+
+def test_values_a_run_refuses_stop_the_search_in_one_line(synth_cache, run_main, tmp_path):
+    """A value each field takes, but this cache does not (4 text layers): the trial fails, named, not counted."""
+    out = tmp_path / "s"
+    r = run_main(*args(synth_cache, out, "--trials", 2, "--jobs", 1, "--space", "text_layers=6"))
+    assert r.code == 1 and r.err.startswith("error: trial 0 (") and "text_layers=6" in r.err, r.err
+    assert r.err.count("\n") == 1 and "the cache holds 4 text layers" in r.err
+    assert [t.state.name for t in study_of(out).trials] == ["FAIL"]
