@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -123,7 +124,7 @@ def open_study(s: Search, worker: int = 0):
     except Exception as e:  # a database URL that cannot be reached or read
         if s.storage is None:
             raise
-        raise UserError(f"--storage {s.storage}: cannot open the study there ({_first_line(e)})") from None
+        raise UserError(f"--storage {shown(s.storage)}: cannot open the study there ({_first_line(e)})") from None
     # constant liar: with processes in parallel, a running trial counts as a poor one, so two do not draw alike
     study.sampler = optuna.samplers.TPESampler(seed=s.sampler_seed + 1000 * worker + len(study.trials),
                                                constant_liar=s.jobs > 1)
@@ -147,8 +148,13 @@ def _storage(s: Search):
     try:
         return RDBStorage(s.storage)
     except Exception as e:  # sqlalchemy's: no such dialect, no driver, no server, no file
-        raise UserError(f"--storage {s.storage}: cannot open it ({_first_line(e)}); give a database URL such "
+        raise UserError(f"--storage {shown(s.storage)}: cannot open it ({_first_line(e)}); give a database URL such "
                         "as postgresql://user@host/db, or leave --storage out for the journal file") from None
+
+
+def shown(url: str | None) -> str | None:
+    """A storage URL as it may be printed or written: its password masked."""
+    return None if url is None else re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _first_line(e: BaseException) -> str:

@@ -29,7 +29,7 @@ from core import memory as core_memory
 from core.errors import UserError
 from core.paths import make_dir, write_atomic, write_png
 from experiments import grid, search_space
-from experiments.search import RESCORE_SEEDS, SEARCH_SEED, JOURNAL, Search, counts
+from experiments.search import RESCORE_SEEDS, SEARCH_SEED, JOURNAL, Search, counts, shown
 from train import numerics, runs
 from train.config import TrainConfig
 from train.run_folder import RunFolder
@@ -59,7 +59,7 @@ class Progress:
         self.best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number),
                         default=None)
         done, _ = counts(study)
-        where = self.s.storage or self.s.out / JOURNAL
+        where = shown(self.s.storage) or self.s.out / JOURNAL
         space = ", ".join(f"{name}={dim.spec()}" for name, dim in self.s.dims.items())
         self.console.print(f"study {self.s.name} ({where}): {done} of {self.s.trials} trials done; objective dev "
                            f"{self.s.select} of seed {SEARCH_SEED}; space {space}", highlight=False, soft_wrap=True)
@@ -176,7 +176,7 @@ def best_config(s: Search, trial) -> TrainConfig:
 
 def write_best(s: Search, trial, rescored: dict[int, float], done: int) -> Path:
     saved = {"train": best_config(s, trial).to_json(),
-             "search": {"study": s.name, "storage": s.storage or JOURNAL, "trial": trial.number,
+             "search": {"study": s.name, "storage": shown(s.storage) or JOURNAL, "trial": trial.number,
                         "params": trial.params, "select": s.select, f"dev_seed_{SEARCH_SEED}": trial.value,
                         "rescore_seeds": list(RESCORE_SEEDS) if rescored else [],
                         "rescore_dev": rescored.get(trial.number), "trials": done,

@@ -236,3 +236,8 @@ def test_values_a_run_refuses_stop_the_search_in_one_line(synth_cache, run_main,
     assert r.code == 1 and r.err.startswith("error: trial 0 (") and "text_layers=6" in r.err, r.err
     assert r.err.count("\n") == 1 and "the cache holds 4 text layers" in r.err
     assert [t.state.name for t in study_of(out).trials] == ["FAIL"]
+
+
+def test_a_storage_password_is_never_shown():
+    assert search.shown("postgresql://bob:s3cret@db:5432/studies") == "postgresql://bob:***@db:5432/studies"
+    assert search.shown("sqlite:///runs/studies.db") == "sqlite:///runs/studies.db"
