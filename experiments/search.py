@@ -96,7 +96,8 @@ def plan(base: TrainConfig, space: list[str], out: Path | None = None, runs_dir:
     resolved = base.resolved()  # a bad setting is one line now
     dims = search_space.space(base, space)
     if not dims:
-        raise UserError("nothing to search: every field of the default space is set; add one with --space field=low:high")
+        raise UserError("nothing to search: every field of the default space is set; add one with "
+                        "--space field=low:high")
     settings = {"train": {k: v for k, v in resolved.to_json().items() if k not in ("out", "seeds")},
                 "space": {name: dim.spec() for name, dim in dims.items()}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
@@ -307,7 +308,8 @@ def run_trial(study, trial, s: Search) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    cfg = replace(search_space.apply(s.base, trial.params, s.dims), seeds=(SEARCH_SEED,), out=trial_folder(s, trial.number))
+    cfg = replace(search_space.apply(s.base, trial.params, s.dims), seeds=(SEARCH_SEED,),
+                  out=trial_folder(s, trial.number))
     select = s.select
 
     def report(log) -> None:

@@ -125,7 +125,8 @@ def write_figures(s: Search, study) -> list[Path]:
     from optuna.visualization import matplotlib as plots
 
     written = []
-    for name, plot in (("history.png", plots.plot_optimization_history), ("importance.png", plots.plot_param_importances)):
+    for name, plot in (("history.png", plots.plot_optimization_history),
+                       ("importance.png", plots.plot_param_importances)):
         # Optuna sets its own style sheet: kept to these figures; its "experimental" notes are not the user's
         with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")

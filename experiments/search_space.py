@@ -110,7 +110,8 @@ def _value(text: str, hint, name: str):
     try:
         return _parse(text.strip(), hint, name)
     except ValueError:
-        raise ValueError(f"{name} takes {getattr(_base(hint), '__name__', hint)} values, not {text.strip()!r}") from None
+        kind = getattr(_base(hint), "__name__", hint)
+        raise ValueError(f"{name} takes {kind} values, not {text.strip()!r}") from None
 
 
 def _range(name: str, where: str, hint, value: str) -> Dim:

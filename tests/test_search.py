@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from experiments import grid, search, search_result, search_space
+from experiments import grid, search, search_space
 from experiments.results import load_row
 from train import data as train_data
 from train import numerics
@@ -54,7 +54,8 @@ def study_of(out: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    storage = JournalStorage(JournalFileBackend(str(out / search.JOURNAL), lock_obj=search._JournalLock(out / search.JOURNAL)))
+    journal = out / search.JOURNAL
+    storage = JournalStorage(JournalFileBackend(str(journal), lock_obj=search._JournalLock(journal)))
     return optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
 
 
@@ -219,8 +220,8 @@ def test_the_journal_lock_cuts_a_half_written_line(tmp_path):
 def test_the_default_space_leaves_out_what_the_user_set():
     import heads
 
-    space = search_space.space(TrainConfig(head="spp_scl", lr=1e-3, head_config=heads.build_config("spp_scl", {"dim": 64})),
-                               ["lr=1e-4:1e-2:log", "balanced=true,false"])
+    base = TrainConfig(head="spp_scl", lr=1e-3, head_config=heads.build_config("spp_scl", {"dim": 64}))
+    space = search_space.space(base, ["lr=1e-4:1e-2:log", "balanced=true,false"])
     assert {k: d.spec() for k, d in space.items()} == {
         "weight_decay": "1e-08:0.01:log", "batch_size": "16,32,64,128", "dropout": "0:0.5",
         "temperature": "0.03:0.3:log", "alpha": "0.3:0.95", "lambda_ce": "0.5:20:log", "lr": "0.0001:0.01:log",
