@@ -50,6 +50,7 @@ RunsDirOpt = typer.Option(Path("runs"), help="where run folders are made, each n
 RunOpt = typer.Argument(None, metavar="RUN", show_default=False, help="run folder written by train (required)")
 # a command whose run folder is its argument RUN, as replay and results take theirs; `--run RUN` still works
 RUN_COMMAND = cli_fields.fields_command(lambda: cli_fields.renamed("--run", "run", Path, required=True))
+ReportToOpt = typer.Option("none", "--report-to", help="trackers that follow each run, a comma list: none or tensorboard (event files in <run>/tb/; `tensorboard --logdir runs`)")
 
 
 def _config(module: str, name: str, skip: tuple[str, ...] = ()):
@@ -107,21 +108,23 @@ def extract(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
 @app.command(cls=TRAIN_OPTIONS)
 def train(ctx: typer.Context, config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt, jobs: Optional[int] = JobsOpt,
           runs_dir: Path = RunsDirOpt, threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt,
-          memory: Optional[str] = MemoryOpt):
+          memory: Optional[str] = MemoryOpt, report_to: str = ReportToOpt):
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
     from experiments.evidence import evidence_twins
     from train.config import TrainConfig
     from train.run_folder import RunFolder, default_out
+    from train import tracking
     from train.runs import train as run_train
 
+    trackers = tracking.parse(report_to)  # a missing package: one line before any work
     cfg = TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"])
     if cfg.out is None:  # named from the settings' hash, as a grid's cells are
         cfg = replace(cfg, out=default_out(cfg.resolved(), runs_dir))
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
-    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory)
+    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory, report_to=trackers)
     for line in evidence_twins(run):  # the same configuration as a committed evidence run
         console.print(line, highlight=False, soft_wrap=True)
     _show(RunFolder(run).metrics(), f"{run}")
@@ -145,15 +148,18 @@ def ablate(
     out: Optional[Path] = typer.Option(None, help="where table.csv / table.md go [default: <runs-dir>/ablate-<dataset>-<head>]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
     threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
+    report_to: str = ReportToOpt,
 ):
     """The paper's ablation rows for a head (any head with an ablation list, `pipeline.py heads`), one
     command: table.csv + table.md with seed noise. Takes every `train` option but --out."""
     from experiments import grid
+    from train import tracking
 
+    trackers = tracking.parse(report_to)  # a missing package: one line before any work
     base, jobs = _grid(ctx, config, set_, jobs, threads)
     cells = grid.ablation_cells(base, runs_dir, rows or None)
     target = grid.out_folder("ablate", base, runs_dir, out)
-    grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
+    grid.run_cells(cells, jobs, shard, console, threads, robust, memory, trackers)
     if grid.assemble(cells, target, base.dataset, base.head) is None:
         console.print(grid.wait_note(cells))
         return
@@ -170,21 +176,64 @@ def sweep(
                                        "[default: <runs-dir>/sweep-<dataset>-<head>-<the fields varied, joined by ->]"),
     jobs: Optional[int] = JobsOpt, shard: Optional[str] = ShardOpt, runs_dir: Path = RunsDirOpt,
     threads: Optional[int] = JobThreadsOpt, robust: bool = RobustnessOpt, memory: Optional[str] = MemoryOpt,
+    report_to: str = ReportToOpt,
 ):
     """Any head field over any list of values: a table on screen, sweep.csv/.md + a PNG of each metric
     with seed error bars. Takes every `train` option but --out."""
     from experiments import grid
+    from train import tracking
 
+    trackers = tracking.parse(report_to)  # a missing package: one line before any work
     base, jobs = _grid(ctx, config, set_, jobs, threads)
     cells = grid.sweep_cells(base, vary, runs_dir)
     target = grid.out_folder("sweep", base, runs_dir, out, vary)
-    grid.run_cells(cells, jobs, shard, console, threads, robust, memory)
+    grid.run_cells(cells, jobs, shard, console, threads, robust, memory, trackers)
     png = grid.sweep_plot(cells, target)
     if png is None:
         console.print(grid.wait_note(cells))
         return
     console.print((target / "sweep.md").read_text(), highlight=False)
     console.print(f"written: {target / 'sweep.csv'}, {target / 'sweep.md'}, {png}")
+
+
+@app.command(cls=GRID_OPTIONS)
+def search(
+    ctx: typer.Context,
+    space: list[str] = typer.Option([], "--space", help="field=low:high, field=low:high:log or field=a,b,c: adds a field to the search space or replaces its default range (repeatable; docs/search.md lists the defaults)"),
+    trials: int = typer.Option(20, help="trials COMPLETE or PRUNED the study ends with (failed ones are not counted); the same command with more continues the study"),
+    rescore: int = typer.Option(5, help="the best trials trained again on seeds 1002-1004, the highest mean dev chosen (0: the best trial as it is)"),
+    pruner: str = typer.Option("median", help="median (Optuna's MedianPruner on each epoch's dev) or none"),
+    sampler_seed: int = typer.Option(0, help="seed of the TPE sampler"),
+    storage: Optional[str] = typer.Option(None, help="database URL of the study, e.g. postgresql://user@host/db [default: study.journal in the search folder]"),
+    retrain_best: bool = typer.Option(False, "--retrain-best", help="no search: train best.json's settings into best/ with this code (after a numerics version bump)"),
+    config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt,
+    out: Optional[Path] = typer.Option(None, help="search folder [default: <runs-dir>/search-<dataset>-<head>-<hash>]"),
+    runs_dir: Path = RunsDirOpt,
+    jobs: Optional[int] = JobsOpt, threads: Optional[int] = JobThreadsOpt, memory: Optional[str] = MemoryOpt,
+    report_to: str = ReportToOpt,
+):
+    """Hyper-parameter search (Optuna) on dev over any `train` settings: one seed a trial, pruned on
+    each epoch's dev, the best re-scored on more seeds, the choice trained into <out>/best/. Resumable;
+    `--jobs N` processes share the study. Takes every `train` option but --out."""
+    from experiments import search as study_search
+    from experiments import search_result
+    from train import tracking
+    from train.run_folder import RunFolder
+
+    trackers = tracking.parse(report_to)
+    base, jobs = _grid(ctx, config, set_, jobs, threads)
+    s = study_search.plan(base, space, out, runs_dir, trials=trials, rescore=rescore, pruner=pruner, sampler_seed=sampler_seed,
+                          storage=storage, jobs=min(jobs, max(trials, 1)), threads=threads, memory=memory,
+                          report_to=trackers)
+    if retrain_best:
+        run = search_result.retrain_best(s, console)
+    else:
+        study = study_search.start(s, console)
+        progress = search_result.Progress(s, console)
+        progress.begin(study)
+        study_search.run_trials(s, study, progress)
+        run = search_result.finish(s, study, console)
+    _show(RunFolder(run).metrics(), f"{run} (the chosen settings)")
 
 
 def _show(metrics: dict, title: str) -> None:

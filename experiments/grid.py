@@ -149,7 +149,8 @@ def _base_values(base: TrainConfig) -> dict:
 # --- running ----------------------------------------------------------------------------
 
 def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None,
-              threads: int | None = None, robust: bool = False, memory: str | int | None = None) -> list[Cell]:
+              threads: int | None = None, robust: bool = False, memory: str | int | None = None,
+              report_to: tuple[str, ...] = ()) -> list[Cell]:
     """Train this process's share of `cells` (cell k goes to shard k % N), `jobs` at a time,
     with one progress bar counting epochs and an ETA over the grid. Finished cells are skipped. Returns the
     cells this process ran or found done. `memory`: each process's budget for the cache in RAM
@@ -177,7 +178,7 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
         progress.polled()
 
     with progress.shown(console), _following(todo, progress):
-        _train_cells(todo, jobs, threads, robust, budget, progress, cell_done)
+        _train_cells(todo, jobs, threads, robust, budget, progress, cell_done, report_to)
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
             if c not in todo and c.folder.is_finished():  # scored only: its run files stay as they are
@@ -207,17 +208,17 @@ def _progress(todo: list[Cell], jobs: int) -> Progress:
 
 
 def _train_cells(todo: list[Cell], jobs: int, threads: int | None, robust: bool, budget: int | None,
-                 progress: Progress, cell_done) -> None:
+                 progress: Progress, cell_done, report_to: tuple[str, ...] = ()) -> None:
     """Train the cells here one after another (`jobs` 1: the cache loaded once per modality set for the
     whole grid) or in `jobs` worker processes, calling `cell_done(cell)` as each finishes."""
     if jobs <= 1:
         for c in todo:
             progress.clock.begin(id(c))  # its first epoch is timed from here
-            _train_cell(c.cfg, robust, budget)
+            _train_cell(c.cfg, robust, budget, report_to)
             cell_done(c)
         return
     with core_threads.worker_pool(jobs, threads) as pool:
-        futures = {pool.submit(_train_cell, c.cfg, robust, budget): c for c in todo}
+        futures = {pool.submit(_train_cell, c.cfg, robust, budget, report_to): c for c in todo}
         for f in as_completed(futures):
             f.result()
             cell_done(futures[f])
@@ -265,13 +266,14 @@ def _following(cells: list[Cell], progress: Progress, every: float = 1.0):
 _DATA: dict = {}
 
 
-def _train_cell(cfg: TrainConfig, robust: bool = False, memory: int | None = None) -> str:
+def _train_cell(cfg: TrainConfig, robust: bool = False, memory: int | None = None,
+                report_to: tuple[str, ...] = ()) -> str:
     """Train one cell (and `--robustness`: score it); the cache is loaded once per process (the
     grid's, or a worker's) and modality set (streamed: one reader thread per process serves every cell)."""
     data = _data(cfg, memory)
     if robust:
         robustness.check_in_memory(data)  # before this cell trains
-    return str(runs.train_run(cfg, data, robust=robust).out)
+    return str(runs.train_run(cfg, data, robust=robust, report_to=report_to).out)
 
 
 def _data(cfg: TrainConfig, memory: int | None = None) -> cache.Data:

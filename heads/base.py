@@ -48,6 +48,9 @@ class HeadConfig:
     ABLATIONS: ClassVar[dict[str, dict]] = {}
     # The paper's own test numbers per data set and row: {"mvsa_s": {"full": (acc, f1)}}.
     PAPER: ClassVar[dict[str, dict[str, tuple[float, float]]]] = {}
+    # `pipeline.py search`: the fields worth tuning and their ranges, as `--space` writes them
+    # (`low:high`, `low:high:log`, or choices `a,b,c`; experiments/search_space.py).
+    SEARCH: ClassVar[dict[str, str]] = {"dim": "32,64,128", "dropout": "0:0.5"}
 
     def reads(self) -> tuple[str, ...]:
         """The modalities this head reads: the trainer loads only those caches."""

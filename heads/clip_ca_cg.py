@@ -70,6 +70,9 @@ class ClipCaCgConfig(HeadConfig):
     temperature: float = option(0.07, "CLIP temperature (the initial value if learn_temperature)")
     learn_temperature: bool = option(True, "learn the CLIP temperature (CLIP's logit scale, clamped at 100)")
 
+    # `pipeline.py search` (dim: choices, even and divisible by the 4 heads)
+    SEARCH = {"dim": "64,128,256", "dropout": "0:0.5", "lam": "0:1", "clip_weight": "0.1:10:log",
+              "temperature": "0.02:0.2:log"}
     ABLATIONS = {"w/o CLIP": {"clip": False}, "w/o CA": {"ca": False}, "w/o CG": {"cg": False},
                  "linear probe": {"head": "probe"}}
     PAPER = {"mvsa_s": {"full": (0.7538, 0.7521), "w/o CLIP": (0.7365, 0.7336), "w/o CA": (0.7215, 0.7156),

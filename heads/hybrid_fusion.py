@@ -69,6 +69,7 @@ class HybridFusionConfig(HeadConfig):
     decision_fusion: bool = option(True, "false: the multimodal classifier alone decides")
     aux_weight: float = option(0.5, "weight of the mean auxiliary CE of the three branch classifiers")
 
+    SEARCH = {"dim": "32,64,128", "dropout": "0:0.5", "aux_weight": "0:1"}  # `pipeline.py search` (dim: by heads)
     ABLATIONS = {"w/o self-attention": {"self_attention": False}, "w/o cross-attention": {"cross_attention": False},
                  "w/o BiRAU": {"birau": False}, "equal decision weights": {"dynamic_weights": False},
                  "w/o decision fusion": {"decision_fusion": False}, "linear probe": {"head": "probe"}}

@@ -20,6 +20,8 @@ from .registry import register
 class ProbeConfig(ModalitiesConfig):
     """Linear probe; `dim` and `dropout` are unused (there is only the one linear layer)."""
 
+    SEARCH = {}  # nothing of its own to tune: the trainer's space alone
+
 
 @register("probe", config=ProbeConfig)
 class Probe(Head):

@@ -51,6 +51,8 @@ class SppSclConfig(ModalitiesConfig):
 
     # `train --official`: the authors' code (SPEC.md "More behaviours of the official code")
     OFFICIAL = {"supcon_official": True, "gate_floor": True, "lambda_ce": 5.0, "alpha": 2 / 3}
+    # `pipeline.py search`: the losses' weights, SupCon's temperature and the gate, beside width and dropout
+    SEARCH = {**ModalitiesConfig.SEARCH, "temperature": "0.03:0.3:log", "alpha": "0.3:0.95", "lambda_ce": "0.5:20:log"}
 
     # Tables 4-7 of the paper, and the linear probe every table needs
     ABLATIONS = {

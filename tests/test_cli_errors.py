@@ -138,6 +138,8 @@ CASES = [
     ("sweep-set-and-varied", ("sweep", *GRID, "--vary", "alpha=0.5,0.75", "--set", "alpha=0.6"),
      ["--vary 'alpha=0.5,0.75'", "also set for the whole grid"]),
     ("sweep-flag-and-varied", ("sweep", *GRID, "--vary", "alpha=0.5,0.75", "--alpha", "0.6"), ["also set for the whole grid"]),
+    # search
+    ("search-protocol-field", ("search", *GRID, "--space", "epochs=1:3"), ["--space epochs", "part of the protocol"]),
     # results
     ("results-nothing", ("results",), ["give run folders"]),
     ("results-missing-folder", ("results", "{tmp}/nope"), ["nope: no such file or folder"]),

@@ -19,7 +19,7 @@ from core import memory as core_memory
 from core.device import device
 from core.errors import Interrupted, UserError
 from train import data as cache
-from train import robustness
+from train import robustness, tracking
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
@@ -68,12 +68,12 @@ ROBUSTNESS = {"drop": ["text", "image"], "noise": [0.5, 1.0]}  # what `train --r
 
 
 def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threads: int | None = None,
-          robust: bool = False, memory: str | int | None = None) -> Path:
+          robust: bool = False, memory: str | int | None = None, report_to: tuple[str, ...] = ()) -> Path:
     """`pipeline.py train`: load the cache, train every seed with a progress bar (`jobs` seeds at a
     time in worker processes), return the run folder. `robust`: then score each seed's selected
     weights without each modality and with noise (ROBUSTNESS, into robustness.json). `memory`: the
     budget of each process for the cache in RAM (`--memory`; None: core.memory.budget's default);
-    beyond it batches are streamed from the shards."""
+    beyond it batches are streamed from the shards. `report_to`: trackers (train/tracking.py)."""
     console = console or Console()
     cfg = cfg.resolved()
     t0 = time.time()
@@ -89,7 +89,8 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
         for seed, state in plan.partial.items():
             console.print(f"seed {seed}: resuming after epoch {state['epoch']} of {cfg.epochs}")
         with plan_progress(plan, jobs, step_two).shown(console) as progress:
-            result = run(plan, data, progress.epoch, progress.seed_done, t0=t0, jobs=jobs, threads=threads)
+            result = run(plan, data, progress.epoch, progress.seed_done, t0=t0, jobs=jobs, threads=threads,
+                         report_to=report_to)
         if robust:
             score_default_robustness(result.out, cfg, data)
     return result.out
@@ -136,12 +137,13 @@ def score_default_robustness(out: Path, cfg: TrainConfig, data: cache.Data) -> N
 
 def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
               t0: float | None = None, jobs: int = 1, threads: int | None = None, robust: bool = False,
-              dtype: torch.dtype = torch.float32) -> RunResult:
+              dtype: torch.dtype = torch.float32, report_to: tuple[str, ...] = ()) -> RunResult:
     """The library call under every command: plan the run of `cfg` on already loaded `data` and
     train it (`run`; `robust`: then score its robustness), holding its folder's writer lock
     throughout; no UI. A grid calls it once per cell with the same `data`, so the cache is loaded once."""
     with planned(cfg, data) as plan:
-        result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads, dtype=dtype)
+        result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads, dtype=dtype,
+                     report_to=report_to)
         if robust:
             score_default_robustness(result.out, cfg, data)
         return result
@@ -149,18 +151,18 @@ def train_run(cfg: TrainConfig, data: cache.Data, on_epoch=lambda log: None, on_
 
 def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lambda result: None,
         t0: float | None = None, jobs: int = 1, threads: int | None = None,
-        dtype: torch.dtype = torch.float32) -> RunResult:
+        dtype: torch.dtype = torch.float32, report_to: tuple[str, ...] = ()) -> RunResult:
     """Train every seed of a plan into its folder, finished seeds kept and the unfinished ones
     resumed after their last finished epoch. Ctrl-C raises `Interrupted` saying what was kept.
     `jobs` > 1 trains the seeds in that many worker processes (`threads` each), with the same
     numbers: a seed's training depends on its seed alone (each worker loads the cache within
-    `data.budget`, else streams it, as `data` was loaded)."""
+    `data.budget`, else streams it, as `data` was loaded). `report_to`: trackers (train/tracking.py)."""
     t0 = t0 or time.time()
-    cfg, folder, done = plan.cfg, plan.folder, dict(plan.done)
+    cfg, folder, done, track = plan.cfg, plan.folder, dict(plan.done), tracking.Trackers(plan.folder.path, report_to)
     if not plan.todo and folder.is_finished():
         # finished earlier (a resumed grid, `train --robustness` on a done run): its record of the
         # code, the machine and the wall time that made it stays as it is
-        return RunResult(folder.path, folder.metrics())
+        return RunResult(folder.path, track.finish(folder.metrics()))
     folder.write_config(cfg, data)
     resumed = [entry for state in plan.partial.values() for entry in saved_logs(state)]
     logs = folder.logs(done, resumed, cfg.protocol_check)
@@ -171,11 +173,13 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
     def each(entry: EpochLog) -> None:
         for log in logs:
             log.add(entry)
+        track.on_epoch(entry)  # before the caller's hook, which may stop the run (a pruned trial)
         on_epoch(entry)
 
     def finish(r: SeedResult) -> None:
         folder.save_seed(r)
         folder.drop_state(r.seed)
+        track.on_seed_end(r)
         on_seed_end(r)
         done[r.seed] = r
 
@@ -203,7 +207,7 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
     ))
     metrics["wall_seconds"] = time.time() - t0
     folder.write_metrics(metrics)
-    return RunResult(folder.path, metrics)
+    return RunResult(folder.path, track.finish(metrics))
 
 
 # --- seeds in worker processes (`train --jobs N`) ---------------------------------------------
