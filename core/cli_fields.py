@@ -332,7 +332,7 @@ def flag_values(owner: str, configs: Mapping[str, type], given: Mapping[str, obj
     return values
 
 
-def _parse(value: str, kind: object):
+def parse_value(value: str, kind: object):
     """`value` as the field's type: bool, int, float, str, or an optional of one ('none')."""
     if _base(kind) is not kind:  # X | None
         if value.lower() in ("none", "null", ""):
@@ -364,7 +364,7 @@ def parse_sets(config: type, sets: Iterable[str], option: str = "--set", owner: 
         if not eq or key not in keys:
             raise UserError(f"{option} {item!r}: {owner} has no field {key!r}; valid keys: {', '.join(keys)}")
         try:
-            out[key] = _parse(value.strip(), hints[key])
+            out[key] = parse_value(value.strip(), hints[key])
         except ValueError:
             kind = getattr(hints[key], "__name__", str(hints[key]))
             several = "; one value (`sweep --vary key=v1,v2` tries several)" if "," in value else ""

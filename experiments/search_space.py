@@ -20,9 +20,8 @@ import typing
 from dataclasses import dataclass, fields, replace
 
 import heads
-from core.cli_fields import out_of_range
+from core.cli_fields import out_of_range, parse_value
 from core.errors import UserError
-from heads.registry import _parse
 from train.config import TrainConfig
 
 # the trainer's fields worth tuning, and their default ranges
@@ -108,7 +107,7 @@ def parse(item: str, base: TrainConfig) -> Dim:
 def _value(text: str, hint, name: str):
     """One value of field `name` (type `hint`) as the command line writes it."""
     try:
-        return _parse(text.strip(), hint, name)
+        return parse_value(text.strip(), hint)
     except ValueError:
         kind = getattr(_base(hint), "__name__", hint)
         raise ValueError(f"{name} takes {kind} values, not {text.strip()!r}") from None
