@@ -100,6 +100,7 @@ def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = Jo
     """Train a head from the cache: dev-selected, scored label-blind, mean/std over seeds.
 
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
+    from experiments.evidence import evidence_twins
     from train.config import TrainConfig
     from train.run_folder import RunFolder
     from train.runs import train as run_train
@@ -108,6 +109,8 @@ def train(ctx: typer.Context, set_: list[str] = SetOpt, jobs: Optional[int] = Jo
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
     run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory)
+    for line in evidence_twins(run):  # the same configuration as a committed evidence run
+        console.print(line, highlight=False, soft_wrap=True)
     _show(RunFolder(run).metrics(), f"{run}")
 
 
@@ -222,29 +225,31 @@ def evaluate(
 def replay(
     runs: list[str] = typer.Argument(..., help="run folders, folders of them, or glob patterns"),
     seed: Optional[int] = typer.Option(None, help="the seed to retrain [default: the run's first finished seed]"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="a quicker partial check of the first K epochs (vouches for nothing)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="a quicker partial check of the first K epochs"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="[default: the one the run used]"),
 ):
-    """Retrain one seed of each run with the current code and compare every number it recorded
-    (log.csv, protocol.csv, the seed's scores); a complete match is written to replay.json and
-    vouches for the current code."""
+    """An audit: retrain one seed of each run with the current code and compare every number it
+    recorded (log.csv, protocol.csv, the seed's scores): identical, or the first that differs.
+    Writes nothing; what `results` and resume accept is the numerics version."""
     from experiments.results import find_runs
     from train.replay import replay as run_replay
 
     folders = find_runs(runs)
+    differ = []
     for k, folder in enumerate(folders, 1):
         with console.status(f"replay {k}/{len(folders)}: {folder}") as status:
             r = run_replay(folder, seed, epochs, cache_dir,
                            on_epoch=lambda log: status.update(f"replay {k}/{len(folders)}: {folder}, seed {log.seed}, "
                                                              f"epoch {log.epoch} identical"))
-        what = "complete: vouches for the current code" if r.complete else "partial: vouches for nothing"
-        against = "" if r.reference is None else (
-            f" with the run's own code (commit {str(r.reference['commit'])[:10]}) on this machine; its recorded numbers "
-            f"were made on another machine ({r.reference['recorded_differs']})")
-        if r.stored is not None:
-            against = f" with this machine's numbers stored in replay.json by the replay of {r.stored['date']}"
-        console.print(f"{folder}: seed {r.seed}, {r.epochs} epoch(s) identical{against}, largest difference "
-                      f"{r.largest_difference:g} ({what}; replay.json)", highlight=False, soft_wrap=True)
+        span = f"seed {r.seed}, {r.epochs} epoch(s){'' if r.complete else ' (partial)'}"
+        console.print(f"{folder}: {span}: " + ("identical" if r.identical else f"differs in {r.difference}"),
+                      highlight=False, soft_wrap=True)
+        if r.machine:
+            console.print(f"  note: {r.machine}", highlight=False, soft_wrap=True)
+        if not r.identical:
+            differ.append(str(folder))
+    if differ:
+        raise UserError(f"{len(differ)} of {len(folders)} run(s) replayed differently: {', '.join(differ)}")
 
 
 @app.command(cls=cli_fields.fields_command(_config("extract.audit", "AuditConfig")))
@@ -317,11 +322,17 @@ def predict_cmd(
 
 @app.command("results")
 def results_cmd(
-    runs: list[str] = typer.Argument(None, help="run folders, folders of them, or glob patterns"),
+    runs: list[str] = typer.Argument(None, help="run folders, folders of them, or glob patterns (with --markdown: "
+                                     "more markdown files)"),
     against: Optional[str] = typer.Option(None, help="reference row (run folder name or head): Δ accuracy and p-value"),
     out: Optional[Path] = typer.Option(None, help="write results.md, results.csv and results.png here"),
-    allow_mixed: bool = typer.Option(False, "--allow-mixed", help="compare runs of other caches, splits, protocols or code (a column says which)"),
-    readme: Optional[Path] = typer.Option(None, help="regenerate the results tables between the markers of this README"),
+    allow_mixed: bool = typer.Option(False, "--allow-mixed", help="compare runs of other caches, splits or protocols (a column says which); never of other numerics versions"),
+    markdown: Optional[list[Path]] = typer.Option(None, "--markdown", "--readme", help="regenerate the results tables "
+                                                  "between the markers of this markdown file (repeatable; e.g. README.md "
+                                                  "docs/results.md)"),
+    check: bool = typer.Option(False, "--check", help="with --markdown: change nothing, exit 1 naming the tables that differ"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="only these columns, in this order, by key, e.g. "
+                                          "run,accuracy,macro_f1,delta,beyond_noise (docs/results.md lists the keys)"),
     baseline: Optional[list[str]] = typer.Option(None, help="runs to set each row against, by run name (the same heads "
                                                  "on other encoders): the gain, and the gain minus --against's gain"),
     paper: Optional[str] = typer.Option(None, help="a head whose ablation rows these runs are (e.g. results/mvsa_s-ablate-spp_scl): "
@@ -330,16 +341,26 @@ def results_cmd(
     """One table from finished runs: mean ± std over seeds, selected epochs, paired or Welch t-test, Holm-corrected."""
     from experiments import results
 
-    if readme is not None:
-        stale = results.refresh_readme(readme)
-        console.print(f"{readme}: {len(stale)} table(s) regenerated" + (f" ({'; '.join(stale)})" if stale else ""))
+    if markdown:
+        stale_pages = []
+        for page in [*markdown, *map(Path, runs or [])]:
+            stale = results.refresh_markdown(page, check=check)
+            verb = "differ" if check else "regenerated"
+            console.print(f"{page}: {len(stale)} table(s) {verb}" + (f" ({'; '.join(stale)})" if stale else ""))
+            stale_pages += [str(page)] * bool(stale)
+        if check and stale_pages:
+            raise UserError(f"{', '.join(stale_pages)}: tables differ from results/; "
+                            f"`python pipeline.py results --markdown {' '.join(stale_pages)}` regenerates them")
         return
+    if check:
+        raise UserError("--check goes with --markdown FILE: it checks the tables of a markdown file")
     if not runs:
         raise UserError("give run folders (or a folder of them), e.g. `pipeline.py results results/mvsa_s-heads --against probe`")
+    cols = results.parse_columns(columns)
     table = results.build(runs, against, allow_mixed, baseline, paper)
-    console.print(results.screen_table(table, console.width), highlight=False)
+    console.print(results.screen_table(table, console.width, cols), highlight=False)
     if out is not None:
-        console.print("written: " + ", ".join(str(p) for p in results.write(table, out)))
+        console.print("written: " + ", ".join(str(p) for p in results.write(table, out, cols)))
 
 
 @app.command("verify")

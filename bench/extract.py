@@ -225,43 +225,17 @@ def measure(label: str, text_encoder: str, image_encoder: str, items: int, rando
         # set-up, so the bare forward runs once before it is timed.
         bare_text(tenc, texts, batch_size, cfg.shard_size)
         bare_image(ienc, image_batches[:1])
-        # Extraction and bare forward in turns, `repeats` times each: the forward alone varies by
-        # several % from one pass to the next on this machine, as much as what is measured; the
-        # ratios below are of the medians. The first extraction is the cold one a user runs (its
-        # encoders are new to the process); the others reuse nothing but the process.
-        cpu = {"end_to_end": [], "bare_forward": []}
-        e2e, bare = [], []
-        for r in range(repeats):
-            shutil.rmtree(tmp / "cache", ignore_errors=True)
-            with usage({}) as u:
-                summary = run(replace(cfg, cache_dir=tmp / "cache"), quiet())
-            cpu["end_to_end"].append(u)
-            e2e.append((summary.work_seconds["text"], summary.work_seconds["image"]))
-            with usage({}) as u:
-                bare.append((bare_text(tenc, texts, batch_size, cfg.shard_size), bare_image(ienc, image_batches)))
-            cpu["bare_forward"].append(u)
+        summary, cpu, e2e, bare = in_turns(cfg, tmp, tenc, ienc, texts, image_batches, repeats)
         text_folder = Path(summary.folders["text"])
         image_folder = Path(summary.folders["image"])
         (e2e_text, e2e_image), (t_bare, i_bare) = np.median(e2e, axis=0), np.median(bare, axis=0)
         costs = image_costs(ienc, paths)
         costs["text_shard_write"] = shard_write_seconds(text_folder, cfg.shard_size)
-        flops_text = count_flops(lambda: bare_text(tenc, texts, batch_size, cfg.shard_size))
-        flops_image = count_flops(lambda: bare_image(ienc, image_batches))
+        flops = flop_counts(lambda: bare_text(tenc, texts, batch_size, cfg.shard_size),
+                            lambda: bare_image(ienc, image_batches), t_bare + i_bare, e2e_text + e2e_image)
         del image_batches
-        rate = matmul_rate()
         t_padded = padded_text(tenc, texts, batch_size, padded_batches)
-
-        t0 = time.perf_counter()
-        text = store.load_text(text_folder)
-        t_load_text = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        image = store.load_image(image_folder)
-        t_load_image = time.perf_counter() - t0
-        tr = text["train"]
-        map_shape = tuple(image["train"].maps.shape[1:])
-        text_b, image_b = folder_bytes(text_folder), folder_bytes(image_folder)
-        padded = padded_bytes(n, tr.cls.shape[1], tr.cls.shape[2], map_shape)
-        maps = image["train"].maps
+        tr, maps, cache = cache_costs(text_folder, image_folder, n)
         return {
             "label": label, "text_encoder": text_encoder, "image_encoder": image_encoder,
             "random_weights": random_weights, "items": n, "batch_size": batch_size,
@@ -277,7 +251,7 @@ def measure(label: str, text_encoder: str, image_encoder: str, items: int, rando
             "image": {
                 "end_to_end_per_s": n / e2e_image, "bare_forward_per_s": n / i_bare,
                 "ratio_end_to_end_vs_bare": i_bare / e2e_image,
-                "map_shape": list(map_shape), "zero_share": float((maps == 0).float().mean()),
+                "map_shape": list(maps.shape[1:]), "zero_share": float((maps == 0).float().mean()),
             },
             "combined": {
                 "end_to_end_per_s": n / (e2e_text + e2e_image), "bare_forward_per_s": n / (t_bare + i_bare),
@@ -286,22 +260,61 @@ def measure(label: str, text_encoder: str, image_encoder: str, items: int, rando
             "besides_the_forward": costs,
             # per repeat; end_to_end includes encoder loading and writing, bare_forward the forward alone
             "cpu": cpu, "cpu_median": {k: {f: float(np.median([u[f] for u in v])) for f in v[0]} for k, v in cpu.items()},
-            "flops": {
-                "text": flops_text, "image": flops_image, "matmul_flop_per_s": rate,
-                "floor_seconds": (flops_text + flops_image) / rate,
-                "bare_forward_vs_floor": (t_bare + i_bare) / ((flops_text + flops_image) / rate),
-                "end_to_end_vs_floor": (e2e_text + e2e_image) / ((flops_text + flops_image) / rate),
-            },
-            "cache": {
-                "text_bytes": text_b, "image_bytes": image_b, "total_bytes": text_b + image_b,
-                "padded_float32_bytes": padded, "ratio_vs_padded": (text_b + image_b) / padded,
-                "per_item_bytes": (text_b + image_b) / n, "padded_per_item_bytes": padded / n,
-                "load_seconds_text": t_load_text, "load_seconds_image": t_load_image,
-                "map_compression": store.MAP_COMPRESSION,
-            },
+            "flops": flops,
+            "cache": cache,
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def in_turns(cfg, tmp: Path, tenc, ienc, texts: list[str], image_batches, repeats: int):
+    """(the last extraction's summary, CPU use, end-to-end and bare-forward seconds of each repeat).
+
+    Extraction and bare forward in turns, `repeats` times each: the forward alone varies by
+    several % from one pass to the next on this machine, as much as what is measured; the
+    ratios are of the medians. The first extraction is the cold one a user runs (its
+    encoders are new to the process); the others reuse nothing but the process."""
+    cpu = {"end_to_end": [], "bare_forward": []}
+    e2e, bare = [], []
+    for r in range(repeats):
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
+        with usage({}) as u:
+            summary = run(replace(cfg, cache_dir=tmp / "cache"), quiet())
+        cpu["end_to_end"].append(u)
+        e2e.append((summary.work_seconds["text"], summary.work_seconds["image"]))
+        with usage({}) as u:
+            bare.append((bare_text(tenc, texts, cfg.batch_size, cfg.shard_size), bare_image(ienc, image_batches)))
+        cpu["bare_forward"].append(u)
+    return summary, cpu, e2e, bare
+
+
+def flop_counts(text_forward, image_forward, bare_seconds: float, end_to_end_seconds: float) -> dict:
+    """The forwards' FLOPs against what this machine's matmuls do a second: the floor both times stand on."""
+    flops_text, flops_image = count_flops(text_forward), count_flops(image_forward)
+    rate = matmul_rate()
+    floor = (flops_text + flops_image) / rate
+    return {"text": flops_text, "image": flops_image, "matmul_flop_per_s": rate, "floor_seconds": floor,
+            "bare_forward_vs_floor": bare_seconds / floor, "end_to_end_vs_floor": end_to_end_seconds / floor}
+
+
+def cache_costs(text_folder: Path, image_folder: Path, n: int):
+    """(train text features, train maps, the cache's size and load times against a padded float32 cache)."""
+    t0 = time.perf_counter()
+    text = store.load_text(text_folder)
+    t_load_text = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    image = store.load_image(image_folder)
+    t_load_image = time.perf_counter() - t0
+    tr, maps = text["train"], image["train"].maps
+    text_b, image_b = folder_bytes(text_folder), folder_bytes(image_folder)
+    padded = padded_bytes(n, tr.cls.shape[1], tr.cls.shape[2], tuple(maps.shape[1:]))
+    return tr, maps, {
+        "text_bytes": text_b, "image_bytes": image_b, "total_bytes": text_b + image_b,
+        "padded_float32_bytes": padded, "ratio_vs_padded": (text_b + image_b) / padded,
+        "per_item_bytes": (text_b + image_b) / n, "padded_per_item_bytes": padded / n,
+        "load_seconds_text": t_load_text, "load_seconds_image": t_load_image,
+        "map_compression": store.MAP_FILTERS,
+    }
 
 
 def markdown(results: list[dict]) -> str:

@@ -114,6 +114,35 @@ def markdown(r: dict) -> str:
 
 @cli
 def main() -> None:
+    args = arguments()
+    out_file(args.out)
+    shapes = synth_cache.SHAPES[args.shapes]
+    per_item = synth_cache.item_bytes(shapes)
+    big_items = max(50, int(args.big_gib * 2 ** 30 / per_item))
+    if args.write_only and not args.work_dir:
+        raise SystemExit("--write-only needs --work-dir (where the caches are kept for the measuring run)")
+    keep = args.work_dir is not None
+    work = work_folder(args.work_dir, 1.1 * (big_items + args.fits_items) * per_item)
+    try:
+        print(f"writing the big cache: {big_items} items (~{big_items * per_item / 2**30:.2f} GiB)")
+        big_cache = synth_cache.write(work / "cache", "synth-big", big_items, shapes)
+        print(f"writing the cache that fits: {args.fits_items} items")
+        fits_cache = synth_cache.write(work / "cache", "synth-fits", args.fits_items, shapes, seed=1)
+        for c in (big_cache, fits_cache):  # no path of this machine in the results
+            c["cache_dir"] = "<work-dir>/cache"
+        if args.write_only:
+            return
+        result = measure(args, work, big_cache, fits_cache, big_items, per_item)
+        save(args.out, result, markdown(result))
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+def arguments() -> argparse.Namespace:
+    """The command line (its own function: `main` reads as the benchmark's steps)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--big-gib", type=float, default=8.0, help="size of the big cache's features in memory")
     ap.add_argument("--budget", default="3G", help="--memory of the streamed run on the big cache")
@@ -127,63 +156,50 @@ def main() -> None:
                          "--write-only while the cores are busy, measure later) [default: a temp folder, removed]")
     ap.add_argument("--write-only", action="store_true", help="write the caches into --work-dir and stop")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
-    args = ap.parse_args()
-    out_file(args.out)
+    return ap.parse_args()
 
-    shapes = synth_cache.SHAPES[args.shapes]
-    per_item = synth_cache.item_bytes(shapes)
-    big_items = max(50, int(args.big_gib * 2 ** 30 / per_item))
-    if args.write_only and not args.work_dir:
-        raise SystemExit("--write-only needs --work-dir (where the caches are kept for the measuring run)")
-    keep = args.work_dir is not None
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+
+def work_folder(work_dir: Path | None, need: float) -> Path:
+    """`--work-dir` (else a temp folder), without the runs of an earlier measurement (its caches are
+    reused), refused now if its disk has not `need` bytes free: before hours of cache writing."""
+    work = work_dir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "runs", ignore_errors=True)  # runs of an earlier measurement; caches are reused
-    need = 1.1 * (big_items + args.fits_items) * per_item
     if shutil.disk_usage(work).free < need:
         raise SystemExit(f"{work}: {need / 2**30:.1f} GiB of disk needed, {shutil.disk_usage(work).free / 2**30:.1f} free")
-    try:
-        print(f"writing the big cache: {big_items} items (~{big_items * per_item / 2**30:.2f} GiB)")
-        big_cache = synth_cache.write(work / "cache", "synth-big", big_items, shapes)
-        print(f"writing the cache that fits: {args.fits_items} items")
-        fits_cache = synth_cache.write(work / "cache", "synth-fits", args.fits_items, shapes, seed=1)
-        for c in (big_cache, fits_cache):  # no path of this machine in the results
-            c["cache_dir"] = "<work-dir>/cache"
-        if args.write_only:
-            return
-        print("training from the big cache, streamed")
-        big = train(work / "cache", "synth-big", work / "runs" / "big", args.budget, args.epochs, args.threads)
-        print("training from the cache that fits, in RAM and streamed")
-        ram = train(work / "cache", "synth-fits", work / "runs" / "ram", str(1 << 50), args.epochs, args.threads)
-        streamed = train(work / "cache", "synth-fits", work / "runs" / "streamed", "1", args.epochs, args.threads)
-        assert big["cost"]["cache_streamed"] and streamed["cost"]["cache_streamed"] and not ram["cost"]["cache_streamed"]
-        identical = ram["test"] == streamed["test"] and ram["log"] == streamed["log"]
-        print("reading")
-        reads = read_rate(work / "cache", "synth-big", args.read_batches)
-        spe = big["cost"]["seconds_per_epoch_median"]
-        result = {
-            "shapes": args.shapes, "epochs": args.epochs, "budget_bytes": memory.parse_size(args.budget),
-            "machine": {"python": platform.python_version(), "memory_gib": os.sysconf("SC_PAGE_SIZE")
-                        * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, "available_gib": memory.available() / 2 ** 30,
-                        "cores": len(os.sched_getaffinity(0))},
-            "big": {"cache": big_cache, "train": {k: v for k, v in big.items() if k != "log"}},
-            "fits": {"cache": fits_cache, "ram": {k: v for k, v in ram.items() if k != "log"},
-                     "streamed": {k: v for k, v in streamed.items() if k != "log"},
-                     "ratio": streamed["cost"]["seconds_per_epoch_median"] / ram["cost"]["seconds_per_epoch_median"],
-                     "identical": identical},
-            "reads": reads,
-            "tumemo": {"items": TUMEMO_ITEMS, "memory_bytes": TUMEMO_ITEMS * per_item,
-                       "seconds_per_epoch": spe * TUMEMO_ITEMS / big_items,
-                       "read_seconds": TUMEMO_ITEMS * 0.9 / reads["items_per_s"],  # train + dev, the 8:1:1 split
-                       "note": "linear in items: an epoch reads and trains on every train and dev item once; "
-                               "streamed, the slower of the head and the reader sets the pace"},
-        }
-        save(args.out, result, markdown(result))
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}")
+    return work
+
+
+def measure(args: argparse.Namespace, work: Path, big_cache: dict, fits_cache: dict, big_items: int,
+            per_item: int) -> dict:
+    """(a) to (d) of the module's docstring on the caches written in `work`: what scale.json holds."""
+    print("training from the big cache, streamed")
+    big = train(work / "cache", "synth-big", work / "runs" / "big", args.budget, args.epochs, args.threads)
+    print("training from the cache that fits, in RAM and streamed")
+    ram = train(work / "cache", "synth-fits", work / "runs" / "ram", str(1 << 50), args.epochs, args.threads)
+    streamed = train(work / "cache", "synth-fits", work / "runs" / "streamed", "1", args.epochs, args.threads)
+    assert big["cost"]["cache_streamed"] and streamed["cost"]["cache_streamed"] and not ram["cost"]["cache_streamed"]
+    identical = ram["test"] == streamed["test"] and ram["log"] == streamed["log"]
+    print("reading")
+    reads = read_rate(work / "cache", "synth-big", args.read_batches)
+    spe = big["cost"]["seconds_per_epoch_median"]
+    return {
+        "shapes": args.shapes, "epochs": args.epochs, "budget_bytes": memory.parse_size(args.budget),
+        "machine": {"python": platform.python_version(), "memory_gib": os.sysconf("SC_PAGE_SIZE")
+                    * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, "available_gib": memory.available() / 2 ** 30,
+                    "cores": len(os.sched_getaffinity(0))},
+        "big": {"cache": big_cache, "train": {k: v for k, v in big.items() if k != "log"}},
+        "fits": {"cache": fits_cache, "ram": {k: v for k, v in ram.items() if k != "log"},
+                 "streamed": {k: v for k, v in streamed.items() if k != "log"},
+                 "ratio": streamed["cost"]["seconds_per_epoch_median"] / ram["cost"]["seconds_per_epoch_median"],
+                 "identical": identical},
+        "reads": reads,
+        "tumemo": {"items": TUMEMO_ITEMS, "memory_bytes": TUMEMO_ITEMS * per_item,
+                   "seconds_per_epoch": spe * TUMEMO_ITEMS / big_items,
+                   "read_seconds": TUMEMO_ITEMS * 0.9 / reads["items_per_s"],  # train + dev, the 8:1:1 split
+                   "note": "linear in items: an epoch reads and trains on every train and dev item once; "
+                           "streamed, the slower of the head and the reader sets the pace"},
+    }
 
 
 def _without_seconds(rows: list[dict]) -> list[dict]:

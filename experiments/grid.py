@@ -37,8 +37,7 @@ from train import robustness, run_folder, runs
 from train.config import METRICS, TrainConfig
 from train.metrics import shown
 from train.run_folder import RunFolder
-from core.terminal import Screen
-from train.progress import Board, EpochClock, ItemRow, plain
+from train.progress import EpochClock, Progress
 
 
 @dataclass
@@ -127,60 +126,24 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     mine = [c for k, c in enumerate(cells) if k % n == i]
     seen = set()
     unique = [c for c in mine if not (c.cfg.out in seen or seen.add(c.cfg.out))]  # a row twice (HA last 4 = full)
-    # a cell, finished or not, is only ever reused by the code and settings that trained it: a table
-    # never mixes code versions silently (found now, not after the other cells have trained for an hour)
-    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in unique if (d := c.folder.mismatch(c.cfg))]
-    if stale:
-        raise UserError("cells were trained or started by other code or settings and cannot be reused: "
-                        + ", ".join(stale) + ". Delete those folders to retrain them, or check out the "
-                        "commit that trained them")
+    _check_reusable(unique)
     todo = [c for c in unique if not c.folder.is_finished()]
     same = len(mine) - len(unique)
     console.print(f"grid: {len(cells)} cells, {len(mine)} for this process"
                   + (f" (shard {i}/{n})" if n > 1 else "") + (f", {same} the same run as another row" if same else "")
                   + f", {len(unique) - len(todo)} done earlier, {len(todo)} to train with {jobs} job(s)")
-    counts = {id(c): c.folder.epochs_done(c.cfg) for c in todo}
-    clock = EpochClock({id(c): len(c.cfg.seeds) * c.cfg.epochs for c in todo}, min(jobs, len(todo)) if jobs > 1 else 1,
-                       {k: d for k, (d, _) in counts.items()})
-    for k, (_, skipped) in counts.items():
-        clock.update(k, clock.done[k], skipped)
-    rows = {id(c): ItemRow(c.name, len(c.cfg.seeds) * c.cfg.epochs, clock.done[id(c)], "waiting") for c in todo}
-    board = Board("grid", clock, rows)
-    finished: list[str] = []
-
-    def show():
-        with screen.lock:
-            for c in todo:
-                row = rows[id(c)]
-                row.planned, row.done = clock.planned[id(c)] - clock.skipped[id(c)], clock.done[id(c)]
-                if row.status == "waiting" and id(c) in clock.last:
-                    row.status = "training"
-                if speed := clock.speed(id(c)):
-                    row.fields = [f"{speed:.1f} s/epoch"]
-        screen.refresh()
+    progress = _progress(todo, jobs)
+    finished: list[Cell] = []
 
     def cell_done(c: Cell):
-        with screen.lock:
-            _poll(todo, clock)
-            clock.finish(id(c))
-            rows[id(c)].status = "done"
-            finished.append(c.name)
-            board.note = f"last done: {c.name}"
-            screen.log(plain(f"cell {c.name} done ({len(finished)}/{len(todo)} cells)", "| grid", clock.figures()))
-        show()
+        with progress.screen.lock:
+            _poll(todo, progress.clock)
+            finished.append(c)
+            progress.finish(id(c), "done", f"({len(finished)}/{len(todo)} cells)", note=True)
+        progress.polled()
 
-    with Screen(console, board.render) as screen, _following(todo, clock, show):
-        if jobs <= 1:
-            for c in todo:  # the cache is loaded once per modality set for the whole grid
-                clock.begin(id(c))
-                _train_cell(c.cfg, robust, budget)
-                cell_done(c)
-        else:
-            with core_threads.worker_pool(jobs, threads) as pool:
-                futures = {pool.submit(_train_cell, c.cfg, robust, budget): c for c in todo}
-                for f in as_completed(futures):
-                    f.result()
-                    cell_done(futures[f])
+    with progress.shown(console), _following(todo, progress):
+        _train_cells(todo, jobs, threads, robust, budget, progress, cell_done)
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
             if c not in todo and c.folder.is_finished():  # scored only: its run files stay as they are
@@ -189,23 +152,70 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
     return mine
 
 
+def _check_reusable(cells: list[Cell]) -> None:
+    """A cell, finished or not, is only ever reused by the settings and numerics version that trained it:
+    a table never mixes arithmetic silently (found now, not after the other cells have trained for an hour)."""
+    stale = [f"{c.cfg.out} ({'; '.join(d)})" for c in cells if (d := c.folder.mismatch(c.cfg))]
+    if stale:
+        raise UserError("cells were trained or started by another numerics version or other settings and cannot "
+                        "be reused: " + ", ".join(stale) + ". Delete those folders to retrain them")
+
+
+def _progress(todo: list[Cell], jobs: int) -> Progress:
+    """What the grid shows (train/progress.py builds it, as for `train`): a row per cell to train, its
+    epochs, and the epochs skipped by --patience, counted from its run folder (a resumed cell)."""
+    counts = {id(c): _epochs(c) for c in todo}
+    progress = Progress("grid", {id(c): c.name for c in todo}, {id(c): len(c.cfg.seeds) * c.cfg.epochs for c in todo},
+                        min(jobs, len(todo)) if jobs > 1 else 1, {k: d for k, (d, _, _) in counts.items()}, noun="cell ")
+    for k, (done, skipped, ended) in counts.items():
+        progress.clock.update(k, done, skipped, ended=ended)
+    return progress
+
+
+def _train_cells(todo: list[Cell], jobs: int, threads: int | None, robust: bool, budget: int | None,
+                 progress: Progress, cell_done) -> None:
+    """Train the cells here one after another (`jobs` 1: the cache loaded once per modality set for the
+    whole grid) or in `jobs` worker processes, calling `cell_done(cell)` as each finishes."""
+    if jobs <= 1:
+        for c in todo:
+            progress.clock.begin(id(c))  # its first epoch is timed from here
+            _train_cell(c.cfg, robust, budget)
+            cell_done(c)
+        return
+    with core_threads.worker_pool(jobs, threads) as pool:
+        futures = {pool.submit(_train_cell, c.cfg, robust, budget): c for c in todo}
+        for f in as_completed(futures):
+            f.result()
+            cell_done(futures[f])
+
+
 def _poll(cells: list[Cell], clock: EpochClock) -> None:
-    """Epochs trained and skipped (--patience) of each cell, from its run folder."""
+    """Bring the clock up to date with each unfinished cell's run folder (`_epochs`)."""
     for c in cells:
         if id(c) not in clock.finished:
-            clock.update(id(c), *c.folder.epochs_done(c.cfg))
+            trained, skipped, ended = _epochs(c)
+            clock.update(id(c), trained, skipped, ended=ended)
+
+
+def _epochs(c: Cell) -> tuple[int, int, tuple[int, int]]:
+    """Epochs trained and skipped (--patience) of a cell, from its run folder, and (epochs trained,
+    epochs planned) of its seeds that are over: what the "expected" time left learns from (a seed
+    over skipped what the cell skipped; the clamp: a seed may finish between the two reads)."""
+    trained, skipped = c.folder.epochs_done(c.cfg)
+    over = sum(c.folder.finished(seed) for seed in c.cfg.seeds) * c.cfg.epochs
+    return trained, skipped, (min(over, max(0, over - skipped)), over)
 
 
 @contextmanager
-def _following(cells: list[Cell], clock: EpochClock, show, every: float = 1.0):
+def _following(cells: list[Cell], progress: Progress, every: float = 1.0):
     """Count the cells' epochs from their run folders every second, in a thread: the same
     for cells trained here and in worker processes, which report nothing back."""
     stop = threading.Event()
 
     def poll():
         while not stop.wait(every):
-            _poll(cells, clock)
-            show()
+            _poll(cells, progress.clock)
+            progress.polled()
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
@@ -214,8 +224,8 @@ def _following(cells: list[Cell], clock: EpochClock, show, every: float = 1.0):
     finally:
         stop.set()
         thread.join()
-        _poll(cells, clock)
-        show()
+        _poll(cells, progress.clock)
+        progress.polled()
 
 
 _DATA: dict = {}

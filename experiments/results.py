@@ -21,14 +21,14 @@ minus the reference's gain, tested over seeds (a paired test of per-seed differe
 does a head gain more from better features than the probe does?
 
 Rows trained on different caches, splits or scoring protocols are refused with the difference
-named: such numbers do not compare. A row is the current code's when it was trained by it or a
-replay with it is recorded (`pipeline.py replay`, train/replay.py); any other row is refused with
-the replay command that would settle it. `--allow-mixed` compares them anyway and adds a column
-that shows what differs.
+named: such numbers do not compare; `--allow-mixed` compares them anyway and adds a column that
+shows what differs. A row of another numerics version than the current code's (train/numerics.py)
+is refused with or without it, naming what remakes it: its numbers are not this code's.
 
-The README's result tables are this module's output between markers
-(`<!-- results: ARGS -->` ... `<!-- results:end -->`); `refresh_readme` regenerates them
-and a test fails when the README and `results/` disagree.
+The result tables of the README and docs/*.md are this module's output between markers
+(`<!-- results: ARGS -->` ... `<!-- results:end -->`, ARGS naming repository-relative run folders and
+`--columns` choosing the columns); `refresh_markdown` regenerates them, each under a one-line caption
+that links to the one legend (docs/results.md), and a test fails when a page and `results/` disagree.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ COMPARABLE = {
     "split": lambda c: json.dumps([str(c["train"].get("splits")), c.get("sizes")], sort_keys=True),
     "protocol": lambda c: json.dumps({k: c["train"].get(k) for k in
                                       ("eval_orders", "eval_seed", "eval_batch_size", "select")}, sort_keys=True),
-    "code": lambda c: c.get("code_identity") or c.get("code_fingerprint", "unrecorded"),
+    "numerics version": lambda c: str(c.get("numerics_version")),  # never mixed, --allow-mixed or not
 }
 # config fields that never set a row apart in the table (paths, the seeds have their own column)
 NOT_SETTINGS = {"out", "cache_dir", "seeds", "splits"}
@@ -101,18 +101,19 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_row(folder: Path) -> Row:
-    """A finished run as a row, read only when its files agree (metrics.json with each seed-<s>.json,
-    each seed file with log.csv: `RunFolder.check_evidence`): a table never shows a hand-edited number."""
-    from train import fingerprint
+    """A finished run of the current numerics version as a row, read only when its files agree
+    (metrics.json with each seed-<s>.json, each seed file with log.csv: `evidence.check_evidence`):
+    a table never shows a hand-edited number, nor one of other arithmetic."""
+    from experiments.evidence import check_evidence
+    from train import numerics
     from train.run_folder import RunFolder
 
     run = RunFolder(folder)
-    config = dict(run.config())
-    # the code identity is what the run computes: the current code's once a replay says so
-    config["code_identity"] = ("current code" if run.vouched() else
-                               f"{config.get('code_fingerprint', 'unrecorded')} (not replayed with {fingerprint.code_fingerprint()})")
+    config = run.config()
+    if line := numerics.refusal(folder, config):
+        raise UserError(line)
     metrics = run.metrics()
-    run.check_evidence(metrics)
+    check_evidence(run, metrics)
     return Row(folder.name, folder, config, metrics, robustness=run.robustness().get("summary", {}))
 
 
@@ -178,7 +179,8 @@ def _differ(kind: str, a: dict, b: dict) -> bool:
 
 
 def differences(rows: list[Row]) -> dict[str, list[str]]:
-    """What kind of difference (cache, split, protocol, code) separates rows: kind -> row names per variant."""
+    """What kind of difference (cache, split, protocol, numerics version) separates rows: kind -> row names
+    per variant."""
     out = {}
     for kind in COMPARABLE:
         for part in dict.fromkeys(k for r in rows for k in _parts(kind, r.config)):
@@ -236,7 +238,8 @@ def paper_numbers(head: str, dataset: str, row: str) -> tuple[float, float] | No
 def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool = False) -> None:
     """Set each row against the same-named row of the baseline runs: the gain, and the gain minus the
     reference row's gain (paired over seeds; Holm-corrected across rows). The two sets may differ in
-    cache (that is the point); split, protocol and code must agree unless `allow_mixed`."""
+    cache (that is the point); split and protocol must agree unless `allow_mixed` (the numerics version
+    always: `load_row`)."""
     base = {r.name: r for r in (load_row(f) for f in find_runs(baseline_paths))}
     table.baseline = {r.name: base[r.name] for r in table.rows if r.name in base}
     if not table.baseline:
@@ -245,7 +248,7 @@ def add_gains(table: Table, baseline_paths: list[str | Path], allow_mixed: bool 
         raise UserError(f"--baseline holds no run named {table.reference.name!r}, the reference row")
     by_name = {r.name: r for r in table.rows}
     for name, b in table.baseline.items():
-        for kind in ("split", "protocol", "code"):
+        for kind in ("split", "protocol"):
             if COMPARABLE[kind](by_name[name].config) != COMPARABLE[kind](b.config) and not allow_mixed:
                 raise UserError(f"{by_name[name].folder} and its baseline {b.folder}: {kind} differs. Re-run them "
                                 "alike, or pass --allow-mixed")
@@ -287,15 +290,11 @@ def compare(rows: list[Row], against: str | None = None, allow_mixed: bool = Fal
             baseline: list[str | Path] | None = None, paper: str | None = None) -> Table:
     """The table of `rows` (named as they should appear): refused unless they compare, each row against
     `against` and `baseline`, and with `paper` (a head) the paper's numbers of each row beside it."""
-    stale = [r for r in rows if r.config["code_identity"] != "current code"]
-    if stale and not allow_mixed:
-        parents = {r.folder.parent for r in stale}
-        target = parents.pop() if len(stale) > 1 and len(parents) == 1 else " ".join(str(r.folder) for r in stale)
-        raise UserError(f"{len(stale)} run(s) were trained by other code ({stale[0].folder}: "
-                        f"{stale[0].config['code_identity']}): if the current code still computes their numbers, "
-                        f"`python pipeline.py replay {target}` says so; or pass --allow-mixed")
     settings_apart(rows)
     mixed = differences(rows)
+    if "numerics version" in mixed:  # rows read by `load_row` never get here: it refuses them one by one
+        raise UserError(f"these runs are of other numerics versions ({') and ('.join(mixed['numerics version'])}): "
+                        "numbers of other arithmetic never share a table, --allow-mixed or not; remake the old ones")
     if mixed and not allow_mixed:
         what = "; ".join(f"{kind} differs between ({') and ('.join(v)})" for kind, v in mixed.items())
         raise UserError(f"these runs do not compare: {what}. Re-run them alike, or pass --allow-mixed to show "
@@ -353,23 +352,47 @@ def _cost(r: Row) -> list[str]:
             "" if params is None else f"{params:,}", c.get("device", "")]
 
 
-def markdown(table: Table) -> str:
-    head, _, rows, notes = _layout(table)
+def markdown(table: Table, columns: list[str] | None = None, legend: str | None = None) -> str:
+    """The table in markdown, then its notes: every note (results.md of `--out`, ablate's table.md), or,
+    with `legend` (a link to the page that explains every column), one line that links there."""
+    head, _, rows, notes = _layout(table, columns)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + (" ".join(notes) if legend is None else caption(table, legend)) + "\n"
 
 
-def screen_table(table: Table, width: int):
+def caption(table: Table, legend: str) -> str:
+    """One line under a table in a markdown page: what varies from table to table (how many tests each
+    correction covers, warnings); what every column means is on the `legend` page, said once."""
+    def n(count: int, what: str) -> str:
+        return f"{count} {what}{'s' * (count != 1)}"
+
+    bits = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds"]
+    if table.reference is not None:
+        bits.append(f"Holm over {n(len(table.comparisons), 'comparison')} with {table.reference.name}")
+    if table.baseline:
+        some = next(iter(table.baseline.values()))
+        bits.append(f"gains over {some.folder.parent.name}/, Holm over {n(len(table.gains), 'row')}")
+        if table.reference is not None:
+            k = sum("p_minus_ref_holm" in g for g in table.gains.values())
+            bits.append(f"gain minus {table.reference.name}'s, Holm over {n(k, 'row')}")
+    if table.paper:
+        bits.append(f"paper numbers from {table.paper}'s PAPER table")
+    if table.reference is not None and any(len(r.seeds) <= 2 for r in table.rows):
+        bits.append("warning: a row of 1 or 2 seeds has no or a weak test")
+    return "; ".join(bits) + f". Columns: [legend]({legend})."
+
+
+def screen_table(table: Table, width: int, columns: list[str] | None = None):
     """The table for the terminal (a rich Table at most `width` columns wide): the same cells as the
     markdown, with the least needed columns left out when they do not fit (the caption names them;
-    `--out` and --readme write every column)."""
+    `--out` and --markdown write every column, or those of `columns`)."""
     import io
 
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    head, rank, rows, notes = _layout(table)
+    head, rank, rows, notes = _layout(table, columns)
 
     def cell(k: int) -> int:  # the widest cell (settings wrap beyond 24 columns); headers wrap
         widest = max((len(r[k]) for r in rows), default=0)
@@ -400,62 +423,123 @@ def screen_table(table: Table, width: int):
     return make(shown)
 
 
-def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[str]]:
-    """(headers, each column's rank: 0 is kept longest on a narrow terminal, rows of cells, notes)."""
-    mixed_col = bool(table.mixed)
-    protocol = any("protocol_check" in r.metrics for r in table.rows)
-    cost = any(r.metrics.get("cost") for r in table.rows)
-    head = ["run", "head", "settings", "seeds", "accuracy", "weighted F1", "macro F1",
-            *(["paper acc / F1"] if table.paper else []), "selected epochs", "dev acc"]
-    if protocol:
-        head += ["file-order test acc, best / last epoch", "best minus label-blind"]
+# --columns: a key per column (the headers name the reference row, so they make poor keys)
+COLUMN_KEYS = {
+    "run": "the run folder's name", "head": "the head", "settings": "what sets the row apart",
+    "seeds": "seeds trained", "accuracy": "test accuracy", "weighted_f1": "test weighted F1",
+    "macro_f1": "test macro F1", "paper": "the paper's accuracy / F1 (--paper)",
+    "epochs": "the dev-selected epoch of each seed", "dev_accuracy": "dev accuracy at the selected epoch",
+    "file_order": "file-order test accuracy, best / last epoch (--protocol-check)",
+    "inflation": "best file-order epoch minus the label-blind accuracy (--protocol-check)",
+    "delta": "accuracy minus the reference's (--against)", "p": "its Holm-corrected p", "test": "paired or welch",
+    "beyond_noise": "yes when that p < 0.05", "baseline": "the same-named row's accuracy (--baseline)",
+    "gain": "accuracy minus the baseline's, with its Holm-corrected p",
+    "gain_minus": "the gain minus the reference's gain", "gain_minus_p": "its Holm-corrected p",
+    "gain_minus_beyond_noise": "yes when that p < 0.05",
+    "acc_<condition>": "test accuracy without a modality or with noise (robustness.json), e.g. acc_drop_image",
+    "seconds_per_epoch": "median s/epoch", "peak_rss": "peak resident memory",
+    "parameters": "trainable parameters", "device": "cpu or cuda", "differs": "what differs (--allow-mixed)",
+}
+
+
+def parse_columns(text: str | None) -> list[str] | None:
+    """`--columns run,accuracy,delta` as a list of keys (None: every column); a key given twice is refused."""
+    if text is None:
+        return None
+    keys = [k.strip() for k in text.split(",")]
+    if not all(keys):
+        raise UserError(f"--columns {text!r}: an empty name; give keys separated by commas, e.g. run,accuracy,delta")
+    if len(set(keys)) < len(keys):
+        raise UserError(f"--columns {text!r}: {sorted(k for k in keys if keys.count(k) > 1)[0]} is given twice")
+    return keys
+
+
+def _layout(table: Table, columns: list[str] | None = None) -> tuple[list[str], list[int], list[list[str]], list[str]]:
+    """(headers, each column's rank: 0 is kept longest on a narrow terminal, rows of cells, notes); with
+    `columns` (keys of COLUMN_KEYS), only those columns, in that order."""
+    shown = _Shown(protocol=any("protocol_check" in r.metrics for r in table.rows),
+                   cost=any(r.metrics.get("cost") for r in table.rows),
+                   robust=list(dict.fromkeys(c for r in table.rows for c in r.robustness)))
+    cols = _columns(table, shown)
+    keys, head = [k for k, _ in cols], [h for _, h in cols]
+    rank, rows = _rank(head), [_cells(table, r, shown) for r in table.rows]
+    if columns is not None:
+        missing = [c for c in columns if c not in keys]
+        if missing:
+            raise UserError(f"--columns: no column {missing[0]!r} in this table; it has {', '.join(keys)}")
+        pick = [keys.index(c) for c in columns]
+        head, rank, rows = [head[k] for k in pick], [rank[k] for k in pick], [[r[k] for k in pick] for r in rows]
+    return head, rank, rows, _notes(table, shown)
+
+
+@dataclass
+class _Shown:
+    """The optional columns a table has, decided by its rows."""
+    protocol: bool  # `--protocol-check` runs: the file-order columns
+    cost: bool  # runs that recorded their cost
+    robust: list[str]  # robustness.json conditions (`train --robustness`, `eval --drop/--noise`)
+
+
+def _columns(table: Table, shown: _Shown) -> list[tuple[str, str]]:
+    """(key, header) of every column of the table, in order."""
+    cols = [("run", "run"), ("head", "head"), ("settings", "settings"), ("seeds", "seeds"), ("accuracy", "accuracy"),
+            ("weighted_f1", "weighted F1"), ("macro_f1", "macro F1"), *([("paper", "paper acc / F1")] if table.paper else []),
+            ("epochs", "selected epochs"), ("dev_accuracy", "dev acc")]
+    if shown.protocol:
+        cols += [("file_order", "file-order test acc, best / last epoch"), ("inflation", "best minus label-blind")]
     if table.reference is not None:
-        head += [f"Δacc vs {table.reference.name}", "p (Holm)", "test", "beyond noise"]
+        cols += [("delta", f"Δacc vs {table.reference.name}"), ("p", "p (Holm)"), ("test", "test"),
+                 ("beyond_noise", "beyond noise")]
     if table.baseline:
-        head += ["baseline acc", "gain, p (Holm)"]
+        cols += [("baseline", "baseline acc"), ("gain", "gain, p (Holm)")]
         if table.reference is not None:
-            head += [f"gain minus {table.reference.name}'s", "p (Holm)", "beyond noise"]
-    # robustness.json (`train --robustness`, `eval --drop/--noise`): test accuracy under each condition
-    robust = list(dict.fromkeys(c for r in table.rows for c in r.robustness))
-    head += [f"acc {c.replace('_', ' ')}" for c in robust]
-    if cost:
-        head += COST_HEAD
-    if mixed_col:
-        head.append("differs in")
-    rows = []
-    for r in table.rows:
-        epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
-        cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m], len(r.seeds)) for m in METRICS)]
-        if table.paper:
-            cells.append("{:.4f} / {:.4f}".format(*table.paper_numbers[r.name]) if r.name in table.paper_numbers else "")
-        cells += [epochs, _ms(r.metrics["dev"]["accuracy"], len(r.seeds))]
-        if protocol:
-            cells += _protocol(r)
-        if table.reference is not None:
-            c = table.comparisons.get(r.name)
-            if c is None:
-                cells += ["(reference)" if r is table.reference else "(the reference's run)", "", "", ""]
-            else:
-                p = "" if math.isnan(c["p_holm"]) else f"{c['p_holm']:.3f}"
-                cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"], stats.beyond_noise(c["p_holm"])]
-        if table.baseline:
-            cells += _gain_cells(table, r)
-        cells += [_ms(r.robustness[c]["accuracy"], len(r.seeds)) if c in r.robustness else "" for c in robust]
-        if cost:
-            cells += _cost(r)
-        if mixed_col:
-            base = table.reference or table.rows[0]
-            cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
-        rows.append(cells)
+            cols += [("gain_minus", f"gain minus {table.reference.name}'s"), ("gain_minus_p", "p (Holm)"),
+                     ("gain_minus_beyond_noise", "beyond noise")]
+    cols += [(f"acc_{c}", f"acc {c.replace('_', ' ')}") for c in shown.robust]  # test accuracy under each condition
+    if shown.cost:
+        cols += list(zip(("seconds_per_epoch", "peak_rss", "parameters", "device"), COST_HEAD))
+    if table.mixed:
+        cols.append(("differs", "differs in"))
+    return cols
+
+
+def _cells(table: Table, r: Row, shown: _Shown) -> list[str]:
+    """Row `r`'s cells, one per column of `_columns`."""
+    epochs = ", ".join(str(p["best_epoch"]) for p in r.metrics["per_seed"])
+    cells = [r.name, r.head, _settings(r), str(len(r.seeds)), *(_ms(r.metrics["test"][m], len(r.seeds)) for m in METRICS)]
+    if table.paper:
+        cells.append("{:.4f} / {:.4f}".format(*table.paper_numbers[r.name]) if r.name in table.paper_numbers else "")
+    cells += [epochs, _ms(r.metrics["dev"]["accuracy"], len(r.seeds))]
+    if shown.protocol:
+        cells += _protocol(r)
+    if table.reference is not None:
+        c = table.comparisons.get(r.name)
+        if c is None:
+            cells += ["(reference)" if r is table.reference else "(the reference's run)", "", "", ""]
+        else:
+            p = "" if math.isnan(c["p_holm"]) else f"{c['p_holm']:.3f}"
+            cells += [f"{c['delta_accuracy']:+.4f}", p, c["test"], stats.beyond_noise(c["p_holm"])]
+    if table.baseline:
+        cells += _gain_cells(table, r)
+    cells += [_ms(r.robustness[c]["accuracy"], len(r.seeds)) if c in r.robustness else "" for c in shown.robust]
+    if shown.cost:
+        cells += _cost(r)
+    if table.mixed:
+        base = table.reference or table.rows[0]
+        cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
+    return cells
+
+
+def _notes(table: Table, shown: _Shown) -> list[str]:
     notes = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds. Dev acc: dev accuracy at the "
              "selected epoch, beside test so that a setting chosen on dev can be read as it was chosen."]
-    if robust:
+    if shown.robust:
         notes.append("acc drop text / drop image: test accuracy with that modality replaced by its train mean; acc "
                      "noise S: with Gaussian noise of S train stds on every feature (robustness.json, train/robustness.py).")
     if table.paper:
         notes.append(f"Paper acc / F1: the paper's test numbers of the row ({table.paper}'s PAPER table, "
                      "matched by row or folder name).")
-    if protocol:
+    if shown.protocol:
         notes.append("File-order columns (`--protocol-check`): test scored in the stored (label-sorted) order after "
                      "every epoch, the best epoch on test and the last, as the authors' protocol reports; "
                      "nothing is selected on them.")
@@ -475,14 +559,19 @@ def _layout(table: Table) -> tuple[list[str], list[int], list[list[str]], list[s
             notes.append("Warning: a row with 2 seeds gives its t-test 1 degree of freedom: its p-value says little.")
         if any(len(r.seeds) == 1 for r in table.rows):
             notes.append("Warning: a row with 1 seed cannot be tested (no p): use 5 seeds.")
-    order = ["run", "accuracy", "Δacc", "p (Holm)", "beyond noise", "acc drop", "weighted F1", "macro F1", "seeds",
-             "settings", "acc noise",
-             "gain, p (Holm)", "gain minus", "differs in", "baseline acc", "dev acc", "selected epochs", "head", "test",
-             "file-order", "best minus"]
-    rank = [next((i for i, name in enumerate(order) if h.startswith(name)), len(order)) for h in head]
+    return notes
+
+
+# the columns a narrow terminal keeps longest first (by the start of their header)
+RANK = ["run", "accuracy", "Δacc", "p (Holm)", "beyond noise", "acc drop", "weighted F1", "macro F1", "seeds", "settings",
+        "acc noise", "gain, p (Holm)", "gain minus", "differs in", "baseline acc", "dev acc", "selected epochs", "head",
+        "test", "file-order", "best minus"]
+
+
+def _rank(head: list[str]) -> list[int]:
+    rank = [next((i for i, name in enumerate(RANK) if h.startswith(name)), len(RANK)) for h in head]
     gain = next((k for k, h in enumerate(head) if h.startswith("gain minus")), len(head))
-    rank = [rank[gain] if k > gain else r for k, r in enumerate(rank)]  # its p and verdict go with it
-    return head, rank, rows, notes
+    return [rank[gain] if k > gain else r for k, r in enumerate(rank)]  # its p and verdict go with it
 
 
 def _gain_cells(table: Table, r: Row) -> list[str]:
@@ -548,24 +637,28 @@ def plot(table: Table, path: Path) -> Path:
     return path
 
 
-def write(table: Table, out: Path) -> list[Path]:
+def write(table: Table, out: Path, columns: list[str] | None = None) -> list[Path]:
+    """results.md (the `columns`, or every column), results.csv (every figure) and results.png in `out`."""
     from core.paths import output_dir, write_atomic
 
     output_dir(out, ("results.md", "results.csv", "results.png"), "--out")
-    write_atomic(out / "results.md", markdown(table))
+    write_atomic(out / "results.md", markdown(table, columns))
     write_atomic(out / "results.csv", csv_frame(table).to_csv(index=False))
     return [out / "results.md", out / "results.csv", plot(table, out / "results.png")]
 
 
-# --- the README's tables ------------------------------------------------------------------
+# --- tables in markdown pages (README.md, docs/*.md) -----------------------------------------
 
-BLOCK = re.compile(r"(<!-- results: (?P<args>.+?) -->\n)(?P<body>.*?)(<!-- results:end -->)", re.S)
+# a marker starts its line, so a page may quote one in running text
+BLOCK = re.compile(r"^(<!-- results: (?P<args>.+?) -->\n)(?P<body>.*?)^(<!-- results:end -->)", re.S | re.M)
+LEGEND = "docs/results.md#legend"  # repository-relative: the one page that says what every column means
 
 
-def _block_table(args: str, root: Path) -> str:
-    """The table a README block's arguments (`results/x --against probe`) make, paths relative to `root`."""
+def _block_table(args: str, root: Path, legend: str | None = None) -> str:
+    """The table a block's arguments (`results/x --against probe --columns run,accuracy`) make, paths
+    relative to `root` (the repository); with `legend`, a one-line caption linking there."""
     words = shlex.split(args)
-    against = allow = paper = None
+    against = allow = paper = columns = None
     paths, baseline = [], []
     it = iter(words)
     for w in it:
@@ -575,26 +668,55 @@ def _block_table(args: str, root: Path) -> str:
             paper = next(it)
         elif w == "--baseline":
             baseline.append(str(root / next(it)))
+        elif w == "--columns":
+            columns = parse_columns(next(it))
         elif w == "--allow-mixed":
             allow = True
+        elif w.startswith("-"):
+            raise UserError(f"results block `{args}`: unknown option {w} (--against, --paper, --baseline, --columns, "
+                            "--allow-mixed)")
         else:
             paths.append(str(root / w))
-    return markdown(build(paths, against, bool(allow), baseline or None, paper))
+    return markdown(build(paths, against, bool(allow), baseline or None, paper), columns, legend)
 
 
-def refresh_readme(readme: Path, check: bool = False) -> list[str]:
-    """Regenerate every results block of `readme` from the run folders it names; with `check`,
-    change nothing and return the arguments of the blocks that differ."""
-    text = readme.read_text()
+def markdown_root(page: Path) -> Path:
+    """Where a page's block paths start: the repository for a page inside it (README.md, docs/*.md name
+    `results/...` alike), else the page's own folder."""
+    from core.paths import REPO
+
+    page = page.resolve()
+    return REPO if page.is_relative_to(REPO) else page.parent
+
+
+def refresh_markdown(page: Path, check: bool = False, root: Path | None = None) -> list[str]:
+    """Regenerate every results block of the markdown file `page` from the run folders it names
+    (repository-relative), each captioned in one line that links to the legend; with `check`, change
+    nothing and return the arguments of the blocks that differ."""
+    import os
+
+    page = Path(page)
+    if not page.is_file():
+        raise UserError(f"{page}: no such markdown file")
+    root = markdown_root(page) if root is None else root
+    target = root / LEGEND.partition("#")[0]
+    here = page.resolve() == target.resolve()
+    legend = "#legend" if here else os.path.relpath(target, page.resolve().parent) + "#legend"
+    text = page.read_text()
     stale: list[str] = []
 
     def redo(m: re.Match) -> str:
-        body = _block_table(m.group("args"), readme.parent)
+        body = _block_table(m.group("args"), root, legend)
         if body != m.group("body"):
             stale.append(m.group("args"))
         return m.group(1) + body + m.group(4)
 
     new = BLOCK.sub(redo, text)
     if not check and new != text:
-        readme.write_text(new)
+        from core.paths import write_atomic
+
+        write_atomic(page, new)
     return stale
+
+
+refresh_readme = refresh_markdown  # its first name, when the README was the only page with tables

@@ -188,59 +188,20 @@ def run(cfg: AuditConfig) -> AuditResult:
     has_image = (image_dir / "index.json").is_file()
     meta_dir = text_dir if (text_dir / "index.json").is_file() else image_dir
     ids, labels, splits = store.read_meta(meta_dir, f"python pipeline.py extract --dataset {cfg.dataset}")
-    row_of = {id_: i for i, id_ in enumerate(ids)}
     items = _reader_items(cfg.dataset, info, cfg.data_root)
     notes = []
     missing = [i for i in ids if i not in items]
     if missing:
         notes.append(f"{len(missing)} cached ids not found in the source (e.g. {missing[0]}): their texts are not checked")
-
-    rows: list[tuple] = []
-
-    def add(i: int, j: int, kind: str, score: float) -> None:
-        if SPLIT_ORDER[splits[i]] < SPLIT_ORDER[splits[j]] or (splits[i] == splits[j] and i < j):
-            i, j = j, i  # the later split (or later item) first
-        if (splits[i], splits[j]) in PAIRS:
-            rows.append((splits[i], ids[i], splits[j], ids[j], kind, round(float(score), 4), bool(labels[i] == labels[j])))
-
-    texts = [items[i].text if i in items else None for i in ids]
-    exact = set()
-    for i, j in _group_pairs(texts):
-        exact.add((i, j))
-        add(i, j, "text_exact", 1.0)
-    for i, j in _group_pairs([normalise(t) if t else None for t in texts]):
-        if (i, j) not in exact:
-            add(i, j, "text_normalised", 1.0)
-
+    pairs = _Pairs(ids, labels, splits)
+    _text_pairs([items[i].text if i in items else None for i in ids], pairs)
     image_info = None
     if has_image:
-        img_ids, pooled = store.pooled_maps(image_dir)
-        rows_img = np.array([row_of.get(i, -1) for i in img_ids])  # -1: an image without a text entry
-        memo: dict = {}
-        candidates = rejected = unconfirmed = 0
-        for ii, jj, ss in near_duplicates(pooled, cfg.image_threshold, cfg.block):
-            for a, b, s in zip(rows_img[ii], rows_img[jj], ss):
-                if a < 0 or b < 0:
-                    continue
-                if (splits[a], splits[b]) not in PAIRS and (splits[b], splits[a]) not in PAIRS:
-                    continue
-                candidates += 1
-                ha = _phash(items[ids[a]].image if ids[a] in items else None, memo)
-                hb = _phash(items[ids[b]].image if ids[b] in items else None, memo)
-                if ha is None or hb is None:
-                    unconfirmed += 1
-                    add(a, b, "image_unconfirmed", s)
-                elif ha - hb <= cfg.hash_distance:
-                    add(a, b, "image", s)
-                else:
-                    rejected += 1
-        image_info = {"threshold": cfg.image_threshold, "hash": "imagehash.phash (64 bits)",
-                      "hash_distance": cfg.hash_distance, "items": len(img_ids), "candidates": candidates,
-                      "rejected_by_hash": rejected, "unconfirmed_no_file": unconfirmed}
+        image_info = _image_pairs(cfg, image_dir, items, pairs)
     else:
         notes.append(f"text-only cache (no image cache at {image_dir}): text checks only")
 
-    leaks = pd.DataFrame(rows, columns=COLUMNS)
+    leaks = pd.DataFrame(pairs.rows, columns=COLUMNS)
     summary = {
         "dataset": cfg.dataset, "cache": str(meta_dir), "classes": classes,
         "items": {s: splits.count(s) for s in SPLIT_ORDER},
@@ -255,6 +216,65 @@ def run(cfg: AuditConfig) -> AuditResult:
     if cfg.write_clean is not None:
         result.clean = write_clean(Path(cfg.write_clean), leaks, ids, labels, splits, classes, cfg)
     return result
+
+
+class _Pairs:
+    """The leaks found so far, as leaks.csv rows: the text and the image checks add to one list,
+    each pair once with the later split (or later item) first, kept only if its splits are audited."""
+
+    def __init__(self, ids: list[str], labels, splits: list[str]):
+        self.ids, self.labels, self.splits = ids, labels, splits
+        self.rows: list[tuple] = []
+
+    def add(self, i: int, j: int, kind: str, score: float) -> None:
+        ids, labels, splits = self.ids, self.labels, self.splits
+        if SPLIT_ORDER[splits[i]] < SPLIT_ORDER[splits[j]] or (splits[i] == splits[j] and i < j):
+            i, j = j, i  # the later split (or later item) first
+        if (splits[i], splits[j]) in PAIRS:
+            self.rows.append((splits[i], ids[i], splits[j], ids[j], kind, round(float(score), 4),
+                              bool(labels[i] == labels[j])))
+
+
+def _text_pairs(texts: list[str | None], pairs: _Pairs) -> None:
+    """Items with the same text (text_exact), then those the same once normalised (text_normalised)."""
+    exact = set()
+    for i, j in _group_pairs(texts):
+        exact.add((i, j))
+        pairs.add(i, j, "text_exact", 1.0)
+    for i, j in _group_pairs([normalise(t) if t else None for t in texts]):
+        if (i, j) not in exact:
+            pairs.add(i, j, "text_normalised", 1.0)
+
+
+def _image_pairs(cfg: AuditConfig, image_dir: Path, items: dict, pairs: _Pairs) -> dict:
+    """Near-duplicate images across audited splits: candidates by the cosine of their pooled maps,
+    confirmed by perceptual hash (image), else kept as image_unconfirmed when a file is missing;
+    returns what summary.json says of the image check."""
+    ids, splits = pairs.ids, pairs.splits
+    row_of = {id_: i for i, id_ in enumerate(ids)}
+    img_ids, pooled = store.pooled_maps(image_dir)
+    rows_img = np.array([row_of.get(i, -1) for i in img_ids])  # -1: an image without a text entry
+    memo: dict = {}
+    candidates = rejected = unconfirmed = 0
+    for ii, jj, ss in near_duplicates(pooled, cfg.image_threshold, cfg.block):
+        for a, b, s in zip(rows_img[ii], rows_img[jj], ss):
+            if a < 0 or b < 0:
+                continue
+            if (splits[a], splits[b]) not in PAIRS and (splits[b], splits[a]) not in PAIRS:
+                continue
+            candidates += 1
+            ha = _phash(items[ids[a]].image if ids[a] in items else None, memo)
+            hb = _phash(items[ids[b]].image if ids[b] in items else None, memo)
+            if ha is None or hb is None:
+                unconfirmed += 1
+                pairs.add(a, b, "image_unconfirmed", s)
+            elif ha - hb <= cfg.hash_distance:
+                pairs.add(a, b, "image", s)
+            else:
+                rejected += 1
+    return {"threshold": cfg.image_threshold, "hash": "imagehash.phash (64 bits)",
+            "hash_distance": cfg.hash_distance, "items": len(img_ids), "candidates": candidates,
+            "rejected_by_hash": rejected, "unconfirmed_no_file": unconfirmed}
 
 
 def counts(leaks: pd.DataFrame) -> dict:

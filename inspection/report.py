@@ -167,7 +167,8 @@ def _luminance(rgba) -> float:
 
 
 def write_report(run: Path, cache_dir: Path | None = None) -> Path:
-    """Write `report.md` and its PNGs into run folder `run`; return the path of report.md."""
+    """Write `report.md` and its PNGs into run folder `run`; return the path of report.md. Each
+    section (and its figure) is its own function, in the order the report reads."""
     run = Path(run)
     folder = RunFolder(run)
     saved, cfg, data = folder.open(cache_dir)
@@ -175,30 +176,43 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
     seeds = [s for s in cfg.seeds if folder.has_weights(s)]
     if not seeds:
         raise UserError(f"{run} has no seed-<s>.pt yet: wait for train to finish a seed, or train again")
-    log = folder.log_frame()
-    test, classes = data.splits["test"], data.classes
+    test = data.splits["test"]
     y = test.labels.numpy()
     order = eval_orders(len(test), cfg, 1)[0]
     md = [f"# Report: {run.name}", "",
           f"Head `{cfg.head}` on `{cfg.dataset}` ({len(test)} test items), seeds {', '.join(map(str, cfg.seeds))}. "
           f"Test is fed label-blind, in the first seeded random order (eval_seed {cfg.eval_seed}), "
           f"batches of {cfg.eval_batch_size}.", ""]
-
     who = f"{run.name} ({cfg.head} on {cfg.dataset})"  # every figure's title names the run
-    cols = plot_losses(log, run / "losses.png", f"{who}: loss terms per epoch, seeds "
-                                                 f"{', '.join(map(str, sorted(log['seed'].unique())))}")
-    last = log.sort_values(["seed", "epoch"]).groupby("seed").tail(1).set_index("seed")[cols]
-    md += ["## Loss terms and step-two firing rate per epoch", "", "![losses](losses.png)", "",
-           *[f"- `{c.removeprefix('loss_')}`: {TERMS.get(c.removeprefix('loss_'), f'a loss term of head {cfg.head} (heads/)')}"
-             for c in cols], "",
-           "Last epoch of each seed:", "", _table(["seed", *cols], [[s, *(f"{v:.4f}" for v in r)] for s, r in last.iterrows()]), ""]
-
+    md += _loss_section(folder.log_frame(), run, who, cfg.head)
     if len(seeds) < len(cfg.seeds):
         md += [f"Seeds without weights yet (train interrupted or still running), left out below: "
                f"{', '.join(str(s) for s in cfg.seeds if s not in seeds)}.", ""]
     first = seeds[0]
     emb = embeddings(folder.load_head(cfg, data.dims, first), test, cfg.eval_batch_size, order)
-    md += [f"## Embedding distances on test (seed {first}, cosine)", ""]
+    md += _distance_section(emb, y, run, who, first)
+    md += _tsne_section(emb, y, data.classes, run, who, first, cfg.eval_seed)
+    md += _confusion_section(folder, cfg, data, seeds, order, run, who)
+    out = run / "report.md"
+    write_atomic(out, "\n".join(md))
+    return out
+
+
+def _loss_section(log, run: Path, who: str, head: str) -> list[str]:
+    """Loss terms and the step-two firing rate per epoch (losses.png), and each seed's last epoch."""
+    cols = plot_losses(log, run / "losses.png", f"{who}: loss terms per epoch, seeds "
+                                                 f"{', '.join(map(str, sorted(log['seed'].unique())))}")
+    last = log.sort_values(["seed", "epoch"]).groupby("seed").tail(1).set_index("seed")[cols]
+    return ["## Loss terms and step-two firing rate per epoch", "", "![losses](losses.png)", "",
+            *[f"- `{c.removeprefix('loss_')}`: {TERMS.get(c.removeprefix('loss_'), f'a loss term of head {head} (heads/)')}"
+              for c in cols], "",
+            "Last epoch of each seed:", "", _table(["seed", *cols], [[s, *(f"{v:.4f}" for v in r)] for s, r in last.iterrows()]), ""]
+
+
+def _distance_section(emb: dict, y: np.ndarray, run: Path, who: str, first: int) -> list[str]:
+    """Cosine distances of seed `first`'s test embeddings (distances.png), same label against
+    different label, for each pair of embeddings the head returns."""
+    md = [f"## Embedding distances on test (seed {first}, cosine)", ""]
     pairs = {"intra-image (IID)": ("image", "image", False), "intra-text (TTD)": ("text", "text", False),
              "image-text (ITD)": ("image", "text", True)}
     groups, skipped = {}, []
@@ -215,15 +229,24 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
                _table(["distribution", "same label: mean", "different label: mean", "gap"],
                       [[n, f"{_mean(s):.4f}", f"{_mean(d):.4f}", f"{_mean(d) - _mean(s):.4f}"]
                        for n, (s, d) in groups.items()]), ""]
-    md += skipped + ([""] if skipped else [])
+    return md + skipped + ([""] if skipped else [])
 
+
+def _tsne_section(emb: dict, y: np.ndarray, classes: list[str], run: Path, who: str, first: int,
+                  seed: int) -> list[str]:
+    """t-SNE of seed `first`'s test embeddings (tsne.png, laid out from `seed`), each kind the head returns."""
     present = {k: v for k, v in emb.items() if v is not None}
-    md += [f"## t-SNE of the test embeddings (seed {first})", ""]
+    md = [f"## t-SNE of the test embeddings (seed {first})", ""]
     if present:
-        plot_tsne(present, y, classes, run / "tsne.png", cfg.eval_seed, f"{who}, seed {first}: t-SNE of test embeddings")
+        plot_tsne(present, y, classes, run / "tsne.png", seed, f"{who}, seed {first}: t-SNE of test embeddings")
         md += ["![t-SNE](tsne.png)", ""]
-    md += [f"- {k}: skipped, the head returns no {k} embedding." for k in KINDS if emb[k] is None] + [""]
+    return md + [f"- {k}: skipped, the head returns no {k} embedding." for k in KINDS if emb[k] is None] + [""]
 
+
+def _confusion_section(folder: RunFolder, cfg, data, seeds: list[int], order, run: Path, who: str) -> list[str]:
+    """Every seed's confusion matrix on test (confusion.png) and its per-class F1, from its weights."""
+    test, classes = data.splits["test"], data.classes
+    y = test.labels.numpy()
     matrices, f1s = {}, []
     for seed in seeds:
         pred = predict(folder.load_head(cfg, data.dims, seed), test, cfg.eval_batch_size, device(), order)
@@ -231,13 +254,8 @@ def write_report(run: Path, cache_dir: Path | None = None) -> Path:
         f1s.append([seed, *(f"{v:.4f}" for v in f1_score(y, pred, labels=list(range(len(classes))),
                                                           average=None, zero_division=0))])
     plot_confusions(matrices, classes, run / "confusion.png", f"{who}: confusion on test")
-    md += ["## Confusion matrix and per-class F1 on test", "", "Rows: true label, columns: predicted.", "",
-           "![confusion](confusion.png)", "", _table(["seed", *classes], f1s), ""]
-    out = run / "report.md"
-    write_atomic(out, "\n".join(md))
-    return out
-
-
+    return ["## Confusion matrix and per-class F1 on test", "", "Rows: true label, columns: predicted.", "",
+            "![confusion](confusion.png)", "", _table(["seed", *classes], f1s), ""]
 def _table(header: list, rows: list[list]) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])

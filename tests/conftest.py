@@ -174,7 +174,7 @@ def tiny_cache(tmp_path_factory, data_root) -> TinyCache:
 
 @dataclass(frozen=True)
 class SynthCache:
-    """A tiny cache of 3 classes, written with core/store.py: every split holds every class,
+    """A tiny cache of 3 classes, written with core/store: every split holds every class,
     stored sorted by label as the shipped split files are, with features that carry the label
     (so a head can learn it and a label mix-up shows)."""
 

@@ -24,6 +24,7 @@ from experiments import grid, stats
 from train import data as cache
 from train import run_folder, runs, trainer
 from train.config import TrainConfig
+from train.numerics import NUMERICS_VERSION
 
 from conftest import assert_gone, cut_when_saved, quiet_console, run_numbers
 
@@ -148,7 +149,7 @@ def test_an_interrupted_grid_redoes_only_unfinished_work(synth_cache, tmp_path, 
     pd.testing.assert_frame_equal(*(table_numbers(tmp_path / d / "table.csv") for d in ("before", "after")))
 
 
-def test_a_cell_started_by_other_code_is_refused_before_any_training(synth_cache, tmp_path, monkeypatch):
+def test_a_cell_started_before_numerics_versions_is_refused_before_any_training(synth_cache, tmp_path, monkeypatch):
     cells = grid.ablation_cells(base(synth_cache), tmp_path / "runs", ["one-step"])
     grid.run_cells(cells[:1], console=quiet_console())  # the full model finishes
     stale = cells[1].cfg.out
@@ -158,21 +159,26 @@ def test_a_cell_started_by_other_code_is_refused_before_any_training(synth_cache
     monkeypatch.setattr(runs, "train_seed", lambda *a, **kw: calls.append(a))
     from core.errors import UserError
 
-    with pytest.raises(UserError, match=f"{stale}.*code \\(commit 0000000000.*Delete those folders"):
+    with pytest.raises(UserError, match=f"{stale} \\(numerics version \\(made before numerics versions, now "
+                                        f"{NUMERICS_VERSION}\\)\\).*Delete those folders"):
         grid.run_cells(cells, console=quiet_console())
     assert calls == []
 
 
-def test_a_finished_cell_of_other_code_is_not_reused_silently(synth_cache, tmp_path, monkeypatch):
-    """A finished cell whose config.json names other code (fingerprint) is refused with its folder, not put in the table."""
+def test_a_finished_cell_of_another_numerics_version_is_not_reused_silently(synth_cache, tmp_path, monkeypatch):
+    """A finished cell whose config.json records another numerics version is refused with its folder, not
+    put in the table; another commit of the same version is reused (the commit is a record, not a check)."""
     from core.errors import UserError
 
     cells = grid.ablation_cells(base(synth_cache, seeds=(1,), epochs=1), tmp_path / "runs", ["one-step"])
     grid.run_cells(cells, console=quiet_console())
     old = cells[1].cfg.out
     saved = json.loads((old / "config.json").read_text())
-    (old / "config.json").write_text(json.dumps({**saved, "code_fingerprint": "1" * 12}))
-    with pytest.raises(UserError, match=f"{old}.*code \\(fingerprint 111111111111.*Delete those folders"):
+    (old / "config.json").write_text(json.dumps({**saved, "git_commit": "1" * 40}))
+    grid.run_cells(cells, console=quiet_console())
+    (old / "config.json").write_text(json.dumps({**saved, "numerics_version": NUMERICS_VERSION + 1}))
+    with pytest.raises(UserError, match=f"{old} \\(numerics version \\(made by numerics version "
+                                        f"{NUMERICS_VERSION + 1}, now {NUMERICS_VERSION}\\)\\).*Delete those folders"):
         grid.run_cells(cells, console=quiet_console())
 
 

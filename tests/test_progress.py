@@ -79,10 +79,36 @@ def test_two_lanes_play_out_the_schedule_and_the_last_seed_runs_alone():
     clock.update(5, 10, now=1030.0)
     assert clock.eta(now=1030.0) == pytest.approx(140 * 3.0)  # not 140 * 3 / 2: the other lane idles
     assert clock.idle() == 1
-    assert "ETA 0:07:00 (1 of 2 lanes idle)" in clock.figures(now=1030.0)
+    assert clock.figures(now=1030.0)[2].startswith("ETA up to 0:07") and clock.notes() == ["(1 of 2 lanes idle)"]
     clock.update(5, 150, now=1450.0)
     clock.finish(5)
     assert clock.eta(now=1450.0) == 0.0 and clock.idle() == 0
+
+
+def test_time_left_is_up_to_every_planned_epoch_and_expected_where_finished_seeds_stopped():
+    """The README's first command: 5 seeds x 150 epochs with --patience 10, one lane. Before a seed
+    is over only "up to" shows; once seed 1 stops at epoch 30, the others are expected to as well."""
+    clock = EpochClock(dict.fromkeys([1, 2, 3, 4, 5], 150), now=0.0)
+    clock.begin(1, now=0.0)
+    clock.update(1, 10, now=50.0)  # 5 s an epoch
+    assert clock.figures(now=50.0)[2] == "ETA up to 1:02"  # 740 epochs (61.7 minutes), no seed over yet
+    clock.update(1, 30, now=150.0)
+    clock.finish(1)  # stopped early: 30 of 150 epochs
+    clock.begin(2, now=150.0)
+    clock.update(2, 10, now=200.0)
+    assert clock.eta(now=200.0) == pytest.approx(5.0 * (140 + 3 * 150))  # up to: every planned epoch
+    assert clock.eta(now=200.0, expected=True) == pytest.approx(5.0 * (20 + 3 * 30))
+    assert clock.figures(now=200.0)[2] == "ETA up to 0:50, expected 0:10"
+    clock.update(2, 60, now=450.0)  # past where seed 1 stopped: expected to stop now, not to run 90 more
+    assert clock.expected_left(2) == 0 and clock.eta(now=450.0, expected=True) == pytest.approx(5.0 * 3 * 30)
+
+
+def test_a_cell_expects_its_seeds_to_stop_where_its_finished_seeds_did():
+    clock = EpochClock({"cell": 3 * 100}, now=0.0, stops=[(50, 100)])  # a seed over before: half its epochs
+    assert clock.expected_left("cell") == 150
+    clock.update("cell", 60, skipped=60, ended=(40, 100))  # in the cell, one seed over after 40 of 100
+    # (50 + 40) / 200 of planned epochs: its two other seeds are expected to train 45 each, 20 done
+    assert clock.expected_left("cell") == 45 + 45 - 20
 
 
 def test_an_untimed_lane_takes_the_mean_speed_of_the_others():
@@ -112,7 +138,7 @@ def test_every_line_fits_and_the_bar_count_and_eta_stay_on_screen(width):
     assert all(len(line) <= width for line in lines)
     top = lines[0]
     assert top.startswith("all seeds") and BAR.search(top) and "121/750 epochs" in top and "ETA " in top
-    assert re.search(r"ETA \d:\d\d:\d\d", top) and re.search(r"\d:\d\d:\d\d  ETA", top)  # elapsed, then ETA
+    assert re.search(r"ETA up to \d:\d\d", top) and re.search(r"\d:\d\d:\d\d  ETA", top)  # elapsed, then ETA
     seed1 = lines[1]
     assert seed1.startswith("seed 1") and BAR.search(seed1) and "61/150" in seed1 and "dev wF1 0.6796" in seed1
     if width >= 120:
@@ -139,6 +165,28 @@ def test_off_a_terminal_the_screen_prints_one_plain_line_per_event():
         screen.log("seed 1 epoch 1/2  dev wF1 0.5000")
         screen.refresh()
     assert console.file.getvalue() == "seed 1 epoch 1/2  dev wF1 0.5000\n"  # no bars, no escape codes
+
+
+def test_the_screen_shows_the_best_epoch_by_the_trainers_rule(monkeypatch):
+    """Equal dev scores: the first of them stays the best, on the screen as in the trainer."""
+    from types import SimpleNamespace
+
+    from train import progress as progress_module
+    from train.progress import Progress
+
+    calls = []
+    rule = progress_module.improves
+    monkeypatch.setattr(progress_module, "improves", lambda *a: calls.append(a) or rule(*a))
+    progress = Progress("all seeds", {1: "seed 1"}, {1: 3}, select="weighted_f1")
+    console = Console(file=StringIO(), width=120, force_terminal=False)
+    with progress.shown(console):
+        for epoch, score in [(1, 0.5), (2, 0.6), (3, 0.6)]:
+            progress.epoch(SimpleNamespace(seed=1, epoch=epoch, seconds=1.0, losses={"ce": 1.0}, step_two_rate=0.0,
+                                           dev={"weighted_f1": score}))
+        progress.seed_done(SimpleNamespace(seed=1, dev={"weighted_f1": 0.6}, best_epoch=2, log=[0, 0, 0]))
+    lines = console.file.getvalue().splitlines()
+    assert len(calls) == 3 and "(best 0.6000 @ 2)" in lines[2]
+    assert lines[3].startswith("seed 1 done, best 0.6000 @ 2 (3 epochs)  | all seeds  3/3 epochs")
 
 
 def _grid_board():
@@ -219,5 +267,5 @@ def test_train_on_an_80_column_terminal_keeps_the_bar_count_and_eta(synth_cache,
     frames = ANSI.sub("", console.file.getvalue()).splitlines()
     tops = [line for line in frames if line.startswith("all seeds")]
     assert tops and all(len(line) <= 80 for line in frames)
-    assert BAR.search(tops[-1]) and "2/2 epochs" in tops[-1] and "ETA 0:00:00" in tops[-1]
+    assert BAR.search(tops[-1]) and "2/2 epochs" in tops[-1] and "ETA up to 0:00, expected 0:00" in tops[-1]
     assert not any("step two" in line for line in frames)  # the probe has no step two

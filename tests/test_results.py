@@ -11,8 +11,8 @@ from scipy.stats import ttest_ind, ttest_rel
 
 from core.errors import UserError
 from experiments import results, stats
-from train import fingerprint
 from train.config import METRICS
+from train.numerics import NUMERICS_VERSION
 
 def _prov(kind: str, encoder: str, fingerprint: str) -> dict:
     return {"kind": kind, "encoder": encoder, "fingerprint": fingerprint, "preprocessing": "{}", "dataset": "mvsa_s",
@@ -30,7 +30,7 @@ def make_run(root: Path, name: str, accs: dict[int, float], head: str = "spp_scl
            "seeds": sorted(accs), "eval_orders": 5, "eval_seed": 0, "eval_batch_size": 64, "select": "weighted_f1",
            "splits": None, "official": False, "out": str(folder), **train}
     config = {"train": cfg, "provenance": train.pop("provenance", PROV), "sizes": {"train": 10, "dev": 5, "test": 5},
-              "code_fingerprint": fingerprint.code_fingerprint()}
+              "numerics_version": NUMERICS_VERSION, "git_commit": "0" * 40}
     (folder / "config.json").write_text(json.dumps(config))
     dev = dict.fromkeys(METRICS, 0.6)
     per_seed = [{"seed": s, "best_epoch": 10 + s, "dev": dev,
@@ -114,13 +114,11 @@ def test_p_values_in_the_table_are_holm_corrected(tmp_path):
     ("cache", lambda c: c["provenance"]["text"].update(fingerprint="zzz")),
     ("split", lambda c: c["train"].update(splits="splits/mvsa_s_clean")),
     ("protocol", lambda c: c["train"].update(eval_seed=7)),
-    ("code", lambda c: c.update(code_fingerprint="bad")),
 ])
 def test_runs_that_do_not_compare_are_refused_with_the_difference_named(tmp_path, kind, change):
     make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
     edit_config(make_run(tmp_path, "spp", OTHER), change)
-    # other code: refused until a replay says it computes the same numbers (test_replay.py)
-    with pytest.raises(UserError, match="pipeline.py replay" if kind == "code" else f"{kind} differs"):
+    with pytest.raises(UserError, match=f"{kind} differs"):
         results.build([tmp_path], against="probe")
     t = results.build([tmp_path], against="probe", allow_mixed=True)
     md = results.markdown(t)
@@ -156,11 +154,173 @@ def test_readme_blocks_are_regenerated_and_checked(tmp_path):
     assert results.refresh_readme(readme, check=True) == []
 
 
-def test_the_readme_tables_are_what_results_prints_from_the_committed_evidence():
-    """Every `<!-- results: ... -->` block of the README equals `pipeline.py results` over results/."""
+def _pages() -> list[str]:
     from conftest import REPO
 
-    assert results.refresh_readme(REPO / "README.md", check=True) == []
+    return ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
+
+
+def test_the_pages_with_tables_are_the_readme_and_docs_results():
+    from conftest import REPO
+
+    with_tables = [p for p in _pages() if results.BLOCK.search((REPO / p).read_text())]
+    assert "README.md" in with_tables and "docs/results.md" in with_tables
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_a_table_on_a_page_has_a_one_line_caption_and_the_legend_is_said_once(page):
+    """The legend of every column lives on docs/results.md; under each table one short line links there."""
+    from conftest import REPO
+
+    for m in results.BLOCK.finditer((REPO / page).read_text()):
+        caption = m.group("body").rstrip("\n").split("\n\n")[-1]
+        assert "\n" not in caption and len(caption) <= 300 and "[legend](" in caption, caption
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_every_table_of_the_readme_and_docs_is_what_results_prints_from_the_committed_evidence(page):
+    """Every `<!-- results: ... -->` block of README.md and docs/*.md equals `pipeline.py results` over results/."""
+    from conftest import REPO
+
+    assert results.refresh_markdown(REPO / page, check=True) == []
+
+
+def test_columns_choose_and_order_the_columns_of_screen_markdown_and_blocks(tmp_path):
+    make_run(tmp_path / "results" / "heads", "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path / "results" / "heads", "spp", OTHER)
+    t = results.build([tmp_path / "results" / "heads"], against="probe")
+    keys = results.parse_columns("run, accuracy,macro_f1,delta,beyond_noise")
+    md = results.markdown(t, keys)
+    assert md.splitlines()[0] == "| run | accuracy | macro F1 | Δacc vs probe | beyond noise |"
+    assert md.splitlines()[2].startswith("| probe | 0.7040 ± 0.0114 | ") and "(reference)" in md
+    assert results.markdown(t, ["delta", "run"]).splitlines()[0] == "| Δacc vs probe | run |"  # in the order given
+    with pytest.raises(UserError, match="no column 'gain'.*it has run, head"):
+        results.markdown(t, ["run", "gain"])
+    with pytest.raises(UserError, match="run is given twice"):
+        results.parse_columns("run,accuracy,run")
+    with pytest.raises(UserError, match="an empty name"):
+        results.parse_columns("run,,accuracy")
+    # a block: its own --columns, a one-line caption that links to the legend, relative to the page
+    block = "<!-- results: results/heads --against probe --columns run,accuracy,delta -->\nold\n<!-- results:end -->\n"
+    quoted = "A marker (`<!-- results: ARGS -->`) quoted in running text is no block.\n\n"
+    for page, link in [(tmp_path / "README.md", "docs/results.md#legend"),
+                       (tmp_path / "docs" / "other.md", "results.md#legend"), (tmp_path / "docs" / "results.md", "#legend")]:
+        page.parent.mkdir(exist_ok=True)
+        page.write_text(block)
+        assert results.refresh_markdown(page, root=tmp_path) == ["results/heads --against probe --columns run,accuracy,delta"]
+        body = page.read_text().split("\n")
+        page.write_text(quoted + page.read_text())
+        assert results.refresh_markdown(page, root=tmp_path, check=True) == []
+        assert body[1] == "| run | accuracy | Δacc vs probe |"
+        caption = body[body.index("") + 1]
+        assert caption.endswith(f"Columns: [legend]({link}).") and "Holm over 1 comparison with probe" in caption
+        assert results.refresh_markdown(page, root=tmp_path, check=True) == []
+    page.write_text(block.replace("--columns", "--colums"))
+    with pytest.raises(UserError, match="unknown option --colums"):
+        results.refresh_markdown(page, root=tmp_path)
+
+
+def test_results_refreshes_several_markdown_files_and_check_changes_nothing(tmp_path, run_main, monkeypatch):
+    make_run(tmp_path / "results" / "heads", "probe", REF, head="probe", head_config={"modalities": "both"})
+    make_run(tmp_path / "results" / "heads", "spp", OTHER)
+    block = "<!-- results: results/heads --against probe --columns run,delta -->\nold\n<!-- results:end -->\n"
+    pages = [tmp_path / "README.md", tmp_path / "more.md"]
+    for page in pages:
+        page.write_text(block)
+    monkeypatch.chdir(tmp_path)
+    r = run_main("results", "--check", "--markdown", "README.md", "more.md")
+    assert r.code == 1 and "README.md, more.md: tables differ" in r.err and "1 table(s) differ" in r.out
+    assert all(p.read_text() == block for p in pages)  # --check changes nothing
+    r = run_main("results", "--readme", "README.md", "--markdown", "more.md")  # the old name still works
+    assert r.code == 0 and "README.md: 1 table(s) regenerated" in r.out and "more.md: 1 table(s) regenerated" in r.out
+    assert all("| spp | -0.0280 |" in p.read_text() for p in pages)
+    r = run_main("results", "--markdown", "README.md", "--check")
+    assert r.code == 0 and "README.md: 0 table(s) differ" in r.out
+    assert run_main("results", "--check", "results/heads").code == 1
+    r = run_main("results", "results/heads", "--against", "probe", "--columns", "run,nope")
+    assert r.code == 1 and "no column 'nope'" in r.err
+
+
+# --- numerics versions: never mixed, and what remakes a run of another one ---------------------------
+
+def _no_version(c: dict) -> None:
+    del c["numerics_version"]
+
+
+@pytest.mark.parametrize("change, made", [(lambda c: c.update(numerics_version=0), "made by numerics version 0"),
+                                          (_no_version, "made before numerics versions")])
+def test_a_committed_run_of_another_numerics_version_is_refused_naming_the_script_that_remakes_it(
+        tmp_path, run_main, change, made):
+    """With --allow-mixed too: it mixes settings, never arithmetic. A copy of the committed evidence (the run
+    and the results/*.sh scripts) stands in for it."""
+    import shutil
+
+    from conftest import REPO
+
+    run = tmp_path / "results" / "mvsa_s-heads" / "probe"
+    shutil.copytree(REPO / "results" / "mvsa_s-heads" / "probe", run)
+    for script in (REPO / "results").glob("*.sh"):
+        shutil.copy(script, tmp_path / "results")
+    assert run_main("results", run.parent).code == 0
+    edit_config(run, change)
+    for mixed in ([], ["--allow-mixed"]):
+        r = run_main("results", run.parent, *mixed)
+        assert r.code == 1 and "Traceback" not in r.err, r.err
+        [line] = r.err.strip().splitlines()
+        assert line == (f"error: {run} was {made}, the current code is version {NUMERICS_VERSION}: its numbers are "
+                        "not this code's; delete it and run `bash results/mvsa_s-heads.sh`, which trains the runs "
+                        "that are missing")
+
+
+def test_a_run_of_another_numerics_version_elsewhere_is_to_be_trained_again(tmp_path):
+    make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
+    edit_config(make_run(tmp_path, "spp", OTHER), lambda c: c.update(numerics_version=NUMERICS_VERSION + 1))
+    for mixed in (False, True):
+        with pytest.raises(UserError, match=f"{tmp_path / 'spp'} was made by numerics version {NUMERICS_VERSION + 1}, "
+                                            ".*; delete it and train it again with the command that made it$"):
+            results.build([tmp_path], allow_mixed=mixed)
+
+
+def test_every_committed_run_is_remade_by_the_script_that_writes_its_folder():
+    from conftest import REPO
+    from train import numerics
+    from train.run_folder import RunFolder
+
+    scripts = {"hfm-text": "text-caches.sh", "mvsa_m-text": "text-caches.sh", "mvsa_s-ablate": "mvsa_s-ablate.sh",
+               "mvsa_s-full": "mvsa_s-full.sh", "mvsa_s-heads": "mvsa_s-heads.sh", "mvsa_s-strong": "mvsa_s-strong.sh"}
+    folders = RunFolder.under(REPO / "results", depth=2)
+    assert len(folders) > 40
+    for folder in folders:
+        table = folder.path.parent.name
+        script = numerics.remaking_script(folder.path)
+        assert script is not None and script.name == next(v for k, v in scripts.items() if table.startswith(k)), folder
+    assert numerics.remaking_script(REPO / "runs" / "x") is None
+
+
+def test_no_source_file_is_hashed_a_comment_in_the_trainer_changes_nothing(tmp_path, cli):
+    """A run's identity is its numerics version, never the bytes of the code: `results` over the committed
+    evidence works as well from a copy of the project whose train/trainer.py gained a comment."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()  # the working tree's files
+    for name in listed:
+        if name.startswith(("tests/", "bench/", "docs/")) or (name.startswith("results/")
+                                                              and not name.startswith("results/mvsa_s-heads/")):
+            continue
+        if (REPO / name).is_file():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, tmp_path / name)
+    with open(tmp_path / "train" / "trainer.py", "a") as f:
+        f.write("# a comment: the code's bytes change, its numbers do not\n")
+    r = subprocess.run([sys.executable, "pipeline.py", "results", "results/mvsa_s-heads", "--against", "probe"],
+                       cwd=tmp_path, env=cli.env(COLUMNS="200"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "spp_scl-official" in r.stdout and "(reference)" in r.stdout
 
 
 def test_protocol_check_columns_show_best_and_last_file_order_epochs(tmp_path):
@@ -208,13 +368,18 @@ def test_baseline_gives_each_rows_gain_and_the_difference_of_differences_paired_
     assert results._block_table("strong --against probe --baseline base", tmp_path) == md  # a README block
 
 
-def test_baseline_of_other_code_or_split_is_refused_and_a_missing_reference_named(tmp_path):
+def test_baseline_of_another_split_or_numerics_version_is_refused_and_a_missing_reference_named(tmp_path):
     zero = dict.fromkeys(range(1, 6), 0.0)
     _strong_and_base(tmp_path, zero, zero)
-    edit_config(tmp_path / "base" / "spp", lambda c: c.update(code_fingerprint="old"))
-    with pytest.raises(UserError, match="code differs"):
+    edit_config(tmp_path / "base" / "spp", lambda c: c["train"].update(splits="splits/mvsa_s_clean"))
+    with pytest.raises(UserError, match="split differs"):
         results.build([tmp_path / "strong"], against="probe", baseline=[tmp_path / "base"])
     assert results.build([tmp_path / "strong"], against="probe", baseline=[tmp_path / "base"], allow_mixed=True).gains
+    edit_config(tmp_path / "base" / "spp", lambda c: c.update(numerics_version=NUMERICS_VERSION + 1))
+    for mixed in (False, True):
+        with pytest.raises(UserError, match=f"{tmp_path / 'base' / 'spp'} was made by numerics version"):
+            results.build([tmp_path / "strong"], against="probe", baseline=[tmp_path / "base"], allow_mixed=mixed)
+    edit_config(tmp_path / "base" / "spp", lambda c: c.update(numerics_version=NUMERICS_VERSION))
     import shutil
 
     shutil.rmtree(tmp_path / "base" / "probe")

@@ -34,7 +34,7 @@ from conftest import REPO, quiet_console
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # a string that is a run folder file's name or a path/pattern ending in one (not prose that mentions it)
-RUN_FILE = re.compile(r"^(?:[\w./*{}<>-]*/)?(config\.json|metrics\.json|log\.csv|protocol\.csv|report\.txt|replay\.json"
+RUN_FILE = re.compile(r"^(?:[\w./*{}<>-]*/)?(config\.json|metrics\.json|log\.csv|protocol\.csv|report\.txt"
                       r"|writer\.lock|seed-(\{\}|\*|<s>)\.(json|pt|state\.pt))$")
 # other folders' files of the same name: a Hugging Face model folder's config.json (stage one)
 NOT_RUN_FOLDERS = {("extract/encoders.py", "config.json")}
@@ -126,10 +126,12 @@ def test_a_second_train_of_a_folder_being_written_is_refused_naming_the_holder(s
     assert not (out / RunFolder.LOCK).exists()
 
 
-def test_a_replay_is_a_writer_too(copy, run_main):
+def test_a_replay_holds_the_writer_lock_too(copy, run_main):
+    """A replay writes nothing, but compares with files a train of the same folder could change."""
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
     with RunFolder(copy).writer():
         one_line(run_main("replay", copy), "is being written by another process", f"pid {os.getpid()}")
-    assert not (copy / "replay.json").exists()
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
 
 def test_the_lock_of_a_process_that_died_blocks_nothing(synth_cache, run_main, cli, tmp_path):

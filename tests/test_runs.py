@@ -28,6 +28,7 @@ from train import data as cache
 from train import run_folder, runs, scoring, trainer
 from train.config import METRICS, TrainConfig
 from train.metrics import scores
+from train.numerics import NUMERICS_VERSION
 
 from conftest import assert_gone, cut_when_saved, quiet_console, run_numbers
 
@@ -99,7 +100,8 @@ def test_config_json_records_config_provenance_and_commit(trained, tiny_cache):
     assert saved["train"]["batch_size"] == 8 and saved["train"]["lr"] == 1e-4  # per-data-set default filled in
     assert saved["provenance"] == {"text": asdict(store.provenance(tiny_cache.text)),
                                    "image": asdict(store.provenance(tiny_cache.image))}
-    assert re.fullmatch(r"[0-9a-f]{40}", saved["git_commit"]), saved["git_commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}", saved["git_commit"]), saved["git_commit"]  # a record, checked by nothing
+    assert saved["numerics_version"] == NUMERICS_VERSION and "code_fingerprint" not in saved
     assert saved["classes"] == ["positive", "neutral", "negative"]
     assert saved["sizes"] == {"train": 12, "dev": 12, "test": 12}
     assert saved["dims"] == {"text_layers": 4, "text_width": 384, "image_channels": 1280, "n_classes": 3}
@@ -228,26 +230,38 @@ def test_train_refuses_a_folder_of_another_run(trained, tmp_path):
 
 
 @pytest.mark.parametrize("what, message", [
-    ("provenance", r"text cache \(fingerprint '[0-9a-f]+' \(asked 'rebuilt'\)\)"),
-    ("code_fingerprint", r"code \(fingerprint 0123456789ab, now"),
-    ("git_commit", r"code \(commit 0123456789, now"),  # a run from before fingerprints were recorded
+    ("provenance", r"holds a run with other settings \(text cache \(fingerprint '[0-9a-f]+' \(asked 'rebuilt'\)\)"),
+    ("another version", r"^{run} was made by numerics version 0, the current code is version \d+: its numbers are not "
+                        r"this code's; delete it and train it again with the command that made it$"),
+    ("no version", r"^{run} was made before numerics versions, the current code is version"),
 ])
-def test_resume_refuses_another_cache_or_other_code(what, message, trained, tmp_path):
-    """Seeds trained on other features or by other code are never mixed into one run."""
+def test_resume_refuses_another_cache_or_numerics_version(what, message, trained, tmp_path):
+    """Seeds trained on other features or by other arithmetic are never mixed into one run; the commit
+    that made a run is a record, not a check."""
     run, cfg, _ = trained
     again = tmp_path / "again"
     shutil.copytree(run, again)
     saved = read_json(again / "config.json")
+    saved["git_commit"] = "0123456789abcdef"  # never a reason to refuse
     if what == "provenance":
         saved["provenance"]["text"]["fingerprint"] = "rebuilt"
-    elif what == "code_fingerprint":
-        saved["code_fingerprint"] = "0123456789ab"
+    elif what == "another version":
+        saved["numerics_version"] = 0
     else:
-        del saved["code_fingerprint"]
-        saved["git_commit"] = "0123456789abcdef"
+        del saved["numerics_version"]
     (again / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message.replace("{run}", re.escape(str(again)))):
         runs.train(TrainConfig.from_json({**cfg.to_json(), "out": str(again)}), quiet_console())
+
+
+def test_resume_of_another_commit_of_the_same_numerics_version_goes_ahead(trained, tmp_path):
+    run, cfg, _ = trained
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    saved = read_json(again / "config.json")
+    (again / "config.json").write_text(json.dumps({**saved, "git_commit": "0" * 40, "git_dirty": True}))
+    assert run_folder.RunFolder(again).mismatch(cfg.resolved()) == []
+    assert runs.train(TrainConfig.from_json({**cfg.to_json(), "out": str(again)}), quiet_console()) == again
 
 
 def test_a_views_run_records_its_views_and_resumes(views_run, tmp_path):

@@ -77,6 +77,12 @@ def test_shard_names_and_folders():
     assert store.cache_folder(Path("c"), "mvsa_s", store.IMAGE, "resnet50") == Path("c/mvsa_s/image/resnet50")
 
 
+def test_a_limited_data_set_name_splits_into_its_base_and_limit():
+    assert store.split_limit("hfm-first100") == ("hfm", 100)
+    assert store.split_limit("x-first3-first5") == ("x-first3", 5)  # only the last suffix is extract's
+    assert store.split_limit("my-first-set") == ("my-first-set", None) and store.split_limit("-first7") == ("-first7", None)
+
+
 def test_text_shard_holds_the_documented_datasets(two_text_shards):
     folder, p, shards = two_text_shards
     with h5py.File(folder / store.shard_name(0, 2), "r") as f:
@@ -514,11 +520,19 @@ def test_the_item_reader_gives_any_items_bit_for_bit(two_text_shards, tmp_path):
 
 @pytest.mark.parametrize("layout", [{}, {"compression": "gzip"}, {"shuffle": True}, {"compression": "lzf"},
                                     {"compression": "gzip", "shuffle": True, "fletcher32": True}])
-def test_maps_stored_another_way_read_the_same(tmp_path, monkeypatch, layout):
+def test_maps_stored_another_way_read_the_same(tmp_path, layout):
     """Without filters, deflate alone or shuffle alone: decoded here; a filter this reader does not
     decode (lzf, a checksum filter): read through h5py. The same bytes either way."""
-    monkeypatch.setattr(store, "MAP_COMPRESSION", layout)
     maps = image_shards(tmp_path, np.random.default_rng(4))
+    for path in sorted(tmp_path.glob("shard-*.h5"))[1:]:  # the maps rewritten by h5py, checksums anew
+        with h5py.File(path, "r") as old:
+            def fill(f):
+                f.attrs.update(old.attrs)
+                for name in ("ids", "labels", "split"):
+                    old.copy(old[name], f)
+                f.create_dataset("maps", data=old["maps"][()], chunks=(1, *old["maps"].shape[1:]), **layout)
+
+            store._atomic(path, fill)
     r = store.ItemReader(tmp_path)
     assert (r._features[1]["maps"].chunks is None) == ("lzf" in layout.values() or "fletcher32" in layout)
     assert r.maps(IDX).tobytes() == maps[IDX].tobytes()
@@ -531,9 +545,9 @@ def test_maps_deflate_and_inflate_alike_with_zlib(tmp_path, monkeypatch, deflate
     import zlib
 
     if deflate == "zlib":
-        monkeypatch.setattr(store, "_deflate", zlib.compress)
+        monkeypatch.setattr(store.writer, "_deflate", zlib.compress)
     maps = image_shards(tmp_path, np.random.default_rng(5))
-    monkeypatch.setattr(store, "_inflate", zlib.decompress)
+    monkeypatch.setattr(store.items, "_inflate", zlib.decompress)
     assert store.ItemReader(tmp_path).maps(IDX).tobytes() == maps[IDX].tobytes()
     with h5py.File(tmp_path / store.shard_name(1, 3), "r") as f:
         assert f["maps"].compression == "gzip" and f["maps"].shuffle and f["maps"].compression_opts == 1
@@ -555,52 +569,6 @@ def test_the_item_reader_checks_every_shard_and_a_map_damaged_later_is_one_line(
         r.maps([0])
 
 
-@pytest.mark.parametrize("size", [0, 100, 4096, 3 * 4096 + 17, (1 << 20) + 5])
-def test_a_file_written_past_the_page_cache_holds_exactly_its_bytes(tmp_path, size):
-    """Shards go to disk by O_DIRECT (block-aligned head, last partial block through the cache)."""
-    from core import paths
-
-    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    for k in range(2):  # the second reuses the thread's aligned buffer
-        paths.write_atomic(tmp_path / f"f{k}", data, uncached=True)
-        assert (tmp_path / f"f{k}").read_bytes() == data
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0", "f1"]
-    if size >= 4096 and _has_o_direct(tmp_path):  # the write above went past the cache, not the fallback
-        assert paths._write_uncached(tmp_path / "g", data) and (tmp_path / "g").read_bytes() == data
-
-
-def _has_o_direct(folder: Path) -> bool:
-    try:
-        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
-@pytest.mark.parametrize("refused_at", ["open", "write"])
-def test_a_file_system_without_o_direct_gets_a_plain_write(tmp_path, monkeypatch, refused_at):
-    """EINVAL at open (tmpfs before Linux 6.6, some network file systems) or at the first write."""
-    from core import paths
-
-    real = open
-
-    class Refusing(FullDisk):  # took O_DIRECT at open, refuses its writes
-        def write(self, data):
-            raise OSError(errno.EINVAL, "Invalid argument")
-
-    def fake(p, mode, *a, opener=None, **k):
-        if opener is None:
-            return real(p, mode, *a, **k)
-        if refused_at == "open":
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return Refusing(real(p, mode, *a, **k))
-
-    monkeypatch.setattr(paths, "open", fake, raising=False)
-    data = bytes(range(256)) * 100
-    paths.write_atomic(tmp_path / "f", data, uncached=True)
-    assert (tmp_path / "f").read_bytes() == data and not list(tmp_path.glob("*.tmp*"))
-
-
 def test_finish_does_not_read_back_the_shards_it_was_told_it_wrote(tmp_path, monkeypatch):
     """Their checksums are of the bytes this process wrote; the other shards are checked as ever."""
     rng = np.random.default_rng(3)
@@ -609,7 +577,7 @@ def test_finish_does_not_read_back_the_shards_it_was_told_it_wrote(tmp_path, mon
         write_text(tmp_path, k, p, text_shard(rng, [f"a{k}"], ["train"], [2]))
     hashed = []
     real = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    monkeypatch.setattr(store.layout, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
     assert store.finish(tmp_path, p, written={1})
     assert hashed == [store.shard_name(0, 2)]
     (tmp_path / "index.json").unlink()

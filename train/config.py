@@ -9,12 +9,12 @@ hyper-parameters live in its config dataclass (`head_config`, see heads/), not h
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable
 
 import heads
+from core import store
 from core.cli_fields import build, check_fields, option
 from core.errors import UserError
 from core.defaults import IMAGE_ENCODER, TEXT_ENCODER
@@ -32,7 +32,7 @@ OFFICIAL = {"lr_step": 10, "eval_batch_size": 64}
 def family(dataset: str) -> str:
     """The built-in a data set name stands for: `hfm-first100` (a --limit'ed hfm) -> `hfm`;
     a user's own name -> MVSA-Single's defaults."""
-    base = re.sub(r"-first\d+$", "", dataset)
+    base = store.split_limit(dataset)[0]
     return base if base in DEFAULTS else FALLBACK
 
 

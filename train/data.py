@@ -16,7 +16,6 @@ Dev and test have no views: they are always scored on the clean (eval-mode) stat
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -294,9 +293,9 @@ class Data:
 
 def extract_source(dataset: str) -> str:
     """The `extract` flags that name this data set: a built-in (maybe `--limit`ed) or a manifest."""
-    limited = re.fullmatch(r"(.+)-first(\d+)", dataset)
-    if limited and limited.group(1) in BUILTIN_DATASETS:
-        return f"--dataset {limited.group(1)} --limit {limited.group(2)}"
+    base, limit = store.split_limit(dataset)
+    if limit is not None and base in BUILTIN_DATASETS:
+        return f"--dataset {base} --limit {limit}"
     return f"--dataset {dataset}" if dataset in BUILTIN_DATASETS else f"--manifest PATH --name {dataset}"
 
 

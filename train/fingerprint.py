@@ -1,32 +1,16 @@
-"""A run's record of the code and machine that made it, in its config.json.
+"""The machine that made a run, recorded in its config.json.
 
-The fingerprint (a hash of `core/store.py`, `heads/` and `train/`) is a record, not a verdict:
-whether a run's numbers are the current code's is decided by replaying it (`train/replay.py`),
-so a refactor that keeps the numbers keeps the evidence. The machine is recorded because float
-kernels, and so the last bits of a number, differ between CPUs and thread counts.
+A record, not a check: which runs `results`, resume and the grids accept is decided by the
+numerics version (train/numerics.py). The machine is recorded because float kernels, and so the
+last bits of a number, differ between CPUs and thread counts: `pipeline.py replay` says so when
+it retrains a run on another kind of CPU.
 """
 
 from __future__ import annotations
 
-import hashlib
 import platform
-from functools import lru_cache
 
 import torch
-
-from core.paths import REPO
-
-SOURCES = ("core/store.py", "heads/*.py", "train/*.py")
-
-
-@lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """12 hex digits over the paths and bytes of SOURCES (line endings normalised)."""
-    h = hashlib.sha256()
-    for path in sorted({p for pattern in SOURCES for p in REPO.glob(pattern)}):
-        h.update(path.relative_to(REPO).as_posix().encode() + b"\0")
-        h.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
-    return h.hexdigest()[:12]
 
 
 def machine() -> dict:

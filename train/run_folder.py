@@ -3,7 +3,9 @@
 `RunFolder`, opened once per command.
 
     runs/<name>/config.json    the TrainConfig as used (with the head's own config), cache provenance,
-                               dims, classes, git commit and whether the working tree was dirty
+                               dims, classes, the numerics version (train/numerics.py: what `results`,
+                               resume and the grids check), and as a record the git commit, whether
+                               the working tree was dirty, and the machine
     runs/<name>/metrics.json   dev/test accuracy, weighted F1, macro F1 as mean/std (sample std, ddof=1)
                                over seeds + per seed; test is label-blind (mean over eval orders);
                                leak_check: the same weights scored in file order (batch-scope heads)
@@ -15,16 +17,15 @@
     runs/<name>/seed-<s>.state.pt  while seed s trains: its resumable state after the last finished epoch
                                (weights, optimizer, scheduler, random streams, best epoch, logs; plain
                                tensors and numbers, loads with weights_only); deleted when the seed ends
-    runs/<name>/replay.json    `pipeline.py replay`: which code reproduced which seed of the run, and the
-                               numbers each machine computed for the seed (train/replay.py)
     runs/<name>/report.txt     per-class report and confusion matrix of each seed on test, in the first
                                label-blind order (metrics.json: the mean over the orders)
-    runs/<name>/writer.lock    while a train, grid cell or replay writes the folder: who (pid, host); held
-                               with flock, so a leftover of a process that died blocks nothing
+    runs/<name>/writer.lock    while a train or grid cell writes the folder, or a replay compares with it:
+                               who (pid, host); held with flock, so a leftover of a process that died
+                               blocks nothing
 
 Trust (ARCHITECTURE.md rule 9): one writer at a time (`RunFolder.writer`), every file a reader may
 see written to a temporary file and renamed, `train --out` never writes into a folder of other
-files (`check_out`), and `results` reads a run only when its files agree (`check_evidence`).
+files (`check_out`), and `results` reads a run only when its files agree (experiments/evidence.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import fcntl
 import hashlib
 import io
 import json
-import math
 import os
 import pickle
 import socket
@@ -49,15 +49,13 @@ from pathlib import Path
 import torch
 
 import heads
-from core import pretty_json
 from core.device import device
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, REPO, make_dir, write_atomic
 from heads.base import Dims
 from train import data as cache
 from train.config import METRICS, TrainConfig
-from train import fingerprint
-from train.metrics import mean_std
+from train import fingerprint, numerics
 from train.trainer import SeedResult
 
 
@@ -171,7 +169,7 @@ class RunFolder:
     """
 
     CONFIG, METRICS, LOG, PROTOCOL = "config.json", "metrics.json", "log.csv", "protocol.csv"
-    REPORT, REPLAY, LOCK, ROBUSTNESS = "report.txt", "replay.json", "writer.lock", "robustness.json"
+    REPORT, LOCK, ROBUSTNESS = "report.txt", "writer.lock", "robustness.json"
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -235,7 +233,7 @@ class RunFolder:
         saved = {
             "train": cfg.to_json(), "official_changes": cfg.official_changes(), "provenance": data.provenance.to_json(),
             "dims": asdict(data.dims), "classes": data.classes, "sizes": sizes, "git_commit": git_commit(),
-            "git_dirty": git_dirty(), "code_fingerprint": fingerprint.code_fingerprint(), "device": str(device()),
+            "git_dirty": git_dirty(), "numerics_version": numerics.NUMERICS_VERSION, "device": str(device()),
             "machine": fingerprint.machine(),
         }
         write_atomic(self._file(self.CONFIG), json.dumps(saved, indent=1))
@@ -261,8 +259,8 @@ class RunFolder:
         return saved, cfg, data
 
     def mismatch(self, cfg: TrainConfig, provenance: cache.CacheProvenance | None = None) -> list[str]:
-        """What differs between the run already here and `cfg` (settings, code and, given the loaded
-        cache's provenance, the cache): a run is only ever resumed by what started it."""
+        """What differs between the run already here and `cfg` (settings, numerics version and, given the
+        loaded cache's provenance, the cache): a run is only ever resumed by what started it."""
         if not self.is_run():
             return []
         saved = self.config()
@@ -271,22 +269,10 @@ class RunFolder:
         if provenance is not None:
             recorded = cache.CacheProvenance.from_json(saved.get("provenance", {}))
             diff += [f"{kind} cache ({'; '.join(d)})" for kind, d in recorded.differences(provenance).items()]
-        # the code that trains and scores, decided by what it computes (a replay), not the commit
-        if "code_fingerprint" in saved:
-            if not self.vouched():
-                diff.append(f"code (fingerprint {saved['code_fingerprint']}, now {fingerprint.code_fingerprint()}; "
-                            f"commit {str(saved.get('git_commit'))[:10]}: if the code still computes its numbers, "
-                            f"`python pipeline.py replay {self.path}` says so)")
-        elif saved.get("git_commit") not in (None, git_commit()):
-            diff.append(f"code (commit {saved['git_commit'][:10]}, now {git_commit()[:10]})")
+        # the arithmetic that trains and scores: the numerics version, not the commit (a record only)
+        if (made := numerics.made_by(saved)) is not None:
+            diff.append(f"numerics version ({made}, now {numerics.NUMERICS_VERSION})")
         return diff
-
-    def vouched(self) -> bool:
-        """Whether the run's numbers are the current code's: it was trained by code of the current
-        fingerprint, or a complete replay by such code is recorded in its replay.json."""
-        now = fingerprint.code_fingerprint()
-        return self.config().get("code_fingerprint") == now or any(
-            r.get("complete") and r.get("code_fingerprint") == now for r in self.replays())
 
     # --- seeds: seed-<s>.json, seed-<s>.pt ---------------------------------------------------
 
@@ -314,12 +300,14 @@ class RunFolder:
         Resuming is per seed: a seed is done once its `seed-<s>.json` exists (written after its
         weights, so it is the mark of a finished seed; evidence in `results/` keeps the JSON and
         not the weights, and is never trained again). A folder that holds another configuration,
-        features from a rebuilt cache or other code (fingerprint) is refused rather than mixed.
+        features from a rebuilt cache or another numerics version is refused rather than mixed.
         """
+        if self.is_run() and (line := numerics.refusal(self.path, self.config())):
+            raise UserError(line)
         diff = self.mismatch(cfg, provenance)
         if diff:
             raise UserError(f"{self.path} holds a run with other settings ({'; '.join(diff)}): "
-                            "pass another --out, or the same options, cache and code to resume it")
+                            "pass another --out, or the same options and cache to resume it")
         return {seed: SeedResult(state={}, log=[], **self.seed_record(seed)) for seed in cfg.seeds
                 if self.finished(seed)}
 
@@ -468,29 +456,7 @@ class RunFolder:
     def write_report(self, text: str) -> None:
         write_atomic(self._file(self.REPORT), text)
 
-    # --- replay.json --------------------------------------------------------------------------
-
-    def _replay_file(self) -> dict:
-        path = self._file(self.REPLAY)
-        if not path.is_file():
-            return {}
-        try:
-            saved = json.loads(path.read_text())
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise UserError(f"{path} is corrupt ({e}): delete it and run `python pipeline.py replay {self.path}` "
-                            "again") from None
-        return saved
-
-    def replays(self) -> list[dict]:
-        """The replays recorded in replay.json, oldest first ([] when there is none)."""
-        return [r for r in self._replay_file().get("replays", []) if isinstance(r, dict)]
-
-    def replay_numbers(self) -> list[dict]:
-        """The numbers replays computed, with the machine that computed them (replay.json's `numbers`;
-        [] in a file written before they were kept): what a later replay there compares with."""
-        return [n for n in self._replay_file().get("numbers", []) if isinstance(n, dict)]
+    # --- robustness.json --------------------------------------------------------------------
 
     def robustness(self) -> dict:
         """robustness.json ({} when the run was never scored so): `eval --drop/--noise`, `train --robustness`."""
@@ -505,15 +471,6 @@ class RunFolder:
 
     def write_robustness(self, result: dict) -> None:
         write_atomic(self._file(self.ROBUSTNESS), json.dumps(result, indent=1) + "\n")
-
-    def record_replay(self, entry: dict, numbers: list[dict] | None = None) -> None:
-        """Add a replay to replay.json (one entry per code fingerprint and seed: a newer one replaces it),
-        and write `numbers` as its stored numbers (None: keep those it holds)."""
-        keep = [r for r in self.replays() if (r.get("code_fingerprint"), r.get("seed"), r.get("complete"))
-                != (entry["code_fingerprint"], entry["seed"], entry["complete"])]
-        numbers = self.replay_numbers() if numbers is None else numbers
-        saved = {"replays": keep + [entry], **({"numbers": numbers} if numbers else {})}
-        write_atomic(self._file(self.REPLAY), pretty_json.dumps(saved) + "\n")
 
     # --- trust: one writer, our own folder, files that agree ---------------------------------
 
@@ -570,106 +527,3 @@ class RunFolder:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             raise UserError(f"--out {path} holds other files ({shown}) and no run (no config.json): train writes "
                             "only into an empty folder or its own run; give another --out")
-
-    def check_evidence(self, metrics: dict) -> None:
-        """`results` reads a run only when its files agree: metrics.json with every seed-<s>.json
-        (the same selected epoch and scores), and each seed file with log.csv (its best_epoch is an
-        argmax row of the dev `select` column, whose dev values it holds to 4 digits). A hand-edited
-        or half-copied run is refused naming the file that disagrees."""
-        saved = self.config()
-        select = metrics.get("select") or saved["train"].get("select")
-        metrics_path, log_path = self._file(self.METRICS), self._file(self.LOG)
-
-        def refuse(path: Path, what: str, other: Path) -> UserError:
-            return UserError(f"{path} disagrees with {other.name} ({what}): the run folder was edited or mixed "
-                             "from two runs; restore it from the run that wrote it, or train again")
-
-        records = {}
-        for p in metrics["per_seed"]:
-            seed = p.get("seed")
-            record = records[seed] = self.seed_record(seed)
-            path = self._file(self.seed_file(seed))
-            if record.get("seed", seed) != seed or record["best_epoch"] != p.get("best_epoch"):
-                raise refuse(path, f"best_epoch {record['best_epoch']} here, {p.get('best_epoch')} there", metrics_path)
-            for split in ("dev", "test"):
-                for m in METRICS:
-                    a, b = (record.get(split) or {}).get(m), (p.get(split) or {}).get(m)
-                    if a != b:
-                        raise refuse(path, f"{split} {m} {a} here, {b} there", metrics_path)
-        for split in ("dev", "test"):
-            for m in METRICS:
-                recorded = (metrics.get(split) or {}).get(m) or {}
-                now = mean_std([r[split][m] for r in records.values()])
-                if not all(_close(recorded.get(k), now[k]) for k in ("mean", "std")):
-                    raise UserError(f"{metrics_path} disagrees with its seed files ({split} {m} mean/std "
-                                    f"{recorded.get('mean')}/{recorded.get('std')}, the seeds give {now['mean']}/"
-                                    f"{now['std']}): restore it from the run that wrote it, or train again")
-        for seed, record in records.items():
-            path, best = self._file(self.seed_file(seed)), record["best_epoch"]
-            rows = self.log_rows(seed)
-            try:
-                column = [float(r[f"dev_{select}"]) for r in rows]
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{log_path} has no dev_{select} values for seed {seed}: restore it or train "
-                                "again") from None
-            if not 1 <= best <= len(rows) or int(rows[best - 1]["epoch"]) != best:
-                raise refuse(path, f"best_epoch {best}, log.csv has epochs 1-{len(rows)} of seed {seed}", log_path)
-            # the selection compares exact values, the file holds them to 4 digits: an argmax row, not the first
-            if column[best - 1] != max(column):
-                raise refuse(path, f"best_epoch {best}, but dev {select} of seed {seed} is higher in epoch "
-                                   f"{column.index(max(column)) + 1}", log_path)
-            for m in METRICS:
-                if f"{record['dev'][m]:.4f}" != rows[best - 1][f"dev_{m}"]:
-                    raise refuse(path, f"dev {m} {record['dev'][m]:.4f}, log.csv epoch {best} of seed {seed} "
-                                       f"holds {rows[best - 1][f'dev_{m}']}", log_path)
-
-
-def _close(recorded, now: float) -> bool:
-    """A recorded summary number against the one recomputed from the seeds (NaN equals NaN)."""
-    if not isinstance(recorded, (int, float)):
-        return False
-    return (math.isnan(recorded) and math.isnan(now)) or math.isclose(recorded, now, rel_tol=1e-9, abs_tol=1e-12)
-
-
-# --- the same configuration among the committed evidence ---------------------------------------
-
-EVIDENCE = REPO / "results"
-NUMBERLESS = ("out", "cache_dir", "protocol_check", "seeds")  # settings that change no seed's numbers
-
-
-def _numbers_key(saved: dict) -> str:
-    train = {k: v for k, v in saved.get("train", {}).items() if k not in NUMBERLESS}
-    return json.dumps({"train": train, "provenance": saved.get("provenance")}, sort_keys=True)
-
-
-def evidence_twins(out: Path, evidence: Path = EVIDENCE) -> list[str]:
-    """One line for each evidence run in `evidence` trained with the configuration of the finished
-    run in `out`: whether the seeds they share have the same numbers (selected epoch, test metrics)."""
-    mine_folder = RunFolder(out)
-    key = _numbers_key(mine_folder.config())
-    mine = {p["seed"]: p for p in mine_folder.metrics()["per_seed"]}
-    lines = []
-    for folder in RunFolder.under(evidence, depth=2):
-        other = folder.path
-        if other.resolve() == Path(out).resolve() or not folder.is_finished():
-            continue
-        try:
-            if _numbers_key(folder.config()) != key:
-                continue
-            theirs = {p["seed"]: p for p in folder.metrics()["per_seed"]}
-        except (UserError, KeyError, TypeError):
-            continue
-        common = sorted(set(mine) & set(theirs))
-        if not common:
-            continue
-        name = other.relative_to(REPO) if other.is_relative_to(REPO) else other
-        differ = {s: max(abs(mine[s]["test"][m] - theirs[s]["test"][m]) for m in METRICS) for s in common
-                  if (mine[s]["test"], mine[s]["best_epoch"]) != (theirs[s]["test"], theirs[s]["best_epoch"])}
-        seeds = "" if set(common) == set(theirs) == set(mine) else f" (seeds {', '.join(map(str, common))})"
-        if not differ:
-            lines.append(f"matches {name}: identical{seeds}")
-        else:
-            lines.append(f"compared with {name}{seeds}: seed{'s' * (len(differ) > 1)} "
-                         f"{', '.join(map(str, differ))} differ, test metrics by up to {max(differ.values()):.4f}"
-                         " (numbers depend on the CPU and the threads per process; `pipeline.py replay` checks the code)")
-    return lines

@@ -18,14 +18,13 @@ from rich.console import Console
 from core import memory as core_memory
 from core.device import device
 from core.errors import Interrupted, UserError
-from core.terminal import Screen
 from train import data as cache
 from train import robustness
 from train.config import METRICS, TrainConfig
 from train.data import load_data
 from train.metrics import mean_std, report
-from train.run_folder import RunFolder, default_out, evidence_twins
-from train.progress import Board, EpochClock, ItemRow, epoch_fields, plain
+from train.run_folder import RunFolder, default_out
+from train.progress import Progress
 from train.scoring import eval_orders, score_split
 from train.trainer import EpochLog, SeedResult, build_head, saved_logs, train_seed
 
@@ -85,57 +84,43 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
     # only for heads that have one
     step_two = build_head(cfg, data).has_second_step
     with planned(cfg, data) as plan:
-        cfg, done, partial = plan.cfg, plan.done, plan.partial
-        kept = {seed: state["epoch"] for seed, state in partial.items()}
-        sizes = {s: len(v) for s, v in data.splits.items()}
-        console.print(f"{cfg.dataset}: {sizes} from the cache in {time.time() - t0:.1f} s"
-                      + (f" ({data.dropped} items without image left out)" if data.dropped else "")
-                      + (f"; streamed from the shards ({data.needs / 2**30:.2f} GiB of features, memory budget "
-                         f"{data.budget / 2**30:.2f} GiB per process)" if data.streamed else "")
-                      + (f"; resuming {cfg.out}, seeds {sorted(done)} already done" if done else ""))
-        for seed, epoch in kept.items():
-            console.print(f"seed {seed}: resuming after epoch {epoch} of {cfg.epochs}")
-        todo = plan.todo
-        lanes = min(jobs, len(todo)) if jobs > 1 and len(todo) > 1 else 1
-        clock = EpochClock(dict.fromkeys(todo, cfg.epochs), lanes, kept, earlier=sum(len(r.log) for r in done.values()))
-        # the best dev epoch so far, as the trainer selects it (the first of equals), from what a
-        # finished or resumed seed saved: a resumed seed's earlier epochs count
-        best: dict[int, tuple[float, int]] = {seed: (r.dev[cfg.select], r.best_epoch) for seed, r in done.items()}
-        best.update({seed: (state["best"]["dev"][cfg.select], state["best"]["epoch"])
-                     for seed, state in partial.items() if state.get("best")})
-        rows = {seed: ItemRow(f"seed {seed}", len(done[seed].log), len(done[seed].log),
-                              f"done earlier, best {best[seed][0]:.4f} @ {best[seed][1]}") if seed in done else
-                ItemRow(f"seed {seed}", cfg.epochs, kept.get(seed, 0), "waiting") for seed in cfg.seeds}
-        board = Board("all seeds", clock, rows)
-        with Screen(console, board.render) as screen:
-            def on_epoch(entry):
-                with screen.lock:
-                    if entry.dev[cfg.select] > best.get(entry.seed, (-1.0, 0))[0]:
-                        best[entry.seed] = (entry.dev[cfg.select], entry.epoch)
-                    clock.update(entry.seed, entry.epoch, seconds=entry.seconds)
-                    row = rows[entry.seed]
-                    row.done, row.status = entry.epoch, ""
-                    row.fields = epoch_fields(entry, cfg.select, best[entry.seed], step_two)
-                    screen.log(plain(f"seed {entry.seed} epoch {entry.epoch}/{cfg.epochs}", row.fields,
-                                     "| all seeds", clock.figures()))
-                screen.refresh()
-
-            def on_seed_end(r):
-                with screen.lock:
-                    clock.finish(r.seed)  # --patience may have stopped it early
-                    row = rows[r.seed]
-                    row.planned = row.done = len(r.log)
-                    row.status, row.fields = f"done, best {r.dev[cfg.select]:.4f} @ {r.best_epoch}", []
-                    screen.log(plain(f"seed {r.seed} {row.status} ({len(r.log)} epochs)", "| all seeds",
-                                     clock.figures()))
-                screen.refresh()
-
-            result = run(plan, data, on_epoch, on_seed_end, t0=t0, jobs=jobs, threads=threads)
+        cfg = plan.cfg
+        console.print(loaded_note(plan, data, time.time() - t0))
+        for seed, state in plan.partial.items():
+            console.print(f"seed {seed}: resuming after epoch {state['epoch']} of {cfg.epochs}")
+        with plan_progress(plan, jobs, step_two).shown(console) as progress:
+            result = run(plan, data, progress.epoch, progress.seed_done, t0=t0, jobs=jobs, threads=threads)
         if robust:
             score_default_robustness(result.out, cfg, data)
-    for line in evidence_twins(result.out):  # the same configuration as a committed evidence run
-        console.print(line, highlight=False, soft_wrap=True)
     return result.out
+
+
+def loaded_note(plan: Plan, data: cache.Data, seconds: float) -> str:
+    """`train`'s first line: the splits loaded from the cache (and items left out, streaming, a resume).
+    Its own function so `train` reads as its steps."""
+    sizes = {s: len(v) for s, v in data.splits.items()}
+    return (f"{plan.cfg.dataset}: {sizes} from the cache in {seconds:.1f} s"
+            + (f" ({data.dropped} items without image left out)" if data.dropped else "")
+            + (f"; streamed from the shards ({data.needs / 2**30:.2f} GiB of features, memory budget "
+               f"{data.budget / 2**30:.2f} GiB per process)" if data.streamed else "")
+            + (f"; resuming {plan.cfg.out}, seeds {sorted(plan.done)} already done" if plan.done else ""))
+
+
+def plan_progress(plan: Plan, jobs: int, step_two: bool) -> Progress:
+    """What `train` shows for `plan` (train/progress.py builds it, as for the grids): a row per seed,
+    the finished seeds done earlier, and the best epoch so far of finished and resumed seeds (a
+    resumed seed's earlier epochs count, as they do for the trainer)."""
+    cfg, todo = plan.cfg, plan.todo
+    lanes = min(jobs, len(todo)) if jobs > 1 and len(todo) > 1 else 1
+    kept = {seed: state["epoch"] for seed, state in plan.partial.items()}
+    progress = Progress("all seeds", {seed: f"seed {seed}" for seed in cfg.seeds}, dict.fromkeys(todo, cfg.epochs),
+                        lanes, kept, cfg.select, step_two)
+    for seed, r in plan.done.items():
+        progress.found_done(seed, len(r.log), cfg.epochs, r.dev, r.best_epoch)
+    for seed, state in plan.partial.items():
+        if state.get("best"):
+            progress.found_best(seed, state["best"]["dev"], state["best"]["epoch"])
+    return progress
 
 
 def score_default_robustness(out: Path, cfg: TrainConfig, data: cache.Data) -> None:

@@ -123,7 +123,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         log.seconds = time.time() - t0
         at.logs.append(log)
         at.epoch = epoch
-        if at.best is None or log.dev[cfg.select] > at.best.dev[cfg.select]:
+        if improves(log.dev, None if at.best is None else at.best.dev, cfg.select):
             at.best = Best(epoch, log.dev, copy.deepcopy(head.state_dict()))
         save(snapshot(head, opt, sched, g, at))
         on_epoch(log)
@@ -211,6 +211,13 @@ def seed_result(cfg: TrainConfig, data: Data, head, seed: int, at: SeedProgress,
         last_epoch_test=last,
         protocol_check=scoring.protocol_check(logs, test_scores) if cfg.protocol_check else None,
     )
+
+
+def improves(dev: dict, best_dev: dict | None, select: str) -> bool:
+    """Whether an epoch's `dev` scores make it the selected epoch over the best so far (`best_dev`,
+    None before the first epoch): strictly higher on `select`, so the first of equals stays. The
+    one rule: the progress display (train/progress.py) shows the best epoch through it too."""
+    return best_dev is None or dev[select] > best_dev[select]
 
 
 def stopped(cfg: TrainConfig, epoch: int, best_epoch: int) -> bool:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from core import pretty_json
 from core.errors import Interrupted
 from train.data import load_data, modalities
 from train.runs import train_run
@@ -205,8 +204,22 @@ def read(path: Path, empty: dict) -> dict:
 
 def write(path: Path, obj: dict) -> None:
     """The goldens compact (a container on one line where it fits), the ledger one case a line."""
-    text = pretty_json.dumps(obj, width=150) if path == GOLDENS else json.dumps(obj, indent=1)
-    path.write_text(text + "\n")
+    path.write_text((compact(obj) if path == GOLDENS else json.dumps(obj, indent=1)) + "\n")
+
+
+def compact(obj, level: int = 0, width: int = 150) -> str:
+    """JSON with a container on one line where that line, indented, fits in `width` characters or it
+    holds plain values only, and each member on a line of its own elsewhere; floats as json.dumps
+    writes them (they read back exactly)."""
+    line = json.dumps(obj)
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else []
+    if len(line) + level < width or not any(isinstance(v, (dict, list)) and v for v in values):
+        return line
+    pad = " " * (level + 1)
+    if isinstance(obj, dict):
+        members = [f"{pad}{json.dumps(str(k))}: {compact(v, level + 1, width)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(members) + f"\n{' ' * level}}}"
+    return "[\n" + ",\n".join(f"{pad}{compact(v, level + 1, width)}" for v in obj) + f"\n{' ' * level}]"
 
 
 def digest(values: dict) -> str:
