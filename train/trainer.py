@@ -95,7 +95,7 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     torch.manual_seed(seed)
     np.random.seed(seed)
     device_ = device()
-    train, dev_split, test = data.splits["train"], data.splits["dev"], data.splits["test"]
+    train = data.splits["train"]
     if len(train) < 2:
         raise UserError(f"the train split of {cfg.dataset} has {len(train)} item(s): training needs at least 2 "
                         "(BatchNorm and SupCon need pairs); extract more data or check the split column")
@@ -103,13 +103,9 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
     head = build_head(cfg, data).to(device_, dtype)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    # torch >= 2 zero_grad drops gradients (set_to_none); the official code's torch 1.8 kept zero
-    # tensors, so its step-two AdamW step also moved parameters L_clm does not reach
-    keep_zero_grads = cfg.official
     g = torch.Generator().manual_seed(seed)
-    n_classes = data.dims.n_classes
-    weight = class_weights(train.labels, n_classes).to(device_, dtype) if cfg.balanced else None
-    dev_order = scoring.eval_orders(len(dev_split), cfg, 1)
+    weight = class_weights(train.labels, data.dims.n_classes).to(device_, dtype) if cfg.balanced else None
+    dev_order = scoring.eval_orders(len(data.splits["dev"]), cfg, 1)
     at = SeedProgress() if resume is None else restore(resume, head, opt, sched, g)
     for epoch in range(at.epoch + 1, cfg.epochs + 1):
         if at.best is not None and stopped(cfg, epoch - 1, at.best.epoch):
@@ -119,43 +115,90 @@ def train_seed(cfg: TrainConfig, data: Data, seed: int, on_epoch=lambda log: Non
         head.train()
         order = torch.randperm(len(train), generator=g)
         views = train.draw_views(seed, epoch) if cfg.text_views else None  # one dropout view per item
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        fired = n_batches = 0
-        chunks = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
-        chunks = [idx for idx in chunks if len(idx) >= 2]  # BatchNorm cannot train on one sample
-        for batch in train.batches(chunks, views):  # streamed from the shards: read ahead meanwhile
-            batch = batch.to(device_, dtype, non_blocking=True)  # pinned on a GPU (Data.place); else a plain copy
-            y = batch.labels
-            terms = head.objective(head(batch), y, weight)
-            opt.zero_grad(set_to_none=not keep_zero_grads)
-            sum(terms.values()).backward()
-            opt.step()
-            n_batches += 1
-            _add(sums, counts, terms)
-            if head.has_second_step:
-                second = head.second_step(head(batch), y)  # the same batch again, updated weights
-                if second is not None:  # the head's gate opened
-                    opt.zero_grad(set_to_none=not keep_zero_grads)
-                    sum(second.values()).backward()
-                    opt.step()
-                    fired += 1
-                    _add(sums, counts, {f"step2_{k}": v for k, v in second.items()})
+        steps = train_epoch(head, opt, train, cfg, order, views, weight, (device_, dtype))
         sched.step()
-        at.fired_total += fired
-        at.batches_total += n_batches
-        pred = scoring.predict(head, dev_split, cfg.eval_batch_size, device_, dev_order[0])
-        dev_scores = scores(dev_split.labels.numpy(), pred, n_classes)
-        # eval mode, no gradients: draws no random number, so the run trains exactly as without it
-        on_test = scoring.file_order_scores(head, test, cfg, n_classes, device_) if cfg.protocol_check else None
-        log = EpochLog(seed, epoch, lr, {k: sums[k] / counts[k] for k in sums},
-                       fired / max(n_batches, 1), time.time() - t0, dev_scores, on_test)
+        at.fired_total += steps.fired
+        at.batches_total += steps.batches
+        log = score_epoch(head, data, cfg, (seed, epoch, lr), steps, dev_order[0], device_)
+        log.seconds = time.time() - t0
         at.logs.append(log)
         at.epoch = epoch
-        if improves(dev_scores, None if at.best is None else at.best.dev, cfg.select):
-            at.best = Best(epoch, dev_scores, copy.deepcopy(head.state_dict()))
+        if improves(log.dev, None if at.best is None else at.best.dev, cfg.select):
+            at.best = Best(epoch, log.dev, copy.deepcopy(head.state_dict()))
         save(snapshot(head, opt, sched, g, at))
         on_epoch(log)
+    return seed_result(cfg, data, head, seed, at, device_)
+
+
+@dataclass
+class EpochSteps:
+    """What one epoch's optimizer steps add up: each named loss term's sum over the batches it was
+    computed on, and how many batches ran and how many of them took the second step."""
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    fired: int = 0
+    batches: int = 0
+
+    def add(self, terms: dict) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def losses(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def train_epoch(head, opt, train, cfg: TrainConfig, order: torch.Tensor, views: torch.Tensor | None,
+                weight: torch.Tensor | None, place: tuple) -> EpochSteps:
+    """One epoch's optimizer steps over `train` in `order` (`place`: the device and dtype of the
+    batches): step one on the head's objective, then its gated step two where it has one."""
+    # torch >= 2 zero_grad drops gradients (set_to_none); the official code's torch 1.8 kept zero
+    # tensors, so its step-two AdamW step also moved parameters L_clm does not reach
+    keep_zero_grads = cfg.official
+    steps = EpochSteps()
+    chunks = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
+    chunks = [idx for idx in chunks if len(idx) >= 2]  # BatchNorm cannot train on one sample
+    for batch in train.batches(chunks, views):  # streamed from the shards: read ahead meanwhile
+        batch = batch.to(*place, non_blocking=True)  # pinned on a GPU (Data.place); else a plain copy
+        y = batch.labels
+        terms = head.objective(head(batch), y, weight)
+        _step(opt, terms, keep_zero_grads)
+        steps.batches += 1
+        steps.add(terms)
+        if head.has_second_step:
+            second = head.second_step(head(batch), y)  # the same batch again, updated weights
+            if second is not None:  # the head's gate opened
+                _step(opt, second, keep_zero_grads)
+                steps.fired += 1
+                steps.add({f"step2_{k}": v for k, v in second.items()})
+    return steps
+
+
+def _step(opt, terms: dict, keep_zero_grads: bool) -> None:
+    """One optimizer step on the sum of `terms`."""
+    opt.zero_grad(set_to_none=not keep_zero_grads)
+    sum(terms.values()).backward()
+    opt.step()
+
+
+def score_epoch(head, data: Data, cfg: TrainConfig, when: tuple[int, int, float], steps: EpochSteps,
+                dev_order: torch.Tensor, device_) -> EpochLog:
+    """The log of a finished epoch (`when`: seed, epoch, its learning rate): dev scored in its
+    label-blind order, and with --protocol-check test in file order (never selects)."""
+    seed, epoch, lr = when
+    n_classes = data.dims.n_classes
+    dev = data.splits["dev"]
+    pred = scoring.predict(head, dev, cfg.eval_batch_size, device_, dev_order)
+    dev_scores = scores(dev.labels.numpy(), pred, n_classes)
+    # eval mode, no gradients: draws no random number, so the run trains exactly as without it
+    on_test = scoring.file_order_scores(head, data.splits["test"], cfg, n_classes, device_) if cfg.protocol_check \
+        else None
+    return EpochLog(seed, epoch, lr, steps.losses(), steps.fired / max(steps.batches, 1), 0.0, dev_scores, on_test)
+
+
+def seed_result(cfg: TrainConfig, data: Data, head, seed: int, at: SeedProgress, device_) -> SeedResult:
+    """Test, scored once with the dev-selected weights (--official: the last epoch's beside them)."""
+    test, n_classes = data.splits["test"], data.dims.n_classes
     best, logs = at.best, at.logs
     orders = scoring.eval_orders(len(test), cfg)
     last = scoring.score_split(head, test, cfg, n_classes, device_, orders)[0] if cfg.official else None
@@ -219,9 +262,3 @@ def restore(state: dict, head, opt, sched, g: torch.Generator) -> SeedProgress:
 def saved_logs(state: dict) -> list[EpochLog]:
     """The epoch logs a `snapshot` holds."""
     return [EpochLog(**log) for log in state["logs"]]
-
-
-def _add(sums: dict, counts: dict, terms: dict) -> None:
-    for k, v in terms.items():
-        sums[k] = sums.get(k, 0.0) + float(v.detach())
-        counts[k] = counts.get(k, 0) + 1
