@@ -13,7 +13,8 @@ import torch
 
 import heads
 from heads import registry
-from heads.base import HeadConfig, opt
+from core.cli_fields import option
+from heads.base import HeadConfig
 from heads.probe import Probe
 from tests.numerics import cases, golden
 from tests.numerics.cases import CASES
@@ -55,7 +56,7 @@ def test_every_head_and_setting_that_changes_a_number_has_a_case():
 def test_a_head_without_a_case_fails_the_coverage_test(monkeypatch):
     @dataclass
     class DummyConfig(HeadConfig):
-        width: int = opt(3, "a field of its own")
+        width: int = option(3, "a field of its own")
 
     monkeypatch.setitem(registry._HEADS, "numerics_dummy", (Probe, DummyConfig))
     assert "numerics_dummy" in heads.available()

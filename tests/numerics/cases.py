@@ -130,6 +130,8 @@ NO_NUMBERS = {
                           "the goldens",
     "train_run(dtype)": "the goldens are float64, the arithmetic to its precision; float32's last bits are not "
                         "guarded (docs/numerics.md)",
+    "train_run(report_to)": "trackers write what the run computed (train/tracking.py); they read, never change, "
+                            "a number",
     "load_data(cfg)": "the config: its fields are above",
 }
 STRUCTURE = {"TrainConfig.head": "every registered head has a default case",
