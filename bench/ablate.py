@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Ablation-grid benchmark -> bench/results/ablate.json (+ .md; `--out` another file).
 
-Runs `pipeline.py ablate` on MVSA-Single (the rows of SPEC.md's Tables 4-7 + the linear
-probe) as a user would, with `--jobs` and `--patience`, and times it. Beside it, the same
-grid's estimated time with the frozen encoders in the loop (the official design): the
+Runs `pipeline.py ablate` on MVSA-Single (the rows of the paper's Tables 4-7, docs/method.md
+"Training", + the linear probe) as a user would, with `--jobs` and `--patience`, and times it.
+Beside it, the same grid's estimated time with the frozen encoders in the loop (the official design): the
 epochs the grid actually trained, times `bench/train.py`'s measured seconds per epoch of
 bert-base + ResNet-50 forward (bench/results/train.json), forward only, so a lower bound.
 

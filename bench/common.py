@@ -1,7 +1,7 @@
 """What every benchmark ends with: its figures as JSON, the same as a markdown table, and on screen.
 
 Every benchmark writes through `save`, so its outputs are kept as `pipeline.py`'s are
-(ARCHITECTURE.md rule 9): each file is written whole or not at all (`core.paths.write_atomic`),
+(docs/architecture.md rule 9): each file is written whole or not at all (`core.paths.write_atomic`),
 and `--out` is checked by `out_file` when the benchmark starts, not after an hour of measuring:
 a folder, the file system's root, or a folder holding files the benchmark does not write is
 refused. bench/results/ is the benchmarks' own folder, where each writes its `<name>.json` and

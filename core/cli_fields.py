@@ -1,7 +1,7 @@
 """Command-line options read from config dataclass fields, as HF's HfArgumentParser does.
 
 Why: a setting's name, type, default and help are declared once, on its dataclass field
-(ARCHITECTURE.md rule 4), so `--help`, the config a command builds and `config.json` cannot
+(docs/architecture.md rule 4), so `--help`, the config a command builds and `config.json` cannot
 drift apart, and `pipeline.py` repeats no default. A field is an option when it is declared
 with `option(...)` (it has a help); a field without one (an internal knob) is not. This is the one
 helper that declares options: a head's config fields use it too, and those with a `flag` are options

@@ -18,7 +18,7 @@ each one waits for a sleeping thread to wake up. So:
 `SPP_THREADS=legacy` in the environment leaves torch's own defaults alone (one process,
 torch's threads, libgomp's spinning), for benchmarks that measure the old behaviour.
 
-How a process ends (ARCHITECTURE rule 9: a process that dies leaves no worker behind):
+How a process ends (docs/architecture.md rule 9: a process that dies leaves no worker behind):
 
 - a pool worker dies with the main process, however that one ends (Ctrl-C, SIGTERM,
   `kill -9`, a crash), whatever multiprocessing's start method (`die_with_parent`);

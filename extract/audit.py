@@ -46,10 +46,11 @@ TEXT_KINDS = ("text_exact", "text_normalised")
 IMAGE_KINDS = ("image", "image_unconfirmed")
 COLUMNS = ["split", "id", "other_split", "other_id", "kind", "score", "same_label"]
 
-# Calibrated on MVSA-Single (README "Data audit"): of the pairs of pooled EfficientNet-lite0
-# maps with cosine >= 0.85, the lowest-scoring true copy seen by eye sat at 0.892; candidates
-# start at 0.88 and the perceptual hash decides. Without the files, cosine alone is less sure:
-# same-template pictures (a screenshot layout, a poster series) also reach 0.93-0.95.
+# Calibrated on MVSA-Single (docs/audit.md, "Calibration of the image threshold"): of the pairs
+# of pooled EfficientNet-lite0 maps with cosine >= 0.85, the lowest-scoring true copy seen by eye
+# sat at 0.892; candidates start at 0.88 and the perceptual hash decides. Without the files,
+# cosine alone is less sure: same-template pictures (a screenshot layout, a poster series) also
+# reach 0.93-0.95.
 IMAGE_THRESHOLD = 0.88
 # pHash is 64 bits. On those pairs, copies (re-encoded, rescaled) were 0-2 bits apart; the
 # closest pair that was not a copy (another frame of one scene) was 10 apart; unrelated ~30.

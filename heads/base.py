@@ -3,7 +3,7 @@
 The trainer builds a `Batch` from the in-memory cache, calls `head(batch)` and gets a
 `HeadOutput`; the head's own `objective` turns it into named loss terms, and a head may
 declare a gated second step. So a head owns its objective and one trainer serves every
-head (ARCHITECTURE.md, rule 3). Each head has its own config dataclass, a subclass of
+head (docs/architecture.md, rule 3). Each head has its own config dataclass, a subclass of
 `HeadConfig`. `Dims` is read from the cache, so a head adapts to whatever encoders
 stage one used.
 """
@@ -170,7 +170,7 @@ class Head(nn.Module):
     The trainer sums `objective(...)`'s named terms for step one (and logs each by name),
     and, when `has_second_step` is true, forwards the batch again after step one's update
     and takes a second optimizer step on `second_step(...)`'s terms unless it returns None
-    (a gate). It never names a loss or a head (ARCHITECTURE.md rule 3).
+    (a gate). It never names a loss or a head (docs/architecture.md rule 3).
     """
 
     cfg: HeadConfig

@@ -1,9 +1,10 @@
-"""Small layer stacks shared by the heads, named after the SPEC pieces they build."""
+"""Small layer stacks shared by the heads, named after the pieces they build (docs/method.md,
+"Stage two: the SPP-SCL head")."""
 from __future__ import annotations
 
 from torch import nn
 
-FUSION_WIDTH = 64  # hidden width of the classifier MLP (SPEC)
+FUSION_WIDTH = 64  # hidden width of the classifier MLP (docs/method.md, "Stage two: the SPP-SCL head")
 
 
 def projection(in_features: int, dim: int, dropout: float) -> nn.Sequential:

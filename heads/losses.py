@@ -1,4 +1,4 @@
-"""The SPP-SCL loss terms (SPEC.md, "Losses and the two-step update").
+"""The SPP-SCL loss terms (docs/method.md, "Losses and the two-step (semi-push-pull) update").
 
 Short functions in the spirit of SupContrast's `losses.py`. The heads' objectives call
 them (the trainer only sums the terms a head returns) on its embeddings (`HeadOutput.text`

@@ -2,7 +2,7 @@
 
 The trainer and the CLI only call `create`, `build_config`, `config_class`, `configs` and
 `describe`, so adding a head, its hyper-parameters, their `train` shorthands (read from its
-config by core/cli_fields.py) and its loss terms needs no edit anywhere else (ARCHITECTURE.md,
+config by core/cli_fields.py) and its loss terms needs no edit anywhere else (docs/architecture.md,
 rules 3 and 4). The registry only registers: it parses no command line.
 """
 from __future__ import annotations

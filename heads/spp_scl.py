@@ -1,4 +1,4 @@
-"""The SPP-SCL head (SPEC.md, "Stage two"), reading only cached encoder features.
+"""The SPP-SCL head (docs/method.md, "Stage two: the SPP-SCL head"), reading only cached encoder features.
 
 Data flows top to bottom: image branch and text branch give I_contra and T_contra,
 the align layers give I_a and T_a (the embeddings the SupCon losses use), CMF fuses
@@ -26,7 +26,8 @@ from .blocks import align, classifier, projection, qkv
 from .losses import cross_supcon, should_pull, supcon
 from .registry import register
 
-# lambda_ce per data set (SPEC.md "Losses": paper 5 / 5 / 10; the official code 5 everywhere)
+# lambda_ce per data set (docs/method.md, "Losses and the two-step (semi-push-pull) update": paper 5 / 5 / 10;
+# the official code 5 everywhere)
 LAMBDA_CE = {"mvsa_s": 5.0, "mvsa_m": 5.0, "hfm": 10.0}
 
 
@@ -49,7 +50,7 @@ class SppSclConfig(ModalitiesConfig):
                                 flag="--supcon-official")
     gate_floor: bool = option(False, "the official gate's rounding: pull when c < int(alpha * c_mask)")
 
-    # `train --official`: the authors' code (SPEC.md "More behaviours of the official code")
+    # `train --official`: the authors' code (docs/method.md, "More behaviours of the official code")
     OFFICIAL = {"supcon_official": True, "gate_floor": True, "lambda_ce": 5.0, "alpha": 2 / 3}
     # `pipeline.py search`: the losses' weights, SupCon's temperature and the gate, beside width and dropout
     SEARCH = {**ModalitiesConfig.SEARCH, "temperature": "0.03:0.3:log", "alpha": "0.3:0.95", "lambda_ce": "0.5:20:log"}
@@ -101,8 +102,8 @@ class SppSclConfig(ModalitiesConfig):
                 f"layers; choose 1..{dims.text_layers} or rebuild the cache with more layers"
             )
 
-LSTM_HIDDEN = 64  # per direction -> 128 after the BiLSTM (SPEC)
-IMAGE_WIDTH = 128  # channels after the 1x1 conv (SPEC)
+LSTM_HIDDEN = 64  # per direction -> 128 after the BiLSTM (docs/method.md, "Stage two: the SPP-SCL head")
+IMAGE_WIDTH = 128  # channels after the 1x1 conv (docs/method.md, "Stage two: the SPP-SCL head")
 
 
 class ImageBranch(nn.Module):
@@ -234,7 +235,7 @@ class SppSclHead(Head):
             m = torch.cat([x for x in (i_a, t_a) if x is not None], dim=1)
         return HeadOutput(logits=self.classifier(m), text=t_a, image=i_a, fused=m)
 
-    # --- the objective (SPEC.md "Losses and the two-step (semi-push-pull) update") --------
+    # --- the objective (docs/method.md, "Losses and the two-step (semi-push-pull) update") ---
 
     def objective(self, out: HeadOutput, labels: Tensor, weight: Tensor | None = None) -> dict[str, Tensor]:
         """Step one: L1 = lambda_ce * CE + SupCon(T_a, y) + SupCon(I_a, y) [+ L_clm, one-step ablation]."""

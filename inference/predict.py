@@ -1,6 +1,6 @@
 """`pipeline.py predict`: label and class probabilities for new image-text items from a run.
 
-The one place in stage two that loads encoders (ARCHITECTURE.md rule 1). They are the run's
+The one place in stage two that loads encoders (docs/architecture.md rule 1). They are the run's
 own, named in config.json (`train.text_encoder` / `image_encoder`), built through stage one's
 registry with the layers and max length of the run's `provenance`; their weights
 fingerprint and preprocessing must equal the recorded ones, or the features would not be

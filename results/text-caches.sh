@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MVSA-Multiple and HFM from text caches (their images are not shipped): the probe on text, the text-only
 # head and SPP-SCL on text (--modalities text), seeds 1-5, 150 epochs with --patience 10, each data set's
-# own defaults (SPEC.md). HFM selects on dev macro F1, MVSA on weighted F1.
+# own defaults (docs/method.md, "Training"). HFM selects on dev macro F1, MVSA on weighted F1.
 #   python pipeline.py extract --dataset mvsa_m --text-only && python pipeline.py extract --dataset hfm --text-only
 #   bash results/text-caches.sh
 #   python pipeline.py results results/mvsa_m-text --against probe

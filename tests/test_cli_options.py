@@ -1,5 +1,5 @@
 """core/cli_fields.py and the commands built with it: every option of `extract`, `train`, `audit`,
-`ablate` and `sweep` that sets a config field is read from the field (ARCHITECTURE.md rule 4), so its
+`ablate` and `sweep` that sets a config field is read from the field (docs/architecture.md rule 4), so its
 default and help are the field's and pipeline.py repeats none; a grid takes every `train` option."""
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def test_a_flag_name_means_one_thing_in_every_command():
 @pytest.mark.parametrize("name", sorted(RENAMED))
 def test_a_former_name_still_works_with_one_line(name, capsys):
     """Each renamed flag keeps its old name hidden: it still sets what the new one does, says so on stderr
-    once, and is listed in RENAMED (the README may still use it)."""
+    once, and is listed in RENAMED (a page that still uses it is behind, not wrong)."""
     cmd = command(name)
     with typer.Context(cmd) as ctx:
         hidden = {p.opts[0]: p for p in cmd.get_params(ctx) if hasattr(p, "renamed_to")}

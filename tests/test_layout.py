@@ -1,4 +1,4 @@
-"""The rooms (ARCHITECTURE.md rule 7): shared pieces in core/ import no stage, and the
+"""The rooms (docs/architecture.md rule 7): shared pieces in core/ import no stage, and the
 top-level packages import each other in one direction only (no cycle). Imports are read
 with `ast`, so a lazy import inside a function counts as much as one at the top."""
 

@@ -1,4 +1,5 @@
-"""heads/losses.py against values written out by hand from SPEC.md's formulas."""
+"""heads/losses.py against values written out by hand from the formulas of docs/method.md, "Losses and the
+two-step (semi-push-pull) update"."""
 import math
 
 import pytest
@@ -14,7 +15,7 @@ def t(rows):
 
 
 def supcon_by_hand(z, labels, tau, official=False):
-    """SPEC SupCon written out with math: one row at a time, one term at a time."""
+    """docs/method.md's SupCon written out with math: one row at a time, one term at a time."""
     z = [[v / math.hypot(*row) for v in row] for row in z]
     b = len(z)
     total = 0.0

@@ -1,6 +1,7 @@
 """The documentation: README.md, docs/*.md and the scripts in results/. Every `pipeline.py` command
 and flag they show exists (each flag in that command's `--help`), every `bench/*.py` flag in its
 script, every relative link and anchor resolves, the split checksums on docs/data.md are the files',
+docs/cli.md is what core/cli_reference.py writes from the commands now,
 no paragraph is said twice, the README stays a front door, and CITATION.cff is valid CFF 1.2.0."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from conftest import DATA, REPO
 PAGES = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "results").glob("*.sh"))
 # pages other branches write; the README links to them before they are merged
-PENDING = {"docs/search.md", "docs/tracking.md", "docs/api.md", "docs/cli.md"}
+PENDING = {"docs/search.md", "docs/tracking.md", "docs/api.md"}
 
 FLAG = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 # `pipeline.py CMD args` up to the end of a shell command (`;`, `|`, `>`, `&`, a quote that closes it)
@@ -85,6 +86,28 @@ def former_names(command: str) -> set[str]:
     cmd = typer.main.get_command(pipeline.app).commands[command]
     with typer.Context(cmd) as ctx:
         return {o for p in cmd.get_params(ctx) if hasattr(p, "renamed_to") for o in p.opts}
+
+
+def test_the_cli_reference_is_what_the_commands_say_now():
+    """docs/cli.md is written by core/cli_reference.py from the commands: a changed command, option or
+    help means regenerating it."""
+    from core.cli_reference import REGENERATE, reference
+
+    page = REPO / "docs" / "cli.md"
+    now, fresh = (page.read_text() if page.is_file() else "").splitlines(), reference().splitlines()
+    if now != fresh:
+        k = next((k for k, (a, b) in enumerate(zip(now, fresh)) if a != b), min(len(now), len(fresh)))
+        pytest.fail(f"docs/cli.md differs from the commands (line {k + 1}: {now[k] if k < len(now) else '(none)'!r}, "
+                    f"now {fresh[k] if k < len(fresh) else '(none)'!r}); `{REGENERATE}` rewrites it")
+
+
+def test_the_cli_reference_lists_no_former_name(helps):
+    """Each command's section of docs/cli.md shows its options by their names now, never a hidden former one."""
+    sections = dict(re.findall(r"^## ([a-z_]+)\n(.*?)(?=^## |\Z)", _text("docs/cli.md"), flags=re.M | re.S))
+    assert set(sections) == set(helps)
+    for command, text in sections.items():
+        rows = {f for line in text.splitlines() if line.startswith("| `-") for f in FLAG.findall(line.split(" | ")[0])}
+        assert rows <= helps[command] - former_names(command), f"docs/cli.md, {command}: {sorted(rows - (helps[command] - former_names(command)))}"
 
 
 def test_every_command_is_documented(helps):

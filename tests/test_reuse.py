@@ -85,7 +85,7 @@ def test_every_head_trains_from_the_same_cache_without_extract(synth_cache, tmp_
 
     assert sorted(result["done"]) == heads.available()
     assert {"spp_scl", "clip_ca_cg", "hybrid_fusion", "probe"} <= set(result["done"])
-    assert result["extract"] == []  # stage two never loads stage one's code (ARCHITECTURE rule 1)
+    assert result["extract"] == []  # stage two never loads stage one's code (docs/architecture.md rule 1)
     assert digest(synth_cache.cache_dir) == before  # nor changes a byte of the cache
 
 

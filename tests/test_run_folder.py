@@ -55,7 +55,7 @@ def _path_strings(tree: ast.AST) -> list[str]:
 
 
 def test_no_module_but_run_folder_names_the_files_of_a_run_folder():
-    """ARCHITECTURE.md rules 4 and 9: every read and write of a run folder goes through RunFolder."""
+    """docs/architecture.md rules 4 and 9: every read and write of a run folder goes through RunFolder."""
     offenders = []
     for path in sorted(REPO.rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass; `config.json` of a run is this, as written.
 
-Fields left `None` take the per-data-set default of SPEC.md (`resolved()` fills them),
+Fields left `None` take the per-data-set default of docs/method.md, "Training" (`resolved()` fills them),
 so `--dataset hfm` gets HFM's learning rate, batch size and StepLR step without the user
 repeating them, and the run folder records the values actually used. The head's own
 hyper-parameters live in its config dataclass (`head_config`, see heads/), not here.
@@ -24,7 +24,7 @@ from train.defaults import DEFAULTS, FALLBACK, default_help
 
 
 METRICS = ("accuracy", "weighted_f1", "macro_f1")
-# `--official`: the authors' training step (SPEC.md "More behaviours of the official code");
+# `--official`: the authors' training step (docs/method.md, "More behaviours of the official code");
 # the head's part is its config's OFFICIAL.
 OFFICIAL = {"lr_step": 10, "eval_batch_size": 64}
 
@@ -106,7 +106,7 @@ class TrainConfig:
     text_views: bool = option(False, "train on the cached dropout views of the texts (extract --cache-text-views K)")
     select: str | None = option(None, f"dev metric that picks the epoch {default_help('select')}", choices=METRICS)
     # 0 (None once resolved): never. 10 by default: on 20 full-length seeds it moved no test figure beyond noise and saved 71% of the
-    # epochs (README, "Early stopping"); every evidence run in results/ uses it
+    # epochs (docs/training.md, "Early stopping"); every evidence run in results/ uses it
     patience: int | None = option(10, "stop a seed once dev has not improved for P epochs; 0: train every epoch",
                                   min=0)
     # label-blind scoring: dev and test are scored in seeded random orders, never in the stored
@@ -115,7 +115,7 @@ class TrainConfig:
     eval_seed: int = 0
     eval_batch_size: int | None = None  # [default: batch_size]
     # see OFFICIAL and the head config's OFFICIAL
-    official: bool = option(False, "the authors' training step exactly (SPEC.md; listed in config.json)")
+    official: bool = option(False, "the authors' training step exactly (docs/method.md; listed in config.json)")
     # never read by the epoch selection or --patience
     protocol_check: bool = option(False, "also score test in file order after every epoch (protocol.csv): "
                                   "what the authors' protocol would report; never selects")

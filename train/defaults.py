@@ -1,4 +1,4 @@
-"""Per-data-set training defaults (SPEC.md "Training"), in a module light enough for the CLI to
+"""Per-data-set training defaults (docs/method.md, "Training"), in a module light enough for the CLI to
 import at start-up: `train --help` prints them from this table, never from a copy."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ class DatasetDefaults:
     select: str
 
 
-# SPEC.md "Training": paper values (the official code uses StepLR step 10 everywhere).
+# docs/method.md, "Training": paper values (the official code uses StepLR step 10 everywhere).
 DEFAULTS = {
     "mvsa_s": DatasetDefaults(64, 1e-4, 10, "weighted_f1"),
     "mvsa_m": DatasetDefaults(128, 1e-4, 15, "weighted_f1"),

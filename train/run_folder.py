@@ -1,4 +1,4 @@
-"""A run folder, read and written here only (ARCHITECTURE.md rule 4): what `train` writes and what
+"""A run folder, read and written here only (docs/architecture.md rule 4): what `train` writes and what
 `eval`, `report`, `predict`, `replay`, `results` and the grids read back, all through one object,
 `RunFolder`, opened once per command.
 
@@ -23,7 +23,7 @@
                                who (pid, host); held with flock, so a leftover of a process that died
                                blocks nothing
 
-Trust (ARCHITECTURE.md rule 9): one writer at a time (`RunFolder.writer`), every file a reader may
+Trust (docs/architecture.md rule 9): one writer at a time (`RunFolder.writer`), every file a reader may
 see written to a temporary file and renamed, `train --out` never writes into a folder of other
 files (`check_out`), and `results` reads a run only when its files agree (experiments/evidence.py).
 """

@@ -1,6 +1,6 @@
 """The one trainer: any registered head, from the cache (in memory, or streamed: train/data.py).
 
-Per batch the head's own objective is the loss (ARCHITECTURE.md rule 3: the trainer
+Per batch the head's own objective is the loss (docs/architecture.md rule 3: the trainer
 names no loss and no head):
   step one   L1 = the sum of the head's terms, head.objective(out, y)
              (for example SPP-SCL's: lambda_ce CE + SupCon(T_a) + SupCon(I_a))

@@ -2,7 +2,7 @@
 and `verify` share (the package `core.store` is the only code that knows HDF5 dataset and
 attribute names).
 
-Layout (a public contract; README "Cache format" documents it for plain-h5py readers):
+Layout (a public contract; docs/cache.md, "Cache format", documents it for plain-h5py readers):
 
     <cache>/<dataset>/dataset.json           classes, split counts, how splits were made
     <cache>/<dataset>/problems.csv           id, stage, reason of every skipped/repaired item
