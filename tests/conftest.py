@@ -157,9 +157,19 @@ def console() -> Console:
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, data_root) -> TinyCache:
-    """Built once per session: mvsa_s, 12 items per split, 8 items a shard, default encoders."""
+    """Built once per session: mvsa_s, 12 items per split, 8 items a shard, default encoders. Built
+    with the thread count a CLI extraction takes, whichever test asks first (a module under
+    `one_thread` included): tests compare it bit for bit with caches `pipeline.py extract` writes,
+    and an encoder's last float bits depend on the threads."""
+    import torch
+
     cfg = small_config(tmp_path_factory.mktemp("tiny_cache") / "cache", dataset="mvsa_s", limit=TINY_LIMIT)
-    summary = run(cfg, quiet_console())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads.default_threads())
+    try:
+        summary = run(cfg, quiet_console())
+    finally:
+        torch.set_num_threads(before)
     assert summary.complete, "the tiny cache should be complete after one process"
     name = summary.dataset
     return TinyCache(

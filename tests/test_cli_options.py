@@ -17,8 +17,8 @@ from extract.extractor import ExtractConfig
 from train.config import TrainConfig
 
 CONFIGS = {"extract": ExtractConfig, "audit": AuditConfig, "train": TrainConfig, "ablate": TrainConfig,
-           "sweep": TrainConfig}
-GRID_OWN = {"out"}  # a grid's --out is where its table goes; each cell's run folder is named from its hash
+           "sweep": TrainConfig, "search": TrainConfig}
+GRID_OWN = {"out"}  # a grid's (or a search's) --out is its own folder; each run folder in it is named from its hash
 
 
 def command(name: str):
@@ -40,8 +40,8 @@ def test_each_field_option_is_the_fields_own(name):
     """Default and help of each generated option are the dataclass field's, never a copy."""
     config, params = CONFIGS[name], options(name)
     for f in cli_fields_of(config):
-        if name in ("ablate", "sweep") and f.name in GRID_OWN:
-            assert params[f.name].help != f.metadata["help"]  # the grid's own --out
+        if name in ("ablate", "sweep", "search") and f.name in GRID_OWN:
+            assert params[f.name].help != f.metadata["help"]  # the grid's (the search's) own --out
             continue
         p = params[f.name]
         assert p.help == f.metadata["help"], f.name
@@ -221,7 +221,7 @@ def meanings() -> dict[str, set[tuple[str, str]]]:
     found: dict[str, set] = {}
     for name in typer.main.get_command(pipeline.app).commands:
         config = CONFIGS.get(name)
-        fields = {f.name for f in cli_fields_of(config)} - (GRID_OWN if name in ("ablate", "sweep") else set()) if config else set()
+        fields = {f.name for f in cli_fields_of(config)} - (GRID_OWN if name in ("ablate", "sweep", "search") else set()) if config else set()
         for p in options(name).values():
             if hasattr(p, "renamed_to") or p.name == "help":
                 continue
