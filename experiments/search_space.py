@@ -162,8 +162,12 @@ def set_by_user(base: TrainConfig) -> set[str]:
 
 
 def apply(base: TrainConfig, params: dict, dims: dict[str, Dim]) -> TrainConfig:
-    """`base` with a trial's values: trainer fields set, head fields set on its head config."""
+    """`base` with a trial's values: trainer fields set, head fields set on its head config. The
+    scoring batch stays the base's (`eval_batch_size` is the protocol: a batch-scope head attends over
+    its scoring batch), so a searched `batch_size` moves training alone and every trial, re-score and
+    final run is scored like the untuned runs it is compared with."""
     train = {k: v for k, v in params.items() if dims[k].where == "train"}
     head = {k: v for k, v in params.items() if dims[k].where == "head"}
     head_cfg = base.head_config or heads.build_config(base.head)
-    return replace(base, **train, head_config=replace(head_cfg, **head))
+    return replace(base, **train, head_config=replace(head_cfg, **head),
+                   eval_batch_size=base.resolved().eval_batch_size)

@@ -242,3 +242,15 @@ def test_values_a_run_refuses_stop_the_search_in_one_line(synth_cache, run_main,
 def test_a_storage_password_is_never_shown():
     assert search.shown("postgresql://bob:s3cret@db:5432/studies") == "postgresql://bob:***@db:5432/studies"
     assert search.shown("sqlite:///runs/studies.db") == "sqlite:///runs/studies.db"
+
+
+def test_a_searched_batch_size_leaves_the_scoring_batch_as_the_base_resolves_it():
+    """eval_batch_size is the protocol: a trial with batch_size 16 is scored in batches of the base's 64,
+    like the untuned runs its table compares it with (a batch-scope head attends over its scoring batch)."""
+    from experiments import search_space
+    from train.config import TrainConfig
+
+    base = TrainConfig(dataset="mvsa_s", head="probe")
+    dims = search_space.space(base, [])
+    cfg = search_space.apply(base, {"batch_size": 16}, dims).resolved()
+    assert (cfg.batch_size, cfg.eval_batch_size) == (16, base.resolved().eval_batch_size) == (16, 64)
