@@ -114,7 +114,15 @@ def load_row(folder: Path) -> Row:
         raise UserError(line)
     metrics = run.metrics()
     check_evidence(run, metrics)
-    return Row(folder.name, folder, config, metrics, robustness=run.robustness().get("summary", {}))
+    return Row(row_name(folder), folder, config, metrics, robustness=run.robustness().get("summary", {}))
+
+
+def row_name(folder: Path) -> str:
+    """A run's row is named by its folder; a search's chosen run (`<search>/best`, beside its best.json)
+    by its search folder, so `results/mvsa_s-tuned/*/best` gives one row per head, each matching its
+    untuned row of the same name (`--baseline`)."""
+    folder = Path(folder)
+    return folder.parent.name if folder.name == "best" and (folder.parent / "best.json").is_file() else folder.name
 
 
 def _flat(config: dict) -> dict:

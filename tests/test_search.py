@@ -80,6 +80,7 @@ def test_a_study_finishes_resumes_with_more_trials_and_fails_a_dead_processs_tri
     assert TrainConfig.load(out / "best.json").resolved().to_json() == {
         **TrainConfig.load(out / "best" / "config.json").to_json(), "out": None}
     assert load_row(out / "best").seeds == [1]
+    assert load_row(out / "best").name == out.name  # named by its search: one row per head in a table
     assert run_main("results", out).code == 0
 
     # kill -9 in the middle of a trial: the journal holds a RUNNING trial of a process that is gone
