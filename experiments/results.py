@@ -33,6 +33,7 @@ that links to the one legend (docs/results.md), and a test fails when a page and
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import math
@@ -123,6 +124,21 @@ def row_name(folder: Path) -> str:
     untuned row of the same name (`--baseline`)."""
     folder = Path(folder)
     return folder.parent.name if folder.name == "best" and (folder.parent / "best.json").is_file() else folder.name
+
+
+def search_record(folder: Path) -> dict | None:
+    """For a search's chosen run (`<search>/best`): the trials its study counted (COMPLETE or PRUNED)
+    and the lane-hours the search took (every trial's wall seconds in trials.csv, the re-scores' and
+    best/'s own wall seconds); None for any other run. Read from the files, so a table says it again."""
+    search = Path(folder).parent
+    if row_name(folder) == Path(folder).name or not (search / "trials.csv").is_file():
+        return None
+    with open(search / "trials.csv", newline="") as f:
+        trials = list(csv.DictReader(f))
+    seconds = sum(float(t["seconds"] or 0) for t in trials)
+    for m in [*search.glob("rescore/*/metrics.json"), Path(folder) / "metrics.json"]:
+        seconds += json.loads(m.read_text()).get("wall_seconds", 0.0)
+    return {"trials": sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials), "hours": seconds / 3600}
 
 
 def _flat(config: dict) -> dict:
@@ -449,6 +465,8 @@ COLUMN_KEYS = {
     "acc_<condition>": "test accuracy without a modality or with noise (robustness.json), e.g. acc_drop_image",
     "seconds_per_epoch": "median s/epoch", "peak_rss": "peak resident memory",
     "parameters": "trainable parameters", "device": "cpu or cuda", "differs": "what differs (--allow-mixed)",
+    "trials": "a searched row: the trials its study counted (COMPLETE or PRUNED)",
+    "lane_hours": "a searched row: wall hours of its trials, re-scores and final run (one-thread lanes)",
 }
 
 
@@ -469,7 +487,8 @@ def _layout(table: Table, columns: list[str] | None = None) -> tuple[list[str], 
     `columns` (keys of COLUMN_KEYS), only those columns, in that order."""
     shown = _Shown(protocol=any("protocol_check" in r.metrics for r in table.rows),
                    cost=any(r.metrics.get("cost") for r in table.rows),
-                   robust=list(dict.fromkeys(c for r in table.rows for c in r.robustness)))
+                   robust=list(dict.fromkeys(c for r in table.rows for c in r.robustness)),
+                   search=any(search_record(r.folder) for r in table.rows))
     cols = _columns(table, shown)
     keys, head = [k for k, _ in cols], [h for _, h in cols]
     rank, rows = _rank(head), [_cells(table, r, shown) for r in table.rows]
@@ -488,6 +507,7 @@ class _Shown:
     protocol: bool  # `--protocol-check` runs: the file-order columns
     cost: bool  # runs that recorded their cost
     robust: list[str]  # robustness.json conditions (`train --robustness`, `eval --drop/--noise`)
+    search: bool = False  # rows chosen by `search`: its trials and lane-hours
 
 
 def _columns(table: Table, shown: _Shown) -> list[tuple[str, str]]:
@@ -506,6 +526,8 @@ def _columns(table: Table, shown: _Shown) -> list[tuple[str, str]]:
             cols += [("gain_minus", f"gain minus {table.reference.name}'s"), ("gain_minus_p", "p (Holm)"),
                      ("gain_minus_beyond_noise", "beyond noise")]
     cols += [(f"acc_{c}", f"acc {c.replace('_', ' ')}") for c in shown.robust]  # test accuracy under each condition
+    if shown.search:
+        cols += [("trials", "trials"), ("lane_hours", "lane-hours")]
     if shown.cost:
         cols += list(zip(("seconds_per_epoch", "peak_rss", "parameters", "device"), COST_HEAD))
     if table.mixed:
@@ -532,6 +554,9 @@ def _cells(table: Table, r: Row, shown: _Shown) -> list[str]:
     if table.baseline:
         cells += _gain_cells(table, r)
     cells += [_ms(r.robustness[c]["accuracy"], len(r.seeds)) if c in r.robustness else "" for c in shown.robust]
+    if shown.search:
+        rec = search_record(r.folder)
+        cells += [str(rec["trials"]), f"{rec['hours']:.2f}"] if rec else ["", ""]
     if shown.cost:
         cells += _cost(r)
     if table.mixed:

@@ -21,7 +21,7 @@ import torch
 
 from core.errors import UserError
 from experiments import grid, search, search_space
-from experiments.results import load_row
+from experiments.results import load_row, search_record
 from train import data as train_data
 from train import numerics
 from train.config import TrainConfig
@@ -81,6 +81,8 @@ def test_a_study_finishes_resumes_with_more_trials_and_fails_a_dead_processs_tri
         **TrainConfig.load(out / "best" / "config.json").to_json(), "out": None}
     assert load_row(out / "best").seeds == [1]
     assert load_row(out / "best").name == out.name  # named by its search: one row per head in a table
+    record = search_record(out / "best")  # the table's trials and lane-hours columns, read from the files
+    assert record["trials"] == 4 and 0 < record["hours"] < 1 and search_record(out / "trials" / "trial-0000") is None
     assert run_main("results", out).code == 0
 
     # kill -9 in the middle of a trial: the journal holds a RUNNING trial of a process that is gone
