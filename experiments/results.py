@@ -135,9 +135,11 @@ def search_record(folder: Path) -> dict | None:
         return None
     with open(search / "trials.csv", newline="") as f:
         trials = list(csv.DictReader(f))
+    from train.run_folder import RunFolder
+
     seconds = sum(float(t["seconds"] or 0) for t in trials)
-    for m in [*search.glob("rescore/*/metrics.json"), Path(folder) / "metrics.json"]:
-        seconds += json.loads(m.read_text()).get("wall_seconds", 0.0)
+    for run in [*RunFolder.under(search / "rescore"), RunFolder(folder)]:
+        seconds += run.metrics().get("wall_seconds", 0.0) if run.is_finished() else 0.0
     return {"trials": sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials), "hours": seconds / 3600}
 
 
