@@ -120,7 +120,7 @@ def cli_default(f: dataclasses.Field):
     return ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
 
 
-def _base(kind):
+def base_type(kind):
     """`int | None` -> int."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     return args[0] if type(None) in typing.get_args(kind) and len(args) == 1 else kind
@@ -133,7 +133,7 @@ def params(config: type, skip: Iterable[str] = ()) -> list:
     specs, renamed = [], {}
     for f in dataclasses.fields(config):
         if "help" in f.metadata and f.name not in skip:
-            spec = _spec(f, _base(hints[f.name]))
+            spec = _spec(f, base_type(hints[f.name]))
             specs.append(spec)
             for k, old in enumerate(f.metadata.get("was", ())):
                 renamed[f"{f.name}{_WAS}{k}"] = f.name
@@ -283,7 +283,7 @@ def flags(configs: Mapping[str, type]) -> list[Flag]:
         for f in dataclasses.fields(config):
             if "flag" not in f.metadata:
                 continue
-            new = Flag(flag_decl(f), f.name, _base(hints[f.name]), field_default(f), f.metadata.get("choices", ()),
+            new = Flag(flag_decl(f), f.name, base_type(hints[f.name]), field_default(f), f.metadata.get("choices", ()),
                        f.metadata["help"], (owner,))
             old = next((o for o in found.values() if set(o.opts) & set(new.opts)), None)
             if old is None:
@@ -334,10 +334,10 @@ def flag_values(owner: str, configs: Mapping[str, type], given: Mapping[str, obj
 
 def parse_value(value: str, kind: object):
     """`value` as the field's type: bool, int, float, str, or an optional of one ('none')."""
-    if _base(kind) is not kind:  # X | None
+    if base_type(kind) is not kind:  # X | None
         if value.lower() in ("none", "null", ""):
             return None
-        kind = _base(kind)
+        kind = base_type(kind)
     if kind is bool:
         if value.lower() in ("1", "true", "yes", "on"):
             return True

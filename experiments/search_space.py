@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, fields, replace
 
 import heads
-from core.cli_fields import out_of_range, parse_value
+from core.cli_fields import base_type, out_of_range, parse_value
 from core.errors import UserError
 from train.config import TrainConfig
 
@@ -62,7 +62,7 @@ def _field(name: str, head: str) -> tuple[str, type, dict]:
     """(where, base type, metadata) of field `name`; an unknown or protocol field is one line."""
     train = {f.name: f for f in fields(TrainConfig)}
     if name in TUNABLE:
-        return "train", _base(typing.get_type_hints(TrainConfig)[name]), train[name].metadata
+        return "train", base_type(typing.get_type_hints(TrainConfig)[name]), train[name].metadata
     if name in train:
         raise UserError(f"--space {name}: {name} is part of the protocol (what makes trials and runs comparable), not "
                         f"a setting to tune; set it as for train, and search {', '.join(TUNABLE)} or the head's fields")
@@ -74,12 +74,6 @@ def _field(name: str, head: str) -> tuple[str, type, dict]:
     return "head", typing.get_type_hints(config)[name], mine[name].metadata
 
 
-def _base(kind):
-    """`int | None` -> int."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    return args[0] if args and type(None) in typing.get_args(kind) else kind
-
-
 def parse(item: str, base: TrainConfig) -> Dim:
     """`lr=1e-5:1e-2:log`, `dropout=0:0.5`, `dim=32,64` -> a Dim, every value checked against its field."""
     name, eq, value = item.partition("=")
@@ -89,7 +83,7 @@ def parse(item: str, base: TrainConfig) -> Dim:
         raise UserError(f"--space {item!r}: give {name}=low:high[:log] or a choice list {name}=a,b,c")
     try:
         dim = _range(name, where, hint, value) if ":" in value else Dim(
-            name, where, _base(hint), choices=tuple(dict.fromkeys(_value(v, hint, name) for v in value.split(",")
+            name, where, base_type(hint), choices=tuple(dict.fromkeys(_value(v, hint, name) for v in value.split(",")
                                                                   if v.strip())))
         for v in dim.choices or (dim.low, dim.high):
             why = _refused(dim, v, meta, base)
@@ -109,18 +103,18 @@ def _value(text: str, hint, name: str):
     try:
         return parse_value(text.strip(), hint)
     except ValueError:
-        kind = getattr(_base(hint), "__name__", hint)
+        kind = getattr(base_type(hint), "__name__", hint)
         raise ValueError(f"{name} takes {kind} values, not {text.strip()!r}") from None
 
 
 def _range(name: str, where: str, hint, value: str) -> Dim:
     parts = value.split(":")
     log = len(parts) == 3 and parts[2].strip() == "log"
-    if _base(hint) not in (int, float):
+    if base_type(hint) not in (int, float):
         raise ValueError(f"a range needs a number field; give the choices as {name}=a,b")
     if len(parts) != 2 + log:
         raise ValueError("write low:high or low:high:log")
-    return Dim(name, where, _base(hint), _value(parts[0], _base(hint), name), _value(parts[1], _base(hint), name), log)
+    return Dim(name, where, base_type(hint), _value(parts[0], base_type(hint), name), _value(parts[1], base_type(hint), name), log)
 
 
 def _refused(dim: Dim, value, meta, base: TrainConfig) -> str | None:
