@@ -458,6 +458,14 @@ def list_heads():
         console.print(table)
 
 
+@app.command("cli-reference", hidden=True)
+def cli_reference():
+    """docs/cli.md, written from the commands: `python pipeline.py cli-reference > docs/cli.md`."""
+    from core.cli_reference import reference
+
+    print(reference(app), end="")
+
+
 def main() -> None:
     """Every command: a `UserError` or a disk that refused (full, quota, permissions, read-only) is
     one line and exit code 1; Ctrl-C (exit 130) and SIGTERM (exit 143) keep finished work and say so."""

@@ -1,5 +1,6 @@
 """docs/cli.md, the command-line reference, written from the commands themselves:
-`python -m core.cli_reference > docs/cli.md` (tests/test_readme.py fails while the page differs).
+`python pipeline.py cli-reference > docs/cli.md` (a hidden command; tests/test_readme.py fails while
+the page differs). The app is given, so this module imports no stage.
 
 For each command of a typer app: its help, its usage, then one table row per argument and option
 (names, type, default, help), in the order of `--help`. The hidden former names of renamed options
@@ -13,18 +14,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-REGENERATE = "python -m core.cli_reference > docs/cli.md"
+REGENERATE = "python pipeline.py cli-reference > docs/cli.md"
 PROG = "python pipeline.py"
 
 
-def reference(app=None) -> str:
-    """The markdown page for typer app `app` (default: `pipeline.app`)."""
+def reference(app) -> str:
+    """The markdown page for typer app `app` (pipeline.app)."""
     import typer
 
-    if app is None:
-        import pipeline
-
-        app = pipeline.app
     group = typer.main.get_command(app)
     root = typer.Context(group, info_name="pipeline.py")
     commands = [(name, cmd) for name, cmd in group.commands.items() if not cmd.hidden]
@@ -132,11 +129,3 @@ def _escape(text: str) -> str:
     """`<` and `*` outside code spans as text, not HTML or emphasis (`<runs-dir>/<dataset>`, `alpha * c_mask`)."""
     parts = re.split(r"(`[^`]*`)", text)
     return "".join(part if part.startswith("`") else part.replace("<", "&lt;").replace("*", "\\*") for part in parts)
-
-
-def main() -> None:
-    print(reference(), end="")
-
-
-if __name__ == "__main__":
-    main()
