@@ -33,7 +33,6 @@ that links to the one legend (docs/results.md), and a test fails when a page and
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import math
@@ -47,6 +46,7 @@ import numpy as np
 
 from core.errors import UserError
 from experiments import stats
+from experiments.search_folder import SearchFolder
 from train.config import METRICS, family
 
 # what must agree for two rows to compare: name -> how to read it from config.json
@@ -119,26 +119,25 @@ def load_row(folder: Path) -> Row:
 
 
 def row_name(folder: Path) -> str:
-    """A run's row is named by its folder; a search's chosen run (`<search>/best`, beside its best.json)
-    by its search folder, so `results/mvsa_s-tuned/*/best` gives one row per head, each matching its
-    untuned row of the same name (`--baseline`)."""
-    folder = Path(folder)
-    return folder.parent.name if folder.name == "best" and (folder.parent / "best.json").is_file() else folder.name
+    """A run's row is named by its folder; a search's chosen run (`<search>/best`) by its search
+    folder, so `results/mvsa_s-tuned/*/best` gives one row per head, each matching its untuned row
+    of the same name (`--baseline`)."""
+    search = SearchFolder.of_best(folder)
+    return search.path.name if search else Path(folder).name
 
 
 def search_record(folder: Path) -> dict | None:
     """For a search's chosen run (`<search>/best`): the trials its study counted (COMPLETE or PRUNED)
     and the lane-hours the search took (every trial's wall seconds in trials.csv, the re-scores' and
     best/'s own wall seconds); None for any other run. Read from the files, so a table says it again."""
-    search = Path(folder).parent
-    if row_name(folder) == Path(folder).name or not (search / "trials.csv").is_file():
+    search = SearchFolder.of_best(folder)
+    trials = search and search.trial_rows()
+    if not trials:
         return None
-    with open(search / "trials.csv", newline="") as f:
-        trials = list(csv.DictReader(f))
     from train.run_folder import RunFolder
 
     seconds = sum(float(t["seconds"] or 0) for t in trials)
-    for run in [*RunFolder.under(search / "rescore"), RunFolder(folder)]:
+    for run in [*RunFolder.under(search.rescored()), RunFolder(folder)]:
         seconds += run.metrics().get("wall_seconds", 0.0) if run.is_finished() else 0.0
     return {"trials": sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials), "hours": seconds / 3600}
 

@@ -8,7 +8,8 @@ reported to Optuna, whose pruner (median by default) may stop the trial from the
 `on_epoch` hook (a pruned trial's folder stays as it was cut: log.csv, config.json, its state).
 Once `--trials` trials are COMPLETE or PRUNED (failed ones do not count), the best few
 (`--rescore`) are trained again on RESCORE_SEEDS, and the one of highest mean dev is the choice:
-best.json, and a run with the final seeds in `<out>/best/` (experiments/search_report.py).
+best.json, and a run with the final seeds in `<out>/best/` (experiments/search_result.py; the
+folder's files are named in experiments/search_folder.py).
 
 The study lives in an Optuna JournalStorage (`<out>/study.journal`; `--storage URL` for a
 database): `--jobs N` processes on one machine share it, each asking for its next trial under
@@ -40,6 +41,7 @@ from core import threads as core_threads
 from core.errors import Interrupted, UserError
 from core.paths import DEFAULT_RUNS, output_dir
 from experiments import grid, search_space
+from experiments.search_folder import SearchFolder
 from experiments.search_space import Dim
 from train import numerics, runs
 from train.config import TrainConfig
@@ -47,10 +49,6 @@ from train.config import TrainConfig
 SEARCH_SEED = 1001  # every trial's seed
 RESCORE_SEEDS = (1002, 1003, 1004)  # the best trials trained again: their mean dev chooses
 PRUNERS = ("median", "none")
-JOURNAL, LOCK = "study.journal", "search.lock"
-# what a search folder holds, and nothing else (search_report.py writes the last four)
-OWNS = (JOURNAL, f"{JOURNAL}.lock", LOCK, "trials", "rescore", "best", "superseded", "trials.csv", "best.json",
-        "history.png", "importance.png")
 STALE_UNNAMED = 60.0  # seconds after which a RUNNING trial that never named its process is taken as dead
 
 
@@ -76,6 +74,10 @@ class Search:
     @property
     def select(self) -> str:
         return self.base.resolved().select
+
+    @property
+    def folder(self) -> SearchFolder:
+        return SearchFolder(self.out)
 
 
 def plan(base: TrainConfig, space: list[str], out: Path | None = None, runs_dir: Path = DEFAULT_RUNS,
@@ -103,10 +105,6 @@ def plan(base: TrainConfig, space: list[str], out: Path | None = None, runs_dir:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     name = f"search-{base.dataset}-{base.head}-{digest}"
     return Search(base, dims, Path(out or Path(runs_dir) / name), name, json.loads(json.dumps(settings)), **options)
-
-
-def trial_folder(s: Search, number: int) -> Path:
-    return s.out / "trials" / f"trial-{number:04d}"
 
 
 # --- the study -------------------------------------------------------------------------------
@@ -144,7 +142,7 @@ def _storage(s: Search):
     from optuna.storages.journal import JournalFileBackend
 
     if s.storage is None:
-        path = s.out / JOURNAL
+        path = s.folder.journal
         return JournalStorage(JournalFileBackend(str(path), lock_obj=_JournalLock(path)))
     try:
         return RDBStorage(s.storage)
@@ -275,7 +273,7 @@ def counts(study) -> tuple[int, int]:
 @contextmanager
 def locked(s: Search):
     """The search folder's lock: one process at a time counts the trials and asks for the next."""
-    fd = os.open(s.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(s.folder.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -309,7 +307,7 @@ def run_trial(study, trial, s: Search) -> None:
     from optuna.trial import TrialState
 
     cfg = replace(search_space.apply(s.base, trial.params, s.dims), seeds=(SEARCH_SEED,),
-                  out=trial_folder(s, trial.number))
+                  out=s.folder.trial(trial.number))
     select = s.select
 
     def report(log) -> None:
@@ -372,9 +370,9 @@ def run_trials(s: Search, study, poll) -> None:
 def start(s: Search, console: Console):
     """Open (or make) the search folder and its study, checked, with the trials of dead processes failed."""
     if s.storage is None:
-        output_dir(s.out, OWNS, "--out")  # the journal's folder
+        output_dir(s.out, SearchFolder.OWNS, "--out")  # the journal's folder
     study = open_study(s)  # a database that cannot be opened: refused before a folder is made
-    output_dir(s.out, OWNS, "--out")
+    output_dir(s.out, SearchFolder.OWNS, "--out")
     check_study(study, s)
     with locked(s):
         failed = fail_stale(study)

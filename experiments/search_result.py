@@ -1,14 +1,8 @@
-"""What a search ends with (experiments/search.py runs its trials), all in the search folder:
-
-    trials.csv      one row per trial: number, state, dev score, the re-scored mean dev, epochs,
-                    the selected epoch, seconds, and the trial's values
-    history.png     Optuna's optimisation history; importance.png: its parameter importances
-    rescore/        the best `--rescore` trials trained again on RESCORE_SEEDS (run folders)
-    best.json       the chosen settings as a run's config.json writes them ({"train": {...}}:
-                    TrainConfig fields with head_config; `train --config` reads it), and "search":
-                    the trial, its scores, the numerics version
-    best/           the chosen settings trained with the final seeds: an ordinary run folder,
-                    a row of `pipeline.py results`
+"""What a search ends with (experiments/search.py runs its trials), in the search folder
+(experiments/search_folder.py names its files): trials.csv, the figures, the re-scored runs
+of the best `--rescore` trials, best.json (the chosen settings as a run's config.json writes
+them, {"train": {...}}, which `train --config` reads, and "search": the trial, its scores, the
+numerics version) and best/, the choice trained with the final seeds (a `results` row).
 
 The choice is made on dev alone: the best trials by their seed's dev, then the highest mean dev
 over the re-scoring seeds (winner's curse: the trial's own seed picked it, so it is left out).
@@ -28,8 +22,9 @@ from rich.console import Console
 from core import memory as core_memory
 from core.errors import UserError
 from core.paths import make_dir, write_atomic, write_png
-from experiments import grid, search_space
-from experiments.search import RESCORE_SEEDS, SEARCH_SEED, JOURNAL, Search, counts, shown
+from experiments import grid, search_folder, search_space
+from experiments.search import RESCORE_SEEDS, SEARCH_SEED, Search, counts, shown
+from experiments.search_folder import SearchFolder
 from train import numerics, runs
 from train.config import TrainConfig
 from train.run_folder import RunFolder
@@ -59,7 +54,7 @@ class Progress:
         self.best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number),
                         default=None)
         done, _ = counts(study)
-        where = shown(self.s.storage) or self.s.out / JOURNAL
+        where = shown(self.s.storage) or self.s.folder.journal
         space = ", ".join(f"{name}={dim.spec()}" for name, dim in self.s.dims.items())
         self.console.print(f"study {self.s.name} ({where}): {done} of {self.s.trials} trials done; objective dev "
                            f"{self.s.select} of seed {SEARCH_SEED}; space {space}", highlight=False, soft_wrap=True)
@@ -111,8 +106,8 @@ def write_trials(s: Search, trials: list, rescored: dict[int, float]) -> Path:
                     f"rescore_dev_{select}": rescored.get(t.number, ""), "epochs": len(t.intermediate_values),
                     "best_epoch": t.user_attrs.get("best_epoch", ""),
                     "seconds": "" if seconds is None else f"{seconds:.1f}", **t.params})
-    write_atomic(s.out / "trials.csv", text.getvalue())
-    return s.out / "trials.csv"
+    write_atomic(s.folder.trials_csv, text.getvalue())
+    return s.folder.trials_csv
 
 
 def write_figures(s: Search, study) -> list[Path]:
@@ -125,8 +120,7 @@ def write_figures(s: Search, study) -> list[Path]:
     from optuna.visualization import matplotlib as plots
 
     written = []
-    for name, plot in (("history.png", plots.plot_optimization_history),
-                       ("importance.png", plots.plot_param_importances)):
+    for name, plot in zip(search_folder.FIGURES, (plots.plot_optimization_history, plots.plot_param_importances)):
         # Optuna sets its own style sheet: kept to these figures; its "experimental" notes are not the user's
         with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")
@@ -137,7 +131,7 @@ def write_figures(s: Search, study) -> list[Path]:
             fig = ax.figure
             fig.set_size_inches(7, 4.5)
             fig.tight_layout()
-            written.append(write_png(s.out / name, fig, dpi=110))
+            written.append(write_png(s.folder.figure(name), fig, dpi=110))
             plt.close(fig)
     return written
 
@@ -148,7 +142,7 @@ def rescore(s: Search, complete: list, console: Console) -> dict[int, float]:
     means = {}
     for k, t in enumerate(top, 1):
         cfg = replace(search_space.apply(s.base, t.params, s.dims), seeds=RESCORE_SEEDS,
-                      out=s.out / "rescore" / f"trial-{t.number:04d}")
+                      out=s.folder.rescored(t.number))
         data = grid._data(cfg, core_memory.budget(s.memory, s.jobs))
         with console.status(f"re-scoring trial {t.number} ({k}/{len(top)}) on seeds {RESCORE_SEEDS}"):
             r = runs.train_run(cfg, data, jobs=min(s.jobs, len(RESCORE_SEEDS)), threads=s.threads,
@@ -177,23 +171,23 @@ def best_config(s: Search, trial) -> TrainConfig:
 
 def write_best(s: Search, trial, rescored: dict[int, float], done: int) -> Path:
     saved = {"train": best_config(s, trial).to_json(),
-             "search": {"study": s.name, "storage": shown(s.storage) or JOURNAL, "trial": trial.number,
+             "search": {"study": s.name, "storage": shown(s.storage) or SearchFolder.JOURNAL, "trial": trial.number,
                         "params": trial.params, "select": s.select, f"dev_seed_{SEARCH_SEED}": trial.value,
                         "rescore_seeds": list(RESCORE_SEEDS) if rescored else [],
                         "rescore_dev": rescored.get(trial.number), "trials": done,
                         "numerics_version": numerics.NUMERICS_VERSION}}
-    write_atomic(s.out / "best.json", json.dumps(saved, indent=1) + "\n")
-    return s.out / "best.json"
+    write_atomic(s.folder.best_json, json.dumps(saved, indent=1) + "\n")
+    return s.folder.best_json
 
 
 def train_best(s: Search, cfg: TrainConfig, console: Console) -> Path:
     """`cfg` trained with its seeds in `<out>/best/` (resumed if cut); a best/ of other settings
     (the choice moved as the study grew) or another numerics version is moved to superseded/ first."""
-    target = s.out / "best"
+    target = s.folder.best
     cfg = replace(cfg, out=target)
     folder = RunFolder(target)
     if folder.is_run() and folder.mismatch(cfg.resolved()):
-        aside = make_dir(s.out / "superseded") / f"best-{len(list((s.out / 'superseded').iterdir())) + 1}"
+        aside = make_dir(s.folder.superseded) / f"best-{len(list(s.folder.superseded.iterdir())) + 1}"
         target.rename(aside)
         console.print(f"{target} held other settings or another numerics version: moved to {aside}", highlight=False,
                       soft_wrap=True)
@@ -217,7 +211,7 @@ def finish(s: Search, study, console: Console) -> Path:
     write_trials(s, trials, rescored)
     write_best(s, chosen, rescored, counts(study)[0])
     params = " ".join(f"{k}={_short(v)}" for k, v in chosen.params.items())
-    console.print(f"chosen: trial {chosen.number} ({params}); written: {s.out / 'best.json'}, {s.out / 'trials.csv'}",
+    console.print(f"chosen: trial {chosen.number} ({params}); written: {s.folder.best_json}, {s.folder.trials_csv}",
                   highlight=False, soft_wrap=True)
     return train_best(s, best_config(s, chosen), console)
 
@@ -225,7 +219,7 @@ def finish(s: Search, study, console: Console) -> Path:
 def retrain_best(s: Search, console: Console) -> Path:
     """`--retrain-best`: best.json's settings trained into best/ with this code, no search (after a
     numerics version bump the study's trials are not this code's numbers, its choice still stands)."""
-    path = s.out / "best.json"
+    path = s.folder.best_json
     if not path.is_file():
         raise UserError(f"{path} is missing: the search never chose; search again (another --out after a numerics "
                         "version bump)")

@@ -22,6 +22,7 @@ import torch
 from core.errors import UserError
 from experiments import grid, search, search_space
 from experiments.results import load_row, search_record
+from experiments.search_folder import SearchFolder
 from train import data as train_data
 from train import numerics
 from train.config import TrainConfig
@@ -54,7 +55,7 @@ def study_of(out: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    journal = out / search.JOURNAL
+    journal = SearchFolder(out).journal
     storage = JournalStorage(JournalFileBackend(str(journal), lock_obj=search._JournalLock(journal)))
     return optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
 
@@ -179,7 +180,7 @@ def test_a_database_storage_holds_the_study(synth_cache, run_main, tmp_path):
     r = run_main(*args(synth_cache, out, "--trials", 1, "--jobs", 1, "--rescore", 0, "--storage",
                        f"sqlite:///{tmp_path / 'studies.db'}"))
     assert r.code == 0, r.err
-    assert (tmp_path / "studies.db").is_file() and not (out / search.JOURNAL).exists() and len(rows(out)) == 1
+    assert (tmp_path / "studies.db").is_file() and not (SearchFolder(out).journal).exists() and len(rows(out)) == 1
 
 
 BAD = [
