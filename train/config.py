@@ -20,6 +20,7 @@ from core.errors import UserError
 from core.defaults import DATASET, IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, REPO
 from heads.base import HeadConfig
+from train import settings_file
 from train.defaults import DEFAULTS, FALLBACK, default_help
 
 
@@ -132,11 +133,21 @@ class TrainConfig:
         and `--set key=value` (which wins over a flag). With `file` (`--config`), the settings in it,
         with only the options `given` on the command line over them (train/settings_file.py)."""
         if file is not None:
-            from train import settings_file
-
-            return settings_file.start(file, values, set(given), sets)
+            return cls._from_file(file, values, set(given), sets)
         head = values.get("head") or cls.head
         return build(cls, values, head_config=heads.build_config(head, head_values(head, values, sets)))
+
+    @classmethod
+    def _from_file(cls, path: Path, values: dict, given: set[str], sets: Iterable[str]) -> "TrainConfig":
+        """FILE's settings (read and checked by train/settings_file.py) with the options `given` over them."""
+        saved = settings_file.read(path, cls)
+        settings_file.refuse_other(path, saved, values, given)
+        cfg = cls.from_json({k: v for k, v in saved.items() if k != "head_config"})
+        options = {f.name for f in fields(cls) if "help" in f.metadata}
+        cfg = replace(cfg, **{k: values[k] for k in given if k in options and k in values})
+        head_config = settings_file.head_fields(path, cfg.head, saved)
+        return replace(cfg, head_config=heads.build_config(cfg.head, {**head_config,
+                                                                      **head_values(cfg.head, values, sets)}))
 
     def resolved(self) -> "TrainConfig":
         d = DEFAULTS[family(self.dataset)]

@@ -26,18 +26,16 @@ from core.errors import UserError
 NEVER = ("out",)  # fields a file never gives
 
 
-def read(path: Path) -> dict:
+def read(path: Path, config: type) -> dict:
     """FILE's settings: a run's "train" section, or the file itself; `out` left out. Unreadable, not a
-    mapping, or naming a field TrainConfig has not: one UserError."""
-    from train.config import TrainConfig
-
+    mapping, or naming a field `config` (TrainConfig) has not: one UserError."""
     data = _load(Path(path))
     settings = data["train"] if isinstance(data.get("train"), dict) else data
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    fields = [f.name for f in dataclasses.fields(config)]
     unknown = [k for k in settings if k not in fields]
     if unknown:
-        raise UserError(f"--config {path}: no setting {unknown[0]!r} (a TrainConfig field: {', '.join(fields)})")
-    _check_types(path, TrainConfig, {k: v for k, v in settings.items() if k != "head_config"})
+        raise UserError(f"--config {path}: no setting {unknown[0]!r} (a {config.__name__} field: {', '.join(fields)})")
+    _check_types(path, config, {k: v for k, v in settings.items() if k != "head_config"})
     if settings.get("head_config") is not None and not isinstance(settings["head_config"], dict):
         raise UserError(f"--config {path}: head_config is a mapping of a head's fields, not {settings['head_config']!r}")
     return {k: v for k, v in settings.items() if k not in NEVER}
@@ -114,22 +112,15 @@ def refuse_other(path: Path, saved: dict, values: dict, given: typing.Collection
                             f"drop --{key}, or start from settings of {what} {values[key]!r}")
 
 
-def start(path: Path, values: dict, given: typing.Collection[str], sets: typing.Iterable[str] = ()):
-    """The TrainConfig of FILE with the options given on the command line over it: `values` (a command's
-    field options and heads' flags, by name), `given` (the names given), `sets` (`--set key=value`)."""
+def head_fields(path: Path, head: str, saved: dict) -> dict:
+    """The file's `head_config` section, checked against head `head`'s config: one UserError for a
+    field it has not or a value of another type."""
     import heads
-    from train.config import TrainConfig, head_values
 
-    saved = read(path)
-    refuse_other(path, saved, values, given)
-    cfg = TrainConfig.from_json({k: v for k, v in saved.items() if k != "head_config"})
-    options = {f.name for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
-    cfg = dataclasses.replace(cfg, **{k: values[k] for k in given if k in options and k in values})
     head_config = saved.get("head_config") or {}
-    config = heads.config_class(cfg.head)  # an unknown head is its own error
+    config = heads.config_class(head)  # an unknown head is its own error
     unknown = [k for k in head_config if k not in {f.name for f in dataclasses.fields(config)}]
     if unknown:
-        raise UserError(f"--config {path}: head {cfg.head!r} has no field {unknown[0]!r} (head_config)")
+        raise UserError(f"--config {path}: head {head!r} has no field {unknown[0]!r} (head_config)")
     _check_types(path, config, head_config, "head_config.")
-    return dataclasses.replace(cfg, head_config=heads.build_config(cfg.head, {**head_config,
-                                                                              **head_values(cfg.head, values, sets)}))
+    return head_config
