@@ -450,27 +450,6 @@ def screen_table(table: Table, width: int, columns: list[str] | None = None):
     return make(shown)
 
 
-# --columns: a key per column (the headers name the reference row, so they make poor keys)
-COLUMN_KEYS = {
-    "run": "the run folder's name", "head": "the head", "settings": "what sets the row apart",
-    "seeds": "seeds trained", "accuracy": "test accuracy", "weighted_f1": "test weighted F1",
-    "macro_f1": "test macro F1", "paper": "the paper's accuracy / F1 (--paper)",
-    "epochs": "the dev-selected epoch of each seed", "dev_accuracy": "dev accuracy at the selected epoch",
-    "file_order": "file-order test accuracy, best / last epoch (--protocol-check)",
-    "inflation": "best file-order epoch minus the label-blind accuracy (--protocol-check)",
-    "delta": "accuracy minus the reference's (--against)", "p": "its Holm-corrected p", "test": "paired or welch",
-    "beyond_noise": "yes when that p < 0.05", "baseline": "the same-named row's accuracy (--baseline)",
-    "gain": "accuracy minus the baseline's, with its Holm-corrected p",
-    "gain_minus": "the gain minus the reference's gain", "gain_minus_p": "its Holm-corrected p",
-    "gain_minus_beyond_noise": "yes when that p < 0.05",
-    "acc_<condition>": "test accuracy without a modality or with noise (robustness.json), e.g. acc_drop_image",
-    "seconds_per_epoch": "median s/epoch", "peak_rss": "peak resident memory",
-    "parameters": "trainable parameters", "device": "cpu or cuda", "differs": "what differs (--allow-mixed)",
-    "trials": "a searched row: the trials its study counted (COMPLETE or PRUNED)",
-    "lane_hours": "a searched row: wall hours of its trials, re-scores and final run (one-thread lanes)",
-}
-
-
 def parse_columns(text: str | None) -> list[str] | None:
     """`--columns run,accuracy,delta` as a list of keys (None: every column); a key given twice is refused."""
     if text is None:
@@ -485,7 +464,7 @@ def parse_columns(text: str | None) -> list[str] | None:
 
 def _layout(table: Table, columns: list[str] | None = None) -> tuple[list[str], list[int], list[list[str]], list[str]]:
     """(headers, each column's rank: 0 is kept longest on a narrow terminal, rows of cells, notes); with
-    `columns` (keys of COLUMN_KEYS), only those columns, in that order."""
+    `columns` (keys: docs/results.md#legend), only those columns, in that order."""
     shown = _Shown(protocol=any("protocol_check" in r.metrics for r in table.rows),
                    cost=any(r.metrics.get("cost") for r in table.rows),
                    robust=list(dict.fromkeys(c for r in table.rows for c in r.robustness)),
@@ -754,5 +733,3 @@ def refresh_markdown(page: Path, check: bool = False, root: Path | None = None) 
         write_atomic(page, new)
     return stale
 
-
-refresh_readme = refresh_markdown  # its first name, when the README was the only page with tables

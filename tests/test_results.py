@@ -147,11 +147,11 @@ def test_readme_blocks_are_regenerated_and_checked(tmp_path):
     make_run(tmp_path / "results" / "heads", "spp", OTHER)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results: results/heads --against probe -->\nold table\n<!-- results:end -->\nend\n")
-    assert results.refresh_readme(readme, check=True) == ["results/heads --against probe"]
+    assert results.refresh_markdown(readme, check=True) == ["results/heads --against probe"]
     assert "old table" in readme.read_text()  # check changes nothing
-    results.refresh_readme(readme)
+    results.refresh_markdown(readme)
     assert "old table" not in readme.read_text() and "| spp | spp_scl |" in readme.read_text()
-    assert results.refresh_readme(readme, check=True) == []
+    assert results.refresh_markdown(readme, check=True) == []
 
 
 def _pages() -> list[str]:

@@ -215,9 +215,6 @@ class Board:
     def __init__(self, title: str, clock: EpochClock, rows: dict[Hashable, ItemRow], note: str = ""):
         self.title, self.clock, self.rows, self.note = title, clock, rows, note
 
-    def overall(self, width: int = 10_000) -> Text:
-        return self.render(width)[0]
-
     def render(self, width: int) -> list[Text]:
         """The lines at `width`: labels padded alike (at most LABEL columns) and one bar width for all,
         the one the overall line leaves room for."""
