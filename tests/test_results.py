@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import re
+
 import pytest
 from scipy.stats import ttest_ind, ttest_rel
 
@@ -175,6 +177,19 @@ def test_a_table_on_a_page_has_a_one_line_caption_and_the_legend_is_said_once(pa
     for m in results.BLOCK.finditer((REPO / page).read_text()):
         caption = m.group("body").rstrip("\n").split("\n\n")[-1]
         assert "\n" not in caption and len(caption) <= 300 and "[legend](" in caption, caption
+
+
+def test_every_column_key_a_page_picks_is_in_the_legend():
+    """The legend (docs/results.md) names the `--columns` key of each column the pages' tables show."""
+    from conftest import REPO
+
+    legend = (REPO / "docs" / "results.md").read_text().split("## Legend", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z0-9_]+)`", legend))
+    for page in _pages():
+        for m in results.BLOCK.finditer((REPO / page).read_text()):
+            keys = re.search(r"--columns (\S+)", m.group("args"))
+            missing = set(keys.group(1).split(",")) - named if keys else set()
+            assert not missing, f"{page}: columns {sorted(missing)} are not in the legend of docs/results.md"
 
 
 @pytest.mark.parametrize("page", _pages())
