@@ -8,9 +8,10 @@ what the command line does, and gets numbers and tables back instead of printed 
 - `results_table`: the table of `pipeline.py results` as a DataFrame, with the same refusals.
 
 Only public functions of the library are called here (train/data.py, train/runs.py,
-train/run_folder.py, experiments/results.py), so this module is a thin shell and the command line
-and a notebook cannot disagree. A problem the user can fix raises `UserError` with a one-line message
-that says how, as the command line prints it. docs/api.md shows every function at work.
+train/run_folder.py, experiments/results.py, experiments/results_view.py), so this module is a thin
+shell and the command line and a notebook cannot disagree. A problem the user can fix raises `UserError`
+with a one-line message that says how, as the command line prints it. docs/api.md shows every function
+at work.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def results_table(paths, against: str | None = None, allow_mixed: bool = False):
     `paths`: run folders, folders of run folders or glob patterns (one path alone is fine). Runs that
     do not compare (another cache, split, scoring protocol or code) are refused with the difference
     named, as on the command line; `allow_mixed` shows them anyway."""
-    from experiments import results
+    from experiments import results, results_view
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    return results.csv_frame(results.build(paths, against=against, allow_mixed=allow_mixed))
+    return results_view.csv_frame(results.build(paths, against=against, allow_mixed=allow_mixed))

@@ -403,12 +403,12 @@ def results_cmd(
                                         "folders of results/mvsa_s-ablate-spp_scl): the paper's accuracy / F1 of each row beside it"),
 ):
     """One table from finished runs: mean ± std over seeds, selected epochs, paired or Welch t-test, Holm-corrected."""
-    from experiments import results
+    from experiments import results, results_pages, results_view
 
     if markdown:
         stale_pages = []
         for page in [*markdown, *map(Path, runs or [])]:
-            stale = results.refresh_markdown(page, check=check)
+            stale = results_pages.refresh_markdown(page, check=check)
             verb = "differ" if check else "regenerated"
             console.print(f"{page}: {len(stale)} table(s) {verb}" + (f" ({'; '.join(stale)})" if stale else ""))
             stale_pages += [str(page)] * bool(stale)
@@ -420,11 +420,11 @@ def results_cmd(
         raise UserError("--check goes with --markdown FILE: it checks the tables of a markdown file")
     if not runs:
         raise UserError("give run folders (or a folder of them), e.g. `pipeline.py results results/mvsa_s-heads --against probe`")
-    cols = results.parse_columns(columns)
+    cols = results_view.parse_columns(columns)
     table = results.build(runs, against, allow_mixed, baseline, paper)
-    console.print(results.screen_table(table, console.width, cols), highlight=False)
+    console.print(results_view.screen_table(table, console.width, cols), highlight=False)
     if out is not None:
-        console.print("written: " + ", ".join(str(p) for p in results.write(table, out, cols)))
+        console.print("written: " + ", ".join(str(p) for p in results_view.write(table, out, cols)))
 
 
 @app.command("verify")

@@ -32,7 +32,7 @@ from core.cli_fields import parse_sets
 from core.errors import UserError
 from core.paths import DEFAULT_RUNS, make_dir, output_dir, write_atomic, write_png
 from core.shards import parse_shard
-from experiments import results
+from experiments import results, results_view
 from train import data as cache
 from train import robustness, run_folder, runs
 from train.config import METRICS, TrainConfig
@@ -299,8 +299,8 @@ def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> results.T
         rows.append(row)
     table = results.compare(rows, against=cells[0].name, paper=head)
     make_dir(out)
-    write_atomic(out / "table.csv", results.csv_frame(table).to_csv(index=False))
-    write_atomic(out / "table.md", f"{_title(cells, dataset)}.\n\n{results.markdown(table)}")
+    write_atomic(out / "table.csv", results_view.csv_frame(table).to_csv(index=False))
+    write_atomic(out / "table.md", f"{_title(cells, dataset)}.\n\n{results_view.markdown(table)}")
     return table
 
 

@@ -1,4 +1,5 @@
-"""experiments/results.py on synthetic run folders: which test, Holm, refusing runs that do not compare."""
+"""experiments/results.py (and the table shown, results_view.py, and in pages, results_pages.py) on synthetic
+run folders: which test, Holm, refusing runs that do not compare."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from scipy.stats import ttest_ind, ttest_rel
 
 from core.errors import UserError
-from experiments import results, stats
+from experiments import results, results_pages, results_view, stats
 from train.config import METRICS
 from train.numerics import NUMERICS_VERSION
 
@@ -109,7 +110,7 @@ def test_p_values_in_the_table_are_holm_corrected(tmp_path):
     t = results.build([tmp_path], against="a-probe")
     raw = [t.comparisons[n]["p"] for n in ("b", "c")]
     assert [t.comparisons[n]["p_holm"] for n in ("b", "c")] == pytest.approx(stats.holm(raw))
-    assert "Holm-corrected over 2 comparisons" in results.markdown(t)
+    assert "Holm-corrected over 2 comparisons" in results_view.markdown(t)
 
 
 @pytest.mark.parametrize("kind, change", [
@@ -123,7 +124,7 @@ def test_runs_that_do_not_compare_are_refused_with_the_difference_named(tmp_path
     with pytest.raises(UserError, match=f"{kind} differs"):
         results.build([tmp_path], against="probe")
     t = results.build([tmp_path], against="probe", allow_mixed=True)
-    md = results.markdown(t)
+    md = results_view.markdown(t)
     assert "differs in" in md and f"| {kind} |" in md
 
 
@@ -149,11 +150,11 @@ def test_readme_blocks_are_regenerated_and_checked(tmp_path):
     make_run(tmp_path / "results" / "heads", "spp", OTHER)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results: results/heads --against probe -->\nold table\n<!-- results:end -->\nend\n")
-    assert results.refresh_markdown(readme, check=True) == ["results/heads --against probe"]
+    assert results_pages.refresh_markdown(readme, check=True) == ["results/heads --against probe"]
     assert "old table" in readme.read_text()  # check changes nothing
-    results.refresh_markdown(readme)
+    results_pages.refresh_markdown(readme)
     assert "old table" not in readme.read_text() and "| spp | spp_scl |" in readme.read_text()
-    assert results.refresh_markdown(readme, check=True) == []
+    assert results_pages.refresh_markdown(readme, check=True) == []
 
 
 def _pages() -> list[str]:
@@ -165,7 +166,7 @@ def _pages() -> list[str]:
 def test_the_pages_with_tables_are_the_readme_and_docs_results():
     from conftest import REPO
 
-    with_tables = [p for p in _pages() if results.BLOCK.search((REPO / p).read_text())]
+    with_tables = [p for p in _pages() if results_pages.BLOCK.search((REPO / p).read_text())]
     assert "README.md" in with_tables and "docs/results.md" in with_tables
 
 
@@ -174,7 +175,7 @@ def test_a_table_on_a_page_has_a_one_line_caption_and_the_legend_is_said_once(pa
     """The legend of every column lives on docs/results.md; under each table one short line links there."""
     from conftest import REPO
 
-    for m in results.BLOCK.finditer((REPO / page).read_text()):
+    for m in results_pages.BLOCK.finditer((REPO / page).read_text()):
         caption = m.group("body").rstrip("\n").split("\n\n")[-1]
         assert "\n" not in caption and len(caption) <= 300 and "[legend](" in caption, caption
 
@@ -186,7 +187,7 @@ def test_every_column_key_a_page_picks_is_in_the_legend():
     legend = (REPO / "docs" / "results.md").read_text().split("## Legend", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`([a-z0-9_]+)`", legend))
     for page in _pages():
-        for m in results.BLOCK.finditer((REPO / page).read_text()):
+        for m in results_pages.BLOCK.finditer((REPO / page).read_text()):
             keys = re.search(r"--columns (\S+)", m.group("args"))
             missing = set(keys.group(1).split(",")) - named if keys else set()
             assert not missing, f"{page}: columns {sorted(missing)} are not in the legend of docs/results.md"
@@ -197,24 +198,24 @@ def test_every_table_of_the_readme_and_docs_is_what_results_prints_from_the_comm
     """Every `<!-- results: ... -->` block of README.md and docs/*.md equals `pipeline.py results` over results/."""
     from conftest import REPO
 
-    assert results.refresh_markdown(REPO / page, check=True) == []
+    assert results_pages.refresh_markdown(REPO / page, check=True) == []
 
 
 def test_columns_choose_and_order_the_columns_of_screen_markdown_and_blocks(tmp_path):
     make_run(tmp_path / "results" / "heads", "probe", REF, head="probe", head_config={"modalities": "both"})
     make_run(tmp_path / "results" / "heads", "spp", OTHER)
     t = results.build([tmp_path / "results" / "heads"], against="probe")
-    keys = results.parse_columns("run, accuracy,macro_f1,delta,beyond_noise")
-    md = results.markdown(t, keys)
+    keys = results_view.parse_columns("run, accuracy,macro_f1,delta,beyond_noise")
+    md = results_view.markdown(t, keys)
     assert md.splitlines()[0] == "| run | accuracy | macro F1 | Δacc vs probe | beyond noise |"
     assert md.splitlines()[2].startswith("| probe | 0.7040 ± 0.0114 | ") and "(reference)" in md
-    assert results.markdown(t, ["delta", "run"]).splitlines()[0] == "| Δacc vs probe | run |"  # in the order given
+    assert results_view.markdown(t, ["delta", "run"]).splitlines()[0] == "| Δacc vs probe | run |"  # in the order given
     with pytest.raises(UserError, match="no column 'gain'.*it has run, head"):
-        results.markdown(t, ["run", "gain"])
+        results_view.markdown(t, ["run", "gain"])
     with pytest.raises(UserError, match="run is given twice"):
-        results.parse_columns("run,accuracy,run")
+        results_view.parse_columns("run,accuracy,run")
     with pytest.raises(UserError, match="an empty name"):
-        results.parse_columns("run,,accuracy")
+        results_view.parse_columns("run,,accuracy")
     # a block: its own --columns, a one-line caption that links to the legend, relative to the page
     block = "<!-- results: results/heads --against probe --columns run,accuracy,delta -->\nold\n<!-- results:end -->\n"
     quoted = "A marker (`<!-- results: ARGS -->`) quoted in running text is no block.\n\n"
@@ -222,17 +223,17 @@ def test_columns_choose_and_order_the_columns_of_screen_markdown_and_blocks(tmp_
                        (tmp_path / "docs" / "other.md", "results.md#legend"), (tmp_path / "docs" / "results.md", "#legend")]:
         page.parent.mkdir(exist_ok=True)
         page.write_text(block)
-        assert results.refresh_markdown(page, root=tmp_path) == ["results/heads --against probe --columns run,accuracy,delta"]
+        assert results_pages.refresh_markdown(page, root=tmp_path) == ["results/heads --against probe --columns run,accuracy,delta"]
         body = page.read_text().split("\n")
         page.write_text(quoted + page.read_text())
-        assert results.refresh_markdown(page, root=tmp_path, check=True) == []
+        assert results_pages.refresh_markdown(page, root=tmp_path, check=True) == []
         assert body[1] == "| run | accuracy | Δacc vs probe |"
         caption = body[body.index("") + 1]
         assert caption.endswith(f"Columns: [legend]({link}).") and "Holm over 1 comparison with probe" in caption
-        assert results.refresh_markdown(page, root=tmp_path, check=True) == []
+        assert results_pages.refresh_markdown(page, root=tmp_path, check=True) == []
     page.write_text(block.replace("--columns", "--colums"))
     with pytest.raises(UserError, match="unknown option --colums"):
-        results.refresh_markdown(page, root=tmp_path)
+        results_pages.refresh_markdown(page, root=tmp_path)
 
 
 def test_results_refreshes_several_markdown_files_and_check_changes_nothing(tmp_path, run_main, monkeypatch):
@@ -346,7 +347,7 @@ def test_protocol_check_columns_show_best_and_last_file_order_epochs(tmp_path):
                            "inflation": ms(0.044)}
     (run / "metrics.json").write_text(json.dumps(m))
     make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
-    md = results.markdown(results.build([tmp_path], against="probe"))
+    md = results_view.markdown(results.build([tmp_path], against="probe"))
     assert "0.7200 ± 0.0100 / 0.7000 ± 0.0100 | +0.0440" in md
 
 
@@ -374,13 +375,13 @@ def test_baseline_gives_each_rows_gain_and_the_difference_of_differences_paired_
     assert g["p_minus_ref"] == pytest.approx(ttest_1samp(did, 0.0).pvalue)
     assert g["p_minus_ref_holm"] == pytest.approx(g["p_minus_ref"])  # one row tested: Holm changes nothing
     assert t.gains["probe"]["gain"] == pytest.approx(0.008)
-    md = results.markdown(t)
+    md = results_view.markdown(t)
     assert "gain minus probe's" in md and "Baseline: the row of the same name in base/" in md
     p_gains = stats.holm([ttest_rel([a + head_gain[s] for s, a in OTHER.items()], list(OTHER.values())).pvalue,
                             ttest_rel([a + probe_gain[s] for s, a in REF.items()], list(REF.values())).pvalue])
     assert [t.gains[n]["p_gain_holm"] for n in ("spp", "probe")] == pytest.approx(p_gains)
     assert f"| {sum(head_gain.values()) / 5:+.4f}, p {p_gains[0]:.3f} | {sum(did) / 5:+.4f} |" in md
-    assert results._block_table("strong --against probe --baseline base", tmp_path) == md  # a README block
+    assert results_pages._block_table("strong --against probe --baseline base", tmp_path) == md  # a README block
 
 
 def test_baseline_of_another_split_or_numerics_version_is_refused_and_a_missing_reference_named(tmp_path):
@@ -410,15 +411,15 @@ def test_paper_numbers_stand_beside_ablation_rows_named_by_row_or_folder(tmp_pat
     t = results.build([tmp_path / "ablate"], against="full", paper="spp_scl")
     assert t.paper_numbers == {"full": (0.8133, 0.8015), "wo-clm": (0.7289, 0.7040), "wo-intra": (0.7244, 0.7170),
                                "ha-last-1": (0.7133, 0.7025), "text-only": (0.7111, 0.6970)}
-    md = results.markdown(t)
+    md = results_view.markdown(t)
     assert "| macro F1 | paper acc / F1 | selected epochs |" in md and "0.7244 / 0.7170" in md
     assert "spp_scl's PAPER table" in md
-    assert results._block_table("ablate --against full --paper spp_scl", tmp_path) == md  # a README block
+    assert results_pages._block_table("ablate --against full --paper spp_scl", tmp_path) == md  # a README block
     assert results.paper_numbers("spp_scl", "mvsa_s", "w/o L_cli,L_clt") == (0.7244, 0.7170)
     assert results.paper_numbers("hybrid_fusion", "mvsa_s", "wo-birau") is None  # no paper numbers: empty
     for folder, row in [("wo-ca", "w/o CA"), ("wo-clip", "w/o CLIP"), ("full", "full")]:
         assert results.paper_numbers("clip_ca_cg", "mvsa_s", folder) == results.paper_numbers("clip_ca_cg", "mvsa_s", row)
-    assert "paper acc" not in results.markdown(results.build([tmp_path / "ablate"], against="full"))  # only when asked
+    assert "paper acc" not in results_view.markdown(results.build([tmp_path / "ablate"], against="full"))  # only when asked
     with pytest.raises(UserError, match="unknown head 'nope'"):
         results.build([tmp_path / "ablate"], paper="nope")
 
@@ -447,7 +448,7 @@ def test_on_screen_the_table_fits_the_terminal_and_keeps_the_needed_columns(tmp_
     make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
     make_run(tmp_path, "spp", OTHER, head_config={"alpha": 0.5})
     console = Console(file=StringIO(), width=width, force_terminal=True)
-    console.print(results.screen_table(results.build([tmp_path], against="probe"), width))
+    console.print(results_view.screen_table(results.build([tmp_path], against="probe"), width))
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in console.file.getvalue().splitlines()]
     assert all(len(line) <= width for line in lines) and lines[0].rstrip().endswith("┓")  # nothing cut
     text = "\n".join(lines)
@@ -465,31 +466,31 @@ def test_a_row_of_the_heads_defaults_reads_defaults(tmp_path):
     make_run(tmp_path, "spp", REF, head_config=default)
     make_run(tmp_path, "official", OTHER, head_config={**default, "supcon_official": True, "gate_floor": True})
     t = results.build([tmp_path])
-    settings = {r.name: results._settings(r) for r in t.rows}
+    settings = {r.name: results_view._settings(r) for r in t.rows}
     assert settings == {"spp": "defaults", "official": "supcon_official=True, gate_floor=True"}
 
 
 def test_one_seed_prints_no_std():
-    assert results._ms({"mean": 0.66, "std": 0.0}, 1) == "0.6600 ± n/a"
-    assert results._ms({"mean": 0.66, "std": 0.01}, 2) == "0.6600 ± 0.0100"
+    assert results_view._ms({"mean": 0.66, "std": 0.0}, 1) == "0.6600 ± n/a"
+    assert results_view._ms({"mean": 0.66, "std": 0.01}, 2) == "0.6600 ± 0.0100"
 
 
 def test_cost_columns_appear_when_a_run_recorded_its_cost(tmp_path):
     """metrics.json `cost` (seconds per epoch, peak RSS, parameters, device) gives optional columns;
     a run trained before it leaves them blank, and without any cost they are not shown."""
     make_run(tmp_path, "probe", REF, head="probe", head_config={"modalities": "both"})
-    assert "peak RSS" not in results.markdown(results.build([tmp_path]))
+    assert "peak RSS" not in results_view.markdown(results.build([tmp_path]))
     run = make_run(tmp_path, "spp", OTHER)
     m = json.loads((run / "metrics.json").read_text())
     m["cost"] = {"seconds_per_epoch_median": 7.456, "peak_rss_bytes": 3 << 29, "trainable_parameters": 123456,
                  "device": "cpu"}
     (run / "metrics.json").write_text(json.dumps(m))
     table = results.build([tmp_path])
-    md = results.markdown(table)
+    md = results_view.markdown(table)
     assert "| s/epoch (median) | peak RSS | trainable parameters | device |" in md
     assert "| 7.46 | 1.50 GiB | 123,456 | cpu |" in md
     assert "|  |  |  |  |" in md  # the probe has no cost recorded
-    frame = results.csv_frame(table)
+    frame = results_view.csv_frame(table)
     assert frame.loc[frame["run"] == "spp", "cost_trainable_parameters"].item() == 123456
 
 
@@ -498,12 +499,12 @@ def test_dev_accuracy_stands_beside_test_in_tables_and_csv(tmp_path):
     for name in ("a", "b"):
         make_run(tmp_path / "runs", name, REF)
     t = results.build([tmp_path / "runs"])
-    head, _, rows, notes = results._layout(t)
+    head, _, rows, notes = results_view._layout(t)
     k = head.index("dev acc")
     assert head[k - 1] == "selected epochs"
     for r, cells in zip(t.rows, rows):
-        assert cells[k] == results._ms(r.metrics["dev"]["accuracy"], len(r.seeds)) != ""
+        assert cells[k] == results_view._ms(r.metrics["dev"]["accuracy"], len(r.seeds)) != ""
         assert cells[k] != cells[head.index("accuracy")] or r.metrics["dev"]["accuracy"] == r.metrics["test"]["accuracy"]
-    frame = results.csv_frame(t)
+    frame = results_view.csv_frame(t)
     assert list(frame["dev_accuracy_mean"]) == [r.metrics["dev"]["accuracy"]["mean"] for r in t.rows]
     assert any("Dev acc" in n for n in notes)

@@ -126,12 +126,12 @@ def test_robustness_on_a_streamed_cache_is_refused_before_training(synth_cache, 
 
 
 def test_results_shows_the_robustness_columns(run):
-    from experiments import results
+    from experiments import results, results_view
 
     cfg, data, _ = run
     conds = robustness.conditions(("text", "image"), ["image"], [1.0])
     scored = robustness.evaluate_run(cfg.out, cfg, data, conds, device())
-    md = results.markdown(results.build([cfg.out]))
+    md = results_view.markdown(results.build([cfg.out]))
     assert "| acc drop image |" in md and "| acc noise 1 |" in md
     assert f"{scored['summary']['drop_image']['accuracy']['mean']:.4f}" in md
 
