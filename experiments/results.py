@@ -195,7 +195,8 @@ def _parts(kind: str, c: dict) -> dict[str, str]:
             **{k: json.dumps(v, sort_keys=True) for k, v in prov.items() if k in ("text", "image")}}
 
 
-def _differ(kind: str, a: dict, b: dict) -> bool:
+def differ(kind: str, a: dict, b: dict) -> bool:
+    """Whether two runs' configs differ in a part of `kind` (COMPARABLE) that both record."""
     pa, pb = _parts(kind, a), _parts(kind, b)
     return any(pa[k] != pb[k] for k in pa.keys() & pb.keys())
 

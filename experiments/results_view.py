@@ -16,7 +16,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from experiments import stats
-from experiments.results import Row, Table, _differ, search_record
+from experiments.results import Row, Table, differ, search_record
 from train.config import METRICS
 
 
@@ -216,7 +216,7 @@ def _cells(table: Table, r: Row, shown: _Shown) -> list[str]:
         cells += _cost(r)
     if table.mixed:
         base = table.reference or table.rows[0]
-        cells.append(", ".join(k for k in table.mixed if _differ(k, r.config, base.config)))
+        cells.append(", ".join(k for k in table.mixed if differ(k, r.config, base.config)))
     return cells
 
 
