@@ -130,15 +130,14 @@ def params(config: type, skip: Iterable[str] = ()) -> list:
     """One typer option per `option(...)` field of dataclass `config`, in field order, except `skip`;
     then a hidden one per former name of a field (`option(was=...)`)."""
     hints = typing.get_type_hints(config)
-    specs, renamed = [], {}
+    specs = []
     for f in dataclasses.fields(config):
         if "help" in f.metadata and f.name not in skip:
             spec = _spec(f, base_type(hints[f.name]))
             specs.append(spec)
-            for k, old in enumerate(f.metadata.get("was", ())):
-                renamed[f"{f.name}{_WAS}{k}"] = f.name
-                specs.append(_renamed_spec(spec, f"{f.name}{_WAS}{k}", old))
-    return _renames(_typer_params(specs), renamed)
+            specs += [_renamed_spec(old, f.name, k, spec.annotation, like=spec)
+                      for k, old in enumerate(f.metadata.get("was", ()))]
+    return _typer_params(specs)
 
 
 def _spec(f: dataclasses.Field, kind) -> inspect.Parameter:
@@ -171,13 +170,15 @@ def _spec(f: dataclasses.Field, kind) -> inspect.Parameter:
 _WAS = "__was"  # a former name's parameter is named <the new one's>__was<k>
 
 
-def _renamed_spec(spec: inspect.Parameter, name: str, old: str) -> inspect.Parameter:
-    """A hidden option `old` parsed as `spec` is, named `name`, not given unless given."""
+def _renamed_spec(old: str, new: str, k: int, annotation, like: inspect.Parameter | None = None) -> inspect.Parameter:
+    """Hidden option `old`, the `k`th former name of parameter `new`: None unless given, parsed as
+    option `like` is."""
     import typer
 
-    info = spec.default
-    kw = {k: getattr(info, k) for k in ("callback", "parser", "metavar", "min", "max") if getattr(info, k, None) is not None}
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[spec.annotation],
+    info = getattr(like, "default", None)
+    kw = {key: getattr(info, key) for key in ("callback", "parser", "metavar", "min", "max")
+          if getattr(info, key, None) is not None}
+    return inspect.Parameter(f"{new}{_WAS}{k}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[annotation],
                              default=typer.Option(None, old, hidden=True, **kw))
 
 
@@ -185,20 +186,8 @@ def renamed(old: str, new: str, annotation, required: bool = False) -> list:
     """A hidden option `old` that stands for parameter `new` of a command's own (`--run` for the
     positional RUN of `eval`), for `fields_command(first=...)`. `required`: `new` must be given one
     way or the other (declare it with a None default, as the old name may give it instead)."""
-    import typer
-
-    name = f"{new}{_WAS}0"
-    made = _renames(_typer_params([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[annotation],
-                                                     default=typer.Option(None, old, hidden=True))]), {name: new})
+    made = _typer_params([_renamed_spec(old, new, 0, annotation)])
     made[0].renamed_required = required
-    return made
-
-
-def _renames(made: list, renamed: Mapping[str, str]) -> list:
-    """Tag each hidden former name among click parameters `made` with the parameter it stands for."""
-    for p in made:
-        if p.name in renamed:
-            p.renamed_to, p.renamed_required = renamed[p.name], False
     return made
 
 
@@ -415,7 +404,8 @@ def keys_once(values: list[str]) -> list[str]:
 
 def _typer_params(specs: list[inspect.Parameter]) -> list:
     """The click parameters typer makes for a function with this signature (so generated options
-    look, parse and convert exactly as the hand-written ones of `pipeline.py`)."""
+    look, parse and convert exactly as the hand-written ones of `pipeline.py`); a former name's
+    (`<new>__was<k>`) is tagged with the parameter it stands for."""
     import typer
 
     def options(**_): ...
@@ -423,7 +413,11 @@ def _typer_params(specs: list[inspect.Parameter]) -> list:
     options.__signature__ = inspect.Signature(specs)
     one = typer.Typer(add_completion=False, rich_markup_mode=None)
     one.command()(options)
-    return typer.main.get_command(one).params
+    made = typer.main.get_command(one).params
+    for p in made:
+        if _WAS in p.name:
+            p.renamed_to, p.renamed_required = p.name.partition(_WAS)[0], False
+    return made
 
 
 def _parser(parse: Callable[[str], object]) -> Callable[[object], object]:
