@@ -302,7 +302,7 @@ def flag_params(flags: Iterable[Flag]) -> list:
         for f in flags])
 
 
-def flag_values(owner: str, configs: Mapping[str, type], given: Mapping[str, object], noun: str = "head") -> dict:
+def flag_values(owner: str, configs: Mapping[str, type], given: Mapping[str, object]) -> dict:
     """Field values of `configs[owner]` from the flags given (`given`: Flag.name -> value, None: not
     given). A flag `owner` does not declare is one UserError naming the ones that do."""
     values, wrong = {}, []
@@ -316,7 +316,7 @@ def flag_values(owner: str, configs: Mapping[str, type], given: Mapping[str, obj
         values[f.field] = value
     if wrong:
         keys = sorted(f.name for f in dataclasses.fields(configs[owner]))
-        raise UserError(f"{noun} {owner!r} has no option {'; '.join(wrong)}: its fields are {', '.join(keys)} "
+        raise UserError(f"head {owner!r} has no option {'; '.join(wrong)}: its fields are {', '.join(keys)} "
                         f"(set them with --set key=value)")
     return values
 
