@@ -205,15 +205,17 @@ def _take_renamed(ctx, params: list) -> None:
     by_name = {p.name: p for p in params}
     for p in [p for p in params if hasattr(p, "renamed_to")]:
         value, target = ctx.params.pop(p.name, None), by_name[p.renamed_to]
+        if ctx.resilient_parsing:  # shell completion: nothing is checked, nothing said
+            continue
         new = target.opts[0] if target.param_type_name == "option" else target.metavar or target.name.upper()
-        if given(ctx, p.name) and not ctx.resilient_parsing:
+        if given(ctx, p.name):
             if given(ctx, target.name):
                 raise typer.BadParameter(f"{p.opts[0]} is the former name of {new}: give it once", ctx, p)
             now = new if target.param_type_name == "option" else f"the argument {new} (`{ctx.command_path} {new}`)"
             typer.echo(f"deprecated: {p.opts[0]} is now {now}; {p.opts[0]} works for now", err=True)
             ctx.params[target.name] = value
             ctx.set_parameter_source(target.name, ctx.get_parameter_source(p.name))
-        elif p.renamed_required and ctx.params.get(target.name) is None and not ctx.resilient_parsing:
+        elif p.renamed_required and ctx.params.get(target.name) is None:
             ctx.fail(f"Missing argument '{new}'.")
 
 
