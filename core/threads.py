@@ -169,8 +169,8 @@ def worker_pool(jobs: int, threads: int | None = None, init=None, initargs: tupl
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def die_with_parent(main: int | None = None, every: float = 1.0) -> str:
-    """End this process as soon as the process `main` (default: its parent) ends, however that ends.
+def die_with_parent(main: int, every: float = 1.0) -> str:
+    """End this process as soon as the process `main` (its parent or not) ends, however that ends.
 
     A child of `main` ('fork' and 'spawn' workers): on Linux the kernel ends it
     (`prctl(PR_SET_PDEATHSIG, SIGKILL)`), elsewhere a daemon thread that checks every `every`
@@ -186,7 +186,6 @@ def die_with_parent(main: int | None = None, every: float = 1.0) -> str:
     If `main` is gone already (it died before this ran) the process ends now.
     Returns how: "prctl", "thread" or "watch"."""
     parent = os.getppid()
-    main = parent if main is None else main
     if main == parent:
         how = "prctl" if _pdeathsig() else "thread"
         if how == "thread":
@@ -226,15 +225,11 @@ def _watch_pid(pid: int, every: float) -> None:
         fd = None
     if fd is not None:
         select.select([fd], [], [])
-    else:
-        try:
+    else:  # PermissionError: a pid reused by another user's process, so ours is gone
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             while True:
                 os.kill(pid, 0)
                 time.sleep(every)
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # a pid reused by another user's process: ours is gone
-            pass
     os._exit(1)
 
 
