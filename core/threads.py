@@ -42,6 +42,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from core import memory
 from core.errors import Terminated
 
 LEGACY_ENV = "SPP_THREADS"
@@ -58,8 +59,6 @@ def policy() -> None:
     """Set how OpenMP workers wait, and that glibc keeps freed memory (`core/memory.py`); call before
     torch is imported (libgomp reads its settings once, at load; large buffers mapped before
     `keep_freed` keep glibc's old rules)."""
-    from core import memory
-
     memory.keep_freed()
     if not legacy() and "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", SPIN)
@@ -75,8 +74,9 @@ def cores() -> list[int]:
 
 def default_threads(jobs: int = 1) -> int:
     """A user's OMP_NUM_THREADS, else this process's share of the cores."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        return int(os.environ["OMP_NUM_THREADS"])
+    mine = os.environ.get("OMP_NUM_THREADS", "")
+    if mine.isdigit() and int(mine) > 0:
+        return int(mine)
     return max(1, len(cores()) // max(1, jobs))
 
 
