@@ -65,17 +65,11 @@ def fit_line(label: str, fraction: float | None, must: Sequence[str], optional: 
         min_bar = min(min_bar, MIN_BAR)
         room = max(0, width - length(0, min_bar, []) - 2)
         label = label if len(label) <= room else (label[: room - 1] + "…" if room > 1 else "")
-    bar_len = 0
+    pieces: list[Text | str] = [label, must_text, *kept]
     if has_bar:
-        bar_len = max(3, min(widest, width - length(len(label), 0, kept) - 2))
+        pieces.insert(1, bar(fraction, max(3, min(widest, width - length(len(label), 0, kept) - 2))))
     line = Text(no_wrap=True, overflow="crop")
-    pieces: list[Text | str] = [label] if label else []
-    if has_bar:
-        pieces.append(bar(fraction, bar_len))
-    if must_text:
-        pieces.append(must_text)
-    pieces += kept
-    for k, piece in enumerate(pieces):
+    for k, piece in enumerate(p for p in pieces if p):
         if k:
             line.append("  ")
         line.append(piece)
