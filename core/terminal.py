@@ -10,6 +10,7 @@ the label is shortened, the bar never goes.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
@@ -105,12 +106,8 @@ class Screen:
         self.live: Live | None = None
         self.lock = threading.RLock()  # a grid's poll thread and the main thread both report
 
-    @property
-    def terminal(self) -> bool:
-        return self.console.is_terminal
-
     def __enter__(self) -> Screen:
-        if self.terminal:
+        if self.console.is_terminal:
             self.live = Live(_Lines(self._locked_render), console=self.console, refresh_per_second=4,
                              transient=False)
             self.live.start()
@@ -185,16 +182,12 @@ class Passes:
         return p
 
     def advance(self, p: Pass, n: int) -> None:
-        import time
-
         with self.screen.lock:
             p.started = p.started or time.monotonic()
             p.done += n
         self.screen.refresh()
 
     def shard_written(self, p: Pass) -> None:
-        import time
-
         with self.screen.lock:
             p.shards_done += 1
             if p.done >= p.total:
@@ -204,8 +197,6 @@ class Passes:
         self.screen.refresh()
 
     def render(self, width: int) -> list[Text]:
-        import time
-
         now = time.monotonic()
         label_width = min(24, max((len(p.label) for p in self.passes), default=0))
         lines = []
