@@ -31,6 +31,7 @@ copy, and the other half is left for torch, the head, the page cache and everyon
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import re
@@ -45,28 +46,22 @@ MMAP_MAX = 0  # no block is mmapped, however large: the heap serves (and keeps) 
 TRIM_THRESHOLD = -1  # never trim the heap: glibc reads -1 as "trimming off" (mallopt(3))
 TOP_PAD = 64 << 20  # grow the heap 64 MB beyond each request: fewer brk calls
 
-_done: dict[str, bool] = {}
-
-
+@functools.cache
 def keep_freed() -> bool:
     """Tell glibc to keep freed memory for reuse (see the module doc); True if it took effect.
 
     Idempotent, and a no-op outside glibc or with SPP_MALLOC=default. Call early: memory
     already mapped keeps the old rules until freed."""
-    if "set" in _done:
-        return _done["set"]
-    ok = False
-    if os.environ.get(ENV, "").lower() != "default" and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            arenas = max(2, len(os.sched_getaffinity(0)))  # one per core: threads beyond that share
-            ok = all(libc.mallopt(p, v) == 1 for p, v in (
-                (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_MMAP_MAX, MMAP_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-                (M_TOP_PAD, TOP_PAD), (M_ARENA_MAX, arenas)))
-        except (OSError, AttributeError):
-            ok = False
-    _done["set"] = ok
-    return ok
+    if os.environ.get(ENV, "").lower() == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        arenas = max(2, len(os.sched_getaffinity(0)))  # one per core: threads beyond that share
+        return all(libc.mallopt(p, v) == 1 for p, v in (
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_MMAP_MAX, MMAP_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (M_TOP_PAD, TOP_PAD), (M_ARENA_MAX, arenas)))
+    except (OSError, AttributeError):
+        return False
 
 
 # --- the memory budget of stage two ----------------------------------------------------------
