@@ -15,9 +15,8 @@ items, bench/results/extract.json before this); with mmap off (M_MMAP_MAX = 0) a
 its forward went from 2.87 s to 0.15 s of kernel time and 4.1 s to 2.5 s of wall time. Trimming is
 off too (M_TRIM_THRESHOLD -1): with a 1 GiB threshold, one extraction of 1,026 items in three still
 took 3.1 M faults instead of 0.3-0.4 M, a batch's transient GiB at the heap's top being handed back
-and faulted in again. The cost:
-resident memory stays at its peak instead of shrinking between batches, which it would reach
-again in the next batch anyway.
+and faulted in again. The cost: resident memory stays at its peak instead of shrinking between
+batches, which it would reach again in the next batch anyway.
 
 `SPP_MALLOC=default` in the environment leaves glibc's defaults alone (benchmarks compare).
 
@@ -35,7 +34,10 @@ import functools
 import os
 import platform
 import re
+import sys
 from pathlib import Path
+
+from core.errors import UserError
 
 ENV = "SPP_MALLOC"
 
@@ -45,6 +47,7 @@ MMAP_THRESHOLD = 32 << 20  # glibc refuses more on 64-bit (HEAP_MAX_SIZE / 2)
 MMAP_MAX = 0  # no block is mmapped, however large: the heap serves (and keeps) them all
 TRIM_THRESHOLD = -1  # never trim the heap: glibc reads -1 as "trimming off" (mallopt(3))
 TOP_PAD = 64 << 20  # grow the heap 64 MB beyond each request: fewer brk calls
+
 
 @functools.cache
 def keep_freed() -> bool:
@@ -73,8 +76,6 @@ def parse_size(text: str) -> int:
     """`3G`, `500M`, `2.5g`, `1048576` -> bytes (binary units: 1G = 2**30)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", str(text))
     if not m:
-        from core.errors import UserError
-
         raise UserError(f"--memory {text!r}: give a size like 3G, 500M or a number of bytes")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
@@ -122,8 +123,7 @@ def budget(memory: str | int | None = None, jobs: int = 1) -> int:
 def peak_rss() -> dict[str, int]:
     """Peak resident memory in bytes of this process and of its largest finished child (a --jobs
     worker), from getrusage (Linux reports kilobytes)."""
-    import resource
-    import sys
+    import resource  # Unix only
 
     scale = 1 if sys.platform == "darwin" else 1024
     return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
