@@ -118,7 +118,6 @@ class LogCsv:
             with open(path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if r["seed"] and int(r["seed"]) in done]
         self.rows += [self._row(log) for log in resumed]
-        self.header: list[str] = []
         self._rewrite()
 
     @staticmethod
@@ -138,9 +137,8 @@ class LogCsv:
         return ["seed", "epoch", "lr", *losses, "step_two_rate", "seconds", *(f"dev_{m}" for m in METRICS)]
 
     def _rewrite(self) -> None:
-        self.header = self._header({k for r in self.rows for k in r})
         text = io.StringIO(newline="")
-        w = csv.DictWriter(text, self.header, restval="")
+        w = csv.DictWriter(text, self._header({k for r in self.rows for k in r}), restval="")
         w.writeheader()
         w.writerows(self.rows)
         write_atomic(self.path, text.getvalue())
