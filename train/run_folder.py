@@ -491,12 +491,10 @@ class RunFolder:
                 raise UserError(f"{self.path} is being written by another process ({holder or 'starting'}): wait "
                                 "for it to end, or use another folder") from None
             try:
-                now = os.stat(path)
-                same = (now.st_dev, now.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
             except FileNotFoundError:
-                same = False
-            if same:
-                break
+                pass
             os.close(fd)  # the previous holder removed this file as it let go: take the folder's current one
         try:
             os.ftruncate(fd, 0)
