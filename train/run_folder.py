@@ -259,7 +259,7 @@ class RunFolder:
         if not self.is_run():
             return []
         saved = self.config()
-        before, now = saved.get("train", {}), cfg.to_json()
+        before, now = saved["train"], cfg.to_json()
         diff = [k for k in now if k != "out" and before.get(k) != now[k]]
         if provenance is not None:
             recorded = cache.CacheProvenance.from_json(saved.get("provenance", {}))
