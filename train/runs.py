@@ -212,23 +212,14 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
 
 # --- seeds in worker processes (`train --jobs N`) ---------------------------------------------
 
-@dataclass(frozen=True)
-class EpochDone:
-    """What a worker sends the main process (which alone writes log.csv and shows progress): a
-    seed finished an epoch. A worker's saved states go straight to the run folder, and what they
-    hold is read from there (`RunFolder.kept_epochs`), so no other message is needed."""
-    log: EpochLog
-
-
-_WORKER: dict = {}  # a worker's queue of messages and its copy of the cache
+# A worker's queue to the main process, and its copy of the cache. The main process alone writes
+# log.csv and shows progress, so a worker sends it each EpochLog; its saved states go straight to
+# the run folder and are read from there (`RunFolder.kept_epochs`), so no other message is needed.
+_WORKER: dict = {}
 
 
 def _keep_queue(queue) -> None:
     _WORKER["queue"] = queue
-
-
-def _send_epoch(log: EpochLog) -> None:
-    _WORKER["queue"].put(EpochDone(log))
 
 
 def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None,
@@ -237,7 +228,7 @@ def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | Non
     process, the resumable state after each epoch straight to the run folder."""
     if "data" not in _WORKER:
         _WORKER["data"] = load_data(cfg, memory)
-    return train_seed(cfg, _WORKER["data"], seed, on_epoch=_send_epoch, resume=resume,
+    return train_seed(cfg, _WORKER["data"], seed, on_epoch=_WORKER["queue"].put, resume=resume,
                       save=functools.partial(folder.save_state, seed), dtype=dtype)
 
 
@@ -257,11 +248,11 @@ def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int |
     def drain(wait: float) -> None:
         """Hand on everything the workers sent, waiting up to `wait` s for the first message."""
         try:
-            message: EpochDone = q.get(timeout=wait)
+            log: EpochLog = q.get(timeout=wait)
             while True:
-                seen[message.log.seed] += 1
-                each(message.log)
-                message = q.get_nowait()
+                seen[log.seed] += 1
+                each(log)
+                log = q.get_nowait()
         except queue_lib.Empty:
             pass
 
