@@ -48,6 +48,10 @@ class Plan:
     def todo(self) -> list[int]:
         return [seed for seed in self.cfg.seeds if seed not in self.done]
 
+    def lanes(self, jobs: int) -> int:
+        """How many seeds train at once with `--jobs jobs`: never more than are left (1: in this process)."""
+        return max(1, min(jobs, len(self.todo)))
+
 
 @contextmanager
 def planned(cfg: TrainConfig, data: cache.Data) -> Iterator[Plan]:
@@ -111,11 +115,10 @@ def plan_progress(plan: Plan, jobs: int, step_two: bool) -> Progress:
     """What `train` shows for `plan` (train/progress.py builds it, as for the grids): a row per seed,
     the finished seeds done earlier, and the best epoch so far of finished and resumed seeds (a
     resumed seed's earlier epochs count, as they do for the trainer)."""
-    cfg, todo = plan.cfg, plan.todo
-    lanes = min(jobs, len(todo)) if jobs > 1 and len(todo) > 1 else 1
+    cfg = plan.cfg
     kept = {seed: state["epoch"] for seed, state in plan.partial.items()}
-    progress = Progress("all seeds", {seed: f"seed {seed}" for seed in cfg.seeds}, dict.fromkeys(todo, cfg.epochs),
-                        lanes, kept, cfg.select, step_two)
+    progress = Progress("all seeds", {seed: f"seed {seed}" for seed in cfg.seeds},
+                        dict.fromkeys(plan.todo, cfg.epochs), plan.lanes(jobs), kept, cfg.select, step_two)
     for seed, r in plan.done.items():
         progress.found_done(seed, len(r.log), cfg.epochs, r.dev, r.best_epoch)
     for seed, state in plan.partial.items():
@@ -184,8 +187,8 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
         done[r.seed] = r
 
     try:
-        if jobs > 1 and len(todo) > 1:
-            _train_seeds_in_pool(plan, todo, jobs, threads, each, finish, data.budget, dtype)
+        if (lanes := plan.lanes(jobs)) > 1:
+            _train_seeds_in_pool(plan, lanes, threads, each, finish, data.budget, dtype)
         else:
             for seed in todo:
                 finish(train_seed(cfg, data, seed, on_epoch=each, resume=plan.partial.get(seed),
@@ -222,8 +225,8 @@ def _keep_queue(queue) -> None:
     _WORKER["queue"] = queue
 
 
-def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None,
-              memory: int | None = None, dtype: torch.dtype = torch.float32) -> SeedResult:
+def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None, memory: int | None,
+              dtype: torch.dtype) -> SeedResult:
     """One seed in a worker: the cache is loaded once per worker; epoch logs go back to the main
     process, the resumable state after each epoch straight to the run folder."""
     if "data" not in _WORKER:
@@ -232,9 +235,9 @@ def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | Non
                       save=functools.partial(folder.save_state, seed), dtype=dtype)
 
 
-def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int | None, each, finish,
-                         memory: int | None = None, dtype: torch.dtype = torch.float32) -> None:
-    """Train `seeds` in `jobs` pinned workers; the epoch logs they send are handed to `each` here,
+def _train_seeds_in_pool(plan: Plan, lanes: int, threads: int | None, each, finish, memory: int | None,
+                         dtype: torch.dtype) -> None:
+    """Train `plan.todo` in `lanes` pinned workers; the epoch logs they send are handed to `each` here,
     in the order they arrive, and a seed is finished only after its last epoch's log."""
     import multiprocessing
     import queue as queue_lib
@@ -243,7 +246,7 @@ def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int |
 
     q = multiprocessing.get_context().Queue()
     partial = plan.partial
-    seen = {seed: len(saved_logs(partial[seed])) if seed in partial else 0 for seed in seeds}
+    seen = {seed: len(saved_logs(partial[seed])) if seed in partial else 0 for seed in plan.todo}
 
     def drain(wait: float) -> None:
         """Hand on everything the workers sent, waiting up to `wait` s for the first message."""
@@ -256,10 +259,10 @@ def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int |
         except queue_lib.Empty:
             pass
 
-    pool = core_threads.worker_pool(min(jobs, len(seeds)), threads, _keep_queue, (q,))
+    pool = core_threads.worker_pool(lanes, threads, _keep_queue, (q,))
     try:
         pending = {pool.submit(_seed_job, plan.cfg, plan.folder, seed, partial.get(seed), memory, dtype): seed
-                   for seed in seeds}
+                   for seed in plan.todo}
         while pending:
             drain(0.2)
             for f in [f for f in pending if f.done()]:
