@@ -283,7 +283,7 @@ def interrupt_note(out: Path, finished: list[int], cut: dict[int, int]) -> str:
     return f"{out}: {' and '.join(kept)}; run the same command to continue"
 
 
-def summarize(cfg: TrainConfig, results: list[SeedResult], data: cache.Data | None = None) -> dict:
+def summarize(cfg: TrainConfig, results: list[SeedResult], data: cache.Data) -> dict:
     """Mean and sample std over seeds; test per seed is already the mean over label-blind orders;
     `cost`: what the run took (see `run_cost`)."""
     out = {}
@@ -310,21 +310,19 @@ def summarize(cfg: TrainConfig, results: list[SeedResult], data: cache.Data | No
     return out
 
 
-def run_cost(cfg: TrainConfig, results: list[SeedResult], data: cache.Data | None = None) -> dict:
+def run_cost(cfg: TrainConfig, results: list[SeedResult], data: cache.Data) -> dict:
     """What a run cost: the median train seconds per epoch over every seed's epochs, the peak
     resident memory (this process, and the largest --jobs worker, from getrusage), the head's
     trainable parameters, the device, and whether the cache was streamed from the shards."""
     seconds = [log.seconds for r in results for log in r.log]
     rss = core_memory.peak_rss()
-    cost = {"seconds_per_epoch_median": float(np.median(seconds)) if seconds else None,
+    with torch.random.fork_rng(devices=[]):  # building a head draws its initial weights: leave the streams alone
+        head = build_head(cfg, data)
+    return {"seconds_per_epoch_median": float(np.median(seconds)) if seconds else None,
             "peak_rss_bytes": max(rss.values()), "peak_rss_main_bytes": rss["self"],
-            "peak_rss_workers_bytes": rss["children"], "device": str(device())}
-    if data is not None:
-        with torch.random.fork_rng(devices=[]):  # building a head draws its initial weights: leave the streams alone
-            head = build_head(cfg, data)
-        cost["trainable_parameters"] = sum(p.numel() for p in head.parameters() if p.requires_grad)
-        cost["cache_streamed"] = data.streamed
-    return cost
+            "peak_rss_workers_bytes": rss["children"], "device": str(device()),
+            "trainable_parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
+            "cache_streamed": data.streamed}
 
 
 def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
