@@ -198,7 +198,7 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
         unfinished = [s for s in todo if s not in done]
         kept = folder.kept_epochs(unfinished)  # what the state files on disk hold, wherever they were written
         cut = [s for s in unfinished if kept[s]] or unfinished[:1]  # seeds with epochs kept, else the one cut
-        raise Interrupted(interrupt_note(folder.path, finished, {s: kept.get(s, 0) for s in cut})) from None
+        raise Interrupted(interrupt_note(folder.path, finished, {s: kept[s] for s in cut})) from None
     results = [done[seed] for seed in cfg.seeds]
     metrics = summarize(cfg, results, data)
     orders = "the only label-blind order" if cfg.eval_orders == 1 else (
@@ -346,15 +346,15 @@ def evaluate(run: Path, cache_dir: Path | None = None, seed: int | None = None, 
     with metrics.json. With `drop`/`noise`, also score the robustness conditions (train/robustness.py)
     into robustness.json."""
     folder = RunFolder(run)
-    saved, cfg, data = folder.open(cache_dir)
+    _, cfg, data = folder.open(cache_dir)
     if seed is not None and seed not in cfg.seeds:
         raise UserError(f"--seed {seed}: run {run} has seeds {', '.join(map(str, cfg.seeds))}")
     test = data.splits["test"]
     per_seed = []
-    for s_ in cfg.seeds if seed is None else (seed,):
-        head = folder.load_head(cfg, data.dims, s_)
-        s, _ = score_split(head, test, cfg, data.dims.n_classes, device(), eval_orders(len(test), cfg))
-        per_seed.append({"seed": s_, **{m: s[m] for m in METRICS}})
+    for one in cfg.seeds if seed is None else (seed,):
+        head = folder.load_head(cfg, data.dims, one)
+        scores, _ = score_split(head, test, cfg, data.dims.n_classes, device(), eval_orders(len(test), cfg))
+        per_seed.append({"seed": one, **{m: scores[m] for m in METRICS}})
     result = {"test": {m: mean_std([p[m] for p in per_seed]) for m in METRICS}, "per_seed": per_seed}
     if folder.is_finished():
         by_seed = {r["seed"]: r for r in folder.metrics()["per_seed"]}
@@ -363,7 +363,7 @@ def evaluate(run: Path, cache_dir: Path | None = None, seed: int | None = None, 
         )
     if drop or noise:
         with folder.writer():  # robustness.json: one writer, as for training
-            result["robustness"] = score_robustness(Path(run), cfg, data, list(drop), list(noise))
+            result["robustness"] = score_robustness(folder.path, cfg, data, list(drop), list(noise))
     return result
 
 
@@ -373,7 +373,7 @@ def score_robustness(run: Path, cfg: TrainConfig, data: cache.Data, drop: list[s
     bad = [d for d in drop if d not in robustness.DROPS]
     if bad:
         raise UserError(f"--drop {bad[0]}: give text or image")
-    if any(not (s >= 0 and s == s and s != float("inf")) for s in noise):
+    if any(not 0 <= s < float("inf") for s in noise):  # NaN fails the comparison too
         raise UserError("--noise: give a finite SIGMA >= 0 (in train stds)")
     useless = [d for d in drop if d not in reads or len(reads) < 2]
     if useless:
