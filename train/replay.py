@@ -35,6 +35,7 @@ import torch
 from core.errors import UserError
 from train import fingerprint
 from train.config import TrainConfig
+from train.data import load_data
 from train.run_folder import LogCsv, ProtocolCsv, RunFolder
 from train.trainer import EpochLog, SeedResult, train_seed
 
@@ -78,31 +79,24 @@ def replay(run: Path, seed: int | None = None, epochs: int | None = None, cache_
     """Retrain `seed` (default: the run's first finished one) of the finished run in `run` with the
     current code and compare; the first number that differs is reported, not raised."""
     folder = RunFolder(run)
-    folder.read_run()  # not a run folder: refused before the lock file is made in it
+    saved, cfg = folder.read_run()  # not a run folder: refused before the lock file is made in it
     with folder.writer():  # no train of this folder changes what is compared while it runs
-        return _replay(folder, seed, epochs, cache_dir, on_epoch)
-
-
-def _replay(folder: RunFolder, seed: int | None, epochs: int | None, cache_dir: Path | None, on_epoch) -> Replayed:
-    saved, cfg = folder.read_run()
-    target = _target(folder, cfg, seed, epochs)
-    if cache_dir is not None:
-        cfg = replace(cfg, cache_dir=Path(cache_dir))
-    recorded = saved.get("machine") or {}
-    from train.data import load_data
-
-    data = load_data(cfg)
-    compare = Compare(folder, target)
-    difference = None
-    try:
-        result = _retrain(cfg, data, target, recorded.get("threads", 1), compare.epoch(on_epoch))
-        compare.final(result)
-    except Difference as e:
-        difference = str(e)
-    compared = {"log_rows": target.through, "protocol_rows": target.through if target.protocol_rows else 0,
-                "final": target.fields}
-    return Replayed(folder.path, target.seed, target.through, bool(target.fields), compared, difference,
-                    machine_note(recorded.get("cpu"), fingerprint.machine()["cpu"]))
+        target = _target(folder, cfg, seed, epochs)
+        if cache_dir is not None:
+            cfg = replace(cfg, cache_dir=Path(cache_dir))
+        recorded = saved.get("machine") or {}
+        data = load_data(cfg)
+        compare = Compare(folder, target)
+        difference = None
+        try:
+            result = _retrain(cfg, data, target, recorded.get("threads", 1), compare.epoch(on_epoch))
+            compare.final(result)
+        except Difference as e:
+            difference = str(e)
+        compared = {"log_rows": target.through, "protocol_rows": target.through if target.protocol_rows else 0,
+                    "final": target.fields}
+        return Replayed(folder.path, target.seed, target.through, bool(target.fields), compared, difference,
+                        machine_note(recorded.get("cpu"), fingerprint.machine()["cpu"]))
 
 
 def _target(folder: RunFolder, cfg: TrainConfig, seed: int | None, epochs: int | None) -> Target:
