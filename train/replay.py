@@ -86,11 +86,14 @@ def replay(run: Path, seed: int | None = None, epochs: int | None = None, cache_
             cfg = replace(cfg, cache_dir=Path(cache_dir))
         recorded = saved.get("machine") or {}
         data = load_data(cfg)
-        compare = Compare(folder, target)
+
+        def each(log: EpochLog) -> None:
+            _compare_epoch(target, log)
+            on_epoch(log)
+
         difference = None
         try:
-            result = _retrain(cfg, data, target, recorded.get("threads", 1), compare.epoch(on_epoch))
-            compare.final(result)
+            _compare_final(target, _retrain(cfg, data, target, recorded.get("threads", 1), each))
         except Difference as e:
             difference = str(e)
         compared = {"log_rows": target.through, "protocol_rows": target.through if target.protocol_rows else 0,
@@ -131,38 +134,28 @@ def _retrain(cfg: TrainConfig, data, target: Target, threads: int, on_epoch) -> 
         torch.set_num_threads(before)
 
 
-class Compare:
-    """Every number of the retrained seed against the target, raising `Difference` at the first that differs."""
+def _check(where: str, want, got) -> None:
+    if want != got:
+        raise Difference(f"{where}: recorded {want}, now {got}")
 
-    def __init__(self, folder: RunFolder, target: Target):
-        self.folder, self.target = folder, target
 
-    @staticmethod
-    def check(where: str, want, got) -> None:
-        if want != got:
-            raise Difference(f"{where}: recorded {want}, now {got}")
+def _compare_epoch(target: Target, log: EpochLog) -> None:
+    """A retrained epoch's log.csv (and protocol.csv) row against the recorded one, as the strings written."""
+    rows = [(RunFolder.LOG, target.log_rows, LogCsv._row(log))]
+    if target.protocol_rows:
+        rows.append((RunFolder.PROTOCOL, target.protocol_rows, ProtocolCsv._row(log)))
+    for name, recorded, row in rows:
+        want = recorded[log.epoch - 1]
+        for column in sorted((set(want) | set(row)) - NOT_COMPARED):
+            _check(f"{name}, {column}, epoch {log.epoch}", str(want.get(column, "")), str(row.get(column, "")))
 
-    def epoch(self, on_epoch):
-        """The `on_epoch` of the retraining: each epoch's log (and protocol) row compared, then `on_epoch(log)`."""
-        def each(log: EpochLog) -> None:
-            rows = [(self.folder.LOG, self.target.log_rows, LogCsv._row(log))]
-            if self.target.protocol_rows:
-                rows.append((self.folder.PROTOCOL, self.target.protocol_rows, ProtocolCsv._row(log)))
-            for name, recorded, row in rows:
-                want = recorded[log.epoch - 1]
-                for column in sorted((set(want) | set(row)) - NOT_COMPARED):
-                    self.check(f"{name}, {column}, epoch {log.epoch}", str(want.get(column, "")),
-                               str(row.get(column, "")))
-            on_epoch(log)
 
-        return each
-
-    def final(self, result: SeedResult) -> None:
-        """The seed's scores after its last epoch, as exact floats (as seed-<s>.json holds them)."""
-        final = json.loads(json.dumps({k: getattr(result, k) for k in self.target.fields}))
-        for k in self.target.fields:
-            for path, a, b in _leaves(self.target.final.get(k), final[k], k):
-                self.check(f"{self.folder.seed_file(self.target.seed)}, {path}, epoch final", a, b)
+def _compare_final(target: Target, result: SeedResult) -> None:
+    """The seed's scores after its last epoch, as exact floats (as seed-<s>.json holds them)."""
+    final = json.loads(json.dumps({k: getattr(result, k) for k in target.fields}))
+    for k in target.fields:
+        for path, a, b in _leaves(target.final.get(k), final[k], k):
+            _check(f"{RunFolder.seed_file(target.seed)}, {path}, epoch final", a, b)
 
 
 def machine_note(recorded: str | None, here: str) -> str | None:
