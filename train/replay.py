@@ -174,13 +174,8 @@ def _leaves(a, b, path: str):
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             yield from _leaves(a.get(k), b.get(k), f"{path}.{k}")
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and not all(
-            isinstance(x, (int, float)) for x in a + b):
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
             yield from _leaves(x, y, f"{path}[{i}]")
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if first is not None:
-            yield f"{path}[{first}]", a[first], b[first]
     else:
         yield path, a, b
