@@ -35,6 +35,7 @@ import torch
 from core.errors import UserError
 from train import fingerprint
 from train.config import TrainConfig
+from train.data import load_data
 from train.run_folder import LogCsv, ProtocolCsv, RunFolder
 from train.trainer import EpochLog, SeedResult, train_seed
 
@@ -78,31 +79,27 @@ def replay(run: Path, seed: int | None = None, epochs: int | None = None, cache_
     """Retrain `seed` (default: the run's first finished one) of the finished run in `run` with the
     current code and compare; the first number that differs is reported, not raised."""
     folder = RunFolder(run)
-    folder.read_run()  # not a run folder: refused before the lock file is made in it
+    saved, cfg = folder.read_run()  # not a run folder: refused before the lock file is made in it
     with folder.writer():  # no train of this folder changes what is compared while it runs
-        return _replay(folder, seed, epochs, cache_dir, on_epoch)
+        target = _target(folder, cfg, seed, epochs)
+        if cache_dir is not None:
+            cfg = replace(cfg, cache_dir=Path(cache_dir))
+        recorded = saved.get("machine") or {}
+        data = load_data(cfg)
 
+        def each(log: EpochLog) -> None:
+            _compare_epoch(target, log)
+            on_epoch(log)
 
-def _replay(folder: RunFolder, seed: int | None, epochs: int | None, cache_dir: Path | None, on_epoch) -> Replayed:
-    saved, cfg = folder.read_run()
-    target = _target(folder, cfg, seed, epochs)
-    if cache_dir is not None:
-        cfg = replace(cfg, cache_dir=Path(cache_dir))
-    recorded = saved.get("machine") or {}
-    from train.data import load_data
-
-    data = load_data(cfg)
-    compare = Compare(folder, target)
-    difference = None
-    try:
-        result = _retrain(cfg, data, target, recorded.get("threads", 1), compare.epoch(on_epoch))
-        compare.final(result)
-    except Difference as e:
-        difference = str(e)
-    compared = {"log_rows": target.through, "protocol_rows": target.through if target.protocol_rows else 0,
-                "final": target.fields}
-    return Replayed(folder.path, target.seed, target.through, bool(target.fields), compared, difference,
-                    machine_note(recorded.get("cpu"), fingerprint.machine()["cpu"]))
+        difference = None
+        try:
+            _compare_final(target, _retrain(cfg, data, target, recorded.get("threads", 1), each))
+        except Difference as e:
+            difference = str(e)
+        compared = {"log_rows": target.through, "protocol_rows": target.through if target.protocol_rows else 0,
+                    "final": target.fields}
+        return Replayed(folder.path, target.seed, target.through, bool(target.fields), compared, difference,
+                        machine_note(recorded.get("cpu"), fingerprint.machine()["cpu"]))
 
 
 def _target(folder: RunFolder, cfg: TrainConfig, seed: int | None, epochs: int | None) -> Target:
@@ -137,38 +134,28 @@ def _retrain(cfg: TrainConfig, data, target: Target, threads: int, on_epoch) -> 
         torch.set_num_threads(before)
 
 
-class Compare:
-    """Every number of the retrained seed against the target, raising `Difference` at the first that differs."""
+def _check(where: str, want, got) -> None:
+    if want != got:
+        raise Difference(f"{where}: recorded {want}, now {got}")
 
-    def __init__(self, folder: RunFolder, target: Target):
-        self.folder, self.target = folder, target
 
-    @staticmethod
-    def check(where: str, want, got) -> None:
-        if want != got:
-            raise Difference(f"{where}: recorded {want}, now {got}")
+def _compare_epoch(target: Target, log: EpochLog) -> None:
+    """A retrained epoch's log.csv (and protocol.csv) row against the recorded one, as the strings written."""
+    rows = [(RunFolder.LOG, target.log_rows, LogCsv._row(log))]
+    if target.protocol_rows:
+        rows.append((RunFolder.PROTOCOL, target.protocol_rows, ProtocolCsv._row(log)))
+    for name, recorded, row in rows:
+        want = recorded[log.epoch - 1]
+        for column in sorted((set(want) | set(row)) - NOT_COMPARED):
+            _check(f"{name}, {column}, epoch {log.epoch}", str(want.get(column, "")), str(row.get(column, "")))
 
-    def epoch(self, on_epoch):
-        """The `on_epoch` of the retraining: each epoch's log (and protocol) row compared, then `on_epoch(log)`."""
-        def each(log: EpochLog) -> None:
-            rows = [(self.folder.LOG, self.target.log_rows, LogCsv._row(log))]
-            if self.target.protocol_rows:
-                rows.append((self.folder.PROTOCOL, self.target.protocol_rows, ProtocolCsv._row(log)))
-            for name, recorded, row in rows:
-                want = recorded[log.epoch - 1]
-                for column in sorted((set(want) | set(row)) - NOT_COMPARED):
-                    self.check(f"{name}, {column}, epoch {log.epoch}", str(want.get(column, "")),
-                               str(row.get(column, "")))
-            on_epoch(log)
 
-        return each
-
-    def final(self, result: SeedResult) -> None:
-        """The seed's scores after its last epoch, as exact floats (as seed-<s>.json holds them)."""
-        final = json.loads(json.dumps({k: getattr(result, k) for k in self.target.fields}))
-        for k in self.target.fields:
-            for path, a, b in _leaves(self.target.final.get(k), final[k], k):
-                self.check(f"{self.folder.seed_file(self.target.seed)}, {path}, epoch final", a, b)
+def _compare_final(target: Target, result: SeedResult) -> None:
+    """The seed's scores after its last epoch, as exact floats (as seed-<s>.json holds them)."""
+    final = json.loads(json.dumps({k: getattr(result, k) for k in target.fields}))
+    for k in target.fields:
+        for path, a, b in _leaves(target.final.get(k), final[k], k):
+            _check(f"{RunFolder.seed_file(target.seed)}, {path}, epoch final", a, b)
 
 
 def machine_note(recorded: str | None, here: str) -> str | None:
@@ -187,13 +174,8 @@ def _leaves(a, b, path: str):
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             yield from _leaves(a.get(k), b.get(k), f"{path}.{k}")
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and not all(
-            isinstance(x, (int, float)) for x in a + b):
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
             yield from _leaves(x, y, f"{path}[{i}]")
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if first is not None:
-            yield f"{path}[{first}]", a[first], b[first]
     else:
         yield path, a, b

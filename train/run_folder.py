@@ -118,7 +118,6 @@ class LogCsv:
             with open(path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if r["seed"] and int(r["seed"]) in done]
         self.rows += [self._row(log) for log in resumed]
-        self.header: list[str] = []
         self._rewrite()
 
     @staticmethod
@@ -138,9 +137,8 @@ class LogCsv:
         return ["seed", "epoch", "lr", *losses, "step_two_rate", "seconds", *(f"dev_{m}" for m in METRICS)]
 
     def _rewrite(self) -> None:
-        self.header = self._header({k for r in self.rows for k in r})
         text = io.StringIO(newline="")
-        w = csv.DictWriter(text, self.header, restval="")
+        w = csv.DictWriter(text, self._header({k for r in self.rows for k in r}), restval="")
         w.writeheader()
         w.writerows(self.rows)
         write_atomic(self.path, text.getvalue())
@@ -181,9 +179,6 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
-    def _file(self, name: str) -> Path:
-        return self.path / name
-
     @staticmethod
     def seed_file(seed: int) -> str:
         """The name of a seed's scores, the mark of a finished seed (for messages that name it)."""
@@ -204,12 +199,12 @@ class RunFolder:
     # --- config.json ------------------------------------------------------------------------
 
     def is_run(self) -> bool:
-        return self._file(self.CONFIG).is_file()
+        return (self.path / self.CONFIG).is_file()
 
     def config(self) -> dict:
         """config.json, refused in one line if it is missing or not JSON."""
         if self._saved is None:
-            path = self._file(self.CONFIG)
+            path = self.path / self.CONFIG
             if not path.is_file():
                 raise UserError(f"{self.path} is not a run folder (no config.json): give one that train wrote, e.g. runs/<name>")
             try:
@@ -236,7 +231,7 @@ class RunFolder:
             "git_dirty": git_dirty(), "numerics_version": numerics.NUMERICS_VERSION, "device": str(device()),
             "machine": fingerprint.machine(),
         }
-        write_atomic(self._file(self.CONFIG), json.dumps(saved, indent=1))
+        write_atomic(self.path / self.CONFIG, json.dumps(saved, indent=1))
         self._saved = json.loads(json.dumps(saved))  # as a reader would see it
 
     def open(self, cache_dir: Path | None = None) -> tuple[dict, TrainConfig, cache.Data]:
@@ -264,7 +259,7 @@ class RunFolder:
         if not self.is_run():
             return []
         saved = self.config()
-        before, now = saved.get("train", {}), cfg.to_json()
+        before, now = saved["train"], cfg.to_json()
         diff = [k for k in now if k != "out" and before.get(k) != now[k]]
         if provenance is not None:
             recorded = cache.CacheProvenance.from_json(saved.get("provenance", {}))
@@ -278,11 +273,11 @@ class RunFolder:
 
     def finished(self, seed: int) -> bool:
         """Whether seed `seed` is done: its seed-<s>.json (written after its weights) exists."""
-        return self._file(self.seed_file(seed)).is_file()
+        return (self.path / self.seed_file(seed)).is_file()
 
     def seed_record(self, seed: int) -> dict:
         """A finished seed's scores (seed-<s>.json), refused in one line if missing or corrupt."""
-        path = self._file(self.seed_file(seed))
+        path = self.path / self.seed_file(seed)
         if not path.is_file():
             raise UserError(f"{path} is missing: seed {seed} did not finish or the file was removed; "
                             "run the command that started the run again")
@@ -314,7 +309,7 @@ class RunFolder:
     def save_seed(self, r: SeedResult) -> None:
         """The seed's weights, then its scores: the scores last, since they mark the seed done."""
         save_atomic(r.state, self._weights(r.seed))
-        write_atomic(self._file(self.seed_file(r.seed)), json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))
+        write_atomic(self.path / self.seed_file(r.seed), json.dumps({k: getattr(r, k) for k in SEED_FIELDS}))
 
     def has_weights(self, seed: int) -> bool:
         return self._weights(seed).is_file()
@@ -379,13 +374,13 @@ class RunFolder:
 
     def logs(self, done: dict, resumed: list, protocol: bool) -> list[LogCsv]:
         """The writers of log.csv (and protocol.csv with --protocol-check), rebuilt for a resumed run."""
-        logs = [LogCsv(self._file(self.LOG), done, resumed)]
+        logs = [LogCsv(self.path / self.LOG, done, resumed)]
         if protocol:
-            logs.append(ProtocolCsv(self._file(self.PROTOCOL), done, resumed))
+            logs.append(ProtocolCsv(self.path / self.PROTOCOL, done, resumed))
         return logs
 
     def _rows(self, name: str, seed: int | None = None) -> list[dict]:
-        path = self._file(name)
+        path = self.path / name
         if not path.is_file():
             raise UserError(f"{path} is missing: the run folder is incomplete (no epoch finished, or the file was "
                             "removed); train it again")
@@ -410,13 +405,13 @@ class RunFolder:
         import pandas as pd
 
         self._rows(self.LOG)  # refused in one line if missing or not a log
-        return pd.read_csv(self._file(self.LOG))
+        return pd.read_csv(self.path / self.LOG)
 
     def epochs_done(self, cfg: TrainConfig) -> tuple[int, int]:
         """(epochs trained, epochs `--patience` skipped) of the run, from its files alone, so a grid
         can follow runs in other processes: log.csv rows of finished seeds and of a seed with a
         saved state."""
-        path = self._file(self.LOG)
+        path = self.path / self.LOG
         if not path.is_file():
             return 0, 0
         with open(path, newline="") as f:
@@ -434,11 +429,11 @@ class RunFolder:
 
     def is_finished(self) -> bool:
         """Every seed done and summed up: metrics.json exists (written last)."""
-        return self._file(self.METRICS).is_file()
+        return (self.path / self.METRICS).is_file()
 
     def metrics(self) -> dict:
         """metrics.json, refused in one line if the run is not finished or the file is not JSON."""
-        path = self._file(self.METRICS)
+        path = self.path / self.METRICS
         try:
             metrics = json.loads(path.read_text())
         except FileNotFoundError:
@@ -451,16 +446,16 @@ class RunFolder:
         return metrics
 
     def write_metrics(self, metrics: dict) -> None:
-        write_atomic(self._file(self.METRICS), json.dumps(metrics, indent=1))
+        write_atomic(self.path / self.METRICS, json.dumps(metrics, indent=1))
 
     def write_report(self, text: str) -> None:
-        write_atomic(self._file(self.REPORT), text)
+        write_atomic(self.path / self.REPORT, text)
 
     # --- robustness.json --------------------------------------------------------------------
 
     def robustness(self) -> dict:
         """robustness.json ({} when the run was never scored so): `eval --drop/--noise`, `train --robustness`."""
-        path = self._file(self.ROBUSTNESS)
+        path = self.path / self.ROBUSTNESS
         if not path.is_file():
             return {}
         try:
@@ -470,7 +465,7 @@ class RunFolder:
                             f"{self.path} --drop image`") from None
 
     def write_robustness(self, result: dict) -> None:
-        write_atomic(self._file(self.ROBUSTNESS), json.dumps(result, indent=1) + "\n")
+        write_atomic(self.path / self.ROBUSTNESS, json.dumps(result, indent=1) + "\n")
 
     # --- trust: one writer, our own folder, files that agree ---------------------------------
 
@@ -485,7 +480,7 @@ class RunFolder:
         file and opens the new one (so two processes can never hold two different files).
         """
         make_dir(self.path)
-        path = self._file(self.LOCK)
+        path = self.path / self.LOCK
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -496,12 +491,10 @@ class RunFolder:
                 raise UserError(f"{self.path} is being written by another process ({holder or 'starting'}): wait "
                                 "for it to end, or use another folder") from None
             try:
-                now = os.stat(path)
-                same = (now.st_dev, now.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
             except FileNotFoundError:
-                same = False
-            if same:
-                break
+                pass
             os.close(fd)  # the previous holder removed this file as it let go: take the folder's current one
         try:
             os.ftruncate(fd, 0)

@@ -48,6 +48,10 @@ class Plan:
     def todo(self) -> list[int]:
         return [seed for seed in self.cfg.seeds if seed not in self.done]
 
+    def lanes(self, jobs: int) -> int:
+        """How many seeds train at once with `--jobs jobs`: never more than are left (1: in this process)."""
+        return max(1, min(jobs, len(self.todo)))
+
 
 @contextmanager
 def planned(cfg: TrainConfig, data: cache.Data) -> Iterator[Plan]:
@@ -111,11 +115,10 @@ def plan_progress(plan: Plan, jobs: int, step_two: bool) -> Progress:
     """What `train` shows for `plan` (train/progress.py builds it, as for the grids): a row per seed,
     the finished seeds done earlier, and the best epoch so far of finished and resumed seeds (a
     resumed seed's earlier epochs count, as they do for the trainer)."""
-    cfg, todo = plan.cfg, plan.todo
-    lanes = min(jobs, len(todo)) if jobs > 1 and len(todo) > 1 else 1
+    cfg = plan.cfg
     kept = {seed: state["epoch"] for seed, state in plan.partial.items()}
-    progress = Progress("all seeds", {seed: f"seed {seed}" for seed in cfg.seeds}, dict.fromkeys(todo, cfg.epochs),
-                        lanes, kept, cfg.select, step_two)
+    progress = Progress("all seeds", {seed: f"seed {seed}" for seed in cfg.seeds},
+                        dict.fromkeys(plan.todo, cfg.epochs), plan.lanes(jobs), kept, cfg.select, step_two)
     for seed, r in plan.done.items():
         progress.found_done(seed, len(r.log), cfg.epochs, r.dev, r.best_epoch)
     for seed, state in plan.partial.items():
@@ -184,8 +187,8 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
         done[r.seed] = r
 
     try:
-        if jobs > 1 and len(todo) > 1:
-            _train_seeds_in_pool(plan, todo, jobs, threads, each, finish, data.budget, dtype)
+        if (lanes := plan.lanes(jobs)) > 1:
+            _train_seeds_in_pool(plan, lanes, threads, each, finish, data.budget, dtype)
         else:
             for seed in todo:
                 finish(train_seed(cfg, data, seed, on_epoch=each, resume=plan.partial.get(seed),
@@ -195,7 +198,7 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
         unfinished = [s for s in todo if s not in done]
         kept = folder.kept_epochs(unfinished)  # what the state files on disk hold, wherever they were written
         cut = [s for s in unfinished if kept[s]] or unfinished[:1]  # seeds with epochs kept, else the one cut
-        raise Interrupted(interrupt_note(folder.path, finished, {s: kept.get(s, 0) for s in cut})) from None
+        raise Interrupted(interrupt_note(folder.path, finished, {s: kept[s] for s in cut})) from None
     results = [done[seed] for seed in cfg.seeds]
     metrics = summarize(cfg, results, data)
     orders = "the only label-blind order" if cfg.eval_orders == 1 else (
@@ -212,38 +215,29 @@ def run(plan: Plan, data: cache.Data, on_epoch=lambda log: None, on_seed_end=lam
 
 # --- seeds in worker processes (`train --jobs N`) ---------------------------------------------
 
-@dataclass(frozen=True)
-class EpochDone:
-    """What a worker sends the main process (which alone writes log.csv and shows progress): a
-    seed finished an epoch. A worker's saved states go straight to the run folder, and what they
-    hold is read from there (`RunFolder.kept_epochs`), so no other message is needed."""
-    log: EpochLog
-
-
-_WORKER: dict = {}  # a worker's queue of messages and its copy of the cache
+# A worker's queue to the main process, and its copy of the cache. The main process alone writes
+# log.csv and shows progress, so a worker sends it each EpochLog; its saved states go straight to
+# the run folder and are read from there (`RunFolder.kept_epochs`), so no other message is needed.
+_WORKER: dict = {}
 
 
 def _keep_queue(queue) -> None:
     _WORKER["queue"] = queue
 
 
-def _send_epoch(log: EpochLog) -> None:
-    _WORKER["queue"].put(EpochDone(log))
-
-
-def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None,
-              memory: int | None = None, dtype: torch.dtype = torch.float32) -> SeedResult:
+def _seed_job(cfg: TrainConfig, folder: RunFolder, seed: int, resume: dict | None, memory: int | None,
+              dtype: torch.dtype) -> SeedResult:
     """One seed in a worker: the cache is loaded once per worker; epoch logs go back to the main
     process, the resumable state after each epoch straight to the run folder."""
     if "data" not in _WORKER:
         _WORKER["data"] = load_data(cfg, memory)
-    return train_seed(cfg, _WORKER["data"], seed, on_epoch=_send_epoch, resume=resume,
+    return train_seed(cfg, _WORKER["data"], seed, on_epoch=_WORKER["queue"].put, resume=resume,
                       save=functools.partial(folder.save_state, seed), dtype=dtype)
 
 
-def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int | None, each, finish,
-                         memory: int | None = None, dtype: torch.dtype = torch.float32) -> None:
-    """Train `seeds` in `jobs` pinned workers; the epoch logs they send are handed to `each` here,
+def _train_seeds_in_pool(plan: Plan, lanes: int, threads: int | None, each, finish, memory: int | None,
+                         dtype: torch.dtype) -> None:
+    """Train `plan.todo` in `lanes` pinned workers; the epoch logs they send are handed to `each` here,
     in the order they arrive, and a seed is finished only after its last epoch's log."""
     import multiprocessing
     import queue as queue_lib
@@ -252,23 +246,23 @@ def _train_seeds_in_pool(plan: Plan, seeds: list[int], jobs: int, threads: int |
 
     q = multiprocessing.get_context().Queue()
     partial = plan.partial
-    seen = {seed: len(saved_logs(partial[seed])) if seed in partial else 0 for seed in seeds}
+    seen = {seed: len(saved_logs(partial[seed])) if seed in partial else 0 for seed in plan.todo}
 
     def drain(wait: float) -> None:
         """Hand on everything the workers sent, waiting up to `wait` s for the first message."""
         try:
-            message: EpochDone = q.get(timeout=wait)
+            log: EpochLog = q.get(timeout=wait)
             while True:
-                seen[message.log.seed] += 1
-                each(message.log)
-                message = q.get_nowait()
+                seen[log.seed] += 1
+                each(log)
+                log = q.get_nowait()
         except queue_lib.Empty:
             pass
 
-    pool = core_threads.worker_pool(min(jobs, len(seeds)), threads, _keep_queue, (q,))
+    pool = core_threads.worker_pool(lanes, threads, _keep_queue, (q,))
     try:
         pending = {pool.submit(_seed_job, plan.cfg, plan.folder, seed, partial.get(seed), memory, dtype): seed
-                   for seed in seeds}
+                   for seed in plan.todo}
         while pending:
             drain(0.2)
             for f in [f for f in pending if f.done()]:
@@ -289,7 +283,7 @@ def interrupt_note(out: Path, finished: list[int], cut: dict[int, int]) -> str:
     return f"{out}: {' and '.join(kept)}; run the same command to continue"
 
 
-def summarize(cfg: TrainConfig, results: list[SeedResult], data: cache.Data | None = None) -> dict:
+def summarize(cfg: TrainConfig, results: list[SeedResult], data: cache.Data) -> dict:
     """Mean and sample std over seeds; test per seed is already the mean over label-blind orders;
     `cost`: what the run took (see `run_cost`)."""
     out = {}
@@ -316,21 +310,19 @@ def summarize(cfg: TrainConfig, results: list[SeedResult], data: cache.Data | No
     return out
 
 
-def run_cost(cfg: TrainConfig, results: list[SeedResult], data: cache.Data | None = None) -> dict:
+def run_cost(cfg: TrainConfig, results: list[SeedResult], data: cache.Data) -> dict:
     """What a run cost: the median train seconds per epoch over every seed's epochs, the peak
     resident memory (this process, and the largest --jobs worker, from getrusage), the head's
     trainable parameters, the device, and whether the cache was streamed from the shards."""
     seconds = [log.seconds for r in results for log in r.log]
     rss = core_memory.peak_rss()
-    cost = {"seconds_per_epoch_median": float(np.median(seconds)) if seconds else None,
+    with torch.random.fork_rng(devices=[]):  # building a head draws its initial weights: leave the streams alone
+        head = build_head(cfg, data)
+    return {"seconds_per_epoch_median": float(np.median(seconds)) if seconds else None,
             "peak_rss_bytes": max(rss.values()), "peak_rss_main_bytes": rss["self"],
-            "peak_rss_workers_bytes": rss["children"], "device": str(device())}
-    if data is not None:
-        with torch.random.fork_rng(devices=[]):  # building a head draws its initial weights: leave the streams alone
-            head = build_head(cfg, data)
-        cost["trainable_parameters"] = sum(p.numel() for p in head.parameters() if p.requires_grad)
-        cost["cache_streamed"] = data.streamed
-    return cost
+            "peak_rss_workers_bytes": rss["children"], "device": str(device()),
+            "trainable_parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
+            "cache_streamed": data.streamed}
 
 
 def summarize_protocol(per_seed: list[dict], seeds: list[int]) -> dict:
@@ -354,15 +346,15 @@ def evaluate(run: Path, cache_dir: Path | None = None, seed: int | None = None, 
     with metrics.json. With `drop`/`noise`, also score the robustness conditions (train/robustness.py)
     into robustness.json."""
     folder = RunFolder(run)
-    saved, cfg, data = folder.open(cache_dir)
+    _, cfg, data = folder.open(cache_dir)
     if seed is not None and seed not in cfg.seeds:
         raise UserError(f"--seed {seed}: run {run} has seeds {', '.join(map(str, cfg.seeds))}")
     test = data.splits["test"]
     per_seed = []
-    for s_ in cfg.seeds if seed is None else (seed,):
-        head = folder.load_head(cfg, data.dims, s_)
-        s, _ = score_split(head, test, cfg, data.dims.n_classes, device(), eval_orders(len(test), cfg))
-        per_seed.append({"seed": s_, **{m: s[m] for m in METRICS}})
+    for one in cfg.seeds if seed is None else (seed,):
+        head = folder.load_head(cfg, data.dims, one)
+        scores, _ = score_split(head, test, cfg, data.dims.n_classes, device(), eval_orders(len(test), cfg))
+        per_seed.append({"seed": one, **{m: scores[m] for m in METRICS}})
     result = {"test": {m: mean_std([p[m] for p in per_seed]) for m in METRICS}, "per_seed": per_seed}
     if folder.is_finished():
         by_seed = {r["seed"]: r for r in folder.metrics()["per_seed"]}
@@ -371,7 +363,7 @@ def evaluate(run: Path, cache_dir: Path | None = None, seed: int | None = None, 
         )
     if drop or noise:
         with folder.writer():  # robustness.json: one writer, as for training
-            result["robustness"] = score_robustness(Path(run), cfg, data, list(drop), list(noise))
+            result["robustness"] = score_robustness(folder.path, cfg, data, list(drop), list(noise))
     return result
 
 
@@ -381,7 +373,7 @@ def score_robustness(run: Path, cfg: TrainConfig, data: cache.Data, drop: list[s
     bad = [d for d in drop if d not in robustness.DROPS]
     if bad:
         raise UserError(f"--drop {bad[0]}: give text or image")
-    if any(not (s >= 0 and s == s and s != float("inf")) for s in noise):
+    if any(not 0 <= s < float("inf") for s in noise):  # NaN fails the comparison too
         raise UserError("--noise: give a finite SIGMA >= 0 (in train stds)")
     useless = [d for d in drop if d not in reads or len(reads) < 2]
     if useless:
