@@ -16,6 +16,7 @@ Dev and test have no views: they are always scored on the clean (eval-mode) stat
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -108,8 +109,6 @@ _READING: dict = {}  # this process's reader thread and its readers by folder (s
 
 def _reader(folder: Path, hint: str) -> store.ItemReader:
     """One `store.ItemReader` per cache folder and process (a grid's cells share it)."""
-    import os
-
     if _READING.get("pid") != os.getpid():  # a forked child opens its own
         _READING.clear()
         _READING["pid"] = os.getpid()
@@ -123,14 +122,14 @@ def _reader(folder: Path, hint: str) -> store.ItemReader:
 class Source:
     """The readers of a streamed cache. Every read of a process goes through one reader thread
     (started at the first read), which reads, inflates and converts batches while the head trains
-    on earlier ones (the inflate releases the GIL); `depth` batches ahead at most."""
+    on earlier ones (the inflate releases the GIL); `READ_AHEAD` batches ahead at most."""
 
-    def __init__(self, text: store.ItemReader | None, image: store.ItemReader | None,
-                 views: list[store.ItemReader] = (), depth: int = 4):
-        self.text, self.image, self.views, self.depth = text, image, list(views), depth
+    READ_AHEAD = 4
+
+    def __init__(self, text: store.ItemReader | None, image: store.ItemReader | None, views: list[store.ItemReader]):
+        self.text, self.image, self.views = text, image, views
 
     def submit(self, fn, *args):
-        import os
         from concurrent.futures import ThreadPoolExecutor
 
         if _READING.get("pid") != os.getpid() or "thread" not in _READING:  # first read, or a forked child
@@ -154,10 +153,6 @@ class StreamedSplit:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return torch.from_numpy(self.source.text.lengths[self.text_rows.numpy()])
 
     def feature_dims(self) -> tuple[int, int, int]:
         s = self.source
@@ -192,23 +187,17 @@ class StreamedSplit:
         return self.source.submit(self._read, idx, view).result()
 
     def batches(self, chunks: list[torch.Tensor], views: torch.Tensor | None = None):
-        """`batch` of each chunk in turn, the next `source.depth` ones read ahead."""
+        """`batch` of each chunk in turn, the next `Source.READ_AHEAD` ones read ahead."""
         from collections import deque
 
-        ahead, todo = deque(), iter(chunks)
-
-        def more():
-            for idx in todo:
-                ahead.append(self.source.submit(self._read, idx, None if views is None else views[idx]))
-                if len(ahead) >= self.source.depth:
-                    return
-
+        ahead = deque()
         try:
-            more()
+            for idx in chunks:
+                ahead.append(self.source.submit(self._read, idx, None if views is None else views[idx]))
+                if len(ahead) > Source.READ_AHEAD:
+                    yield ahead.popleft().result()
             while ahead:
-                batch = ahead.popleft().result()
-                more()
-                yield batch
+                yield ahead.popleft().result()
         finally:  # stopped early (an error, Ctrl-C): reads not started yet are dropped
             for f in ahead:
                 f.cancel()
