@@ -300,12 +300,6 @@ def load_data(cfg: TrainConfig, memory: int | None = None) -> Data:
                 split_files=cfg.splits and splits_path(cfg.splits), text_views=cfg.text_views, memory=memory)
 
 
-def _hint(dataset: str, kind: str, encoder: str) -> str:
-    flag = "--text-encoder" if kind == store.TEXT else "--image-encoder"
-    base = f"python pipeline.py extract {extract_source(dataset)} {flag} {encoder}"
-    return base + (" --text-only" if kind == store.TEXT else "")
-
-
 def _no_cache(cache_dir: Path, dataset: str) -> str:
     """Why `dataset` cannot load: a likely misspelling of a cached data set, else the extract command."""
     import difflib
@@ -334,7 +328,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
     prov, folders, needs = {}, {}, 0
     if modalities in ("text", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.TEXT, text_encoder)
-        hint = _hint(dataset, store.TEXT, text_encoder)
+        hint = f"python pipeline.py extract {extract_source(dataset)} --text-encoder {text_encoder} --text-only"
         prov["text"], folders["text"] = store.provenance(folder, hint), folder
         needs += store.feature_bytes(folder, hint=hint)
         if text_views:
