@@ -359,25 +359,19 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
 
 def _in_memory(folders: dict, prov: dict, dataset: str, encoder: str, text_views: bool, hint: str):
     """Every split as tensors in RAM; returns (splits, items dropped by the join, views)."""
-    text = image = None
+    text = store.load_text(folders["text"], hint=hint) if "text" in folders else None
     n_views = 0
-    if "text" in folders:
-        text = store.load_text(folders["text"], hint=hint)
-        if text_views:
-            views = _load_views(folders["text"], prov["text"], text.get("train"), dataset, encoder)
-            n_views = len(views[0])
-    if "image" in folders:
-        image = store.load_image(folders["image"])
+    if text is not None and text_views:
+        views = _load_views(folders["text"], prov["text"], text.get("train"), dataset, encoder)
+        n_views = len(views[0])
+    image = store.load_image(folders["image"]) if "image" in folders else None
     if text is not None and image is not None:
         _check_agree(text, image, dataset)
     splits, dropped = {}, 0
-    for s in ("train", "dev", "test"):
-        t, im = (text or {}).get(s), (image or {}).get(s)
-        if (text is not None and t is None) or (image is not None and im is None):
-            raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
+    for s, t, im in _parts(text, image, dataset):
         splits[s], d = _join(t, im)
         dropped += d
-        if s == "train" and text_views and t is not None:
+        if s == "train" and n_views:
             _attach_views(splits[s], t, *views)
     return splits, dropped, n_views
 
@@ -408,24 +402,37 @@ def _streamed(folders: dict, prov: dict, dataset: str, encoder: str, text_views:
         n_views = len(views)
     source = Source(text, image, views)
     splits, dropped = {}, 0
-    for s in ("train", "dev", "test"):
-        t, im = (tsplits or {}).get(s), (isplits or {}).get(s)
-        if (tsplits is not None and t is None) or (isplits is not None and im is None):
-            raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
+    for s, t, im in _parts(tsplits, isplits, dataset):
         if t is None:
             splits[s] = StreamedSplit(im.ids, im.labels, source, image_rows=im.rows)
             continue
         view_rows = torch.arange(len(t.ids)) if s == "train" and views else None  # views hold train items alone
         split = StreamedSplit(t.ids, t.labels, source, text_rows=t.rows, view_rows=view_rows)
         if im is not None:
-            where = {id_: i for i, id_ in enumerate(im.ids)}
-            keep = [i for i, id_ in enumerate(t.ids) if id_ in where]
-            if len(keep) < len(t.ids):
-                split = split.subset(torch.tensor(keep, dtype=torch.long))
-            split.image_rows = im.rows[torch.tensor([where[id_] for id_ in split.ids], dtype=torch.long)]
-            dropped += len(t.ids) - len(keep)
+            split, at, d = _with_image(split, im.ids)
+            split.image_rows, dropped = im.rows[at], dropped + d
         splits[s] = split
     return splits, dropped, n_views
+
+
+def _parts(text: dict | None, image: dict | None, dataset: str):
+    """(split, its text part, its image part) for train, dev and test; a split that a cache lacks is refused."""
+    for s in ("train", "dev", "test"):
+        t, im = (text or {}).get(s), (image or {}).get(s)
+        if (text is not None and t is None) or (image is not None and im is None):
+            raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
+        yield s, t, im
+
+
+def _with_image(split: Split | StreamedSplit, image_ids: list[str]):
+    """Text and image joined by id: `split` without its items that have no image, the image item of
+    each item it keeps, and how many it dropped."""
+    where = {id_: i for i, id_ in enumerate(image_ids)}
+    keep = [i for i, id_ in enumerate(split.ids) if id_ in where]
+    dropped = len(split) - len(keep)
+    if dropped:
+        split = split.subset(torch.tensor(keep, dtype=torch.long))
+    return split, torch.tensor([where[id_] for id_ in split.ids], dtype=torch.long), dropped
 
 
 def _view_folders(folder: Path, clean: store.Provenance, train, dataset: str, encoder: str) -> tuple[str, list[Path]]:
@@ -511,16 +518,9 @@ def _join(text: store.TextFeatures | None, image: store.ImageFeatures | None) ->
     split = Split(text.ids, text.labels, text.cls, text.tokens, text.offsets)
     if image is None:
         return split, 0
-    where = {id_: i for i, id_ in enumerate(image.ids)}
-    keep = [i for i, id_ in enumerate(text.ids) if id_ in where]
-    if len(keep) == len(text.ids) and text.ids == image.ids:
-        maps = image.maps
-    else:
-        maps = image.maps[torch.tensor([where[text.ids[i]] for i in keep], dtype=torch.long)]
-    if len(keep) < len(text.ids):
-        split = split.subset(torch.tensor(keep, dtype=torch.long))
-    split.maps = maps
-    return split, len(text.ids) - len(keep)
+    split, at, dropped = _with_image(split, image.ids)
+    split.maps = image.maps if text.ids == image.ids else image.maps[at]
+    return split, dropped
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:
