@@ -543,18 +543,16 @@ def reassign(splits: dict[str, Split], folder: Path) -> dict[str, Split]:
         if not path.is_file():
             raise UserError(f"split file {path} missing: --splits takes the folder written by `pipeline.py audit --write-clean DIR`")
         where.update((line.strip(), s) for line in path.read_text().splitlines() if line.strip())
-    rows = {s: [] for s in ("train", "dev", "test")}  # target split -> [(source split, row)]
+    picked = {s: {} for s in ("train", "dev", "test")}  # target split -> source split -> its rows
     for source, split in splits.items():
         for r, id_ in enumerate(split.ids):
             if id_ in where:
-                rows[where[id_]].append((source, r))
+                picked[where[id_]].setdefault(source, []).append(r)
     out = {}
-    for s, picked in rows.items():
-        if not picked:
+    for s, parts in picked.items():
+        if not parts:
             raise UserError(f"no item of the cache is listed in {folder / (s + '.txt')}: are these split files for this data set?")
-        parts = [splits[src].subset(torch.tensor([r for sr, r in picked if sr == src], dtype=torch.long))
-                 for src in splits if any(sr == src for sr, _ in picked)]
-        out[s] = _cat(parts)
+        out[s] = _cat([splits[src].subset(torch.tensor(rows, dtype=torch.long)) for src, rows in parts.items()])
     return out
 
 
