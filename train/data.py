@@ -394,10 +394,7 @@ def _streamed(folders: dict, prov: dict, dataset: str, encoder: str, text_views:
     tsplits, isplits = (by_split(text) if text else None), (by_split(image) if image else None)
     if tsplits is not None and isplits is not None:
         _check_agree(tsplits, isplits, dataset)
-    views, n_views = [], 0
-    if text_views:
-        views = _stream_views(folders["text"], prov["text"], text, tsplits.get("train"), dataset, encoder)
-        n_views = len(views)
+    views = _stream_views(folders["text"], prov["text"], text, tsplits.get("train"), dataset, encoder) if text_views else []
     source = Source(text, image, views)
     splits, dropped = {}, 0
     for s, t, im in _parts(tsplits, isplits, dataset):
@@ -410,7 +407,7 @@ def _streamed(folders: dict, prov: dict, dataset: str, encoder: str, text_views:
             split, at, d = _with_image(split, im.ids)
             split.image_rows, dropped = im.rows[at], dropped + d
         splits[s] = split
-    return splits, dropped, n_views
+    return splits, dropped, len(views)
 
 
 def _parts(text: dict | None, image: dict | None, dataset: str):
