@@ -43,11 +43,11 @@ class EpochClock:
     """Epochs done and left of work items (seeds, cells) trained on `lanes` lanes at once.
 
     `plan`: item -> epochs planned, in the order the items are taken; `done`: epochs of an item
-    found done already (a resumed seed: counted, not timed); `earlier`: epochs of items finished
-    before this process started (counted in the bar, no part of the ETA); `stops`: (epochs trained,
-    epochs planned) of seeds finished before this process started (what "expected" learns from)."""
+    found done already (a resumed seed: counted, not timed); `stops`: (epochs trained, epochs
+    planned) of seeds finished before this process started (what "expected" learns from). `earlier`,
+    the epochs of those seeds, is counted in the bar and is no part of the ETA."""
 
-    def __init__(self, plan: dict[Hashable, int], lanes: int = 1, done: dict | None = None, earlier: int = 0,
+    def __init__(self, plan: dict[Hashable, int], lanes: int = 1, done: dict | None = None,
                  now: float | None = None, stops: Sequence[tuple[int, int]] = ()):
         self.planned = dict(plan)
         self.done = {k: (done or {}).get(k, 0) for k in plan}
@@ -55,7 +55,7 @@ class EpochClock:
         self.finished: set = set()
         self.stops = list(stops)
         self.ended: dict = {}  # item -> (epochs trained, epochs planned) of its seeds that are over
-        self.lanes, self.earlier = max(1, lanes), earlier
+        self.lanes, self.earlier = max(1, lanes), 0
         self.recent = {k: deque(maxlen=RECENT) for k in plan}  # seconds per epoch, item by item
         self.last: dict = {}  # item -> wall time of its last epoch here; an item in it has started
         self.start = time.monotonic() if now is None else now
