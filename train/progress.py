@@ -143,9 +143,8 @@ class EpochClock:
     def idle(self) -> int:
         """Lanes with nothing left to take (0 while items wait or once all is done)."""
         with self.lock:
-            if self.waiting() or not self.busy():
-                return 0
-            return max(0, self.lanes - len(self.busy()))
+            busy = self.busy()
+            return 0 if self.waiting() or not busy else max(0, self.lanes - len(busy))
 
     def eta(self, now: float | None = None, expected: bool = False) -> float | None:
         """Seconds until the last busy lane is done: each busy lane finishes its item at that item's
@@ -247,11 +246,6 @@ def epoch_fields(entry, select: str, best: tuple[float, int], step_two: bool) ->
     return out
 
 
-def plain(*parts: str | Sequence[str]) -> str:
-    """A log line from figures (a list joins with two spaces)."""
-    return "  ".join(p if isinstance(p, str) else "  ".join(p) for p in parts if p)
-
-
 # --- the one builder ----------------------------------------------------------------------------
 
 class Progress:
@@ -307,9 +301,9 @@ class Progress:
             finally:
                 self.screen = None
 
-    def log(self, *parts: str | Sequence[str]) -> None:
-        """One plain line (off a terminal): the event, then the overall figures."""
-        self.screen.log(plain(*parts, f"| {self.title}", self.clock.figures(), self.clock.notes()))
+    def log(self, event: str, fields: Sequence[str] = ()) -> None:
+        """One plain line (off a terminal): the event and its fields, then the overall figures."""
+        self.screen.log("  ".join([event, *fields, f"| {self.title}", *self.clock.figures(), *self.clock.notes()]))
 
     def epoch(self, entry) -> None:
         """`train`'s on_epoch: a seed's epoch (an EpochLog) is done; the row shows dev, the best
