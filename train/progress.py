@@ -37,6 +37,7 @@ from train.trainer import improves
 
 RECENT = 20  # epochs a lane's speed is averaged over
 LABEL = 24  # columns a board's labels are padded to, at most
+SHORT = {"accuracy": "acc", "weighted_f1": "wF1", "macro_f1": "mF1"}  # dev metrics as a seed's line names them
 
 
 class EpochClock:
@@ -229,23 +230,6 @@ class Board:
         return [top, *(row.line(width, bar_width, label_width) for row in self.rows.values())]
 
 
-# --- train ------------------------------------------------------------------------------------
-
-SHORT = {"accuracy": "acc", "weighted_f1": "wF1", "macro_f1": "mF1"}
-
-
-def epoch_fields(entry, select: str, best: tuple[float, int], step_two: bool) -> list[str]:
-    """A seed's figures after an epoch, most important first: dev and the best so far, the speed,
-    the loss terms, and the share of batches that took step two (heads that have one)."""
-    v, e = best
-    out = [f"dev {SHORT.get(select, select)} {entry.dev[select]:.4f} (best {v:.4f} @ {e})",
-           f"{entry.seconds:.1f} s/epoch",
-           "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())]
-    if step_two:
-        out.append(f"step two {entry.step_two_rate:.0%}")
-    return out
-
-
 # --- the one builder ----------------------------------------------------------------------------
 
 class Progress:
@@ -306,16 +290,20 @@ class Progress:
         self.screen.log("  ".join([event, *fields, f"| {self.title}", *self.clock.figures(), *self.clock.notes()]))
 
     def epoch(self, entry) -> None:
-        """`train`'s on_epoch: a seed's epoch (an EpochLog) is done; the row shows dev, the best
-        epoch so far (`improves`: the trainer's rule), the speed and the loss terms."""
+        """`train`'s on_epoch: a seed's epoch (an EpochLog) is done; the row shows, most important
+        first, dev and the best epoch so far (`improves`: the trainer's rule), the speed, the loss
+        terms and the share of batches that took step two (heads that have one)."""
         with self.screen.lock:
             seed, best = entry.seed, self.best.get(entry.seed)
             if improves(entry.dev, None if best is None else best[0], self.select):
-                self.best[seed] = best = (entry.dev, entry.epoch)
+                self.best[seed] = (entry.dev, entry.epoch)
             self.clock.update(seed, entry.epoch, seconds=entry.seconds)
             row = self.rows[seed]
             row.done, row.status = entry.epoch, ""
-            row.fields = epoch_fields(entry, self.select, (best[0][self.select], best[1]), self.step_two)
+            row.fields = [f"dev {SHORT.get(self.select, self.select)} {entry.dev[self.select]:.4f} ({self.best_text(seed)})",
+                          f"{entry.seconds:.1f} s/epoch", "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())]
+            if self.step_two:
+                row.fields.append(f"step two {entry.step_two_rate:.0%}")
             self.log(f"{self.noun}{row.label} epoch {entry.epoch}/{self.clock.planned[seed]}", row.fields)
         self.screen.refresh()
 
