@@ -218,7 +218,7 @@ class Board:
     def render(self, width: int) -> list[Text]:
         """The lines at `width`: labels padded alike (at most LABEL columns) and one bar width for all,
         the one the overall line leaves room for."""
-        label_width = min(LABEL, max(len(r.label) for r in [*self.rows.values(), ItemRow(self.title, 0)]))
+        label_width = min(LABEL, max([len(self.title), *(len(r.label) for r in self.rows.values())]))
         figures = self.clock.figures()
         bar_width = room_for_bar(label_width, figures, width)
         for row in self.rows.values():  # short enough that each line shows its first figure too
