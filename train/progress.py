@@ -313,7 +313,7 @@ class Progress:
         self.finish(result.seed, f"done, {self.best_text(result.seed)}", f"({len(result.log)} epochs)",
                     epochs=len(result.log))
 
-    def finish(self, item, status: str, event: str = "", epochs: int | None = None, note: bool = False) -> None:
+    def finish(self, item, status: str, event: str, epochs: int | None = None, note: bool = False) -> None:
         """`item` is over after `epochs` (default: those counted): its epochs not trained leave the
         total; the row says `status`, the log `noun label status event`; `note`: the overall line
         names it as the last done."""
@@ -324,7 +324,7 @@ class Progress:
             row.status, row.fields = status, []
             if note:
                 self.board.note = f"last done: {row.label}"
-            self.log(f"{self.noun}{row.label} {status}" + (f" {event}" if event else ""))
+            self.log(f"{self.noun}{row.label} {status} {event}")
         self.screen.refresh()
 
     def polled(self) -> None:
