@@ -61,13 +61,12 @@ class Split:
         the clean states."""
         text = {"cls": None, "tokens": None, "lengths": None}
         if self.cls is not None:
-            lengths = self.offsets[idx + 1] - self.offsets[idx]
-            text = {"cls": self.cls[idx].float(), "tokens": self.tokens[_rows(self.offsets, idx)].float(),
-                    "lengths": lengths}
-            if view is not None:  # views share the clean offsets, so the same token rows
-                text["cls"] = self.view_cls[view, idx].float()
-                text["tokens"] = self.view_tokens[torch.repeat_interleave(view, lengths),
-                                                  _rows(self.offsets, idx)].float()
+            lengths, rows = self.offsets[idx + 1] - self.offsets[idx], _rows(self.offsets, idx)
+            if view is None:
+                cls, tokens = self.cls[idx], self.tokens[rows]
+            else:  # views share the clean offsets, so the same token rows
+                cls, tokens = self.view_cls[view, idx], self.view_tokens[torch.repeat_interleave(view, lengths), rows]
+            text = {"cls": cls.float(), "tokens": tokens.float(), "lengths": lengths}
         maps = self.maps[idx].float() if self.maps is not None else None
         return Batch(labels=self.labels[idx], maps=maps, **text)
 
