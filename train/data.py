@@ -318,8 +318,7 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
     from core import memory as core_memory
 
     root = Path(cache_dir) / dataset
-    info_file = root / "dataset.json"
-    if not info_file.is_file():
+    if not (root / "dataset.json").is_file():
         raise UserError(_no_cache(cache_dir, dataset))
     classes = store.read_dataset_info(root)["classes"]
     prov, folders, needs = {}, {}, 0
