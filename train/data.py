@@ -16,6 +16,7 @@ Dev and test have no views: they are always scored on the clean (eval-mode) stat
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -60,13 +61,12 @@ class Split:
         the clean states."""
         text = {"cls": None, "tokens": None, "lengths": None}
         if self.cls is not None:
-            lengths = self.offsets[idx + 1] - self.offsets[idx]
-            text = {"cls": self.cls[idx].float(), "tokens": self.tokens[_rows(self.offsets, idx)].float(),
-                    "lengths": lengths}
-            if view is not None:  # views share the clean offsets, so the same token rows
-                text["cls"] = self.view_cls[view, idx].float()
-                text["tokens"] = self.view_tokens[torch.repeat_interleave(view, lengths),
-                                                  _rows(self.offsets, idx)].float()
+            lengths, rows = self.offsets[idx + 1] - self.offsets[idx], _rows(self.offsets, idx)
+            if view is None:
+                cls, tokens = self.cls[idx], self.tokens[rows]
+            else:  # views share the clean offsets, so the same token rows
+                cls, tokens = self.view_cls[view, idx], self.view_tokens[torch.repeat_interleave(view, lengths), rows]
+            text = {"cls": cls.float(), "tokens": tokens.float(), "lengths": lengths}
         maps = self.maps[idx].float() if self.maps is not None else None
         return Batch(labels=self.labels[idx], maps=maps, **text)
 
@@ -93,12 +93,12 @@ class Split:
     def draw_views(self, seed: int, epoch: int) -> torch.Tensor:
         """One view per item for this epoch; its own generator (seed, epoch), so the batch
         order is the same with and without views."""
-        if self.view_cls is None:
-            raise UserError("this split has no text views (dev and test never do)")
-        return _draw_views(len(self.view_cls), len(self), seed, epoch)
+        return _draw_views(0 if self.view_cls is None else len(self.view_cls), len(self), seed, epoch)
 
 
 def _draw_views(k: int, n: int, seed: int, epoch: int) -> torch.Tensor:
+    if not k:
+        raise UserError("this split has no text views (dev and test never do)")
     g = torch.Generator().manual_seed(100_003 * seed + epoch)
     return torch.randint(k, (n,), generator=g)
 
@@ -108,8 +108,6 @@ _READING: dict = {}  # this process's reader thread and its readers by folder (s
 
 def _reader(folder: Path, hint: str) -> store.ItemReader:
     """One `store.ItemReader` per cache folder and process (a grid's cells share it)."""
-    import os
-
     if _READING.get("pid") != os.getpid():  # a forked child opens its own
         _READING.clear()
         _READING["pid"] = os.getpid()
@@ -123,14 +121,14 @@ def _reader(folder: Path, hint: str) -> store.ItemReader:
 class Source:
     """The readers of a streamed cache. Every read of a process goes through one reader thread
     (started at the first read), which reads, inflates and converts batches while the head trains
-    on earlier ones (the inflate releases the GIL); `depth` batches ahead at most."""
+    on earlier ones (the inflate releases the GIL); `READ_AHEAD` batches ahead at most."""
 
-    def __init__(self, text: store.ItemReader | None, image: store.ItemReader | None,
-                 views: list[store.ItemReader] = (), depth: int = 4):
-        self.text, self.image, self.views, self.depth = text, image, list(views), depth
+    READ_AHEAD = 4
+
+    def __init__(self, text: store.ItemReader | None, image: store.ItemReader | None, views: list[store.ItemReader]):
+        self.text, self.image, self.views = text, image, views
 
     def submit(self, fn, *args):
-        import os
         from concurrent.futures import ThreadPoolExecutor
 
         if _READING.get("pid") != os.getpid() or "thread" not in _READING:  # first read, or a forked child
@@ -154,10 +152,6 @@ class StreamedSplit:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return torch.from_numpy(self.source.text.lengths[self.text_rows.numpy()])
 
     def feature_dims(self) -> tuple[int, int, int]:
         s = self.source
@@ -192,23 +186,17 @@ class StreamedSplit:
         return self.source.submit(self._read, idx, view).result()
 
     def batches(self, chunks: list[torch.Tensor], views: torch.Tensor | None = None):
-        """`batch` of each chunk in turn, the next `source.depth` ones read ahead."""
+        """`batch` of each chunk in turn, the next `Source.READ_AHEAD` ones read ahead."""
         from collections import deque
 
-        ahead, todo = deque(), iter(chunks)
-
-        def more():
-            for idx in todo:
-                ahead.append(self.source.submit(self._read, idx, None if views is None else views[idx]))
-                if len(ahead) >= self.source.depth:
-                    return
-
+        ahead = deque()
         try:
-            more()
+            for idx in chunks:
+                ahead.append(self.source.submit(self._read, idx, None if views is None else views[idx]))
+                if len(ahead) > Source.READ_AHEAD:
+                    yield ahead.popleft().result()
             while ahead:
-                batch = ahead.popleft().result()
-                more()
-                yield batch
+                yield ahead.popleft().result()
         finally:  # stopped early (an error, Ctrl-C): reads not started yet are dropped
             for f in ahead:
                 f.cancel()
@@ -219,9 +207,7 @@ class StreamedSplit:
                              pick(self.text_rows), pick(self.image_rows), pick(self.view_rows), self.pin)
 
     def draw_views(self, seed: int, epoch: int) -> torch.Tensor:
-        if self.view_rows is None:
-            raise UserError("this split has no text views (dev and test never do)")
-        return _draw_views(len(self.source.views), len(self), seed, epoch)
+        return _draw_views(0 if self.view_rows is None else len(self.source.views), len(self), seed, epoch)
 
 
 @dataclass(frozen=True)
@@ -311,12 +297,6 @@ def load_data(cfg: TrainConfig, memory: int | None = None) -> Data:
                 split_files=cfg.splits and splits_path(cfg.splits), text_views=cfg.text_views, memory=memory)
 
 
-def _hint(dataset: str, kind: str, encoder: str) -> str:
-    flag = "--text-encoder" if kind == store.TEXT else "--image-encoder"
-    base = f"python pipeline.py extract {extract_source(dataset)} {flag} {encoder}"
-    return base + (" --text-only" if kind == store.TEXT else "")
-
-
 def _no_cache(cache_dir: Path, dataset: str) -> str:
     """Why `dataset` cannot load: a likely misspelling of a cached data set, else the extract command."""
     import difflib
@@ -338,14 +318,13 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
     from core import memory as core_memory
 
     root = Path(cache_dir) / dataset
-    info_file = root / "dataset.json"
-    if not info_file.is_file():
+    if not (root / "dataset.json").is_file():
         raise UserError(_no_cache(cache_dir, dataset))
     classes = store.read_dataset_info(root)["classes"]
     prov, folders, needs = {}, {}, 0
     if modalities in ("text", "both"):
         folder = store.cache_folder(cache_dir, dataset, store.TEXT, text_encoder)
-        hint = _hint(dataset, store.TEXT, text_encoder)
+        hint = f"python pipeline.py extract {extract_source(dataset)} --text-encoder {text_encoder} --text-only"
         prov["text"], folders["text"] = store.provenance(folder, hint), folder
         needs += store.feature_bytes(folder, hint=hint)
         if text_views:
@@ -376,25 +355,19 @@ def load(cache_dir: Path, dataset: str, modalities: str, text_encoder: str, imag
 
 def _in_memory(folders: dict, prov: dict, dataset: str, encoder: str, text_views: bool, hint: str):
     """Every split as tensors in RAM; returns (splits, items dropped by the join, views)."""
-    text = image = None
+    text = store.load_text(folders["text"], hint=hint) if "text" in folders else None
     n_views = 0
-    if "text" in folders:
-        text = store.load_text(folders["text"], hint=hint)
-        if text_views:
-            views = _load_views(folders["text"], prov["text"], text.get("train"), dataset, encoder)
-            n_views = len(views[0])
-    if "image" in folders:
-        image = store.load_image(folders["image"])
+    if text is not None and text_views:
+        views = _load_views(folders["text"], prov["text"], text.get("train"), dataset, encoder)
+        n_views = len(views[0])
+    image = store.load_image(folders["image"]) if "image" in folders else None
     if text is not None and image is not None:
         _check_agree(text, image, dataset)
     splits, dropped = {}, 0
-    for s in ("train", "dev", "test"):
-        t, im = (text or {}).get(s), (image or {}).get(s)
-        if (text is not None and t is None) or (image is not None and im is None):
-            raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
+    for s, t, im in _parts(text, image, dataset):
         splits[s], d = _join(t, im)
         dropped += d
-        if s == "train" and text_views and t is not None:
+        if s == "train" and n_views:
             _attach_views(splits[s], t, *views)
     return splits, dropped, n_views
 
@@ -419,30 +392,40 @@ def _streamed(folders: dict, prov: dict, dataset: str, encoder: str, text_views:
     tsplits, isplits = (by_split(text) if text else None), (by_split(image) if image else None)
     if tsplits is not None and isplits is not None:
         _check_agree(tsplits, isplits, dataset)
-    views, n_views = [], 0
-    if text_views:
-        views = _stream_views(folders["text"], prov["text"], text, tsplits.get("train"), dataset, encoder)
-        n_views = len(views)
+    views = _stream_views(folders["text"], prov["text"], text, tsplits.get("train"), dataset, encoder) if text_views else []
     source = Source(text, image, views)
     splits, dropped = {}, 0
-    for s in ("train", "dev", "test"):
-        t, im = (tsplits or {}).get(s), (isplits or {}).get(s)
-        if (tsplits is not None and t is None) or (isplits is not None and im is None):
-            raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
+    for s, t, im in _parts(tsplits, isplits, dataset):
         if t is None:
             splits[s] = StreamedSplit(im.ids, im.labels, source, image_rows=im.rows)
             continue
         view_rows = torch.arange(len(t.ids)) if s == "train" and views else None  # views hold train items alone
         split = StreamedSplit(t.ids, t.labels, source, text_rows=t.rows, view_rows=view_rows)
         if im is not None:
-            where = {id_: i for i, id_ in enumerate(im.ids)}
-            keep = [i for i, id_ in enumerate(t.ids) if id_ in where]
-            if len(keep) < len(t.ids):
-                split = split.subset(torch.tensor(keep, dtype=torch.long))
-            split.image_rows = im.rows[torch.tensor([where[id_] for id_ in split.ids], dtype=torch.long)]
-            dropped += len(t.ids) - len(keep)
+            split, at, d = _with_image(split, im.ids)
+            split.image_rows, dropped = im.rows[at], dropped + d
         splits[s] = split
-    return splits, dropped, n_views
+    return splits, dropped, len(views)
+
+
+def _parts(text: dict | None, image: dict | None, dataset: str):
+    """(split, its text part, its image part) for train, dev and test; a split that a cache lacks is refused."""
+    for s in ("train", "dev", "test"):
+        t, im = (text or {}).get(s), (image or {}).get(s)
+        if (text is not None and t is None) or (image is not None and im is None):
+            raise UserError(f"the {dataset} cache has no {s} split: re-run extract (or give the manifest a split column)")
+        yield s, t, im
+
+
+def _with_image(split: Split | StreamedSplit, image_ids: list[str]):
+    """Text and image joined by id: `split` without its items that have no image, the image item of
+    each item it keeps, and how many it dropped."""
+    where = {id_: i for i, id_ in enumerate(image_ids)}
+    keep = [i for i, id_ in enumerate(split.ids) if id_ in where]
+    dropped = len(split) - len(keep)
+    if dropped:
+        split = split.subset(torch.tensor(keep, dtype=torch.long))
+    return split, torch.tensor([where[id_] for id_ in split.ids], dtype=torch.long), dropped
 
 
 def _view_folders(folder: Path, clean: store.Provenance, train, dataset: str, encoder: str) -> tuple[str, list[Path]]:
@@ -528,16 +511,9 @@ def _join(text: store.TextFeatures | None, image: store.ImageFeatures | None) ->
     split = Split(text.ids, text.labels, text.cls, text.tokens, text.offsets)
     if image is None:
         return split, 0
-    where = {id_: i for i, id_ in enumerate(image.ids)}
-    keep = [i for i, id_ in enumerate(text.ids) if id_ in where]
-    if len(keep) == len(text.ids) and text.ids == image.ids:
-        maps = image.maps
-    else:
-        maps = image.maps[torch.tensor([where[text.ids[i]] for i in keep], dtype=torch.long)]
-    if len(keep) < len(text.ids):
-        split = split.subset(torch.tensor(keep, dtype=torch.long))
-    split.maps = maps
-    return split, len(text.ids) - len(keep)
+    split, at, dropped = _with_image(split, image.ids)
+    split.maps = image.maps if text.ids == image.ids else image.maps[at]
+    return split, dropped
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:
@@ -562,18 +538,16 @@ def reassign(splits: dict[str, Split], folder: Path) -> dict[str, Split]:
         if not path.is_file():
             raise UserError(f"split file {path} missing: --splits takes the folder written by `pipeline.py audit --write-clean DIR`")
         where.update((line.strip(), s) for line in path.read_text().splitlines() if line.strip())
-    rows = {s: [] for s in ("train", "dev", "test")}  # target split -> [(source split, row)]
+    picked = {s: {} for s in ("train", "dev", "test")}  # target split -> source split -> its rows
     for source, split in splits.items():
         for r, id_ in enumerate(split.ids):
             if id_ in where:
-                rows[where[id_]].append((source, r))
+                picked[where[id_]].setdefault(source, []).append(r)
     out = {}
-    for s, picked in rows.items():
-        if not picked:
+    for s, parts in picked.items():
+        if not parts:
             raise UserError(f"no item of the cache is listed in {folder / (s + '.txt')}: are these split files for this data set?")
-        parts = [splits[src].subset(torch.tensor([r for sr, r in picked if sr == src], dtype=torch.long))
-                 for src in splits if any(sr == src for sr, _ in picked)]
-        out[s] = _cat(parts)
+        out[s] = _cat([splits[src].subset(torch.tensor(rows, dtype=torch.long)) for src, rows in parts.items()])
     return out
 
 

@@ -37,17 +37,18 @@ from train.trainer import improves
 
 RECENT = 20  # epochs a lane's speed is averaged over
 LABEL = 24  # columns a board's labels are padded to, at most
+SHORT = {"accuracy": "acc", "weighted_f1": "wF1", "macro_f1": "mF1"}  # dev metrics as a seed's line names them
 
 
 class EpochClock:
     """Epochs done and left of work items (seeds, cells) trained on `lanes` lanes at once.
 
     `plan`: item -> epochs planned, in the order the items are taken; `done`: epochs of an item
-    found done already (a resumed seed: counted, not timed); `earlier`: epochs of items finished
-    before this process started (counted in the bar, no part of the ETA); `stops`: (epochs trained,
-    epochs planned) of seeds finished before this process started (what "expected" learns from)."""
+    found done already (a resumed seed: counted, not timed); `stops`: (epochs trained, epochs
+    planned) of seeds finished before this process started (what "expected" learns from). `earlier`,
+    the epochs of those seeds, is counted in the bar and is no part of the ETA."""
 
-    def __init__(self, plan: dict[Hashable, int], lanes: int = 1, done: dict | None = None, earlier: int = 0,
+    def __init__(self, plan: dict[Hashable, int], lanes: int = 1, done: dict | None = None,
                  now: float | None = None, stops: Sequence[tuple[int, int]] = ()):
         self.planned = dict(plan)
         self.done = {k: (done or {}).get(k, 0) for k in plan}
@@ -55,7 +56,7 @@ class EpochClock:
         self.finished: set = set()
         self.stops = list(stops)
         self.ended: dict = {}  # item -> (epochs trained, epochs planned) of its seeds that are over
-        self.lanes, self.earlier = max(1, lanes), earlier
+        self.lanes, self.earlier = max(1, lanes), 0
         self.recent = {k: deque(maxlen=RECENT) for k in plan}  # seconds per epoch, item by item
         self.last: dict = {}  # item -> wall time of its last epoch here; an item in it has started
         self.start = time.monotonic() if now is None else now
@@ -143,9 +144,8 @@ class EpochClock:
     def idle(self) -> int:
         """Lanes with nothing left to take (0 while items wait or once all is done)."""
         with self.lock:
-            if self.waiting() or not self.busy():
-                return 0
-            return max(0, self.lanes - len(self.busy()))
+            busy = self.busy()
+            return 0 if self.waiting() or not busy else max(0, self.lanes - len(busy))
 
     def eta(self, now: float | None = None, expected: bool = False) -> float | None:
         """Seconds until the last busy lane is done: each busy lane finishes its item at that item's
@@ -218,7 +218,7 @@ class Board:
     def render(self, width: int) -> list[Text]:
         """The lines at `width`: labels padded alike (at most LABEL columns) and one bar width for all,
         the one the overall line leaves room for."""
-        label_width = min(LABEL, max(len(r.label) for r in [*self.rows.values(), ItemRow(self.title, 0)]))
+        label_width = min(LABEL, max([len(self.title), *(len(r.label) for r in self.rows.values())]))
         figures = self.clock.figures()
         bar_width = room_for_bar(label_width, figures, width)
         for row in self.rows.values():  # short enough that each line shows its first figure too
@@ -228,28 +228,6 @@ class Board:
         notes = self.clock.notes() + ([self.note] if self.note else [])
         top = fit_line(self.title, frac, figures, notes, width, bar_width, label_width)
         return [top, *(row.line(width, bar_width, label_width) for row in self.rows.values())]
-
-
-# --- train ------------------------------------------------------------------------------------
-
-SHORT = {"accuracy": "acc", "weighted_f1": "wF1", "macro_f1": "mF1"}
-
-
-def epoch_fields(entry, select: str, best: tuple[float, int], step_two: bool) -> list[str]:
-    """A seed's figures after an epoch, most important first: dev and the best so far, the speed,
-    the loss terms, and the share of batches that took step two (heads that have one)."""
-    v, e = best
-    out = [f"dev {SHORT.get(select, select)} {entry.dev[select]:.4f} (best {v:.4f} @ {e})",
-           f"{entry.seconds:.1f} s/epoch",
-           "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())]
-    if step_two:
-        out.append(f"step two {entry.step_two_rate:.0%}")
-    return out
-
-
-def plain(*parts: str | Sequence[str]) -> str:
-    """A log line from figures (a list joins with two spaces)."""
-    return "  ".join(p if isinstance(p, str) else "  ".join(p) for p in parts if p)
 
 
 # --- the one builder ----------------------------------------------------------------------------
@@ -307,21 +285,25 @@ class Progress:
             finally:
                 self.screen = None
 
-    def log(self, *parts: str | Sequence[str]) -> None:
-        """One plain line (off a terminal): the event, then the overall figures."""
-        self.screen.log(plain(*parts, f"| {self.title}", self.clock.figures(), self.clock.notes()))
+    def log(self, event: str, fields: Sequence[str] = ()) -> None:
+        """One plain line (off a terminal): the event and its fields, then the overall figures."""
+        self.screen.log("  ".join([event, *fields, f"| {self.title}", *self.clock.figures(), *self.clock.notes()]))
 
     def epoch(self, entry) -> None:
-        """`train`'s on_epoch: a seed's epoch (an EpochLog) is done; the row shows dev, the best
-        epoch so far (`improves`: the trainer's rule), the speed and the loss terms."""
+        """`train`'s on_epoch: a seed's epoch (an EpochLog) is done; the row shows, most important
+        first, dev and the best epoch so far (`improves`: the trainer's rule), the speed, the loss
+        terms and the share of batches that took step two (heads that have one)."""
         with self.screen.lock:
             seed, best = entry.seed, self.best.get(entry.seed)
             if improves(entry.dev, None if best is None else best[0], self.select):
-                self.best[seed] = best = (entry.dev, entry.epoch)
+                self.best[seed] = (entry.dev, entry.epoch)
             self.clock.update(seed, entry.epoch, seconds=entry.seconds)
             row = self.rows[seed]
             row.done, row.status = entry.epoch, ""
-            row.fields = epoch_fields(entry, self.select, (best[0][self.select], best[1]), self.step_two)
+            row.fields = [f"dev {SHORT.get(self.select, self.select)} {entry.dev[self.select]:.4f} ({self.best_text(seed)})",
+                          f"{entry.seconds:.1f} s/epoch", "  ".join(f"{k} {x:.3f}" for k, x in entry.losses.items())]
+            if self.step_two:
+                row.fields.append(f"step two {entry.step_two_rate:.0%}")
             self.log(f"{self.noun}{row.label} epoch {entry.epoch}/{self.clock.planned[seed]}", row.fields)
         self.screen.refresh()
 
@@ -331,7 +313,7 @@ class Progress:
         self.finish(result.seed, f"done, {self.best_text(result.seed)}", f"({len(result.log)} epochs)",
                     epochs=len(result.log))
 
-    def finish(self, item, status: str, event: str = "", epochs: int | None = None, note: bool = False) -> None:
+    def finish(self, item, status: str, event: str, epochs: int | None = None, note: bool = False) -> None:
         """`item` is over after `epochs` (default: those counted): its epochs not trained leave the
         total; the row says `status`, the log `noun label status event`; `note`: the overall line
         names it as the last done."""
@@ -342,7 +324,7 @@ class Progress:
             row.status, row.fields = status, []
             if note:
                 self.board.note = f"last done: {row.label}"
-            self.log(f"{self.noun}{row.label} {status}" + (f" {event}" if event else ""))
+            self.log(f"{self.noun}{row.label} {status} {event}")
         self.screen.refresh()
 
     def polled(self) -> None:
