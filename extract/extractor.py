@@ -132,17 +132,15 @@ def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
     for p in ds.problems:
         console.print(f"[yellow]{p.stage} problem[/] {p.id}: {p.reason}", highlight=False)
 
-    summary = Summary(ds.name, ds.counts(), text_fallbacks=ds.text_fallbacks)
-    summary.rare_labels = ds.rare_labels
+    summary = Summary(ds.name, ds.counts(), text_items=len(ds.items), text_fallbacks=ds.text_fallbacks,
+                      rare_labels=ds.rare_labels)
     with Passes(console) as progress:
-        summary.text_items, done_t = _extract_text(cfg, ds, rank, world, progress, summary.work_seconds)
-        summary.folders["text"] = str(done_t[0])
-        complete = done_t[1]
+        folder, complete = _extract_text(cfg, ds, rank, world, progress, summary.work_seconds)
+        summary.folders["text"] = str(folder)
         if not cfg.text_only:
-            summary.image_items, done_i = _extract_image(cfg, ds, with_images, rank, world, progress, console,
-                                                         summary.work_seconds)
-            summary.folders["image"] = str(done_i[0])
-            complete = complete and done_i[1]
+            folder, done = _extract_image(cfg, ds, with_images, rank, world, progress, console, summary.work_seconds)
+            summary.folders["image"], summary.image_items = str(folder), len(with_images)
+            complete = complete and done
     problems = [(p.id, p.stage, p.reason) for p in ds.problems]
     for folder in summary.folders.values():
         problems += store.shard_problems(Path(folder))
@@ -235,7 +233,7 @@ def _task(progress: Passes, label: str, shards, todo, unit: str):
     return progress.add(label, total, unit, len(todo), cached=len(shards) - len(todo))
 
 
-def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Path, bool]]:
+def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[Path, bool]:
     shards = _shards(ds.items, cfg.shard_size)
     enc = create_text_encoder(cfg.text_encoder, cfg.text_layers, cfg.max_length, cfg.random_weights)
     prov = store.Provenance(
@@ -243,21 +241,15 @@ def _extract_text(cfg, ds, rank, world, progress, timing) -> tuple[int, tuple[Pa
         len(shards), cfg.text_layers, cfg.max_length,
     )
     folder = store.cache_folder(cfg.cache_dir, ds.name, store.TEXT, cfg.text_encoder)
-    todo = _plan(folder, prov, cfg.force, rank, world, progress.console)
-    task = _task(progress, f"text  {cfg.text_encoder}", shards, todo, "texts")
-    empty = np.zeros((0, cfg.text_layers, enc.width), np.float16)
-    t0 = time.time()
-    with _written_behind(progress, task) as write:
-        for k in todo:
-            items = shards[k]
-            cls, tokens = encode_texts(enc, [it.text for it in items], cfg.batch_size,
-                                       on_batch=lambda b: progress.advance(task, b))
-            _write_text_shard(write, folder / store.shard_name(k, prov.n_shards), prov, items, cls, tokens, empty)
-    timing["text"] = time.time() - t0
-    complete = store.finish(folder, prov, data_flags(cfg), written=set(todo))
+    complete = _text_pass(cfg, enc, shards, prov, folder, rank, world, progress, timing)
+    # View v: the train items of every clean shard again, with dropout on (dev/test are always
+    # scored on the clean states, so only train is stored). Same tokenisation and shard
+    # numbering as the clean cache, hence the same token counts.
+    train = [[it for it in items if it.split == "train"] for items in shards]
     for v in range(1, cfg.text_views + 1):
-        complete = _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timing) and complete
-    return len(ds.items), (folder, complete)
+        complete = _text_pass(cfg, enc, train, replace(prov, view=v), store.view_folder(folder, v), rank, world,
+                              progress, timing) and complete
+    return folder, complete
 
 
 def view_seed(shard: int, view: int) -> int:
@@ -265,39 +257,32 @@ def view_seed(shard: int, view: int) -> int:
     return 1_000_003 * view + shard
 
 
-def _extract_view(cfg, enc, shards, prov, folder, v, rank, world, progress, timing) -> bool:
-    """View v: the train items of every clean shard again, with dropout on (dev/test are
-    always scored on the clean states, so only train is stored). Same tokenisation and
-    shard numbering as the clean cache, hence the same token counts."""
-    vprov = replace(prov, view=v)
-    vfolder = store.view_folder(folder, v)
-    todo = _plan(vfolder, vprov, cfg.force, rank, world, progress.console)
-    train = [[it for it in items if it.split == "train"] for items in shards]
-    task = _task(progress, f"text  {cfg.text_encoder} view {v}", train, todo, "texts")
+def _text_pass(cfg, enc, shards, prov, folder, rank, world, progress, timing) -> bool:
+    """This process's shards of the clean cache (`prov.view` 0) or of one dropout view; a view's
+    shard without train items is written empty."""
+    v = prov.view
+    view = f" view {v}" if v else ""
+    todo = _plan(folder, prov, cfg.force, rank, world, progress.console)
+    task = _task(progress, f"text  {cfg.text_encoder}{view}", shards, todo, "texts")
     empty = np.zeros((0, cfg.text_layers, enc.width), np.float16)
     t0 = time.time()
     with _written_behind(progress, task) as write:
         for k in todo:
-            items = train[k]
-            cls, tokens = empty, []  # a shard of dev/test items only: an empty view shard
+            items = shards[k]
+            cls, tokens = empty, []
             if items:
-                with enc.dropout(view_seed(k, v)):
+                with enc.dropout(view_seed(k, v)) if v else contextlib.nullcontext():
                     cls, tokens = encode_texts(enc, [it.text for it in items], cfg.batch_size,
                                                on_batch=lambda b: progress.advance(task, b))
-            _write_text_shard(write, vfolder / store.shard_name(k, vprov.n_shards), vprov, items, cls, tokens, empty)
-    timing[f"text view {v}"] = time.time() - t0
-    return store.finish(vfolder, vprov, data_flags(cfg), written=set(todo))
+            offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
+            write(store.write_text_shard, folder / store.shard_name(k, prov.n_shards), prov, [it.id for it in items],
+                  [it.label for it in items], [it.split for it in items], cls,
+                  np.concatenate(tokens) if tokens else empty, offsets)
+    timing[f"text{view}"] = time.time() - t0
+    return store.finish(folder, prov, data_flags(cfg), written=set(todo))
 
 
-def _write_text_shard(write, path: Path, prov: store.Provenance, items: list[Item], cls, tokens: list, empty) -> None:
-    """The shard of `items` through `write` (`_written_behind`): their CLS rows, and their token
-    states back to back with the offsets where each text's start (`empty` when there are none)."""
-    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])])
-    write(store.write_text_shard, path, prov, [it.id for it in items], [it.label for it in items],
-          [it.split for it in items], cls, np.concatenate(tokens) if tokens else empty, offsets)
-
-
-def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None):
+def encode_texts(enc, texts: list[str], batch_size: int, on_batch):
     """Encode texts in length-sorted batches (dynamic padding), returned in input order."""
     ids = enc.tokenize(texts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -309,7 +294,7 @@ def encode_texts(enc, texts: list[str], batch_size: int, on_batch=lambda n: None
         for j, i in enumerate(rows):
             cls[i], tokens[i] = c[j], t[j]
         on_batch(len(rows))
-    return np.stack(cls) if cls else np.zeros((0,)), tokens
+    return np.stack(cls), tokens
 
 
 def _decode_batch(enc, items: list[Item], rows: np.ndarray):
@@ -353,7 +338,7 @@ def _decoded(enc, batches: list[list[Item]], ahead: int = 2):
                 f.cancel()
 
 
-def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tuple[int, tuple[Path, bool]]:
+def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tuple[Path, bool]:
     shards = _shards(items, cfg.shard_size)
     enc = create_image_encoder(cfg.image_encoder, cfg.random_weights, cfg.image_weights)
     prov = store.Provenance(
@@ -384,4 +369,4 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
                       [it.label for it in got], [it.split for it in got],
                       np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1)), bad_all)
     timing["image"] = time.time() - t0
-    return len(items), (folder, store.finish(folder, prov, data_flags(cfg), written=set(todo)))
+    return folder, store.finish(folder, prov, data_flags(cfg), written=set(todo))
