@@ -229,7 +229,7 @@ def _written_behind(progress: Passes, task):
 
 def _task(progress: Passes, label: str, shards, todo, unit: str):
     """The pass's line: the items of this process's shards still to encode (none: cached)."""
-    total = sum(len(s) for k, s in enumerate(shards) if k in set(todo))
+    total = sum(len(shards[k]) for k in todo)
     return progress.add(label, total, unit, len(todo), cached=len(shards) - len(todo))
 
 
@@ -347,26 +347,25 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
     folder = store.cache_folder(cfg.cache_dir, ds.name, store.IMAGE, cfg.image_encoder)
     todo = _plan(folder, prov, cfg.force, rank, world, progress.console)
     task = _task(progress, f"image {cfg.image_encoder}", shards, todo, "images")
-    # Batches never cross a shard, so a shard's output never depends on its neighbours.
-    batches = [(k, shards[k][b : b + cfg.batch_size]) for k in todo for b in range(0, len(shards[k]), cfg.batch_size)]
-    pending: dict[int, list] = {}
-    left = {k: sum(1 for kk, _ in batches if kk == k) for k in todo}
+    # Batches never cross a shard, so a shard's output never depends on its neighbours; a shard's
+    # batches come in a row, and its last one writes it.
+    size = cfg.batch_size
+    starts = [(k, b) for k in todo for b in range(0, len(shards[k]), size)]
+    got, maps, bad_all = [], [], []
     t0 = time.time()
     with _written_behind(progress, task) as write:
-        for (k, _), (good, x, bad) in zip(batches, _decoded(enc, [b for _, b in batches])):
-            acc = pending.setdefault(k, [[], [], []])
+        for (k, b), (good, x, bad) in zip(starts, _decoded(enc, [shards[k][b : b + size] for k, b in starts])):
+            got += good
             if x is not None:
-                acc[0] += good
-                acc[1].append(enc.encode(x))
-            for b in bad:
-                console.print(f"[yellow]image problem[/] {b[0]}: {b[2]}", highlight=False)
-            acc[2] += bad
+                maps.append(enc.encode(x))
+            for id_, _, reason in bad:
+                console.print(f"[yellow]image problem[/] {id_}: {reason}", highlight=False)
+            bad_all += bad
             progress.advance(task, len(good) + len(bad))
-            left[k] -= 1
-            if left[k] == 0:
-                got, maps, bad_all = pending.pop(k)
+            if b + size >= len(shards[k]):
                 write(store.write_image_shard, folder / store.shard_name(k, prov.n_shards), prov, [it.id for it in got],
                       [it.label for it in got], [it.split for it in got],
                       np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1)), bad_all)
+                got, maps, bad_all = [], [], []
     timing["image"] = time.time() - t0
     return folder, store.finish(folder, prov, data_flags(cfg), written=set(todo))
