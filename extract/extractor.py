@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,10 @@ from rich.console import Console
 from core import store
 from core.cli_fields import flag_of, option
 from core.errors import UserError
-from core.terminal import Passes
-from core.shards import parse_shard  # noqa: F401  (re-exported: extract splits shards with it)
 from core.defaults import DATASET, IMAGE_ENCODER, TEXT_ENCODER
 from core.paths import DEFAULT_CACHE, default_data_root
+from core.shards import parse_shard
+from core.terminal import Passes
 from extract import datasets
 from extract.datasets import Dataset, Item
 from extract.encoders import create_image_encoder, create_text_encoder
