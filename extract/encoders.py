@@ -263,11 +263,6 @@ class ImageEncoder:
         with autocast(self.device):
             return self.body(batch.to(self.device, non_blocking=True)).half().cpu().numpy()
 
-    @property
-    def channels(self) -> int:
-        with torch.inference_mode():
-            return self.body(torch.zeros(1, 3, self.size, self.size, device=self.device)).shape[1]
-
 
 def decode_rgb(path: Path) -> np.ndarray:
     """A file's pixels as (H, W, 3) 8-bit RGB, else an exception saying why (see `to_rgb`).
