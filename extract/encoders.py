@@ -32,6 +32,7 @@ from PIL import Image
 from core.device import device
 from core.errors import UserError
 
+
 def fingerprint(module: torch.nn.Module) -> str:
     """Hash of every weight and buffer: a cache records exactly which weights made it."""
     h = hashlib.blake2b(digest_size=8)
@@ -43,10 +44,10 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 # --- text --------------------------------------------------------------------------------
 
-def _package_folder(package: str, sub: str = "model") -> Callable[[], str]:
+def _package_folder(package: str) -> Callable[[], str]:
     def find() -> str:
         try:
-            return str(importlib.resources.files(package) / sub)
+            return str(importlib.resources.files(package) / "model")
         except ModuleNotFoundError:
             raise UserError(f"package {package} is not installed: pip install {package.replace('_', '-')}") from None
 
@@ -117,7 +118,7 @@ def autocast_note(device_: torch.device) -> dict:
 class TextEncoder:
     """A frozen HF encoder that returns, per text, the CLS and real-token states of its last layers."""
 
-    def __init__(self, spec: str, layers: int = 4, max_length: int = 202, random_weights: bool = False):
+    def __init__(self, spec: str, layers: int, max_length: int, random_weights: bool):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
