@@ -326,7 +326,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 _IMAGE: dict[str, Callable[..., ImageEncoder]] = {}  # exact names
-_IMAGE_FAMILIES: list[Callable[[str], Callable[..., ImageEncoder] | None]] = []  # claim a name by pattern
+_IMAGE_FAMILIES: list[tuple[Callable[[str], bool], Callable[..., ImageEncoder]]] = []  # (claims a name?, builder)
 
 
 def image_encoder(*names: str):
@@ -344,14 +344,14 @@ def image_family(claim: Callable[[str], bool]):
     """Register a builder for every name `claim(name)` accepts (e.g. all torchvision models)."""
 
     def deco(fn):
-        _IMAGE_FAMILIES.append(lambda name: fn if claim(name) else None)
+        _IMAGE_FAMILIES.append((claim, fn))
         return fn
 
     return deco
 
 
 def create_image_encoder(name: str, random_weights: bool = False, weights: Path | None = None) -> ImageEncoder:
-    build = _IMAGE.get(name) or next((b for f in _IMAGE_FAMILIES if (b := f(name))), None)
+    build = _IMAGE.get(name) or next((fn for claim, fn in _IMAGE_FAMILIES if claim(name)), None)
     if build is None:
         raise UserError(
             f"unknown image encoder {name!r}: use {', '.join(_IMAGE)}, a torchvision model name "
@@ -448,17 +448,13 @@ def _torchvision_state(name: str, weights: Path | None) -> dict:
         ) from None
 
 
-def _is_timm(name: str) -> bool:
-    return name.startswith("timm:")
-
-
-@image_family(_is_timm)
+@image_family(lambda name: name.startswith("timm:"))
 def _timm(name: str, random_weights: bool, weights: Path | None) -> ImageEncoder:
     try:
         import timm
     except ModuleNotFoundError:
         raise UserError(f"{name}: timm is not installed (pip install timm)") from None
-    model = timm.create_model(name[5:], pretrained=not random_weights and weights is None, num_classes=0, global_pool="")
+    model = timm.create_model(name.removeprefix("timm:"), pretrained=not random_weights and weights is None, num_classes=0, global_pool="")
     if weights is not None:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=False)
     cfg = model.pretrained_cfg
