@@ -524,7 +524,6 @@ def load_raw_mvsa(folder: Path, name: str, seed: int = 0) -> Dataset:
         raise UserError(f"{folder}: a raw MVSA folder holds data/ and labelResultAll.txt")
     col = _Collector(SENTIMENT)
     lines = decode_text(labels_file.read_bytes())[0].splitlines()
-    dropped = 0
     for line in lines[1:]:  # first line is the header
         cells = line.split()
         if len(cells) < 2:
@@ -535,7 +534,6 @@ def load_raw_mvsa(folder: Path, name: str, seed: int = 0) -> Dataset:
             continue
         label = aggregate_pair(*pairs[0]) if len(pairs) == 1 else aggregate_annotators(pairs)
         if label is None:
-            dropped += 1
             col.problems.append(Problem(cells[0], "read", "annotations conflict (positive vs negative): dropped"))
             continue
         col.add(cells[0], _read_text_file(data / f"{cells[0]}.txt", col, cells[0]), data / f"{cells[0]}.jpg", label, "train")
