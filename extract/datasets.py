@@ -290,10 +290,8 @@ def _release_folder(name: str, spec: Builtin, data_root: Path) -> Path:
                     f"there ({spec.layout}), or pass --data-root DIR with DIR/{spec.folder} or the release itself")
 
 
-def _images_by_id(folder: Path | None) -> dict[str, Path]:
+def _images_by_id(folder: Path) -> dict[str, Path]:
     """id -> image file in a folder of `{id}.jpg|.jpeg|.png` (listed once: cheaper than a stat per item)."""
-    if folder is None or not folder.is_dir():
-        return {}
     rank = {suffix: k for k, suffix in enumerate(IMAGE_SUFFIXES)}
     found: dict[str, Path] = {}
     with os.scandir(folder) as entries:
@@ -326,10 +324,10 @@ def read_tumemo(name: str, folder: Path, image_dir: Path | None, seed: int) -> D
         cells = [c for c in re.split(r"[\s,]+", line) if c]
         if not cells:
             continue
-        if first and not cells[0].isdigit() and cells[-1].lower() not in canonical:
+        if first:
             first = False
-            continue  # a header line ("id label")
-        first = False
+            if not cells[0].isdigit() and cells[-1].lower() not in canonical:
+                continue  # a header line ("id label")
         if len(cells) != 2:
             col.problems.append(Problem(cells[0], "read", f"{labels_file.name} line {n} unreadable ({line.strip()!r}): "
                                         "expected 'id label'"))
