@@ -404,19 +404,18 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
         raise UserError(f"manifest {path} not found: give the path of a .csv or .jsonl manifest or a raw MVSA folder")
     if path.is_dir():
         return load_raw_mvsa(path, name or path.name, seed)
-    read = read_rows(path)
-    rows = [row for row, _ in read]
+    rows = read_rows(path)
     if not rows:
         raise UserError(f"manifest {path} has no rows")
-    missing = [c for c in ("id", "label") if c not in rows[0]]
-    if missing or not ({"text", "text_file"} & rows[0].keys()):
+    header = rows[0][0].keys()
+    if not {"id", "label"} <= header or not {"text", "text_file"} & header:
         raise UserError(
-            f"manifest {path}: columns id, label and text or text_file are required; found {', '.join(rows[0])}"
+            f"manifest {path}: columns id, label and text or text_file are required; found {', '.join(header)}"
         )
     base = path.parent
     col = _Collector(tuple(classes) if classes else None)
-    given_split = "split" in rows[0]
-    for row, fell_back in read:
+    given_split = "split" in header
+    for row, fell_back in rows:
         id_ = str(row.get("id", "")).strip()
         if fell_back:
             col.repaired(id_, f"{path.name} row of {id_}")
