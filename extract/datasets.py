@@ -89,7 +89,7 @@ class Builtin:
     images: str | None  # image folder inside the data folder, when the data ships them
     # A data set the user brings in its released layout: read(name, folder, image_dir, seed) -> Dataset.
     # None: the shipped {train,dev,test}.jsonl.
-    read: Callable[..., "Dataset"] | None = None
+    read: Callable[..., Dataset] | None = None
     marker: str = ""  # a file or folder that only the release has (--data-root may point at the release itself)
     layout: str = ""  # what the release holds, for messages
 
@@ -147,7 +147,7 @@ class _Collector:
         self.fallbacks = 0
 
     def add(self, id_: str, text: str | None, image: Path | None, label: str, split: str) -> None:
-        id_ = str(id_).strip()
+        id_ = id_.strip()
         if text is not None and not isinstance(text, str):  # a number or a list in a JSON text field
             text = str(text)
         if not id_:
@@ -183,14 +183,14 @@ class _Collector:
     def repaired(self, id_: str, what: str) -> None:
         """A text that was not valid UTF-8: kept, counted and listed (nothing silent)."""
         self.fallbacks += 1
-        self.problems.append(Problem(str(id_).strip() or "?", "text", f"{what} is not valid UTF-8: decoded as "
+        self.problems.append(Problem(id_.strip() or "?", "text", f"{what} is not valid UTF-8: decoded as "
                                      "Windows-1252/Latin-1; re-save it as UTF-8 if characters look wrong"))
 
     def dataset(self, name: str, split_rule: str = "given") -> Dataset:
         classes = self.classes or tuple(sorted({it.label for it in self.items}))
         index = {c: i for i, c in enumerate(classes)}
         items = [Item(it.id, it.text, it.image, index[it.label], it.split) for it in self.items]
-        return Dataset(name, tuple(classes), items, self.problems, self.fallbacks, split_rule)
+        return Dataset(name, classes, items, self.problems, self.fallbacks, split_rule)
 
 
 def _read_jsonl(path: Path) -> list[tuple[dict, bool]]:
