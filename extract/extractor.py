@@ -138,7 +138,7 @@ def run(cfg: ExtractConfig, console: Console | None = None) -> Summary:
         folder, complete = _extract_text(cfg, ds, rank, world, progress, summary.work_seconds)
         summary.folders["text"] = str(folder)
         if not cfg.text_only:
-            folder, done = _extract_image(cfg, ds, with_images, rank, world, progress, console, summary.work_seconds)
+            folder, done = _extract_image(cfg, ds, with_images, rank, world, progress, summary.work_seconds)
             summary.folders["image"], summary.image_items = str(folder), len(with_images)
             complete = complete and done
     problems = [(p.id, p.stage, p.reason) for p in ds.problems]
@@ -178,7 +178,7 @@ def data_flags(cfg: ExtractConfig) -> list[str]:
 
 
 def _shards(items: list[Item], size: int) -> list[list[Item]]:
-    return [items[k : k + size] for k in range(0, len(items), size)] or [[]]
+    return [items[k : k + size] for k in range(0, len(items), size)]
 
 
 def _plan(folder: Path, prov: store.Provenance, force: bool, rank: int, world: int, console: Console):
@@ -338,7 +338,7 @@ def _decoded(enc, batches: list[list[Item]], ahead: int = 2):
                 f.cancel()
 
 
-def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tuple[Path, bool]:
+def _extract_image(cfg, ds, items, rank, world, progress, timing) -> tuple[Path, bool]:
     shards = _shards(items, cfg.shard_size)
     enc = create_image_encoder(cfg.image_encoder, cfg.random_weights, cfg.image_weights)
     prov = store.Provenance(
@@ -359,7 +359,7 @@ def _extract_image(cfg, ds, items, rank, world, progress, console, timing) -> tu
             if x is not None:
                 maps.append(enc.encode(x))
             for id_, _, reason in bad:
-                console.print(f"[yellow]image problem[/] {id_}: {reason}", highlight=False)
+                progress.console.print(f"[yellow]image problem[/] {id_}: {reason}", highlight=False)
             bad_all += bad
             progress.advance(task, len(good) + len(bad))
             if b + size >= len(shards[k]):
