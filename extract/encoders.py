@@ -124,7 +124,7 @@ class TextEncoder:
 
         hf_logging.disable_progress_bar()  # our own rich bar is the one progress display
 
-        self.spec, self.layers, self.max_length = spec, layers, max_length
+        self.layers, self.max_length = layers, max_length
         source = TEXT_ALIASES[spec]() if spec in TEXT_ALIASES else spec
         self.tokenizer = _from_local_or_hub(AutoTokenizer, source, spec)
         if random_weights:
