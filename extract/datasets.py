@@ -410,7 +410,8 @@ def load_manifest(path: Path, name: str | None = None, image_dir: Path | None = 
     header = rows[0][0].keys()
     if not {"id", "label"} <= header or not {"text", "text_file"} & header:
         raise UserError(
-            f"manifest {path}: columns id, label and text or text_file are required; found {', '.join(header)}"
+            f"manifest {path}: columns id, label and text or text_file are required; found "
+            f"{', '.join(str(h) for h in header if h is not None)}"
         )
     base = path.parent
     col = _Collector(tuple(classes) if classes else None)

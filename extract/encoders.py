@@ -357,6 +357,8 @@ def create_image_encoder(name: str, random_weights: bool = False, weights: Path 
             f"unknown image encoder {name!r}: use {', '.join(_IMAGE)}, a torchvision model name "
             "(e.g. resnet50) or timm:<name> with timm installed"
         )
+    if weights is not None and not Path(weights).is_file():  # every family's, before any model is built
+        raise UserError(f"--image-weights {weights}: no such file")
     return build(name, random_weights=random_weights, weights=weights)
 
 
@@ -432,8 +434,6 @@ def _torchvision_state(name: str, weights: Path | None) -> dict:
     import torchvision
 
     if weights is not None:
-        if not Path(weights).is_file():
-            raise UserError(f"--image-weights {weights}: no such file")
         return torch.load(weights, map_location="cpu", weights_only=True)
     default = torchvision.models.get_model_weights(name).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name

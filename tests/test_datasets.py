@@ -311,6 +311,7 @@ def test_manifest_without_split_needs_ten_rows(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("id,caption,label\n1,x,a\n", "columns id, label and text or text_file are required; found id, caption, label"),
     ("id,text\n1,x\n", "columns id, label"),
+    ("id,label,txt\n1,pos,hello,extra\n", "text or text_file are required; found id, label, txt$"),  # a cell beyond the header
     ("id,text,label\n", "has no rows"),
 ])
 def test_manifest_missing_columns_or_rows(tmp_path, content, message):

@@ -251,3 +251,10 @@ def test_normalising_by_lookup_gives_the_values_of_the_arithmetic(tmp_path):
     want = (pixels.astype(np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
     assert x.dtype == np.float32 and np.array_equal(x, want)
     assert x.strides == want.strides  # pixel-major: a batch of them is a channels-last tensor
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18", "timm:resnet18"])
+def test_a_missing_image_weights_file_is_one_line_for_every_family(tmp_path, name):
+    """--image-weights names a file that is not there: one UserError before any model is built."""
+    with pytest.raises(UserError, match=r"--image-weights .*missing\.pt: no such file"):
+        create_image_encoder(name, weights=tmp_path / "missing.pt")
