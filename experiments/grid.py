@@ -45,7 +45,6 @@ from train.progress import EpochClock, Progress
 class Cell:
     name: str  # row label, or "alpha=0.5" in a sweep
     cfg: TrainConfig  # resolved, `out` set from its hash
-    values: dict  # what the row changes (for sweeps: field -> value)
 
     @property
     def folder(self) -> RunFolder:
@@ -55,7 +54,7 @@ class Cell:
 
 def cell(name: str, base: TrainConfig, head: str, values: dict, runs_dir: Path) -> Cell:
     cfg = replace(base, head=head, head_config=heads.build_config(head, values), out=None).resolved()
-    return Cell(name, replace(cfg, out=run_folder.default_out(cfg, runs_dir)), values)
+    return Cell(name, replace(cfg, out=run_folder.default_out(cfg, runs_dir)))
 
 
 def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = None) -> list[Cell]:
@@ -208,7 +207,7 @@ def _progress(todo: list[Cell], jobs: int) -> Progress:
 
 
 def _train_cells(todo: list[Cell], jobs: int, threads: int | None, robust: bool, budget: int | None,
-                 progress: Progress, cell_done, report_to: tuple[str, ...] = ()) -> None:
+                 progress: Progress, cell_done, report_to: tuple[str, ...]) -> None:
     """Train the cells here one after another (`jobs` 1: the cache loaded once per modality set for the
     whole grid) or in `jobs` worker processes, calling `cell_done(cell)` as each finishes."""
     if jobs <= 1:
@@ -242,13 +241,13 @@ def _epochs(c: Cell) -> tuple[int, int, tuple[int, int]]:
 
 
 @contextmanager
-def _following(cells: list[Cell], progress: Progress, every: float = 1.0):
+def _following(cells: list[Cell], progress: Progress):
     """Count the cells' epochs from their run folders every second, in a thread: the same
     for cells trained here and in worker processes, which report nothing back."""
     stop = threading.Event()
 
     def poll():
-        while not stop.wait(every):
+        while not stop.wait(1.0):
             _poll(cells, progress.clock)
             progress.polled()
 
@@ -266,17 +265,16 @@ def _following(cells: list[Cell], progress: Progress, every: float = 1.0):
 _DATA: dict = {}
 
 
-def _train_cell(cfg: TrainConfig, robust: bool = False, memory: int | None = None,
-                report_to: tuple[str, ...] = ()) -> str:
+def _train_cell(cfg: TrainConfig, robust: bool, memory: int | None, report_to: tuple[str, ...]) -> None:
     """Train one cell (and `--robustness`: score it); the cache is loaded once per process (the
     grid's, or a worker's) and modality set (streamed: one reader thread per process serves every cell)."""
     data = _data(cfg, memory)
     if robust:
         robustness.check_in_memory(data)  # before this cell trains
-    return str(runs.train_run(cfg, data, robust=robust, report_to=report_to).out)
+    runs.train_run(cfg, data, robust=robust, report_to=report_to)
 
 
-def _data(cfg: TrainConfig, memory: int | None = None) -> cache.Data:
+def _data(cfg: TrainConfig, memory: int | None) -> cache.Data:
     """The cache, loaded once per process and modality set, within `memory` bytes (else streamed)."""
     key = (str(cfg.cache_dir), cfg.dataset, cache.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
     if key not in _DATA:
