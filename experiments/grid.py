@@ -180,7 +180,7 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
         _train_cells(todo, jobs, threads, robust, budget, progress, cell_done, report_to)
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
-            if c not in todo and c.folder.is_finished():  # scored only: its run files stay as they are
+            if c not in todo:  # found finished: scored only, its run files stay as they are
                 with c.folder.writer():
                     runs.score_default_robustness(c.cfg.out, c.cfg, _data(c.cfg, budget))
     return mine
@@ -200,7 +200,7 @@ def _progress(todo: list[Cell], jobs: int) -> Progress:
     epochs, and the epochs skipped by --patience, counted from its run folder (a resumed cell)."""
     counts = {id(c): _epochs(c) for c in todo}
     progress = Progress("grid", {id(c): c.name for c in todo}, {id(c): len(c.cfg.seeds) * c.cfg.epochs for c in todo},
-                        min(jobs, len(todo)) if jobs > 1 else 1, {k: d for k, (d, _, _) in counts.items()}, noun="cell ")
+                        min(jobs, len(todo)), {k: d for k, (d, _, _) in counts.items()}, noun="cell ")
     for k, (done, skipped, ended) in counts.items():
         progress.clock.update(k, done, skipped, ended=ended)
     return progress
