@@ -30,7 +30,7 @@ from core import memory as core_memory
 from core import threads as core_threads
 from core.cli_fields import parse_sets
 from core.errors import UserError
-from core.paths import DEFAULT_RUNS, make_dir, output_dir, write_atomic, write_png
+from core.paths import make_dir, output_dir, write_atomic, write_png
 from core.shards import parse_shard
 from experiments import results, results_view
 from train import data as cache
@@ -108,7 +108,7 @@ def _split_rows(parts: list[str], known: dict[str, str]) -> list[str] | None:
 
 def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell]:
     """`--vary alpha=0.5,0.6 --vary cmf=true,false` -> one cell per combination (a grid for two fields)."""
-    axes, keys = [], []
+    axes, keys, base_values = [], [], _base_values(base)
     for item in vary:
         key, eq, values = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -116,7 +116,7 @@ def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell
             raise UserError(f"--vary {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
         if key in keys:  # the second would silently win in every cell
             raise UserError(f"--vary {item!r}: {key} is varied twice; give all its values in one --vary {key}=v1,v2")
-        if key in _base_values(base):  # set for the whole grid too: --vary would silently win in every cell
+        if key in base_values:  # set for the whole grid too: --vary would silently win in every cell
             raise UserError(f"--vary {item!r}: {key} is also set for the whole grid (--set or a flag); drop one of them")
         keys.append(key)
         axis = [f"{key}={v.strip()}" for v in values.split(",") if v.strip()]
@@ -127,7 +127,7 @@ def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell
         axes.append(axis)
     cells = []
     for combo in itertools.product(*axes):
-        values = {**_base_values(base), **_parse_sets(base.head, combo)}
+        values = {**base_values, **_parse_sets(base.head, combo)}
         cells.append(cell(", ".join(combo), base, base.head, values, runs_dir))
     return cells
 
@@ -290,22 +290,18 @@ def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> results.T
     None (nothing written) until every cell is done."""
     if not all(c.folder.is_finished() for c in cells):
         return None
-    rows = []
-    for c in cells:
-        row = results.load_row(c.cfg.out)
-        row.name = c.name
-        rows.append(row)
+    rows = [replace(results.load_row(c.cfg.out), name=c.name) for c in cells]
     table = results.compare(rows, against=cells[0].name, paper=head)
     make_dir(out)
     write_atomic(out / "table.csv", results_view.csv_frame(table).to_csv(index=False))
-    write_atomic(out / "table.md", f"{_title(cells, dataset)}.\n\n{results_view.markdown(table)}")
+    c = cells[0].cfg
+    title = f"{c.head} ablations on {dataset}, {_epochs_text(c)}, seeds {list(c.seeds)}"
+    write_atomic(out / "table.md", f"{title}.\n\n{results_view.markdown(table)}")
     return table
 
 
-def _title(cells: list[Cell], dataset: str) -> str:
-    c = cells[0].cfg
-    patience = "" if c.patience is None else f", patience {c.patience}"
-    return f"{c.head} ablations on {dataset}, {c.epochs} epochs{patience}, seeds {list(c.seeds)}"
+def _epochs_text(c: TrainConfig) -> str:
+    return f"{c.epochs} epochs" + ("" if c.patience is None else f", patience {c.patience}")
 
 
 def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
@@ -348,8 +344,7 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
 
 def _sweep_title(cells: list[Cell]) -> str:
     c = cells[0].cfg
-    patience = "" if c.patience is None else f", patience {c.patience}"
-    return (f"{c.head} on {c.dataset}, {c.epochs} epochs{patience}: dev-selected epoch, label-blind, "
+    return (f"{c.head} on {c.dataset}, {_epochs_text(c)}: dev-selected epoch, label-blind, "
             f"mean ± std over seeds {list(c.seeds)}")
 
 
@@ -368,19 +363,14 @@ def _sweep_markdown(frame, cells: list[Cell]) -> str:
 WRITES = {"ablate": ("table.csv", "table.md"), "sweep": ("sweep.csv", "sweep.md", "sweep.png")}
 
 
-def grid_out(kind: str, base: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Path:
-    return Path(runs_dir) / f"{kind}-{base.dataset}-{base.head}"
-
-
 def out_folder(kind: str, base: TrainConfig, runs_dir: Path, out: Path | None, vary: list[str] = ()) -> Path:
     """The grid's table folder (`--out`, else runs/<kind>-<dataset>-<head>[-<swept fields>]), made and
     checked before any cell trains: a folder holding files the grid does not write is someone's and is
     refused now (`output_dir`, as `results --out`), not after the cells have trained for an hour."""
-    fields = "-".join(v.partition("=")[0] for v in vary)
-    target = out or (Path(f"{grid_out(kind, base, runs_dir)}-{fields}") if fields else grid_out(kind, base, runs_dir))
+    target = out or Path(runs_dir) / "-".join([kind, base.dataset, base.head, *(v.partition("=")[0] for v in vary)])
     folder = output_dir(target, WRITES[kind], "--out")
-    runs = Path(runs_dir).resolve()
-    if folder.resolve() in (runs, *runs.parents):  # its cells would be "other files" at the next run
+    cells_root = Path(runs_dir).resolve()
+    if folder.resolve() in (cells_root, *cells_root.parents):  # its cells would be "other files" at the next run
         raise UserError(f"--out {target} holds the cells' --runs-dir {runs_dir}: give the table a folder of its own")
     return folder
 
