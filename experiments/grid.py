@@ -149,11 +149,11 @@ def _base_values(base: TrainConfig) -> dict:
 
 def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None,
               threads: int | None = None, robust: bool = False, memory: str | int | None = None,
-              report_to: tuple[str, ...] = ()) -> list[Cell]:
+              report_to: tuple[str, ...] = ()) -> None:
     """Train this process's share of `cells` (cell k goes to shard k % N), `jobs` at a time,
-    with one progress bar counting epochs and an ETA over the grid. Finished cells are skipped. Returns the
-    cells this process ran or found done. `memory`: each process's budget for the cache in RAM
-    (`--memory`; beyond it the cache is streamed, with one reader per process for all its cells)."""
+    with one progress bar counting epochs and an ETA over the grid. Finished cells are skipped. `memory`:
+    each process's budget for the cache in RAM (`--memory`; beyond it the cache is streamed, with one
+    reader per process for all its cells)."""
     console = console or Console()
     budget = core_memory.budget(memory, jobs)
     i, n = parse_shard(shard)
@@ -183,7 +183,6 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
             if c not in todo:  # found finished: scored only, its run files stay as they are
                 with c.folder.writer():
                     runs.score_default_robustness(c.cfg.out, c.cfg, _data(c.cfg, budget))
-    return mine
 
 
 def _check_reusable(cells: list[Cell]) -> None:
