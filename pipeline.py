@@ -87,9 +87,7 @@ def extract(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
     cfg = cli_fields.build(ExtractConfig, ctx.meta["fields"])
     s = run(cfg, console)
     console.print(f"cache {s.dataset}: done in {s.seconds:.0f} s", highlight=False)
-    table = Table()
-    for col in ("split", "items"):
-        table.add_column(col)
+    table = Table("split", "items")
     for split, n in s.counts.items():
         table.add_row(split, str(n))
     console.print(table)
@@ -237,12 +235,10 @@ def search(
 
 
 def _show(metrics: dict, title: str) -> None:
-    table = Table(title=title)
-    table.add_column("split")
-    for m in ("accuracy", "weighted_f1", "macro_f1"):
-        table.add_column(m)
+    from train.config import METRICS
     from train.metrics import shown
 
+    table = Table("split", *METRICS, title=title)
     n = len(metrics.get("per_seed", [])) or 2
     protocol = metrics.get("protocol_check", {})
     rows = {"dev": metrics.get("dev"), "test (label-blind)": metrics.get("test"),
@@ -252,7 +248,7 @@ def _show(metrics: dict, title: str) -> None:
             "test, file order, last epoch (authors' protocol)": protocol.get("last_epoch")}
     for label, values in rows.items():
         if values is not None:
-            table.add_row(label, *(shown(values[m], n) for m in ("accuracy", "weighted_f1", "macro_f1")))
+            table.add_row(label, *(shown(values[m], n) for m in METRICS))
     if protocol:
         inflation = protocol["inflation"]
         table.caption = (f"inflation (best epoch in file order minus label-blind test accuracy): "
@@ -324,9 +320,8 @@ def audit(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
 
     cfg = cli_fields.build(au.AuditConfig, ctx.meta["fields"])
     r = au.run(cfg)
-    table = Table(title=f"{r.dataset}: items of the first split with a match in the second (pairs)")
-    for col in ("pair",) + au.TABLE_HEADERS:
-        table.add_column(col)
+    table = Table("pair", *au.TABLE_HEADERS,
+                  title=f"{r.dataset}: items of the first split with a match in the second (pairs)")
     for row in au.table_rows(r.summary):
         table.add_row(*row)
     console.print(table)
@@ -375,10 +370,9 @@ def predict_cmd(
             print(json.dumps(p.to_json()))
         return
     seeds = predictor.seeds
-    table = Table(title=f"{run}" + (f" (seed {seed})" if seed is not None else f" (seed {seeds[0]}, the run's only seed)"
-                                    if len(seeds) == 1 else f" (mean over seeds {', '.join(map(str, seeds))})"))
-    for col in ("id", "label", *predictor.classes):
-        table.add_column(col)
+    which = (f"seed {seed}" if seed is not None else f"seed {seeds[0]}, the run's only seed" if len(seeds) == 1
+             else f"mean over seeds {', '.join(map(str, seeds))}")
+    table = Table("id", "label", *predictor.classes, title=f"{run} ({which})")
     for p in preds:
         table.add_row(p.id, p.label, *(f"{p.probabilities[c]:.4f}" for c in predictor.classes))
     console.print(table)
@@ -406,12 +400,11 @@ def results_cmd(
     from experiments import results, results_pages, results_view
 
     if markdown:
-        stale_pages = []
+        stale_pages, verb = [], "differ" if check else "regenerated"
         for page in [*markdown, *map(Path, runs or [])]:
-            stale = results_pages.refresh_markdown(page, check=check)
-            verb = "differ" if check else "regenerated"
+            if stale := results_pages.refresh_markdown(page, check=check):
+                stale_pages.append(str(page))
             console.print(f"{page}: {len(stale)} table(s) {verb}" + (f" ({'; '.join(stale)})" if stale else ""))
-            stale_pages += [str(page)] * bool(stale)
         if check and stale_pages:
             raise UserError(f"{', '.join(stale_pages)}: tables differ from results/; "
                             f"`python pipeline.py results --markdown {' '.join(stale_pages)}` regenerates them")
@@ -438,8 +431,9 @@ def verify_cmd(
     from core import store
 
     checks = store.verify(cache_dir, dataset)
-    for line in (line for d in checks for line in d.lines()):
-        console.print(line, highlight=False, soft_wrap=True)
+    for d in checks:
+        for line in d.lines():
+            console.print(line, highlight=False, soft_wrap=True)
     if problem := store.damage_summary(checks):
         raise UserError(problem)
 
@@ -450,9 +444,8 @@ def list_heads():
     import heads
 
     for name in heads.available():
-        table = Table(title=f"{name}  (reads {', '.join(heads.config_class(name)().reads())})", title_justify="left")
-        for col in ("field (train flag)", "type", "default", "help"):
-            table.add_column(col)
+        table = Table("field (train flag)", "type", "default", "help",
+                      title=f"{name}  (reads {', '.join(heads.config_class(name)().reads())})", title_justify="left")
         for field, kind, default, help, flag in heads.describe(name):
             table.add_row(f"{field}\n{flag}" if flag else field, kind, default, help)
         console.print(table)
