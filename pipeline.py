@@ -128,13 +128,17 @@ def train(ctx: typer.Context, config: Optional[Path] = ConfigOpt, set_: list[str
     _show(RunFolder(run).metrics(), f"{run}")
 
 
-def _grid(ctx: typer.Context, config: Optional[Path], set_: list[str], jobs: Optional[int], threads: Optional[int]):
-    """The config every cell starts from (every `train` option but --out), and the jobs to train them with."""
+def _grid(ctx: typer.Context, config: Optional[Path], set_: list[str], jobs: Optional[int], threads: Optional[int],
+          report_to: str):
+    """The config every cell starts from (every `train` option but --out), the jobs to train them with
+    and the trackers (a missing package: one line before any work)."""
+    from train import tracking
     from train.config import TrainConfig
 
+    trackers = tracking.parse(report_to)
     jobs = jobs or _threads.default_jobs()
     _threads.use(threads, jobs)
-    return TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"]), jobs
+    return TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"]), jobs, trackers
 
 
 @app.command(cls=GRID_OPTIONS)
@@ -151,10 +155,8 @@ def ablate(
     """The paper's ablation rows for a head (any head with an ablation list, `pipeline.py heads`), one
     command: table.csv + table.md with seed noise. Takes every `train` option but --out."""
     from experiments import grid
-    from train import tracking
 
-    trackers = tracking.parse(report_to)  # a missing package: one line before any work
-    base, jobs = _grid(ctx, config, set_, jobs, threads)
+    base, jobs, trackers = _grid(ctx, config, set_, jobs, threads, report_to)
     cells = grid.ablation_cells(base, runs_dir, rows or None)
     target = grid.out_folder("ablate", base, runs_dir, out)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory, trackers)
@@ -179,10 +181,8 @@ def sweep(
     """Any head field over any list of values: a table on screen, sweep.csv/.md + a PNG of each metric
     with seed error bars. Takes every `train` option but --out."""
     from experiments import grid
-    from train import tracking
 
-    trackers = tracking.parse(report_to)  # a missing package: one line before any work
-    base, jobs = _grid(ctx, config, set_, jobs, threads)
+    base, jobs, trackers = _grid(ctx, config, set_, jobs, threads, report_to)
     cells = grid.sweep_cells(base, vary, runs_dir)
     target = grid.out_folder("sweep", base, runs_dir, out, vary)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory, trackers)
@@ -215,11 +215,9 @@ def search(
     `--jobs N` processes share the study. Takes every `train` option but --out."""
     from experiments import search as study_search
     from experiments import search_result
-    from train import tracking
     from train.run_folder import RunFolder
 
-    trackers = tracking.parse(report_to)
-    base, jobs = _grid(ctx, config, set_, jobs, threads)
+    base, jobs, trackers = _grid(ctx, config, set_, jobs, threads, report_to)
     s = study_search.plan(base, space, out, runs_dir, trials=trials, rescore=rescore, pruner=pruner, sampler_seed=sampler_seed,
                           storage=storage, jobs=min(jobs, max(trials, 1)), threads=threads, memory=memory,
                           report_to=trackers)
