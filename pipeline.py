@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -112,17 +111,16 @@ def train(ctx: typer.Context, config: Optional[Path] = ConfigOpt, set_: list[str
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
     from experiments.evidence import evidence_twins
     from train.config import TrainConfig
-    from train.run_folder import RunFolder, default_out
+    from train.run_folder import RunFolder
     from train import tracking
     from train.runs import train as run_train
 
     trackers = tracking.parse(report_to)  # a missing package: one line before any work
     cfg = TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"])
-    if cfg.out is None:  # named from the settings' hash, as a grid's cells are
-        cfg = replace(cfg, out=default_out(cfg.resolved(), runs_dir))
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
-    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory, report_to=trackers)
+    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory, report_to=trackers,
+                    runs_dir=runs_dir)
     for line in evidence_twins(run):  # the same configuration as a committed evidence run
         console.print(line, highlight=False, soft_wrap=True)
     _show(RunFolder(run).metrics(), f"{run}")
