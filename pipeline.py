@@ -219,14 +219,7 @@ def search(
     s = study_search.plan(base, space, out, runs_dir, trials=trials, rescore=rescore, pruner=pruner, sampler_seed=sampler_seed,
                           storage=storage, jobs=min(jobs, max(trials, 1)), threads=threads, memory=memory,
                           report_to=trackers)
-    if retrain_best:
-        run = search_result.retrain_best(s, console)
-    else:
-        study = study_search.start(s, console)
-        progress = search_result.Progress(s, console)
-        progress.begin(study)
-        study_search.run_trials(s, study, progress)
-        run = search_result.finish(s, study, console)
+    run = search_result.retrain_best(s, console) if retrain_best else search_result.search(s, console)
     _show(RunFolder(run).metrics(), f"{run} (the chosen settings)")
 
 

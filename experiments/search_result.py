@@ -23,7 +23,7 @@ from core import memory as core_memory
 from core.errors import UserError
 from core.paths import make_dir, write_atomic, write_png
 from experiments import grid, search_folder, search_space
-from experiments.search import RESCORE_SEEDS, SEARCH_SEED, Search, counts, shown
+from experiments.search import RESCORE_SEEDS, SEARCH_SEED, Search, counts, run_trials, shown, start
 from experiments.search_folder import SearchFolder
 from train import numerics, runs
 from train.config import TrainConfig
@@ -193,6 +193,15 @@ def train_best(s: Search, cfg: TrainConfig, console: Console) -> Path:
                       soft_wrap=True)
     return runs.train(cfg, console, jobs=min(s.jobs, len(cfg.seeds)), threads=s.threads, memory=s.memory,
                       report_to=s.report_to)
+
+
+def search(s: Search, console: Console) -> Path:
+    """`pipeline.py search`: the study opened (or continued), its trials run with a line each, then `finish`."""
+    study = start(s, console)
+    progress = Progress(s, console)
+    progress.begin(study)
+    run_trials(s, study, progress)
+    return finish(s, study, console)
 
 
 def finish(s: Search, study, console: Console) -> Path:
