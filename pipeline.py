@@ -217,8 +217,7 @@ def search(
 
     base, jobs, trackers = _grid(ctx, config, set_, jobs, threads, report_to)
     s = study_search.plan(base, space, out, runs_dir, trials=trials, rescore=rescore, pruner=pruner, sampler_seed=sampler_seed,
-                          storage=storage, jobs=min(jobs, max(trials, 1)), threads=threads, memory=memory,
-                          report_to=trackers)
+                          storage=storage, jobs=jobs, threads=threads, memory=memory, report_to=trackers)
     run = search_result.retrain_best(s, console) if retrain_best else search_result.search(s, console)
     _show(RunFolder(run).metrics(), f"{run} (the chosen settings)")
 
