@@ -123,7 +123,7 @@ def train(ctx: typer.Context, config: Optional[Path] = ConfigOpt, set_: list[str
                     runs_dir=runs_dir)
     for line in evidence_twins(run):  # the same configuration as a committed evidence run
         console.print(line, highlight=False, soft_wrap=True)
-    _show(RunFolder(run).metrics(), f"{run}")
+    _show(RunFolder(run).metrics(), str(run))
 
 
 def _grid(ctx: typer.Context, config: Optional[Path], set_: list[str], jobs: Optional[int], threads: Optional[int],
@@ -238,9 +238,8 @@ def _show(metrics: dict, title: str) -> None:
         if values is not None:
             table.add_row(label, *(shown(values[m], n) for m in METRICS))
     if protocol:
-        inflation = protocol["inflation"]
         table.caption = (f"inflation (best epoch in file order minus label-blind test accuracy): "
-                         f"{shown(inflation, n)}; nothing is selected on test")
+                         f"{shown(protocol['inflation'], n)}; nothing is selected on test")
     console.print(table)
 
 
