@@ -1,8 +1,8 @@
-"""What a search ends with (experiments/search.py runs its trials), in the search folder
-(experiments/search_folder.py names its files): trials.csv, the figures, the re-scored runs
-of the best `--rescore` trials, best.json (the chosen settings as a run's config.json writes
-them, {"train": {...}}, which `train --config` reads, and "search": the trial, its scores, the
-numerics version) and best/, the choice trained with the final seeds (a `results` row).
+"""What a search ends with (experiments/search.py runs its trials; `search` here runs the whole of
+one), in the search folder (experiments/search_folder.py names its files): trials.csv, the figures,
+the re-scored runs of the best `--rescore` trials, best.json (the chosen settings as a run's
+config.json writes them, {"train": {...}}, which `train --config` reads, and "search": the trial,
+its scores, the numerics version) and best/, the choice trained with the final seeds (a `results` row).
 
 The choice is made on dev alone: the best trials by their seed's dev, then the highest mean dev
 over the re-scoring seeds (winner's curse: the trial's own seed picked it, so it is left out).
