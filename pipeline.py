@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -87,9 +86,7 @@ def extract(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
     cfg = cli_fields.build(ExtractConfig, ctx.meta["fields"])
     s = run(cfg, console)
     console.print(f"cache {s.dataset}: done in {s.seconds:.0f} s", highlight=False)
-    table = Table()
-    for col in ("split", "items"):
-        table.add_column(col)
+    table = Table("split", "items")
     for split, n in s.counts.items():
         table.add_row(split, str(n))
     console.print(table)
@@ -114,29 +111,32 @@ def train(ctx: typer.Context, config: Optional[Path] = ConfigOpt, set_: list[str
     Besides --set, a head's own shorthand flags (listed last, from its config) set its fields."""
     from experiments.evidence import evidence_twins
     from train.config import TrainConfig
-    from train.run_folder import RunFolder, default_out
+    from train.run_folder import RunFolder
     from train import tracking
     from train.runs import train as run_train
 
     trackers = tracking.parse(report_to)  # a missing package: one line before any work
     cfg = TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"])
-    if cfg.out is None:  # named from the settings' hash, as a grid's cells are
-        cfg = replace(cfg, out=default_out(cfg.resolved(), runs_dir))
     jobs = min(jobs or _threads.default_jobs(), len(cfg.seeds) or 1)  # one seed: one process, every core
     _threads.use(threads, jobs)
-    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory, report_to=trackers)
+    run = run_train(cfg, console, jobs=jobs, threads=threads, robust=robust, memory=memory, report_to=trackers,
+                    runs_dir=runs_dir)
     for line in evidence_twins(run):  # the same configuration as a committed evidence run
         console.print(line, highlight=False, soft_wrap=True)
-    _show(RunFolder(run).metrics(), f"{run}")
+    _show(RunFolder(run).metrics(), str(run))
 
 
-def _grid(ctx: typer.Context, config: Optional[Path], set_: list[str], jobs: Optional[int], threads: Optional[int]):
-    """The config every cell starts from (every `train` option but --out), and the jobs to train them with."""
+def _grid(ctx: typer.Context, config: Optional[Path], set_: list[str], jobs: Optional[int], threads: Optional[int],
+          report_to: str):
+    """The config every cell starts from (every `train` option but --out), the jobs to train them with
+    and the trackers (a missing package: one line before any work)."""
+    from train import tracking
     from train.config import TrainConfig
 
+    trackers = tracking.parse(report_to)
     jobs = jobs or _threads.default_jobs()
     _threads.use(threads, jobs)
-    return TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"]), jobs
+    return TrainConfig.from_cli(ctx.meta["fields"], set_, config, ctx.meta["given"]), jobs, trackers
 
 
 @app.command(cls=GRID_OPTIONS)
@@ -153,10 +153,8 @@ def ablate(
     """The paper's ablation rows for a head (any head with an ablation list, `pipeline.py heads`), one
     command: table.csv + table.md with seed noise. Takes every `train` option but --out."""
     from experiments import grid
-    from train import tracking
 
-    trackers = tracking.parse(report_to)  # a missing package: one line before any work
-    base, jobs = _grid(ctx, config, set_, jobs, threads)
+    base, jobs, trackers = _grid(ctx, config, set_, jobs, threads, report_to)
     cells = grid.ablation_cells(base, runs_dir, rows or None)
     target = grid.out_folder("ablate", base, runs_dir, out)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory, trackers)
@@ -181,10 +179,8 @@ def sweep(
     """Any head field over any list of values: a table on screen, sweep.csv/.md + a PNG of each metric
     with seed error bars. Takes every `train` option but --out."""
     from experiments import grid
-    from train import tracking
 
-    trackers = tracking.parse(report_to)  # a missing package: one line before any work
-    base, jobs = _grid(ctx, config, set_, jobs, threads)
+    base, jobs, trackers = _grid(ctx, config, set_, jobs, threads, report_to)
     cells = grid.sweep_cells(base, vary, runs_dir)
     target = grid.out_folder("sweep", base, runs_dir, out, vary)
     grid.run_cells(cells, jobs, shard, console, threads, robust, memory, trackers)
@@ -217,32 +213,20 @@ def search(
     `--jobs N` processes share the study. Takes every `train` option but --out."""
     from experiments import search as study_search
     from experiments import search_result
-    from train import tracking
     from train.run_folder import RunFolder
 
-    trackers = tracking.parse(report_to)
-    base, jobs = _grid(ctx, config, set_, jobs, threads)
+    base, jobs, trackers = _grid(ctx, config, set_, jobs, threads, report_to)
     s = study_search.plan(base, space, out, runs_dir, trials=trials, rescore=rescore, pruner=pruner, sampler_seed=sampler_seed,
-                          storage=storage, jobs=min(jobs, max(trials, 1)), threads=threads, memory=memory,
-                          report_to=trackers)
-    if retrain_best:
-        run = search_result.retrain_best(s, console)
-    else:
-        study = study_search.start(s, console)
-        progress = search_result.Progress(s, console)
-        progress.begin(study)
-        study_search.run_trials(s, study, progress)
-        run = search_result.finish(s, study, console)
+                          storage=storage, jobs=jobs, threads=threads, memory=memory, report_to=trackers)
+    run = search_result.retrain_best(s, console) if retrain_best else search_result.search(s, console)
     _show(RunFolder(run).metrics(), f"{run} (the chosen settings)")
 
 
 def _show(metrics: dict, title: str) -> None:
-    table = Table(title=title)
-    table.add_column("split")
-    for m in ("accuracy", "weighted_f1", "macro_f1"):
-        table.add_column(m)
+    from train.config import METRICS
     from train.metrics import shown
 
+    table = Table("split", *METRICS, title=title)
     n = len(metrics.get("per_seed", [])) or 2
     protocol = metrics.get("protocol_check", {})
     rows = {"dev": metrics.get("dev"), "test (label-blind)": metrics.get("test"),
@@ -252,11 +236,10 @@ def _show(metrics: dict, title: str) -> None:
             "test, file order, last epoch (authors' protocol)": protocol.get("last_epoch")}
     for label, values in rows.items():
         if values is not None:
-            table.add_row(label, *(shown(values[m], n) for m in ("accuracy", "weighted_f1", "macro_f1")))
+            table.add_row(label, *(shown(values[m], n) for m in METRICS))
     if protocol:
-        inflation = protocol["inflation"]
         table.caption = (f"inflation (best epoch in file order minus label-blind test accuracy): "
-                         f"{shown(inflation, n)}; nothing is selected on test")
+                         f"{shown(protocol['inflation'], n)}; nothing is selected on test")
     console.print(table)
 
 
@@ -324,9 +307,8 @@ def audit(ctx: typer.Context, threads: Optional[int] = ThreadsOpt):
 
     cfg = cli_fields.build(au.AuditConfig, ctx.meta["fields"])
     r = au.run(cfg)
-    table = Table(title=f"{r.dataset}: items of the first split with a match in the second (pairs)")
-    for col in ("pair",) + au.TABLE_HEADERS:
-        table.add_column(col)
+    table = Table("pair", *au.TABLE_HEADERS,
+                  title=f"{r.dataset}: items of the first split with a match in the second (pairs)")
     for row in au.table_rows(r.summary):
         table.add_row(*row)
     console.print(table)
@@ -375,10 +357,9 @@ def predict_cmd(
             print(json.dumps(p.to_json()))
         return
     seeds = predictor.seeds
-    table = Table(title=f"{run}" + (f" (seed {seed})" if seed is not None else f" (seed {seeds[0]}, the run's only seed)"
-                                    if len(seeds) == 1 else f" (mean over seeds {', '.join(map(str, seeds))})"))
-    for col in ("id", "label", *predictor.classes):
-        table.add_column(col)
+    which = (f"seed {seed}" if seed is not None else f"seed {seeds[0]}, the run's only seed" if len(seeds) == 1
+             else f"mean over seeds {', '.join(map(str, seeds))}")
+    table = Table("id", "label", *predictor.classes, title=f"{run} ({which})")
     for p in preds:
         table.add_row(p.id, p.label, *(f"{p.probabilities[c]:.4f}" for c in predictor.classes))
     console.print(table)
@@ -406,12 +387,11 @@ def results_cmd(
     from experiments import results, results_pages, results_view
 
     if markdown:
-        stale_pages = []
+        stale_pages, verb = [], "differ" if check else "regenerated"
         for page in [*markdown, *map(Path, runs or [])]:
-            stale = results_pages.refresh_markdown(page, check=check)
-            verb = "differ" if check else "regenerated"
+            if stale := results_pages.refresh_markdown(page, check=check):
+                stale_pages.append(str(page))
             console.print(f"{page}: {len(stale)} table(s) {verb}" + (f" ({'; '.join(stale)})" if stale else ""))
-            stale_pages += [str(page)] * bool(stale)
         if check and stale_pages:
             raise UserError(f"{', '.join(stale_pages)}: tables differ from results/; "
                             f"`python pipeline.py results --markdown {' '.join(stale_pages)}` regenerates them")
@@ -438,8 +418,9 @@ def verify_cmd(
     from core import store
 
     checks = store.verify(cache_dir, dataset)
-    for line in (line for d in checks for line in d.lines()):
-        console.print(line, highlight=False, soft_wrap=True)
+    for d in checks:
+        for line in d.lines():
+            console.print(line, highlight=False, soft_wrap=True)
     if problem := store.damage_summary(checks):
         raise UserError(problem)
 
@@ -450,9 +431,8 @@ def list_heads():
     import heads
 
     for name in heads.available():
-        table = Table(title=f"{name}  (reads {', '.join(heads.config_class(name)().reads())})", title_justify="left")
-        for col in ("field (train flag)", "type", "default", "help"):
-            table.add_column(col)
+        table = Table("field (train flag)", "type", "default", "help",
+                      title=f"{name}  (reads {', '.join(heads.config_class(name)().reads())})", title_justify="left")
         for field, kind, default, help, flag in heads.describe(name):
             table.add_row(f"{field}\n{flag}" if flag else field, kind, default, help)
         console.print(table)

@@ -106,15 +106,15 @@ def _numbers_key(saved: dict) -> str:
                        "numerics_version": saved.get("numerics_version")}, sort_keys=True)
 
 
-def evidence_twins(out: Path, evidence: Path | None = None) -> list[str]:
-    """One line for each evidence run in `evidence` (default: results/) trained with the configuration
-    of the finished run in `out`: whether the seeds they share have the same numbers (selected epoch,
-    test metrics)."""
-    mine_folder = RunFolder(out)
-    key = _numbers_key(mine_folder.config())
-    mine = {p["seed"]: p for p in mine_folder.metrics()["per_seed"]}
+def evidence_twins(out: Path) -> list[str]:
+    """One line for each evidence run in results/ (EVIDENCE) trained with the configuration of the
+    finished run in `out`: whether the seeds they share have the same numbers (selected epoch, test
+    metrics)."""
+    run = RunFolder(out)
+    key = _numbers_key(run.config())
+    mine = {p["seed"]: p for p in run.metrics()["per_seed"]}
     lines = []
-    for folder in RunFolder.under(EVIDENCE if evidence is None else evidence, depth=2):
+    for folder in RunFolder.under(EVIDENCE, depth=2):
         other = folder.path
         if other.resolve() == Path(out).resolve() or not folder.is_finished():
             continue

@@ -30,7 +30,7 @@ from core import memory as core_memory
 from core import threads as core_threads
 from core.cli_fields import parse_sets
 from core.errors import UserError
-from core.paths import DEFAULT_RUNS, make_dir, output_dir, write_atomic, write_png
+from core.paths import make_dir, output_dir, write_atomic, write_png
 from core.shards import parse_shard
 from experiments import results, results_view
 from train import data as cache
@@ -45,7 +45,6 @@ from train.progress import EpochClock, Progress
 class Cell:
     name: str  # row label, or "alpha=0.5" in a sweep
     cfg: TrainConfig  # resolved, `out` set from its hash
-    values: dict  # what the row changes (for sweeps: field -> value)
 
     @property
     def folder(self) -> RunFolder:
@@ -55,7 +54,7 @@ class Cell:
 
 def cell(name: str, base: TrainConfig, head: str, values: dict, runs_dir: Path) -> Cell:
     cfg = replace(base, head=head, head_config=heads.build_config(head, values), out=None).resolved()
-    return Cell(name, replace(cfg, out=run_folder.default_out(cfg, runs_dir)), values)
+    return Cell(name, replace(cfg, out=run_folder.default_out(cfg, runs_dir)))
 
 
 def ablation_cells(base: TrainConfig, runs_dir: Path, rows: list[str] | None = None) -> list[Cell]:
@@ -109,7 +108,7 @@ def _split_rows(parts: list[str], known: dict[str, str]) -> list[str] | None:
 
 def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell]:
     """`--vary alpha=0.5,0.6 --vary cmf=true,false` -> one cell per combination (a grid for two fields)."""
-    axes, keys = [], []
+    axes, keys, base_values = [], [], _base_values(base)
     for item in vary:
         key, eq, values = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -117,7 +116,7 @@ def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell
             raise UserError(f"--vary {item!r}: give key=v1,v2,... e.g. alpha=0.5,0.667")
         if key in keys:  # the second would silently win in every cell
             raise UserError(f"--vary {item!r}: {key} is varied twice; give all its values in one --vary {key}=v1,v2")
-        if key in _base_values(base):  # set for the whole grid too: --vary would silently win in every cell
+        if key in base_values:  # set for the whole grid too: --vary would silently win in every cell
             raise UserError(f"--vary {item!r}: {key} is also set for the whole grid (--set or a flag); drop one of them")
         keys.append(key)
         axis = [f"{key}={v.strip()}" for v in values.split(",") if v.strip()]
@@ -128,7 +127,7 @@ def sweep_cells(base: TrainConfig, vary: list[str], runs_dir: Path) -> list[Cell
         axes.append(axis)
     cells = []
     for combo in itertools.product(*axes):
-        values = {**_base_values(base), **_parse_sets(base.head, combo)}
+        values = {**base_values, **_parse_sets(base.head, combo)}
         cells.append(cell(", ".join(combo), base, base.head, values, runs_dir))
     return cells
 
@@ -150,11 +149,11 @@ def _base_values(base: TrainConfig) -> dict:
 
 def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, console: Console | None = None,
               threads: int | None = None, robust: bool = False, memory: str | int | None = None,
-              report_to: tuple[str, ...] = ()) -> list[Cell]:
+              report_to: tuple[str, ...] = ()) -> None:
     """Train this process's share of `cells` (cell k goes to shard k % N), `jobs` at a time,
-    with one progress bar counting epochs and an ETA over the grid. Finished cells are skipped. Returns the
-    cells this process ran or found done. `memory`: each process's budget for the cache in RAM
-    (`--memory`; beyond it the cache is streamed, with one reader per process for all its cells)."""
+    with one progress bar counting epochs and an ETA over the grid. Finished cells are skipped. `memory`:
+    each process's budget for the cache in RAM (`--memory`; beyond it the cache is streamed, with one
+    reader per process for all its cells)."""
     console = console or Console()
     budget = core_memory.budget(memory, jobs)
     i, n = parse_shard(shard)
@@ -181,10 +180,9 @@ def run_cells(cells: list[Cell], jobs: int = 1, shard: str | None = None, consol
         _train_cells(todo, jobs, threads, robust, budget, progress, cell_done, report_to)
     if robust:  # cells finished before `--robustness` was asked for (scored once; skipped when done)
         for c in unique:
-            if c not in todo and c.folder.is_finished():  # scored only: its run files stay as they are
+            if c not in todo:  # found finished: scored only, its run files stay as they are
                 with c.folder.writer():
                     runs.score_default_robustness(c.cfg.out, c.cfg, _data(c.cfg, budget))
-    return mine
 
 
 def _check_reusable(cells: list[Cell]) -> None:
@@ -201,14 +199,14 @@ def _progress(todo: list[Cell], jobs: int) -> Progress:
     epochs, and the epochs skipped by --patience, counted from its run folder (a resumed cell)."""
     counts = {id(c): _epochs(c) for c in todo}
     progress = Progress("grid", {id(c): c.name for c in todo}, {id(c): len(c.cfg.seeds) * c.cfg.epochs for c in todo},
-                        min(jobs, len(todo)) if jobs > 1 else 1, {k: d for k, (d, _, _) in counts.items()}, noun="cell ")
+                        min(jobs, len(todo)), {k: d for k, (d, _, _) in counts.items()}, noun="cell ")
     for k, (done, skipped, ended) in counts.items():
         progress.clock.update(k, done, skipped, ended=ended)
     return progress
 
 
 def _train_cells(todo: list[Cell], jobs: int, threads: int | None, robust: bool, budget: int | None,
-                 progress: Progress, cell_done, report_to: tuple[str, ...] = ()) -> None:
+                 progress: Progress, cell_done, report_to: tuple[str, ...]) -> None:
     """Train the cells here one after another (`jobs` 1: the cache loaded once per modality set for the
     whole grid) or in `jobs` worker processes, calling `cell_done(cell)` as each finishes."""
     if jobs <= 1:
@@ -242,13 +240,13 @@ def _epochs(c: Cell) -> tuple[int, int, tuple[int, int]]:
 
 
 @contextmanager
-def _following(cells: list[Cell], progress: Progress, every: float = 1.0):
+def _following(cells: list[Cell], progress: Progress):
     """Count the cells' epochs from their run folders every second, in a thread: the same
     for cells trained here and in worker processes, which report nothing back."""
     stop = threading.Event()
 
     def poll():
-        while not stop.wait(every):
+        while not stop.wait(1.0):
             _poll(cells, progress.clock)
             progress.polled()
 
@@ -266,17 +264,16 @@ def _following(cells: list[Cell], progress: Progress, every: float = 1.0):
 _DATA: dict = {}
 
 
-def _train_cell(cfg: TrainConfig, robust: bool = False, memory: int | None = None,
-                report_to: tuple[str, ...] = ()) -> str:
+def _train_cell(cfg: TrainConfig, robust: bool, memory: int | None, report_to: tuple[str, ...]) -> None:
     """Train one cell (and `--robustness`: score it); the cache is loaded once per process (the
     grid's, or a worker's) and modality set (streamed: one reader thread per process serves every cell)."""
     data = _data(cfg, memory)
     if robust:
         robustness.check_in_memory(data)  # before this cell trains
-    return str(runs.train_run(cfg, data, robust=robust, report_to=report_to).out)
+    runs.train_run(cfg, data, robust=robust, report_to=report_to)
 
 
-def _data(cfg: TrainConfig, memory: int | None = None) -> cache.Data:
+def _data(cfg: TrainConfig, memory: int | None) -> cache.Data:
     """The cache, loaded once per process and modality set, within `memory` bytes (else streamed)."""
     key = (str(cfg.cache_dir), cfg.dataset, cache.modalities(cfg), cfg.text_encoder, cfg.image_encoder)
     if key not in _DATA:
@@ -292,22 +289,18 @@ def assemble(cells: list[Cell], out: Path, dataset: str, head: str) -> results.T
     None (nothing written) until every cell is done."""
     if not all(c.folder.is_finished() for c in cells):
         return None
-    rows = []
-    for c in cells:
-        row = results.load_row(c.cfg.out)
-        row.name = c.name
-        rows.append(row)
+    rows = [replace(results.load_row(c.cfg.out), name=c.name) for c in cells]
     table = results.compare(rows, against=cells[0].name, paper=head)
     make_dir(out)
     write_atomic(out / "table.csv", results_view.csv_frame(table).to_csv(index=False))
-    write_atomic(out / "table.md", f"{_title(cells, dataset)}.\n\n{results_view.markdown(table)}")
+    c = cells[0].cfg
+    title = f"{c.head} ablations on {dataset}, {_epochs_text(c)}, seeds {list(c.seeds)}"
+    write_atomic(out / "table.md", f"{title}.\n\n{results_view.markdown(table)}")
     return table
 
 
-def _title(cells: list[Cell], dataset: str) -> str:
-    c = cells[0].cfg
-    patience = "" if c.patience is None else f", patience {c.patience}"
-    return f"{c.head} ablations on {dataset}, {c.epochs} epochs{patience}, seeds {list(c.seeds)}"
+def _epochs_text(c: TrainConfig) -> str:
+    return f"{c.epochs} epochs" + ("" if c.patience is None else f", patience {c.patience}")
 
 
 def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
@@ -350,8 +343,7 @@ def sweep_plot(cells: list[Cell], out: Path) -> Path | None:
 
 def _sweep_title(cells: list[Cell]) -> str:
     c = cells[0].cfg
-    patience = "" if c.patience is None else f", patience {c.patience}"
-    return (f"{c.head} on {c.dataset}, {c.epochs} epochs{patience}: dev-selected epoch, label-blind, "
+    return (f"{c.head} on {c.dataset}, {_epochs_text(c)}: dev-selected epoch, label-blind, "
             f"mean ± std over seeds {list(c.seeds)}")
 
 
@@ -370,19 +362,14 @@ def _sweep_markdown(frame, cells: list[Cell]) -> str:
 WRITES = {"ablate": ("table.csv", "table.md"), "sweep": ("sweep.csv", "sweep.md", "sweep.png")}
 
 
-def grid_out(kind: str, base: TrainConfig, runs_dir: Path = DEFAULT_RUNS) -> Path:
-    return Path(runs_dir) / f"{kind}-{base.dataset}-{base.head}"
-
-
 def out_folder(kind: str, base: TrainConfig, runs_dir: Path, out: Path | None, vary: list[str] = ()) -> Path:
     """The grid's table folder (`--out`, else runs/<kind>-<dataset>-<head>[-<swept fields>]), made and
     checked before any cell trains: a folder holding files the grid does not write is someone's and is
     refused now (`output_dir`, as `results --out`), not after the cells have trained for an hour."""
-    fields = "-".join(v.partition("=")[0] for v in vary)
-    target = out or (Path(f"{grid_out(kind, base, runs_dir)}-{fields}") if fields else grid_out(kind, base, runs_dir))
+    target = out or Path(runs_dir) / "-".join([kind, base.dataset, base.head, *(v.partition("=")[0] for v in vary)])
     folder = output_dir(target, WRITES[kind], "--out")
-    runs = Path(runs_dir).resolve()
-    if folder.resolve() in (runs, *runs.parents):  # its cells would be "other files" at the next run
+    cells_root = Path(runs_dir).resolve()
+    if folder.resolve() in (cells_root, *cells_root.parents):  # its cells would be "other files" at the next run
         raise UserError(f"--out {target} holds the cells' --runs-dir {runs_dir}: give the table a folder of its own")
     return folder
 

@@ -83,10 +83,12 @@ class Search:
 def plan(base: TrainConfig, space: list[str], out: Path | None = None, runs_dir: Path = DEFAULT_RUNS,
          **options) -> Search:
     """The search of `base` over its default space and `space` (`--space` items), every input
-    checked before anything is written: `options` are Search's own (trials, storage, pruner, ...)."""
+    checked before anything is written: `options` are Search's own (trials, storage, pruner, ...); no
+    more `jobs` than trials."""
     trials, rescore = options.get("trials", 20), options.get("rescore", 5)
     if trials < 1:
         raise UserError(f"--trials {trials}: give at least 1 (the trials COMPLETE or PRUNED the study ends with)")
+    options["jobs"] = min(options.get("jobs", 1), trials)
     if rescore < 0:
         raise UserError(f"--rescore {rescore}: give 0 (choose the best trial as it is) or more")
     if options.get("pruner", "median") not in PRUNERS:

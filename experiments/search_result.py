@@ -1,8 +1,8 @@
-"""What a search ends with (experiments/search.py runs its trials), in the search folder
-(experiments/search_folder.py names its files): trials.csv, the figures, the re-scored runs
-of the best `--rescore` trials, best.json (the chosen settings as a run's config.json writes
-them, {"train": {...}}, which `train --config` reads, and "search": the trial, its scores, the
-numerics version) and best/, the choice trained with the final seeds (a `results` row).
+"""What a search ends with (experiments/search.py runs its trials; `search` here runs the whole of
+one), in the search folder (experiments/search_folder.py names its files): trials.csv, the figures,
+the re-scored runs of the best `--rescore` trials, best.json (the chosen settings as a run's
+config.json writes them, {"train": {...}}, which `train --config` reads, and "search": the trial,
+its scores, the numerics version) and best/, the choice trained with the final seeds (a `results` row).
 
 The choice is made on dev alone: the best trials by their seed's dev, then the highest mean dev
 over the re-scoring seeds (winner's curse: the trial's own seed picked it, so it is left out).
@@ -23,7 +23,7 @@ from core import memory as core_memory
 from core.errors import UserError
 from core.paths import make_dir, write_atomic, write_png
 from experiments import grid, search_folder, search_space
-from experiments.search import RESCORE_SEEDS, SEARCH_SEED, Search, counts, shown
+from experiments.search import RESCORE_SEEDS, SEARCH_SEED, Search, counts, run_trials, shown, start
 from experiments.search_folder import SearchFolder
 from train import numerics, runs
 from train.config import TrainConfig
@@ -193,6 +193,15 @@ def train_best(s: Search, cfg: TrainConfig, console: Console) -> Path:
                       soft_wrap=True)
     return runs.train(cfg, console, jobs=min(s.jobs, len(cfg.seeds)), threads=s.threads, memory=s.memory,
                       report_to=s.report_to)
+
+
+def search(s: Search, console: Console) -> Path:
+    """`pipeline.py search`: the study opened (or continued), its trials run with a line each, then `finish`."""
+    study = start(s, console)
+    progress = Progress(s, console)
+    progress.begin(study)
+    run_trials(s, study, progress)
+    return finish(s, study, console)
 
 
 def finish(s: Search, study, console: Console) -> Path:

@@ -18,6 +18,7 @@ from rich.console import Console
 from core import memory as core_memory
 from core.device import device
 from core.errors import Interrupted, UserError
+from core.paths import DEFAULT_RUNS
 from train import data as cache
 from train import robustness, tracking
 from train.config import METRICS, TrainConfig
@@ -54,13 +55,13 @@ class Plan:
 
 
 @contextmanager
-def planned(cfg: TrainConfig, data: cache.Data) -> Iterator[Plan]:
-    """Plan the run of `cfg` on `data` in `cfg.out` (default: named from the config's hash) and hold
-    its folder's writer lock for the block: one writer per run folder, from the first read of its
-    finished seeds to the last file written. A folder of other files, or of a run with other
+def planned(cfg: TrainConfig, data: cache.Data, runs_dir: Path = DEFAULT_RUNS) -> Iterator[Plan]:
+    """Plan the run of `cfg` on `data` in `cfg.out` (default: in `runs_dir`, named from the config's
+    hash) and hold its folder's writer lock for the block: one writer per run folder, from the first
+    read of its finished seeds to the last file written. A folder of other files, or of a run with other
     settings, cache or code, is refused before anything is written."""
     cfg = cfg.resolved()
-    cfg = replace(cfg, out=Path(cfg.out or default_out(cfg)))
+    cfg = replace(cfg, out=Path(cfg.out or default_out(cfg, runs_dir)))
     folder = RunFolder(cfg.out)
     folder.check_out()
     with folder.writer():
@@ -72,12 +73,14 @@ ROBUSTNESS = {"drop": ["text", "image"], "noise": [0.5, 1.0]}  # what `train --r
 
 
 def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threads: int | None = None,
-          robust: bool = False, memory: str | int | None = None, report_to: tuple[str, ...] = ()) -> Path:
+          robust: bool = False, memory: str | int | None = None, report_to: tuple[str, ...] = (),
+          runs_dir: Path = DEFAULT_RUNS) -> Path:
     """`pipeline.py train`: load the cache, train every seed with a progress bar (`jobs` seeds at a
-    time in worker processes), return the run folder. `robust`: then score each seed's selected
-    weights without each modality and with noise (ROBUSTNESS, into robustness.json). `memory`: the
-    budget of each process for the cache in RAM (`--memory`; None: core.memory.budget's default);
-    beyond it batches are streamed from the shards. `report_to`: trackers (train/tracking.py)."""
+    time in worker processes), return the run folder (`cfg.out`, else named from the settings' hash
+    in `runs_dir`). `robust`: then score each seed's selected weights without each modality and
+    with noise (ROBUSTNESS, into robustness.json). `memory`: the budget of each process for the
+    cache in RAM (`--memory`; None: core.memory.budget's default); beyond it batches are streamed
+    from the shards. `report_to`: trackers (train/tracking.py)."""
     console = console or Console()
     cfg = cfg.resolved()
     t0 = time.time()
@@ -87,7 +90,7 @@ def train(cfg: TrainConfig, console: Console | None = None, jobs: int = 1, threa
     # a bad --head or --text-layers fails here, before a run folder is written; "step two" shows
     # only for heads that have one
     step_two = build_head(cfg, data).has_second_step
-    with planned(cfg, data) as plan:
+    with planned(cfg, data, runs_dir) as plan:
         cfg = plan.cfg
         console.print(loaded_note(plan, data, time.time() - t0))
         for seed, state in plan.partial.items():
