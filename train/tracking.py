@@ -16,6 +16,7 @@ files lack (an epoch saved just before a kill) is filled from log.csv, never wri
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 
 from core.errors import UserError
@@ -107,6 +108,7 @@ class TensorBoard:
 
             folder = self.root / f"seed-{seed}"
             self.written[seed] = scalars_written(folder)
+            _next_second(folder)
             self.writers[seed] = SummaryWriter(log_dir=str(folder))
         return self.writers[seed]
 
@@ -153,6 +155,15 @@ class TensorBoard:
             return  # the hparams of this run were written by an earlier process
         final = {f"final/{split}_{m}": metrics[split][m]["mean"] for split in ("dev", "test") for m in METRICS}
         write_hparams(self.root, hparams(RunFolder(self.run).config()["train"]), final)
+
+
+def _next_second(folder: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the second its
+    writer opened (then host, pid, a counter: no order): a resumed writer opened within the second of
+    an earlier file could sort before it and its epochs read as older. Wait for the next second."""
+    stamps = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
 
 
 def scalars_written(folder: Path) -> set[tuple[str, int]]:
