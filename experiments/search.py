@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -273,11 +274,17 @@ def counts(study) -> tuple[int, int]:
 
 
 @contextmanager
-def locked(s: Search):
-    """The search folder's lock: one process at a time counts the trials and asks for the next."""
-    fd = os.open(s.folder.lock, os.O_RDWR | os.O_CREAT, 0o644)
+def locked(path: Path, waiting: Callable[[], None] = lambda: None):
+    """Hold the lock file `path` for the block (`SearchFolder.lock`: one process at a time counts the
+    trials and asks for the next; `.finish_lock`: one finishes the study); `waiting()` first when
+    another process holds it. flock: the kernel drops it when its holder dies, however it dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -287,7 +294,7 @@ def next_trial(study, s: Search):
     """The next trial to run (its values drawn), or None once `trials` are COMPLETE or PRUNED. While
     the trials running elsewhere would complete the study, wait: one of them may still fail."""
     while True:
-        with locked(s):
+        with locked(s.folder.lock):
             fail_stale(study)
             done, running = counts(study)
             if done >= s.trials:
@@ -362,7 +369,7 @@ def run_trials(s: Search, study, poll) -> None:
                 f.result()
         poll(study)
     except KeyboardInterrupt:
-        with locked(s):
+        with locked(s.folder.lock):
             fail_stale(study)  # the workers' trials (they are gone now); this process's own was told FAIL
         done, _ = counts(study)
         raise Interrupted(f"{s.out}: {done} of {s.trials} trials done, a trial cut off is failed and not counted; run "
@@ -376,7 +383,7 @@ def start(s: Search, console: Console):
     study = open_study(s)  # a database that cannot be opened: refused before a folder is made
     output_dir(s.out, SearchFolder.OWNS, "--out")
     check_study(study, s)
-    with locked(s):
+    with locked(s.folder.lock):
         failed = fail_stale(study)
     if failed:
         console.print(f"trial{'s' * (len(failed) > 1)} {', '.join(map(str, failed))} of a process that is gone: "

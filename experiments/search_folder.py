@@ -4,6 +4,7 @@ and `results` reads a searched row's record (trials, lane-hours) through here.
 
     study.journal   the Optuna study (JournalStorage; `.lock` beside it), unless `--storage URL`
     search.lock     one process at a time counts the trials and asks for the next
+    finish.lock     one process at a time finishes the study (re-scoring, best.json, best/); others wait
     trials/         trial-<n>/: each trial's run folder (one seed)
     trials.csv      one row per trial: number, state, dev score, re-scored mean dev, epochs, seconds, values
     history.png     Optuna's optimisation history; importance.png: its parameter importances
@@ -27,7 +28,7 @@ class SearchFolder:
     path: Path
 
     JOURNAL = "study.journal"
-    OWNS = (JOURNAL, f"{JOURNAL}.lock", "search.lock", "trials", "rescore", "best", "superseded", "trials.csv",
+    OWNS = (JOURNAL, f"{JOURNAL}.lock", "search.lock", "finish.lock", "trials", "rescore", "best", "superseded", "trials.csv",
             "best.json", *FIGURES)  # what a search folder holds, and nothing else
 
     def __post_init__(self):
@@ -40,6 +41,10 @@ class SearchFolder:
     @property
     def lock(self) -> Path:
         return self.path / "search.lock"
+
+    @property
+    def finish_lock(self) -> Path:
+        return self.path / "finish.lock"
 
     @property
     def trials_csv(self) -> Path:

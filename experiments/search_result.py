@@ -23,7 +23,7 @@ from core import memory as core_memory
 from core.errors import UserError
 from core.paths import make_dir, write_atomic, write_png
 from experiments import grid, search_folder, search_space
-from experiments.search import RESCORE_SEEDS, SEARCH_SEED, Search, counts, run_trials, shown, start
+from experiments.search import RESCORE_SEEDS, SEARCH_SEED, Search, counts, locked, run_trials, shown, start
 from experiments.search_folder import SearchFolder
 from train import numerics, runs
 from train.config import TrainConfig
@@ -201,7 +201,13 @@ def search(s: Search, console: Console) -> Path:
     progress = Progress(s, console)
     progress.begin(study)
     run_trials(s, study, progress)
-    return finish(s, study, console)
+
+    def waiting() -> None:
+        console.print(f"{s.out}: another process is finishing this search (re-scoring, best/): waiting for it, "
+                      "then taking up what is left", highlight=False, soft_wrap=True)
+
+    with locked(s.folder.finish_lock, waiting):
+        return finish(s, study, console)
 
 
 def finish(s: Search, study, console: Console) -> Path:

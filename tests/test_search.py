@@ -98,6 +98,23 @@ def test_a_study_finishes_resumes_with_more_trials_and_fails_a_dead_processs_tri
     kept = lambda table: [{k: v for k, v in t.items() if not k.startswith("rescore")} for t in table]  # noqa: E731
     assert kept(rows(out)[:4]) == kept(first)  # the first trials as they were
     assert len(study_of(out).trials) == 7  # the same study, 2 trials more
+    done, best_json = rows(out), (out / "best.json").read_text()
+
+    # a second process at the finish (two lanes reached one study) waits for the first, then finds its work done
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(SearchFolder(out).finish_lock)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "held\n"
+    r = run_main(*args(synth_cache, out, "--trials", 6, "--jobs", 2, "--rescore", 1, "--pruner", "none"))
+    assert r.code == 0, r.err
+    assert "another process is finishing this search" in r.out and holder.poll() is not None
+    assert kept(rows(out)) == kept(done) and (out / "best.json").read_text() == best_json
+
+
+HOLD = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(1.5)"""
 
 
 def _shuffled_test(real):
