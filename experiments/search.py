@@ -119,8 +119,12 @@ def open_study(s: Search, worker: int = 0):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(storage=_storage(s), study_name=s.name, direction="maximize",
-                                    load_if_exists=True, pruner=make_pruner(s.pruner))
+        storage = _storage(s)
+        try:  # loaded first: create_study appends a line to the journal each time it finds the study
+            study = optuna.load_study(study_name=s.name, storage=storage, pruner=make_pruner(s.pruner))
+        except KeyError:
+            study = optuna.create_study(storage=storage, study_name=s.name, direction="maximize",
+                                        load_if_exists=True, pruner=make_pruner(s.pruner))
     except (UserError, OSError):
         raise
     except Exception as e:  # a database URL that cannot be reached or read

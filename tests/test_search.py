@@ -98,7 +98,7 @@ def test_a_study_finishes_resumes_with_more_trials_and_fails_a_dead_processs_tri
     kept = lambda table: [{k: v for k, v in t.items() if not k.startswith("rescore")} for t in table]  # noqa: E731
     assert kept(rows(out)[:4]) == kept(first)  # the first trials as they were
     assert len(study_of(out).trials) == 7  # the same study, 2 trials more
-    done, best_json = rows(out), (out / "best.json").read_text()
+    done, best_json, journal = rows(out), (out / "best.json").read_text(), SearchFolder(out).journal.read_bytes()
 
     # a second process at the finish (two lanes reached one study) waits for the first, then finds its work done
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(SearchFolder(out).finish_lock)], stdout=subprocess.PIPE,
@@ -108,6 +108,7 @@ def test_a_study_finishes_resumes_with_more_trials_and_fails_a_dead_processs_tri
     assert r.code == 0, r.err
     assert "another process is finishing this search" in r.out and holder.poll() is not None
     assert kept(rows(out)) == kept(done) and (out / "best.json").read_text() == best_json
+    assert SearchFolder(out).journal.read_bytes() == journal  # a finished study opened again: its journal as it was
 
 
 HOLD = """import fcntl, os, sys, time
