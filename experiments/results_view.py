@@ -60,24 +60,28 @@ def markdown(table: Table, columns: list[str] | None = None, legend: str | None 
     head, _, rows, notes = _layout(table, columns)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines) + "\n\n" + (" ".join(notes) if legend is None else caption(table, legend)) + "\n"
+    return "\n".join(lines) + "\n\n" + (" ".join(notes) if legend is None else caption(table, legend, columns)) + "\n"
 
 
-def caption(table: Table, legend: str) -> str:
+def caption(table: Table, legend: str, columns: list[str] | None = None) -> str:
     """One line under a table in a markdown page: what varies from table to table (how many tests each
-    correction covers, warnings); what every column means is on the `legend` page, said once."""
+    correction covers, warnings), for the p-values of the `columns` shown (None: every column); what
+    every column means is on the `legend` page, said once."""
     def n(count: int, what: str) -> str:
         return f"{count} {what}{'s' * (count != 1)}"
 
+    def shown(*keys: str) -> bool:
+        return columns is None or any(k in columns for k in keys)
+
     bits = ["Test, dev-selected epoch, label-blind; mean ± sample std over seeds"]
-    if table.reference is not None:
+    if table.reference is not None and shown("p", "beyond_noise"):
         bits.append(f"Holm over {n(len(table.comparisons), 'comparison')} with {table.reference.name}")
-    if table.baseline:
+    if table.baseline and shown("gain"):
         some = next(iter(table.baseline.values()))
         bits.append(f"gains over {some.folder.parent.name}/, Holm over {n(len(table.gains), 'row')}")
-        if table.reference is not None:
-            k = sum("p_minus_ref_holm" in g for g in table.gains.values())
-            bits.append(f"gain minus {table.reference.name}'s, Holm over {n(k, 'row')}")
+    if table.baseline and table.reference is not None and shown("gain_minus_p", "gain_minus_beyond_noise"):
+        k = sum("p_minus_ref_holm" in g for g in table.gains.values())
+        bits.append(f"gain minus {table.reference.name}'s, Holm over {n(k, 'row')}")
     if table.paper:
         bits.append(f"paper numbers from {table.paper}'s PAPER table")
     if table.reference is not None and any(len(r.seeds) <= 2 for r in table.rows):

@@ -229,7 +229,7 @@ def test_columns_choose_and_order_the_columns_of_screen_markdown_and_blocks(tmp_
         assert results_pages.refresh_markdown(page, root=tmp_path, check=True) == []
         assert body[1] == "| run | accuracy | Δacc vs probe |"
         caption = body[body.index("") + 1]
-        assert caption.endswith(f"Columns: [legend]({link}).") and "Holm over 1 comparison with probe" in caption
+        assert caption.endswith(f"Columns: [legend]({link}).") and "Holm" not in caption  # no p column shown
         assert results_pages.refresh_markdown(page, root=tmp_path, check=True) == []
     page.write_text(block.replace("--columns", "--colums"))
     with pytest.raises(UserError, match="unknown option --colums"):
@@ -382,6 +382,12 @@ def test_baseline_gives_each_rows_gain_and_the_difference_of_differences_paired_
     assert [t.gains[n]["p_gain_holm"] for n in ("spp", "probe")] == pytest.approx(p_gains)
     assert f"| {sum(head_gain.values()) / 5:+.4f}, p {p_gains[0]:.3f} | {sum(did) / 5:+.4f} |" in md
     assert results_pages._block_table("strong --against probe --baseline base", tmp_path) == md  # a README block
+    # a caption names the corrections of the p-values its columns show, no other
+    caption = lambda keys: results_view.caption(t, "#legend", keys)  # noqa: E731
+    assert "gain minus probe's, Holm over 1 row" in caption(None) and "Holm over 1 comparison" in caption(None)
+    assert "gain minus" not in caption(["run", "gain"]) and "gains over base/, Holm over 2 rows" in caption(["gain"])
+    assert "Holm" not in caption(["run", "accuracy"])
+    assert "Holm over 1 comparison" in caption(["beyond_noise"]) and "gain minus" in caption(["gain_minus_beyond_noise"])
 
 
 def test_baseline_of_another_split_or_numerics_version_is_refused_and_a_missing_reference_named(tmp_path):
