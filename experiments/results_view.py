@@ -28,7 +28,8 @@ def _ms(m: dict, n: int) -> str:
 
 
 def _settings(r: Row) -> str:
-    return ", ".join(f"{k}={v}" for k, v in r.settings.items()) or "defaults"
+    """Floats to 4 significant digits (a searched lr=0.005066866825366567 reads lr=0.005067; config.json keeps it whole)."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.settings.items()) or "defaults"
 
 
 def _protocol(r: Row) -> list[str]:

@@ -134,6 +134,9 @@ def test_settings_column_shows_what_sets_a_row_apart(tmp_path):
     make_run(tmp_path, "c", OTHER, head_config={"alpha": 2 / 3, "cmf": True}, official=True)
     t = results.build([tmp_path])
     assert [r.settings for r in t.rows] == [{}, {"cmf": False}, {"official": True}]
+    make_run(tmp_path, "d", OTHER, head_config={"alpha": 0.5066866825366567, "cmf": True, "temperature": 1.988624872951696e-08})
+    d = results.build([tmp_path]).rows[-1]
+    assert results_view._settings(d) == "alpha=0.5067, temperature=1.989e-08"  # 4 digits; config.json keeps them whole
 
 
 def test_unfinished_and_unknown_folders_are_one_clear_error(tmp_path):
