@@ -28,8 +28,8 @@ class SearchFolder:
     path: Path
 
     JOURNAL = "study.journal"
-    OWNS = (JOURNAL, f"{JOURNAL}.lock", "search.lock", "finish.lock", "trials", "rescore", "best", "superseded", "trials.csv",
-            "best.json", *FIGURES)  # what a search folder holds, and nothing else
+    OWNS = (JOURNAL, f"{JOURNAL}.lock", "search.lock", "finish.lock", "trials", "rescore", "best", "superseded",
+            "trials.csv", "best.json", *FIGURES)  # what a search folder holds, and nothing else
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
