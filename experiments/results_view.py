@@ -28,8 +28,10 @@ def _ms(m: dict, n: int) -> str:
 
 
 def _settings(r: Row) -> str:
-    """Floats to 4 significant digits (a searched lr=0.005066866825366567 reads lr=0.005067; config.json keeps it whole)."""
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.settings.items()) or "defaults"
+    """Floats to 4 significant digits (a searched lr=0.005066866825366567 reads lr=0.005067; config.json
+    keeps it whole)."""
+    shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.settings.items())
+    return ", ".join(shown) or "defaults"
 
 
 def _protocol(r: Row) -> list[str]:
