@@ -23,6 +23,11 @@ from pathlib import Path
 FIGURES = ("history.png", "importance.png")
 
 
+def _file(name: str) -> property:
+    """A file of the search folder by its name, read as `folder.<attribute>`."""
+    return property(lambda self: self.path / name, doc=name)
+
+
 @dataclass(frozen=True)
 class SearchFolder:
     path: Path
@@ -30,37 +35,11 @@ class SearchFolder:
     JOURNAL = "study.journal"
     OWNS = (JOURNAL, f"{JOURNAL}.lock", "search.lock", "finish.lock", "trials", "rescore", "best", "superseded",
             "trials.csv", "best.json", *FIGURES)  # what a search folder holds, and nothing else
+    journal, lock, finish_lock = _file(JOURNAL), _file("search.lock"), _file("finish.lock")
+    trials_csv, best_json, best, superseded = _file("trials.csv"), _file("best.json"), _file("best"), _file("superseded")
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def journal(self) -> Path:
-        return self.path / self.JOURNAL
-
-    @property
-    def lock(self) -> Path:
-        return self.path / "search.lock"
-
-    @property
-    def finish_lock(self) -> Path:
-        return self.path / "finish.lock"
-
-    @property
-    def trials_csv(self) -> Path:
-        return self.path / "trials.csv"
-
-    @property
-    def best_json(self) -> Path:
-        return self.path / "best.json"
-
-    @property
-    def best(self) -> Path:
-        return self.path / "best"
-
-    @property
-    def superseded(self) -> Path:
-        return self.path / "superseded"
 
     def figure(self, name: str) -> Path:
         assert name in FIGURES, name
