@@ -192,15 +192,15 @@ def sweep(
     console.print(f"written: {target / 'sweep.csv'}, {target / 'sweep.md'}, {png}")
 
 
-@app.command(cls=GRID_OPTIONS)
+def _search_options() -> list:
+    """search's own options (SearchOptions' fields), then every `train` option but --out."""
+    return [*_config("experiments.search", "SearchOptions")(), *_config("train.config", "TrainConfig", skip=("out",))()]
+
+
+@app.command(cls=cli_fields.fields_command(_search_options, _head_flags))
 def search(
     ctx: typer.Context,
     space: list[str] = typer.Option([], "--space", help="field=low:high, field=low:high:log or field=a,b,c: adds a field to the search space or replaces its default range (repeatable; docs/search.md lists the defaults)"),
-    trials: int = typer.Option(20, help="trials COMPLETE or PRUNED the study ends with (failed ones are not counted); the same command with more continues the study"),
-    rescore: int = typer.Option(5, help="the best trials trained again on seeds 1002-1004, the highest mean dev chosen (0: the best trial as it is)"),
-    pruner: str = typer.Option("median", help="median (Optuna's MedianPruner on each epoch's dev) or none"),
-    sampler_seed: int = typer.Option(0, help="seed of the TPE sampler"),
-    storage: Optional[str] = typer.Option(None, help="database URL of the study, e.g. postgresql://user@host/db [default: study.journal in the search folder]"),
     retrain_best: bool = typer.Option(False, "--retrain-best", help="no search: train best.json's settings into best/ with this code (after a numerics version bump)"),
     config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt,
     out: Optional[Path] = typer.Option(None, help="search folder [default: <runs-dir>/search-<dataset>-<head>-<hash>]"),
@@ -216,8 +216,9 @@ def search(
     from train.run_folder import RunFolder
 
     base, jobs, trackers = _grid(ctx, config, set_, jobs, threads, report_to)
-    s = study_search.plan(base, space, out, runs_dir, trials=trials, rescore=rescore, pruner=pruner, sampler_seed=sampler_seed,
-                          storage=storage, jobs=jobs, threads=threads, memory=memory, report_to=trackers)
+    options = cli_fields.build(study_search.SearchOptions, ctx.meta["fields"])
+    s = study_search.plan(base, space, out, runs_dir, options, jobs=jobs, threads=threads, memory=memory,
+                          report_to=trackers)
     run = search_result.retrain_best(s, console) if retrain_best else search_result.search(s, console)
     _show(RunFolder(run).metrics(), f"{run} (the chosen settings)")
 

@@ -31,13 +31,15 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 from rich.console import Console
 
 from core import memory as core_memory
+from core.cli_fields import option
 from core import threads as core_threads
 from core.errors import Interrupted, UserError
 from core.paths import DEFAULT_RUNS, output_dir
@@ -54,7 +56,22 @@ STALE_UNNAMED = 60.0  # seconds after which a RUNNING trial that never named its
 
 
 @dataclass(frozen=True)
-class Search:
+class SearchOptions:
+    """What a search adds to `train`'s settings: `pipeline.py search`'s own options are made from
+    these fields (core/cli_fields.py), checked by `plan` (bad values are one line)."""
+
+    trials: int = option(20, "trials COMPLETE or PRUNED the study ends with (failed ones are not counted); the "
+                         "same command with more continues the study")
+    rescore: int = option(5, "the best trials trained again on seeds 1002-1004, the highest mean dev chosen (0: the "
+                          "best trial as it is)")
+    pruner: str = option("median", "median (Optuna's MedianPruner on each epoch's dev) or none")
+    sampler_seed: int = option(0, "seed of the TPE sampler")
+    storage: Optional[str] = option(None, "database URL of the study, e.g. postgresql://user@host/db [default: "
+                                    "study.journal in the search folder]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Search(SearchOptions):
     """What every process of one search needs (picklable: `--jobs` workers get a copy)."""
 
     base: TrainConfig  # the train settings every trial starts from; its seeds are the final run's
@@ -62,11 +79,6 @@ class Search:
     out: Path
     name: str  # the study's name, from the settings' hash
     settings: dict  # the base settings and the space: a study is resumed only with these
-    trials: int = 20
-    storage: str | None = None
-    pruner: str = "median"
-    sampler_seed: int = 0
-    rescore: int = 5
     jobs: int = 1
     threads: int | None = None
     memory: str | None = None
@@ -82,18 +94,17 @@ class Search:
 
 
 def plan(base: TrainConfig, space: list[str], out: Path | None = None, runs_dir: Path = DEFAULT_RUNS,
-         **options) -> Search:
+         options: SearchOptions = SearchOptions(), jobs: int = 1, **process) -> Search:
     """The search of `base` over its default space and `space` (`--space` items), every input
-    checked before anything is written: `options` are Search's own (trials, storage, pruner, ...); no
-    more `jobs` than trials."""
-    trials, rescore = options.get("trials", 20), options.get("rescore", 5)
-    if trials < 1:
-        raise UserError(f"--trials {trials}: give at least 1 (the trials COMPLETE or PRUNED the study ends with)")
-    options["jobs"] = min(options.get("jobs", 1), trials)
-    if rescore < 0:
-        raise UserError(f"--rescore {rescore}: give 0 (choose the best trial as it is) or more")
-    if options.get("pruner", "median") not in PRUNERS:
-        raise UserError(f"--pruner {options['pruner']}: use {' or '.join(PRUNERS)}")
+    checked before anything is written; no more `jobs` than trials. `process`: Search's threads,
+    memory and report_to."""
+    if options.trials < 1:
+        raise UserError(f"--trials {options.trials}: give at least 1 (the trials COMPLETE or PRUNED the study ends "
+                        "with)")
+    if options.rescore < 0:
+        raise UserError(f"--rescore {options.rescore}: give 0 (choose the best trial as it is) or more")
+    if options.pruner not in PRUNERS:
+        raise UserError(f"--pruner {options.pruner}: use {' or '.join(PRUNERS)}")
     taken = sorted(set(base.seeds) & {SEARCH_SEED, *RESCORE_SEEDS})
     if taken:
         raise UserError(f"--seeds {','.join(map(str, taken))}: the search trains its trials on seed {SEARCH_SEED} "
@@ -107,7 +118,8 @@ def plan(base: TrainConfig, space: list[str], out: Path | None = None, runs_dir:
                 "space": {name: dim.spec() for name, dim in dims.items()}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     name = f"search-{base.dataset}-{base.head}-{digest}"
-    return Search(base, dims, Path(out or Path(runs_dir) / name), name, json.loads(json.dumps(settings)), **options)
+    return Search(**asdict(options), base=base, dims=dims, out=Path(out or Path(runs_dir) / name), name=name,
+                  settings=json.loads(json.dumps(settings)), jobs=min(jobs, options.trials), **process)
 
 
 # --- the study -------------------------------------------------------------------------------
