@@ -125,17 +125,28 @@ def row_name(folder: Path) -> str:
 
 def search_record(folder: Path) -> dict | None:
     """For a search's chosen run (`<search>/best`): the trials its study counted (COMPLETE or PRUNED)
-    and the lane-hours the search took (every trial's wall seconds in trials.csv, the re-scores' and
-    best/'s own wall seconds); None for any other run. Read from the files, so a table says it again."""
+    and the lane-hours the search took: each trial's wall seconds (trials.csv; a failed trial's: the
+    seconds of its epochs, not the time until a later process found it dead), and each re-score's and
+    best/'s wall seconds (metrics.json) or, when more, the seconds of its epochs (log.csv; a run resumed
+    by a later process records that process's time alone). None for any other run. Read from the
+    files, so a table says it again."""
     search = SearchFolder.of_best(folder)
     trials = search and search.trial_rows()
     if not trials:
         return None
     from train.run_folder import RunFolder
 
-    seconds = sum(float(t["seconds"] or 0) for t in trials)
+    def epoch_seconds(run: RunFolder) -> float:
+        try:
+            return sum(float(r["seconds"]) for r in run.log_rows())
+        except UserError:  # no epoch finished
+            return 0.0
+
+    seconds = sum(epoch_seconds(RunFolder(search.trial(int(t["number"])))) if t["state"] == "FAIL"
+                  else float(t["seconds"] or 0) for t in trials)
     for run in [*RunFolder.under(search.rescored()), RunFolder(folder)]:
-        seconds += run.metrics().get("wall_seconds", 0.0) if run.is_finished() else 0.0
+        if run.is_finished():
+            seconds += max(run.metrics().get("wall_seconds", 0.0), epoch_seconds(run))
     return {"trials": sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials), "hours": seconds / 3600}
 
 

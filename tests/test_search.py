@@ -84,6 +84,13 @@ def test_a_study_finishes_resumes_with_more_trials_and_fails_a_dead_processs_tri
     assert load_row(out / "best").name == out.name  # named by its search: one row per head in a table
     record = search_record(out / "best")  # the table's trials and lane-hours columns, read from the files
     assert record["trials"] == 4 and 0 < record["hours"] < 1 and search_record(out / "trials" / "trial-0000") is None
+    # a run resumed by a later process records that process's wall time alone: then its epochs' seconds count
+    metrics = out / "best" / "metrics.json"
+    saved = metrics.read_text()
+    wall, epochs = json.loads(saved)["wall_seconds"], sum(float(r["seconds"]) for r in RunFolder(out / "best").log_rows())
+    metrics.write_text(json.dumps({**json.loads(saved), "wall_seconds": 0.0}))
+    assert search_record(out / "best")["hours"] * 3600 == pytest.approx(record["hours"] * 3600 - wall + epochs)
+    metrics.write_text(saved)
     assert run_main("results", out).code == 0
 
     # kill -9 in the middle of a trial: the journal holds a RUNNING trial of a process that is gone
@@ -95,6 +102,7 @@ def test_a_study_finishes_resumes_with_more_trials_and_fails_a_dead_processs_tri
     assert f"trial {left.number} of a process that is gone: marked failed, not counted" in r.out
     states = {int(t["number"]): t["state"] for t in rows(out)}
     assert states == {**dict.fromkeys(range(4), "COMPLETE"), 4: "FAIL", 5: "COMPLETE", 6: "COMPLETE"}
+    assert search_record(out / "best")["trials"] == 6  # the failed trial (no folder, no epoch) counts no time
     kept = lambda table: [{k: v for k, v in t.items() if not k.startswith("rescore")} for t in table]  # noqa: E731
     assert kept(rows(out)[:4]) == kept(first)  # the first trials as they were
     assert len(study_of(out).trials) == 7  # the same study, 2 trials more
