@@ -69,7 +69,9 @@ def _head_flags() -> list:
 
 
 TRAIN_OPTIONS = cli_fields.fields_command(_config("train.config", "TrainConfig"), _head_flags)
-GRID_OPTIONS = cli_fields.fields_command(_config("train.config", "TrainConfig", skip=("out",)), _head_flags)
+# every train option but --out: the options of a grid (its cells) and of a search (its trials)
+_GRID_FIELDS = _config("train.config", "TrainConfig", skip=("out",))
+GRID_OPTIONS = cli_fields.fields_command(_GRID_FIELDS, _head_flags)
 
 
 @app.callback()
@@ -193,8 +195,8 @@ def sweep(
 
 
 def _search_options() -> list:
-    """search's own options (SearchOptions' fields), then every `train` option but --out."""
-    return [*_config("experiments.search", "SearchOptions")(), *_config("train.config", "TrainConfig", skip=("out",))()]
+    """search's own options (SearchOptions' fields), then a grid's (every `train` option but --out)."""
+    return [*_config("experiments.search", "SearchOptions")(), *_GRID_FIELDS()]
 
 
 @app.command(cls=cli_fields.fields_command(_search_options, _head_flags))
